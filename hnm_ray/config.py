@@ -131,10 +131,15 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def save_yaml(config: Any, path: str | Path) -> Path:
-    """Write a config as YAML that `--config` accepts."""
+    """Write a config dataclass as YAML that `--config` accepts."""
+    return save_yaml_mapping(to_dict(config), path)
+
+
+def save_yaml_mapping(values: Mapping[str, Any], path: str | Path) -> Path:
+    """Write a flat mapping of knobs as YAML that `--config` accepts."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    path.write_text(yaml.safe_dump(dict(values), sort_keys=False))
     return path
 
 

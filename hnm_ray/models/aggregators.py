@@ -1,0 +1,98 @@
+"""MIL aggregators looked up by name: the registry, the shared base class and `build_aggregator`.
+
+Every aggregator maps one bag of tile features (N, D) to per-tile instance logits (N,) and one
+bag logit (). The instance logits are what hard-negative mining and the ranking loss use.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from hnm_ray.errors import ConfigError
+
+AggregatorFactory = Callable[..., nn.Module]
+
+_REGISTRY: dict[str, AggregatorFactory] = {}
+_BUILTIN_MODULES = ("hnm_ray.models.dsmil", "hnm_ray.models.abmil")
+
+
+class MILOutput(NamedTuple):
+    """Everything one forward pass over a bag produces."""
+
+    instance_logits: torch.Tensor  # (N,)
+    bag_logit: torch.Tensor  # ()
+    attention: torch.Tensor  # (N,), sums to 1
+
+
+class MILAggregator(nn.Module):
+    """Base class: subclasses implement `bag_output`; `forward` returns (instance_logits, bag_logit)."""
+
+    def __init__(self, in_dim: int) -> None:
+        super().__init__()
+        if in_dim < 1:
+            raise ValueError(f"in_dim must be >= 1, got {in_dim}")
+        self.in_dim = in_dim
+
+    def bag_output(self, features: torch.Tensor) -> MILOutput:
+        """Instance logits, bag logit and attention weights for one bag of features (N, D)."""
+        raise NotImplementedError
+
+    def check_bag(self, features: torch.Tensor) -> None:
+        """Raise ValueError unless `features` is a non-empty (N, in_dim) bag."""
+        if features.ndim != 2 or features.shape[0] < 1 or features.shape[1] != self.in_dim:
+            raise ValueError(
+                f"{type(self).__name__} expects a bag of shape (N >= 1, {self.in_dim}), got {tuple(features.shape)}; "
+                "check that the feature store's embedding dim matches the aggregator's in_dim")
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(instance_logits (N,), bag_logit ()) for one bag of features (N, D)."""
+        out = self.bag_output(features)
+        return out.instance_logits, out.bag_logit
+
+    def attention(self, features: torch.Tensor) -> torch.Tensor:
+        """Attention weights (N,) of the bag classifier over the tiles of one bag."""
+        return self.bag_output(features).attention
+
+
+def register_aggregator(name: str) -> Callable[[AggregatorFactory], AggregatorFactory]:
+    """Decorator registering an aggregator class/factory under `name` (called as factory(in_dim, **kwargs))."""
+
+    def decorator(factory: AggregatorFactory) -> AggregatorFactory:
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
+            raise ValueError(f"aggregator {name!r} is already registered by {_REGISTRY[name]!r}")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def available_aggregators() -> list[str]:
+    """Names of the registered aggregators (built-ins included)."""
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+    return sorted(_REGISTRY)
+
+
+def _plugin(spec: str) -> AggregatorFactory:
+    module_name, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError("aggregator", f"cannot load plug-in {spec!r}: {exc}; give 'package.module:callable' "
+                                        "importable on every Ray node") from exc
+
+
+def build_aggregator(name: str, in_dim: int, **kwargs) -> nn.Module:
+    """Build a registered aggregator ("dsmil", "abmil") or a "module.path:callable" plug-in for in_dim features."""
+    factory = _plugin(name) if ":" in name else None
+    if factory is None:
+        names = available_aggregators()
+        if name not in _REGISTRY:
+            raise ConfigError("aggregator", f"unknown aggregator {name!r}; choose one of {names} "
+                                            "or a 'module.path:callable' plug-in")
+        factory = _REGISTRY[name]
+    return factory(in_dim, **kwargs)

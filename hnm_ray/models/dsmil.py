@@ -1,0 +1,43 @@
+"""DSMIL aggregator (Li et al., CVPR 2021), the MIL head of ItS2CLR and HNM-WSI."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hnm_ray.models.aggregators import MILAggregator, MILOutput, register_aggregator
+
+
+@register_aggregator("dsmil")
+class DSMIL(MILAggregator):
+    """Dual-stream MIL: a linear instance classifier plus attention relative to the critical (max-logit) tile.
+
+    Follows DSMIL's `FCLayer` + `BClassifier`: q = Linear-ReLU-Linear-Tanh (or one Linear when
+    `nonlinear=False`), A = softmax(q_i . q_crit / sqrt(hidden)), B = sum_i A_i v(h_i), and the bag
+    logit is a linear map of B (DSMIL's Conv1d with kernel_size=D is exactly that).
+    """
+
+    def __init__(self, in_dim: int, hidden: int = 128, dropout: float = 0.0,
+                 nonlinear: bool = True, passing_v: bool = False) -> None:
+        super().__init__(in_dim)
+        self.instance_classifier = nn.Linear(in_dim, 1)
+        if nonlinear:
+            self.query = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.Tanh())
+        else:
+            self.query = nn.Linear(in_dim, hidden)
+        value_layers: list[nn.Module] = [nn.Dropout(dropout)]
+        if passing_v:
+            value_layers += [nn.Linear(in_dim, in_dim), nn.ReLU()]
+        self.value = nn.Sequential(*value_layers)
+        self.bag_classifier = nn.Linear(in_dim, 1)
+        self.scale = hidden ** -0.5
+
+    def bag_output(self, features: torch.Tensor) -> MILOutput:
+        """Instance logits, bag logit and the attention over tiles relative to the critical tile."""
+        self.check_bag(features)
+        instance_logits = self.instance_classifier(features).squeeze(1)
+        queries = self.query(features)
+        critical = torch.argmax(instance_logits.detach())
+        attention = torch.softmax(queries @ queries[critical] * self.scale, dim=0)
+        bag_embedding = attention @ self.value(features)
+        bag_logit = self.bag_classifier(bag_embedding).squeeze(0)
+        return MILOutput(instance_logits, bag_logit, attention)

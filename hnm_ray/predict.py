@@ -1,0 +1,155 @@
+"""Score new slides with a trained run: slide probability and label, tile scores, heatmaps, a CSV summary.
+
+    python -m hnm_ray.predict --checkpoint runs/NAME --slides manifest.csv|folder/ --out predictions/
+
+Extraction uses the run's encoder (Ray Data, cuCIM) with the run's tiling; the run's aggregator
+scores each slide; the label uses the run's validation (Youden) threshold. Works on a folder of
+slides without labels; when the manifest has labels, the summary also reports slide AUC.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hnm_ray.errors import ConfigError, HnmError
+from hnm_ray.store.features import FeatureStore
+from hnm_ray.store.manifest import SlideRecord, load_manifest, records_from_folder
+
+log = logging.getLogger("hnm_ray")
+
+
+def split_probabilities(model_path: str | Path, store: FeatureStore, records: list[SlideRecord],
+                        split: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(labels, slide probabilities, slide ids) of the records of `split` (None: all) found in the store."""
+    from hnm_ray.training.mil import evaluate_bags, load_aggregator
+
+    model, _ = load_aggregator(model_path)
+    done = store.completed()
+    chosen = [r for r in records if (split is None or r.split == split) and r.slide_id in done]
+    probs, _ = evaluate_bags(model, [store.read_bag(r.slide_id, label=r.label) for r in chosen])
+    labels = np.asarray([-1 if r.label is None else r.label for r in chosen])
+    return labels, probs, [r.slide_id for r in chosen]
+
+
+def tile_scores(model, store: FeatureStore, slide_id: str) -> tuple[pa.Table, float]:
+    """A slide's tile table (tile_id, x, y, level, size, logit, score) and its bag probability."""
+    import torch
+
+    bag = store.read_bag(slide_id)
+    with torch.no_grad():
+        inst, bag_logit = model(torch.from_numpy(bag.features))
+    logits = inst.float().numpy()
+    table = store.read_table(slide_id, columns=["tile_id", "x", "y", "level", "size"])
+    table = table.append_column("logit", pa.array(logits.astype(np.float32)))
+    table = table.append_column("score", pa.array((1 / (1 + np.exp(-logits))).astype(np.float32)))
+    return table, float(torch.sigmoid(bag_logit))
+
+
+def draw_heatmaps(model_path: str | Path, store: FeatureStore, records: list[SlideRecord], out_dir: str | Path,
+                  thumbnail_size: int = 1024) -> list[Path]:
+    """One PNG per slide: tile scores (sigmoid of instance logits) over the slide thumbnail."""
+    from hnm_ray.report import heatmap
+    from hnm_ray.slides.reader import open_slide
+    from hnm_ray.training.mil import load_aggregator
+
+    model, _ = load_aggregator(model_path)
+    paths = []
+    for record in records:
+        table, _ = tile_scores(model, store, record.slide_id)
+        with open_slide(record.path, slide_id=record.slide_id, device="cpu") as reader:
+            thumb = reader.thumbnail(thumbnail_size)
+            dims = reader.info.level_dimensions[0]
+            extent = int(table["size"][0].as_py() * reader.info.level_downsamples[table["level"][0].as_py()]) if table.num_rows else 0
+        paths.append(heatmap(thumb, dims, table["x"].to_numpy(), table["y"].to_numpy(), extent,
+                             table["score"].to_numpy(), Path(out_dir) / f"{record.slide_id}.png"))
+    return paths
+
+
+def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmaps: bool = True) -> list[dict]:
+    """Extract, score and summarise `slides` (manifest or folder) with the run at `checkpoint`."""
+    from hnm_ray.cluster import init_ray
+    from hnm_ray.config import from_mapping
+    from hnm_ray.extract import ExtractConfig, extract_features
+    from hnm_ray.metrics import slide_metrics
+    from hnm_ray.training.mil import load_aggregator
+
+    ckpt = Path(checkpoint)
+    ckpt = ckpt / "checkpoint" if (ckpt / "checkpoint" / "meta.json").exists() else ckpt
+    if not (ckpt / "meta.json").exists():
+        raise ConfigError("checkpoint", f"{checkpoint} holds no checkpoint/meta.json: pass a run folder of hnm_ray.train")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    slides = Path(slides)
+    records = records_from_folder(slides) if slides.is_dir() else load_manifest(slides, require_labels=False)
+    out = Path(out)
+    weights = str(ckpt / meta["encoder_weights"]) if meta.get("encoder_weights") else None
+    init_ray()
+    config = from_mapping(ExtractConfig, {"out": str(out / "features"), "encoder": meta["encoder"], "weights": weights,
+                                          "seed": meta["seed"], "tag": "predict", "tile_size": meta["tile_size"],
+                                          "level": meta["level"], "mpp": meta["mpp"], "min_tissue": meta["min_tissue"],
+                                          "dtype": "float32"})
+    summary = extract_features(config, records)
+    store = FeatureStore(out / "features", "predict")
+    model, _ = load_aggregator(ckpt / "aggregator.pt")
+    threshold = float(meta["threshold"])
+    errors = {e["slide_id"]: e["cause"] for e in store.errors()}
+    rows = []
+    for record in records:
+        row = {"slide_id": record.slide_id, "label": record.label, "probability": None, "prediction": None,
+               "n_tiles": 0, "status": "ok"}
+        if record.slide_id in store.completed():
+            table, prob = tile_scores(model, store, record.slide_id)
+            pq.write_table(table, _ensure(out / "tiles") / f"{record.slide_id}.parquet")
+            row.update(probability=prob, prediction=int(prob >= threshold), n_tiles=table.num_rows)
+        else:
+            row["status"] = errors.get(record.slide_id, "not extracted")
+        rows.append(row)
+    if heatmaps:
+        draw_heatmaps(ckpt / "aggregator.pt", store, [r for r in records if r.slide_id in store.completed()],
+                      out / "heatmaps")
+    with open(_ensure(out) / "summary.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["slide_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+    scored = [r for r in rows if r["probability"] is not None and r["label"] is not None]
+    if scored:
+        metrics = slide_metrics(np.array([r["label"] for r in scored]), np.array([r["probability"] for r in scored]),
+                                threshold)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    log.info("predicted %d slides (%d failed) -> %s", len(rows), len(summary.slides_failed), out / "summary.csv")
+    return rows
+
+
+def _ensure(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point of `python -m hnm_ray.predict`."""
+    from hnm_ray.progress import setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m hnm_ray.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="run folder of hnm_ray.train (or its checkpoint/)")
+    parser.add_argument("--slides", required=True, help="manifest CSV/Parquet, or a folder of slides")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--no-heatmaps", action="store_true", help="skip the heatmap PNGs")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        predict(args.checkpoint, args.slides, args.out, heatmaps=not args.no_heatmaps)
+    except HnmError as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

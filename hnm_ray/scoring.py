@@ -1,0 +1,90 @@
+"""Pseudo labels (DESIGN §1 step 4): score every tile with the instance classifier, feed the miner.
+
+A Ray Data pass over the feature store: an actor pool loads the trained aggregator once, scores
+each batch of tiles (p = sigmoid(instance logit)), pushes the scores of negative training slides to
+the `HardNegativeMiner` actor (the global top-k queue), and returns `slide_id, tile_id, logit, score`
+rows that the driver writes as one Parquet table beside the store.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hnm_ray.store.features import FeatureStore
+from hnm_ray.store.manifest import SlideRecord
+
+log = logging.getLogger("hnm_ray")
+
+SCORES_SCHEMA = pa.schema([("slide_id", pa.string()), ("tile_id", pa.int32()), ("logit", pa.float32()),
+                           ("score", pa.float32())])
+
+
+class InstanceScorer:
+    """Ray Data actor: instance logits of tile embeddings; pushes negative-slide scores to the miner."""
+
+    def __init__(self, model_path: str, miner_name: str | None, negative_slides: list[str]) -> None:
+        import torch
+
+        from hnm_ray.training.mil import load_aggregator
+
+        torch.set_num_threads(1)
+        self.model, _ = load_aggregator(model_path)
+        self.miner = None
+        if miner_name:
+            from hnm_ray.mining import get_miner
+
+            self.miner = get_miner(miner_name, create=False)
+        self.negative = set(negative_slides)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import ray
+        import torch
+
+        features = torch.from_numpy(np.stack(batch["embedding"]).astype(np.float32, copy=False))
+        with torch.no_grad():
+            logits = self.model(features)[0].float().numpy()
+        scores = 1.0 / (1.0 + np.exp(-logits))
+        slide_ids = np.asarray(batch["slide_id"]).astype(str)
+        if self.miner is not None:
+            is_negative = np.fromiter((s in self.negative for s in slide_ids), bool, len(slide_ids))
+            if is_negative.any():
+                ray.get(self.miner.push.remote(slide_ids[is_negative], batch["tile_id"][is_negative],
+                                               scores[is_negative]))
+        return {"slide_id": slide_ids, "tile_id": batch["tile_id"], "logit": logits.astype(np.float32),
+                "score": scores.astype(np.float32)}
+
+
+def score_tiles(model_path: str | Path, store: FeatureStore, records: list[SlideRecord], out_path: str | Path,
+                miner_name: str | None = None, num_scorers: int = 1, batch_size: int = 4096) -> pa.Table:
+    """Score every tile of `records` in the store; write and return the scores table.
+
+    With `miner_name`, the negative slides' scores are pushed to that miner (call its `begin_round` first).
+    """
+    import ray
+
+    wanted = sorted({r.slide_id for r in records} & store.completed())
+    negatives = [r.slide_id for r in records if r.label == 0 and r.slide_id in wanted]
+    ds = ray.data.read_parquet([str(store.slide_path(s)) for s in wanted], columns=["slide_id", "tile_id", "embedding"])
+    ds = ds.map_batches(InstanceScorer, fn_constructor_args=(str(model_path), miner_name, negatives),
+                        batch_size=batch_size, batch_format="numpy", num_cpus=0.5,
+                        compute=ray.data.ActorPoolStrategy(size=num_scorers))
+    parts = [pa.Table.from_pydict({k: batch[k] for k in SCORES_SCHEMA.names}, schema=SCORES_SCHEMA)
+             for batch in ds.iter_batches(batch_size=None, batch_format="numpy")]
+    table = pa.concat_tables(parts) if parts else SCORES_SCHEMA.empty_table()
+    table = table.sort_by([("slide_id", "ascending"), ("tile_id", "ascending")])
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    tmp.replace(out_path)
+    log.info("scored %d tiles of %d slides -> %s", table.num_rows, len(wanted), out_path)
+    return table
+
+
+def count_tiles(store: FeatureStore, slide_ids: list[str]) -> int:
+    """Number of tiles of these slides in the store (from Parquet footers, no data read)."""
+    return sum(pq.ParquetFile(store.slide_path(s)).metadata.num_rows for s in slide_ids)

@@ -1,0 +1,337 @@
+"""MIL aggregator training on Ray Train (DESIGN §1 steps 2-3): DDP over paired bags + ranking loss.
+
+Each epoch pairs one positive with one negative bag (shuffled, min(#pos, #neg) pairs in all).
+Every worker owns a fixed shard of the positive and of the negative bags and pairs within it, so a
+worker only ever loads its shard; DDP averages the gradients of the `world` pairs of a step.
+Validation slide metrics are reported every epoch with a checkpoint; the best epoch (validation
+AUC, then loss) is the model kept. Re-running with the same run folder resumes from the last
+checkpoint.
+
+    python -m hnm_ray.training.mil --store STORE --tag TAG --manifest M --out RUN
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hnm_ray import config as cfg
+from hnm_ray.errors import HnmError, StoreError
+from hnm_ray.store.features import Bag, FeatureStore
+from hnm_ray.store.manifest import SlideRecord, load_manifest
+
+log = logging.getLogger("hnm_ray")
+
+CHECKPOINT_FILE = "mil.pt"
+RANKING_FORMS = ("pair", "global", "none")
+
+
+@dataclass
+class MILConfig:
+    """MIL aggregator training: model, losses (bag/instance BCE + ranking), optimiser, Ray Train resources."""
+
+    aggregator: str = cfg.knob("dsmil", "MIL aggregator", choices=["dsmil", "abmil"])
+    hidden: int = cfg.knob(128, "aggregator hidden size")
+    dropout: float = cfg.knob(0.0, "aggregator dropout")
+    mil_epochs: int = cfg.knob(40, "aggregator training epochs per round")
+    mil_lr: float = cfg.knob(2e-4, "aggregator Adam learning rate")
+    mil_weight_decay: float = cfg.knob(1e-4, "aggregator Adam weight decay")
+    w_bag: float = cfg.knob(0.5, "weight of the bag BCE term")
+    w_ins: float = cfg.knob(0.5, "weight of the max-instance BCE term")
+    w_rank: float = cfg.knob(0.1, "weight of the multiple instance ranking loss (0 disables it)")
+    margin: float = cfg.knob(1.0, "ranking-loss margin between positive and negative top-k logits")
+    rank_k: int = cfg.knob(10, "k of the top-k mean in the ranking loss")
+    ranking: str = cfg.knob("pair", "ranking form: pair (paper), global (vs the miner's hard negatives), none",
+                            choices=list(RANKING_FORMS))
+    global_pool: int = cfg.knob(512, "hard negatives sampled from the miner per epoch for the global ranking form")
+    mil_workers: int = cfg.knob(1, "Ray Train workers for aggregator training (0: in the driver process)")
+    mil_cpus_per_worker: float = cfg.knob(1.0, "CPUs per aggregator training worker")
+    mil_use_gpu: bool = cfg.knob(False, "train the aggregator on GPUs")
+    max_failures: int = cfg.knob(2, "Ray Train restarts from the last checkpoint after a worker failure")
+    seed: int = cfg.knob(0, "seed of pairing, init and sampling")
+
+    def validate(self) -> None:
+        """Raise ConfigError on out-of-range values."""
+        cfg.check_range("mil_epochs", self.mil_epochs, 1)
+        cfg.check_range("mil_lr", self.mil_lr, 0.0, low_open=True)
+        for key in ("w_bag", "w_ins", "w_rank", "dropout", "mil_weight_decay"):
+            cfg.check_range(key, getattr(self, key), 0.0)
+        cfg.check_range("margin", self.margin, 0.0)
+        cfg.check_range("rank_k", self.rank_k, 1)
+        cfg.check_range("mil_workers", self.mil_workers, 0)
+        cfg.check_range("mil_cpus_per_worker", self.mil_cpus_per_worker, 0.0, low_open=True)
+        cfg.check_choice("ranking", self.ranking, RANKING_FORMS)
+
+
+@dataclass
+class MILResult:
+    """A trained aggregator: where it is, its validation threshold and its metrics."""
+
+    model_path: str
+    best_epoch: int
+    threshold: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def epoch_pairs(pos: list[str], neg: list[str], epoch: int, seed: int, rank: int, world: int) -> list[tuple[str, str]]:
+    """This worker's (positive, negative) bag pairs for an epoch: its fixed shards, reshuffled each epoch.
+
+    All workers return the same number of pairs, ceil(min(#pos, #neg) / world), cycling a shard when short.
+    """
+    steps = math.ceil(min(len(pos), len(neg)) / world)
+    my_pos, my_neg = pos[rank::world] or pos, neg[rank::world] or neg
+    rng = np.random.default_rng([seed, epoch, rank])
+    pos_order = [my_pos[i % len(my_pos)] for i in rng.permutation(max(steps, len(my_pos)))[:steps]] if steps else []
+    neg_order = [my_neg[i % len(my_neg)] for i in rng.permutation(max(steps, len(my_neg)))[:steps]] if steps else []
+    return list(zip(pos_order, neg_order))
+
+
+def _tensor(bag: Bag, device: str):
+    import torch
+
+    return torch.from_numpy(bag.features).to(device)
+
+
+def evaluate_bags(model, bags: list[Bag], device: str = "cpu") -> tuple[np.ndarray, list[np.ndarray]]:
+    """Bag probabilities and per-bag instance logits of `bags` under `model` (eval mode, no grad)."""
+    import torch
+
+    model.eval()
+    probs, instance_logits = [], []
+    with torch.no_grad():
+        for bag in bags:
+            inst, bag_logit = model(_tensor(bag, device))
+            probs.append(torch.sigmoid(bag_logit).item())
+            instance_logits.append(inst.float().cpu().numpy())
+    return np.asarray(probs, dtype=np.float64), instance_logits
+
+
+def validation_metrics(model, bags: list[Bag], loss_fn, device: str = "cpu") -> dict[str, float]:
+    """Slide metrics (Youden threshold on these bags) and mean BCE loss on validation bags."""
+    import torch
+
+    from hnm_ray.metrics import slide_metrics
+
+    if not bags:
+        return {}
+    probs, _ = evaluate_bags(model, bags, device)
+    labels = np.asarray([b.label for b in bags])
+    with torch.no_grad():
+        losses = [loss_fn(*model(_tensor(b, device)), float(b.label)).item() for b in bags]
+    metrics = {f"val_{k}": v for k, v in slide_metrics(labels, probs).items()}
+    metrics["val_loss"] = float(np.mean(losses))
+    return metrics
+
+
+def _is_better(metrics: dict[str, float], best: dict[str, Any] | None) -> bool:
+    if best is None:
+        return True
+    auc, best_auc = metrics.get("val_auc", float("nan")), best.get("val_auc", float("nan"))
+    auc = -1.0 if math.isnan(auc) else auc
+    best_auc = -1.0 if math.isnan(best_auc) else best_auc
+    return auc > best_auc or (auc == best_auc and metrics.get("val_loss", 0.0) < best.get("val_loss", math.inf))
+
+
+def _hard_negative_bag(store: FeatureStore, loop: dict[str, Any], epoch: int) -> Bag | None:
+    """Features of a sample of the miner's global hard negatives (global ranking form), or None if no queue."""
+    from hnm_ray.mining import get_miner
+
+    miner = get_miner(loop["miner_name"], create=False)
+    if miner is None:
+        return None
+    import ray
+
+    table = ray.get(miner.sample.remote(loop["mil"]["global_pool"], loop["mil"]["seed"] + epoch))
+    if table.num_rows == 0:
+        return None
+    return store.select_tiles(table)
+
+
+def train_loop_per_worker(loop: dict[str, Any]) -> None:
+    """Ray Train body: plain PyTorch on this worker's shard of bags, reporting metrics + checkpoints."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from hnm_ray.losses import bag_bce, global_ranking_loss, ranking_loss
+    from hnm_ray.models.aggregators import build_aggregator
+
+    mc = loop["mil"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = str(ray.train.torch.get_device()) if mc["mil_use_gpu"] else "cpu"
+    torch.manual_seed(mc["seed"])
+    store = FeatureStore(loop["store_root"], loop["tag"], round=loop["round"])
+    pos_ids = [s for s, y in loop["train"] if y == 1]
+    neg_ids = [s for s, y in loop["train"] if y == 0]
+    my_ids = set(pos_ids[rank::world] or pos_ids) | set(neg_ids[rank::world] or neg_ids)
+    labels = dict(loop["train"])
+    bags = {s: store.read_bag(s, label=labels[s]) for s in sorted(my_ids)}
+    val_bags = [store.read_bag(s, label=y) for s, y in loop["val"]] if rank == 0 else []
+    pos_weight = torch.tensor(len(neg_ids) / max(1, len(pos_ids)), device=device)
+
+    model = build_aggregator(mc["aggregator"], loop["dim"], hidden=mc["hidden"], dropout=mc["dropout"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=mc["mil_lr"], weight_decay=mc["mil_weight_decay"])
+    start_epoch, best = 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, best = state["epoch"] + 1, state["best"]
+    ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
+    plain_model = getattr(ddp_model, "module", ddp_model)
+
+    def bce(inst, bag_logit, y):
+        return bag_bce(bag_logit, inst, torch.tensor(y, device=device), pos_weight, mc["w_bag"], mc["w_ins"])
+
+    for epoch in range(start_epoch, mc["mil_epochs"]):
+        ddp_model.train()
+        hard = _hard_negative_bag(store, loop, epoch) if mc["ranking"] == "global" and mc["w_rank"] > 0 else None
+        hard_x = _tensor(hard, device) if hard is not None else None
+        losses = []
+        for pos_id, neg_id in epoch_pairs(pos_ids, neg_ids, epoch, mc["seed"], rank, world):
+            pos_inst, pos_bag = ddp_model(_tensor(bags[pos_id], device))
+            neg_inst, neg_bag = ddp_model(_tensor(bags[neg_id], device))
+            loss = 0.5 * (bce(pos_inst, pos_bag, 1.0) + bce(neg_inst, neg_bag, 0.0))
+            if mc["w_rank"] > 0 and mc["ranking"] == "pair":
+                loss = loss + mc["w_rank"] * ranking_loss(pos_inst, neg_inst, mc["margin"], mc["rank_k"])
+            elif mc["w_rank"] > 0 and hard_x is not None:
+                hard_inst, _ = ddp_model(hard_x)
+                loss = loss + mc["w_rank"] * global_ranking_loss([pos_inst], hard_inst, mc["margin"], mc["rank_k"])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan")}
+        ckpt = None
+        if rank == 0:
+            metrics.update(validation_metrics(plain_model, val_bags, bce, device))
+            if _is_better(metrics, best):
+                best = {**metrics, "model": copy.deepcopy({k: v.cpu() for k, v in plain_model.state_dict().items()})}
+            metrics["best_epoch"] = best["epoch"]
+            directory = tempfile.mkdtemp(prefix="hnm_mil_ckpt_")
+            torch.save({"model": plain_model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                        "best": best, "loop": loop}, Path(directory) / CHECKPOINT_FILE)
+            ckpt = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def _train_records(records: list[SlideRecord], store: FeatureStore, split: str) -> list[tuple[str, int]]:
+    done = store.completed()
+    return [(r.slide_id, int(r.label)) for r in records if r.split == split and r.slide_id in done and r.label is not None]
+
+
+def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], run_dir: str | Path,
+            name: str = "mil", miner_name: str | None = None) -> MILResult:
+    """Train the aggregator with Ray Train on the store's bags; returns the best-validation model."""
+    import torch
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run_dir = Path(run_dir).resolve()
+    train, val = _train_records(records, store, "train"), _train_records(records, store, "val")
+    if not any(y == 1 for _, y in train) or not any(y == 0 for _, y in train):
+        raise StoreError(f"MIL training needs positive and negative training slides in {store.directory}; "
+                         f"found {len(train)} training slides with features. Check the manifest's labels/splits.")
+    loop = {"mil": asdict(config), "store_root": str(store.root), "tag": store.encoder_tag, "round": store.round,
+            "dim": int(store.metadata()["dim"]), "train": train, "val": val, "miner_name": miner_name}
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop,
+        scaling_config=ScalingConfig(num_workers=config.mil_workers, use_gpu=config.mil_use_gpu,
+                                     resources_per_worker={"CPU": config.mil_cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=str(run_dir / "ray_train"),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=config.max_failures)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise HnmError(f"MIL training failed: {result.error}")
+    with result.checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    best = state["best"]
+    model_path = run_dir / f"{name}_aggregator.pt"
+    torch.save({"model": best["model"], "aggregator": config.aggregator, "hidden": config.hidden,
+                "dropout": config.dropout, "dim": loop["dim"], "threshold": best.get("val_threshold", 0.5),
+                "epoch": best["epoch"], "encoder_tag": store.encoder_tag}, model_path)
+    metrics = {k: v for k, v in best.items() if k != "model"}
+    return MILResult(str(model_path), int(best["epoch"]), float(best.get("val_threshold", 0.5)), metrics)
+
+
+def load_aggregator(model_path: str | Path):
+    """The aggregator saved by `fit_mil` (eval mode) and its saved fields."""
+    import torch
+
+    from hnm_ray.models.aggregators import build_aggregator
+
+    saved = torch.load(model_path, map_location="cpu", weights_only=False)
+    model = build_aggregator(saved["aggregator"], saved["dim"], hidden=saved["hidden"], dropout=saved["dropout"])
+    model.load_state_dict(saved["model"])
+    return model.eval(), saved
+
+
+def evaluate_split(model_path: str | Path, store: FeatureStore, records: list[SlideRecord], split: str,
+                   threshold: float | None = None) -> dict[str, float]:
+    """Slide metrics (at `threshold`, default the saved validation threshold) and instance metrics on a split."""
+    from hnm_ray.metrics import instance_metrics, slide_metrics
+
+    model, saved = load_aggregator(model_path)
+    done = store.completed()
+    bags = [store.read_bag(r.slide_id, label=r.label) for r in records
+            if r.split == split and r.slide_id in done and r.label is not None]
+    if not bags:
+        return {}
+    probs, inst = evaluate_bags(model, bags)
+    labels = np.asarray([b.label for b in bags])
+    out = slide_metrics(labels, probs, threshold if threshold is not None else saved["threshold"])
+    truth = np.concatenate([b.truth for b, y in zip(bags, labels) if y == 1] or [np.zeros(0, np.int8)])
+    scores = np.concatenate([s for s, y in zip(inst, labels) if y == 1] or [np.zeros(0)])
+    out.update(instance_metrics(truth, scores))
+    return {f"{split}_{k}": v for k, v in out.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: train the aggregator on an existing feature store and write RUN/metrics.json."""
+    from hnm_ray.cluster import init_ray
+    from hnm_ray.progress import setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m hnm_ray.training.mil", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", required=True, help="feature store root")
+    parser.add_argument("--tag", required=True, help="encoder tag folder inside the store")
+    parser.add_argument("--round", type=int, default=0, help="store round")
+    parser.add_argument("--manifest", required=True, help="slide manifest with labels and splits")
+    parser.add_argument("--out", required=True, help="run folder (resumes when it exists)")
+    parser.add_argument("--config", help="YAML file with any of the knobs below")
+    cfg.add_arguments(parser, MILConfig)
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        config = cfg.build(MILConfig, args, args.config)
+        init_ray()
+        store = FeatureStore(args.store, args.tag, round=args.round)
+        records = load_manifest(args.manifest)
+        result = fit_mil(config, store, records, args.out)
+        metrics = {**result.metrics, **evaluate_split(result.model_path, store, records, "test")}
+    except HnmError as exc:
+        log.error("%s", exc)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    log.info("MIL: best epoch %d, test AUC %s -> %s", result.best_epoch, metrics.get("test_auc"), out / "metrics.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
