@@ -1,0 +1,281 @@
+"""Tile encoders looked up by name (timm-style registry), plus `module:callable` and TorchScript plug-ins.
+
+Built-ins: `resnet18_in` (the paper's f: ResNet-18 with instance norm, 512-d after global average
+pooling, parameter names as in torchvision so torchvision-layout checkpoints load) and `small_cnn`
+(128-d, fast enough for CPU demos). Every encoder maps float (B, 3, H, W) tiles from
+`to_model_input` to (B, out_dim) features. Weights come from local files only.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hnm_ray.errors import ConfigError
+from hnm_ray.store.manifest import safe_name
+
+log = logging.getLogger("hnm_ray")
+
+EncoderFactory = Callable[[], nn.Module]
+
+_REGISTRY: dict[str, EncoderFactory] = {}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STATE_DICT_KEYS = ("model", "state_dict", "encoder")
+PROBE_SIZE = 224
+
+
+def register_encoder(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
+    """Decorator: register a factory `() -> nn.Module` (with `.out_dim`) under `name` for `build_encoder`."""
+
+    def add(factory: EncoderFactory) -> EncoderFactory:
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
+            raise ValueError(f"encoder {name!r} is already registered (by {_REGISTRY[name].__module__})")
+        _REGISTRY[name] = factory
+        return factory
+
+    return add
+
+
+def list_encoders() -> list[str]:
+    """Names of the registered encoders."""
+    return sorted(_REGISTRY)
+
+
+def _norm(channels: int) -> nn.Module:
+    return nn.InstanceNorm2d(channels, affine=True)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (two 3x3 convs + identity/projection shortcut) with instance norm."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
+        self.bn1 = _norm(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = _norm(channels)
+        self.downsample: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != channels:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False), _norm(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + shortcut)
+
+
+def _stage(in_channels: int, channels: int, n_blocks: int, stride: int) -> nn.Sequential:
+    """One ResNet stage: the first block changes width/stride, the others keep them."""
+    return nn.Sequential(BasicBlock(in_channels, channels, stride),
+                         *(BasicBlock(channels, channels) for _ in range(n_blocks - 1)))
+
+
+class ResNetIN(nn.Module):
+    """ResNet with instance norm and no classifier: (B, 3, H, W) -> (B, out_dim) after global average pooling."""
+
+    def __init__(self, blocks: tuple[int, int, int, int] = (2, 2, 2, 2),
+                 widths: tuple[int, int, int, int] = (64, 128, 256, 512)) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
+        self.bn1 = _norm(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        stages = [_stage(c_in, c_out, n, 1 if i == 0 else 2)
+                  for i, (c_in, c_out, n) in enumerate(zip((widths[0], *widths[:-1]), widths, blocks))]
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.out_dim = widths[-1]
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+
+class SmallCNN(nn.Module):
+    """A small fast CNN for CPU demos: stride-2 3x3 conv + instance norm + ReLU blocks, global average pool."""
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels = 3
+        for width in widths:
+            layers += [nn.Conv2d(in_channels, width, 3, 2, 1, bias=False), _norm(width), nn.ReLU(inplace=True)]
+            in_channels = width
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.out_dim = widths[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.features(x)), 1)
+
+
+@register_encoder("resnet18_in")
+def resnet18_in() -> nn.Module:
+    """ResNet-18 with InstanceNorm2d(affine=True), 512-d features (the paper's tile encoder)."""
+    return ResNetIN((2, 2, 2, 2))
+
+
+@register_encoder("small_cnn")
+def small_cnn() -> nn.Module:
+    """Four stride-2 conv blocks with instance norm, 128-d features: the CPU demo encoder."""
+    return SmallCNN()
+
+
+def build_encoder(spec: str, weights: str | Path | None = None) -> nn.Module:
+    """An encoder with `.out_dim` from a registry name, a `module.path:callable` plug-in or a TorchScript file."""
+    if spec in _REGISTRY:
+        model = _REGISTRY[spec]()
+    elif Path(spec).expanduser().is_file():
+        model = _load_torchscript(Path(spec).expanduser())
+    elif ":" in spec:
+        model = _load_plugin(spec)
+    else:
+        raise ConfigError("encoder", f"unknown encoder {spec!r}; use one of {list_encoders()}, "
+                                     "a plug-in 'module.path:callable', or the path of a TorchScript file")
+    if weights is not None:
+        load_weights(model, weights)
+    if getattr(model, "out_dim", None) is None:
+        model.out_dim = probe_out_dim(model, spec)
+    return model
+
+
+def _load_plugin(spec: str) -> nn.Module:
+    """Call the `callable` of a `module.path:callable` spec; it must return an nn.Module."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError("encoder", f"plug-in {spec!r} cannot be loaded: {exc}; the module must be importable "
+                                     "(installed or on PYTHONPATH on every node) and define the callable") from exc
+    model = target()
+    if not isinstance(model, nn.Module):
+        raise ConfigError("encoder", f"plug-in {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _load_torchscript(path: Path) -> nn.Module:
+    """A TorchScript encoder saved with torch.jit.save, loaded on the CPU."""
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError("encoder", f"{path} is not a TorchScript file ({exc}); save the encoder with "
+                                     "torch.jit.save(torch.jit.script(model), path)") from exc
+
+
+def probe_out_dim(model: nn.Module, spec: str) -> int:
+    """Feature size of `model`, found by one forward pass on a 1x3x224x224 tile."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE))
+    except Exception as exc:  # noqa: BLE001 - any failure of a user's model becomes a config error naming it
+        raise ConfigError("encoder", f"{spec!r} fails on a 1x3x{PROBE_SIZE}x{PROBE_SIZE} input: {exc}") from exc
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError("encoder", f"{spec!r} must return (B, D) features, got {shape}; pool/flatten in the model")
+    return int(out.shape[1])
+
+
+def _state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
+    """The tensor mapping inside a checkpoint: itself, or under a 'model' / 'state_dict' / 'encoder' key."""
+    while isinstance(checkpoint, dict):
+        if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+            return checkpoint
+        inner = next((checkpoint[k] for k in STATE_DICT_KEYS if isinstance(checkpoint.get(k), dict)), None)
+        if inner is None:
+            break
+        checkpoint = inner
+    keys = list(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+    raise ValueError(f"no state_dict found (top level: {keys}); save model.state_dict() or "
+                     f"{{'model': model.state_dict()}}")
+
+
+def _prefix(state: dict[str, torch.Tensor], wanted: list[str]) -> str:
+    """The key prefix ('', 'module.', 'encoder.', ...) under which `state` holds every key in `wanted`."""
+    first = wanted[0]
+    candidates = {k[: len(k) - len(first)] for k in state if k == first or k.endswith("." + first)}
+    fitting = sorted(p for p in candidates if all(p + k in state for k in wanted))
+    if len(fitting) > 1 and "" not in fitting:
+        raise ValueError(f"several encoders in the file (key prefixes {fitting}); save the one you want as a plain state_dict")
+    return fitting[0] if fitting else min(candidates, key=len, default="")
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a local weights file into `model`; ConfigError('weights') when it is missing or does not fit."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError("weights", f"file {str(path)!r} not found; pass a local state_dict/checkpoint file "
+                                     "(weights are never downloaded)")
+    try:
+        state = _state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        own = model.state_dict()
+        prefix = _prefix(state, list(own))
+    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types; all mean "not a weights file"
+        raise ConfigError("weights", f"{path} cannot be used: {exc}") from exc
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    missing = [k for k in own if k not in state and not _is_identity_norm_param(model, k)]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in state and state[k].shape != own[k].shape]
+    if missing or wrong:
+        raise ConfigError("weights", f"{path} does not fit this encoder: {len(missing)} missing key(s) {missing[:5]}, "
+                                     f"{len(wrong)} shape mismatch(es) {wrong[:5]}")
+    ignored = sorted(set(state) - set(own))
+    if ignored:
+        log.info("weights %s: ignoring %d key(s) the encoder does not have, e.g. %s", path, len(ignored), ignored[:3])
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def _is_identity_norm_param(model: nn.Module, key: str) -> bool:
+    """True for weight/bias of an instance norm: absent from files saved with affine=False, where 1/0 is identical."""
+    owner, _, name = key.rpartition(".")
+    return name in ("weight", "bias") and isinstance(model.get_submodule(owner), nn.InstanceNorm2d)
+
+
+def file_digest(path: str | Path, length: int = 10) -> str:
+    """Short sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:length]
+
+
+def encoder_tag(spec: str, weights: str | Path | None = None) -> str:
+    """A safe folder name for features of this encoder: sanitized spec (+ short hash of the weights file / TorchScript)."""
+    script = Path(spec).expanduser()
+    parts = [safe_name(script.stem), file_digest(script)] if script.is_file() else [safe_name(spec.replace(":", "-"))]
+    if weights is not None:
+        weights_path = Path(weights).expanduser()
+        if not weights_path.is_file():
+            raise ConfigError("weights", f"file {str(weights_path)!r} not found; pass a local state_dict/checkpoint file")
+        parts.append(file_digest(weights_path))
+    return "-".join(parts)
+
+
+def to_model_input(tiles: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """uint8 tiles (B, H, W, 3) on any device -> float32 (B, 3, H, W) normalized with ImageNet mean/std."""
+    if isinstance(tiles, np.ndarray):
+        tiles = torch.from_numpy(np.ascontiguousarray(tiles))
+    if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 tiles of shape (B, H, W, 3), got {tiles.dtype} {tuple(tiles.shape)}")
+    mean = torch.tensor(IMAGENET_MEAN, device=tiles.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD, device=tiles.device).view(1, 3, 1, 1) * 255.0
+    return ((tiles.permute(0, 3, 1, 2).float() - mean) / std).contiguous()

@@ -1,0 +1,285 @@
+"""The feature store: one Parquet file per slide per round, written atomically (DESIGN §3).
+
+Layout: `<root>/<encoder_tag>/round=<r>/<slide_id>.parquet` (zstd) with the columns of
+`feature_schema`, and the extraction settings (encoder tag, tile size, mpp, dim, dtype) as JSON
+in the file's schema metadata. A slide file is written to a hidden temp name in the same folder
+and renamed, so a slide is either complete or absent and a killed job resumes by skipping
+`completed()` slides. Failures go to `errors.jsonl` in the same folder, one JSON object a line.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hnm_ray.errors import StoreError
+from hnm_ray.store.manifest import SlideRecord, name_problem
+
+log = logging.getLogger("hnm_ray")
+
+METADATA_KEY = b"hnm_ray"
+SUFFIX = ".parquet"
+TEMP_SUFFIX = ".parquet.tmp"
+STALE_TEMP_SECONDS = 600.0
+GRID_TYPES = {"tile_id": pa.int32(), "x": pa.int32(), "y": pa.int32(), "level": pa.int8(), "size": pa.int16()}
+EMBEDDING_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def feature_schema(dim: int, dtype: str = "float16", metadata: dict[str, Any] | None = None) -> pa.Schema:
+    """Schema of a slide's feature file: grid columns, embedding fixed_size_list<dtype>[dim], truth int8 (-1 unknown)."""
+    if dtype not in EMBEDDING_TYPES:
+        raise StoreError(f"embedding dtype {dtype!r} is not supported; use one of {sorted(EMBEDDING_TYPES)}")
+    fields = [pa.field("slide_id", pa.string()), *(pa.field(k, t) for k, t in GRID_TYPES.items()),
+              pa.field("embedding", pa.list_(EMBEDDING_TYPES[dtype], dim)), pa.field("truth", pa.int8())]
+    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata, default=str)} if metadata else None)
+
+
+FEATURE_SCHEMA = feature_schema  # the name INTERFACES.md uses
+
+
+@dataclass(eq=False)
+class Bag:
+    """One MIL bag: a slide's tile features (N, D) float32 with tile ids, level-0 coords (x, y), tile truth and label."""
+
+    slide_id: str
+    features: np.ndarray
+    tile_ids: np.ndarray
+    coords: np.ndarray
+    truth: np.ndarray
+    label: int | None = None
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+
+def bag_from_table(table: pa.Table, slide_id: str, label: int | None = None) -> Bag:
+    """A Bag from rows of feature files (embeddings widened to float32)."""
+    embedding = table.column("embedding").combine_chunks()
+    dim = embedding.type.list_size
+    values = embedding.flatten().to_numpy(zero_copy_only=False)
+    return Bag(
+        slide_id=slide_id,
+        features=values.astype(np.float32).reshape(table.num_rows, dim),
+        tile_ids=table.column("tile_id").to_numpy().astype(np.int32),
+        coords=np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], axis=1).astype(np.int32),
+        truth=table.column("truth").to_numpy().astype(np.int8),
+        label=label,
+    )
+
+
+class FeatureStore:
+    """Per-slide Parquet feature files of one encoder and round: write atomically, list, read bags, log errors."""
+
+    def __init__(self, root: str | Path, encoder_tag: str, round: int = 0) -> None:
+        if reason := name_problem(encoder_tag):
+            raise StoreError(f"encoder tag {encoder_tag!r} {reason}; use models.encoders.encoder_tag() to make one")
+        if int(round) < 0:
+            raise StoreError(f"round must be >= 0, got {round}")
+        self.root = Path(root).expanduser()
+        self.encoder_tag = encoder_tag
+        self.round = int(round)
+        self.directory = self.root / encoder_tag / f"round={self.round}"
+        self.errors_path = self.directory / "errors.jsonl"
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.directory)!r})"
+
+    def slide_path(self, slide_id: str) -> Path:
+        """Path of a slide's feature file (raises StoreError when slide_id is not a safe file name)."""
+        if reason := name_problem(slide_id):
+            raise StoreError(f"slide {slide_id!r}: slide_id {reason}; fix it in the manifest")
+        return self.directory / f"{slide_id}{SUFFIX}"
+
+    def files(self) -> list[Path]:
+        """The complete slide files of this round, sorted (temp files of unfinished writes are not listed)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.glob(f"*{SUFFIX}") if not p.name.startswith("."))
+
+    def completed(self) -> set[str]:
+        """Slide ids with a complete feature file; removes stale temp files left by killed writers."""
+        self.clean_temp()
+        return {p.name[: -len(SUFFIX)] for p in self.files()}
+
+    def clean_temp(self, older_than_s: float = STALE_TEMP_SECONDS) -> list[Path]:
+        """Remove temp files of writers killed mid-write (older than `older_than_s`, so live writers are safe)."""
+        if not self.directory.is_dir():
+            return []
+        cutoff = time.time() - older_than_s
+        removed = []
+        for path in self.directory.glob(f".*{TEMP_SUFFIX}"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:
+                continue
+        if removed:
+            log.info("removed %d stale temp file(s) from %s", len(removed), self.directory)
+        return removed
+
+    def write_slide(self, slide_id: str, tiles: pa.Table, embeddings: np.ndarray, truth: np.ndarray | None = None,
+                    metadata: dict[str, Any] | None = None) -> Path:
+        """Write one slide's file atomically (temp name + os.replace); returns its path."""
+        final = self.slide_path(slide_id)
+        table = self._slide_table(slide_id, tiles, embeddings, truth, metadata or {})
+        self.directory.mkdir(parents=True, exist_ok=True)
+        temp = self.directory / f".{slide_id}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+        try:
+            with open(temp, "wb") as sink:
+                pq.write_table(table, sink, compression="zstd")
+                sink.flush()
+                os.fsync(sink.fileno())
+            os.replace(temp, final)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise StoreError(f"slide {slide_id!r}: cannot write features to {final}: {exc}; nothing was kept for this "
+                             "slide. Free disk space / check permissions of the store folder, then re-run (finished "
+                             "slides are skipped)") from exc
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return final
+
+    def _slide_table(self, slide_id: str, tiles: pa.Table, embeddings: np.ndarray, truth: np.ndarray | None,
+                     metadata: dict[str, Any]) -> pa.Table:
+        """The Arrow table of one slide, checked against the schema (StoreError naming the slide otherwise)."""
+        missing = [c for c in GRID_TYPES if c not in tiles.column_names]
+        embeddings = np.asarray(embeddings)
+        n = tiles.num_rows
+        if missing:
+            raise StoreError(f"slide {slide_id!r}: tile table lacks columns {missing}; pass the tile grid table")
+        if embeddings.ndim != 2 or embeddings.shape[0] != n:
+            raise StoreError(f"slide {slide_id!r}: embeddings of shape {embeddings.shape} do not fit {n} tiles; "
+                             "expected (n_tiles, dim)")
+        if embeddings.dtype not in (np.float16, np.float32):
+            embeddings = embeddings.astype(np.float32)
+        if not np.isfinite(embeddings).all():
+            raise StoreError(f"slide {slide_id!r}: embeddings contain NaN or inf; check the encoder weights, "
+                             "or store float32 when float16 overflows")
+        truth = np.full(n, -1, np.int8) if truth is None else np.asarray(truth)
+        if truth.shape != (n,):
+            raise StoreError(f"slide {slide_id!r}: truth of shape {truth.shape} does not fit {n} tiles")
+        dtype, dim = str(embeddings.dtype), int(embeddings.shape[1])
+        schema = feature_schema(dim, dtype, {**metadata, "encoder_tag": self.encoder_tag, "round": self.round,
+                                             "dim": dim, "dtype": dtype})
+        flat = pa.array(np.ascontiguousarray(embeddings).reshape(-1))
+        try:
+            columns = [pa.array(np.full(n, slide_id, dtype=object), pa.string()),
+                       *(tiles.column(k).cast(t) for k, t in GRID_TYPES.items()),
+                       pa.FixedSizeListArray.from_arrays(flat, dim), pa.array(truth.astype(np.int8), pa.int8())]
+        except (pa.ArrowInvalid, OverflowError) as exc:
+            raise StoreError(f"slide {slide_id!r}: tile table values do not fit the store schema: {exc}") from exc
+        return pa.Table.from_arrays(columns, schema=schema)
+
+    def read_table(self, slide_id: str, columns: list[str] | None = None) -> pa.Table:
+        """A slide's feature file as an Arrow table (StoreError naming the slide and the fix when absent/unreadable)."""
+        path = self.slide_path(slide_id)
+        if not path.is_file():
+            where = f"no feature store at {self.directory}" if not self.directory.is_dir() else f"not in {self.directory}"
+            raise StoreError(f"slide {slide_id!r}: features {where}; run `python -m hnm_ray.extract --out {self.root}` "
+                             f"with this encoder (tag {self.encoder_tag!r}) and round {self.round} first")
+        try:
+            table = pq.read_table(path, columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise StoreError(f"slide {slide_id!r}: cannot read {path}: {exc}; delete the file and re-run extraction "
+                             "to rewrite it") from exc
+        if columns is None and not isinstance(table.schema.field("embedding").type, pa.FixedSizeListType):
+            raise StoreError(f"slide {slide_id!r}: {path} is not a hnm-ray feature file; delete it and re-run extraction")
+        return table
+
+    def read_bag(self, slide_id: str, label: int | None = None) -> Bag:
+        """A slide's bag: features float32 (N, D), tile ids, coords (N, 2), truth, and the given label."""
+        table = self.read_table(slide_id)
+        try:
+            return bag_from_table(table, slide_id, label)
+        except KeyError as exc:
+            raise StoreError(f"slide {slide_id!r}: feature file lacks column {exc}; delete it and re-run extraction") from exc
+
+    def select_tiles(self, selection: pa.Table, name: str = "selection", label: int | None = None) -> Bag:
+        """Features of the (slide_id, tile_id) rows of `selection` across slides, in its row order, as one Bag."""
+        slide_ids = np.asarray(selection.column("slide_id").to_pylist(), dtype=object)
+        tile_ids = selection.column("tile_id").to_numpy().astype(np.int64)
+        parts, positions = [], []
+        for slide_id in dict.fromkeys(slide_ids.tolist()):
+            rows = np.flatnonzero(slide_ids == slide_id)
+            table = self.read_table(slide_id)
+            stored = table.column("tile_id").to_numpy()
+            order = np.argsort(stored, kind="stable")
+            found = np.searchsorted(stored, tile_ids[rows], sorter=order).clip(0, len(stored) - 1)
+            index = order[found] if len(stored) else found
+            if not len(stored) or not np.array_equal(stored[index], tile_ids[rows]):
+                raise StoreError(f"slide {slide_id!r}: some selected tile ids are not in its feature file "
+                                 f"(round {self.round}); the selection comes from another round or encoder")
+            parts.append(table.take(pa.array(index)))
+            positions.append(rows)
+        if not parts:
+            dim = int(self.metadata()["dim"])
+            return Bag(name, np.zeros((0, dim), np.float32), np.zeros(0, np.int32), np.zeros((0, 2), np.int32),
+                       np.zeros(0, np.int8), label)
+        merged = pa.concat_tables(parts).take(pa.array(np.argsort(np.concatenate(positions), kind="stable")))
+        return bag_from_table(merged, name, label)
+
+    def metadata(self) -> dict[str, Any]:
+        """The extraction metadata (encoder tag, tile size, mpp, dim, dtype, ...) stored with the slide files."""
+        files = self.files()
+        if not files:
+            raise StoreError(f"no slide files in {self.directory}; run `python -m hnm_ray.extract --out {self.root}` first")
+        try:
+            raw = pq.read_schema(files[0]).metadata or {}
+            return json.loads(raw[METADATA_KEY])
+        except (pa.ArrowException, OSError, KeyError, ValueError) as exc:
+            raise StoreError(f"{files[0]}: no readable hnm-ray metadata ({exc}); delete the file and re-run extraction") from exc
+
+    def record_error(self, slide_id: str, stage: str, cause: str) -> None:
+        """Append one failure (slide_id, stage, cause, time) to errors.jsonl."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        entry = {"slide_id": str(slide_id), "stage": stage, "cause": str(cause),
+                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        line = (json.dumps(entry) + "\n").encode()
+        fd = os.open(self.errors_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)  # one write of one line: appends from several processes do not interleave
+        finally:
+            os.close(fd)
+
+    def errors(self) -> list[dict[str, Any]]:
+        """Every recorded failure, oldest first (a line cut short by a killed writer is skipped)."""
+        if not self.errors_path.is_file():
+            return []
+        entries = []
+        for line in self.errors_path.read_text().splitlines():
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                continue
+        return entries
+
+    def dataset(self, columns: list[str] | None = None, **read_kwargs: Any):
+        """A `ray.data.read_parquet` view over this round's complete slide files (optionally only `columns`)."""
+        import ray.data
+
+        files = self.files()
+        if not files:
+            raise StoreError(f"no slide files in {self.directory}; run `python -m hnm_ray.extract --out {self.root}` first")
+        ds = ray.data.read_parquet([str(p) for p in files], **read_kwargs)
+        return ds.select_columns(columns) if columns else ds
+
+
+def bags(store: FeatureStore, records: Iterable[SlideRecord], skip_missing: bool = False) -> Iterator[Bag]:
+    """The bags of `records` (labels from the records); slides without features raise, or are skipped if asked."""
+    done = store.completed() if skip_missing else None
+    for record in records:
+        if done is None or record.slide_id in done:
+            yield store.read_bag(record.slide_id, label=record.label)
