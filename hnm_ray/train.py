@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -142,16 +142,15 @@ def demo_manifest(job: JobConfig) -> Path:
     return manifest
 
 
-def extract_round(job: JobConfig, store_root: Path, tag: str, round_: int, weights: str | None,
-                  records: list[SlideRecord]) -> FeatureStore:
+def extract_round(job: JobConfig, store: FeatureStore, weights: str | None, records: list[SlideRecord]) -> FeatureStore:
     """Features of every slide with this round's encoder (resumes; failed slides are recorded and skipped)."""
     config = cfg.from_mapping(ExtractConfig, {
-        "out": str(store_root), "encoder": job.encoder, "weights": weights, "seed": job.seed, "tag": tag,
-        "round": round_, "tile_size": job.tile_size, "level": job.level, "mpp": job.mpp, "min_tissue": job.min_tissue,
+        "out": str(store.root), "encoder": job.encoder, "weights": weights, "seed": job.seed, "tag": store.encoder_tag,
+        "round": store.round, "tile_size": job.tile_size, "level": job.level, "mpp": job.mpp, "min_tissue": job.min_tissue,
         "batch_size": job.extract_batch_size, "num_encoders": job.num_encoders,
         "gpus_per_encoder": job.gpus_per_encoder, "dtype": "float32"})
     extract_features(config, records)
-    return FeatureStore(store_root, tag, round=round_)
+    return store
 
 
 def mine(store: FeatureStore, records: list[SlideRecord], model_path: str, run_dir: Path, round_: int,
@@ -171,7 +170,7 @@ def mine(store: FeatureStore, records: list[SlideRecord], model_path: str, run_d
     hard = ray.get(miner.hard_negatives.remote())
     positive_ids = {r.slide_id for r in train if r.label == 1}
     positive_scores = scores.filter(np.isin(scores["slide_id"].to_numpy(zero_copy_only=False), list(positive_ids)))
-    positives = select_positives(positive_scores.select(["slide_id", "tile_id", "score"]), threshold, 1.0)
+    positives = select_positives(positive_scores.select(["slide_id", "tile_id", "score"]), threshold, ratio=1.0)
     stats = ray.get(miner.stats.remote())
     log.info("round %d mining: %d hard negatives (k of %d negative tiles, threshold p=%.3f), %d positives above %.2f",
              round_, hard.num_rows, stats.get("n_neg_total", 0), stats.get("threshold", float("nan")),
@@ -189,10 +188,12 @@ def _with_rank(positives):
     return positives.append_column("pos_rank", pa.array(rank))
 
 
-def run_job(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
-    """Run (or resume) the whole iterative job in `run_dir`; returns the final metrics."""
+def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole iterative job in `run_dir`; returns the final metrics.
+
+    `on_round` is called with each round's metrics (Ray Tune reports them for early stopping).
+    """
     from hnm_ray.cluster import init_ray
-    from hnm_ray.models.encoders import encoder_tag
 
     job, mil, ft = config.job, config.mil, config.ft
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -200,22 +201,20 @@ def run_job(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
     state = RunState(run_dir)
     init_ray()
     started = time.perf_counter()
-    manifest = Path(job.manifest) if job.manifest else demo_manifest(job)
-    records = load_manifest(manifest, seed=job.seed)
-    store_root = Path(job.store) if job.store else run_dir / "features"
-    tag = state.get("tag") or state.done("tag", f"{run_dir.name}-{encoder_tag(job.encoder, job.weights)}")
+    records = load_manifest(Path(job.manifest) if job.manifest else demo_manifest(job), seed=job.seed)
     miner_name = f"hnm_miner-{run_dir.name}"
     weights = job.weights
     if job.pretrain == "simclr":
-        weights = state.get("pretrain") or state.done("pretrain", pretrain_simclr(config, records, store_root, tag, run_dir))
+        weights = state.get("pretrain") or state.done("pretrain", pretrain_simclr(config, records, run_dir))
     head = None
     history: list[dict[str, Any]] = []
     total_epochs = max(1, job.rounds * job.epochs_per_round)
     for round_ in range(job.rounds + 1):
-        store = extract_round(job, store_root, tag, round_, weights, records)
+        store = extract_round(job, round_store(job, run_dir, round_, weights), weights, records)
         result = state.get(f"mil_round{round_}")
         if result is None:
-            fitted = fit_mil(mil, store, records, run_dir, name=f"mil_round{round_}", miner_name=miner_name)
+            fitted = fit_mil(mil, store, records, run_dir, name=f"mil_round{round_}", miner_name=miner_name,
+                             seed=job.seed)
             metrics = {"round": round_, "best_epoch": fitted.best_epoch, **_val_metrics(fitted.metrics),
                        **evaluate_split(fitted.model_path, store, records, "test", fitted.threshold),
                        "model_path": fitted.model_path, "encoder_weights": weights}
@@ -224,29 +223,50 @@ def run_job(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
         log.info("round %d: val AUC %.3f, test AUC %.3f, test instance AUC %.3f", round_, result.get("val_auc", np.nan),
                  result.get("test_auc", np.nan), result.get("test_instance_auc", np.nan))
         history.append(result)
+        if on_round is not None:
+            on_round(result)
         if round_ == job.rounds:
             break
         finetuned = state.get(f"finetune_round{round_}")
         if finetuned is None:
-            hard, positives, stats = mine(store, records, result["model_path"], run_dir, round_, job.neg_ratio,
-                                          ft.threshold, miner_name)
-            rows = tile_rows(store, records, [(hard.select(["slide_id", "tile_id"]), 0),
-                                              (positives.select(["slide_id", "tile_id", "pos_rank"]), 1)], job.seed + round_)
-            t0 = time.perf_counter()
-            out = fit_finetune(ft, rows, job.encoder, weights, run_dir, name=f"finetune_round{round_}",
-                               first_epoch=round_ * job.epochs_per_round, last_epoch=(round_ + 1) * job.epochs_per_round,
-                               total_epochs=total_epochs, tile_size=job.tile_size, seed=job.seed, head_weights=head)
-            finetuned = state.done(f"finetune_round{round_}", {
-                "encoder_weights": out.encoder_weights, "head_weights": out.head_weights,
-                "hard_negatives": hard.num_rows, "positives": positives.num_rows, "tiles_per_epoch": rows.num_rows,
-                "seconds": time.perf_counter() - t0, "seconds_per_epoch": (time.perf_counter() - t0) / job.epochs_per_round,
-                "miner": stats, "last": out.history[-1] if out.history else {}})
+            finetuned = state.done(f"finetune_round{round_}", finetune_round(
+                config, store, records, result["model_path"], run_dir, round_, weights, head, miner_name))
         weights, head = finetuned["encoder_weights"], finetuned["head_weights"]
     final = finish(run_dir, history, records, store, state, job)
     final["seconds"] = time.perf_counter() - started
     (run_dir / "metrics.json").write_text(json.dumps(final, indent=2, default=float))
     log.info("done: %s (test AUC %.3f)", run_dir / "metrics.json", final["final"].get("test_auc", np.nan))
     return final
+
+
+def round_store(job: JobConfig, run_dir: Path, round_: int, weights: str | None) -> FeatureStore:
+    """Where round r's features live: round 0 in the shared store (--store, reusable by other runs and
+    sweep trials), later rounds (this run's fine-tuned encoders) inside the run folder."""
+    from hnm_ray.models.encoders import encoder_tag
+
+    if round_ == 0:
+        root = Path(job.store) if job.store else run_dir / "features"
+        return FeatureStore(root, encoder_tag(job.encoder, weights), round=0)
+    return FeatureStore(run_dir / "features", f"{run_dir.name}-finetuned", round=round_)
+
+
+def finetune_round(config: TrainConfig, store: FeatureStore, records: list[SlideRecord], model_path: str,
+                   run_dir: Path, round_: int, weights: str | None, head: str | None, miner_name: str) -> dict[str, Any]:
+    """Mine this round's hard negatives and positives, then fine-tune the encoder on them."""
+    job, ft = config.job, config.ft
+    hard, positives, stats = mine(store, records, model_path, run_dir, round_, job.neg_ratio, ft.threshold, miner_name)
+    rows = tile_rows(store, records, [(hard.select(["slide_id", "tile_id"]), 0),
+                                      (positives.select(["slide_id", "tile_id", "pos_rank"]), 1)], job.seed + round_)
+    started = time.perf_counter()
+    out = fit_finetune(ft, rows, job.encoder, weights, run_dir, name=f"finetune_round{round_}",
+                       first_epoch=round_ * job.epochs_per_round, last_epoch=(round_ + 1) * job.epochs_per_round,
+                       total_epochs=max(1, job.rounds * job.epochs_per_round), tile_size=job.tile_size, seed=job.seed,
+                       head_weights=head)
+    seconds = time.perf_counter() - started
+    return {"encoder_weights": out.encoder_weights, "head_weights": out.head_weights, "hard_negatives": hard.num_rows,
+            "positives": positives.num_rows, "tiles_per_epoch": rows.num_rows, "seconds": seconds,
+            "seconds_per_epoch": seconds / job.epochs_per_round, "miner": stats,
+            "last": out.history[-1] if out.history else {}}
 
 
 def _val_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -306,15 +326,15 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, Path]:
     return config, run_dir.resolve()
 
 
-def pretrain_simclr(config: TrainConfig, records: list[SlideRecord], store_root: Path, tag: str, run_dir: Path) -> str:
+def pretrain_simclr(config: TrainConfig, records: list[SlideRecord], run_dir: Path) -> str:
     """SimCLR (NT-Xent) warm start of the encoder on random training tiles; returns the weights file."""
     import pyarrow as pa
 
     job = config.job
-    extract = cfg.from_mapping(ExtractConfig, {"out": str(store_root), "tag": tag, "tile_size": job.tile_size,
-                                               "level": job.level, "mpp": job.mpp, "min_tissue": job.min_tissue})
+    extract = cfg.from_mapping(ExtractConfig, {"tile_size": job.tile_size, "level": job.level, "mpp": job.mpp,
+                                               "min_tissue": job.min_tissue})
     train = [r for r in records if r.split == "train"]
-    index = build_index(train, extract, FeatureStore(store_root, tag, round=0))
+    index = build_index(train, extract, FeatureStore(run_dir / "features", "pretrain", round=0))
     table = pa.concat_tables([t.select(["slide_id", "tile_id"]) for t in index.values()])
     rng = np.random.default_rng(job.seed)
     sample = table.take(np.sort(rng.choice(table.num_rows, min(job.pretrain_tiles, table.num_rows), replace=False)))

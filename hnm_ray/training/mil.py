@@ -57,7 +57,6 @@ class MILConfig:
     mil_cpus_per_worker: float = cfg.knob(1.0, "CPUs per aggregator training worker")
     mil_use_gpu: bool = cfg.knob(False, "train the aggregator on GPUs")
     max_failures: int = cfg.knob(2, "Ray Train restarts from the last checkpoint after a worker failure")
-    seed: int = cfg.knob(0, "seed of pairing, init and sampling")
 
     def validate(self) -> None:
         """Raise ConfigError on out-of-range values."""
@@ -143,17 +142,18 @@ def _is_better(metrics: dict[str, float], best: dict[str, Any] | None) -> bool:
 
 def _hard_negative_bag(store: FeatureStore, loop: dict[str, Any], epoch: int) -> Bag | None:
     """Features of a sample of the miner's global hard negatives (global ranking form), or None if no queue."""
-    from hnm_ray.mining import get_miner
-
-    miner = get_miner(loop["miner_name"], create=False)
-    if miner is None:
-        return None
     import ray
 
-    table = ray.get(miner.sample.remote(loop["mil"]["global_pool"], loop["mil"]["seed"] + epoch))
-    if table.num_rows == 0:
+    from hnm_ray.mining import get_miner
+
+    if not loop["miner_name"]:
         return None
-    return store.select_tiles(table)
+    try:
+        miner = get_miner(loop["miner_name"], create=False)
+        table = ray.get(miner.sample.remote(loop["mil"]["global_pool"], loop["seed"] + epoch))
+    except HnmError:
+        return None  # no queue yet (first round): the global form falls back to no ranking term this epoch
+    return store.select_tiles(table) if table.num_rows else None
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
@@ -169,7 +169,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = str(ray.train.torch.get_device()) if mc["mil_use_gpu"] else "cpu"
-    torch.manual_seed(mc["seed"])
+    torch.manual_seed(loop["seed"])
     store = FeatureStore(loop["store_root"], loop["tag"], round=loop["round"])
     pos_ids = [s for s, y in loop["train"] if y == 1]
     neg_ids = [s for s, y in loop["train"] if y == 0]
@@ -200,7 +200,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         hard = _hard_negative_bag(store, loop, epoch) if mc["ranking"] == "global" and mc["w_rank"] > 0 else None
         hard_x = _tensor(hard, device) if hard is not None else None
         losses = []
-        for pos_id, neg_id in epoch_pairs(pos_ids, neg_ids, epoch, mc["seed"], rank, world):
+        for pos_id, neg_id in epoch_pairs(pos_ids, neg_ids, epoch, loop["seed"], rank, world):
             pos_inst, pos_bag = ddp_model(_tensor(bags[pos_id], device))
             neg_inst, neg_bag = ddp_model(_tensor(bags[neg_id], device))
             loss = 0.5 * (bce(pos_inst, pos_bag, 1.0) + bce(neg_inst, neg_bag, 0.0))
@@ -233,7 +233,7 @@ def _train_records(records: list[SlideRecord], store: FeatureStore, split: str) 
 
 
 def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], run_dir: str | Path,
-            name: str = "mil", miner_name: str | None = None) -> MILResult:
+            name: str = "mil", miner_name: str | None = None, seed: int = 0) -> MILResult:
     """Train the aggregator with Ray Train on the store's bags; returns the best-validation model."""
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -245,7 +245,7 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
         raise StoreError(f"MIL training needs positive and negative training slides in {store.directory}; "
                          f"found {len(train)} training slides with features. Check the manifest's labels/splits.")
     loop = {"mil": asdict(config), "store_root": str(store.root), "tag": store.encoder_tag, "round": store.round,
-            "dim": int(store.metadata()["dim"]), "train": train, "val": val, "miner_name": miner_name}
+            "dim": int(store.metadata()["dim"]), "train": train, "val": val, "miner_name": miner_name, "seed": seed}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop,
         scaling_config=ScalingConfig(num_workers=config.mil_workers, use_gpu=config.mil_use_gpu,
