@@ -30,6 +30,7 @@ from hnm_ray.store.manifest import SlideRecord, load_manifest
 log = logging.getLogger("hnm_ray")
 
 INDEX_COLUMNS = ("slide_id", "path", "tile_id", "x", "y", "level", "size")
+COORDINATE_COLUMNS = ("path", "x", "y", "level", "size")
 
 
 @dataclass
@@ -206,7 +207,8 @@ class TileDecoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tiles, errors = decode_batch(self.readers, batch, self.tile_size, self.num_workers)
-        return {"slide_id": batch["slide_id"], "tile_id": batch["tile_id"], "tiles": tiles, "error": errors}
+        passthrough = {k: v for k, v in batch.items() if k not in COORDINATE_COLUMNS}
+        return {**passthrough, "tiles": tiles, "error": errors}
 
 
 class TileEncoder:
@@ -236,10 +238,16 @@ class TileEncoder:
         else:
             tiles, errors = batch["tiles"], batch["error"]
         # DLPack hands device (cupy) tiles to torch without a host round trip; numpy tiles are wrapped.
-        pixels = torch.from_numpy(np.ascontiguousarray(tiles)) if isinstance(tiles, np.ndarray) else torch.from_dlpack(tiles)
+        pixels = torch.from_numpy(_writable(tiles)) if isinstance(tiles, np.ndarray) else torch.from_dlpack(tiles)
         with torch.inference_mode():
             embedding = self.model(to_model_input(pixels.to(self.device))).float().cpu().numpy()
         return {"slide_id": batch["slide_id"], "tile_id": batch["tile_id"], "embedding": embedding, "error": errors}
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+    """A contiguous, writable view or copy (Ray hands batches out read-only; torch wants writable)."""
+    array = np.ascontiguousarray(array)
+    return array if array.flags.writeable else array.copy()
 
 
 class SlideGatherer:

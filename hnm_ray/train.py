@@ -103,7 +103,12 @@ def build_config(values: dict[str, Any]) -> TrainConfig:
         raise ConfigError(unknown[0], "unknown key; `python -m hnm_ray.train --help` lists every knob")
     parts = [cfg.from_mapping(s, {k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(s)}})
              for s in SECTIONS]
-    return TrainConfig(*parts)
+    config = TrainConfig(*parts)
+    total = config.job.rounds * config.job.epochs_per_round
+    if total and config.ft.warmup_epochs >= total:
+        raise ConfigError("warmup_epochs", f"{config.ft.warmup_epochs} must be below rounds * epochs_per_round = {total}; "
+                          "lower --warmup-epochs or train more epochs")
+    return config
 
 
 class RunState:

@@ -96,3 +96,26 @@ def build_aggregator(name: str, in_dim: int, **kwargs) -> nn.Module:
                                             "or a 'module.path:callable' plug-in")
         factory = _REGISTRY[name]
     return factory(in_dim, **kwargs)
+
+
+class Standardized(nn.Module):
+    """An aggregator behind per-feature standardisation with training-set statistics (kept as buffers)."""
+
+    def __init__(self, aggregator: nn.Module, in_dim: int) -> None:
+        super().__init__()
+        self.aggregator = aggregator
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("std", torch.ones(in_dim))
+
+    def set_statistics(self, mean, std) -> None:
+        """Use these per-feature mean and standard deviation (std floored to avoid division by ~0)."""
+        self.mean.copy_(torch.as_tensor(mean, dtype=self.mean.dtype))
+        self.std.copy_(torch.as_tensor(std, dtype=self.std.dtype).clamp_min(1e-6))
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.aggregator((features - self.mean) / self.std)
+
+
+def build_standardized(name: str, in_dim: int, **kwargs) -> Standardized:
+    """`build_aggregator` wrapped in feature standardisation (statistics set by the trainer)."""
+    return Standardized(build_aggregator(name, in_dim, **kwargs), in_dim)

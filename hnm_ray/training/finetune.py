@@ -178,7 +178,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     for epoch in range(start, loop["last_epoch"]):
         ddp.train()
         gen = torch.Generator().manual_seed(loop["seed"] * 100003 + epoch * 101 + rank)
-        ratio = positive_ratio(epoch, fc["warmup_epochs"], total, fc["ro"], fc["rT"])
+        ratio = positive_ratio(epoch, fc["warmup_epochs"], total, fc["ro"], fc["rT"]) if supervised else 1.0
         losses, tiles_seen = [], 0
         for batch in shard.iter_batches(batch_size=fc["ft_batch_size"], batch_format="numpy",
                                         local_shuffle_buffer_size=4 * fc["ft_batch_size"]):

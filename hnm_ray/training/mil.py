@@ -163,7 +163,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     import torch
 
     from hnm_ray.losses import bag_bce, global_ranking_loss, ranking_loss
-    from hnm_ray.models.aggregators import build_aggregator
+    from hnm_ray.models.aggregators import build_standardized
 
     mc = loop["mil"]
     context = ray.train.get_context()
@@ -179,7 +179,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     val_bags = [store.read_bag(s, label=y) for s, y in loop["val"]] if rank == 0 else []
     pos_weight = torch.tensor(len(neg_ids) / max(1, len(pos_ids)), device=device)
 
-    model = build_aggregator(mc["aggregator"], loop["dim"], hidden=mc["hidden"], dropout=mc["dropout"])
+    model = build_standardized(mc["aggregator"], loop["dim"], hidden=mc["hidden"], dropout=mc["dropout"])
+    model.set_statistics(loop["feature_mean"], loop["feature_std"])
     optimizer = torch.optim.Adam(model.parameters(), lr=mc["mil_lr"], weight_decay=mc["mil_weight_decay"])
     start_epoch, best = 0, None
     checkpoint = ray.train.get_checkpoint()
@@ -240,11 +241,13 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
     from ray.train.torch import TorchTrainer
 
     run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
     train, val = _train_records(records, store, "train"), _train_records(records, store, "val")
     if not any(y == 1 for _, y in train) or not any(y == 0 for _, y in train):
         raise StoreError(f"MIL training needs positive and negative training slides in {store.directory}; "
                          f"found {len(train)} training slides with features. Check the manifest's labels/splits.")
-    loop = {"mil": asdict(config), "store_root": str(store.root), "tag": store.encoder_tag, "round": store.round,
+    mean, std = feature_statistics(store, [s for s, _ in train])
+    loop = {"mil": asdict(config), "feature_mean": mean.tolist(), "feature_std": std.tolist(), "store_root": str(store.root), "tag": store.encoder_tag, "round": store.round,
             "dim": int(store.metadata()["dim"]), "train": train, "val": val, "miner_name": miner_name, "seed": seed}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop,
@@ -268,14 +271,26 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
     return MILResult(str(model_path), int(best["epoch"]), float(best.get("val_threshold", 0.5)), metrics)
 
 
+def feature_statistics(store: FeatureStore, slide_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std over all tiles of these slides, in one streaming pass over the store."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for slide_id in slide_ids:
+        features = store.read_bag(slide_id).features.astype(np.float64)
+        total = total + features.sum(0)
+        total_sq = total_sq + (features ** 2).sum(0)
+        count += len(features)
+    mean = total / max(count, 1)
+    return mean, np.sqrt(np.maximum(total_sq / max(count, 1) - mean ** 2, 0.0))
+
+
 def load_aggregator(model_path: str | Path):
-    """The aggregator saved by `fit_mil` (eval mode) and its saved fields."""
+    """The aggregator saved by `fit_mil` (eval mode, with its feature standardisation) and its saved fields."""
     import torch
 
-    from hnm_ray.models.aggregators import build_aggregator
+    from hnm_ray.models.aggregators import build_standardized
 
     saved = torch.load(model_path, map_location="cpu", weights_only=False)
-    model = build_aggregator(saved["aggregator"], saved["dim"], hidden=saved["hidden"], dropout=saved["dropout"])
+    model = build_standardized(saved["aggregator"], saved["dim"], hidden=saved["hidden"], dropout=saved["dropout"])
     model.load_state_dict(saved["model"])
     return model.eval(), saved
 
@@ -296,7 +311,8 @@ def evaluate_split(model_path: str | Path, store: FeatureStore, records: list[Sl
     out = slide_metrics(labels, probs, threshold if threshold is not None else saved["threshold"])
     truth = np.concatenate([b.truth for b, y in zip(bags, labels) if y == 1] or [np.zeros(0, np.int8)])
     scores = np.concatenate([s for s, y in zip(inst, labels) if y == 1] or [np.zeros(0)])
-    out.update(instance_metrics(truth, scores))
+    instance = instance_metrics(truth, scores)
+    out.update(instance_auc=instance["instance_auc"], instance_auprc=instance["instance_auprc"], instance_n=instance["n"])
     return {f"{split}_{k}": v for k, v in out.items()}
 
 
