@@ -1,0 +1,100 @@
+"""Tissue detection on a thumbnail: HSV saturation -> median blur -> Otsu (with a floor) -> morphology."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from hnm_ray.config import check_range, knob
+from hnm_ray.errors import ConfigError
+
+
+@dataclass
+class TissueConfig:
+    """Tissue detection: saturation threshold (Otsu by default), blur and clean-up of the mask."""
+
+    thumbnail_size: int = knob(1024, "longest side (px) of the thumbnail tissue is detected on")
+    saturation_threshold: float | None = knob(None, "fixed HSV-saturation threshold in [0, 1]; unset = Otsu per slide")
+    min_saturation: float = knob(0.05, "floor under the Otsu threshold, so a blank (white) slide has no tissue; "
+                                       "lower it for faint tissue")
+    median_kernel: int = knob(7, "median blur of the saturation, in thumbnail px (odd; 1 = none)")
+    min_object_fraction: float = knob(0.0005, "drop tissue pieces smaller than this fraction of the thumbnail")
+    fill_holes_fraction: float = knob(0.002, "fill holes in tissue smaller than this fraction of the thumbnail")
+
+    def validate(self) -> None:
+        """Raise ConfigError on out-of-range values."""
+        check_range("thumbnail_size", self.thumbnail_size, 16)
+        if self.saturation_threshold is not None:
+            check_range("saturation_threshold", self.saturation_threshold, 0.0, 1.0)
+        check_range("min_saturation", self.min_saturation, 0.0, 1.0)
+        if self.median_kernel < 1 or self.median_kernel % 2 == 0:
+            raise ConfigError("median_kernel", f"{self.median_kernel} must be an odd number >= 1")
+        check_range("min_object_fraction", self.min_object_fraction, 0.0, 1.0)
+        check_range("fill_holes_fraction", self.fill_holes_fraction, 0.0, 1.0)
+
+
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation (max - min) / max of an RGB uint8 image, as uint8 0..255."""
+    top = rgb.max(-1).astype(np.int32)
+    spread = top - rgb.min(-1)
+    return (spread * 255 // np.maximum(top, 1)).astype(np.uint8)
+
+
+def otsu_threshold(values: np.ndarray) -> float:
+    """Otsu's threshold of uint8 values (the level that maximises the between-class variance)."""
+    hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+    levels = np.arange(256, dtype=np.float64)
+    weight0 = np.cumsum(hist)
+    weight1 = weight0[-1] - weight0
+    mean0 = np.cumsum(hist * levels) / np.maximum(weight0, 1)
+    mean1 = ((hist * levels).sum() - np.cumsum(hist * levels)) / np.maximum(weight1, 1)
+    between = weight0 * weight1 * (mean0 - mean1) ** 2
+    return float(np.argmax(between[:-1]))
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Connected-component labels (8-connected) and the size of each label (index 0 = outside)."""
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    return labels, np.bincount(labels.ravel())
+
+
+def tissue_mask(thumbnail: np.ndarray, config: TissueConfig | None = None) -> np.ndarray:
+    """Boolean (H, W) tissue mask of an RGB uint8 thumbnail."""
+    config = config or TissueConfig()
+    sat = saturation(thumbnail)
+    if config.median_kernel > 1:
+        sat = ndimage.median_filter(sat, size=config.median_kernel, mode="nearest")
+    if config.saturation_threshold is not None:
+        threshold = config.saturation_threshold * 255
+    else:
+        threshold = max(otsu_threshold(sat), config.min_saturation * 255)
+    mask = sat > threshold
+    labels, sizes = _components(mask)
+    small = sizes < config.min_object_fraction * mask.size
+    small[0] = False
+    mask[small[labels]] = False
+    holes, sizes = _components(~mask)
+    border = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
+    fill = sizes < config.fill_holes_fraction * mask.size
+    fill[border] = False
+    fill[0] = False
+    mask[fill[holes]] = True
+    return mask
+
+
+def mask_fraction(mask: np.ndarray, level0_dims: tuple[int, int], x: np.ndarray, y: np.ndarray,
+                  extent_level0: float) -> np.ndarray:
+    """Fraction of each level-0 square (x, y, side extent_level0) covered by a mask spanning the whole slide."""
+    h, w = mask.shape
+    sx, sy = w / level0_dims[0], h / level0_dims[1]
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    integral = np.zeros((h + 1, w + 1), np.int64)
+    integral[1:, 1:] = mask.astype(bool).cumsum(0).cumsum(1)
+    x0 = np.clip(np.round(x * sx).astype(np.int64), 0, w - 1)
+    y0 = np.clip(np.round(y * sy).astype(np.int64), 0, h - 1)
+    x1 = np.clip(np.maximum(np.round((x + extent_level0) * sx).astype(np.int64), x0 + 1), 0, w)
+    y1 = np.clip(np.maximum(np.round((y + extent_level0) * sy).astype(np.int64), y0 + 1), 0, h)
+    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return inside / ((y1 - y0) * (x1 - x0))
