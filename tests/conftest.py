@@ -25,3 +25,25 @@ def demo_cohort(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("demo")
     return make_demo_cohort(out, n_slides=8, seed=0, size=2048)
+
+
+@pytest.fixture(scope="session")
+def mil_cohort(tmp_path_factory) -> Path:
+    """A 16-slide demo cohort large enough for MIL (4 test slides, ~60 tiles a slide)."""
+    from hnm_ray.slides.synthetic import make_demo_cohort
+
+    return make_demo_cohort(tmp_path_factory.mktemp("mil_demo"), n_slides=16, seed=1, size=3072)
+
+
+@pytest.fixture(scope="session")
+def mil_store(ray_session, mil_cohort, tmp_path_factory):
+    """Round-0 small_cnn features of `mil_cohort`, extracted once through the real pipeline."""
+    from hnm_ray.config import from_mapping
+    from hnm_ray.extract import ExtractConfig, extract_features
+    from hnm_ray.store.features import FeatureStore
+
+    root = tmp_path_factory.mktemp("mil_store")
+    config = from_mapping(ExtractConfig, {"manifest": str(mil_cohort), "out": str(root), "encoder": "small_cnn",
+                                          "dtype": "float32", "batch_size": 64})
+    extract_features(config)
+    return FeatureStore(root, config.store_tag(), round=0)

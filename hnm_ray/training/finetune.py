@@ -158,11 +158,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     model = contrastive_model(encoder, head)
     optimizer = torch.optim.SGD(model.parameters(), lr=fc["ft_lr"], momentum=fc["ft_momentum"],
                                 weight_decay=fc["ft_weight_decay"])
-    total = loop["total_epochs"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, total) / total)))
-    start = loop["first_epoch"]
-    for _ in range(start):
-        scheduler.step()
+    total, start = loop["total_epochs"], loop["first_epoch"]
+    # Cosine over all rounds' epochs; this fit starts at `first_epoch` of that schedule.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * min(e + loop["first_epoch"], total) / total)))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
@@ -191,13 +190,13 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         scheduler.step()
         metrics = {"epoch": epoch, "ft_loss": float(np.mean(losses)) if losses else float("nan"),
                    "tiles": tiles_seen, "positive_ratio": ratio, "lr": scheduler.get_last_lr()[0]}
-        ckpt = None
-        if rank == 0:
-            directory = tempfile.mkdtemp(prefix="hnm_ft_ckpt_")
-            torch.save({"model": plain.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "epoch": epoch}, Path(directory) / CHECKPOINT_FILE)
-            ckpt = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(metrics, checkpoint=ckpt)
+        with tempfile.TemporaryDirectory(prefix="hnm_ft_ckpt_") as directory:
+            ckpt = None
+            if rank == 0:
+                torch.save({"model": plain.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "epoch": epoch}, Path(directory) / CHECKPOINT_FILE)
+                ckpt = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=ckpt)
 
 
 @dataclass

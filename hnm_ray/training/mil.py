@@ -17,7 +17,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,8 @@ from hnm_ray.store.manifest import SlideRecord, load_manifest
 log = logging.getLogger("hnm_ray")
 
 CHECKPOINT_FILE = "mil.pt"
+DRIVER_CHECKPOINTS = "driver_checkpoints"  # mil_workers=0: Ray Train keeps no storage, the loop keeps its own
+KEEP_CHECKPOINTS = 2
 RANKING_FORMS = ("pair", "global", "none")
 
 
@@ -56,6 +60,7 @@ class MILConfig:
     mil_workers: int = cfg.knob(1, "Ray Train workers for aggregator training (0: in the driver process)")
     mil_cpus_per_worker: float = cfg.knob(1.0, "CPUs per aggregator training worker")
     mil_use_gpu: bool = cfg.knob(False, "train the aggregator on GPUs")
+    mil_checkpoint_every: int = cfg.knob(5, "checkpoint the aggregator every N epochs (and at the last epoch)")
     max_failures: int = cfg.knob(2, "Ray Train restarts from the last checkpoint after a worker failure")
 
     def validate(self) -> None:
@@ -67,6 +72,7 @@ class MILConfig:
         cfg.check_range("margin", self.margin, 0.0)
         cfg.check_range("rank_k", self.rank_k, 1)
         cfg.check_range("mil_workers", self.mil_workers, 0)
+        cfg.check_range("mil_checkpoint_every", self.mil_checkpoint_every, 1)
         cfg.check_range("mil_cpus_per_worker", self.mil_cpus_per_worker, 0.0, low_open=True)
         cfg.check_choice("ranking", self.ranking, RANKING_FORMS)
 
@@ -132,8 +138,8 @@ def validation_metrics(model, bags: list[Bag], loss_fn, device: str = "cpu") -> 
 
 
 def _is_better(metrics: dict[str, float], best: dict[str, Any] | None) -> bool:
-    if best is None:
-        return True
+    if best is None or "val_auc" not in metrics:
+        return True  # no validation slides: the last epoch is the model kept
     auc, best_auc = metrics.get("val_auc", float("nan")), best.get("val_auc", float("nan"))
     auc = -1.0 if math.isnan(auc) else auc
     best_auc = -1.0 if math.isnan(best_auc) else best_auc
@@ -154,6 +160,32 @@ def _hard_negative_bag(store: FeatureStore, loop: dict[str, Any], epoch: int) ->
     except HnmError:
         return None  # no queue yet (first round): the global form falls back to no ranking term this epoch
     return store.select_tiles(table) if table.num_rows else None
+
+
+def _latest_driver_checkpoint(folder: str | None):
+    """The newest checkpoint a driver-mode (mil_workers=0) run saved in `folder`, or None."""
+    import ray.train
+
+    if not folder or not Path(folder).is_dir():
+        return None
+    done = sorted(p for p in Path(folder).glob("epoch_*") if (p / CHECKPOINT_FILE).is_file())
+    return ray.train.Checkpoint.from_directory(str(done[-1])) if done else None
+
+
+def _save_driver_checkpoint(folder: str, epoch: int, state: dict[str, Any]) -> str:
+    """Save a driver-mode checkpoint atomically (temp folder + rename); keep the newest KEEP_CHECKPOINTS."""
+    import torch
+
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=".epoch_", dir=root))
+    torch.save(state, temp / CHECKPOINT_FILE)
+    final = root / f"epoch_{epoch:06d}"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(temp, final)
+    for old in sorted(root.glob("epoch_*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return str(final)
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
@@ -183,7 +215,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     model.set_statistics(loop["feature_mean"], loop["feature_std"])
     optimizer = torch.optim.Adam(model.parameters(), lr=mc["mil_lr"], weight_decay=mc["mil_weight_decay"])
     start_epoch, best = 0, None
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint() or _latest_driver_checkpoint(loop.get("driver_checkpoints"))
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
@@ -200,8 +232,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         ddp_model.train()
         hard = _hard_negative_bag(store, loop, epoch) if mc["ranking"] == "global" and mc["w_rank"] > 0 else None
         hard_x = _tensor(hard, device) if hard is not None else None
-        losses = []
-        for pos_id, neg_id in epoch_pairs(pos_ids, neg_ids, epoch, loop["seed"], rank, world):
+        losses, started = [], time.perf_counter()
+        pairs = epoch_pairs(pos_ids, neg_ids, epoch, loop["seed"], rank, world)
+        for pos_id, neg_id in pairs:
             pos_inst, pos_bag = ddp_model(_tensor(bags[pos_id], device))
             neg_inst, neg_bag = ddp_model(_tensor(bags[neg_id], device))
             loss = 0.5 * (bce(pos_inst, pos_bag, 1.0) + bce(neg_inst, neg_bag, 0.0))
@@ -214,18 +247,29 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan")}
+        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                                   "epoch_seconds": time.perf_counter() - started,  # training steps only
+                                   "train_pairs": len(pairs) * world}
         ckpt = None
+        last_epoch = epoch == mc["mil_epochs"] - 1
         if rank == 0:
             metrics.update(validation_metrics(plain_model, val_bags, bce, device))
             if _is_better(metrics, best):
                 best = {**metrics, "model": copy.deepcopy({k: v.cpu() for k, v in plain_model.state_dict().items()})}
             metrics["best_epoch"] = best["epoch"]
-            directory = tempfile.mkdtemp(prefix="hnm_mil_ckpt_")
-            torch.save({"model": plain_model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                        "best": best, "loop": loop}, Path(directory) / CHECKPOINT_FILE)
-            ckpt = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(metrics, checkpoint=ckpt)
+        state = None
+        if rank == 0 and (last_epoch or (epoch + 1) % mc["mil_checkpoint_every"] == 0):
+            state = {"model": plain_model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                     "best": best, "loop": loop}
+        if state is not None and loop.get("driver_checkpoints"):  # driver mode: Ray Train persists nothing
+            directory = _save_driver_checkpoint(loop["driver_checkpoints"], epoch, state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            continue
+        with tempfile.TemporaryDirectory(prefix="hnm_mil_ckpt_") as directory:  # report copies it to storage
+            if state is not None:
+                torch.save(state, Path(directory) / CHECKPOINT_FILE)
+                ckpt = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=ckpt)
 
 
 def _train_records(records: list[SlideRecord], store: FeatureStore, split: str) -> list[tuple[str, int]]:
@@ -247,20 +291,26 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
         raise StoreError(f"MIL training needs positive and negative training slides in {store.directory}; "
                          f"found {len(train)} training slides with features. Check the manifest's labels/splits.")
     mean, std = feature_statistics(store, [s for s, _ in train])
-    loop = {"mil": asdict(config), "feature_mean": mean.tolist(), "feature_std": std.tolist(), "store_root": str(store.root), "tag": store.encoder_tag, "round": store.round,
-            "dim": int(store.metadata()["dim"]), "train": train, "val": val, "miner_name": miner_name, "seed": seed}
+    storage = run_dir / "ray_train"
+    loop = {"mil": asdict(config), "feature_mean": mean.tolist(), "feature_std": std.tolist(),
+            "store_root": str(store.root), "tag": store.encoder_tag, "round": store.round,
+            "dim": int(store.metadata()["dim"]), "train": train, "val": val, "miner_name": miner_name, "seed": seed,
+            "driver_checkpoints": str(storage / name / DRIVER_CHECKPOINTS) if config.mil_workers == 0 else None}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop,
         scaling_config=ScalingConfig(num_workers=config.mil_workers, use_gpu=config.mil_use_gpu,
                                      resources_per_worker={"CPU": config.mil_cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=str(run_dir / "ray_train"),
+        run_config=RunConfig(name=name, storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=config.max_failures)),
     )
     result = trainer.fit()
     if result.error:
         raise HnmError(f"MIL training failed: {result.error}")
-    with result.checkpoint.as_directory() as directory:
+    checkpoint = result.checkpoint or _latest_driver_checkpoint(loop["driver_checkpoints"])
+    if checkpoint is None:
+        raise HnmError(f"MIL run {name!r} in {storage} reported no checkpoint; delete {storage / name} to start afresh")
+    with checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     best = state["best"]
     model_path = run_dir / f"{name}_aggregator.pt"

@@ -1,0 +1,154 @@
+"""The one-command job: `python -m hnm_ray.train` end to end, resume after a kill, and `ray job submit`."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+TINY = ["--demo-slides", "8", "--demo-size", "2048", "--rounds", "1", "--epochs-per-round", "2",
+        "--warmup-epochs", "1", "--mil-epochs", "6", "--mil-workers", "0", "--ft-workers", "0",
+        "--ft-batch-size", "32", "--heatmaps", "2"]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["HNM_RAY_CACHE"] = str(tmp_path / "cache")
+    return env
+
+
+def _train(tmp_path: Path, *extra: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hnm_ray.train", "--runs-dir", str(tmp_path / "runs"), *TINY, *extra],
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_train_cli_end_to_end_writes_metrics_checkpoint_and_pictures(tmp_path):
+    done = _train(tmp_path, "--name", "e2e")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "runs" / "e2e"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1]
+    final = metrics["final"]
+    for key in ("val_auc", "test_auc", "test_accuracy", "test_f1", "test_instance_auc", "val_threshold"):
+        assert key in final
+    for key in ("test_accuracy", "test_f1", "val_threshold"):
+        assert 0.0 <= final[key] <= 1.0
+    ft = metrics["finetune"]["finetune_round0"]
+    assert ft["hard_negatives"] > 0 and ft["tiles_per_epoch"] >= ft["hard_negatives"]
+    assert ft["miner"]["k"] == ft["hard_negatives"]
+    for name in ("aggregator.pt", "encoder.pt", "config.yaml", "meta.json"):
+        assert (run / "checkpoint" / name).stat().st_size > 0
+    with Image.open(run / "roc.png") as roc:
+        assert roc.size[0] >= 200 and roc.size[1] >= 200
+    heatmaps = sorted((run / "heatmaps").glob("*.png"))
+    assert len(heatmaps) == 2
+    with Image.open(heatmaps[0]) as picture:
+        assert min(picture.size) > 32
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["run"] == str(run)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_resume_after_kill_continues_instead_of_restarting(tmp_path):
+    run = tmp_path / "runs" / "killed"
+    cmd = [sys.executable, "-m", "hnm_ray.train", "--runs-dir", str(tmp_path / "runs"), "--name", "killed", *TINY]
+    proc = subprocess.Popen(cmd, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 400
+    state = run / "state.json"
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and "mil_round0" in json.loads(state.read_text() or "{}"):
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    round0 = run / "metrics_round0.json"
+    stamp = round0.stat().st_mtime_ns
+    features = sorted((run / "features").rglob("round=0/*.parquet"))
+    feature_stamps = [p.stat().st_mtime_ns for p in features]
+    assert features
+
+    done = subprocess.run([sys.executable, "-m", "hnm_ray.train", "--resume", str(run)], env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert round0.stat().st_mtime_ns == stamp, "round 0 was trained again instead of resumed"
+    assert [p.stat().st_mtime_ns for p in features] == feature_stamps, "round-0 features were re-extracted"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ray_job_submit_with_token_auth_runs_the_job(tmp_path):
+    """A local head on loopback with token auth on; the job is submitted through JobSubmissionClient."""
+    env = _env(tmp_path)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    gcs, dashboard = _free_port(), _free_port()
+    temp_dir = Path(tempfile.mkdtemp(prefix="hnm_ray_", dir="/tmp"))  # short: Ray's socket paths must stay under 107 bytes
+    start = subprocess.run([ray_cli, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+                            "--include-dashboard=true", f"--temp-dir={temp_dir}"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        entrypoint = [sys.executable, "-m", "hnm_ray.train", "--runs-dir", str(tmp_path / "runs"), "--name", "submitted",
+                      *TINY[:4], "--rounds", "0", "--mil-epochs", "4", "--mil-workers", "0", "--heatmaps", "1"]
+        runtime_env = json.dumps({"env_vars": {"HNM_RAY_CACHE": env["HNM_RAY_CACHE"]}})
+        # The CLI a user types; the token travels in RAY_AUTH_MODE/RAY_AUTH_TOKEN of the submitting shell.
+        for _ in range(30):  # the head's dashboard agent takes a few seconds to accept jobs
+            done = subprocess.run([ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
+                                   "--runtime-env-json", runtime_env, "--", *entrypoint],
+                                  env=env, capture_output=True, text=True, timeout=700)
+            logs = done.stdout + done.stderr
+            if "No available agent" not in logs:
+                break
+            time.sleep(2)
+        assert done.returncode == 0, logs[-3000:]
+        assert "succeeded" in logs.lower()
+        assert "joined Ray cluster" in logs
+        assert (tmp_path / "runs" / "submitted" / "metrics.json").exists()
+        without_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN",)}
+        without_token["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "no-token")
+        refused = subprocess.run([ray_cli, "job", "list", "--address", f"http://127.0.0.1:{dashboard}"],
+                                 env=without_token, capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0, "the dashboard answered a client without the token"
+    finally:
+        _stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop_cluster(temp_dir: Path) -> None:
+    """Kill only the processes of the cluster under `temp_dir` (`ray stop` would kill every Ray on the machine)."""
+    mine = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(temp_dir).encode() in cmdline.read_bytes():
+                mine.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    for pid in mine:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
