@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
     from hnm_ray.mining import positive_ratio
     from hnm_ray.models.encoders import build_encoder
+    from hnm_ray.training.checkpointing import report
 
     fc = loop["ft"]
     context = ray.train.get_context()
@@ -176,6 +178,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     supervised = loop["supervised"]
     for epoch in range(start, loop["last_epoch"]):
         ddp.train()
+        epoch_started = time.perf_counter()
         gen = torch.Generator().manual_seed(loop["seed"] * 100003 + epoch * 101 + rank)
         ratio = positive_ratio(epoch, fc["warmup_epochs"], total, fc["ro"], fc["rT"]) if supervised else 1.0
         losses, tiles_seen = [], 0
@@ -189,14 +192,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             tiles_seen += len(batch["tile_id"])
         scheduler.step()
         metrics = {"epoch": epoch, "ft_loss": float(np.mean(losses)) if losses else float("nan"),
-                   "tiles": tiles_seen, "positive_ratio": ratio, "lr": scheduler.get_last_lr()[0]}
-        with tempfile.TemporaryDirectory(prefix="hnm_ft_ckpt_") as directory:
-            ckpt = None
-            if rank == 0:
-                torch.save({"model": plain.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch}, Path(directory) / CHECKPOINT_FILE)
-                ckpt = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(metrics, checkpoint=ckpt)
+                   "tiles": tiles_seen, "positive_ratio": ratio, "lr": scheduler.get_last_lr()[0],
+                   "epoch_seconds": time.perf_counter() - epoch_started}
+        state = {"model": plain.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "epoch": epoch} if rank == 0 else None
+        report(metrics, state, CHECKPOINT_FILE, loop["local_checkpoints"])
 
 
 @dataclass
@@ -218,6 +218,7 @@ def fit_finetune(config: FinetuneConfig, rows: pa.Table, encoder: str, weights: 
     from ray.train.torch import TorchTrainer
 
     from hnm_ray.extract import TileDecoder
+    from hnm_ray.training.checkpointing import local_checkpoint_dir
 
     if rows.num_rows < 2:
         raise HnmError(f"fine-tuning {name!r} needs at least 2 tiles; the selection has {rows.num_rows}. "
@@ -227,7 +228,8 @@ def fit_finetune(config: FinetuneConfig, rows: pa.Table, encoder: str, weights: 
         TileDecoder, fn_constructor_args=(tile_size, 1), batch_size=config.ft_batch_size, num_cpus=0.5,
         compute=ray.data.ActorPoolStrategy(size=config.decoders))
     loop = {"ft": asdict(config), "encoder": encoder, "weights": weights, "head_weights": head_weights, "seed": seed,
-            "first_epoch": first_epoch, "last_epoch": last_epoch, "total_epochs": total_epochs, "supervised": supervised}
+            "first_epoch": first_epoch, "last_epoch": last_epoch, "total_epochs": total_epochs, "supervised": supervised,
+            "local_checkpoints": local_checkpoint_dir(config.ft_workers, run_dir, name)}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop, datasets={"tiles": tiles},
         scaling_config=ScalingConfig(num_workers=config.ft_workers, use_gpu=config.ft_use_gpu,
