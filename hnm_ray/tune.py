@@ -77,6 +77,9 @@ def trial(params: dict[str, Any]) -> None:
     base = dict(params["base"])
     base.update({k: params[k] for k in SWEPT})
     config = build_config(base)
+    # Ray Train's local mode (0 workers) cannot run inside a Tune trial: its train loop would see Tune's context.
+    config.mil.mil_workers = max(1, config.mil.mil_workers)
+    config.ft.ft_workers = max(1, config.ft.ft_workers)
     run_dir = Path(tune.get_context().get_trial_dir()) / "run"
     run_job(config, run_dir, on_round=lambda m: tune.report({k: v for k, v in m.items() if _is_number(v)}))
 
