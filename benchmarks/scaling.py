@@ -1,0 +1,95 @@
+"""Scaling of the three distributed stages with 1 and 2 workers on this machine (prints one JSON line).
+
+extraction (encoder actors), MIL training (Ray Train workers, DDP) and encoder fine-tuning (Ray Train
+workers fed by Ray Data decode actors) on the demo cohort; efficiency = speedup / workers. Rates come
+from inside the loops (epoch time without Trainer start-up) where the stage reports them.
+
+    python benchmarks/scaling.py [--out benchmarks/results/scaling.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hnm_ray.cluster import init_ray
+from hnm_ray.config import from_mapping
+from hnm_ray.extract import ExtractConfig, extract_features
+from hnm_ray.store.features import FeatureStore
+from hnm_ray.store.manifest import load_manifest
+from hnm_ray.train import JobConfig, demo_manifest
+from hnm_ray.training.finetune import FinetuneConfig, fit_finetune, tile_rows
+from hnm_ray.training.mil import MILConfig, fit_mil
+
+CPUS_PER_WORKER = 0.75  # two workers + a 0.5-CPU decode actor fit on 2 CPUs
+
+
+def extraction(manifest: Path, root: Path, workers: int) -> float:
+    """Pipeline tiles/s with `workers` encoder actors (tile index included)."""
+    config = from_mapping(ExtractConfig, {"manifest": str(manifest), "out": str(root / f"x{workers}"),
+                                          "encoder": "small_cnn", "num_encoders": workers,
+                                          "cpus_per_encoder": CPUS_PER_WORKER, "dtype": "float32"})
+    return extract_features(config).tiles_per_second
+
+
+def mil(store: FeatureStore, records, root: Path, workers: int) -> float:
+    """Bags/s of aggregator training (2 bags a pair), from the loop's own epoch time."""
+    config = MILConfig(mil_workers=workers, mil_cpus_per_worker=CPUS_PER_WORKER, mil_epochs=20, max_failures=0)
+    metrics = fit_mil(config, store, records, root / f"mil{workers}", name=f"mil{workers}").metrics
+    return 2 * metrics["train_pairs"] / metrics["epoch_seconds"]
+
+
+def finetune(store: FeatureStore, records, root: Path, workers: int) -> float:
+    """Tiles/s of SupCon fine-tuning (two views a tile) on 512 tiles streamed from the slides."""
+    import pyarrow as pa
+
+    tables = []
+    for r in records:
+        if r.split == "train" and r.slide_id in store.completed():
+            ids = store.read_table(r.slide_id, columns=["tile_id"])["tile_id"]
+            tables.append(pa.table({"slide_id": [r.slide_id] * len(ids), "tile_id": ids}))
+    chosen = pa.concat_tables(tables)
+    chosen = chosen.take(np.random.default_rng(0).choice(chosen.num_rows, min(512, chosen.num_rows), replace=False))
+    half = chosen.num_rows // 2
+    rows = tile_rows(store, records, [(chosen.slice(0, half), 0),
+                                      (chosen.slice(half).append_column("pos_rank", pa.array(np.zeros(chosen.num_rows - half, np.float32))), 1)], 0)
+    config = FinetuneConfig(ft_workers=workers, ft_cpus_per_worker=CPUS_PER_WORKER, ft_batch_size=32, warmup_epochs=0)
+    out = fit_finetune(config, rows, "small_cnn", None, root / f"ft{workers}", name=f"ft{workers}", first_epoch=0,
+                       last_epoch=2, total_epochs=2, tile_size=224)
+    return rows.num_rows / out.history[-1]["epoch_seconds"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    init_ray(num_cpus=2)
+    root = Path(tempfile.mkdtemp(prefix="hnm_scaling_"))
+    manifest = demo_manifest(JobConfig())
+    records = load_manifest(manifest)
+    started = time.perf_counter()
+    stages: dict[str, dict[str, float]] = {"extraction_tiles_per_s": {}, "mil_bags_per_s": {}, "finetune_tiles_per_s": {}}
+    for workers in (1, 2):
+        stages["extraction_tiles_per_s"][str(workers)] = extraction(manifest, root, workers)
+    store = FeatureStore(root / "x1", "small_cnn", round=0)
+    for workers in (1, 2):
+        stages["mil_bags_per_s"][str(workers)] = mil(store, records, root, workers)
+        stages["finetune_tiles_per_s"][str(workers)] = finetune(store, records, root, workers)
+    summary = {name: {"1": rates["1"], "2": rates["2"], "speedup": rates["2"] / rates["1"],
+                      "efficiency": rates["2"] / rates["1"] / 2} for name, rates in stages.items()}
+    line = {"benchmark": "scaling", "cohort": "demo (16 slides, 4096 px)", "cpus_per_worker": CPUS_PER_WORKER,
+            "stages": summary, "seconds": time.perf_counter() - started,
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": False}}
+    print(json.dumps(line))
+    if args.out:
+        Path(args.out).write_text(json.dumps(line, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
