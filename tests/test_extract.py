@@ -1,0 +1,389 @@
+"""Extraction pipeline: store round trip, embeddings == encoder(tile), resume after kill -9, corrupt slides, config.
+
+The Ray tests share the session's local Ray (`ray_session`); the resume test also runs `python -m hnm_ray.extract`
+in a subprocess with its own local Ray, kills its process group mid-run and checks that nothing of it lingers.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from hnm_ray.config import build, from_mapping
+from hnm_ray.errors import ConfigError
+from hnm_ray.extract import ExtractConfig, SlideGatherer, TileReaders, decode_batch, extract_features, main
+from hnm_ray.slides.synthetic import MASK_DOWNSAMPLE
+from hnm_ray.store.features import FeatureStore, feature_schema
+from hnm_ray.store.manifest import load_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+TILE = 224
+DIM = 128  # small_cnn
+BASE = {"encoder": "small_cnn", "dtype": "float32", "batch_size": 32}
+TEMP_NAME = re.compile(r"^\..+\.parquet\.tmp$")
+
+
+def _config(manifest: Path | str, out: Path, **extra) -> ExtractConfig:
+    return from_mapping(ExtractConfig, {**BASE, "manifest": str(manifest), "out": str(out), **extra})
+
+
+def _write_manifest(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["slide_id", "path", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def records(demo_cohort):
+    return load_manifest(demo_cohort, require_labels=False)
+
+
+@pytest.fixture(scope="module")
+def clean(ray_session, demo_cohort, tmp_path_factory):
+    """One clean small_cnn/float32 extraction of the 8-slide demo cohort: (summary, store)."""
+    config = _config(demo_cohort, tmp_path_factory.mktemp("clean_store"))
+    summary = extract_features(config)
+    return summary, FeatureStore(config.out, config.store_tag(), round=0)
+
+
+# ---------------------------------------------------------------------------------------------- config (no Ray)
+
+@pytest.mark.parametrize("key, value", [("tile_size", 8), ("tile_size", 5000), ("dtype", "float64"),
+                                        ("dtype", "bfloat16"), ("batch_size", 0), ("min_tissue", 1.5),
+                                        ("level", -1), ("cpus_per_decoder", 0), ("limit_slides", 0)])
+def test_config_errors_name_the_key(key, value):
+    with pytest.raises(ConfigError) as info:
+        from_mapping(ExtractConfig, {"manifest": "m.csv", key: value})
+    assert info.value.key == key
+    assert repr(value) in str(info.value) and key in str(info.value)
+
+
+def test_config_errors_from_yaml_and_cli(tmp_path):
+    path = tmp_path / "extract.yaml"
+    path.write_text("tile_size: 12\nencoder: small_cnn\n")
+    with pytest.raises(ConfigError) as info:
+        build(ExtractConfig, {}, path)
+    assert info.value.key == "tile_size"
+    with pytest.raises(ConfigError) as info:
+        ExtractConfig(manifest="m.csv", level=None, mpp=None).validate()
+    assert info.value.key == "level"
+    with pytest.raises(ConfigError) as info:
+        from_mapping(ExtractConfig, {"tile_sz": 224})
+    assert info.value.key == "tile_sz"
+    # The CLI reports config errors (and a missing manifest) with exit code 2 before starting Ray.
+    assert main(["--manifest", "m.csv", "--tile-size", "4097"]) == 2
+    assert main(["--config", str(path)]) == 2
+    assert main([]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--manifest", "m.csv", "--dtype", "float64"])  # argparse choices
+    assert exit_info.value.code == 2
+
+
+# ---------------------------------------------------------------------------- decode + gather units (no Ray)
+
+def test_decode_batch_marks_rows_of_an_unreadable_slide(demo_cohort, records, tmp_path):
+    bad = tmp_path / "bad.svs"
+    bad.write_bytes(b"not a tiff" * 50)
+    good = records[0]
+    batch = {"slide_id": np.array([good.slide_id] * 2 + ["bad"] * 2 + [good.slide_id], object),
+             "path": np.array([good.path] * 2 + [str(bad)] * 2 + [good.path], object),
+             "tile_id": np.arange(5, dtype=np.int32), "x": np.array([0, 224, 0, 0, 448], np.int32),
+             "y": np.zeros(5, np.int32), "level": np.zeros(5, np.int8), "size": np.full(5, TILE, np.int16)}
+    tiles, errors = decode_batch(TileReaders(), batch, TILE, num_workers=1)
+    assert tiles.shape == (5, TILE, TILE, 3) and tiles.dtype == np.uint8
+    assert [bool(e) for e in errors] == [False, False, True, True, False]
+    assert "'bad'" in errors[2] and "not a TIFF" in errors[2]
+    assert not tiles[2:4].any()  # failed rows are zeros, never another slide's pixels
+    from hnm_ray.slides.reader import open_slide
+
+    with open_slide(good.path, device="cpu") as reader:
+        direct = reader.read_tiles(np.array([[0, 0], [224, 0], [448, 0]]), TILE)
+    np.testing.assert_array_equal(tiles[[0, 1, 4]], direct)
+
+
+def test_gatherer_writes_complete_slides_in_tile_order_and_fails_slides_with_errors(tmp_path):
+    def index(slide_id, n):
+        ids = np.arange(n, dtype=np.int32)
+        return pa.table({"slide_id": [slide_id] * n, "path": ["p"] * n, "tile_id": ids, "x": ids * TILE,
+                         "y": np.zeros(n, np.int32), "level": np.zeros(n, np.int8), "size": np.full(n, TILE, np.int16),
+                         "tissue_fraction": np.ones(n, np.float32), "truth": np.full(n, -1, np.int8)})
+
+    def batch(slide_ids, tile_ids, errors=None):
+        tile_ids = np.asarray(tile_ids, np.int32)
+        emb = np.stack([tile_ids.astype(np.float32)] * 4, axis=1)  # embedding == tile id: order is checkable
+        return {"slide_id": np.asarray(slide_ids, object), "tile_id": tile_ids, "embedding": emb,
+                "error": np.asarray(errors or [""] * len(tile_ids), object)}
+
+    store = FeatureStore(tmp_path, "t")
+    config = from_mapping(ExtractConfig, {"dtype": "float32"})
+    gatherer = SlideGatherer(store, {"a": index("a", 5), "b": index("b", 3), "c": index("c", 2)}, config, {"x": 1})
+    assert gatherer.add(batch(["a", "a", "b", "a"], [3, 4, 0, 0])) == (0, 4)  # a's rows split around b's
+    assert gatherer.add(batch(["b", "b", "c"], [2, 1, 0], ["", "", "slide 'c': tile read failed: boom"])) == (1, 3)
+    assert gatherer.add(batch(["a", "a", "c"], [2, 1, 1])) == (1, 3)
+    assert store.completed() == {"a", "b"} and gatherer.failed.keys() == {"c"} and gatherer.unfinished() == []
+    bag = store.read_bag("a")
+    np.testing.assert_array_equal(bag.tile_ids, np.arange(5))
+    np.testing.assert_array_equal(bag.features[:, 0], np.arange(5))
+    np.testing.assert_array_equal(bag.coords[:, 0], np.arange(5) * TILE)
+    assert [(e["slide_id"], e["stage"]) for e in store.errors()] == [("c", "extract")]
+    assert "boom" in store.errors()[0]["cause"]
+
+
+# ----------------------------------------------------------------------------------------------- Ray pipeline
+
+@pytest.mark.timeout(300)
+def test_store_round_trip_schema_metadata_and_truth(clean, records, demo_cohort):
+    summary, store = clean
+    assert summary.slides_failed == [] and summary.slides_written == len(records) == summary.slides_total
+    assert store.completed() == {r.slide_id for r in records}
+    assert store.errors() == []
+    expected = feature_schema(DIM, "float32")
+    total = 0
+    positives_with_tumour = 0
+    for record in records:
+        path = store.slide_path(record.slide_id)
+        assert path.is_file()
+        schema = pq.read_schema(path)
+        assert schema.equals(expected), schema
+        assert [f.type for f in schema] == [pa.string(), pa.int32(), pa.int32(), pa.int32(), pa.int8(), pa.int16(),
+                                            pa.list_(pa.float32(), DIM), pa.int8()]
+        meta = json.loads(schema.metadata[b"hnm_ray"])
+        assert meta["encoder"] == "small_cnn" and meta["encoder_tag"] == store.encoder_tag == "small_cnn"
+        assert (meta["tile_size"], meta["dim"], meta["dtype"], meta["level"], meta["round"]) == (TILE, DIM, "float32", 0, 0)
+        table = pq.read_table(path)
+        n = table.num_rows
+        total += n
+        assert n > 0 and set(table.column("slide_id").to_pylist()) == {record.slide_id}
+        np.testing.assert_array_equal(table.column("tile_id").to_numpy(), np.arange(n))
+        x, y = table.column("x").to_numpy(), table.column("y").to_numpy()
+        assert (x % TILE == 0).all() and (y % TILE == 0).all()
+        assert np.all(np.diff(y * 100_000 + x) > 0)  # row-major tile ids: sorted by (y, x), no duplicates
+        assert set(table.column("level").to_pylist()) == {0} and set(table.column("size").to_pylist()) == {TILE}
+        bag = store.read_bag(record.slide_id)
+        assert np.isfinite(bag.features).all() and bag.features.std() > 0
+        truth = table.column("truth").to_numpy()
+        if record.annotation:  # positive slides carry masks: truth must match the mask, tile by tile
+            assert record.label == 1 and set(np.unique(truth)) <= {0, 1}
+            mask = np.asarray(Image.open(record.annotation).convert("L")) > 0
+            scale = MASK_DOWNSAMPLE  # demo masks are at level 0 / 4, tiles are multiples of 4 px
+            frac = np.array([mask[yy // scale: (yy + TILE) // scale, xx // scale: (xx + TILE) // scale].mean()
+                             for xx, yy in zip(x, y)])
+            clear = np.abs(frac - 0.5) > 1e-6
+            np.testing.assert_array_equal(truth[clear], (frac[clear] >= 0.5).astype(np.int8)[clear])
+            positives_with_tumour += int(truth.max() == 1)
+        else:
+            assert (truth == -1).all()  # no mask: unknown, never 0 or 1
+    assert positives_with_tumour >= 1  # the truth column is not all zeros
+    assert summary.tiles_written == total
+    assert store.metadata()["dim"] == DIM
+
+
+@pytest.mark.timeout(300)
+def test_embeddings_equal_the_encoder_applied_to_directly_read_tiles(clean, records):
+    import torch
+
+    from hnm_ray.models.encoders import build_encoder, to_model_input
+    from hnm_ray.slides.reader import open_slide
+
+    _, store = clean
+    torch.manual_seed(0)  # ExtractConfig.seed
+    model = build_encoder("small_cnn").eval()
+    rng = np.random.default_rng(7)
+    for record in [records[i] for i in rng.choice(len(records), 4, replace=False)]:
+        bag = store.read_bag(record.slide_id)
+        rows = rng.choice(len(bag), min(5, len(bag)), replace=False)
+        with open_slide(record.path, slide_id=record.slide_id, device="cpu") as reader:
+            tiles = reader.read_tiles(bag.coords[rows], TILE, level=0)
+        with torch.inference_mode():
+            direct = model(to_model_input(tiles)).numpy()
+        np.testing.assert_allclose(bag.features[rows], direct, atol=1e-4, rtol=0)
+        # Discriminative: the stored row of another tile does not match this tile's embedding.
+        shifted = bag.features[(rows + 1) % len(bag)]
+        assert not np.allclose(shifted, direct, atol=1e-4)
+
+
+def _complete_files(store: FeatureStore) -> dict[str, Path]:
+    """Every non-temp entry of the store folder must be a complete slide file (or errors.jsonl)."""
+    files = {}
+    for path in store.directory.iterdir():
+        if path.name.endswith(".parquet") and not path.name.startswith("."):
+            files[path.name[: -len(".parquet")]] = path
+        else:
+            assert path.name == "errors.jsonl" or TEMP_NAME.match(path.name), f"unexpected file {path.name}"
+    return files
+
+
+def _name(process) -> str:
+    """A process's name, or '' once it is gone."""
+    try:
+        return process.name()
+    except Exception:  # noqa: BLE001 - psutil.NoSuchProcess and friends
+        return ""
+
+
+def _wait_gone(processes, timeout: float) -> list:
+    """Processes of `processes` still alive (zombies count as gone) after waiting up to `timeout` s."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for p in processes:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                continue
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(300)
+def test_resume_after_the_process_is_killed(clean, records, demo_cohort, tmp_path):
+    import ray  # noqa: F401 - puts Ray's bundled psutil on sys.path
+    import psutil
+
+    _, reference = clean
+    expected = {r.slide_id: reference.read_bag(r.slide_id) for r in records}
+    root = tmp_path / "store"
+    store = FeatureStore(root, "small_cnn", round=0)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the test session's
+    # batch_size 4: at most one slide completes per encoder batch, so the kill lands between slides.
+    cmd = [sys.executable, "-m", "hnm_ray.extract", "--manifest", str(demo_cohort), "--out", str(root),
+           "--encoder", "small_cnn", "--dtype", "float32", "--batch-size", "4"]
+    log_path = tmp_path / "killed_run.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        tree, names = [], set()
+        try:
+            deadline = time.monotonic() + 240
+            while not store.files():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"extraction ended ({proc.returncode}) before a slide was written:\n"
+                                f"{log_path.read_text()[-3000:]}")
+                time.sleep(0.005)
+            tree = psutil.Process(proc.pid).children(recursive=True)  # gcs, raylet, agents, Ray workers
+            names = {_name(p) for p in tree}
+            os.killpg(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(60)
+    # Ray workers run in their own process groups; they must exit once their raylet is gone.
+    leftover = _wait_gone(tree, 30)
+    for p in leftover:  # do not leak them even when the assertion fails
+        p.kill()
+    assert not leftover, [(p.pid, _name(p)) for p in leftover]
+    assert "raylet" in names and "gcs_server" in names, names
+
+    first = _complete_files(store)
+    assert 1 <= len(first) < len(records), f"kill landed after {len(first)} of {len(records)} slides"
+    stats = {}
+    for slide_id, path in first.items():
+        table = pq.read_table(path)  # complete and readable
+        assert table.num_rows == len(expected[slide_id])
+        np.testing.assert_array_equal(table.column("tile_id").to_numpy(), expected[slide_id].tile_ids)
+        st = path.stat()
+        stats[slide_id] = (st.st_ino, st.st_mtime_ns)
+
+    # A writer killed mid-write leaves only a hidden temp file: plant one for a missing slide; it must not count.
+    missing = sorted(expected.keys() - first.keys())[0]
+    stale = store.directory / f".{missing}.0123456789ab.parquet.tmp"
+    stale.write_bytes(next(iter(first.values())).read_bytes()[:500])
+    assert missing not in store.completed()
+
+    summary = extract_features(_config(demo_cohort, root))  # rerun in this process (the session's Ray)
+    assert summary.slides_failed == []
+    assert summary.slides_skipped_done == len(first)
+    assert summary.slides_written == len(records) - len(first)
+    assert summary.tiles_written == sum(len(expected[s]) for s in expected if s not in first)
+    files = _complete_files(store)
+    assert files.keys() == expected.keys() and store.completed() == expected.keys()
+    assert pq.read_table(files[missing]).num_rows == len(expected[missing])
+    for slide_id in first:  # finished slides were not rewritten
+        st = files[slide_id].stat()
+        assert (st.st_ino, st.st_mtime_ns) == stats[slide_id]
+    merged = pa.concat_tables(store.read_table(s).select(["slide_id", "tile_id"]) for s in sorted(files))
+    keys = set(zip(merged.column("slide_id").to_pylist(), merged.column("tile_id").to_pylist()))
+    assert len(keys) == merged.num_rows == sum(len(b) for b in expected.values())  # no duplicates, none lost
+    for slide_id, bag in expected.items():
+        got = store.read_bag(slide_id)
+        np.testing.assert_array_equal(got.tile_ids, bag.tile_ids)
+        np.testing.assert_array_equal(got.coords, bag.coords)
+        np.testing.assert_allclose(got.features, bag.features, atol=1e-4, rtol=0)
+
+
+def _corrupt_jpeg_tiles(src: Path, dst: Path, coords: np.ndarray) -> int:
+    """Copy a slide and overwrite the middle third of the level-0 JPEG tiles under `coords` with noise."""
+    import tifffile
+
+    shutil.copy(src, dst)
+    with tifffile.TiffFile(dst) as tif:
+        page = tif.pages[0]
+        across = -(-page.imagewidth // page.tilewidth)
+        indices = sorted({int(y // page.tilelength) * across + int(x // page.tilewidth) for x, y in coords})
+        spans = [(int(page.dataoffsets[i]), int(page.databytecounts[i])) for i in indices]
+    rng = np.random.default_rng(0)
+    with dst.open("r+b") as f:
+        for offset, count in spans:
+            f.seek(offset + count // 3)
+            f.write(rng.integers(0, 256, count // 3, dtype=np.uint8).tobytes())
+    return len(spans)
+
+
+@pytest.mark.timeout(300)
+def test_corrupt_slides_are_skipped_and_recorded(clean, records, tmp_path, capsys):
+    _, reference = clean
+    good = records[:2]
+    source = records[2]
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    (folder / "not_tiff.svs").write_bytes(b"<html>404 Not Found</html>\n" * 200)
+    data = Path(source.path).read_bytes()
+    (folder / "truncated.svs").write_bytes(data[: len(data) // 2])
+    coords = reference.read_bag(source.slide_id).coords[:6]
+    assert _corrupt_jpeg_tiles(Path(source.path), folder / "bad_jpeg.svs", coords) >= 3
+    bad = ["not_tiff", "truncated", "bad_jpeg"]
+    rows = [{"slide_id": r.slide_id, "path": r.path, "label": r.label} for r in good]
+    rows += [{"slide_id": s, "path": f"slides/{s}.svs", "label": 0} for s in bad]
+    manifest = _write_manifest(tmp_path / "manifest.csv", rows)
+    out = tmp_path / "store"
+
+    code = main(["--manifest", str(manifest), "--out", str(out), "--encoder", "small_cnn", "--dtype", "float32"])
+    printed = capsys.readouterr().out
+    store = FeatureStore(out, "small_cnn")
+    assert code == 0  # the run completes: some slides were written
+    assert {r.slide_id for r in good} <= store.completed()
+    errors = {e["slide_id"]: e for e in store.errors()}
+    assert "not a TIFF file" in errors["not_tiff"]["cause"] and "'not_tiff'" in errors["not_tiff"]["cause"]
+    assert "truncated or corrupt TIFF" in errors["truncated"]["cause"]
+    failed = re.search(r"slides_failed=\[([^\]]*)\]", printed).group(1)
+    for slide_id in ("not_tiff", "truncated"):
+        assert f"'{slide_id}'" in failed and slide_id not in store.completed()
+    # cuCIM (26.10, CPU) decodes a JPEG tile with noise in its entropy-coded data WITHOUT raising (libjpeg prints
+    # "Unsupported marker type" and returns gray/garbage pixels); the decode stage's JPEG marker check must catch it.
+    assert "'bad_jpeg'" in failed and "bad_jpeg" not in store.completed()
+    assert errors["bad_jpeg"]["stage"] == "extract" and "jpeg" in errors["bad_jpeg"]["cause"].lower()
+    assert not list(store.directory.glob(".bad_jpeg*"))  # nothing half-written left behind
+
+    # A manifest of only unusable slides: nothing written -> exit code 1 and the failures listed.
+    only_bad = _write_manifest(tmp_path / "bad.csv", [r for r in rows if r["slide_id"] in ("not_tiff", "truncated")])
+    assert main(["--manifest", str(only_bad), "--out", str(tmp_path / "store2"), "--encoder", "small_cnn"]) == 1
+    printed = capsys.readouterr().out
+    assert "slides_failed=['not_tiff', 'truncated']" in printed and "slides_written=0" in printed
