@@ -56,7 +56,7 @@ def _tiles(batch: int, size: int, seed: int = 0) -> torch.Tensor:
 
 def test_registry_lists_builtins_and_rejects_duplicates(monkeypatch):
     assert {"resnet18_in", "small_cnn"} <= set(list_encoders())
-    monkeypatch.setattr(encoders, "_REGISTRY", dict(encoders._REGISTRY))
+    monkeypatch.setattr(encoders.ENCODERS, "_factories", dict(encoders.ENCODERS._factories))
 
     @register_encoder("tiny_linear")
     def tiny_linear() -> nn.Module:
@@ -101,9 +101,9 @@ def test_module_callable_plugin_gets_out_dim_from_a_probe(plugin):
         build_encoder(f"{plugin}:make_not_a_module")
     with pytest.raises(ConfigError, match=r"must return \(B, D\) features"):
         build_encoder(f"{plugin}:make_map")
-    with pytest.raises(ConfigError, match="cannot be loaded"):
+    with pytest.raises(ConfigError, match="cannot load plug-in"):
         build_encoder(f"{plugin}:missing")
-    with pytest.raises(ConfigError, match="cannot be loaded"):
+    with pytest.raises(ConfigError, match="cannot load plug-in"):
         build_encoder("hnm_no_such_module_xyz:make")
 
 

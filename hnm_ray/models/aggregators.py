@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from hnm_ray.errors import ConfigError
+from hnm_ray.registry import Registry, load_plugin
 
 AggregatorFactory = Callable[..., nn.Module]
 
-_REGISTRY: dict[str, AggregatorFactory] = {}
 _BUILTIN_MODULES = ("hnm_ray.models.dsmil", "hnm_ray.models.abmil")
 
 
@@ -58,43 +58,27 @@ class MILAggregator(nn.Module):
         return self.bag_output(features).attention
 
 
-def register_aggregator(name: str) -> Callable[[AggregatorFactory], AggregatorFactory]:
-    """Decorator registering an aggregator class/factory under `name` (called as factory(in_dim, **kwargs))."""
-
-    def decorator(factory: AggregatorFactory) -> AggregatorFactory:
-        if name in _REGISTRY and _REGISTRY[name] is not factory:
-            raise ValueError(f"aggregator {name!r} is already registered by {_REGISTRY[name]!r}")
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorator
+AGGREGATORS: Registry[AggregatorFactory] = Registry("aggregator")
+register_aggregator = AGGREGATORS.register
 
 
 def available_aggregators() -> list[str]:
     """Names of the registered aggregators (built-ins included)."""
     for module in _BUILTIN_MODULES:
         importlib.import_module(module)
-    return sorted(_REGISTRY)
-
-
-def _plugin(spec: str) -> AggregatorFactory:
-    module_name, _, attr = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError("aggregator", f"cannot load plug-in {spec!r}: {exc}; give 'package.module:callable' "
-                                        "importable on every Ray node") from exc
+    return AGGREGATORS.names()
 
 
 def build_aggregator(name: str, in_dim: int, **kwargs) -> nn.Module:
     """Build a registered aggregator ("dsmil", "abmil") or a "module.path:callable" plug-in for in_dim features."""
-    factory = _plugin(name) if ":" in name else None
-    if factory is None:
+    if ":" in name:
+        factory = load_plugin(name, "aggregator")
+    else:
         names = available_aggregators()
-        if name not in _REGISTRY:
+        if name not in AGGREGATORS:
             raise ConfigError("aggregator", f"unknown aggregator {name!r}; choose one of {names} "
                                             "or a 'module.path:callable' plug-in")
-        factory = _REGISTRY[name]
+        factory = AGGREGATORS[name]
     return factory(in_dim, **kwargs)
 
 

@@ -8,7 +8,6 @@ pooling, parameter names as in torchvision so torchvision-layout checkpoints loa
 from __future__ import annotations
 
 import hashlib
-import importlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -19,34 +18,26 @@ import torch
 from torch import nn
 
 from hnm_ray.errors import ConfigError
+from hnm_ray.registry import Registry, load_plugin
 from hnm_ray.store.manifest import safe_name
 
 log = logging.getLogger("hnm_ray")
 
 EncoderFactory = Callable[[], nn.Module]
 
-_REGISTRY: dict[str, EncoderFactory] = {}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STATE_DICT_KEYS = ("model", "state_dict", "encoder")
 PROBE_SIZE = 224
 
 
-def register_encoder(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
-    """Decorator: register a factory `() -> nn.Module` (with `.out_dim`) under `name` for `build_encoder`."""
-
-    def add(factory: EncoderFactory) -> EncoderFactory:
-        if name in _REGISTRY and _REGISTRY[name] is not factory:
-            raise ValueError(f"encoder {name!r} is already registered (by {_REGISTRY[name].__module__})")
-        _REGISTRY[name] = factory
-        return factory
-
-    return add
+ENCODERS: Registry[EncoderFactory] = Registry("encoder")
+register_encoder = ENCODERS.register
 
 
 def list_encoders() -> list[str]:
     """Names of the registered encoders."""
-    return sorted(_REGISTRY)
+    return ENCODERS.names()
 
 
 def _norm(channels: int) -> nn.Module:
@@ -136,8 +127,8 @@ def small_cnn() -> nn.Module:
 
 def build_encoder(spec: str, weights: str | Path | None = None) -> nn.Module:
     """An encoder with `.out_dim` from a registry name, a `module.path:callable` plug-in or a TorchScript file."""
-    if spec in _REGISTRY:
-        model = _REGISTRY[spec]()
+    if spec in ENCODERS:
+        model = ENCODERS[spec]()
     elif Path(spec).expanduser().is_file():
         model = _load_torchscript(Path(spec).expanduser())
     elif ":" in spec:
@@ -154,14 +145,7 @@ def build_encoder(spec: str, weights: str | Path | None = None) -> nn.Module:
 
 def _load_plugin(spec: str) -> nn.Module:
     """Call the `callable` of a `module.path:callable` spec; it must return an nn.Module."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        target: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            target = getattr(target, part)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError("encoder", f"plug-in {spec!r} cannot be loaded: {exc}; the module must be importable "
-                                     "(installed or on PYTHONPATH on every node) and define the callable") from exc
+    target = load_plugin(spec, "encoder")
     model = target()
     if not isinstance(model, nn.Module):
         raise ConfigError("encoder", f"plug-in {spec!r} returned {type(model).__name__}, not a torch.nn.Module")

@@ -1,0 +1,53 @@
+"""Registries of named components (timm-style) and `module.path:callable` plug-ins."""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from hnm_ray.errors import ConfigError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Registry(Generic[F]):
+    """Name -> factory table of one kind of component; `register(name)` is the decorator that fills it."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._factories: dict[str, F] = {}
+
+    def register(self, name: str) -> Callable[[F], F]:
+        """Decorator registering `factory` under `name` (a second, different factory for a name is an error)."""
+
+        def add(factory: F) -> F:
+            known = self._factories.get(name)
+            if known is not None and known is not factory:
+                raise ValueError(f"{self.kind} {name!r} is already registered (by {known.__module__})")
+            self._factories[name] = factory
+            return factory
+
+        return add
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        return sorted(self._factories)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._factories
+
+    def __getitem__(self, name: str) -> F:
+        return self._factories[name]
+
+
+def load_plugin(spec: str, key: str) -> Any:
+    """The object named by a `module.path:attr[.attr]` spec; ConfigError(key) naming the spec when it cannot load."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(key, f"cannot load plug-in {spec!r}: {exc}; give 'package.module:callable' "
+                               "importable on every Ray node") from exc
+    return target
