@@ -4,7 +4,9 @@ A Ray Data pipeline (DESIGN §2). The tile index is computed by one Ray task per
 coordinates (never pixels) form the dataset; a decode stage reads tiles with cuCIM's batched
 `read_region`; an encoder actor pool (GPU when there are GPUs) embeds them; the driver gathers
 each slide's embeddings and writes one complete Parquet file per slide (temp name + rename).
-Re-running skips finished slides; a slide that fails is recorded in `errors.jsonl` and skipped.
+Re-running skips finished slides; a slide that fails is recorded in `errors.jsonl` and skipped. The JPEG
+tiles under every read get a cheap marker check (`jpeg_tile_problem`): cuCIM decodes a corrupt tile into gray
+pixels without raising, so without it a damaged slide would be embedded silently.
 
     python -m hnm_ray.extract --manifest M --out STORE [--encoder resnet18_in] [--tile-size 224]
 """
@@ -67,6 +69,12 @@ class ExtractConfig:
         cfg.check_range("cpus_per_decoder", self.cpus_per_decoder, 0.0, low_open=True)
         cfg.check_range("decode_workers", self.decode_workers, 1)
         cfg.check_choice("dtype", self.dtype, ["float16", "float32"])
+        if self.level is None and self.mpp is None:
+            raise cfg.ConfigError("level", "set a pyramid level (e.g. 0) or a target mpp")
+        if self.level is not None:
+            cfg.check_range("level", self.level, 0)
+        if self.limit_slides is not None:
+            cfg.check_range("limit_slides", self.limit_slides, 1)
         if self.mpp is not None:
             cfg.check_range("mpp", self.mpp, 0.0, low_open=True)
         if self.gpus_per_encoder is not None:
@@ -104,8 +112,7 @@ def tile_index(record: SlideRecord, config: ExtractConfig) -> pa.Table:
     from hnm_ray.slides.reader import open_slide
 
     grid_config = TileGridConfig(tile_size=config.tile_size, level=config.level, mpp=config.mpp, min_tissue=config.min_tissue)
-    with open_slide(record.path, slide_id=record.slide_id, device="cpu") as reader:
-        reader.validate()
+    with open_slide(record.path, slide_id=record.slide_id, device="cpu") as reader:  # validates the slide
         grid = tile_grid(reader, grid_config)
         level0 = reader.info.level_dimensions[0]
         downsamples = reader.info.level_downsamples
@@ -130,6 +137,125 @@ def _index_task(record: SlideRecord, config: ExtractConfig) -> tuple[str, pa.Tab
         return record.slide_id, None, f"slide {record.slide_id!r}: {type(exc).__name__}: {exc}"
 
 
+JPEG_COMPRESSION = 7  # TIFF Compression tag value of (new-style) JPEG tiles
+_FIX_CORRUPT_TILE = ("cuCIM decodes such a tile into gray or garbage pixels without raising; re-copy, re-scan or "
+                     "re-export the slide, or drop it from the manifest")
+
+
+_BETWEEN_SCANS = frozenset([0xC4, 0xCC, 0xDA, 0xDB, 0xDC, 0xDD, 0xFE, *range(0xE0, 0xF0)])  # DHT, DAC, SOS, DQT, ...
+_PROGRESSIVE = frozenset([0xC2, 0xC6, 0xCA, 0xCE])
+
+
+def jpeg_tile_problem(data: bytes) -> str | None:
+    """Why the bytes of one TIFF JPEG tile are corrupt, or None when its marker structure is sound.
+
+    A structural check, about 10-30 us a tile (a few % of decoding it): SOI at the start, EOI at the end,
+    intact segment headers, and inside the entropy-coded data no byte pair FF xx other than FF00 (stuffing),
+    FFD0-FFD7 (restarts), FF fill bytes and the segments that may separate scans. Noise written over a tile
+    almost always breaks one of these; libjpeg inside cuCIM then prints "Unsupported marker type" and returns
+    gray pixels instead of raising. Damage that keeps the markers valid (a flipped bit in the coded data) is
+    not detected; progressive tiles get the SOI/EOI/header checks only.
+    """
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return "it does not start with a JPEG start-of-image marker (FFD8)"
+    end = data.rfind(b"\xff\xd9", max(2, n - 64))  # some writers pad tiles after EOI
+    if end < 0:
+        return "it does not end with a JPEG end-of-image marker (FFD9): the tile is cut short or overwritten"
+    pos = 2
+    while True:  # segment headers up to a start of scan, then that scan's entropy-coded data
+        if pos + 4 > end or data[pos] != 0xFF:
+            return f"its JPEG segment headers are broken at byte {pos}"
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if length < 2:
+            return f"JPEG segment FF{marker:02X} at byte {pos} has an impossible length {length}"
+        if marker in _PROGRESSIVE:
+            return None  # progressive scans interleave further segments: only SOI/EOI/headers are checked
+        pos += 2 + length
+        if marker != 0xDA:
+            continue
+        scan = np.frombuffer(data, np.uint8, count=max(0, end - pos), offset=min(pos, end))
+        ff = np.flatnonzero(scan[:-1] == 0xFF)
+        after = scan[ff + 1]
+        bad = (after != 0) & (after != 0xFF) & ((after < 0xD0) | (after > 0xD7))
+        if not bad.any():
+            return None
+        i = int(np.argmax(bad))
+        at, marker = pos + int(ff[i]), int(after[i])
+        if marker not in _BETWEEN_SCANS:
+            return f"invalid marker FF{marker:02X} inside its entropy-coded data at byte {at}"
+        pos = at  # the next scan of a multi-scan JPEG: parse its segments
+
+
+class TileIntegrity:
+    """Checks the JPEG tiles of a TIFF slide that reads touch, each tile once (cuCIM decodes corrupt tiles silently)."""
+
+    def __init__(self, path: str, level_dimensions: tuple[tuple[int, int], ...]) -> None:
+        import tifffile
+
+        self.path = path
+        self.levels: list[dict[str, Any] | None] = []
+        with tifffile.TiffFile(path) as tif:  # the pyramid levels as cuCIM and the tifffile backend see them
+            pages = sorted((p for p in tif.pages if p.is_tiled and p.samplesperpixel >= 3), key=lambda p: -p.imagewidth)
+            if [(int(p.imagewidth), int(p.imagelength)) for p in pages] != [tuple(d) for d in level_dimensions]:
+                return  # pages do not map onto the reader's levels: nothing to check against
+            for p in pages:
+                self.levels.append(None if p.compression != JPEG_COMPRESSION else {
+                    "tile": (int(p.tilewidth), int(p.tilelength)),
+                    "grid": (-(-int(p.imagewidth) // int(p.tilewidth)), -(-int(p.imagelength) // int(p.tilelength))),
+                    "offsets": np.asarray(p.dataoffsets, np.int64), "counts": np.asarray(p.databytecounts, np.int64),
+                    "checked": np.zeros(len(p.dataoffsets), bool)})
+        self.fd = os.open(path, os.O_RDONLY) if any(self.levels) else None
+
+    def problem(self, locations: np.ndarray, size: int, level: int, downsample: float) -> str | None:
+        """Why a TIFF tile under these reads (level-0 (x, y), `size` px at `level`) is corrupt, or None."""
+        info = self.levels[level] if self.fd is not None and level < len(self.levels) else None
+        if info is None or not len(locations):
+            return None
+        (tw, th), (across, down) = info["tile"], info["grid"]
+        xy = np.floor(np.asarray(locations, np.float64) / downsample).astype(np.int64)
+        first = np.stack([xy[:, 0] // tw, xy[:, 1] // th], axis=1)
+        last = np.stack([(xy[:, 0] + size - 1) // tw, (xy[:, 1] + size - 1) // th], axis=1)
+        span = int((last - first).max()) + 1
+        cells = [np.stack([first[:, 0] + dx, first[:, 1] + dy], axis=1)[
+                     (first[:, 0] + dx <= last[:, 0]) & (first[:, 1] + dy <= last[:, 1])]
+                 for dy in range(span) for dx in range(span)]
+        cells = np.concatenate(cells)
+        cells = cells[(cells[:, 0] >= 0) & (cells[:, 0] < across) & (cells[:, 1] >= 0) & (cells[:, 1] < down)]
+        indices = np.unique(cells[:, 1] * across + cells[:, 0])
+        for index in indices[~info["checked"][indices]]:
+            offset, count = int(info["offsets"][index]), int(info["counts"][index])
+            if count:  # a 0-byte tile is a missing (background) tile, not a corrupt one
+                data = os.pread(self.fd, count, offset)
+                reason = jpeg_tile_problem(data) if len(data) == count else "the file ends inside it"
+                if reason:
+                    return (f"corrupt JPEG tile {index} of level {level} (bytes {offset}..{offset + count} of "
+                            f"{self.path}): {reason}")
+            info["checked"][index] = True
+        return None
+
+    def close(self) -> None:
+        """Release the file."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _tile_integrity(reader: Any) -> TileIntegrity | None:
+    """The JPEG tile check of an open TIFF slide (None for OpenSlide formats or a TIFF it cannot map)."""
+    if reader.info.backend == "openslide":
+        return None
+    try:
+        return TileIntegrity(reader.path, reader.info.level_dimensions)
+    except Exception as exc:  # noqa: BLE001 - the check is a safety net; the reader already validated the file
+        log.debug("no JPEG tile check for %s: %s", reader.path, exc)
+        return None
+
+
 class TileReaders:
     """A small LRU of open slide readers (a CuImage cannot be pickled: each actor opens its own)."""
 
@@ -137,6 +263,7 @@ class TileReaders:
         self.device = device
         self.capacity = capacity
         self._open: OrderedDict[str, Any] = OrderedDict()
+        self._checks: dict[str, TileIntegrity | None] = {}
 
     def get(self, path: str, slide_id: str) -> Any:
         """The open reader of `path`, opening it (and closing the least recently used) when needed."""
@@ -147,9 +274,21 @@ class TileReaders:
             return self._open[path]
         reader = open_slide(path, slide_id=slide_id, device=self.device)
         self._open[path] = reader
+        self._checks[path] = _tile_integrity(reader)
         if len(self._open) > self.capacity:
-            self._open.popitem(last=False)[1].close()
+            old_path, old = self._open.popitem(last=False)
+            old.close()
+            if (check := self._checks.pop(old_path, None)) is not None:
+                check.close()
         return reader
+
+    def check(self, path: str, locations: np.ndarray, size: int, level: int) -> None:
+        """Raise SlideError when a JPEG tile under these reads of the open slide `path` is corrupt."""
+        check, reader = self._checks.get(path), self._open.get(path)
+        if check is None or reader is None:
+            return
+        if reason := check.problem(locations, size, level, reader.info.level_downsamples[level]):
+            raise SlideError(reader.slide_id, reason, _FIX_CORRUPT_TILE)
 
 
 def decode_batch(readers: TileReaders, batch: dict[str, np.ndarray], tile_size: int, num_workers: int) -> tuple[Any, np.ndarray]:
@@ -165,6 +304,7 @@ def decode_batch(readers: TileReaders, batch: dict[str, np.ndarray], tile_size: 
         try:
             reader = readers.get(str(paths[start]), slide_id)
             locations = np.stack([batch["x"][rows], batch["y"][rows]], axis=1).astype(np.int64)
+            readers.check(str(paths[start]), locations, int(batch["size"][start]), int(batch["level"][start]))
             part = reader.read_tiles(locations, int(batch["size"][start]), int(batch["level"][start]),
                                      batch_size=stop - start, num_workers=num_workers)
             part = _resize(part, tile_size)
@@ -347,6 +487,7 @@ def extract_features(config: ExtractConfig, records: list[SlideRecord] | None = 
     summary = ExtractionSummary(str(store.directory), len(records), len(records) - len(todo), 0, [], 0, 0.0)
     if not todo:
         return summary
+    store.ensure_writable()  # fail in a second, not after the whole cohort was decoded and encoded
     index = build_index(todo, config, store)
     failed = [r.slide_id for r in todo if r.slide_id not in index]
     if index:
@@ -354,7 +495,8 @@ def extract_features(config: ExtractConfig, records: list[SlideRecord] | None = 
         dim = build_encoder(config.encoder, config.weights).out_dim
         metadata = {"encoder": config.encoder, "encoder_tag": store.encoder_tag, "weights": config.weights or "",
                     "tile_size": config.tile_size, "level": config.level, "mpp": config.mpp, "dim": int(dim),
-                    "dtype": config.dtype, "round": config.round}
+                    "dtype": config.dtype, "round": config.round, "seed": config.seed}
+        _warn_if_settings_changed(store, metadata, len(records) - len(todo))
         gatherer = SlideGatherer(store, index, config, metadata)
         progress = Progress("extract (tiles)", sum(t.num_rows for t in index.values()))
         slides_done = 0
@@ -372,6 +514,24 @@ def extract_features(config: ExtractConfig, records: list[SlideRecord] | None = 
     log.info("extract: wrote %d slides (%d tiles, %.1f tiles/s), %d failed (see %s)", summary.slides_written,
              summary.tiles_written, summary.tiles_per_second, len(failed), store.errors_path)
     return summary
+
+
+RESUME_KEYS = ("encoder", "weights", "seed", "tile_size", "level", "mpp", "dim", "dtype")
+
+
+def _warn_if_settings_changed(store: FeatureStore, metadata: dict[str, Any], n_done: int) -> None:
+    """Warn when resuming into a store whose finished slides were extracted with other settings (the tag omits them)."""
+    if not n_done:
+        return
+    try:
+        old = store.metadata()
+    except HnmError:
+        return
+    changed = {k: (old[k], metadata[k]) for k in RESUME_KEYS if k in old and old[k] != metadata[k]}
+    if changed:
+        log.warning("extract: %d finished slide(s) in %s were extracted with other settings %s (old, new); they are kept "
+                    "as they are. Use another --out or --tag, or delete the folder, to extract every slide anew",
+                    n_done, store.directory, changed)
 
 
 def _pipeline(index: dict[str, pa.Table], config: ExtractConfig, use_gpu: bool):

@@ -78,6 +78,7 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
     from hnm_ray.config import from_mapping
     from hnm_ray.extract import ExtractConfig, extract_features
     from hnm_ray.metrics import slide_metrics
+    from hnm_ray.models.encoders import encoder_tag
     from hnm_ray.training.mil import load_aggregator
 
     ckpt = Path(checkpoint)
@@ -86,16 +87,21 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
         raise ConfigError("checkpoint", f"{checkpoint} holds no checkpoint/meta.json: pass a run folder of hnm_ray.train")
     meta = json.loads((ckpt / "meta.json").read_text())
     slides = Path(slides)
-    records = records_from_folder(slides) if slides.is_dir() else load_manifest(slides, require_labels=False)
+    # check_files=False: a missing slide is reported in the summary (its status) while the others are predicted.
+    records = records_from_folder(slides) if slides.is_dir() else load_manifest(slides, require_labels=False,
+                                                                                check_files=False)
     out = Path(out)
     weights = str(ckpt / meta["encoder_weights"]) if meta.get("encoder_weights") else None
     init_ray()
+    # The store folder is named after the run's encoder (weights hash + seed of a random init): predicting into the
+    # same --out with another checkpoint extracts anew instead of reusing the other encoder's features.
+    tag = f"predict-{encoder_tag(meta['encoder'], weights)}-seed{meta['seed']}"
     config = from_mapping(ExtractConfig, {"out": str(out / "features"), "encoder": meta["encoder"], "weights": weights,
-                                          "seed": meta["seed"], "tag": "predict", "tile_size": meta["tile_size"],
+                                          "seed": meta["seed"], "tag": tag, "tile_size": meta["tile_size"],
                                           "level": meta["level"], "mpp": meta["mpp"], "min_tissue": meta["min_tissue"],
                                           "dtype": "float32"})
     summary = extract_features(config, records)
-    store = FeatureStore(out / "features", "predict")
+    store = FeatureStore(out / "features", tag)
     model, _ = load_aggregator(ckpt / "aggregator.pt")
     threshold = float(meta["threshold"])
     errors = {e["slide_id"]: e["cause"] for e in store.errors()}

@@ -134,23 +134,36 @@ class FeatureStore:
         """Write one slide's file atomically (temp name + os.replace); returns its path."""
         final = self.slide_path(slide_id)
         table = self._slide_table(slide_id, tiles, embeddings, truth, metadata or {})
-        self.directory.mkdir(parents=True, exist_ok=True)
         temp = self.directory / f".{slide_id}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
         try:
+            self.directory.mkdir(parents=True, exist_ok=True)
             with open(temp, "wb") as sink:
                 pq.write_table(table, sink, compression="zstd")
                 sink.flush()
                 os.fsync(sink.fileno())
             os.replace(temp, final)
         except OSError as exc:
-            temp.unlink(missing_ok=True)
+            _unlink_quietly(temp)
             raise StoreError(f"slide {slide_id!r}: cannot write features to {final}: {exc}; nothing was kept for this "
                              "slide. Free disk space / check permissions of the store folder, then re-run (finished "
                              "slides are skipped)") from exc
         except BaseException:
-            temp.unlink(missing_ok=True)
+            _unlink_quietly(temp)
             raise
         return final
+
+    def ensure_writable(self) -> None:
+        """Create this round's folder and write a probe file in it; StoreError naming the folder and cause otherwise."""
+        probe = self.directory / f".write-probe.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as sink:
+                sink.write(b"hnm-ray")
+            probe.unlink()
+        except OSError as exc:
+            _unlink_quietly(probe)
+            raise StoreError(f"feature store {self.directory} is not writable: {exc}. Pass an output folder you can "
+                             "write to (and with free space)") from exc
 
     def _slide_table(self, slide_id: str, tiles: pa.Table, embeddings: np.ndarray, truth: np.ndarray | None,
                      metadata: dict[str, Any]) -> pa.Table:
@@ -243,16 +256,20 @@ class FeatureStore:
             raise StoreError(f"{files[0]}: no readable hnm-ray metadata ({exc}); delete the file and re-run extraction") from exc
 
     def record_error(self, slide_id: str, stage: str, cause: str) -> None:
-        """Append one failure (slide_id, stage, cause, time) to errors.jsonl."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Append one failure (slide_id, stage, cause, time) to errors.jsonl (StoreError when it cannot)."""
         entry = {"slide_id": str(slide_id), "stage": stage, "cause": str(cause),
                  "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         line = (json.dumps(entry) + "\n").encode()
-        fd = os.open(self.errors_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)  # one write of one line: appends from several processes do not interleave
-        finally:
-            os.close(fd)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.errors_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)  # one write of one line: appends from several processes do not interleave
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise StoreError(f"slide {slide_id!r}: cannot record its {stage} failure ({cause}) in {self.errors_path}: "
+                             f"{exc}. Free disk space / check permissions of the store folder") from exc
 
     def errors(self) -> list[dict[str, Any]]:
         """Every recorded failure, oldest first (a line cut short by a killed writer is skipped)."""
@@ -275,6 +292,14 @@ class FeatureStore:
             raise StoreError(f"no slide files in {self.directory}; run `python -m hnm_ray.extract --out {self.root}` first")
         ds = ray.data.read_parquet([str(p) for p in files], **read_kwargs)
         return ds.select_columns(columns) if columns else ds
+
+
+def _unlink_quietly(path: Path) -> None:
+    """Remove a temp file; a failure to remove it (read-only folder) must not hide the error being raised."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def bags(store: FeatureStore, records: Iterable[SlideRecord], skip_missing: bool = False) -> Iterator[Bag]:
