@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,8 @@ import pyarrow as pa
 
 from hnm_ray import config as cfg
 from hnm_ray.cluster import cluster_gpus, init_ray, torch_device
-from hnm_ray.errors import HnmError, SlideError
+from hnm_ray.decode import TileDecoder, TileReaders, decode_batch
+from hnm_ray.errors import HnmError
 from hnm_ray.progress import Progress, setup_logging
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest
@@ -32,7 +32,6 @@ from hnm_ray.store.manifest import SlideRecord, load_manifest
 log = logging.getLogger("hnm_ray")
 
 INDEX_COLUMNS = ("slide_id", "path", "tile_id", "x", "y", "level", "size")
-COORDINATE_COLUMNS = ("path", "x", "y", "level", "size")
 
 
 @dataclass
@@ -135,220 +134,6 @@ def _index_task(record: SlideRecord, config: ExtractConfig) -> tuple[str, pa.Tab
         return record.slide_id, None, str(exc)
     except Exception as exc:  # noqa: BLE001 - any decoder failure must name the slide, not kill the job
         return record.slide_id, None, f"slide {record.slide_id!r}: {type(exc).__name__}: {exc}"
-
-
-JPEG_COMPRESSION = 7  # TIFF Compression tag value of (new-style) JPEG tiles
-_FIX_CORRUPT_TILE = ("cuCIM decodes such a tile into gray or garbage pixels without raising; re-copy, re-scan or "
-                     "re-export the slide, or drop it from the manifest")
-
-
-_BETWEEN_SCANS = frozenset([0xC4, 0xCC, 0xDA, 0xDB, 0xDC, 0xDD, 0xFE, *range(0xE0, 0xF0)])  # DHT, DAC, SOS, DQT, ...
-_PROGRESSIVE = frozenset([0xC2, 0xC6, 0xCA, 0xCE])
-
-
-def jpeg_tile_problem(data: bytes) -> str | None:
-    """Why the bytes of one TIFF JPEG tile are corrupt, or None when its marker structure is sound.
-
-    A structural check, about 10-30 us a tile (a few % of decoding it): SOI at the start, EOI at the end,
-    intact segment headers, and inside the entropy-coded data no byte pair FF xx other than FF00 (stuffing),
-    FFD0-FFD7 (restarts), FF fill bytes and the segments that may separate scans. Noise written over a tile
-    almost always breaks one of these; libjpeg inside cuCIM then prints "Unsupported marker type" and returns
-    gray pixels instead of raising. Damage that keeps the markers valid (a flipped bit in the coded data) is
-    not detected; progressive tiles get the SOI/EOI/header checks only.
-    """
-    n = len(data)
-    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
-        return "it does not start with a JPEG start-of-image marker (FFD8)"
-    end = data.rfind(b"\xff\xd9", max(2, n - 64))  # some writers pad tiles after EOI
-    if end < 0:
-        return "it does not end with a JPEG end-of-image marker (FFD9): the tile is cut short or overwritten"
-    pos = 2
-    while True:  # segment headers up to a start of scan, then that scan's entropy-coded data
-        if pos + 4 > end or data[pos] != 0xFF:
-            return f"its JPEG segment headers are broken at byte {pos}"
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            pos += 1
-            continue
-        length = (data[pos + 2] << 8) | data[pos + 3]
-        if length < 2:
-            return f"JPEG segment FF{marker:02X} at byte {pos} has an impossible length {length}"
-        if marker in _PROGRESSIVE:
-            return None  # progressive scans interleave further segments: only SOI/EOI/headers are checked
-        pos += 2 + length
-        if marker != 0xDA:
-            continue
-        scan = np.frombuffer(data, np.uint8, count=max(0, end - pos), offset=min(pos, end))
-        ff = np.flatnonzero(scan[:-1] == 0xFF)
-        after = scan[ff + 1]
-        bad = (after != 0) & (after != 0xFF) & ((after < 0xD0) | (after > 0xD7))
-        if not bad.any():
-            return None
-        i = int(np.argmax(bad))
-        at, marker = pos + int(ff[i]), int(after[i])
-        if marker not in _BETWEEN_SCANS:
-            return f"invalid marker FF{marker:02X} inside its entropy-coded data at byte {at}"
-        pos = at  # the next scan of a multi-scan JPEG: parse its segments
-
-
-class TileIntegrity:
-    """Checks the JPEG tiles of a TIFF slide that reads touch, each tile once (cuCIM decodes corrupt tiles silently)."""
-
-    def __init__(self, path: str, level_dimensions: tuple[tuple[int, int], ...]) -> None:
-        import tifffile
-
-        self.path = path
-        self.levels: list[dict[str, Any] | None] = []
-        with tifffile.TiffFile(path) as tif:  # the pyramid levels as cuCIM and the tifffile backend see them
-            pages = sorted((p for p in tif.pages if p.is_tiled and p.samplesperpixel >= 3), key=lambda p: -p.imagewidth)
-            if [(int(p.imagewidth), int(p.imagelength)) for p in pages] != [tuple(d) for d in level_dimensions]:
-                return  # pages do not map onto the reader's levels: nothing to check against
-            for p in pages:
-                self.levels.append(None if p.compression != JPEG_COMPRESSION else {
-                    "tile": (int(p.tilewidth), int(p.tilelength)),
-                    "grid": (-(-int(p.imagewidth) // int(p.tilewidth)), -(-int(p.imagelength) // int(p.tilelength))),
-                    "offsets": np.asarray(p.dataoffsets, np.int64), "counts": np.asarray(p.databytecounts, np.int64),
-                    "checked": np.zeros(len(p.dataoffsets), bool)})
-        self.fd = os.open(path, os.O_RDONLY) if any(self.levels) else None
-
-    def problem(self, locations: np.ndarray, size: int, level: int, downsample: float) -> str | None:
-        """Why a TIFF tile under these reads (level-0 (x, y), `size` px at `level`) is corrupt, or None."""
-        info = self.levels[level] if self.fd is not None and level < len(self.levels) else None
-        if info is None or not len(locations):
-            return None
-        (tw, th), (across, down) = info["tile"], info["grid"]
-        xy = np.floor(np.asarray(locations, np.float64) / downsample).astype(np.int64)
-        first = np.stack([xy[:, 0] // tw, xy[:, 1] // th], axis=1)
-        last = np.stack([(xy[:, 0] + size - 1) // tw, (xy[:, 1] + size - 1) // th], axis=1)
-        span = int((last - first).max()) + 1
-        cells = [np.stack([first[:, 0] + dx, first[:, 1] + dy], axis=1)[
-                     (first[:, 0] + dx <= last[:, 0]) & (first[:, 1] + dy <= last[:, 1])]
-                 for dy in range(span) for dx in range(span)]
-        cells = np.concatenate(cells)
-        cells = cells[(cells[:, 0] >= 0) & (cells[:, 0] < across) & (cells[:, 1] >= 0) & (cells[:, 1] < down)]
-        indices = np.unique(cells[:, 1] * across + cells[:, 0])
-        for index in indices[~info["checked"][indices]]:
-            offset, count = int(info["offsets"][index]), int(info["counts"][index])
-            if count:  # a 0-byte tile is a missing (background) tile, not a corrupt one
-                data = os.pread(self.fd, count, offset)
-                reason = jpeg_tile_problem(data) if len(data) == count else "the file ends inside it"
-                if reason:
-                    return (f"corrupt JPEG tile {index} of level {level} (bytes {offset}..{offset + count} of "
-                            f"{self.path}): {reason}")
-            info["checked"][index] = True
-        return None
-
-    def close(self) -> None:
-        """Release the file."""
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-def _tile_integrity(reader: Any) -> TileIntegrity | None:
-    """The JPEG tile check of an open TIFF slide (None for OpenSlide formats or a TIFF it cannot map)."""
-    if reader.info.backend == "openslide":
-        return None
-    try:
-        return TileIntegrity(reader.path, reader.info.level_dimensions)
-    except Exception as exc:  # noqa: BLE001 - the check is a safety net; the reader already validated the file
-        log.debug("no JPEG tile check for %s: %s", reader.path, exc)
-        return None
-
-
-class TileReaders:
-    """A small LRU of open slide readers (a CuImage cannot be pickled: each actor opens its own)."""
-
-    def __init__(self, device: str = "cpu", capacity: int = 4) -> None:
-        self.device = device
-        self.capacity = capacity
-        self._open: OrderedDict[str, Any] = OrderedDict()
-        self._checks: dict[str, TileIntegrity | None] = {}
-
-    def get(self, path: str, slide_id: str) -> Any:
-        """The open reader of `path`, opening it (and closing the least recently used) when needed."""
-        from hnm_ray.slides.reader import open_slide
-
-        if path in self._open:
-            self._open.move_to_end(path)
-            return self._open[path]
-        reader = open_slide(path, slide_id=slide_id, device=self.device)
-        self._open[path] = reader
-        self._checks[path] = _tile_integrity(reader)
-        if len(self._open) > self.capacity:
-            old_path, old = self._open.popitem(last=False)
-            old.close()
-            if (check := self._checks.pop(old_path, None)) is not None:
-                check.close()
-        return reader
-
-    def check(self, path: str, locations: np.ndarray, size: int, level: int) -> None:
-        """Raise SlideError when a JPEG tile under these reads of the open slide `path` is corrupt."""
-        check, reader = self._checks.get(path), self._open.get(path)
-        if check is None or reader is None:
-            return
-        if reason := check.problem(locations, size, level, reader.info.level_downsamples[level]):
-            raise SlideError(reader.slide_id, reason, _FIX_CORRUPT_TILE)
-
-
-def decode_batch(readers: TileReaders, batch: dict[str, np.ndarray], tile_size: int, num_workers: int) -> tuple[Any, np.ndarray]:
-    """Decode a batch of tile rows (any mix of slides) -> (tiles (B,S,S,3) uint8, per-row error strings)."""
-    n = len(batch["tile_id"])
-    tiles = None
-    errors = np.full(n, "", dtype=object)
-    paths = batch["path"]
-    starts = np.flatnonzero(np.r_[True, paths[1:] != paths[:-1]])
-    for start, stop in zip(starts, np.r_[starts[1:], n]):
-        rows = slice(start, stop)
-        slide_id = str(batch["slide_id"][start])
-        try:
-            reader = readers.get(str(paths[start]), slide_id)
-            locations = np.stack([batch["x"][rows], batch["y"][rows]], axis=1).astype(np.int64)
-            readers.check(str(paths[start]), locations, int(batch["size"][start]), int(batch["level"][start]))
-            part = reader.read_tiles(locations, int(batch["size"][start]), int(batch["level"][start]),
-                                     batch_size=stop - start, num_workers=num_workers)
-            part = _resize(part, tile_size)
-        except Exception as exc:  # noqa: BLE001 - recorded per slide by the driver
-            errors[rows] = str(exc) if isinstance(exc, SlideError) else f"slide {slide_id!r}: tile read failed: {exc}"
-            continue
-        if tiles is None:
-            tiles = _zeros_like(part, n, tile_size)
-        tiles[rows] = part
-    if tiles is None:
-        tiles = np.zeros((n, tile_size, tile_size, 3), np.uint8)
-    return tiles, errors
-
-
-def _zeros_like(part: Any, n: int, tile_size: int) -> Any:
-    xp = np if isinstance(part, np.ndarray) else __import__("cupy")
-    return xp.zeros((n, tile_size, tile_size, 3), dtype=xp.uint8)
-
-
-def _resize(tiles: Any, tile_size: int) -> Any:
-    """Resize (B,H,W,3) uint8 tiles to tile_size when read at another size (mpp-based tiling)."""
-    if tiles.shape[1] == tile_size and tiles.shape[2] == tile_size:
-        return tiles
-    import torch
-
-    t = torch.from_dlpack(tiles) if not isinstance(tiles, np.ndarray) else torch.from_numpy(np.ascontiguousarray(tiles))
-    t = torch.nn.functional.interpolate(t.permute(0, 3, 1, 2).float(), size=(tile_size, tile_size), mode="bilinear",
-                                        antialias=True, align_corners=False)
-    out = t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-    return out.numpy() if isinstance(tiles, np.ndarray) else __import__("cupy").from_dlpack(out)
-
-
-class TileDecoder:
-    """Ray Data stage: tile coordinate rows -> decoded uint8 tiles (cuCIM batched reads on CPU)."""
-
-    def __init__(self, tile_size: int, num_workers: int = 1) -> None:
-        self.tile_size = tile_size
-        self.num_workers = num_workers
-        self.readers = TileReaders(device="cpu")
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        tiles, errors = decode_batch(self.readers, batch, self.tile_size, self.num_workers)
-        passthrough = {k: v for k, v in batch.items() if k not in COORDINATE_COLUMNS}
-        return {**passthrough, "tiles": tiles, "error": errors}
 
 
 class TileEncoder:
@@ -470,8 +255,6 @@ def build_index(records: list[SlideRecord], config: ExtractConfig, store: Featur
 
 def extract_features(config: ExtractConfig, records: list[SlideRecord] | None = None) -> ExtractionSummary:
     """Run the extraction pipeline; returns what was written, skipped and failed."""
-    import ray
-
     from hnm_ray.models.encoders import build_encoder
 
     init_ray()

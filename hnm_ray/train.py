@@ -200,7 +200,7 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
     """
     from hnm_ray.cluster import init_ray
 
-    job, mil, ft = config.job, config.mil, config.ft
+    job, mil = config.job, config.mil
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save_yaml_mapping(config.to_flat(), run_dir / "config.yaml")
     state = RunState(run_dir)
@@ -213,7 +213,6 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
         weights = state.get("pretrain") or state.done("pretrain", pretrain_simclr(config, records, run_dir))
     head = None
     history: list[dict[str, Any]] = []
-    total_epochs = max(1, job.rounds * job.epochs_per_round)
     for round_ in range(job.rounds + 1):
         store = extract_round(job, round_store(job, run_dir, round_, weights), weights, records)
         result = state.get(f"mil_round{round_}")

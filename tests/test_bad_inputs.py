@@ -21,7 +21,9 @@ import pytest
 
 from hnm_ray.config import from_mapping
 from hnm_ray.errors import ConfigError, HnmError, ManifestError, NoTissueError, SlideError, StoreError
-from hnm_ray.extract import ExtractConfig, TileReaders, decode_batch, extract_features, jpeg_tile_problem, tile_index
+from hnm_ray.decode import TileReaders, decode_batch
+from hnm_ray.extract import ExtractConfig, extract_features, tile_index
+from hnm_ray.slides.integrity import jpeg_tile_problem
 from hnm_ray.slides.reader import open_slide
 from hnm_ray.slides.synthetic import write_pyramid
 from hnm_ray.store.features import FeatureStore

@@ -24,7 +24,8 @@ from PIL import Image
 
 from hnm_ray.config import build, from_mapping
 from hnm_ray.errors import ConfigError
-from hnm_ray.extract import ExtractConfig, SlideGatherer, TileReaders, decode_batch, extract_features, main
+from hnm_ray.decode import TileReaders, decode_batch
+from hnm_ray.extract import ExtractConfig, SlideGatherer, extract_features, main
 from hnm_ray.slides.synthetic import MASK_DOWNSAMPLE
 from hnm_ray.store.features import FeatureStore, feature_schema
 from hnm_ray.store.manifest import load_manifest

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -217,7 +216,7 @@ def fit_finetune(config: FinetuneConfig, rows: pa.Table, encoder: str, weights: 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from hnm_ray.extract import TileDecoder
+    from hnm_ray.decode import TileDecoder
     from hnm_ray.training.checkpointing import local_checkpoint_dir
 
     if rows.num_rows < 2:

@@ -1,0 +1,112 @@
+"""Reading tiles for Ray Data stages: open slides once per actor, batched cuCIM reads, checked tiles.
+
+Used by extraction (tile coordinates -> pixels) and by fine-tuning (selected tiles streamed into the
+Train workers). Rows of a batch may come from several slides; a failed read marks that slide's rows
+with an error string and zero pixels so the consumer can skip the slide without losing the batch.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from hnm_ray.errors import SlideError
+from hnm_ray.slides.integrity import FIX_CORRUPT_TILE, TileIntegrity, tile_integrity
+
+COORDINATE_COLUMNS = ("path", "x", "y", "level", "size")
+
+
+class TileReaders:
+    """A small LRU of open slide readers (a CuImage cannot be pickled: each actor opens its own)."""
+
+    def __init__(self, device: str = "cpu", capacity: int = 4) -> None:
+        self.device = device
+        self.capacity = capacity
+        self._open: OrderedDict[str, Any] = OrderedDict()
+        self._checks: dict[str, TileIntegrity | None] = {}
+
+    def get(self, path: str, slide_id: str) -> Any:
+        """The open reader of `path`, opening it (and closing the least recently used) when needed."""
+        from hnm_ray.slides.reader import open_slide
+
+        if path in self._open:
+            self._open.move_to_end(path)
+            return self._open[path]
+        reader = open_slide(path, slide_id=slide_id, device=self.device)
+        self._open[path] = reader
+        self._checks[path] = tile_integrity(reader)
+        if len(self._open) > self.capacity:
+            old_path, old = self._open.popitem(last=False)
+            old.close()
+            if (check := self._checks.pop(old_path, None)) is not None:
+                check.close()
+        return reader
+
+    def check(self, path: str, locations: np.ndarray, size: int, level: int) -> None:
+        """Raise SlideError when a JPEG tile under these reads of the open slide `path` is corrupt."""
+        check, reader = self._checks.get(path), self._open.get(path)
+        if check is None or reader is None:
+            return
+        if reason := check.problem(locations, size, level, reader.info.level_downsamples[level]):
+            raise SlideError(reader.slide_id, reason, FIX_CORRUPT_TILE)
+
+
+def decode_batch(readers: TileReaders, batch: dict[str, np.ndarray], tile_size: int, num_workers: int) -> tuple[Any, np.ndarray]:
+    """Decode a batch of tile rows (any mix of slides) -> (tiles (B,S,S,3) uint8, per-row error strings)."""
+    n = len(batch["tile_id"])
+    tiles = None
+    errors = np.full(n, "", dtype=object)
+    paths = batch["path"]
+    starts = np.flatnonzero(np.r_[True, paths[1:] != paths[:-1]])
+    for start, stop in zip(starts, np.r_[starts[1:], n]):
+        rows = slice(start, stop)
+        slide_id = str(batch["slide_id"][start])
+        try:
+            reader = readers.get(str(paths[start]), slide_id)
+            locations = np.stack([batch["x"][rows], batch["y"][rows]], axis=1).astype(np.int64)
+            readers.check(str(paths[start]), locations, int(batch["size"][start]), int(batch["level"][start]))
+            part = reader.read_tiles(locations, int(batch["size"][start]), int(batch["level"][start]),
+                                     batch_size=stop - start, num_workers=num_workers)
+            part = _resize(part, tile_size)
+        except Exception as exc:  # noqa: BLE001 - recorded per slide by the driver
+            errors[rows] = str(exc) if isinstance(exc, SlideError) else f"slide {slide_id!r}: tile read failed: {exc}"
+            continue
+        if tiles is None:
+            tiles = _zeros_like(part, n, tile_size)
+        tiles[rows] = part
+    if tiles is None:
+        tiles = np.zeros((n, tile_size, tile_size, 3), np.uint8)
+    return tiles, errors
+
+
+def _zeros_like(part: Any, n: int, tile_size: int) -> Any:
+    xp = np if isinstance(part, np.ndarray) else __import__("cupy")
+    return xp.zeros((n, tile_size, tile_size, 3), dtype=xp.uint8)
+
+
+def _resize(tiles: Any, tile_size: int) -> Any:
+    """Resize (B,H,W,3) uint8 tiles to tile_size when read at another size (mpp-based tiling)."""
+    if tiles.shape[1] == tile_size and tiles.shape[2] == tile_size:
+        return tiles
+    import torch
+
+    t = torch.from_dlpack(tiles) if not isinstance(tiles, np.ndarray) else torch.from_numpy(np.ascontiguousarray(tiles))
+    t = torch.nn.functional.interpolate(t.permute(0, 3, 1, 2).float(), size=(tile_size, tile_size), mode="bilinear",
+                                        antialias=True, align_corners=False)
+    out = t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return out.numpy() if isinstance(tiles, np.ndarray) else __import__("cupy").from_dlpack(out)
+
+
+class TileDecoder:
+    """Ray Data stage: tile coordinate rows -> decoded uint8 tiles (cuCIM batched reads on CPU)."""
+
+    def __init__(self, tile_size: int, num_workers: int = 1) -> None:
+        self.tile_size = tile_size
+        self.num_workers = num_workers
+        self.readers = TileReaders(device="cpu")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tiles, errors = decode_batch(self.readers, batch, self.tile_size, self.num_workers)
+        passthrough = {k: v for k, v in batch.items() if k not in COORDINATE_COLUMNS}
+        return {**passthrough, "tiles": tiles, "error": errors}
