@@ -40,7 +40,7 @@ def run_variant(base: dict, overrides: dict, seed: int, root: Path, store: Path)
     return {"round0": {k: final["rounds"][0].get(k) for k in METRICS},
             "final": {k: final["final"].get(k) for k in METRICS},
             "epoch_seconds": ft["last"].get("epoch_seconds"), "tiles_per_epoch": ft["tiles_per_epoch"],
-            "hard_negatives": ft["hard_negatives"]}
+            "hard_negatives": ft["hard_negatives"], "positives_streamed": ft.get("positives_streamed")}
 
 
 def mean(values: list) -> float:
@@ -65,7 +65,9 @@ def main() -> None:
         store = root / f"features_seed{seed}"
         for variant, overrides in VARIANTS.items():
             runs[variant].append(run_variant(base, overrides, seed, root, store))
-    table = {"dsmil": {k: mean([r["round0"][k] for v in runs.values() for r in v]) for k in METRICS}}
+    # DSMIL baseline: round 0 (initial features) of the variants without the ranking loss.
+    plain = [r for v, results in runs.items() if VARIANTS[v]["w_rank"] == 0 for r in results]
+    table = {"dsmil": {k: mean([r["round0"][k] for r in plain]) for k in METRICS}}
     for variant, results in runs.items():
         table[variant] = {k: mean([r["final"][k] for r in results]) for k in METRICS}
         table[variant]["ft_seconds_per_epoch"] = mean([r["epoch_seconds"] for r in results])

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -34,7 +35,8 @@ from hnm_ray.extract import ExtractConfig, build_index, extract_features
 from hnm_ray.progress import setup_logging
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest
-from hnm_ray.training.finetune import FinetuneConfig, fit_finetune, tile_rows
+from hnm_ray.mining import positive_ratio
+from hnm_ray.training.finetune import FinetuneConfig, fit_finetune, sample_positives, tile_rows
 from hnm_ray.training.mil import MILConfig, evaluate_split, fit_mil
 
 log = logging.getLogger("hnm_ray")
@@ -259,8 +261,11 @@ def finetune_round(config: TrainConfig, store: FeatureStore, records: list[Slide
     """Mine this round's hard negatives and positives, then fine-tune the encoder on them."""
     job, ft = config.job, config.ft
     hard, positives, stats = mine(store, records, model_path, run_dir, round_, job.neg_ratio, ft.threshold, miner_name)
+    last_epoch = (round_ + 1) * job.epochs_per_round - 1
+    max_rank = positive_ratio(last_epoch, ft.warmup_epochs, job.rounds * job.epochs_per_round, ft.ro, ft.rT)
+    chosen = sample_positives(positives, math.ceil(ft.pos_per_neg * hard.num_rows), max_rank, job.seed + round_)
     rows = tile_rows(store, records, [(hard.select(["slide_id", "tile_id"]), 0),
-                                      (positives.select(["slide_id", "tile_id", "pos_rank"]), 1)], job.seed + round_)
+                                      (chosen.select(["slide_id", "tile_id", "pos_rank"]), 1)], job.seed + round_)
     started = time.perf_counter()
     out = fit_finetune(ft, rows, job.encoder, weights, run_dir, name=f"finetune_round{round_}",
                        first_epoch=round_ * job.epochs_per_round, last_epoch=(round_ + 1) * job.epochs_per_round,
@@ -268,7 +273,7 @@ def finetune_round(config: TrainConfig, store: FeatureStore, records: list[Slide
                        head_weights=head)
     seconds = time.perf_counter() - started
     return {"encoder_weights": out.encoder_weights, "head_weights": out.head_weights, "hard_negatives": hard.num_rows,
-            "positives": positives.num_rows, "tiles_per_epoch": rows.num_rows, "seconds": seconds,
+            "positives": positives.num_rows, "positives_streamed": chosen.num_rows, "tiles_per_epoch": rows.num_rows, "seconds": seconds,
             "seconds_per_epoch": seconds / job.epochs_per_round, "miner": stats,
             "last": out.history[-1] if out.history else {}}
 

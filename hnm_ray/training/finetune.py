@@ -48,6 +48,8 @@ class FinetuneConfig:
     ro: float = cfg.knob(0.2, "self-paced positive ratio at the end of warm-up")
     rT: float = cfg.knob(0.8, "self-paced positive ratio at the last epoch")
     threshold: float = cfg.knob(0.3, "pseudo-label probability above which a positive-slide tile may be a positive")
+    pos_per_neg: float = cfg.knob(1.0, "positives streamed per hard negative in an epoch (the epoch iterates over "
+                                       "the hard negatives, so its cost scales with neg_ratio)")
     ft_workers: int = cfg.knob(1, "Ray Train workers for fine-tuning (0: in the driver process)")
     ft_cpus_per_worker: float = cfg.knob(1.0, "CPUs per fine-tuning worker (also its torch threads)")
     ft_use_gpu: bool = cfg.knob(False, "fine-tune on GPUs")
@@ -61,9 +63,20 @@ class FinetuneConfig:
         cfg.check_range("ro", self.ro, 0.0, 1.0)
         cfg.check_range("rT", self.rT, self.ro, 1.0)
         cfg.check_range("threshold", self.threshold, 0.0, 1.0)
+        cfg.check_range("pos_per_neg", self.pos_per_neg, 0.0, low_open=True)
         cfg.check_range("warmup_epochs", self.warmup_epochs, 0)
         cfg.check_range("ft_workers", self.ft_workers, 0)
         cfg.check_range("decoders", self.decoders, 1)
+
+
+def sample_positives(positives: pa.Table, n: int, max_rank: float, seed: int) -> pa.Table:
+    """`n` positives for one round's epochs, drawn from those with pos_rank <= max_rank (the round's largest r_t);
+    with replacement only when fewer exist. Workers drop those above each epoch's own r_t."""
+    pool = positives.filter(pa.compute.less_equal(positives["pos_rank"], max_rank))
+    if pool.num_rows == 0 or n <= 0:
+        return pool.slice(0, 0)
+    rng = np.random.default_rng(seed)
+    return pool.take(np.sort(rng.choice(pool.num_rows, n, replace=pool.num_rows < n)))
 
 
 def tile_rows(store: FeatureStore, records: list[SlideRecord], selections: list[tuple[pa.Table, int]],
