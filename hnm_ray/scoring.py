@@ -1,9 +1,13 @@
 """Pseudo labels (DESIGN §1 step 4): score every tile with the instance classifier, feed the miner.
 
 A Ray Data pass over the feature store: an actor pool loads the trained aggregator once, scores
-each batch of tiles (p = sigmoid(instance logit)), pushes the scores of negative training slides to
-the `HardNegativeMiner` actor (the global top-k queue), and returns `slide_id, tile_id, logit, score`
-rows that the driver writes as one Parquet table beside the store.
+each batch of tiles (p = sigmoid(instance logit)), pushes the instance logits of negative training
+slides to the `HardNegativeMiner` actor (the global top-k queue), and returns `slide_id, tile_id,
+logit, score` rows that the driver writes as one Parquet table beside the store.
+
+The miner ranks logits, not p: the order is the same (sigmoid is monotone), but float32 p rounds to
+exactly 1.0 above a logit of about 17, and such ties would be broken by (slide_id, tile_id) instead of
+by the model. The miner's threshold is therefore a logit; p = sigmoid(threshold).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ SCORES_SCHEMA = pa.schema([("slide_id", pa.string()), ("tile_id", pa.int32()), (
 
 
 class InstanceScorer:
-    """Ray Data actor: instance logits of tile embeddings; pushes negative-slide scores to the miner."""
+    """Ray Data actor: instance logits of tile embeddings; pushes negative-slide logits to the miner."""
 
     def __init__(self, model_path: str, miner_name: str | None, negative_slides: list[str]) -> None:
         import torch
@@ -46,14 +50,15 @@ class InstanceScorer:
 
         features = torch.from_numpy(np.stack(batch["embedding"]).astype(np.float32, copy=False))
         with torch.no_grad():
-            logits = self.model(features)[0].float().numpy()
-        scores = 1.0 / (1.0 + np.exp(-logits))
+            logits = self.model(features)[0].float()
+            scores = torch.sigmoid(logits).numpy()  # no overflow warning for very negative logits
+        logits = logits.numpy()
         slide_ids = np.asarray(batch["slide_id"]).astype(str)
         if self.miner is not None:
             is_negative = np.fromiter((s in self.negative for s in slide_ids), bool, len(slide_ids))
             if is_negative.any():
                 ray.get(self.miner.push.remote(slide_ids[is_negative], batch["tile_id"][is_negative],
-                                               scores[is_negative]))
+                                               logits[is_negative]))
         return {"slide_id": slide_ids, "tile_id": batch["tile_id"], "logit": logits.astype(np.float32),
                 "score": scores.astype(np.float32)}
 
@@ -62,7 +67,8 @@ def score_tiles(model_path: str | Path, store: FeatureStore, records: list[Slide
                 miner_name: str | None = None, num_scorers: int = 1, batch_size: int = 4096) -> pa.Table:
     """Score every tile of `records` in the store; write and return the scores table.
 
-    With `miner_name`, the negative slides' scores are pushed to that miner (call its `begin_round` first).
+    With `miner_name`, the negative slides' instance logits are pushed to that miner (call its `begin_round`
+    first, with n_neg_total = `count_tiles` of the negative slides); its threshold is then a logit.
     """
     import ray
 

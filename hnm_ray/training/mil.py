@@ -85,6 +85,7 @@ class MILResult:
     best_epoch: int
     threshold: float
     metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)  # every epoch's reported metrics, resumes included
 
 
 def epoch_pairs(pos: list[str], neg: list[str], epoch: int, seed: int, rank: int, world: int) -> list[tuple[str, str]]:
@@ -214,14 +215,16 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     model = build_standardized(mc["aggregator"], loop["dim"], hidden=mc["hidden"], dropout=mc["dropout"])
     model.set_statistics(loop["feature_mean"], loop["feature_std"])
     optimizer = torch.optim.Adam(model.parameters(), lr=mc["mil_lr"], weight_decay=mc["mil_weight_decay"])
-    start_epoch, best = 0, None
+    start_epoch, best, history = 0, None, []
     checkpoint = ray.train.get_checkpoint() or _latest_driver_checkpoint(loop.get("driver_checkpoints"))
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best = state["epoch"] + 1, state["best"]
+        start_epoch, best, history = state["epoch"] + 1, state["best"], state.get("history", [])
+        if rank == 0:
+            log.info("MIL: resuming after epoch %d of %d", state["epoch"], mc["mil_epochs"])
     ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
     plain_model = getattr(ddp_model, "module", ddp_model)
 
@@ -249,7 +252,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             losses.append(loss.item())
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                                    "epoch_seconds": time.perf_counter() - started,  # training steps only
-                                   "train_pairs": len(pairs) * world}
+                                   "train_pairs": len(pairs) * world, "reported_at": time.time()}
         ckpt = None
         last_epoch = epoch == mc["mil_epochs"] - 1
         if rank == 0:
@@ -257,10 +260,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             if _is_better(metrics, best):
                 best = {**metrics, "model": copy.deepcopy({k: v.cpu() for k, v in plain_model.state_dict().items()})}
             metrics["best_epoch"] = best["epoch"]
+            history.append(dict(metrics))
         state = None
         if rank == 0 and (last_epoch or (epoch + 1) % mc["mil_checkpoint_every"] == 0):
             state = {"model": plain_model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "best": best, "loop": loop}
+                     "best": best, "history": history, "loop": loop}
         if state is not None and loop.get("driver_checkpoints"):  # driver mode: Ray Train persists nothing
             directory = _save_driver_checkpoint(loop["driver_checkpoints"], epoch, state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
@@ -318,7 +322,8 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
                 "dropout": config.dropout, "dim": loop["dim"], "threshold": best.get("val_threshold", 0.5),
                 "epoch": best["epoch"], "encoder_tag": store.encoder_tag}, model_path)
     metrics = {k: v for k, v in best.items() if k != "model"}
-    return MILResult(str(model_path), int(best["epoch"]), float(best.get("val_threshold", 0.5)), metrics)
+    return MILResult(str(model_path), int(best["epoch"]), float(best.get("val_threshold", 0.5)), metrics,
+                     state.get("history", []))
 
 
 def feature_statistics(store: FeatureStore, slide_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:

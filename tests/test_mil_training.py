@@ -1,0 +1,248 @@
+"""MIL aggregator training on Ray Train: epoch pairing, learning on demo features, DDP, resume, ranking forms."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hnm_ray.losses import pair_loss
+from hnm_ray.models.aggregators import build_standardized
+from hnm_ray.store.manifest import load_manifest
+from hnm_ray.training.mil import MILConfig, epoch_pairs, evaluate_split, feature_statistics, fit_mil, load_aggregator
+
+# 40 epochs of the demo's 4 pairs are 160 Adam steps: at the official lr 2e-4 the model is under-trained (test
+# instance AUC 0.66 on average over 6 seeds), at 1e-3 it is unstable (0.25-0.95 over 10 seeds); 3e-3 for 60
+# epochs gives 0.85-0.96 on every one of 10 seeds.
+DEMO_KNOBS = {"mil_lr": 3e-3, "mil_epochs": 60}
+# Real Ray Train runs pay a report (+ barrier) per epoch: keep them short.
+DDP_KNOBS = {"mil_lr": 3e-3, "mil_epochs": 10, "mil_checkpoint_every": 5, "mil_cpus_per_worker": 0.5}
+
+
+@pytest.fixture(scope="module")
+def records(mil_cohort):
+    return load_manifest(mil_cohort)
+
+
+def train_ids(records, label: int) -> list[str]:
+    return [r.slide_id for r in records if r.split == "train" and r.label == label]
+
+
+def parameters(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Trainable weights of a saved Standardized aggregator (the feature mean/std buffers left out)."""
+    return {k: v for k, v in state.items() if k.startswith("aggregator.")}
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-6) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=atol, rtol=0) for k in a)
+
+
+def last_checkpoint(run_dir: Path, name: str) -> dict:
+    """The newest checkpoint state (highest epoch) a distributed run left in its Ray Train storage folder."""
+    states = [torch.load(f, map_location="cpu", weights_only=False)
+              for f in (Path(run_dir) / "ray_train" / name).glob("checkpoint_*/mil.pt")]
+    assert states, f"no Ray Train checkpoint under {run_dir}/ray_train/{name}"
+    return max(states, key=lambda s: s["epoch"])
+
+
+def replay(store, records, config: MILConfig, seed: int, world: int) -> dict[str, torch.Tensor]:
+    """fit_mil's loop replayed in one process for `world` ranks: every step minimises the mean of the ranks'
+    pair losses, which is what DDP's gradient averaging computes. Returns the final weights."""
+    train = [r for r in records if r.split == "train"]
+    pos, neg = train_ids(records, 1), train_ids(records, 0)
+    mean, std = feature_statistics(store, [r.slide_id for r in train])
+    bags = {r.slide_id: torch.from_numpy(store.read_bag(r.slide_id).features) for r in train}
+    torch.manual_seed(seed)
+    model = build_standardized(config.aggregator, int(store.metadata()["dim"]), hidden=config.hidden,
+                               dropout=config.dropout)
+    model.set_statistics(mean, std)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.mil_lr, weight_decay=config.mil_weight_decay)
+    pos_weight = torch.tensor(len(neg) / len(pos))
+    for epoch in range(config.mil_epochs):
+        model.train()
+        for step in zip(*(epoch_pairs(pos, neg, epoch, seed, rank, world) for rank in range(world))):
+            loss = sum(pair_loss(model(bags[p]), model(bags[n]), pos_weight, config.w_bag, config.w_ins,
+                                 config.w_rank, config.margin, config.rank_k) for p, n in step) / world
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return parameters(model.state_dict())
+
+
+# -- epoch pairing ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_pos,n_neg", [(7, 5), (5, 7), (8, 8), (3, 10), (1, 4)])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_epoch_pairs_balanced_and_sharded(n_pos, n_neg, world):
+    pos, neg = [f"p{i}" for i in range(n_pos)], [f"n{i}" for i in range(n_neg)]
+    steps = math.ceil(min(n_pos, n_neg) / world)
+    for rank in range(world):
+        pairs = epoch_pairs(pos, neg, epoch=3, seed=11, rank=rank, world=world)
+        assert len(pairs) == steps, "every worker must take the same number of DDP steps"
+        own_pos, own_neg = pos[rank::world] or pos, neg[rank::world] or neg
+        assert all(p in own_pos and n in own_neg for p, n in pairs), "a worker pairs only bags of its own shards"
+        counts = [sum(q == p for q, _ in pairs) for p in own_pos]
+        assert max(counts) - min(counts) <= 1, "a short shard is cycled evenly"
+    if world == 1:
+        pairs = epoch_pairs(pos, neg, 0, 11, 0, 1)
+        smaller = pos if n_pos <= n_neg else neg
+        side = 0 if n_pos <= n_neg else 1
+        assert sorted(p[side] for p in pairs) == sorted(smaller), "one epoch visits every bag of the smaller class once"
+
+
+def test_epoch_pairs_shards_are_disjoint_and_cover_the_bags():
+    pos, neg = [f"p{i}" for i in range(8)], [f"n{i}" for i in range(8)]
+    per_rank = [epoch_pairs(pos, neg, 0, 0, rank, 2) for rank in range(2)]
+    used = [{p for p, _ in pairs} | {n for _, n in pairs} for pairs in per_rank]
+    assert not used[0] & used[1]
+    assert used[0] | used[1] == set(pos) | set(neg)
+
+
+def test_epoch_pairs_reshuffle_each_epoch_and_are_seeded():
+    pos, neg = [f"p{i}" for i in range(20)], [f"n{i}" for i in range(20)]
+    epochs = [epoch_pairs(pos, neg, epoch, 5, 0, 1) for epoch in range(4)]
+    assert len({tuple(e) for e in epochs}) == 4, "each epoch must pair and order the bags differently"
+    assert epoch_pairs(pos, neg, 2, 5, 1, 2) == epoch_pairs(pos, neg, 2, 5, 1, 2)
+    assert epoch_pairs(pos, neg, 2, 5, 0, 1) != epoch_pairs(pos, neg, 2, 6, 0, 1)
+    assert epoch_pairs(pos, [], 0, 0, 0, 1) == []
+
+
+# -- learning on the demo cohort's features ------------------------------------------------------------
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_mil_learns_demo_features(mil_store, records, tmp_path):
+    """Round-0 small_cnn features (random encoder): the aggregator fits the training bags, finds the tumour tiles
+    of unseen positive slides (instance AUC), and ranks test slides above chance.
+
+    Slide AUC >= 0.9 on the 4 test slides is not a robust target here: both test positives and one test negative
+    carry tumour mimics (same purple as tumour) that random features hardly tell apart; over 10 model seeds with
+    these knobs the test slide AUC is 1.0 for 4 seeds, 0.75 for 2 and 0.5 for 4, while instance AUC is 0.85-0.96.
+    """
+    result = fit_mil(MILConfig(mil_workers=0, **DEMO_KNOBS), mil_store, records, tmp_path, seed=0)
+    test = evaluate_split(result.model_path, mil_store, records, "test")
+    train = evaluate_split(result.model_path, mil_store, records, "train")
+
+    assert [h["epoch"] for h in result.history] == list(range(DEMO_KNOBS["mil_epochs"]))
+    losses = [h["train_loss"] for h in result.history]
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5]), "training loss must fall"
+    for key in ("val_auc", "val_accuracy", "val_f1", "val_threshold", "val_loss"):
+        assert np.isfinite(result.metrics[key]), key
+    assert result.metrics["val_n"] == 4 and result.metrics["epoch"] == result.best_epoch
+    assert result.metrics["val_auc"] >= 0.75
+    assert train["train_auc"] == 1.0 and train["train_instance_auc"] >= 0.8
+    assert test["test_n"] == 4 and test["test_instance_n"] > 100
+    assert test["test_instance_auc"] >= 0.8, test
+    assert test["test_auc"] >= 0.5, test
+    assert 0.0 < result.threshold < 1.0 and test["test_threshold"] == pytest.approx(result.threshold)
+
+
+# -- Ray Train: 1 vs 2 workers, resume -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ddp_runs(ray_session, mil_store, records, tmp_path_factory):
+    """A real 1-worker and 2-worker TorchTrainer run (same seed); their results captured at once."""
+    runs = {}
+    for world in (1, 2):
+        run_dir = tmp_path_factory.mktemp(f"mil_ddp{world}")
+        config = MILConfig(mil_workers=world, **DDP_KNOBS)
+        result = fit_mil(config, mil_store, records, run_dir, name=f"ddp{world}", seed=0)
+        runs[world] = {"config": config, "run_dir": run_dir, "result": result,
+                       "final": parameters(last_checkpoint(run_dir, f"ddp{world}")["model"]),
+                       "best": parameters(load_aggregator(result.model_path)[0].state_dict()),
+                       **evaluate_split(result.model_path, mil_store, records, "test"),
+                       **evaluate_split(result.model_path, mil_store, records, "val")}
+    return runs
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_one_and_two_workers_train_alike(ddp_runs, mil_store, records):
+    one, two = ddp_runs[1], ddp_runs[2]
+    assert [h["train_pairs"] for h in two["result"].history] == [4] * DDP_KNOBS["mil_epochs"]
+    # DDP really averages: the 2-worker weights equal a one-process replay minimising the mean of both ranks'
+    # pair losses per step (and differ from the 1-worker run, which takes twice as many steps).
+    for world, run in ddp_runs.items():
+        assert same_weights(run["final"], replay(mil_store, records, run["config"], 0, world), atol=1e-4), world
+    assert not same_weights(one["final"], two["final"], atol=1e-3)
+    torch.manual_seed(0)
+    init = build_standardized("dsmil", int(mil_store.metadata()["dim"]), hidden=128, dropout=0.0)
+    assert not same_weights(two["best"], parameters(init.state_dict()), atol=1e-3), "the 2-worker model trained"
+    for run in (one, two):
+        assert run["test_instance_auc"] >= 0.8 and run["val_instance_auc"] >= 0.8, run
+        assert run["val_auc"] >= 0.75, run
+    assert abs(one["test_instance_auc"] - two["test_instance_auc"]) <= 0.1
+    assert abs(one["val_instance_auc"] - two["val_instance_auc"]) <= 0.1
+    assert abs(one["test_auc"] - two["test_auc"]) <= 0.25  # 4 test slides: one mis-ordered pair is 0.25
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_rerun_with_more_epochs_resumes_from_storage(ddp_runs, mil_store, records):
+    first = ddp_runs[2]
+    done = DDP_KNOBS["mil_epochs"]
+    started = time.time()
+    config = replace(first["config"], mil_epochs=done + 3)
+    result = fit_mil(config, mil_store, records, first["run_dir"], name="ddp2", seed=0)
+    history = result.history
+    assert [h["epoch"] for h in history] == list(range(done + 3)), "every epoch once: old ones kept, not re-run"
+    assert all(h["reported_at"] < started for h in history[:done])
+    assert all(h["reported_at"] >= started for h in history[done:])
+    assert [h["train_loss"] for h in history[:done]] == [h["train_loss"] for h in first["result"].history]
+    assert last_checkpoint(first["run_dir"], "ddp2")["epoch"] == done + 2
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_driver_mode_run_resumes_and_keeps_two_checkpoints(mil_store, records, tmp_path):
+    config = MILConfig(mil_workers=0, mil_epochs=4, mil_checkpoint_every=1)
+    first = fit_mil(config, mil_store, records, tmp_path, name="local", seed=3)
+    started = time.time()
+    again = fit_mil(replace(config, mil_epochs=7), mil_store, records, tmp_path, name="local", seed=3)
+    assert [h["epoch"] for h in again.history] == list(range(7))
+    assert [h["reported_at"] < started for h in again.history] == [True] * 4 + [False] * 3
+    assert again.history[:4] == first.history
+    kept = sorted(p.name for p in (tmp_path / "ray_train" / "local" / "driver_checkpoints").iterdir())
+    assert kept == ["epoch_000005", "epoch_000006"]
+    same = fit_mil(replace(config, mil_epochs=7), mil_store, records, tmp_path, name="local", seed=3)
+    assert same.history == again.history and same.best_epoch == again.best_epoch  # nothing left to train
+
+
+# -- ranking forms -----------------------------------------------------------------------------------
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_ranking_forms(ray_session, mil_store, records, tmp_path):
+    import ray
+
+    from hnm_ray.mining import get_miner
+    from hnm_ray.scoring import count_tiles
+
+    def weights(name: str, miner_name: str | None = None, **knobs) -> dict[str, torch.Tensor]:
+        config = MILConfig(mil_workers=0, mil_epochs=6, mil_lr=3e-3, **knobs)
+        result = fit_mil(config, mil_store, records, tmp_path, name=name, miner_name=miner_name, seed=1)
+        assert all(np.isfinite(h["train_loss"]) for h in result.history)
+        return parameters(load_aggregator(result.model_path)[0].state_dict())
+
+    none = weights("none", ranking="none")
+    pair = weights("pair", ranking="pair", w_rank=0.5, rank_k=3)
+    assert same_weights(weights("pair_w0", ranking="pair", w_rank=0.0), none), "w_rank=0 is no ranking term"
+    assert not same_weights(pair, none, atol=1e-4)
+
+    negatives = train_ids(records, 0)
+    empty = get_miner("test_mil_no_round")  # no begin_round: the global form has no queue and adds no term
+    assert same_weights(weights("global_empty", miner_name="test_mil_no_round", ranking="global", w_rank=0.5), none)
+    miner = get_miner("test_mil_global")
+    ray.get(miner.begin_round.remote(count_tiles(mil_store, negatives), 0.2))
+    for slide_id in negatives:  # queue: the tiles whose first feature is largest (any fixed score will do)
+        bag = mil_store.read_bag(slide_id)
+        ray.get(miner.push.remote(slide_id, bag.tile_ids, bag.features[:, 0]))
+    assert ray.get(miner.stats.remote())["size"] == math.ceil(0.2 * count_tiles(mil_store, negatives))
+    global_ = weights("global", miner_name="test_mil_global", ranking="global", w_rank=0.5, rank_k=3, global_pool=64)
+    assert not same_weights(global_, none, atol=1e-4) and not same_weights(global_, pair, atol=1e-4)
+    for actor in (empty, miner):
+        ray.kill(actor)
