@@ -179,8 +179,9 @@ def mine(store: FeatureStore, records: list[SlideRecord], model_path: str, run_d
     positive_scores = scores.filter(np.isin(scores["slide_id"].to_numpy(zero_copy_only=False), list(positive_ids)))
     positives = select_positives(positive_scores.select(["slide_id", "tile_id", "score"]), threshold, ratio=1.0)
     stats = ray.get(miner.stats.remote())
+    logit = stats.get("threshold")
     log.info("round %d mining: %d hard negatives (k of %d negative tiles, threshold p=%.3f), %d positives above %.2f",
-             round_, hard.num_rows, stats.get("n_neg_total", 0), stats.get("threshold", float("nan")),
+             round_, hard.num_rows, stats.get("n_neg_total", 0), 1 / (1 + np.exp(-logit)) if logit is not None else np.nan,
              positives.num_rows, threshold)
     return hard, _with_rank(positives), stats
 

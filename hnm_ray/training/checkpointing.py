@@ -1,40 +1,71 @@
-"""Reporting metrics with a checkpoint from a Ray Train loop, in distributed and in local mode."""
+"""Checkpoints of the Ray Train loops, the same in distributed and in local (driver) mode.
+
+Distributed workers save into a temporary folder that `ray.train.report` copies to the run's
+storage, and `ray.train.get_checkpoint()` hands the latest back on a restart. In local mode
+(num_workers=0) Ray Train persists nothing, so the loop keeps its own folder: atomic epoch folders
+(temp + rename), the newest KEEP kept, and the newest one restored when the same run is started again.
+"""
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+DRIVER_CHECKPOINTS = "driver_checkpoints"
+KEEP = 2
 
-def report(metrics: dict[str, Any], state: dict[str, Any] | None, file_name: str, local_dir: str | None) -> None:
-    """`ray.train.report` with `state` saved as `file_name` in a checkpoint (None: metrics only).
 
-    Distributed workers save into a temporary folder that Ray Train copies to storage. In local mode
-    (num_workers=0) Ray Train keeps the folder itself as the checkpoint, so it is written under
-    `local_dir` and only the newest one is kept.
-    """
+def driver_checkpoint_dir(num_workers: int, storage: Path, name: str) -> str | None:
+    """Where a local-mode run keeps its checkpoints; None for distributed runs (Ray Train keeps them)."""
+    return str(storage / name / DRIVER_CHECKPOINTS) if num_workers == 0 else None
+
+
+def newest_driver_checkpoint(driver_dir: str | None, file_name: str):
+    """The newest complete local-mode checkpoint in `driver_dir`, or None."""
+    import ray.train
+
+    if not driver_dir or not Path(driver_dir).is_dir():
+        return None
+    done = sorted(p for p in Path(driver_dir).glob("epoch_*") if (p / file_name).is_file())
+    return ray.train.Checkpoint.from_directory(str(done[-1])) if done else None
+
+
+def latest_checkpoint(driver_dir: str | None, file_name: str):
+    """Inside a train loop: Ray Train's checkpoint to resume from, else the newest local-mode one, else None."""
+    import ray.train
+
+    return ray.train.get_checkpoint() or newest_driver_checkpoint(driver_dir, file_name)
+
+
+def load_state(checkpoint, file_name: str) -> dict[str, Any]:
+    """The state dict saved in a checkpoint."""
+    import torch
+
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / file_name, map_location="cpu", weights_only=False)
+
+
+def report(metrics: dict[str, Any], state: dict[str, Any] | None, file_name: str, driver_dir: str | None) -> None:
+    """`ray.train.report` of `metrics`, with `state` saved as `file_name` in a checkpoint when given."""
     import ray.train
     import torch
 
     if state is None:
         ray.train.report(metrics)
-        return
-    if local_dir is None:
-        with tempfile.TemporaryDirectory(prefix="hnm_ckpt_") as directory:
+    elif driver_dir:
+        root = Path(driver_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        temp = Path(tempfile.mkdtemp(prefix=".epoch_", dir=root))
+        torch.save(state, temp / file_name)
+        final = root / f"epoch_{int(metrics['epoch']):06d}"
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temp, final)
+        for old in sorted(root.glob("epoch_*"))[:-KEEP]:
+            shutil.rmtree(old, ignore_errors=True)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)))
+    else:
+        with tempfile.TemporaryDirectory(prefix="hnm_ckpt_") as directory:  # report copies it to storage
             torch.save(state, Path(directory) / file_name)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        return
-    root = Path(local_dir)
-    directory = root / f"epoch_{int(metrics['epoch']):05d}"
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save(state, directory / file_name)
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
-    for older in root.glob("epoch_*"):
-        if older != directory:
-            shutil.rmtree(older, ignore_errors=True)
-
-
-def local_checkpoint_dir(num_workers: int, run_dir: Path, name: str) -> str | None:
-    """Where a local-mode (num_workers=0) run keeps its checkpoint; None for distributed runs."""
-    return str(run_dir / "ray_train" / name / "local_checkpoints") if num_workers == 0 else None

@@ -157,7 +157,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
     from hnm_ray.mining import positive_ratio
     from hnm_ray.models.encoders import build_encoder
-    from hnm_ray.training.checkpointing import report
+    from hnm_ray.training.checkpointing import latest_checkpoint, load_state, report
 
     fc = loop["ft"]
     context = ray.train.get_context()
@@ -176,10 +176,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     # Cosine over all rounds' epochs; this fit starts at `first_epoch` of that schedule.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * min(e + loop["first_epoch"], total) / total)))
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = latest_checkpoint(loop["driver_checkpoints"], CHECKPOINT_FILE)
     if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        state = load_state(checkpoint, CHECKPOINT_FILE)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -208,7 +207,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                    "epoch_seconds": time.perf_counter() - epoch_started}
         state = {"model": plain.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "epoch": epoch} if rank == 0 else None
-        report(metrics, state, CHECKPOINT_FILE, loop["local_checkpoints"])
+        report(metrics, state, CHECKPOINT_FILE, loop["driver_checkpoints"])
 
 
 @dataclass
@@ -230,7 +229,7 @@ def fit_finetune(config: FinetuneConfig, rows: pa.Table, encoder: str, weights: 
     from ray.train.torch import TorchTrainer
 
     from hnm_ray.decode import TileDecoder
-    from hnm_ray.training.checkpointing import local_checkpoint_dir
+    from hnm_ray.training.checkpointing import driver_checkpoint_dir, load_state, newest_driver_checkpoint
 
     if rows.num_rows < 2:
         raise HnmError(f"fine-tuning {name!r} needs at least 2 tiles; the selection has {rows.num_rows}. "
@@ -241,7 +240,7 @@ def fit_finetune(config: FinetuneConfig, rows: pa.Table, encoder: str, weights: 
         compute=ray.data.ActorPoolStrategy(size=config.decoders))
     loop = {"ft": asdict(config), "encoder": encoder, "weights": weights, "head_weights": head_weights, "seed": seed,
             "first_epoch": first_epoch, "last_epoch": last_epoch, "total_epochs": total_epochs, "supervised": supervised,
-            "local_checkpoints": local_checkpoint_dir(config.ft_workers, run_dir, name)}
+            "driver_checkpoints": driver_checkpoint_dir(config.ft_workers, run_dir / "ray_train", name)}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop, datasets={"tiles": tiles},
         scaling_config=ScalingConfig(num_workers=config.ft_workers, use_gpu=config.ft_use_gpu,
@@ -253,8 +252,8 @@ def fit_finetune(config: FinetuneConfig, rows: pa.Table, encoder: str, weights: 
     result = trainer.fit()
     if result.error:
         raise HnmError(f"fine-tuning {name!r} failed: {result.error}")
-    with result.checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)["model"]
+    checkpoint = result.checkpoint or newest_driver_checkpoint(loop["driver_checkpoints"], CHECKPOINT_FILE)
+    state = load_state(checkpoint, CHECKPOINT_FILE)["model"]
     encoder_path, head_path = run_dir / f"{name}_encoder.pt", run_dir / f"{name}_head.pt"
     torch.save({k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}, encoder_path)
     torch.save({k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}, head_path)

@@ -16,9 +16,6 @@ import copy
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,8 +31,6 @@ from hnm_ray.store.manifest import SlideRecord, load_manifest
 log = logging.getLogger("hnm_ray")
 
 CHECKPOINT_FILE = "mil.pt"
-DRIVER_CHECKPOINTS = "driver_checkpoints"  # mil_workers=0: Ray Train keeps no storage, the loop keeps its own
-KEEP_CHECKPOINTS = 2
 RANKING_FORMS = ("pair", "global", "none")
 
 
@@ -163,32 +158,6 @@ def _hard_negative_bag(store: FeatureStore, loop: dict[str, Any], epoch: int) ->
     return store.select_tiles(table) if table.num_rows else None
 
 
-def _latest_driver_checkpoint(folder: str | None):
-    """The newest checkpoint a driver-mode (mil_workers=0) run saved in `folder`, or None."""
-    import ray.train
-
-    if not folder or not Path(folder).is_dir():
-        return None
-    done = sorted(p for p in Path(folder).glob("epoch_*") if (p / CHECKPOINT_FILE).is_file())
-    return ray.train.Checkpoint.from_directory(str(done[-1])) if done else None
-
-
-def _save_driver_checkpoint(folder: str, epoch: int, state: dict[str, Any]) -> str:
-    """Save a driver-mode checkpoint atomically (temp folder + rename); keep the newest KEEP_CHECKPOINTS."""
-    import torch
-
-    root = Path(folder)
-    root.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=".epoch_", dir=root))
-    torch.save(state, temp / CHECKPOINT_FILE)
-    final = root / f"epoch_{epoch:06d}"
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(temp, final)
-    for old in sorted(root.glob("epoch_*"))[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
-    return str(final)
-
-
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Ray Train body: plain PyTorch on this worker's shard of bags, reporting metrics + checkpoints."""
     import ray.train
@@ -197,6 +166,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
     from hnm_ray.losses import bag_bce, global_ranking_loss, ranking_loss
     from hnm_ray.models.aggregators import build_standardized
+    from hnm_ray.training.checkpointing import latest_checkpoint, load_state, report
 
     mc = loop["mil"]
     context = ray.train.get_context()
@@ -216,10 +186,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     model.set_statistics(loop["feature_mean"], loop["feature_std"])
     optimizer = torch.optim.Adam(model.parameters(), lr=mc["mil_lr"], weight_decay=mc["mil_weight_decay"])
     start_epoch, best, history = 0, None, []
-    checkpoint = ray.train.get_checkpoint() or _latest_driver_checkpoint(loop.get("driver_checkpoints"))
+    checkpoint = latest_checkpoint(loop["driver_checkpoints"], CHECKPOINT_FILE)
     if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        state = load_state(checkpoint, CHECKPOINT_FILE)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best, history = state["epoch"] + 1, state["best"], state.get("history", [])
@@ -253,7 +222,6 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                                    "epoch_seconds": time.perf_counter() - started,  # training steps only
                                    "train_pairs": len(pairs) * world, "reported_at": time.time()}
-        ckpt = None
         last_epoch = epoch == mc["mil_epochs"] - 1
         if rank == 0:
             metrics.update(validation_metrics(plain_model, val_bags, bce, device))
@@ -265,15 +233,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         if rank == 0 and (last_epoch or (epoch + 1) % mc["mil_checkpoint_every"] == 0):
             state = {"model": plain_model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                      "best": best, "history": history, "loop": loop}
-        if state is not None and loop.get("driver_checkpoints"):  # driver mode: Ray Train persists nothing
-            directory = _save_driver_checkpoint(loop["driver_checkpoints"], epoch, state)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-            continue
-        with tempfile.TemporaryDirectory(prefix="hnm_mil_ckpt_") as directory:  # report copies it to storage
-            if state is not None:
-                torch.save(state, Path(directory) / CHECKPOINT_FILE)
-                ckpt = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(metrics, checkpoint=ckpt)
+        report(metrics, state, CHECKPOINT_FILE, loop["driver_checkpoints"])
 
 
 def _train_records(records: list[SlideRecord], store: FeatureStore, split: str) -> list[tuple[str, int]]:
@@ -288,6 +248,8 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from hnm_ray.training.checkpointing import driver_checkpoint_dir, load_state, newest_driver_checkpoint
+
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     train, val = _train_records(records, store, "train"), _train_records(records, store, "val")
@@ -299,7 +261,7 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
     loop = {"mil": asdict(config), "feature_mean": mean.tolist(), "feature_std": std.tolist(),
             "store_root": str(store.root), "tag": store.encoder_tag, "round": store.round,
             "dim": int(store.metadata()["dim"]), "train": train, "val": val, "miner_name": miner_name, "seed": seed,
-            "driver_checkpoints": str(storage / name / DRIVER_CHECKPOINTS) if config.mil_workers == 0 else None}
+            "driver_checkpoints": driver_checkpoint_dir(config.mil_workers, storage, name)}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop,
         scaling_config=ScalingConfig(num_workers=config.mil_workers, use_gpu=config.mil_use_gpu,
@@ -311,11 +273,10 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
     result = trainer.fit()
     if result.error:
         raise HnmError(f"MIL training failed: {result.error}")
-    checkpoint = result.checkpoint or _latest_driver_checkpoint(loop["driver_checkpoints"])
+    checkpoint = result.checkpoint or newest_driver_checkpoint(loop["driver_checkpoints"], CHECKPOINT_FILE)
     if checkpoint is None:
         raise HnmError(f"MIL run {name!r} in {storage} reported no checkpoint; delete {storage / name} to start afresh")
-    with checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    state = load_state(checkpoint, CHECKPOINT_FILE)
     best = state["best"]
     model_path = run_dir / f"{name}_aggregator.pt"
     torch.save({"model": best["model"], "aggregator": config.aggregator, "hidden": config.hidden,
