@@ -11,8 +11,9 @@ retries, overlapping shards) counts once with its greatest score: max is order-i
 concurrent pushes give the same queue as any sequential order.
 
 Scores: the miner ranks whatever it is given (the order of p = sigmoid(logit) and of the logit
-is the same); `threshold()` is in the unit pushed. The project pushes p so that the threshold
-reads as the paper's (1 - neg_ratio) quantile of p. `select_positives` needs p in [0, 1].
+is the same); `threshold()` is in the unit pushed. The project pushes instance logits: float32
+p saturates at 1.0 above a logit of ~17 and would tie; sigmoid(threshold()) is the paper's
+(1 - neg_ratio) quantile of p. `select_positives` needs p in [0, 1].
 """
 from __future__ import annotations
 
