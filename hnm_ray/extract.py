@@ -12,7 +12,6 @@ pixels without raising, so without it a damaged slide would be embedded silently
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -22,10 +21,12 @@ import numpy as np
 import pyarrow as pa
 
 from hnm_ray import config as cfg
+from hnm_ray.cli import entry_point
+from hnm_ray.cli import parser as cli_parser
 from hnm_ray.cluster import cluster_gpus, init_ray, torch_device
 from hnm_ray.decode import TileDecoder, TileReaders, decode_batch
 from hnm_ray.errors import HnmError
-from hnm_ray.progress import Progress, setup_logging
+from hnm_ray.progress import Progress
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest
 
@@ -338,22 +339,17 @@ def _pipeline(index: dict[str, pa.Table], config: ExtractConfig, use_gpu: bool):
     )
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point of `python -m hnm_ray.extract`."""
-    parser = argparse.ArgumentParser(prog="python -m hnm_ray.extract", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli_parser("python -m hnm_ray.extract", __doc__)
     parser.add_argument("--config", help="YAML file with any of the knobs below")
     cfg.add_arguments(parser, ExtractConfig)
     args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        config = cfg.build(ExtractConfig, args, args.config)
-        if not config.manifest:
-            raise cfg.ConfigError("manifest", "required: pass --manifest PATH (CSV/Parquet)")
-        summary = extract_features(config)
-    except HnmError as exc:
-        log.error("%s", exc)
-        return 2
+    config = cfg.build(ExtractConfig, args, args.config)
+    if not config.manifest:
+        raise cfg.ConfigError("manifest", "required: pass --manifest PATH (CSV/Parquet)")
+    summary = extract_features(config)
     print(summary)
     return 1 if summary.slides_failed and not summary.slides_written and not summary.slides_skipped_done else 0
 

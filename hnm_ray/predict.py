@@ -8,7 +8,6 @@ slides without labels; when the manifest has labels, the summary also reports sl
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -18,7 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hnm_ray.errors import ConfigError, HnmError
+from hnm_ray.cli import entry_point
+from hnm_ray.cli import parser as cli_parser
+from hnm_ray.errors import ConfigError
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest, records_from_folder
 
@@ -137,23 +138,16 @@ def _ensure(path: Path) -> Path:
     return path
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point of `python -m hnm_ray.predict`."""
-    from hnm_ray.progress import setup_logging
-
-    parser = argparse.ArgumentParser(prog="python -m hnm_ray.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli_parser("python -m hnm_ray.predict", __doc__)
     parser.add_argument("--checkpoint", required=True, help="run folder of hnm_ray.train (or its checkpoint/)")
     parser.add_argument("--slides", required=True, help="manifest CSV/Parquet, or a folder of slides")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--no-heatmaps", action="store_true", help="skip the heatmap PNGs")
     args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        predict(args.checkpoint, args.slides, args.out, heatmaps=not args.no_heatmaps)
-    except HnmError as exc:
-        log.error("%s", exc)
-        return 2
+    predict(args.checkpoint, args.slides, args.out, heatmaps=not args.no_heatmaps)
     return 0
 
 

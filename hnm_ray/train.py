@@ -15,7 +15,6 @@ heatmaps/*.png.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -30,9 +29,10 @@ from typing import Any, Callable
 import numpy as np
 
 from hnm_ray import config as cfg
-from hnm_ray.errors import ConfigError, HnmError
+from hnm_ray.cli import entry_point
+from hnm_ray.cli import parser as cli_parser
+from hnm_ray.errors import ConfigError
 from hnm_ray.extract import ExtractConfig, build_index, extract_features
-from hnm_ray.progress import setup_logging
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest
 from hnm_ray.mining import positive_ratio
@@ -310,8 +310,7 @@ def finish(run_dir: Path, history: list[dict[str, Any]], records: list[SlideReco
 
 def parse_args(argv: list[str] | None) -> tuple[TrainConfig, Path]:
     """Flags and YAML -> config and run folder (`--resume RUN` reloads RUN/config.yaml first)."""
-    parser = argparse.ArgumentParser(prog="python -m hnm_ray.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli_parser("python -m hnm_ray.train", __doc__)
     parser.add_argument("--config", help="YAML file of knobs (flags override it)")
     parser.add_argument("--resume", metavar="RUN", help="continue the run in this folder with its saved config")
     for section in SECTIONS:
@@ -372,16 +371,12 @@ def tile_rows_from_index(index, sample):
     return pa.concat_tables(parts)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point of `python -m hnm_ray.train`."""
-    setup_logging()
-    try:
-        config, run_dir = parse_args(argv)
-        log.info("run folder: %s", run_dir)
-        final = run_job(config, run_dir)
-    except HnmError as exc:
-        log.error("%s", exc)
-        return 2
+    config, run_dir = parse_args(argv)
+    log.info("run folder: %s", run_dir)
+    final = run_job(config, run_dir)
     print(json.dumps({"run": str(run_dir), **{k: final["final"].get(k) for k in
                       ("test_auc", "test_accuracy", "test_f1", "test_instance_auc", "test_instance_auprc")}}, default=float))
     return 0

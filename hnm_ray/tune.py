@@ -12,7 +12,6 @@ are written to <storage-path>/<sweep-name>/.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -21,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from hnm_ray import config as cfg
-from hnm_ray.errors import ConfigError, HnmError
-from hnm_ray.progress import setup_logging
+from hnm_ray.cli import entry_point
+from hnm_ray.cli import parser as cli_parser
+from hnm_ray.errors import ConfigError
 from hnm_ray.train import SECTIONS, TrainConfig, build_config, demo_manifest, extract_round, round_store, run_job
 
 log = logging.getLogger("hnm_ray")
@@ -150,27 +150,22 @@ def write_results(results, path: Path, metric: str) -> Path:
     return best_file
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point of `python -m hnm_ray.tune`."""
-    parser = argparse.ArgumentParser(prog="python -m hnm_ray.tune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli_parser("python -m hnm_ray.tune", __doc__)
     parser.add_argument("--config", help="YAML of base knobs (those of `python -m hnm_ray.train`) and sweep knobs")
     parser.add_argument("--resume", action="store_true", help="restore the interrupted sweep at storage_path/sweep_name")
     cfg.add_arguments(parser, SweepConfig)
     for section in SECTIONS:
         cfg.add_arguments(parser, section)
     args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        values = cfg.load_yaml(args.config) if args.config else {}
-        values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("config", "resume")})
-        sweep_keys = {f.name for f in dataclasses.fields(SweepConfig)}
-        sweep = cfg.from_mapping(SweepConfig, {k: v for k, v in values.items() if k in sweep_keys})
-        config = build_config({k: v for k, v in values.items() if k not in sweep_keys})
-        run_sweep(config, sweep, resume=args.resume)
-    except HnmError as exc:
-        log.error("%s", exc)
-        return 2
+    values = cfg.load_yaml(args.config) if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("config", "resume")})
+    sweep_keys = {f.name for f in dataclasses.fields(SweepConfig)}
+    sweep = cfg.from_mapping(SweepConfig, {k: v for k, v in values.items() if k in sweep_keys})
+    config = build_config({k: v for k, v in values.items() if k not in sweep_keys})
+    run_sweep(config, sweep, resume=args.resume)
     return 0
 
 

@@ -11,7 +11,6 @@ checkpoint.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -24,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from hnm_ray import config as cfg
+from hnm_ray.cli import entry_point
+from hnm_ray.cli import parser as cli_parser
 from hnm_ray.errors import HnmError, StoreError
 from hnm_ray.store.features import Bag, FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest
@@ -332,13 +333,12 @@ def evaluate_split(model_path: str | Path, store: FeatureStore, records: list[Sl
     return {f"{split}_{k}": v for k, v in out.items()}
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     """CLI: train the aggregator on an existing feature store and write RUN/metrics.json."""
     from hnm_ray.cluster import init_ray
-    from hnm_ray.progress import setup_logging
 
-    parser = argparse.ArgumentParser(prog="python -m hnm_ray.training.mil", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli_parser("python -m hnm_ray.training.mil", __doc__)
     parser.add_argument("--store", required=True, help="feature store root")
     parser.add_argument("--tag", required=True, help="encoder tag folder inside the store")
     parser.add_argument("--round", type=int, default=0, help="store round")
@@ -347,17 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML file with any of the knobs below")
     cfg.add_arguments(parser, MILConfig)
     args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        config = cfg.build(MILConfig, args, args.config)
-        init_ray()
-        store = FeatureStore(args.store, args.tag, round=args.round)
-        records = load_manifest(args.manifest)
-        result = fit_mil(config, store, records, args.out)
-        metrics = {**result.metrics, **evaluate_split(result.model_path, store, records, "test")}
-    except HnmError as exc:
-        log.error("%s", exc)
-        return 2
+    config = cfg.build(MILConfig, args, args.config)
+    init_ray()
+    store = FeatureStore(args.store, args.tag, round=args.round)
+    records = load_manifest(args.manifest)
+    result = fit_mil(config, store, records, args.out)
+    metrics = {**result.metrics, **evaluate_split(result.model_path, store, records, "test")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
