@@ -64,11 +64,14 @@ def replay(store, records, config: MILConfig, seed: int, world: int) -> dict[str
     pos_weight = torch.tensor(len(neg) / len(pos))
     for epoch in range(config.mil_epochs):
         model.train()
-        for step in zip(*(epoch_pairs(pos, neg, epoch, seed, rank, world) for rank in range(world))):
-            loss = sum(pair_loss(model(bags[p]), model(bags[n]), pos_weight, config.w_bag, config.w_ins,
-                                 config.w_rank, config.margin, config.rank_k) for p, n in step) / world
+        steps = list(zip(*(epoch_pairs(pos, neg, epoch, seed, rank, world) for rank in range(world))))
+        k = config.mil_pairs_per_step
+        for first in range(0, len(steps), k):  # gradients of k pairs accumulated per optimiser step
             optimizer.zero_grad()
-            loss.backward()
+            for step in steps[first:first + k]:
+                loss = sum(pair_loss(model(bags[p]), model(bags[n]), pos_weight, config.w_bag, config.w_ins,
+                                     config.w_rank, config.margin, config.rank_k) for p, n in step) / world
+                (loss / k).backward()
             optimizer.step()
     return parameters(model.state_dict())
 
@@ -246,3 +249,16 @@ def test_ranking_forms(ray_session, mil_store, records, tmp_path):
     assert not same_weights(global_, none, atol=1e-4) and not same_weights(global_, pair, atol=1e-4)
     for actor in (empty, miner):
         ray.kill(actor)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_pairs_per_step_accumulates_gradients(ray_session, mil_store, records, tmp_path):
+    """mil_pairs_per_step=2: one optimiser step per two pairs, equal to a replay that accumulates them."""
+    config = MILConfig(mil_workers=0, mil_epochs=3, mil_pairs_per_step=2, mil_checkpoint_every=1)
+    fit_mil(config, mil_store, records, tmp_path, name="acc", seed=0)
+    state = torch.load(sorted((tmp_path / "ray_train" / "acc" / "driver_checkpoints").glob("epoch_*"))[-1] / "mil.pt",
+                       map_location="cpu", weights_only=False)
+    assert same_weights(parameters(state["model"]), replay(mil_store, records, config, 0, 1), atol=1e-4)
+    plain = MILConfig(mil_workers=0, mil_epochs=3, mil_pairs_per_step=1)
+    assert not same_weights(parameters(state["model"]), replay(mil_store, records, plain, 0, 1), atol=1e-4)
