@@ -52,12 +52,14 @@ def synthetic_store(root: Path, bags: int, tiles: int, dim: int,
     return store, records
 
 
-def run(store: FeatureStore, records: list[SlideRecord], root: Path, workers: int, epochs: int) -> dict:
+def run(store: FeatureStore, records: list[SlideRecord], root: Path, workers: int, epochs: int,
+        pairs_per_step: int = 1, cpus_per_worker: float = 1.0) -> dict:
     """Train with `workers` Ray Train workers; bags/s from the loop's per-epoch training time."""
-    config = MILConfig(mil_workers=workers, mil_cpus_per_worker=1.0, mil_epochs=epochs, mil_checkpoint_every=epochs,
-                       max_failures=0)
+    config = MILConfig(mil_workers=workers, mil_cpus_per_worker=cpus_per_worker, mil_epochs=epochs,
+                       mil_checkpoint_every=epochs, max_failures=0, mil_pairs_per_step=pairs_per_step)
     started = time.perf_counter()
-    result = fit_mil(config, store, records, root / f"run{workers}", name=f"bench{workers}")
+    name = f"bench{workers}_k{pairs_per_step}"
+    result = fit_mil(config, store, records, root / name, name=name)
     wall = time.perf_counter() - started
     seconds = [h["epoch_seconds"] for h in result.history]
     pairs = result.history[-1]["train_pairs"]

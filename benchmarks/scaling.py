@@ -22,10 +22,11 @@ from hnm_ray.cluster import init_ray
 from hnm_ray.config import from_mapping
 from hnm_ray.extract import ExtractConfig, extract_features
 from hnm_ray.store.features import FeatureStore
-from hnm_ray.store.manifest import load_manifest
+from hnm_ray.store.manifest import SlideRecord, load_manifest
 from hnm_ray.train import JobConfig, demo_manifest
 from hnm_ray.training.finetune import FinetuneConfig, fit_finetune, tile_rows
-from hnm_ray.training.mil import MILConfig, fit_mil
+from mil import run as mil_run  # benchmarks/mil.py, beside this script
+from mil import synthetic_store
 
 CPUS_PER_WORKER = 0.75  # two workers + a 0.5-CPU decode actor fit on 2 CPUs
 
@@ -38,11 +39,15 @@ def extraction(manifest: Path, root: Path, workers: int) -> float:
     return extract_features(config).tiles_per_second
 
 
-def mil(store: FeatureStore, records, root: Path, workers: int) -> float:
-    """Bags/s of aggregator training (2 bags a pair), from the loop's own epoch time."""
-    config = MILConfig(mil_workers=workers, mil_cpus_per_worker=CPUS_PER_WORKER, mil_epochs=20, max_failures=0)
-    metrics = fit_mil(config, store, records, root / f"mil{workers}", name=f"mil{workers}").metrics
-    return 2 * metrics["train_pairs"] / metrics["epoch_seconds"]
+def mil(root: Path, workers: int, pairs_per_step: int) -> float:
+    """Bags/s of aggregator training on 200 synthetic bags x 500 tiles x 512-d (benchmarks/mil.py's store)."""
+    store_root = root / "mil_store"
+    if not store_root.exists():
+        synthetic_store(store_root, 200, 500, 512)
+    store = FeatureStore(store_root, "bench_random", round=0)
+    records = [SlideRecord(s, str(store_root / f"{s}.svs"), int(s.split("_")[1]) % 2, "train", None)
+               for s in sorted(store.completed())]
+    return mil_run(store, records, root, workers, 5, pairs_per_step, CPUS_PER_WORKER)["bags_per_s"]
 
 
 def finetune(store: FeatureStore, records, root: Path, workers: int) -> float:
@@ -74,12 +79,14 @@ def main() -> None:
     manifest = demo_manifest(JobConfig())
     records = load_manifest(manifest)
     started = time.perf_counter()
-    stages: dict[str, dict[str, float]] = {"extraction_tiles_per_s": {}, "mil_bags_per_s": {}, "finetune_tiles_per_s": {}}
+    stages: dict[str, dict[str, float]] = {"extraction_tiles_per_s": {}, "mil_bags_per_s": {},
+                                           "mil_bags_per_s_8_pairs_per_step": {}, "finetune_tiles_per_s": {}}
     for workers in (1, 2):
         stages["extraction_tiles_per_s"][str(workers)] = extraction(manifest, root, workers)
     store = FeatureStore(root / "x1", "small_cnn", round=0)
     for workers in (1, 2):
-        stages["mil_bags_per_s"][str(workers)] = mil(store, records, root, workers)
+        stages["mil_bags_per_s"][str(workers)] = mil(root, workers, 1)
+        stages["mil_bags_per_s_8_pairs_per_step"][str(workers)] = mil(root, workers, 8)
         stages["finetune_tiles_per_s"][str(workers)] = finetune(store, records, root, workers)
     summary = {name: {"1": rates["1"], "2": rates["2"], "speedup": rates["2"] / rates["1"],
                       "efficiency": rates["2"] / rates["1"] / 2} for name, rates in stages.items()}
