@@ -74,7 +74,7 @@ def score_tiles(model_path: str | Path, store: FeatureStore, records: list[Slide
 
     wanted = sorted({r.slide_id for r in records} & store.completed())
     negatives = [r.slide_id for r in records if r.label == 0 and r.slide_id in wanted]
-    ds = ray.data.read_parquet([str(store.slide_path(s)) for s in wanted], columns=["slide_id", "tile_id", "embedding"])
+    ds = ray.data.read_parquet([str(store.slide_path(s)) for s in wanted]).select_columns(["slide_id", "tile_id", "embedding"])
     ds = ds.map_batches(InstanceScorer, fn_constructor_args=(str(model_path), miner_name, negatives),
                         batch_size=batch_size, batch_format="numpy", num_cpus=0.5,
                         compute=ray.data.ActorPoolStrategy(size=num_scorers))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import logging
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from hnm_ray.decode import TileReaders, decode_batch
 from hnm_ray.extract import ExtractConfig, extract_features, tile_index
 from hnm_ray.slides.integrity import jpeg_tile_problem
 from hnm_ray.slides.reader import open_slide
-from hnm_ray.slides.synthetic import write_pyramid
+from hnm_ray.slides.synthetic import damage_jpeg_tiles, write_pyramid
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest
 from hnm_ray.train import build_config
@@ -48,25 +47,6 @@ def _jpeg_tiles(path: Path, level_page: int = 0) -> list[tuple[int, int]]:
         return list(zip((int(o) for o in page.dataoffsets), (int(c) for c in page.databytecounts)))
 
 
-def _corrupt_tiles_under(src: Path, dst: Path, coords: np.ndarray, tile_size: int) -> list[int]:
-    """Copy a slide and overwrite the middle third of the level-0 JPEG tiles under these grid tiles with noise."""
-    import tifffile
-
-    shutil.copy(src, dst)
-    with tifffile.TiffFile(dst) as tif:
-        page = tif.pages[0]
-        across = -(-page.imagewidth // page.tilewidth)
-        indices = sorted({(y // page.tilelength) * across + x // page.tilewidth
-                          for x0, y0 in coords for x in (x0, x0 + tile_size - 1) for y in (y0, y0 + tile_size - 1)})
-        spans = [(int(page.dataoffsets[i]), int(page.databytecounts[i])) for i in indices]
-    rng = np.random.default_rng(0)
-    with dst.open("r+b") as f:
-        for offset, count in spans:
-            f.seek(offset + count // 3)
-            f.write(rng.integers(0, 256, count // 3, dtype=np.uint8).tobytes())
-    return indices
-
-
 @pytest.fixture(scope="module")
 def good(demo_cohort) -> list[SlideRecord]:
     return load_manifest(demo_cohort)
@@ -82,7 +62,7 @@ def bad_slides(good, tmp_path_factory) -> dict[str, SlideRecord]:
     (folder / "truncated.svs").write_bytes(data[: len(data) // 2])
     grid = tile_index(good[2], _config(folder))
     coords = np.stack([grid["x"].to_numpy(), grid["y"].to_numpy()], axis=1)[:3]
-    assert _corrupt_tiles_under(source, folder / "bad_jpeg.svs", coords, 224)
+    assert damage_jpeg_tiles(source, folder / "bad_jpeg.svs", coords, 224)
     rng = np.random.default_rng(0)
     write_pyramid(folder / "white.svs", rng.normal(242, 2.0, (1024, 1024, 3)).clip(0, 255).astype(np.uint8))
     paths = {name: folder / f"{name}.svs" for name in BAD}

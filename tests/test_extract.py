@@ -9,7 +9,6 @@ import csv
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from hnm_ray.config import build, from_mapping
 from hnm_ray.errors import ConfigError
 from hnm_ray.decode import TileReaders, decode_batch
 from hnm_ray.extract import ExtractConfig, SlideGatherer, extract_features, main
-from hnm_ray.slides.synthetic import MASK_DOWNSAMPLE
+from hnm_ray.slides.synthetic import MASK_DOWNSAMPLE, damage_jpeg_tiles
 from hnm_ray.store.features import FeatureStore, feature_schema
 from hnm_ray.store.manifest import load_manifest
 
@@ -330,24 +329,6 @@ def test_resume_after_the_process_is_killed(clean, records, demo_cohort, tmp_pat
         np.testing.assert_allclose(got.features, bag.features, atol=1e-4, rtol=0)
 
 
-def _corrupt_jpeg_tiles(src: Path, dst: Path, coords: np.ndarray) -> int:
-    """Copy a slide and overwrite the middle third of the level-0 JPEG tiles under `coords` with noise."""
-    import tifffile
-
-    shutil.copy(src, dst)
-    with tifffile.TiffFile(dst) as tif:
-        page = tif.pages[0]
-        across = -(-page.imagewidth // page.tilewidth)
-        indices = sorted({int(y // page.tilelength) * across + int(x // page.tilewidth) for x, y in coords})
-        spans = [(int(page.dataoffsets[i]), int(page.databytecounts[i])) for i in indices]
-    rng = np.random.default_rng(0)
-    with dst.open("r+b") as f:
-        for offset, count in spans:
-            f.seek(offset + count // 3)
-            f.write(rng.integers(0, 256, count // 3, dtype=np.uint8).tobytes())
-    return len(spans)
-
-
 @pytest.mark.timeout(300)
 def test_corrupt_slides_are_skipped_and_recorded(clean, records, tmp_path, capsys):
     _, reference = clean
@@ -359,7 +340,7 @@ def test_corrupt_slides_are_skipped_and_recorded(clean, records, tmp_path, capsy
     data = Path(source.path).read_bytes()
     (folder / "truncated.svs").write_bytes(data[: len(data) // 2])
     coords = reference.read_bag(source.slide_id).coords[:6]
-    assert _corrupt_jpeg_tiles(Path(source.path), folder / "bad_jpeg.svs", coords) >= 3
+    assert len(damage_jpeg_tiles(Path(source.path), folder / "bad_jpeg.svs", coords, 224)) >= 3
     bad = ["not_tiff", "truncated", "bad_jpeg"]
     rows = [{"slide_id": r.slide_id, "path": r.path, "label": r.label} for r in good]
     rows += [{"slide_id": s, "path": f"slides/{s}.svs", "label": 0} for s in bad]

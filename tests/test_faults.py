@@ -1,4 +1,7 @@
-"""Faults: a killed Ray Train worker, a killed miner actor, a killed extraction driver, a full output disk.
+"""Faults: a killed Ray Train worker, a killed miner actor, a full output disk.
+
+A killed extraction driver (rerun adds exactly the missing slides, no duplicate or lost tile) is
+tests/test_extract.py::test_resume_after_the_process_is_killed; it is not repeated here.
 
 Each test kills or starves a real process/resource and checks that the run recovers from its saved state (last
 checkpoint, miner snapshot, finished slide files) with nothing duplicated, lost or half-written.
@@ -11,14 +14,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -28,7 +29,6 @@ from hnm_ray.extract import ExtractConfig, extract_features, tile_index
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import load_manifest
 
-REPO = Path(__file__).resolve().parents[1]
 BASE = {"encoder": "small_cnn", "dtype": "float32"}
 
 
@@ -166,91 +166,6 @@ def test_killed_miner_restores_its_queue_and_the_round_completes_exactly(ray_ses
 
 
 # ---------------------------------------------------------------------------------------- extraction driver
-
-def _process_tree(pid: int) -> list:
-    import ray  # noqa: F401 - puts Ray's bundled psutil on sys.path
-    import psutil
-
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _reap(processes: list, timeout: float) -> list:
-    """Wait for processes of the killed run to exit; SIGKILL those left (by pid: only processes this test started)."""
-    import ray  # noqa: F401
-    import psutil
-
-    deadline = time.monotonic() + timeout
-    alive = processes
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        time.sleep(0.2)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    return alive
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_killed_extraction_driver_reruns_with_no_duplicate_or_missing_tile(ray_session, demo_cohort, tmp_path):
-    manifest = tmp_path / "four.csv"
-    lines = demo_cohort.read_text().splitlines()
-    manifest.write_text("\n".join(lines[:5]).replace("slides/", f"{demo_cohort.parent}/slides/") + "\n")
-    root = tmp_path / "store"
-    config = from_mapping(ExtractConfig, {**BASE, "manifest": str(manifest), "out": str(root), "batch_size": 64})
-    store = FeatureStore(root, config.store_tag())
-    # The driver joins the session's Ray, as a job on a cluster would: killing it must not take the cluster along.
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    # batch size 4: at most one slide completes per encoder batch, so the kill lands between slides
-    cmd = [sys.executable, "-m", "hnm_ray.extract", "--manifest", str(manifest), "--out", str(root),
-           "--encoder", "small_cnn", "--dtype", "float32", "--batch-size", "4"]
-    log = tmp_path / "killed.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        tree = []
-        try:
-            deadline = time.monotonic() + 300
-            while not store.files():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"extraction ended ({proc.returncode}) before a slide was written:\n"
-                                f"{log.read_text()[-3000:]}")
-                time.sleep(0.01)
-            tree = _process_tree(proc.pid)
-            os.killpg(proc.pid, signal.SIGKILL)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(60)
-            _reap(tree, 30)
-    assert "joined Ray cluster" in log.read_text()
-    records = load_manifest(manifest, require_labels=False)
-    assert len(records) == 4
-    before = {p.name for p in store.files()}
-    assert 1 <= len(before) < len(records), f"the kill landed after {len(before)} of {len(records)} slides"
-
-    summary = extract_features(config)  # the rerun (in the test session's Ray)
-    assert summary.slides_failed == [] and summary.slides_skipped_done == len(before)
-    assert summary.slides_written == len(records) - len(before)
-    assert store.completed() == {r.slide_id for r in records}
-    # A temp file of a write the kill interrupted may remain (removed once stale: a live writer may own it); it is
-    # hidden and never counted as a slide.
-    others = [p.name for p in store.directory.iterdir() if p not in store.files() and p.name != "errors.jsonl"]
-    assert all(name.startswith(".") and name.endswith(".parquet.tmp") for name in others), others
-    merged = pa.concat_tables(pq.read_table(p, columns=["slide_id", "tile_id"]) for p in store.files())
-    keys = list(zip(merged["slide_id"].to_pylist(), merged["tile_id"].to_pylist()))
-    assert len(set(keys)) == len(keys), "duplicate (slide_id, tile_id) rows"
-    for record in records:  # none missing: every slide has exactly the tiles of its tile index
-        expected = tile_index(record, config)["tile_id"].to_numpy()
-        got = store.read_table(record.slide_id, columns=["tile_id"])["tile_id"].to_numpy()
-        np.testing.assert_array_equal(got, expected, err_msg=record.slide_id)
-
-
-# ---------------------------------------------------------------------------------------- full disk
 
 @pytest.fixture
 def tiny_disk(tmp_path):

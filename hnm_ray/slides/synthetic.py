@@ -296,3 +296,24 @@ def make_demo_cohort(out: str | Path, n_slides: int = 16, seed: int = 0, size: i
         writer.writerows(rows)
     os.replace(partial, manifest)  # the manifest appears last, only once every slide is written
     return manifest
+
+
+def damage_jpeg_tiles(src: str | Path, dst: str | Path, coords: np.ndarray, tile_size: int) -> list[int]:
+    """Copy a slide to `dst` with the middle third of the level-0 JPEG tiles under these (x, y) tiles overwritten
+    by noise: a valid TIFF with corrupt JPEG data, for fault tests. Returns the damaged TIFF tile indices."""
+    import shutil
+
+    shutil.copy(src, dst)
+    with tifffile.TiffFile(dst) as tif:
+        page = tif.pages[0]
+        across = -(-page.imagewidth // page.tilewidth)
+        indices = sorted({(y // page.tilelength) * across + x // page.tilewidth
+                          for x0, y0 in np.asarray(coords, dtype=np.int64)
+                          for x in (x0, x0 + tile_size - 1) for y in (y0, y0 + tile_size - 1)})
+        spans = [(int(page.dataoffsets[i]), int(page.databytecounts[i])) for i in indices]
+    rng = np.random.default_rng(0)
+    with open(dst, "r+b") as handle:
+        for offset, count in spans:
+            handle.seek(offset + count // 3)
+            handle.write(rng.integers(0, 256, count // 3, dtype=np.uint8).tobytes())
+    return indices
