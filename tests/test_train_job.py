@@ -108,7 +108,11 @@ def test_ray_job_submit_with_token_auth_runs_the_job(tmp_path):
     temp_dir = Path(tempfile.mkdtemp(prefix="hnm_ray_", dir="/tmp"))  # short: Ray's socket paths must stay under 107 bytes
     start = subprocess.run([ray_cli, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-                            "--include-dashboard=true", f"--temp-dir={temp_dir}"],
+                            "--include-dashboard=true", f"--temp-dir={temp_dir}",
+                            # own agent ports: the suite's local Ray may hold the defaults (e.g. 52365)
+                            f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+                            f"--ray-client-server-port={_free_port()}"],
                            env=env, capture_output=True, text=True, timeout=120)
     assert start.returncode == 0, start.stderr[-2000:]
     try:
@@ -116,14 +120,15 @@ def test_ray_job_submit_with_token_auth_runs_the_job(tmp_path):
                       *TINY[:4], "--rounds", "0", "--mil-epochs", "4", "--mil-workers", "0", "--heatmaps", "1"]
         runtime_env = json.dumps({"env_vars": {"HNM_RAY_CACHE": env["HNM_RAY_CACHE"]}})
         # The CLI a user types; the token travels in RAY_AUTH_MODE/RAY_AUTH_TOKEN of the submitting shell.
-        for _ in range(30):  # the head's dashboard agent takes a few seconds to accept jobs
+        deadline = time.time() + 300  # the head's dashboard agent takes seconds (minutes on a loaded box) to register
+        while True:
             done = subprocess.run([ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
                                    "--runtime-env-json", runtime_env, "--", *entrypoint],
                                   env=env, capture_output=True, text=True, timeout=700)
             logs = done.stdout + done.stderr
-            if "No available agent" not in logs:
+            if "No available agent" not in logs or time.time() > deadline:
                 break
-            time.sleep(2)
+            time.sleep(3)
         assert done.returncode == 0, logs[-3000:]
         assert "succeeded" in logs.lower()
         assert "joined Ray cluster" in logs
