@@ -1,0 +1,84 @@
+"""Small shared pieces: augmentations, pictures, progress lines, the CLI wrapper, registries, devices."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hnm_ray.augment import AugmentConfig, augment, two_views
+from hnm_ray.cli import entry_point
+from hnm_ray.cluster import torch_device
+from hnm_ray.errors import ConfigError, HnmError
+from hnm_ray.progress import Progress
+from hnm_ray.registry import Registry, load_plugin
+from hnm_ray.report import heatmap, plot_roc
+
+
+def _tiles(n: int = 4, size: int = 64) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8))
+
+
+def test_two_views_keep_layout_differ_and_are_seeded():
+    tiles = _tiles()
+    a1, a2 = two_views(tiles, AugmentConfig(), torch.Generator().manual_seed(1))
+    b1, _ = two_views(tiles, AugmentConfig(), torch.Generator().manual_seed(1))
+    assert a1.shape == tiles.shape and a1.dtype == torch.uint8
+    assert torch.equal(a1, b1)
+    assert not torch.equal(a1, a2)
+    assert augment(tiles, AugmentConfig(out_size=32), torch.Generator().manual_seed(0)).shape == (4, 32, 32, 3)
+
+
+def test_roc_and_heatmap_pngs(tmp_path):
+    roc = plot_roc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]), tmp_path / "roc.png")
+    with Image.open(roc) as picture:
+        assert picture.size == (400, 400)
+    thumb = np.full((100, 200, 3), 255, np.uint8)
+    path = heatmap(thumb, (2000, 1000), np.array([0, 1000]), np.array([0, 0]), 500, np.array([1.0, 0.0]),
+                   tmp_path / "h.png")
+    painted = np.asarray(Image.open(path))
+    assert painted.shape == (100, 200, 3)
+    assert painted[10, 10, 0] > painted[10, 10, 2]  # score 1 -> red over the first tile
+    assert painted[10, 110, 2] > painted[10, 110, 0]  # score 0 -> blue over the second
+    assert (painted[80, 60] == 255).all()  # no tile there: the thumbnail is untouched
+
+
+def test_progress_line_counts_rate_and_extras():
+    progress = Progress("tiles", 10, every_s=1e9)
+    progress.update(4, slides=1)
+    progress.update(1, slides=1)
+    line = progress.line()
+    assert line.startswith("tiles: 5/10 (50%)") and "slides 2" in line
+
+
+def test_entry_point_turns_our_errors_into_exit_code_2(caplog):
+    @entry_point
+    def main(argv):
+        raise ConfigError("neg_ratio", "out of range")
+
+    assert main([]) == 2
+    assert entry_point(lambda argv: 0)([]) == 0
+    with pytest.raises(ValueError):
+        entry_point(lambda argv: (_ for _ in ()).throw(ValueError("not ours")))([])
+    assert issubclass(ConfigError, HnmError)
+
+
+def test_registry_and_plugins():
+    registry: Registry = Registry("thing")
+
+    @registry.register("a")
+    def make_a():
+        return "a"
+
+    assert registry.names() == ["a"] and "a" in registry and registry["a"]() == "a"
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("a")(lambda: "b")
+    assert load_plugin("json:dumps", "thing")([1]) == "[1]"
+    with pytest.raises(ConfigError) as info:
+        load_plugin("json:no_such_function", "thing")
+    assert info.value.key == "thing"
+
+
+def test_torch_device_is_explicit():
+    assert torch_device(False) == "cpu"
+    assert torch_device(True) == ("cuda" if torch.cuda.is_available() else "cpu")
