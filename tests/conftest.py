@@ -1,6 +1,7 @@
 """Shared fixtures: one local Ray session for the whole suite and a small demo cohort."""
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,23 @@ def mil_store(ray_session, mil_cohort, tmp_path_factory):
                                           "dtype": "float32", "batch_size": 64})
     extract_features(config)
     return FeatureStore(root, config.store_tag(), round=0)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(name, options) -> a tmpfs folder under tmp_path (e.g. "size=48k", "ro"); skips where mount is refused."""
+    mounted: list[Path] = []
+
+    def mount(name: str, options: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs ({options}) here (needs root/CAP_SYS_ADMIN): {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=False)

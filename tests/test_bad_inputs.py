@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import logging
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -232,16 +231,9 @@ def test_output_under_a_regular_file_is_a_clear_store_error(ray_session, good, t
 
 
 @pytest.fixture
-def read_only_mount(tmp_path):
+def read_only_mount(tmpfs):
     """A read-only tmpfs (root ignores permission bits, not a read-only mount); skipped where mount is refused."""
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here ({done.stderr.strip()}); the regular-file case covers it")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=False)
+    return tmpfs("ro", "ro,size=64k")
 
 
 @pytest.mark.timeout(120)

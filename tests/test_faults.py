@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -168,16 +167,9 @@ def test_killed_miner_restores_its_queue_and_the_round_completes_exactly(ray_ses
 # ---------------------------------------------------------------------------------------- extraction driver
 
 @pytest.fixture
-def tiny_disk(tmp_path):
+def tiny_disk(tmpfs):
     """A 48 KiB tmpfs: room for about two slide files of the demo cohort; skipped where mount is refused."""
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(folder)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root/CAP_SYS_ADMIN): {done.stderr.strip()}")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=False)
+    return tmpfs("disk", "size=48k")
 
 
 @pytest.mark.timeout(600)
