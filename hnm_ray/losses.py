@@ -116,3 +116,54 @@ def supcon_loss(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor | None 
     if not bool(anchors.any()):
         return per_anchor.sum() * 0.0
     return (temperature / base_temperature) * per_anchor[anchors].mean()
+
+
+def supcon_official(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor, anchor_mask: torch.Tensor,
+                    contrast_mask: torch.Tensor | None = None, temperature: float = 0.07,
+                    base_temperature: float = 0.07) -> torch.Tensor:
+    """SupCon as the official ItS2CLR/HNM-WSI fine-tuning computes it (loss/losses.py `SupConLoss`, pair_mode 1/2).
+
+    z1, z2 (N, d) are two views (L2-normalised here); labels (N,) pseudo labels; anchor_mask (N,) bool the
+    anchor samples; contrast_mask (N,) bool the samples every view may be contrasted with (None: all).
+    View i's denominator sums exp(sim / T) over the other views j with contrast_mask; its positives are the
+    views j != i with the same label that are anchors and in the contrast set; its loss is
+    -(T / base_T) * mean log-probability of its positives, 0 when it is no anchor or has no positive.
+    The result is the mean over ALL 2N views, anchors or not.
+
+    Differences from `supcon_loss`: that one averages over the anchor views only (so a step with few
+    anchors, e.g. 25 positives among 511 tiles, weighs ~20x more), lets a non-anchor same-label view be
+    a positive and has no contrast mask. Step A (`supcon_step_a`) and step B (`supcon_step_b`) set the masks.
+    """
+    if z1.ndim != 2 or z1.shape != z2.shape or z1.shape[0] < 1:
+        raise ValueError(f"z1 and z2 must both be (B, d) with B >= 1, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    batch, device = z1.shape[0], z1.device
+    contrast = torch.ones(batch, dtype=torch.bool, device=device) if contrast_mask is None else contrast_mask
+    masks = [m.to(device).reshape(-1) for m in (labels, anchor_mask, contrast)]
+    if any(m.numel() != batch for m in masks):
+        raise ValueError(f"labels, anchor_mask and contrast_mask need one entry per sample ({batch}), "
+                         f"got {[m.numel() for m in masks]}")
+    ids, anchors, contrast = masks[0].repeat(2), masks[1].bool().repeat(2), masks[2].bool().repeat(2)
+    features = F.normalize(torch.cat([z1, z2]), dim=1)
+    others = contrast[None, :] & ~torch.eye(2 * batch, dtype=torch.bool, device=device)
+    positives = others & (ids[:, None] == ids[None, :]) & anchors[:, None] & anchors[None, :]
+    logits = (features @ features.T / temperature).masked_fill(~others, float("-inf"))
+    # Rows without a positive contribute 0; zeroing them keeps their log-sum-exp (and gradients) finite.
+    logits = logits.masked_fill(~positives.any(dim=1, keepdim=True), 0.0)
+    log_prob = (logits - torch.logsumexp(logits, dim=1, keepdim=True)).masked_fill(~positives, 0.0)
+    per_view = -(temperature / base_temperature) * log_prob.sum(dim=1) / positives.sum(dim=1).clamp(min=1)
+    return per_view.mean()
+
+
+def supcon_step_a(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor, bag_labels: torch.Tensor,
+                  temperature: float = 0.07, base_temperature: float = 0.07,
+                  mask_uncertain_neg: bool = True) -> torch.Tensor:
+    """Official step A: negatives (label 0) anchor; uncertain negatives (label 0, positive slide) are not contrasted."""
+    anchors = labels == 0
+    contrast = ~(anchors & (bag_labels == 1)) if mask_uncertain_neg else None
+    return supcon_official(z1, z2, labels, anchors, contrast, temperature, base_temperature)
+
+
+def supcon_step_b(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07,
+                  base_temperature: float = 0.07) -> torch.Tensor:
+    """Official step B: positives (label 1) are the anchors, contrasted with every view of the batch."""
+    return supcon_official(z1, z2, labels, labels == 1, None, temperature, base_temperature)
