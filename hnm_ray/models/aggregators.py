@@ -17,7 +17,7 @@ from hnm_ray.registry import Registry, load_plugin
 
 AggregatorFactory = Callable[..., nn.Module]
 
-_BUILTIN_MODULES = ("hnm_ray.models.dsmil", "hnm_ray.models.abmil")
+_BUILTIN_MODULES = ("hnm_ray.models.dsmil", "hnm_ray.models.dsmil_its2clr", "hnm_ray.models.abmil")
 
 
 class MILOutput(NamedTuple):
@@ -40,6 +40,10 @@ class MILAggregator(nn.Module):
     def bag_output(self, features: torch.Tensor) -> MILOutput:
         """Instance logits, bag logit and attention weights for one bag of features (N, D)."""
         raise NotImplementedError
+
+    def instance_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Instance logits (N,) for one bag; subclasses override this to skip the bag branch when scoring."""
+        return self.bag_output(features).instance_logits
 
     def check_bag(self, features: torch.Tensor) -> None:
         """Raise ValueError unless `features` is a non-empty (N, in_dim) bag."""

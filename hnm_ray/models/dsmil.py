@@ -31,10 +31,14 @@ class DSMIL(MILAggregator):
         self.bag_classifier = nn.Linear(in_dim, 1)
         self.scale = hidden ** -0.5
 
+    def instance_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Instance logits (N,) of the linear instance classifier alone (no bag branch)."""
+        self.check_bag(features)
+        return self.instance_classifier(features).squeeze(1)
+
     def bag_output(self, features: torch.Tensor) -> MILOutput:
         """Instance logits, bag logit and the attention over tiles relative to the critical tile."""
-        self.check_bag(features)
-        instance_logits = self.instance_classifier(features).squeeze(1)
+        instance_logits = self.instance_logits(features)
         queries = self.query(features)
         critical = torch.argmax(instance_logits.detach())
         attention = torch.softmax(queries @ queries[critical] * self.scale, dim=0)
