@@ -3,6 +3,7 @@
 Two independently augmented views per tile (SimCLR/SupCon): random resized crop, flips and
 90-degree rotations (histology has no canonical orientation), and colour jitter on brightness,
 contrast and saturation (stain variation). Written in torch so no torchvision build is needed.
+`augment_official` is the official ItS2CLR/HNM-WSI SimCLR set, built from kornia modules.
 """
 from __future__ import annotations
 
@@ -73,6 +74,52 @@ def augment(tiles: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> to
     return (x * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-def two_views(tiles: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two independent augmented views of the same tiles (uint8, same layout as the input)."""
-    return augment(tiles, cfg, gen), augment(tiles, cfg, gen)
+# The official ItS2CLR/HNM-WSI set (dataset/dataloader_simCLR.py `_get_simclr_pipeline_transform`).
+OFFICIAL_CROP_SCALE = (0.08, 1.0)
+OFFICIAL_JITTER = (0.8, 0.8, 0.8, 0.2)  # brightness, contrast, saturation, hue
+OFFICIAL_JITTER_P = 0.8
+OFFICIAL_GRAYSCALE_P = 0.2
+OFFICIAL_BLUR_KERNEL = 13  # int(0.06 * 224)
+OFFICIAL_BLUR_SIGMA = (0.1, 2.0)
+OFFICIAL_BLUR_P = 0.5
+
+
+def official_pipeline(out: int) -> torch.nn.Sequential:
+    """The official SimCLR augmentations as kornia modules on float (B, 3, H, W) images in [0, 1]."""
+    import kornia.augmentation as K
+
+    return torch.nn.Sequential(
+        K.RandomResizedCrop((out, out), scale=OFFICIAL_CROP_SCALE),
+        K.RandomHorizontalFlip(p=0.5),
+        K.ColorJitter(*OFFICIAL_JITTER, p=OFFICIAL_JITTER_P),
+        K.RandomGrayscale(p=OFFICIAL_GRAYSCALE_P),
+        K.RandomGaussianBlur((OFFICIAL_BLUR_KERNEL, OFFICIAL_BLUR_KERNEL), OFFICIAL_BLUR_SIGMA, p=OFFICIAL_BLUR_P),
+    )
+
+
+def augment_official(tiles: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """One view with the official augmentations: uint8 RGB (B,H,W,3) -> uint8 RGB (B,S,S,3) (S = cfg.out_size or H).
+
+    Only cfg.out_size is used. The colour steps run on BGR, as in the official code (cv2.imread tiles fed
+    to RGB-assuming transforms), which changes grayscale, contrast and saturation. kornia draws its random
+    parameters from the global CPU generator: that is forked and seeded from `gen`, so `gen` alone decides
+    the views and the caller's global RNG state is left as it was.
+    """
+    out = cfg.out_size or tiles.shape[1]
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        x = official_pipeline(out)(tiles.flip(-1).permute(0, 3, 1, 2).float() / 255.0)
+    return (x.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).flip(-1).contiguous()
+
+
+AUGMENTATIONS = {"ours": augment, "official": augment_official}
+
+
+def two_views(tiles: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator,
+              augmentation: str = "ours") -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent augmented views of the same tiles (uint8, same layout): "ours" or "official" augmentations."""
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augmentation!r}; choose one of {sorted(AUGMENTATIONS)}")
+    view = AUGMENTATIONS[augmentation]
+    return view(tiles, cfg, gen), view(tiles, cfg, gen)
