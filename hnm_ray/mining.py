@@ -489,3 +489,30 @@ def select_hard_negatives_local(table: pa.Table, neg_ratio: float) -> pa.Table:
     distinct = pa.table([distinct["slide_id"].cast(pa.string()), distinct["tile_id"].cast(pa.int32()),
                          distinct["score_max"].cast(pa.float32())], schema=HARD_NEGATIVE_SCHEMA)
     return _ranked(distinct).slice(0, n_hard_negatives(distinct.num_rows, neg_ratio))
+
+
+def uncertain_negatives(table: pa.Table, threshold: float = 0.3, *, ratio: float) -> pa.Table:
+    """ItS2CLR's uncertain negatives: positive-slide tiles with p <= threshold, the lowest fraction `ratio` by p.
+
+    As the official code selects them (InssepSPLDataset.init_bag): q = np.quantile(p of those tiles,
+    ratio) with linear interpolation, keep every tile with p <= q (ties included), i.e.
+    floor(ratio * (n - 1)) + 1 tiles without ties. `table` holds positive-slide tiles with slide_id,
+    tile_id and score = p in [0, 1]; returned by score ascending, then slide_id, tile_id. They are
+    label 0 in the official step B (after the first adopted pseudo-label update).
+    """
+    check_range("ratio", ratio, 0.0, 1.0, low_open=True)
+    check_range("threshold", threshold, 0.0, 1.0, high_open=True)
+    scores = table["score"]
+    # The complement of select_positives' candidates (p > threshold, threshold cast to the score type).
+    below = table.filter(pc.less_equal(scores, pa.scalar(threshold, type=scores.type)))
+    if below.num_rows == 0:
+        return below
+    values = below["score"].to_numpy().astype(np.float64)  # the official code compares Python floats
+    kept = below.filter(pa.array(values <= np.quantile(values, ratio)))
+    return kept.take(pc.sort_indices(kept, sort_keys=[("score", "ascending"), ("slide_id", "ascending"),
+                                                      ("tile_id", "ascending")]))
+
+
+def adopt_round(new_best_val_f1: float, best_so_far: float) -> bool:
+    """Official update gate: adopt a round's pseudo labels and hard negatives iff its best val F1 >= the best so far."""
+    return bool(new_best_val_f1 >= best_so_far)
