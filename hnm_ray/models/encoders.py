@@ -40,23 +40,29 @@ def list_encoders() -> list[str]:
     return ENCODERS.names()
 
 
-def _norm(channels: int) -> nn.Module:
-    return nn.InstanceNorm2d(channels, affine=True)
+INSTANCE_NORMS = {"affine": True, "plain": False}  # plain: no scale/shift parameters, as in the official code
+INPUT_SPACES = ("rgb_imagenet", "bgr01")
+OFFICIAL_HEAD_PREFIX = "fc."
+
+
+def _norm(channels: int, affine: bool = True) -> nn.Module:
+    return nn.InstanceNorm2d(channels, affine=affine)
 
 
 class BasicBlock(nn.Module):
     """ResNet basic block (two 3x3 convs + identity/projection shortcut) with instance norm."""
 
-    def __init__(self, in_channels: int, channels: int, stride: int = 1) -> None:
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, affine: bool = True) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
-        self.bn1 = _norm(channels)
+        self.bn1 = _norm(channels, affine)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.bn2 = _norm(channels)
+        self.bn2 = _norm(channels, affine)
         self.downsample: nn.Module = nn.Identity()
         if stride != 1 or in_channels != channels:
-            self.downsample = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False), _norm(channels))
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
+                                            _norm(channels, affine))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = self.downsample(x)
@@ -64,23 +70,23 @@ class BasicBlock(nn.Module):
         return self.relu(self.bn2(self.conv2(out)) + shortcut)
 
 
-def _stage(in_channels: int, channels: int, n_blocks: int, stride: int) -> nn.Sequential:
+def _stage(in_channels: int, channels: int, n_blocks: int, stride: int, affine: bool = True) -> nn.Sequential:
     """One ResNet stage: the first block changes width/stride, the others keep them."""
-    return nn.Sequential(BasicBlock(in_channels, channels, stride),
-                         *(BasicBlock(channels, channels) for _ in range(n_blocks - 1)))
+    return nn.Sequential(BasicBlock(in_channels, channels, stride, affine),
+                         *(BasicBlock(channels, channels, affine=affine) for _ in range(n_blocks - 1)))
 
 
 class ResNetIN(nn.Module):
     """ResNet with instance norm and no classifier: (B, 3, H, W) -> (B, out_dim) after global average pooling."""
 
     def __init__(self, blocks: tuple[int, int, int, int] = (2, 2, 2, 2),
-                 widths: tuple[int, int, int, int] = (64, 128, 256, 512)) -> None:
+                 widths: tuple[int, int, int, int] = (64, 128, 256, 512), affine: bool = True) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
-        self.bn1 = _norm(widths[0])
+        self.bn1 = _norm(widths[0], affine)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        stages = [_stage(c_in, c_out, n, 1 if i == 0 else 2)
+        stages = [_stage(c_in, c_out, n, 1 if i == 0 else 2, affine)
                   for i, (c_in, c_out, n) in enumerate(zip((widths[0], *widths[:-1]), widths, blocks))]
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -114,9 +120,11 @@ class SmallCNN(nn.Module):
 
 
 @register_encoder("resnet18_in")
-def resnet18_in() -> nn.Module:
-    """ResNet-18 with InstanceNorm2d(affine=True), 512-d features (the paper's tile encoder)."""
-    return ResNetIN((2, 2, 2, 2))
+def resnet18_in(norm: str = "affine") -> nn.Module:
+    """ResNet-18 with instance norm, 512-d features (the paper's f); norm "affine" (ours) or "plain" (official)."""
+    if norm not in INSTANCE_NORMS:
+        raise ConfigError("norm", f"unknown instance norm {norm!r}; choose one of {sorted(INSTANCE_NORMS)}")
+    return ResNetIN((2, 2, 2, 2), affine=INSTANCE_NORMS[norm])
 
 
 @register_encoder("small_cnn")
@@ -233,6 +241,61 @@ def _is_identity_norm_param(model: nn.Module, key: str) -> bool:
     return name in ("weight", "bias") and isinstance(model.get_submodule(owner), nn.InstanceNorm2d)
 
 
+def official_simclr_state(checkpoint: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(encoder, projection head) state dicts in our key layout from an official ItS2CLR/HNM-WSI checkpoint.
+
+    Official layouts: the SimCLR checkpoint {'state_dict': {'module.resnet.<torchvision resnet18 key>': ...}}
+    and the fine-tuning checkpoints {'net': {'resnet.<key>' or 'module.resnet.<key>': ...}, 'optimizer': ...}.
+    `resnet.fc.0.*` / `resnet.fc.2.*` are the projection head (Linear(512, 512), ReLU, Linear(512, 256)) and
+    come back as `0.*` / `2.*`; keys outside `resnet.` are skipped, as the official loader does.
+    """
+    state = checkpoint
+    if isinstance(checkpoint, dict):
+        state = next((checkpoint[k] for k in ("state_dict", "net") if isinstance(checkpoint.get(k), dict)), checkpoint)
+    if not isinstance(state, dict):
+        raise ValueError(f"expected a dict of tensors, got {type(state).__name__}")
+    encoder: dict[str, torch.Tensor] = {}
+    head: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = key.removeprefix("module.")
+        if not name.startswith("resnet."):
+            continue
+        name = name.removeprefix("resnet.")
+        if name.startswith(OFFICIAL_HEAD_PREFIX):
+            head[name.removeprefix(OFFICIAL_HEAD_PREFIX)] = value
+        else:
+            encoder[name] = value
+    if not encoder:
+        raise ValueError(f"no 'resnet.' / 'module.resnet.' keys (first keys: {list(state)[:5]})")
+    return encoder, head
+
+
+def load_official_simclr(model: nn.Module, path: str | Path) -> dict[str, torch.Tensor]:
+    """Load an official SimCLR / fine-tuning checkpoint into `model` (resnet18_in); returns the projection head's state.
+
+    Read with torch.load(weights_only=True): tensors and plain containers only, never pickled code.
+    ConfigError('weights') naming every missing, unexpected or mis-shaped key when it does not fit.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError("weights", f"file {str(path)!r} not found; pass the official SimCLR checkpoint file")
+    try:
+        encoder_state, head_state = official_simclr_state(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types; all mean "not this layout"
+        raise ConfigError("weights", f"{path} is not an official ItS2CLR/HNM-WSI checkpoint: {exc}") from exc
+    own = model.state_dict()
+    missing = [k for k in own if k not in encoder_state and not _is_identity_norm_param(model, k)]
+    unexpected = [k for k in encoder_state if k not in own]
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in encoder_state.items()
+             if k in own and v.shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ConfigError("weights", f"{path} does not fit this encoder: missing keys {missing}, unexpected keys "
+                                     f"{unexpected}, shape mismatches {wrong}; the official encoder is "
+                                     "resnet18_in with norm 'plain'")
+    model.load_state_dict(encoder_state, strict=False)
+    return head_state
+
+
 def file_digest(path: str | Path, length: int = 10) -> str:
     """Short sha256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -254,12 +317,20 @@ def encoder_tag(spec: str, weights: str | Path | None = None) -> str:
     return "-".join(parts)
 
 
-def to_model_input(tiles: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """uint8 tiles (B, H, W, 3) on any device -> float32 (B, 3, H, W) normalized with ImageNet mean/std."""
+def to_model_input(tiles: torch.Tensor | np.ndarray, input_space: str = "rgb_imagenet") -> torch.Tensor:
+    """uint8 RGB tiles (B, H, W, 3) on any device -> float32 (B, 3, H, W) in the encoder's input space.
+
+    "rgb_imagenet" (ours): RGB normalized with ImageNet mean/std. "bgr01" (official ItS2CLR/HNM-WSI, which
+    reads tiles with cv2.imread): BGR channel order, values in [0, 1], no normalisation.
+    """
     if isinstance(tiles, np.ndarray):
         tiles = torch.from_numpy(np.ascontiguousarray(tiles))
     if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != torch.uint8:
         raise ValueError(f"expected uint8 tiles of shape (B, H, W, 3), got {tiles.dtype} {tuple(tiles.shape)}")
+    if input_space not in INPUT_SPACES:
+        raise ConfigError("input_space", f"unknown input space {input_space!r}; choose one of {list(INPUT_SPACES)}")
+    if input_space == "bgr01":
+        return (tiles.flip(-1).permute(0, 3, 1, 2).float() / 255.0).contiguous()
     mean = torch.tensor(IMAGENET_MEAN, device=tiles.device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(IMAGENET_STD, device=tiles.device).view(1, 3, 1, 1) * 255.0
     return ((tiles.permute(0, 3, 1, 2).float() - mean) / std).contiguous()
