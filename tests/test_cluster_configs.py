@@ -322,16 +322,33 @@ def test_train_entrypoint_flags_parse():
 
     module, args = _entrypoint(CLUSTER / "kuberay" / "rayjob-train.yaml")
     assert module == "hnm_ray.train"
-    wanted = {"--manifest", "--runs-dir", "--num-encoders", "--ft-workers", "--ft-use-gpu", "--mil-workers"}
+    wanted = {"--manifest", "--runs-dir", "--encoder.name", "--extract.num_encoders", "--finetune.workers",
+              "--finetune.use_gpu", "--mil.workers"}
     assert wanted <= set(_flags(args))
     config, run_dir = _parse_train(parse_args, args)
-    assert config.job.manifest == "/data/slides.csv" and config.ft.ft_use_gpu is True
-    assert config.job.num_encoders >= 1 and config.ft.ft_workers >= 1 and config.mil.mil_workers >= 1
+    assert config.run.manifest == "/data/slides.csv" and config.finetune.use_gpu is True
+    assert config.encoder.name == "resnet18_in"
+    assert config.extract.num_encoders >= 1 and config.finetune.workers >= 1 and config.mil.workers >= 1
     assert str(run_dir).startswith("/data/runs/")
     readme = _readme_commands("hnm_ray.train")
     assert readme, "cluster/README.md shows no `python -m hnm_ray.train` command"
     for command in readme:
         _parse_train(parse_args, command)
+
+
+def test_readme_section_flags_are_knobs():
+    """Every `--section.knob` the README names (sizing table, prose) is a flag of hnm_ray.train or hnm_ray.tune."""
+    import argparse
+
+    from hnm_ray import config as cfg
+    from hnm_ray.tune import TuneConfig
+
+    parser = argparse.ArgumentParser()
+    cfg.add_arguments(parser, TuneConfig)  # TrainConfig's knobs and the sweep section
+    named = set(re.findall(r"--[a-z]+\.[\w.-]*\w", (CLUSTER / "README.md").read_text()))
+    assert named, "cluster/README.md names no --section.knob flag"
+    unknown = sorted(named - set(parser._option_string_actions))
+    assert not unknown, f"cluster/README.md names flags hnm_ray does not take: {unknown}"
 
 
 def _parse_train(parse_args, args: list[str]):
@@ -345,15 +362,27 @@ def test_tune_entrypoint_flags_exist():
     """Every flag of the tune RayJob appears in `python -m hnm_ray.tune --help` (checked once tune.py exists)."""
     module, args = _entrypoint(CLUSTER / "kuberay" / "rayjob-tune.yaml")
     assert module == "hnm_ray.tune"
-    assert {"--manifest", "--num-samples", "--storage-path"} <= set(_flags(args))
+    assert {"--manifest", "--num-samples", "--storage-path", "--finetune.workers"} <= set(_flags(args))
     if _module_file(module) is None:
         pytest.skip("hnm_ray/tune.py does not exist yet (test_rayjob_entrypoint_module_exists fails for it)")
     helptext = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
                               timeout=120)
     assert helptext.returncode == 0, helptext.stderr[-2000:]
     wanted = set(_flags(args)) | {f for c in _readme_commands(module) for f in _flags(c)}
-    missing = [f for f in sorted(wanted) if not re.search(re.escape(f) + r"(?![\w-])", helptext.stdout)]
+    missing = [f for f in sorted(wanted) if not re.search(re.escape(f) + r"(?![\w.-])", helptext.stdout)]
     assert not missing, f"flags not in `python -m {module} --help`: {missing}"
+    import argparse
+
+    from hnm_ray import config as cfg
+    from hnm_ray.tune import TuneConfig
+
+    parser = argparse.ArgumentParser(prog=module)  # the knobs of `main`'s parser: flags -> one validated tree
+    cfg.add_source_arguments(parser)
+    cfg.add_arguments(parser, TuneConfig)
+    for command in [args, *_readme_commands(module)]:
+        config = cfg.load_config(TuneConfig, parser.parse_args(command))
+        assert config.run.manifest.startswith("/data/") and config.sweep.storage_path.startswith("/data/")
+        assert config.finetune.use_gpu is True and config.finetune.workers >= 1
 
 
 # --------------------------------------------------------------------------- Dockerfile and README
@@ -388,8 +417,8 @@ def test_readme_documents_the_commands_and_names_real_files():
     for command in ("ray get-auth-token --generate", "ray up cluster/aws.yaml", "ray dashboard cluster/aws.yaml",
                     "ray job submit --address http://127.0.0.1:8265 --working-dir . --", "export RAY_AUTH_MODE=token",
                     "RAY_AUTH_TOKEN", "kubectl create secret generic ray-auth-token --from-literal=token=",
-                    "kubectl apply -f cluster/kuberay/", "ray down cluster/aws.yaml", "--num-encoders",
-                    "--ft-workers", "python -m hnm_ray.tune"):
+                    "kubectl apply -f cluster/kuberay/", "ray down cluster/aws.yaml", "--extract.num_encoders",
+                    "--finetune.workers", "python -m hnm_ray.tune"):
         assert command in text, f"cluster/README.md does not show `{command}`"
     for name in set(re.findall(r"cluster/[\w./-]+\.(?:yaml|md)|cluster/Dockerfile", text)):
         assert (REPO / name).is_file(), f"README names {name}, which does not exist"
