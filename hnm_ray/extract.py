@@ -8,7 +8,8 @@ Re-running skips finished slides; a slide that fails is recorded in `errors.json
 tiles under every read get a cheap marker check (`jpeg_tile_problem`): cuCIM decodes a corrupt tile into gray
 pixels without raising, so without it a damaged slide would be embedded silently.
 
-    python -m hnm_ray.extract --manifest M --out STORE [--encoder resnet18_in] [--tile-size 224]
+    python -m hnm_ray.extract --manifest M --out STORE [--encoder.name resnet18_in] [--tiling.tile_size 224]
+    python -m hnm_ray.extract --config run.yaml --out STORE      # the same YAML as hnm_ray.train
 """
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ import numpy as np
 import pyarrow as pa
 
 from hnm_ray import config as cfg
+from hnm_ray.config import EncoderConfig, TilingConfig, TrainConfig
 from hnm_ray.cli import entry_point
 from hnm_ray.cli import parser as cli_parser
 from hnm_ray.cluster import cluster_gpus, init_ray, torch_device
 from hnm_ray.decode import TileDecoder, TileReaders, decode_batch
-from hnm_ray.errors import HnmError
+from hnm_ray.errors import ConfigError, HnmError
 from hnm_ray.progress import Progress
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest
@@ -33,58 +35,6 @@ from hnm_ray.store.manifest import SlideRecord, load_manifest
 log = logging.getLogger("hnm_ray")
 
 INDEX_COLUMNS = ("slide_id", "path", "tile_id", "x", "y", "level", "size")
-
-
-@dataclass
-class ExtractConfig:
-    """Feature extraction: tiling, encoder and Ray resources."""
-
-    manifest: str = cfg.knob("", "slide manifest (CSV/Parquet: slide_id, path, label[, split, annotation])")
-    out: str = cfg.knob("features", "feature store root folder")
-    encoder: str = cfg.knob("resnet18_in", "encoder: registry name, module:callable, or TorchScript file")
-    weights: str | None = cfg.knob(None, "local encoder weights file (none: seeded random init)")
-    seed: int = cfg.knob(0, "seed of the encoder's random init when no weights are given")
-    tag: str | None = cfg.knob(None, "store folder name for this encoder (default: derived from encoder + weights)")
-    round: int = cfg.knob(0, "round number in the store layout (round=<r>)")
-    tile_size: int = cfg.knob(224, "tile side in pixels fed to the encoder")
-    level: int | None = cfg.knob(0, "pyramid level to tile (ignored when --mpp is set)")
-    mpp: float | None = cfg.knob(None, "tile at this resolution in microns/pixel instead of a level")
-    min_tissue: float = cfg.knob(0.5, "minimum tissue fraction of a kept tile")
-    batch_size: int = cfg.knob(64, "tiles per decode/encode batch")
-    num_encoders: int = cfg.knob(1, "encoder actors in the pool")
-    gpus_per_encoder: float | None = cfg.knob(None, "GPUs per encoder actor (default: 1 when the cluster has GPUs, else 0)")
-    cpus_per_encoder: float = cfg.knob(1.0, "CPUs per encoder actor (also its torch threads)")
-    cpus_per_decoder: float = cfg.knob(0.5, "CPUs per decode task")
-    decode_workers: int = cfg.knob(1, "cuCIM read_region threads per decode call")
-    dtype: str = cfg.knob("float16", "embedding storage dtype", choices=["float16", "float32"])
-    limit_slides: int | None = cfg.knob(None, "extract only the first N slides (smoke runs)")
-
-    def validate(self) -> None:
-        """Raise ConfigError on out-of-range values."""
-        cfg.check_range("tile_size", self.tile_size, 16, 4096)
-        cfg.check_range("min_tissue", self.min_tissue, 0.0, 1.0)
-        cfg.check_range("batch_size", self.batch_size, 1)
-        cfg.check_range("num_encoders", self.num_encoders, 1)
-        cfg.check_range("cpus_per_encoder", self.cpus_per_encoder, 0.0, low_open=True)
-        cfg.check_range("cpus_per_decoder", self.cpus_per_decoder, 0.0, low_open=True)
-        cfg.check_range("decode_workers", self.decode_workers, 1)
-        cfg.check_choice("dtype", self.dtype, ["float16", "float32"])
-        if self.level is None and self.mpp is None:
-            raise cfg.ConfigError("level", "set a pyramid level (e.g. 0) or a target mpp")
-        if self.level is not None:
-            cfg.check_range("level", self.level, 0)
-        if self.limit_slides is not None:
-            cfg.check_range("limit_slides", self.limit_slides, 1)
-        if self.mpp is not None:
-            cfg.check_range("mpp", self.mpp, 0.0, low_open=True)
-        if self.gpus_per_encoder is not None:
-            cfg.check_range("gpus_per_encoder", self.gpus_per_encoder, 0.0)
-
-    def store_tag(self) -> str:
-        """The store folder name of this encoder."""
-        from hnm_ray.models.encoders import encoder_tag
-
-        return self.tag or encoder_tag(self.encoder, self.weights)
 
 
 @dataclass
@@ -105,15 +55,14 @@ class ExtractionSummary:
         return self.tiles_written / self.seconds if self.seconds > 0 else 0.0
 
 
-def tile_index(record: SlideRecord, config: ExtractConfig) -> pa.Table:
+def tile_index(record: SlideRecord, tiling: TilingConfig) -> pa.Table:
     """The tile index of one slide: grid columns + slide_id, path and tile truth from its annotation."""
     from hnm_ray.slides.annotation import load_annotation, tile_truth
-    from hnm_ray.slides.grid import TileGridConfig, tile_grid
+    from hnm_ray.slides.grid import tile_grid
     from hnm_ray.slides.reader import open_slide
 
-    grid_config = TileGridConfig(tile_size=config.tile_size, level=config.level, mpp=config.mpp, min_tissue=config.min_tissue)
     with open_slide(record.path, slide_id=record.slide_id, device="cpu") as reader:  # validates the slide
-        grid = tile_grid(reader, grid_config)
+        grid = tile_grid(reader, tiling)
         level0 = reader.info.level_dimensions[0]
         downsamples = reader.info.level_downsamples
     n = grid.num_rows
@@ -127,10 +76,10 @@ def tile_index(record: SlideRecord, config: ExtractConfig) -> pa.Table:
     ).add_column(0, "slide_id", pa.array([record.slide_id] * n, pa.string()))
 
 
-def _index_task(record: SlideRecord, config: ExtractConfig) -> tuple[str, pa.Table | None, str | None]:
+def _index_task(record: SlideRecord, tiling: TilingConfig) -> tuple[str, pa.Table | None, str | None]:
     """Ray task body: a slide's tile index, or the error that stops it."""
     try:
-        return record.slide_id, tile_index(record, config), None
+        return record.slide_id, tile_index(record, tiling), None
     except HnmError as exc:
         return record.slide_id, None, str(exc)
     except Exception as exc:  # noqa: BLE001 - any decoder failure must name the slide, not kill the job
@@ -140,16 +89,16 @@ def _index_task(record: SlideRecord, config: ExtractConfig) -> tuple[str, pa.Tab
 class TileEncoder:
     """Ray Data actor: loads the encoder once; embeds decoded tiles, or decodes on the GPU itself (fused)."""
 
-    def __init__(self, encoder: str, weights: str | None, seed: int, use_gpu: bool, torch_threads: int,
+    def __init__(self, encoder: EncoderConfig, seed: int, use_gpu: bool, torch_threads: int,
                  tile_size: int, decode_workers: int, fused_decode: bool) -> None:
         import torch
 
-        from hnm_ray.models.encoders import build_encoder
+        from hnm_ray.models.encoders import encoder_from_config
 
         torch.set_num_threads(max(1, torch_threads))
         self.device = torch_device(use_gpu)
         torch.manual_seed(seed)
-        self.model = build_encoder(encoder, weights).to(self.device).eval()
+        self.model = encoder_from_config(encoder).to(self.device).eval()
         self.tile_size = tile_size
         self.decode_workers = decode_workers
         self.readers = TileReaders(device=self.device) if fused_decode else None
@@ -166,7 +115,7 @@ class TileEncoder:
         # DLPack hands device (cupy) tiles to torch without a host round trip; numpy tiles are wrapped.
         pixels = torch.from_numpy(_writable(tiles)) if isinstance(tiles, np.ndarray) else torch.from_dlpack(tiles)
         with torch.inference_mode():
-            embedding = self.model(to_model_input(pixels.to(self.device))).float().cpu().numpy()
+            embedding = self.model(to_model_input(pixels.to(self.device), self.model.input_space)).float().cpu().numpy()
         return {"slide_id": batch["slide_id"], "tile_id": batch["tile_id"], "embedding": embedding, "error": errors}
 
 
@@ -179,10 +128,10 @@ def _writable(array: np.ndarray) -> np.ndarray:
 class SlideGatherer:
     """Driver side: collects each slide's embedded tiles and writes the slide once all have arrived."""
 
-    def __init__(self, store: FeatureStore, index: dict[str, pa.Table], config: ExtractConfig, metadata: dict[str, Any]) -> None:
+    def __init__(self, store: FeatureStore, index: dict[str, pa.Table], dtype: str, metadata: dict[str, Any]) -> None:
         self.store = store
         self.index = index
-        self.config = config
+        self.dtype = dtype
         self.metadata = metadata
         self._parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
         self._counts: dict[str, int] = defaultdict(int)
@@ -224,7 +173,7 @@ class SlideGatherer:
         tiles = self.index[slide_id]
         if not np.array_equal(tile_ids[order], tiles["tile_id"].to_numpy()):
             raise HnmError(f"slide {slide_id!r}: extraction returned tiles that do not match its tile index")
-        self.store.write_slide(slide_id, tiles.drop_columns(["slide_id", "path", "truth"]), embeddings[order].astype(self.config.dtype),
+        self.store.write_slide(slide_id, tiles.drop_columns(["slide_id", "path", "truth"]), embeddings[order].astype(self.dtype),
                                tiles["truth"].to_numpy(), self.metadata)
         self.written += 1
         self.tiles_written += len(order)
@@ -234,12 +183,13 @@ class SlideGatherer:
         return sorted(s for s in self._parts if s not in self.failed)
 
 
-def build_index(records: list[SlideRecord], config: ExtractConfig, store: FeatureStore) -> dict[str, pa.Table]:
+def build_index(records: list[SlideRecord], tiling: TilingConfig, store: FeatureStore,
+                cpus_per_task: float = 0.5) -> dict[str, pa.Table]:
     """Tile index of every slide, one Ray task each; failed slides are recorded in the store and left out."""
     import ray
 
-    task = ray.remote(num_cpus=config.cpus_per_decoder, max_retries=1)(_index_task)
-    refs = [task.remote(r, config) for r in records]
+    task = ray.remote(num_cpus=cpus_per_task, max_retries=1)(_index_task)
+    refs = [task.remote(r, tiling) for r in records]
     progress = Progress("tile index (slides)", len(refs))
     index: dict[str, pa.Table] = {}
     while refs:
@@ -254,16 +204,13 @@ def build_index(records: list[SlideRecord], config: ExtractConfig, store: Featur
     return index
 
 
-def extract_features(config: ExtractConfig, records: list[SlideRecord] | None = None) -> ExtractionSummary:
-    """Run the extraction pipeline; returns what was written, skipped and failed."""
-    from hnm_ray.models.encoders import build_encoder
+def extract_features(records: list[SlideRecord], store: FeatureStore, config: TrainConfig) -> ExtractionSummary:
+    """Features of `records` into `store` with the encoder, tiling and resources of `config`; resumes, and records
+    and skips failed slides. Returns what was written, skipped and failed."""
+    from hnm_ray.models.encoders import encoder_from_config
 
     init_ray()
-    if records is None:
-        records = load_manifest(config.manifest, require_labels=False)
-    if config.limit_slides:
-        records = records[: config.limit_slides]
-    store = FeatureStore(config.out, config.store_tag(), round=config.round)
+    tiling, encoder, extract = config.tiling, config.encoder, config.extract
     done = store.completed()
     todo = [r for r in records if r.slide_id not in done]
     log.info("extract: %d slides, %d already in %s, %d to do", len(records), len(records) - len(todo), store.directory, len(todo))
@@ -272,21 +219,20 @@ def extract_features(config: ExtractConfig, records: list[SlideRecord] | None = 
     if not todo:
         return summary
     store.ensure_writable()  # fail in a second, not after the whole cohort was decoded and encoded
-    index = build_index(todo, config, store)
+    index = build_index(todo, tiling, store, extract.cpus_per_decoder)
     failed = [r.slide_id for r in todo if r.slide_id not in index]
     if index:
-        use_gpu = (config.gpus_per_encoder if config.gpus_per_encoder is not None else min(1.0, cluster_gpus())) > 0
-        dim = build_encoder(config.encoder, config.weights).out_dim
-        metadata = {"encoder": config.encoder, "encoder_tag": store.encoder_tag, "weights": config.weights or "",
-                    "tile_size": config.tile_size, "level": config.level, "mpp": config.mpp, "dim": int(dim),
-                    "dtype": config.dtype, "round": config.round, "seed": config.seed}
+        use_gpu = (extract.gpus_per_encoder if extract.gpus_per_encoder is not None else min(1.0, cluster_gpus())) > 0
+        dim = encoder_from_config(encoder).out_dim
+        metadata = {"encoder": encoder.name, "encoder_tag": store.encoder_tag, "weights": encoder.weights or "",
+                    "norm": encoder.norm, "input_space": encoder.input_space, "tile_size": tiling.tile_size,
+                    "level": tiling.level, "mpp": tiling.mpp, "dim": int(dim), "dtype": extract.dtype,
+                    "round": store.round, "seed": config.run.seed}
         _warn_if_settings_changed(store, metadata, len(records) - len(todo))
-        gatherer = SlideGatherer(store, index, config, metadata)
+        gatherer = SlideGatherer(store, index, extract.dtype, metadata)
         progress = Progress("extract (tiles)", sum(t.num_rows for t in index.values()))
-        slides_done = 0
         for batch in _pipeline(index, config, use_gpu).iter_batches(batch_size=None, batch_format="numpy"):
             n_slides, n_tiles = gatherer.add(batch)
-            slides_done += n_slides
             progress.update(n_tiles, slides=n_slides)
         for slide_id in gatherer.unfinished():
             gatherer._fail(slide_id, f"slide {slide_id!r}: only part of its tiles came back from the pipeline")
@@ -300,7 +246,7 @@ def extract_features(config: ExtractConfig, records: list[SlideRecord] | None = 
     return summary
 
 
-RESUME_KEYS = ("encoder", "weights", "seed", "tile_size", "level", "mpp", "dim", "dtype")
+RESUME_KEYS = ("encoder", "weights", "norm", "input_space", "seed", "tile_size", "level", "mpp", "dim", "dtype")
 
 
 def _warn_if_settings_changed(store: FeatureStore, metadata: dict[str, Any], n_done: int) -> None:
@@ -318,38 +264,45 @@ def _warn_if_settings_changed(store: FeatureStore, metadata: dict[str, Any], n_d
                     n_done, store.directory, changed)
 
 
-def _pipeline(index: dict[str, pa.Table], config: ExtractConfig, use_gpu: bool):
-    """The Ray Data plan: tile rows -> [decode tasks] -> encoder actor pool."""
+def _pipeline(index: dict[str, pa.Table], config: TrainConfig, use_gpu: bool):
+    """The Ray Data plan: tile rows -> [decode actors] -> encoder actor pool (decode fused into it on GPUs)."""
     import ray
 
-    tables = [t.select(list(INDEX_COLUMNS)) for t in index.values()]
-    ds = ray.data.from_arrow(tables)
-    fused = use_gpu
-    if not fused:
-        ds = ds.map_batches(TileDecoder, fn_constructor_args=(config.tile_size, config.decode_workers),
-                            batch_size=config.batch_size, num_cpus=config.cpus_per_decoder,
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, config.num_encoders)))
-    gpus = (config.gpus_per_encoder if config.gpus_per_encoder is not None else 1.0) if use_gpu else 0.0
+    extract, tile_size = config.extract, config.tiling.tile_size
+    ds = ray.data.from_arrow([t.select(list(INDEX_COLUMNS)) for t in index.values()])
+    if not use_gpu:
+        ds = ds.map_batches(TileDecoder, fn_constructor_args=(tile_size, extract.decode_workers),
+                            batch_size=extract.batch_size, num_cpus=extract.cpus_per_decoder,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, extract.num_encoders)))
+    gpus = (extract.gpus_per_encoder if extract.gpus_per_encoder is not None else 1.0) if use_gpu else 0.0
     return ds.map_batches(
         TileEncoder,
-        fn_constructor_args=(config.encoder, config.weights, config.seed, use_gpu, int(max(1, config.cpus_per_encoder)),
-                             config.tile_size, config.decode_workers, fused),
-        batch_size=config.batch_size, num_cpus=config.cpus_per_encoder, num_gpus=gpus,
-        compute=ray.data.ActorPoolStrategy(size=config.num_encoders),
+        fn_constructor_args=(config.encoder, config.run.seed, use_gpu, int(max(1, extract.cpus_per_encoder)),
+                             tile_size, extract.decode_workers, use_gpu),
+        batch_size=extract.batch_size, num_cpus=extract.cpus_per_encoder, num_gpus=gpus,
+        compute=ray.data.ActorPoolStrategy(size=extract.num_encoders),
     )
 
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point of `python -m hnm_ray.extract`."""
+    from hnm_ray.models.encoders import config_tag
+
     parser = cli_parser("python -m hnm_ray.extract", __doc__)
-    parser.add_argument("--config", help="YAML file with any of the knobs below")
-    cfg.add_arguments(parser, ExtractConfig)
+    parser.add_argument("--out", default="features", help="feature store root folder (default: features)")
+    parser.add_argument("--tag", help="store folder of this encoder (default: derived from encoder + weights)")
+    parser.add_argument("--round", type=int, default=0, help="round number in the store layout (default: 0)")
+    parser.add_argument("--limit-slides", type=int, help="extract only the first N slides (smoke runs)")
+    cfg.add_source_arguments(parser)
+    cfg.add_arguments(parser, TrainConfig, sections=("run", "tiling", "encoder", "extract"))
     args = parser.parse_args(argv)
-    config = cfg.build(ExtractConfig, args, args.config)
-    if not config.manifest:
-        raise cfg.ConfigError("manifest", "required: pass --manifest PATH (CSV/Parquet)")
-    summary = extract_features(config)
+    config = cfg.load_config(TrainConfig, args)
+    if not config.run.manifest:
+        raise ConfigError("run.manifest", "required: pass --manifest PATH (CSV/Parquet)")
+    records = load_manifest(config.run.manifest, require_labels=False)[: args.limit_slides]
+    store = FeatureStore(args.out, args.tag or config_tag(config.encoder), round=args.round)
+    summary = extract_features(records, store, config)
     print(summary)
     return 1 if summary.slides_failed and not summary.slides_written and not summary.slides_skipped_done else 0
 

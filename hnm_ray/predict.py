@@ -17,40 +17,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hnm_ray import config as cfg
 from hnm_ray.cli import entry_point
 from hnm_ray.cli import parser as cli_parser
+from hnm_ray.config import TrainConfig
 from hnm_ray.errors import ConfigError
+from hnm_ray.extract import extract_features
+from hnm_ray.inference import load_aggregator, tile_scores
+from hnm_ray.outputs import AGGREGATOR
+from hnm_ray.run_folder import CONFIG_FILE
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest, records_from_folder
 
 log = logging.getLogger("hnm_ray")
-
-
-def split_probabilities(model_path: str | Path, store: FeatureStore, records: list[SlideRecord],
-                        split: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(labels, slide probabilities, slide ids) of the records of `split` (None: all) found in the store."""
-    from hnm_ray.training.mil import evaluate_bags, load_aggregator
-
-    model, _ = load_aggregator(model_path)
-    done = store.completed()
-    chosen = [r for r in records if (split is None or r.split == split) and r.slide_id in done]
-    probs, _ = evaluate_bags(model, [store.read_bag(r.slide_id, label=r.label) for r in chosen])
-    labels = np.asarray([-1 if r.label is None else r.label for r in chosen])
-    return labels, probs, [r.slide_id for r in chosen]
-
-
-def tile_scores(model, store: FeatureStore, slide_id: str) -> tuple[pa.Table, float]:
-    """A slide's tile table (tile_id, x, y, level, size, logit, score) and its bag probability."""
-    import torch
-
-    bag = store.read_bag(slide_id)
-    with torch.no_grad():
-        inst, bag_logit = model(torch.from_numpy(bag.features))
-    logits = inst.float().numpy()
-    table = store.read_table(slide_id, columns=["tile_id", "x", "y", "level", "size"])
-    table = table.append_column("logit", pa.array(logits.astype(np.float32)))
-    table = table.append_column("score", pa.array((1 / (1 + np.exp(-logits))).astype(np.float32)))
-    return table, float(torch.sigmoid(bag_logit))
 
 
 def draw_heatmaps(model_path: str | Path, store: FeatureStore, records: list[SlideRecord], out_dir: str | Path,
@@ -58,7 +37,6 @@ def draw_heatmaps(model_path: str | Path, store: FeatureStore, records: list[Sli
     """One PNG per slide: tile scores (sigmoid of instance logits) over the slide thumbnail."""
     from hnm_ray.report import heatmap
     from hnm_ray.slides.reader import open_slide
-    from hnm_ray.training.mil import load_aggregator
 
     model, _ = load_aggregator(model_path)
     paths = []
@@ -76,34 +54,28 @@ def draw_heatmaps(model_path: str | Path, store: FeatureStore, records: list[Sli
 def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmaps: bool = True) -> list[dict]:
     """Extract, score and summarise `slides` (manifest or folder) with the run at `checkpoint`."""
     from hnm_ray.cluster import init_ray
-    from hnm_ray.config import from_mapping
-    from hnm_ray.extract import ExtractConfig, extract_features
     from hnm_ray.metrics import slide_metrics
-    from hnm_ray.models.encoders import encoder_tag
-    from hnm_ray.training.mil import load_aggregator
+    from hnm_ray.models.encoders import config_tag
+    from hnm_ray.train import with_weights
 
     ckpt = Path(checkpoint)
     ckpt = ckpt / "checkpoint" if (ckpt / "checkpoint" / "meta.json").exists() else ckpt
     if not (ckpt / "meta.json").exists():
         raise ConfigError("checkpoint", f"{checkpoint} holds no checkpoint/meta.json: pass a run folder of hnm_ray.train")
     meta = json.loads((ckpt / "meta.json").read_text())
+    config = with_weights(cfg.from_tree(TrainConfig, cfg.load_yaml(ckpt / CONFIG_FILE)),
+                          str(ckpt / meta["encoder_weights"]) if meta.get("encoder_weights") else None)
     slides = Path(slides)
     # check_files=False: a missing slide is reported in the summary (its status) while the others are predicted.
     records = records_from_folder(slides) if slides.is_dir() else load_manifest(slides, require_labels=False,
                                                                                 check_files=False)
     out = Path(out)
-    weights = str(ckpt / meta["encoder_weights"]) if meta.get("encoder_weights") else None
     init_ray()
     # The store folder is named after the run's encoder (weights hash + seed of a random init): predicting into the
     # same --out with another checkpoint extracts anew instead of reusing the other encoder's features.
-    tag = f"predict-{encoder_tag(meta['encoder'], weights)}-seed{meta['seed']}"
-    config = from_mapping(ExtractConfig, {"out": str(out / "features"), "encoder": meta["encoder"], "weights": weights,
-                                          "seed": meta["seed"], "tag": tag, "tile_size": meta["tile_size"],
-                                          "level": meta["level"], "mpp": meta["mpp"], "min_tissue": meta["min_tissue"],
-                                          "dtype": "float32"})
-    summary = extract_features(config, records)
-    store = FeatureStore(out / "features", tag)
-    model, _ = load_aggregator(ckpt / "aggregator.pt")
+    store = FeatureStore(out / "features", f"predict-{config_tag(config.encoder)}-seed{meta['seed']}")
+    summary = extract_features(records, store, config)
+    model, _ = load_aggregator(ckpt / AGGREGATOR)
     threshold = float(meta["threshold"])
     errors = {e["slide_id"]: e["cause"] for e in store.errors()}
     rows = []
@@ -118,7 +90,7 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
             row["status"] = errors.get(record.slide_id, "not extracted")
         rows.append(row)
     if heatmaps:
-        draw_heatmaps(ckpt / "aggregator.pt", store, [r for r in records if r.slide_id in store.completed()],
+        draw_heatmaps(ckpt / AGGREGATOR, store, [r for r in records if r.slide_id in store.completed()],
                       out / "heatmaps")
     with open(_ensure(out) / "summary.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["slide_id"])

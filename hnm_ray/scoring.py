@@ -33,7 +33,7 @@ class InstanceScorer:
     def __init__(self, model_path: str, miner_name: str | None, negative_slides: list[str]) -> None:
         import torch
 
-        from hnm_ray.training.mil import load_aggregator
+        from hnm_ray.inference import load_aggregator
 
         torch.set_num_threads(1)
         self.model, _ = load_aggregator(model_path)
@@ -48,10 +48,11 @@ class InstanceScorer:
         import ray
         import torch
 
+        from hnm_ray.inference import instance_logits
+
         features = torch.from_numpy(np.stack(batch["embedding"]).astype(np.float32, copy=False))
-        with torch.no_grad():
-            logits = self.model(features)[0].float()
-            scores = torch.sigmoid(logits).numpy()  # no overflow warning for very negative logits
+        logits = instance_logits(self.model, features)  # the instance branch only: the batch mixes slides
+        scores = torch.sigmoid(logits).numpy()  # no overflow warning for very negative logits
         logits = logits.numpy()
         slide_ids = np.asarray(batch["slide_id"]).astype(str)
         if self.miner is not None:

@@ -1,7 +1,7 @@
 """Ray Tune sweeps of the mining ratio and the ranking loss (neg_ratio, margin, rank_k, w_rank).
 
     python -m hnm_ray.tune --manifest slides.csv --search random --num-samples 16 --storage-path tune/
-    python -m hnm_ray.tune --config base.yaml --neg-ratios 0.05 0.2 --margins 0.5 1 --search grid
+    python -m hnm_ray.tune --config base.yaml --sweep.neg_ratios 0.05 0.2 --sweep.margins 0.5 1 --sweep.search grid
     python -m hnm_ray.tune --storage-path tune/ --sweep-name NAME --resume    # continue an interrupted sweep
 
 Each trial runs the whole job (`hnm_ray.train.run_job`) with its own knobs and reports each
@@ -12,7 +12,6 @@ are written to <storage-path>/<sweep-name>/.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -22,64 +21,79 @@ from typing import Any
 from hnm_ray import config as cfg
 from hnm_ray.cli import entry_point
 from hnm_ray.cli import parser as cli_parser
+from hnm_ray.config import TrainConfig
 from hnm_ray.errors import ConfigError
-from hnm_ray.train import SECTIONS, TrainConfig, build_config, demo_manifest, extract_round, round_store, run_job
+from hnm_ray.extract import extract_features
+from hnm_ray.run_folder import demo_manifest
+from hnm_ray.train import round_store, run_job
 
 log = logging.getLogger("hnm_ray")
 
-SWEPT = ("neg_ratio", "margin", "rank_k", "w_rank")
+# The swept knobs of the train tree (dotted keys) and the sweep knob listing each one's values.
+SWEPT = {"mining.neg_ratio": "neg_ratios", "mil.margin": "margins", "mil.rank_k": "rank_ks", "mil.w_rank": "w_ranks"}
 
 
 @dataclass
 class SweepConfig:
     """The search: space, algorithm, early stopping, resources and where results go."""
 
-    neg_ratios: list[float] = cfg.knob([0.05, 0.1, 0.2, 0.5], "hard negative mining ratios to try")
-    margins: list[float] = cfg.knob([0.5, 1.0, 2.0], "ranking-loss margins to try")
-    rank_ks: list[int] = cfg.knob([1, 5, 10], "top-k sizes of the ranking loss to try")
-    w_ranks: list[float] = cfg.knob([0.0, 0.1, 0.5], "ranking-loss weights to try")
+    neg_ratios: list[float] = cfg.knob([0.05, 0.1, 0.2, 0.5], "hard negative mining ratios to try (mining.neg_ratio)",
+                                       low=0.0, high=1.0, low_open=True)
+    margins: list[float] = cfg.knob([0.5, 1.0, 2.0], "ranking-loss margins to try (mil.margin)", low=0.0)
+    rank_ks: list[int] = cfg.knob([1, 5, 10], "top-k sizes of the ranking loss to try (mil.rank_k)", low=1)
+    w_ranks: list[float] = cfg.knob([0.0, 0.1, 0.5], "ranking-loss weights to try (mil.w_rank)", low=0.0)
     search: str = cfg.knob("random", "grid (every combination) or random (num_samples draws)", choices=["grid", "random"])
-    num_samples: int = cfg.knob(8, "random draws (random search) or repeats of the grid (grid search)")
+    num_samples: int = cfg.knob(8, "random draws (random search) or repeats of the grid (grid search)", low=1)
     metric: str = cfg.knob("val_auc", "validation metric to maximise")
-    grace_rounds: int = cfg.knob(1, "ASHA: rounds every trial runs before it may be stopped")
-    max_concurrent_trials: int = cfg.knob(1, "trials at once (each runs Ray Train/Data jobs of its own)")
-    cpus_per_trial: float = cfg.knob(0.01, "CPUs reserved by a trial's driver (its workers ask for their own)")
+    grace_rounds: int = cfg.knob(1, "ASHA: rounds every trial runs before it may be stopped", low=1)
+    max_concurrent_trials: int = cfg.knob(1, "trials at once (each runs Ray Train/Data jobs of its own)", low=1)
+    cpus_per_trial: float = cfg.knob(0.01, "CPUs reserved by a trial's driver (its workers ask for their own)",
+                                     low=0.0, low_open=True)
     storage_path: str = cfg.knob("tune_results", "folder of sweep results")
     sweep_name: str = cfg.knob("hnm-sweep", "name of this sweep (its folder under storage_path)")
 
     def validate(self) -> None:
-        """Raise ConfigError on empty or out-of-range search spaces."""
-        for key in ("neg_ratios", "margins", "rank_ks", "w_ranks"):
+        """Every swept knob needs at least one value."""
+        for key in SWEPT.values():
             if not getattr(self, key):
-                raise ConfigError(key, "needs at least one value")
-        for value in self.neg_ratios:
-            cfg.check_range("neg_ratios", value, 0.0, 1.0, low_open=True)
-        for value in self.margins:
-            cfg.check_range("margins", value, 0.0)
-        cfg.check_range("num_samples", self.num_samples, 1)
-        cfg.check_range("cpus_per_trial", self.cpus_per_trial, 0.0, low_open=True)
-        cfg.check_range("max_concurrent_trials", self.max_concurrent_trials, 1)
+                raise ConfigError(f"sweep.{key}", "needs at least one value")
+
+
+@dataclass
+class TuneConfig(TrainConfig):
+    """The train tree plus the `sweep` section: what every trial runs, and what varies between trials."""
+
+    sweep: SweepConfig = cfg.section(SweepConfig, "the search: space, algorithm, early stopping, results")
+
+    def train_tree(self) -> dict[str, Any]:
+        """The nested mapping of the train sections (every trial's base)."""
+        return {k: v for k, v in cfg.to_tree(self).items() if k != "sweep"}
 
 
 def search_space(sweep: SweepConfig) -> dict[str, Any]:
-    """Ray Tune's param space over the swept knobs: grid_search lists or random choices."""
+    """Ray Tune's param space over the swept knobs (dotted keys): grid_search lists or random choices."""
     from ray import tune
 
     pick = tune.grid_search if sweep.search == "grid" else tune.choice
-    values = {"neg_ratio": sweep.neg_ratios, "margin": sweep.margins, "rank_k": sweep.rank_ks, "w_rank": sweep.w_ranks}
-    return {key: pick(list(v)) for key, v in values.items()}
+    return {key: pick(list(getattr(sweep, values))) for key, values in SWEPT.items()}
+
+
+def trial_config(params: dict[str, Any]) -> TrainConfig:
+    """A trial's train config: the base tree with the trial's swept knobs."""
+    tree: dict[str, Any] = {}
+    for key in SWEPT:
+        cfg.tree.set_dotted(tree, key, params[key])
+    return cfg.from_tree(TrainConfig, cfg.merge(params["base"], tree))
 
 
 def trial(params: dict[str, Any]) -> None:
     """One Tune trial: the whole job with this trial's knobs; each round's metrics go to Tune."""
     from ray import tune
 
-    base = dict(params["base"])
-    base.update({k: params[k] for k in SWEPT})
-    config = build_config(base)
+    config = trial_config(params)
     # Ray Train's local mode (0 workers) cannot run inside a Tune trial: its train loop would see Tune's context.
-    config.mil.mil_workers = max(1, config.mil.mil_workers)
-    config.ft.ft_workers = max(1, config.ft.ft_workers)
+    config.mil.workers = max(1, config.mil.workers)
+    config.finetune.workers = max(1, config.finetune.workers)
     run_dir = Path(tune.get_context().get_trial_dir()) / "run"
     run_job(config, run_dir, on_round=lambda m: tune.report({k: v for k, v in m.items() if _is_number(v)}))
 
@@ -88,21 +102,19 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def prepare_shared_store(config: TrainConfig, storage: Path) -> TrainConfig:
+def prepare_shared_store(config: TuneConfig, storage: Path) -> TuneConfig:
     """Extract the round-0 features once into <storage>/features and point every trial at them."""
     from hnm_ray.store.manifest import load_manifest
 
-    job = config.job
-    if not job.manifest:
-        job.manifest = str(demo_manifest(job))
-    if not job.store:
-        job.store = str(storage / "features")
+    job = config.run
+    job.manifest = job.manifest or str(demo_manifest(job))
+    job.store = job.store or str(storage / "features")
     records = load_manifest(job.manifest, seed=job.seed)
-    extract_round(job, round_store(job, storage, 0, job.weights), job.weights, records)
+    extract_features(records, round_store(config, storage, 0, config.encoder.weights), config)
     return config
 
 
-def run_sweep(config: TrainConfig, sweep: SweepConfig, resume: bool = False):
+def run_sweep(config: TuneConfig, resume: bool = False):
     """Run (or restore) the sweep; returns the Tune ResultGrid and writes results.csv + best_config.yaml."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -110,6 +122,7 @@ def run_sweep(config: TrainConfig, sweep: SweepConfig, resume: bool = False):
     from hnm_ray.cluster import init_ray
 
     init_ray()
+    sweep = config.sweep
     storage = Path(sweep.storage_path).resolve()
     path = storage / sweep.sweep_name
     trainable = tune.with_resources(trial, {"cpu": sweep.cpus_per_trial})
@@ -119,11 +132,10 @@ def run_sweep(config: TrainConfig, sweep: SweepConfig, resume: bool = False):
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
     else:
         config = prepare_shared_store(config, storage)
-        base = {k: v for k, v in config.to_flat().items() if k not in SWEPT}
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=config.job.rounds + 1,
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=config.run.rounds + 1,
                                   grace_period=sweep.grace_rounds, reduction_factor=2)
         tuner = tune.Tuner(
-            trainable, param_space={"base": base, **search_space(sweep)},
+            trainable, param_space={"base": config.train_tree(), **search_space(sweep)},
             tune_config=tune.TuneConfig(metric=sweep.metric, mode="max", scheduler=scheduler,
                                         num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent_trials),
             run_config=tune.RunConfig(name=sweep.sweep_name, storage_path=str(storage)),
@@ -142,9 +154,9 @@ def write_results(results, path: Path, metric: str) -> Path:
     table[keep].to_csv(path / "results.csv", index=False)
     print(table[keep].to_string(index=False))
     best = results.get_best_result(metric=metric, mode="max")
-    values = {**best.config["base"], **{k: best.config[k] for k in SWEPT}}
-    values.pop("name", None)
-    best_file = cfg.save_yaml_mapping(values, path / "best_config.yaml")
+    best_config = trial_config(best.config)
+    best_config.run.name = ""
+    best_file = cfg.save_yaml(best_config, path / "best_config.yaml")
     log.info("best trial: %s = %s with %s -> %s", metric, best.metrics.get(metric),
              json.dumps({k: best.config[k] for k in SWEPT}), best_file)
     return best_file
@@ -154,18 +166,11 @@ def write_results(results, path: Path, metric: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point of `python -m hnm_ray.tune`."""
     parser = cli_parser("python -m hnm_ray.tune", __doc__)
-    parser.add_argument("--config", help="YAML of base knobs (those of `python -m hnm_ray.train`) and sweep knobs")
     parser.add_argument("--resume", action="store_true", help="restore the interrupted sweep at storage_path/sweep_name")
-    cfg.add_arguments(parser, SweepConfig)
-    for section in SECTIONS:
-        cfg.add_arguments(parser, section)
+    cfg.add_source_arguments(parser)
+    cfg.add_arguments(parser, TuneConfig)
     args = parser.parse_args(argv)
-    values = cfg.load_yaml(args.config) if args.config else {}
-    values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("config", "resume")})
-    sweep_keys = {f.name for f in dataclasses.fields(SweepConfig)}
-    sweep = cfg.from_mapping(SweepConfig, {k: v for k, v in values.items() if k in sweep_keys})
-    config = build_config({k: v for k, v in values.items() if k not in sweep_keys})
-    run_sweep(config, sweep, resume=args.resume)
+    run_sweep(cfg.load_config(TuneConfig, args), resume=args.resume)
     return 0
 
 

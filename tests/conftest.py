@@ -39,15 +39,15 @@ def mil_cohort(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def mil_store(ray_session, mil_cohort, tmp_path_factory):
     """Round-0 small_cnn features of `mil_cohort`, extracted once through the real pipeline."""
-    from hnm_ray.config import from_mapping
-    from hnm_ray.extract import ExtractConfig, extract_features
-    from hnm_ray.store.features import FeatureStore
+    from _support import small_config, store_for
 
-    root = tmp_path_factory.mktemp("mil_store")
-    config = from_mapping(ExtractConfig, {"manifest": str(mil_cohort), "out": str(root), "encoder": "small_cnn",
-                                          "dtype": "float32", "batch_size": 64})
-    extract_features(config)
-    return FeatureStore(root, config.store_tag(), round=0)
+    from hnm_ray.extract import extract_features
+    from hnm_ray.store.manifest import load_manifest
+
+    config = small_config({"extract": {"batch_size": 64}})
+    store = store_for(tmp_path_factory.mktemp("mil_store"), config)
+    extract_features(load_manifest(mil_cohort, require_labels=False), store, config)
+    return store
 
 
 @pytest.fixture

@@ -17,24 +17,26 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from hnm_ray.config import from_mapping
+from _support import small_config, store_for
+
+from hnm_ray import config as cfg
+from hnm_ray.config import TrainConfig
 from hnm_ray.errors import ConfigError, HnmError, ManifestError, NoTissueError, SlideError, StoreError
 from hnm_ray.decode import TileReaders, decode_batch
-from hnm_ray.extract import ExtractConfig, extract_features, tile_index
+from hnm_ray.extract import extract_features, tile_index
 from hnm_ray.slides.integrity import jpeg_tile_problem
 from hnm_ray.slides.reader import open_slide
 from hnm_ray.slides.synthetic import damage_jpeg_tiles, write_pyramid
-from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest
-from hnm_ray.train import build_config
 from hnm_ray.train import main as train_main
 
-BASE = {"encoder": "small_cnn", "dtype": "float32", "batch_size": 32}
 BAD = ("missing", "not_tiff", "truncated", "bad_jpeg", "white")
 
 
-def _config(out: Path, **extra) -> ExtractConfig:
-    return from_mapping(ExtractConfig, {**BASE, "out": str(out), **extra})
+def _extract(out: Path, records):
+    """Extract `records` with the small test config into a store under `out`."""
+    config = small_config()
+    return extract_features(records, store_for(out, config), config)
 
 
 def _jpeg_tiles(path: Path, level_page: int = 0) -> list[tuple[int, int]]:
@@ -59,7 +61,7 @@ def bad_slides(good, tmp_path_factory) -> dict[str, SlideRecord]:
     (folder / "not_tiff.svs").write_bytes(b"<html><body>404 Not Found</body></html>\n" * 100)
     data = source.read_bytes()
     (folder / "truncated.svs").write_bytes(data[: len(data) // 2])
-    grid = tile_index(good[2], _config(folder))
+    grid = tile_index(good[2], small_config().tiling)
     coords = np.stack([grid["x"].to_numpy(), grid["y"].to_numpy()], axis=1)[:3]
     assert damage_jpeg_tiles(source, folder / "bad_jpeg.svs", coords, 224)
     rng = np.random.default_rng(0)
@@ -92,7 +94,7 @@ def test_truncated_tiff(bad_slides):
 
 def test_white_slide_has_no_tissue(bad_slides):
     with pytest.raises(NoTissueError) as info:
-        tile_index(bad_slides["white"], _config(Path("unused")))
+        tile_index(bad_slides["white"], small_config().tiling)
     assert info.value.slide == "white"
 
 
@@ -119,7 +121,7 @@ def test_corrupt_jpeg_tile_fails_its_slide_in_the_decode_stage(good, bad_slides)
     record = bad_slides["bad_jpeg"]
     with open_slide(record.path, slide_id=record.slide_id, device="cpu") as reader:  # the file itself is sound
         assert reader.info.backend == "cucim"
-    grid = tile_index(good[2], _config(Path("unused")))
+    grid = tile_index(good[2], small_config().tiling)
     n = 4
     batch = {"slide_id": np.array([good[2].slide_id] * n + [record.slide_id] * n, object),
              "path": np.array([good[2].path] * n + [record.path] * n, object),
@@ -174,17 +176,17 @@ def test_manifest_missing_a_column(good, tmp_path, header, missing):
 
 
 @pytest.mark.parametrize("values, key", [
-    ({"neg_ration": 0.2}, "neg_ration"),          # unknown key (typo)
-    ({"neg_ratio": 0.0}, "neg_ratio"),            # neg_ratio must be in (0, 1]
-    ({"neg_ratio": 1.5}, "neg_ratio"),
-    ({"neg_ratio": -0.2}, "neg_ratio"),
-    ({"margin": -1.0}, "margin"),                 # negative ranking margin
-    ({"rank_k": 0}, "rank_k"),
-    ({"mil_epochs": 0}, "mil_epochs"),
+    ({"mining": {"neg_ration": 0.2}}, "mining.neg_ration"),   # unknown key (typo)
+    ({"mining": {"neg_ratio": 0.0}}, "mining.neg_ratio"),     # neg_ratio must be in (0, 1]
+    ({"mining": {"neg_ratio": 1.5}}, "mining.neg_ratio"),
+    ({"mining": {"neg_ratio": -0.2}}, "mining.neg_ratio"),
+    ({"mil": {"margin": -1.0}}, "mil.margin"),                # negative ranking margin
+    ({"mil": {"rank_k": 0}}, "mil.rank_k"),
+    ({"mil": {"epochs": 0}}, "mil.epochs"),
 ])
 def test_config_errors_name_the_key(values, key):
     with pytest.raises(ConfigError) as info:
-        build_config(values)
+        cfg.from_tree(TrainConfig, values)
     assert info.value.key == key and key in str(info.value)
 
 
@@ -199,7 +201,7 @@ class _Lines(logging.Handler):
 
 def test_config_error_from_yaml_and_flags_is_one_clear_line(tmp_path):
     """The CLI exits 2 with the ConfigError logged (hnm_ray's logger does not propagate: listen to it directly)."""
-    (tmp_path / "c.yaml").write_text("neg_ratio: 0.2\nnegratio: 0.3\n")
+    (tmp_path / "c.yaml").write_text("mining:\n  neg_ratio: 0.2\n  negratio: 0.3\n")
     lines = _Lines()
     logger = logging.getLogger("hnm_ray")
     logger.addHandler(lines)
@@ -209,12 +211,8 @@ def test_config_error_from_yaml_and_flags_is_one_clear_line(tmp_path):
     finally:
         logger.removeHandler(lines)
     assert len(lines.lines) == 2, lines.lines
-    assert lines.lines[0].startswith("config key 'negratio': unknown key")
-    assert lines.lines[1].startswith("config key 'neg_ratio'") and "1.5" in lines.lines[1]
-
-
-def test_neg_ratio_one_is_allowed():
-    assert build_config({"neg_ratio": 1.0}).job.neg_ratio == 1.0
+    assert lines.lines[0].startswith("config key 'mining.negratio': unknown key")
+    assert lines.lines[1].startswith("config key 'mining.neg_ratio'") and "1.5" in lines.lines[1]
 
 
 # ----------------------------------------------------------------------------------------- unwritable output
@@ -225,7 +223,7 @@ def test_output_under_a_regular_file_is_a_clear_store_error(ray_session, good, t
     blocker = tmp_path / "features"
     blocker.write_text("a file where the store folder should be\n")
     with pytest.raises(StoreError) as info:
-        extract_features(_config(blocker / "store"), good[:1])
+        _extract(blocker / "store", good[:1])
     assert str(blocker / "store") in str(info.value) and "not writable" in str(info.value)
     assert blocker.read_text().startswith("a file")  # nothing clobbered
 
@@ -239,7 +237,7 @@ def read_only_mount(tmpfs):
 @pytest.mark.timeout(120)
 def test_read_only_output_folder_is_a_clear_store_error(ray_session, good, read_only_mount):
     with pytest.raises(StoreError) as info:
-        extract_features(_config(read_only_mount / "store"), good[:1])
+        _extract(read_only_mount / "store", good[:1])
     assert "Read-only file system" in str(info.value) and str(read_only_mount / "store") in str(info.value)
 
 
@@ -248,17 +246,17 @@ def test_read_only_output_folder_is_a_clear_store_error(ray_session, good, read_
 @pytest.mark.timeout(600)
 def test_bad_slides_in_a_good_manifest_are_recorded_and_the_good_ones_complete(ray_session, good, bad_slides,
                                                                                 tmp_path):
-    config = _config(tmp_path / "store")
+    config = small_config()
+    store = store_for(tmp_path / "store", config)
     ok = good[:2]
     records = ok[:1] + [bad_slides[name] for name in BAD] + ok[1:]
-    summary = extract_features(config, records)
-    store = FeatureStore(config.out, config.store_tag())
+    summary = extract_features(records, store, config)
 
     assert summary.slides_failed == sorted(BAD)
     assert summary.slides_written == len(ok)
     assert store.completed() == {r.slide_id for r in ok}
     for record in ok:  # complete: every tile of its index, in order, readable
-        expected = tile_index(record, config)
+        expected = tile_index(record, config.tiling)
         table = pq.read_table(store.slide_path(record.slide_id))
         np.testing.assert_array_equal(table["tile_id"].to_numpy(), expected["tile_id"].to_numpy())
         assert np.isfinite(store.read_bag(record.slide_id).features).all()
@@ -272,7 +270,7 @@ def test_bad_slides_in_a_good_manifest_are_recorded_and_the_good_ones_complete(r
     assert errors["bad_jpeg"]["stage"] == "extract" and errors["missing"]["stage"] == "index"
     assert not list(store.directory.glob(".*.tmp"))
     # A rerun skips the finished slides and fails the bad ones again, with nothing new written.
-    again = extract_features(config, records)
+    again = extract_features(records, store, config)
     assert again.slides_skipped_done == len(ok) and again.slides_written == 0
     assert again.slides_failed == sorted(BAD)
 

@@ -1,60 +1,103 @@
-"""Config machinery: flags < YAML < defaults, validation errors that name the key."""
+"""The one config tree: each knob declared once, defaults < recipe < YAML < flags, errors that name the dotted key."""
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import yaml
 
 from hnm_ray import config as cfg
+from hnm_ray.config import TrainConfig
 from hnm_ray.errors import ConfigError
-from hnm_ray.train import TrainConfig, build_config, parse_args
+from hnm_ray.train import parse_args
 
 
-def test_defaults_build_and_flatten_round_trip(tmp_path):
-    config = build_config({})
-    assert isinstance(config, TrainConfig)
-    assert config.job.neg_ratio == 0.2 and config.mil.margin == 1.0 and config.mil.rank_k == 10
-    assert config.mil.w_bag == config.mil.w_ins == 0.5 and config.ft.temperature == 0.07
-    path = cfg.save_yaml_mapping(config.to_flat(), tmp_path / "c.yaml")
-    assert build_config(cfg.load_yaml(path)) == config
+def test_defaults_build_and_round_trip_through_yaml(tmp_path):
+    config = cfg.from_tree(TrainConfig, {})
+    assert config == TrainConfig()
+    assert config.mining.neg_ratio == 0.2 and config.mil.margin == 1.0 and config.mil.rank_k == 10
+    assert config.mil.w_bag == config.mil.w_ins == 0.5 and config.finetune.temperature == 0.07
+    path = cfg.save_yaml(config, tmp_path / "c.yaml")
+    assert cfg.from_tree(TrainConfig, cfg.load_yaml(path)) == config
+    assert set(yaml.safe_load(path.read_text())) == {"run", "tiling", "encoder", "pretrain", "extract", "mil",
+                                                     "mining", "finetune"}
 
 
-def test_flags_override_yaml_which_overrides_defaults(tmp_path):
+def test_every_knob_is_declared_once_with_help():
+    keys = [key for key, _, _ in cfg.leaves(TrainConfig)]
+    assert len(keys) == len(set(keys))
+    for key, field, _ in cfg.leaves(TrainConfig):
+        assert field.metadata["help"], key
+
+
+def test_flags_override_yaml_which_overrides_recipe_and_defaults(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"neg_ratio": 0.05, "margin": 2.0, "rounds": 3}))
-    config, run_dir = parse_args(["--config", str(path), "--margin", "0.5", "--name", "x", "--runs-dir", str(tmp_path)])
-    assert config.job.neg_ratio == 0.05 and config.job.rounds == 3
-    assert config.mil.margin == 0.5
+    path.write_text(yaml.safe_dump({"mining": {"neg_ratio": 0.05}, "mil": {"margin": 2.0}, "run": {"rounds": 3}}))
+    config, run_dir = parse_args(["--recipe", "paper", "--config", str(path), "--mil.margin", "0.5", "--run.name", "x",
+                                  "--runs-dir", str(tmp_path)])
+    assert config.mining.neg_ratio == 0.05 and config.run.rounds == 3  # YAML over the recipe
+    assert config.mil.margin == 0.5  # flag over YAML
+    assert config.mil.aggregator == "dsmil_its2clr" and config.finetune.loop == "official"  # recipe over defaults
     assert run_dir == (tmp_path / "x").resolve()
 
 
+def test_flag_spellings_dotted_dashed_and_unique_short_names():
+    a, _ = parse_args(["--mining.neg_ratio", "0.1", "--mil.rank-k", "3", "--run.name", "n"])
+    b, _ = parse_args(["--neg-ratio", "0.1", "--mil.rank_k", "3", "--run.name", "n"])
+    assert a == b and a.mining.neg_ratio == 0.1 and a.mil.rank_k == 3
+    with pytest.raises(SystemExit):  # `name` is ambiguous (run.name, encoder.name): no short flag
+        parse_args(["--name", "n"])
+
+
+def test_yaml_accepts_dotted_and_dashed_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("mining.neg-ratio: 0.3\nmil:\n  rank-k: 4\n")
+    config = cfg.from_tree(TrainConfig, cfg.load_yaml(path))
+    assert config.mining.neg_ratio == 0.3 and config.mil.rank_k == 4
+
+
 @pytest.mark.parametrize("values, key", [
-    ({"neg_ratio": 0.0}, "neg_ratio"),
-    ({"neg_ratio": 1.5}, "neg_ratio"),
-    ({"margin": -1.0}, "margin"),
-    ({"rank_k": 0}, "rank_k"),
-    ({"ranking": "sideways"}, "ranking"),
-    ({"mil_epochs": "many"}, "mil_epochs"),
-    ({"no_such_knob": 1}, "no_such_knob"),
-    ({"warmup_epochs": 9, "rounds": 1, "epochs_per_round": 2}, "warmup_epochs"),
+    ({"mining": {"neg_ratio": 0.0}}, "mining.neg_ratio"),
+    ({"mining": {"neg_ratio": 1.5}}, "mining.neg_ratio"),
+    ({"mil": {"margin": -1.0}}, "mil.margin"),
+    ({"mil": {"rank_k": 0}}, "mil.rank_k"),
+    ({"mil": {"ranking": "sideways"}}, "mil.ranking"),
+    ({"mil": {"epochs": "many"}}, "mil.epochs"),
+    ({"mil": {"no_such_knob": 1}}, "mil.no_such_knob"),
+    ({"no_such_section": {}}, "no_such_section"),
+    ({"tiling": {"tissue": {"median_kernel": 4}}}, "tiling.tissue.median_kernel"),
+    ({"tiling": {"level": None, "mpp": None}}, "tiling.level"),
+    ({"mining": {"ro": 0.5, "rT": 0.4}}, "mining.rT"),
+    ({"finetune": {"warmup_epochs": 9, "epochs_per_round": 2}, "run": {"rounds": 1}}, "finetune.warmup_epochs"),
 ])
-def test_bad_values_raise_config_error_naming_the_key(values, key):
+def test_bad_values_raise_config_error_naming_the_dotted_key(values, key):
     with pytest.raises(ConfigError) as info:
-        build_config(values)
+        cfg.from_tree(TrainConfig, values)
     assert info.value.key == key
     assert key in str(info.value)
 
 
 def test_neg_ratio_one_is_allowed():
-    assert build_config({"neg_ratio": 1.0}).job.neg_ratio == 1.0
+    assert cfg.from_tree(TrainConfig, {"mining": {"neg_ratio": 1.0}}).mining.neg_ratio == 1.0
 
 
-def test_unknown_yaml_key_and_bad_yaml_file(tmp_path):
+def test_bad_yaml_file_and_unknown_recipe(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("neg_ratio: [unclosed")
+    bad.write_text("mining: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         cfg.load_yaml(bad)
     with pytest.raises(ConfigError, match="not found"):
         cfg.load_yaml(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="shipped recipe"):
+        cfg.load_recipe("no-such-recipe")
+
+
+def test_paper_recipe_is_shipped_and_every_key_is_a_knob():
+    assert "paper" in cfg.recipe_names()
+    recipe = cfg.load_recipe("paper")
+    config = cfg.from_tree(TrainConfig, recipe)  # unknown keys would raise
+    assert config.mil.lr == 2e-4 and config.mil.epochs == 350 and config.finetune.momentum == 0.0
+    assert config.mining.update_gate and config.mining.uncertain_negatives and config.mining.pool == "train_val"
 
 
 def test_resume_needs_a_run_folder(tmp_path):
@@ -62,19 +105,26 @@ def test_resume_needs_a_run_folder(tmp_path):
         parse_args(["--resume", str(tmp_path)])
 
 
-def test_resume_reloads_saved_config(tmp_path):
+def test_resume_reloads_saved_config_and_applies_new_flags(tmp_path, caplog):
     run = tmp_path / "run"
-    run.mkdir()
-    cfg.save_yaml_mapping({**build_config({"neg_ratio": 0.1}).to_flat(), "name": "run"}, run / "config.yaml")
+    saved = cfg.from_tree(TrainConfig, {"mining": {"neg_ratio": 0.1}, "run": {"name": "run"}})
+    cfg.save_yaml(saved, run / "config.yaml")
     config, run_dir = parse_args(["--resume", str(run), "--margin", "3"])
     assert run_dir == run.resolve()
-    assert config.job.neg_ratio == 0.1 and config.mil.margin == 3.0
+    assert config.mining.neg_ratio == 0.1 and config.mil.margin == 3.0
+    assert "mil.margin: 1.0 -> 3.0" in caplog.text
 
 
-def test_help_lists_every_knob(capsys):
+def test_changed_knobs_lists_dotted_keys():
+    old = cfg.to_tree(TrainConfig())
+    new = cfg.to_tree(dataclasses.replace(TrainConfig(), mining=dataclasses.replace(TrainConfig().mining, neg_ratio=0.5)))
+    assert cfg.changed_knobs(old, new) == {"mining.neg_ratio": (0.2, 0.5)}
+
+
+def test_help_lists_every_knob_and_the_recipes(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     out = capsys.readouterr().out
-    for flag in ("--neg-ratio", "--margin", "--rank-k", "--w-rank", "--ro", "--rT", "--threshold", "--rounds",
-                 "--epochs-per-round", "--encoder", "--ft-workers", "--mil-workers", "--ft-use-gpu", "--resume"):
-        assert flag in out
+    for key, _, _ in cfg.leaves(TrainConfig):
+        assert f"--{key}" in out
+    assert "paper" in out and "--resume" in out

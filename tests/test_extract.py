@@ -21,10 +21,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from hnm_ray.config import build, from_mapping
+from _support import small_config, store_for
+
+from hnm_ray import config as cfg
+from hnm_ray.config import TrainConfig
 from hnm_ray.errors import ConfigError
 from hnm_ray.decode import TileReaders, decode_batch
-from hnm_ray.extract import ExtractConfig, SlideGatherer, extract_features, main
+from hnm_ray.extract import SlideGatherer, extract_features, main
 from hnm_ray.slides.synthetic import MASK_DOWNSAMPLE, damage_jpeg_tiles
 from hnm_ray.store.features import FeatureStore, feature_schema
 from hnm_ray.store.manifest import load_manifest
@@ -32,12 +35,14 @@ from hnm_ray.store.manifest import load_manifest
 REPO = Path(__file__).resolve().parents[1]
 TILE = 224
 DIM = 128  # small_cnn
-BASE = {"encoder": "small_cnn", "dtype": "float32", "batch_size": 32}
 TEMP_NAME = re.compile(r"^\..+\.parquet\.tmp$")
 
 
-def _config(manifest: Path | str, out: Path, **extra) -> ExtractConfig:
-    return from_mapping(ExtractConfig, {**BASE, "manifest": str(manifest), "out": str(out), **extra})
+def _extract(manifest: Path | str, out: Path):
+    """Extract a manifest with the small test config into a store under `out`: (summary, store)."""
+    config = small_config()
+    store = store_for(out, config)
+    return extract_features(load_manifest(manifest, require_labels=False), store, config), store
 
 
 def _write_manifest(path: Path, rows: list[dict]) -> Path:
@@ -56,35 +61,35 @@ def records(demo_cohort):
 @pytest.fixture(scope="module")
 def clean(ray_session, demo_cohort, tmp_path_factory):
     """One clean small_cnn/float32 extraction of the 8-slide demo cohort: (summary, store)."""
-    config = _config(demo_cohort, tmp_path_factory.mktemp("clean_store"))
-    summary = extract_features(config)
-    return summary, FeatureStore(config.out, config.store_tag(), round=0)
+    return _extract(demo_cohort, tmp_path_factory.mktemp("clean_store"))
 
 
 # ---------------------------------------------------------------------------------------------- config (no Ray)
 
-@pytest.mark.parametrize("key, value", [("tile_size", 8), ("tile_size", 5000), ("dtype", "float64"),
-                                        ("dtype", "bfloat16"), ("batch_size", 0), ("min_tissue", 1.5),
-                                        ("level", -1), ("cpus_per_decoder", 0), ("limit_slides", 0)])
+@pytest.mark.parametrize("key, value", [("tiling.tile_size", 8), ("tiling.tile_size", 5000),
+                                        ("extract.dtype", "float64"), ("extract.dtype", "bfloat16"),
+                                        ("extract.batch_size", 0), ("tiling.min_tissue", 1.5), ("tiling.level", -1),
+                                        ("extract.cpus_per_decoder", 0)])
 def test_config_errors_name_the_key(key, value):
+    section, knob = key.split(".")
     with pytest.raises(ConfigError) as info:
-        from_mapping(ExtractConfig, {"manifest": "m.csv", key: value})
+        cfg.from_tree(TrainConfig, {section: {knob: value}})
     assert info.value.key == key
     assert repr(value) in str(info.value) and key in str(info.value)
 
 
 def test_config_errors_from_yaml_and_cli(tmp_path):
     path = tmp_path / "extract.yaml"
-    path.write_text("tile_size: 12\nencoder: small_cnn\n")
+    path.write_text("tiling:\n  tile_size: 12\nencoder:\n  name: small_cnn\n")
     with pytest.raises(ConfigError) as info:
-        build(ExtractConfig, {}, path)
-    assert info.value.key == "tile_size"
+        cfg.from_tree(TrainConfig, cfg.load_yaml(path))
+    assert info.value.key == "tiling.tile_size"
     with pytest.raises(ConfigError) as info:
-        ExtractConfig(manifest="m.csv", level=None, mpp=None).validate()
-    assert info.value.key == "level"
+        cfg.from_tree(TrainConfig, {"tiling": {"level": None, "mpp": None}})
+    assert info.value.key == "tiling.level"
     with pytest.raises(ConfigError) as info:
-        from_mapping(ExtractConfig, {"tile_sz": 224})
-    assert info.value.key == "tile_sz"
+        cfg.from_tree(TrainConfig, {"tiling": {"tile_sz": 224}})
+    assert info.value.key == "tiling.tile_sz"
     # The CLI reports config errors (and a missing manifest) with exit code 2 before starting Ray.
     assert main(["--manifest", "m.csv", "--tile-size", "4097"]) == 2
     assert main(["--config", str(path)]) == 2
@@ -130,8 +135,7 @@ def test_gatherer_writes_complete_slides_in_tile_order_and_fails_slides_with_err
                 "error": np.asarray(errors or [""] * len(tile_ids), object)}
 
     store = FeatureStore(tmp_path, "t")
-    config = from_mapping(ExtractConfig, {"dtype": "float32"})
-    gatherer = SlideGatherer(store, {"a": index("a", 5), "b": index("b", 3), "c": index("c", 2)}, config, {"x": 1})
+    gatherer = SlideGatherer(store, {"a": index("a", 5), "b": index("b", 3), "c": index("c", 2)}, "float32", {"x": 1})
     assert gatherer.add(batch(["a", "a", "b", "a"], [3, 4, 0, 0])) == (0, 4)  # a's rows split around b's
     assert gatherer.add(batch(["b", "b", "c"], [2, 1, 0], ["", "", "slide 'c': tile read failed: boom"])) == (1, 3)
     assert gatherer.add(batch(["a", "a", "c"], [2, 1, 1])) == (1, 3)
@@ -201,7 +205,7 @@ def test_embeddings_equal_the_encoder_applied_to_directly_read_tiles(clean, reco
     from hnm_ray.slides.reader import open_slide
 
     _, store = clean
-    torch.manual_seed(0)  # ExtractConfig.seed
+    torch.manual_seed(0)  # run.seed
     model = build_encoder("small_cnn").eval()
     rng = np.random.default_rng(7)
     for record in [records[i] for i in rng.choice(len(records), 4, replace=False)]:
@@ -266,7 +270,7 @@ def test_resume_after_the_process_is_killed(clean, records, demo_cohort, tmp_pat
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the test session's
     # batch_size 4: at most one slide completes per encoder batch, so the kill lands between slides.
     cmd = [sys.executable, "-m", "hnm_ray.extract", "--manifest", str(demo_cohort), "--out", str(root),
-           "--encoder", "small_cnn", "--dtype", "float32", "--batch-size", "4"]
+           "--encoder.name", "small_cnn", "--dtype", "float32", "--extract.batch_size", "4"]
     log_path = tmp_path / "killed_run.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -308,7 +312,7 @@ def test_resume_after_the_process_is_killed(clean, records, demo_cohort, tmp_pat
     stale.write_bytes(next(iter(first.values())).read_bytes()[:500])
     assert missing not in store.completed()
 
-    summary = extract_features(_config(demo_cohort, root))  # rerun in this process (the session's Ray)
+    summary, _ = _extract(demo_cohort, root)  # rerun in this process (the session's Ray)
     assert summary.slides_failed == []
     assert summary.slides_skipped_done == len(first)
     assert summary.slides_written == len(records) - len(first)
@@ -347,7 +351,7 @@ def test_corrupt_slides_are_skipped_and_recorded(clean, records, tmp_path, capsy
     manifest = _write_manifest(tmp_path / "manifest.csv", rows)
     out = tmp_path / "store"
 
-    code = main(["--manifest", str(manifest), "--out", str(out), "--encoder", "small_cnn", "--dtype", "float32"])
+    code = main(["--manifest", str(manifest), "--out", str(out), "--encoder.name", "small_cnn", "--dtype", "float32"])
     printed = capsys.readouterr().out
     store = FeatureStore(out, "small_cnn")
     assert code == 0  # the run completes: some slides were written
@@ -366,6 +370,6 @@ def test_corrupt_slides_are_skipped_and_recorded(clean, records, tmp_path, capsy
 
     # A manifest of only unusable slides: nothing written -> exit code 1 and the failures listed.
     only_bad = _write_manifest(tmp_path / "bad.csv", [r for r in rows if r["slide_id"] in ("not_tiff", "truncated")])
-    assert main(["--manifest", str(only_bad), "--out", str(tmp_path / "store2"), "--encoder", "small_cnn"]) == 1
+    assert main(["--manifest", str(only_bad), "--out", str(tmp_path / "store2"), "--encoder.name", "small_cnn"]) == 1
     printed = capsys.readouterr().out
     assert "slides_failed=['not_tiff', 'truncated']" in printed and "slides_written=0" in printed

@@ -22,13 +22,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from hnm_ray.config import from_mapping
+from _support import small_config, store_for
+
 from hnm_ray.errors import StoreError
-from hnm_ray.extract import ExtractConfig, extract_features, tile_index
+from hnm_ray.extract import extract_features, tile_index
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import load_manifest
 
-BASE = {"encoder": "small_cnn", "dtype": "float32"}
 
 
 def _actors(class_name: str | None = None, actor_id: str | None = None) -> list[dict]:
@@ -56,11 +56,11 @@ def test_killed_train_worker_resumes_from_the_last_checkpoint(ray_session, mil_s
     """SIGKILL the RayTrainWorker after 3 epochs: FailureConfig restarts it from the epoch-2 checkpoint."""
     import torch
 
-    from hnm_ray.training.mil import CHECKPOINT_FILE, MILConfig, fit_mil
+    from hnm_ray.config import MILConfig
+    from hnm_ray.training.mil import CHECKPOINT_FILE, fit_mil
 
     epochs, kill_after = 8, 3
-    config = from_mapping(MILConfig, {"mil_epochs": epochs, "mil_workers": 1, "mil_cpus_per_worker": 0.5,
-                                      "mil_checkpoint_every": 1, "max_failures": 2})
+    config = MILConfig(epochs=epochs, workers=1, cpus_per_worker=0.5, checkpoint_every=1, max_failures=2)
     records = load_manifest(mil_cohort)
     storage = tmp_path / "run" / "ray_train" / "mil_fault"
     snapshot = storage / "checkpoint_manager_snapshot.json"  # Ray Train V2's controller state, one line a report
@@ -174,11 +174,10 @@ def tiny_disk(tmpfs):
 
 @pytest.mark.timeout(600)
 def test_full_disk_stops_with_a_clear_error_and_leaves_no_partial_file(ray_session, demo_cohort, tiny_disk):
-    config = from_mapping(ExtractConfig, {**BASE, "manifest": str(demo_cohort), "out": str(tiny_disk / "store"),
-                                          "batch_size": 32, "limit_slides": 4})
-    store = FeatureStore(config.out, config.store_tag())
+    config = small_config()
+    store = store_for(tiny_disk / "store", config)
     with pytest.raises(StoreError) as info:
-        extract_features(config)
+        extract_features(load_manifest(demo_cohort, require_labels=False)[:4], store, config)
     message = str(info.value)
     assert "No space left on device" in message and str(store.directory) in message, message
     failed = message.split("'")[1]  # "slide '<id>': cannot write features to <store>/<id>.parquet: ..."
@@ -191,4 +190,4 @@ def test_full_disk_stops_with_a_clear_error_and_leaves_no_partial_file(ray_sessi
         slide_id = path.name[: -len(".parquet")]
         table = pq.read_table(path)
         np.testing.assert_array_equal(table["tile_id"].to_numpy(),
-                                      tile_index(records[slide_id], config)["tile_id"].to_numpy())
+                                      tile_index(records[slide_id], config.tiling)["tile_id"].to_numpy())

@@ -13,14 +13,16 @@ import torch
 from hnm_ray.losses import pair_loss
 from hnm_ray.models.aggregators import build_standardized
 from hnm_ray.store.manifest import load_manifest
-from hnm_ray.training.mil import MILConfig, epoch_pairs, evaluate_split, feature_statistics, fit_mil, load_aggregator
+from hnm_ray.config import MILConfig
+from hnm_ray.inference import evaluate_split, load_aggregator
+from hnm_ray.training.mil import epoch_pairs, feature_statistics, fit_mil
 
 # 40 epochs of the demo's 4 pairs are 160 Adam steps: at the official lr 2e-4 the model is under-trained (test
 # instance AUC 0.66 on average over 6 seeds), at 1e-3 it is unstable (0.25-0.95 over 10 seeds); 3e-3 for 60
 # epochs gives 0.85-0.96 on every one of 10 seeds.
-DEMO_KNOBS = {"mil_lr": 3e-3, "mil_epochs": 60}
+DEMO_KNOBS = {"lr": 3e-3, "epochs": 60}
 # Real Ray Train runs pay a report (+ barrier) per epoch: keep them short.
-DDP_KNOBS = {"mil_lr": 3e-3, "mil_epochs": 10, "mil_checkpoint_every": 5, "mil_cpus_per_worker": 0.5}
+DDP_KNOBS = {"lr": 3e-3, "epochs": 10, "checkpoint_every": 5, "cpus_per_worker": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +62,12 @@ def replay(store, records, config: MILConfig, seed: int, world: int) -> dict[str
     model = build_standardized(config.aggregator, int(store.metadata()["dim"]), hidden=config.hidden,
                                dropout=config.dropout)
     model.set_statistics(mean, std)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.mil_lr, weight_decay=config.mil_weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     pos_weight = torch.tensor(len(neg) / len(pos))
-    for epoch in range(config.mil_epochs):
+    for epoch in range(config.epochs):
         model.train()
         steps = list(zip(*(epoch_pairs(pos, neg, epoch, seed, rank, world) for rank in range(world))))
-        k = config.mil_pairs_per_step
+        k = config.pairs_per_step
         for first in range(0, len(steps), k):  # gradients of k pairs accumulated per optimiser step
             optimizer.zero_grad()
             for step in steps[first:first + k]:
@@ -126,11 +128,11 @@ def test_mil_learns_demo_features(mil_store, records, tmp_path):
     carry tumour mimics (same purple as tumour) that random features hardly tell apart; over 10 model seeds with
     these knobs the test slide AUC is 1.0 for 4 seeds, 0.75 for 2 and 0.5 for 4, while instance AUC is 0.85-0.96.
     """
-    result = fit_mil(MILConfig(mil_workers=0, **DEMO_KNOBS), mil_store, records, tmp_path, seed=0)
+    result = fit_mil(MILConfig(workers=0, **DEMO_KNOBS), mil_store, records, tmp_path, seed=0)
     test = evaluate_split(result.model_path, mil_store, records, "test")
     train = evaluate_split(result.model_path, mil_store, records, "train")
 
-    assert [h["epoch"] for h in result.history] == list(range(DEMO_KNOBS["mil_epochs"]))
+    assert [h["epoch"] for h in result.history] == list(range(DEMO_KNOBS["epochs"]))
     losses = [h["train_loss"] for h in result.history]
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5]), "training loss must fall"
     for key in ("val_auc", "val_accuracy", "val_f1", "val_threshold", "val_loss"):
@@ -152,7 +154,7 @@ def ddp_runs(ray_session, mil_store, records, tmp_path_factory):
     runs = {}
     for world in (1, 2):
         run_dir = tmp_path_factory.mktemp(f"mil_ddp{world}")
-        config = MILConfig(mil_workers=world, **DDP_KNOBS)
+        config = MILConfig(workers=world, **DDP_KNOBS)
         result = fit_mil(config, mil_store, records, run_dir, name=f"ddp{world}", seed=0)
         runs[world] = {"config": config, "run_dir": run_dir, "result": result,
                        "final": parameters(last_checkpoint(run_dir, f"ddp{world}")["model"]),
@@ -166,7 +168,7 @@ def ddp_runs(ray_session, mil_store, records, tmp_path_factory):
 @pytest.mark.timeout(400)
 def test_one_and_two_workers_train_alike(ddp_runs, mil_store, records):
     one, two = ddp_runs[1], ddp_runs[2]
-    assert [h["train_pairs"] for h in two["result"].history] == [4] * DDP_KNOBS["mil_epochs"]
+    assert [h["train_pairs"] for h in two["result"].history] == [4] * DDP_KNOBS["epochs"]
     # DDP really averages: the 2-worker weights equal a one-process replay minimising the mean of both ranks'
     # pair losses per step (and differ from the 1-worker run, which takes twice as many steps).
     for world, run in ddp_runs.items():
@@ -187,9 +189,9 @@ def test_one_and_two_workers_train_alike(ddp_runs, mil_store, records):
 @pytest.mark.timeout(400)
 def test_rerun_with_more_epochs_resumes_from_storage(ddp_runs, mil_store, records):
     first = ddp_runs[2]
-    done = DDP_KNOBS["mil_epochs"]
+    done = DDP_KNOBS["epochs"]
     started = time.time()
-    config = replace(first["config"], mil_epochs=done + 3)
+    config = replace(first["config"], epochs=done + 3)
     result = fit_mil(config, mil_store, records, first["run_dir"], name="ddp2", seed=0)
     history = result.history
     assert [h["epoch"] for h in history] == list(range(done + 3)), "every epoch once: old ones kept, not re-run"
@@ -202,16 +204,16 @@ def test_rerun_with_more_epochs_resumes_from_storage(ddp_runs, mil_store, record
 @pytest.mark.ray
 @pytest.mark.timeout(400)
 def test_driver_mode_run_resumes_and_keeps_two_checkpoints(mil_store, records, tmp_path):
-    config = MILConfig(mil_workers=0, mil_epochs=4, mil_checkpoint_every=1)
+    config = MILConfig(workers=0, epochs=4, checkpoint_every=1)
     first = fit_mil(config, mil_store, records, tmp_path, name="local", seed=3)
     started = time.time()
-    again = fit_mil(replace(config, mil_epochs=7), mil_store, records, tmp_path, name="local", seed=3)
+    again = fit_mil(replace(config, epochs=7), mil_store, records, tmp_path, name="local", seed=3)
     assert [h["epoch"] for h in again.history] == list(range(7))
     assert [h["reported_at"] < started for h in again.history] == [True] * 4 + [False] * 3
     assert again.history[:4] == first.history
     kept = sorted(p.name for p in (tmp_path / "ray_train" / "local" / "driver_checkpoints").iterdir())
     assert kept == ["epoch_000005", "epoch_000006"]
-    same = fit_mil(replace(config, mil_epochs=7), mil_store, records, tmp_path, name="local", seed=3)
+    same = fit_mil(replace(config, epochs=7), mil_store, records, tmp_path, name="local", seed=3)
     assert same.history == again.history and same.best_epoch == again.best_epoch  # nothing left to train
 
 
@@ -226,7 +228,7 @@ def test_ranking_forms(ray_session, mil_store, records, tmp_path):
     from hnm_ray.scoring import count_tiles
 
     def weights(name: str, miner_name: str | None = None, **knobs) -> dict[str, torch.Tensor]:
-        config = MILConfig(mil_workers=0, mil_epochs=6, mil_lr=3e-3, **knobs)
+        config = MILConfig(workers=0, epochs=6, lr=3e-3, **knobs)
         result = fit_mil(config, mil_store, records, tmp_path, name=name, miner_name=miner_name, seed=1)
         assert all(np.isfinite(h["train_loss"]) for h in result.history)
         return parameters(load_aggregator(result.model_path)[0].state_dict())
@@ -254,11 +256,11 @@ def test_ranking_forms(ray_session, mil_store, records, tmp_path):
 @pytest.mark.ray
 @pytest.mark.timeout(400)
 def test_pairs_per_step_accumulates_gradients(ray_session, mil_store, records, tmp_path):
-    """mil_pairs_per_step=2: one optimiser step per two pairs, equal to a replay that accumulates them."""
-    config = MILConfig(mil_workers=0, mil_epochs=3, mil_pairs_per_step=2, mil_checkpoint_every=1)
+    """pairs_per_step=2: one optimiser step per two pairs, equal to a replay that accumulates them."""
+    config = MILConfig(workers=0, epochs=3, pairs_per_step=2, checkpoint_every=1)
     fit_mil(config, mil_store, records, tmp_path, name="acc", seed=0)
     state = torch.load(sorted((tmp_path / "ray_train" / "acc" / "driver_checkpoints").glob("epoch_*"))[-1] / "mil.pt",
                        map_location="cpu", weights_only=False)
     assert same_weights(parameters(state["model"]), replay(mil_store, records, config, 0, 1), atol=1e-4)
-    plain = MILConfig(mil_workers=0, mil_epochs=3, mil_pairs_per_step=1)
+    plain = MILConfig(workers=0, epochs=3, pairs_per_step=1)
     assert not same_weights(parameters(state["model"]), replay(mil_store, records, plain, 0, 1), atol=1e-4)

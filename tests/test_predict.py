@@ -2,7 +2,7 @@
 
 One tiny run is trained once per module (`python -m hnm_ray.train --rounds 0` in a subprocess, MIL only, in the
 driver); predictions then go through `hnm_ray.predict.main` in the test session's Ray. Predict re-extracts the
-slides with the run's encoder (meta.json: encoder, seed, weights), so the run's test split must come out with
+slides with the run's encoder (checkpoint/config.yaml and meta.json: encoder, seed, weights), so the run's test split must come out with
 the same slide probabilities and AUC as the run reported.
 """
 from __future__ import annotations
@@ -20,12 +20,12 @@ import pytest
 from PIL import Image
 
 from hnm_ray.predict import main as predict_main
-from hnm_ray.predict import split_probabilities
+from hnm_ray.inference import split_probabilities
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import load_manifest
 
 TILE_COLUMNS = ["tile_id", "x", "y", "level", "size", "logit", "score"]
-TINY = ["--rounds", "0", "--mil-epochs", "6", "--mil-workers", "0", "--heatmaps", "1"]
+TINY = ["--rounds", "0", "--mil.epochs", "6", "--mil.workers", "0", "--heatmaps", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def run(demo_cohort, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("predict_run")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["HNM_RAY_CACHE"] = str(tmp / "cache")
-    cmd = [sys.executable, "-m", "hnm_ray.train", "--runs-dir", str(tmp / "runs"), "--name", "tiny",
+    cmd = [sys.executable, "-m", "hnm_ray.train", "--runs-dir", str(tmp / "runs"), "--run.name", "tiny",
            "--manifest", str(demo_cohort), *TINY]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -106,8 +106,8 @@ def test_test_split_reproduces_the_run_and_a_missing_slide_is_reported(ray_sessi
     assert metrics["n"] == len(test)
     assert metrics["auc"] == pytest.approx(final["test_auc"], abs=0.005)
     # Same encoder, same seed, same tiles: the run's own test probabilities, slide by slide.
-    store = FeatureStore(run / "features", meta["encoder"], round=0)
-    labels, probs, ids = split_probabilities(run / "checkpoint" / "aggregator.pt", store, records, "test")
+    store = FeatureStore(run / "features", "small_cnn", round=0)
+    labels, probs, ids = split_probabilities(run / "checkpoint" / "aggregator", store, records, "test")
     assert sorted(ids) == sorted(r.slide_id for r in test)
     for slide_id, prob in zip(ids, probs):
         assert float(summary[slide_id]["probability"]) == pytest.approx(prob, abs=1e-4)

@@ -10,7 +10,9 @@ import torch
 
 from hnm_ray.scoring import SCORES_SCHEMA, InstanceScorer, count_tiles, score_tiles
 from hnm_ray.store.manifest import load_manifest
-from hnm_ray.training.mil import MILConfig, fit_mil, load_aggregator
+from hnm_ray.config import MILConfig
+from hnm_ray.inference import load_aggregator
+from hnm_ray.training.mil import fit_mil
 
 NEG_RATIO = 0.2
 
@@ -20,7 +22,7 @@ def trained(ray_session, mil_store, mil_cohort, tmp_path_factory):
     """A briefly trained aggregator on the demo features (driver mode) and the manifest records."""
     records = load_manifest(mil_cohort)
     run_dir = tmp_path_factory.mktemp("scoring_mil")
-    result = fit_mil(MILConfig(mil_workers=0, mil_epochs=20, mil_lr=3e-3), mil_store, records, run_dir, seed=0)
+    result = fit_mil(MILConfig(workers=0, epochs=20, lr=3e-3), mil_store, records, run_dir, seed=0)
     return result.model_path, records
 
 

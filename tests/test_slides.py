@@ -11,7 +11,7 @@ import pytest
 import tifffile
 
 from hnm_ray.errors import NoTissueError, SlideError
-from hnm_ray.slides import (TileGridConfig, TissueConfig, load_annotation, open_slide, tile_geometry, tile_grid,
+from hnm_ray.slides import (TilingConfig, TissueConfig, load_annotation, open_slide, tile_geometry, tile_grid,
                             tile_truth, tissue_mask)
 from hnm_ray.slides import reader as reader_module
 from hnm_ray.slides.reader import SlideReader
@@ -208,7 +208,7 @@ def test_tissue_mask_on_demo_thumbnail(slide):
 
 def test_grid_covers_tissue_and_no_background(slide):
     """Every candidate tile with mostly-tissue pixels is in the grid; no grid tile is mostly white."""
-    config = TileGridConfig(tile_size=224)
+    config = TilingConfig(tile_size=224)
     with open_slide(slide) as r:
         grid = tile_grid(r, config)
         w, h = r.info.level_dimensions[0]
@@ -230,8 +230,8 @@ def test_grid_covers_tissue_and_no_background(slide):
 
 def test_grid_stride_overlaps(slide):
     with open_slide(slide) as r:
-        plain = tile_grid(r, TileGridConfig(tile_size=224))
-        dense = tile_grid(r, TileGridConfig(tile_size=224, stride=112))
+        plain = tile_grid(r, TilingConfig(tile_size=224))
+        dense = tile_grid(r, TilingConfig(tile_size=224, stride=112))
     assert 3 * plain.num_rows < dense.num_rows < 5 * plain.num_rows
 
 
@@ -239,10 +239,10 @@ def test_grid_stride_overlaps(slide):
 def test_geometry_at_target_mpp(slide, mpp, level, size):
     """The coarsest level not coarser than the target mpp (5 % tolerance), read at tile_size * mpp / level_mpp px."""
     with SlideReader(slide) as r:
-        got_level, got_size, extent = tile_geometry(r.info, TileGridConfig(tile_size=64, mpp=mpp))
+        got_level, got_size, extent = tile_geometry(r.info, TilingConfig(tile_size=64, mpp=mpp))
         assert (got_level, got_size) == (level, size)
         assert extent == pytest.approx(size * r.info.level_downsamples[level])
-        grid = tile_grid(r, TileGridConfig(tile_size=64, mpp=mpp))
+        grid = tile_grid(r, TilingConfig(tile_size=64, mpp=mpp))
         assert set(grid["size"].to_pylist()) == {size}
         first = np.stack([grid["x"].to_numpy(), grid["y"].to_numpy()], 1)[:3]
         assert r.read_tiles(first, size, level).shape == (len(first), size, size, 3)
@@ -255,8 +255,8 @@ def test_mpp_tiling_without_metadata(tmp_path):
     with open_slide(path) as r:
         assert r.info.mpp is None
         with pytest.raises(SlideError, match="no MPP"):
-            tile_grid(r, TileGridConfig(mpp=1.0))
-        grid = tile_grid(r, TileGridConfig(mpp=1.0, fallback_mpp=0.25, tile_size=64))
+            tile_grid(r, TilingConfig(mpp=1.0))
+        grid = tile_grid(r, TilingConfig(mpp=1.0, fallback_mpp=0.25, tile_size=64))
     assert set(grid["level"].to_pylist()) == {1} and set(grid["size"].to_pylist()) == {64}   # level 1 is 1.0 um/px
     assert grid.schema.metadata[b"tile_mpp"] == b"1"
 
@@ -266,7 +266,7 @@ def test_tumour_tiles_are_found_by_the_grid(demo_cohort, rows):
     assert positives and all(r["annotation"] for r in positives)
     for row in positives:
         with open_slide(demo_cohort.parent / row["path"]) as r:
-            grid = tile_grid(r, TileGridConfig(tile_size=224))
+            grid = tile_grid(r, TilingConfig(tile_size=224))
             dims = r.info.level_dimensions[0]
         mask = load_annotation(demo_cohort.parent / row["annotation"])
         assert mask.shape == (dims[1] // MASK_DOWNSAMPLE, dims[0] // MASK_DOWNSAMPLE)

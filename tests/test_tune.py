@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hnm_ray.train import build_config, parse_args
+from hnm_ray import config as cfg
+from hnm_ray.config import TrainConfig
+from hnm_ray.train import parse_args
 
-BASE = ["--demo-slides", "8", "--demo-size", "2048", "--rounds", "0", "--mil-epochs", "3", "--mil-workers", "0",
+BASE = ["--demo-slides", "8", "--demo-size", "2048", "--rounds", "0", "--mil.epochs", "3", "--mil.workers", "0",
         "--heatmaps", "0"]
 SPACE = ["--neg-ratios", "0.1", "0.5", "--margins", "0.5", "2.0", "--rank-ks", "1", "--w-ranks", "0.1"]
 
@@ -38,16 +40,18 @@ def test_grid_sweep_of_four_trials_writes_table_and_best_config(tmp_path):
     table = (folder / "results.csv").read_text().strip().splitlines()
     assert len(table) == 1 + 4, table
     header = table[0].split(",")
-    assert {"config/neg_ratio", "config/margin", "val_auc"} <= set(header)
-    combos = {tuple(row.split(",")[header.index(k)] for k in ("config/neg_ratio", "config/margin")) for row in table[1:]}
+    assert {"config/mining.neg_ratio", "config/mil.margin", "val_auc"} <= set(header)
+    combos = {tuple(row.split(",")[header.index(k)] for k in ("config/mining.neg_ratio", "config/mil.margin"))
+              for row in table[1:]}
     assert combos == {("0.1", "0.5"), ("0.1", "2.0"), ("0.5", "0.5"), ("0.5", "2.0")}
     best = yaml.safe_load((folder / "best_config.yaml").read_text())
-    assert best["neg_ratio"] in (0.1, 0.5) and best["margin"] in (0.5, 2.0)
+    assert best["mining"]["neg_ratio"] in (0.1, 0.5) and best["mil"]["margin"] in (0.5, 2.0)
     # The best config is what `python -m hnm_ray.train --config` takes, unchanged.
-    config, _ = parse_args(["--config", str(folder / "best_config.yaml"), "--name", "from-sweep",
+    config, _ = parse_args(["--config", str(folder / "best_config.yaml"), "--run.name", "from-sweep",
                             "--runs-dir", str(tmp_path / "runs")])
-    assert config.job.neg_ratio == best["neg_ratio"] and config.mil.margin == best["margin"]
-    assert config == build_config({**best, "name": "from-sweep", "runs_dir": str(tmp_path / "runs")})
+    assert config.mining.neg_ratio == best["mining"]["neg_ratio"] and config.mil.margin == best["mil"]["margin"]
+    expected = cfg.merge(best, {"run": {"name": "from-sweep", "runs_dir": str(tmp_path / "runs")}})
+    assert config == cfg.from_tree(TrainConfig, expected)
     # Trials shared the round-0 store extracted once before the sweep.
     stores = list((tmp_path / "tune" / "features").rglob("round=0"))
     assert len(stores) == 1 and len(list(stores[0].glob("*.parquet"))) == 8

@@ -103,6 +103,13 @@ class Standardized(nn.Module):
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.aggregator((features - self.mean) / self.std)
 
+    def instance_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Instance logits (N,) of tiles from any slides: the instance classifier alone, no bag branch."""
+        if not hasattr(self.aggregator, "instance_logits"):
+            raise ConfigError("mil.aggregator", f"{type(self.aggregator).__name__} has no instance_logits(features) "
+                                                "method; subclass hnm_ray.models.aggregators.MILAggregator")
+        return self.aggregator.instance_logits((features - self.mean) / self.std)
+
 
 def build_standardized(name: str, in_dim: int, **kwargs) -> Standardized:
     """`build_aggregator` wrapped in feature standardisation (statistics set by the trainer)."""

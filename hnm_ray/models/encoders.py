@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hnm_ray.config import EncoderConfig
 from hnm_ray.errors import ConfigError
 from hnm_ray.registry import Registry, load_plugin
 from hnm_ray.store.manifest import safe_name
@@ -133,10 +134,11 @@ def small_cnn() -> nn.Module:
     return SmallCNN()
 
 
-def build_encoder(spec: str, weights: str | Path | None = None) -> nn.Module:
-    """An encoder with `.out_dim` from a registry name, a `module.path:callable` plug-in or a TorchScript file."""
+def build_encoder(spec: str, weights: str | Path | None = None, norm: str = "affine") -> nn.Module:
+    """An encoder with `.out_dim` from a registry name, a `module.path:callable` plug-in or a TorchScript file;
+    `norm` other than "affine" is passed to registry encoders that take it (resnet18_in)."""
     if spec in ENCODERS:
-        model = ENCODERS[spec]()
+        model = _registered(spec, norm)
     elif Path(spec).expanduser().is_file():
         model = _load_torchscript(Path(spec).expanduser())
     elif ":" in spec:
@@ -149,6 +151,15 @@ def build_encoder(spec: str, weights: str | Path | None = None) -> nn.Module:
     if getattr(model, "out_dim", None) is None:
         model.out_dim = probe_out_dim(model, spec)
     return model
+
+
+def _registered(spec: str, norm: str) -> nn.Module:
+    """A registry encoder, with `norm` when it is not the default."""
+    try:
+        return ENCODERS[spec](**({} if norm == "affine" else {"norm": norm}))
+    except TypeError as exc:
+        raise ConfigError("encoder.norm", f"encoder {spec!r} has no norm option ({exc}); use resnet18_in or "
+                                          "leave encoder.norm at affine") from exc
 
 
 def _load_plugin(spec: str) -> nn.Module:
@@ -315,6 +326,20 @@ def encoder_tag(spec: str, weights: str | Path | None = None) -> str:
             raise ConfigError("weights", f"file {str(weights_path)!r} not found; pass a local state_dict/checkpoint file")
         parts.append(file_digest(weights_path))
     return "-".join(parts)
+
+
+def encoder_from_config(config: EncoderConfig, weights: str | Path | None = None) -> nn.Module:
+    """The encoder of an `encoder` config section (weights: `weights` when given, else config.weights)."""
+    model = build_encoder(config.name, weights if weights is not None else config.weights, config.norm)
+    model.input_space = config.input_space
+    return model
+
+
+def config_tag(config: EncoderConfig, weights: str | Path | None = None) -> str:
+    """`encoder_tag` of an `encoder` config section; non-default norm and input space are part of the name."""
+    defaults = EncoderConfig()
+    extras = [v for v, d in ((config.norm, defaults.norm), (config.input_space, defaults.input_space)) if v != d]
+    return "-".join([encoder_tag(config.name, weights if weights is not None else config.weights), *extras])
 
 
 def to_model_input(tiles: torch.Tensor | np.ndarray, input_space: str = "rgb_imagenet") -> torch.Tensor:

@@ -1,16 +1,13 @@
 """Tile grid: level-0 top-left corners of the tissue tiles of a slide, at a pyramid level or a target mpp."""
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import numpy as np
 import pyarrow as pa
 
-from hnm_ray.config import check_range, knob
-from hnm_ray.errors import ConfigError, NoTissueError, SlideError
+from hnm_ray.config import TilingConfig
+from hnm_ray.errors import NoTissueError, SlideError
 from hnm_ray.slides.reader import SlideReader, SlideInfo
-from hnm_ray.slides.tissue import TissueConfig, mask_fraction, tissue_mask
+from hnm_ray.slides.tissue import mask_fraction, tissue_mask
 
 GRID_SCHEMA = pa.schema([
     ("tile_id", pa.int32()), ("x", pa.int32()), ("y", pa.int32()),
@@ -19,35 +16,7 @@ GRID_SCHEMA = pa.schema([
 MPP_TOLERANCE = 0.05  # a level within 5% of the target mpp counts as that mpp (0.502 um/px is 20x)
 
 
-@dataclass
-class TileGridConfig:
-    """Tiling: tile size, pyramid level or target mpp, stride and the tissue a tile must hold."""
-
-    tile_size: int = knob(224, "tile side in pixels as the encoder sees it")
-    level: int | None = knob(0, "pyramid level to tile (ignored when mpp is set)")
-    mpp: float | None = knob(None, "target microns per pixel of the tiles (0.5 = 20x, 1.0 = 10x); picks the coarsest "
-                                   "level not coarser than it and reads tile_size * mpp / level_mpp px there")
-    fallback_mpp: float | None = knob(None, "level-0 mpp assumed for slides without MPP metadata when mpp is set "
-                                            "(unset: such slides fail with a clear error)")
-    stride: int | None = knob(None, "step between tiles in tile pixels (unset = tile_size: no overlap)")
-    min_tissue: float = knob(0.5, "minimum tissue fraction of a tile (0 keeps every tile touching tissue)")
-    tissue: TissueConfig = dataclasses.field(default_factory=TissueConfig, metadata={"help": "tissue detection", "cli": False})
-
-    def validate(self) -> None:
-        """Raise ConfigError on out-of-range values."""
-        check_range("tile_size", self.tile_size, 8, 32767)
-        if self.level is None and self.mpp is None:
-            raise ConfigError("level", "set a pyramid level or a target mpp")
-        if self.level is not None:
-            check_range("level", self.level, 0)
-        for key in ("mpp", "fallback_mpp", "stride"):
-            if getattr(self, key) is not None:
-                check_range(key, getattr(self, key), 0, low_open=True)
-        check_range("min_tissue", self.min_tissue, 0.0, 1.0)
-        self.tissue.validate()
-
-
-def tile_geometry(info: SlideInfo, config: TileGridConfig) -> tuple[int, int, float]:
+def tile_geometry(info: SlideInfo, config: TilingConfig) -> tuple[int, int, float]:
     """(level, px to read at that level, level-0 extent of one tile) for a slide and a tiling config."""
     if config.mpp is None:
         if config.level >= info.level_count:
@@ -57,7 +26,7 @@ def tile_geometry(info: SlideInfo, config: TileGridConfig) -> tuple[int, int, fl
     base = info.mpp or config.fallback_mpp
     if base is None:
         raise SlideError(info.slide_id, f"the slide has no MPP in its metadata, so it cannot be tiled at {config.mpp} um/px",
-                         "set fallback_mpp (the scanner's um/px at level 0) or tile by level instead")
+                         "set --tiling.fallback_mpp (the scanner's um/px at level 0) or tile by level instead")
     mpps = np.asarray(info.level_downsamples) * base
     fine_enough = np.flatnonzero(mpps <= config.mpp * (1 + MPP_TOLERANCE))
     level = int(fine_enough.max()) if len(fine_enough) else 0
@@ -65,9 +34,9 @@ def tile_geometry(info: SlideInfo, config: TileGridConfig) -> tuple[int, int, fl
     return level, size, size * info.level_downsamples[level]
 
 
-def tile_grid(reader: SlideReader, config: TileGridConfig | None = None) -> pa.Table:
+def tile_grid(reader: SlideReader, config: TilingConfig | None = None) -> pa.Table:
     """Tissue tiles of a slide (GRID_SCHEMA, row-major tile ids); NoTissueError when no tile has enough tissue."""
-    config = config or TileGridConfig()
+    config = config or TilingConfig()
     info = reader.info
     level, size, extent = tile_geometry(info, config)
     stride = (config.stride or config.tile_size) * extent / config.tile_size
@@ -84,7 +53,7 @@ def tile_grid(reader: SlideReader, config: TileGridConfig | None = None) -> pa.T
     if len(rows) == 0:
         raise NoTissueError(info.slide_id, f"no tile holds >= {config.min_tissue:.0%} tissue (tissue covers "
                             f"{mask.mean():.1%} of the thumbnail)",
-                            "check the slide, or lower tissue.min_saturation / min_tissue for faint tissue")
+                            "check the slide, or lower --tiling.tissue.min_saturation / --tiling.min_tissue for faint tissue")
     n = len(rows)
     mpp0 = info.mpp or config.fallback_mpp
     return pa.table({

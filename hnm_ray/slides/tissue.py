@@ -1,37 +1,10 @@
 """Tissue detection on a thumbnail: HSV saturation -> median blur -> Otsu (with a floor) -> morphology."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from scipy import ndimage
 
-from hnm_ray.config import check_range, knob
-from hnm_ray.errors import ConfigError
-
-
-@dataclass
-class TissueConfig:
-    """Tissue detection: saturation threshold (Otsu by default), blur and clean-up of the mask."""
-
-    thumbnail_size: int = knob(1024, "longest side (px) of the thumbnail tissue is detected on")
-    saturation_threshold: float | None = knob(None, "fixed HSV-saturation threshold in [0, 1]; unset = Otsu per slide")
-    min_saturation: float = knob(0.05, "floor under the Otsu threshold, so a blank (white) slide has no tissue; "
-                                       "lower it for faint tissue")
-    median_kernel: int = knob(7, "median blur of the saturation, in thumbnail px (odd; 1 = none)")
-    min_object_fraction: float = knob(0.0005, "drop tissue pieces smaller than this fraction of the thumbnail")
-    fill_holes_fraction: float = knob(0.002, "fill holes in tissue smaller than this fraction of the thumbnail")
-
-    def validate(self) -> None:
-        """Raise ConfigError on out-of-range values."""
-        check_range("thumbnail_size", self.thumbnail_size, 16)
-        if self.saturation_threshold is not None:
-            check_range("saturation_threshold", self.saturation_threshold, 0.0, 1.0)
-        check_range("min_saturation", self.min_saturation, 0.0, 1.0)
-        if self.median_kernel < 1 or self.median_kernel % 2 == 0:
-            raise ConfigError("median_kernel", f"{self.median_kernel} must be an odd number >= 1")
-        check_range("min_object_fraction", self.min_object_fraction, 0.0, 1.0)
-        check_range("fill_holes_fraction", self.fill_holes_fraction, 0.0, 1.0)
+from hnm_ray.config import TissueConfig
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hnm_ray import config as cfg
+from hnm_ray.config import TrainConfig
 from hnm_ray.errors import HnmError
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
@@ -31,42 +31,8 @@ log = logging.getLogger("hnm_ray")
 CHECKPOINT_FILE = "finetune.pt"
 TILE_ROW_SCHEMA = pa.schema([("slide_id", pa.string()), ("path", pa.string()), ("tile_id", pa.int32()),
                              ("x", pa.int32()), ("y", pa.int32()), ("level", pa.int8()), ("size", pa.int16()),
-                             ("label", pa.int8()), ("pos_rank", pa.float32())])
-
-
-@dataclass
-class FinetuneConfig:
-    """Encoder fine-tuning with SupCon on hard negatives and self-paced positives."""
-
-    ft_lr: float = cfg.knob(0.01, "encoder SGD learning rate (cosine schedule over all epochs)")
-    ft_momentum: float = cfg.knob(0.9, "encoder SGD momentum")
-    ft_weight_decay: float = cfg.knob(1e-4, "encoder SGD weight decay")
-    ft_batch_size: int = cfg.knob(64, "tiles per fine-tuning batch per worker (two views each)")
-    temperature: float = cfg.knob(0.07, "SupCon temperature")
-    proj_dim: int = cfg.knob(256, "projection head output size")
-    warmup_epochs: int = cfg.knob(1, "epochs before positives act as anchors (step B) and r_t starts growing")
-    ro: float = cfg.knob(0.2, "self-paced positive ratio at the end of warm-up")
-    rT: float = cfg.knob(0.8, "self-paced positive ratio at the last epoch")
-    threshold: float = cfg.knob(0.3, "pseudo-label probability above which a positive-slide tile may be a positive")
-    pos_per_neg: float = cfg.knob(1.0, "positives streamed per hard negative in an epoch (the epoch iterates over "
-                                       "the hard negatives, so its cost scales with neg_ratio)")
-    ft_workers: int = cfg.knob(1, "Ray Train workers for fine-tuning (0: in the driver process)")
-    ft_cpus_per_worker: float = cfg.knob(1.0, "CPUs per fine-tuning worker (also its torch threads)")
-    ft_use_gpu: bool = cfg.knob(False, "fine-tune on GPUs")
-    decoders: int = cfg.knob(1, "Ray Data decode actors feeding the fine-tuning workers")
-
-    def validate(self) -> None:
-        """Raise ConfigError on out-of-range values."""
-        cfg.check_range("ft_lr", self.ft_lr, 0.0, low_open=True)
-        cfg.check_range("ft_batch_size", self.ft_batch_size, 2)
-        cfg.check_range("temperature", self.temperature, 0.0, low_open=True)
-        cfg.check_range("ro", self.ro, 0.0, 1.0)
-        cfg.check_range("rT", self.rT, self.ro, 1.0)
-        cfg.check_range("threshold", self.threshold, 0.0, 1.0)
-        cfg.check_range("pos_per_neg", self.pos_per_neg, 0.0, low_open=True)
-        cfg.check_range("warmup_epochs", self.warmup_epochs, 0)
-        cfg.check_range("ft_workers", self.ft_workers, 0)
-        cfg.check_range("decoders", self.decoders, 1)
+                             ("label", pa.int8()), ("pos_rank", pa.float32()), ("kind", pa.int8())])
+HARD_NEGATIVE, POSITIVE, UNCERTAIN_NEGATIVE = 0, 1, 2  # row kinds; label = 1 for positives only
 
 
 def sample_positives(positives: pa.Table, n: int, max_rank: float, seed: int) -> pa.Table:
@@ -81,10 +47,10 @@ def sample_positives(positives: pa.Table, n: int, max_rank: float, seed: int) ->
 
 def tile_rows(store: FeatureStore, records: list[SlideRecord], selections: list[tuple[pa.Table, int]],
               seed: int) -> pa.Table:
-    """Coordinates of selected tiles (tables of slide_id, tile_id[, pos_rank]) with their labels, shuffled."""
+    """Coordinates of selected tiles (tables of slide_id, tile_id[, pos_rank]) with their kind and label, shuffled."""
     paths = {r.slide_id: r.path for r in records}
     parts = []
-    for table, label in selections:
+    for table, kind in selections:
         for slide_id in sorted(set(table["slide_id"].to_pylist())):
             chosen = table.filter(pa.compute.equal(table["slide_id"], slide_id))
             coords = store.read_table(slide_id, columns=["tile_id", "x", "y", "level", "size"])
@@ -94,10 +60,32 @@ def tile_rows(store: FeatureStore, records: list[SlideRecord], selections: list[
             parts.append(pa.table({"slide_id": pa.array([slide_id] * n), "path": pa.array([paths[slide_id]] * n),
                                    "tile_id": joined["tile_id"], "x": joined["x"], "y": joined["y"],
                                    "level": joined["level"], "size": joined["size"],
-                                   "label": pa.array(np.full(n, label, np.int8)), "pos_rank": ranks},
-                                  schema=TILE_ROW_SCHEMA))
+                                   "label": pa.array(np.full(n, int(kind == POSITIVE), np.int8)), "pos_rank": ranks,
+                                   "kind": pa.array(np.full(n, kind, np.int8))}, schema=TILE_ROW_SCHEMA))
     rows = pa.concat_tables(parts) if parts else TILE_ROW_SCHEMA.empty_table()
     return rows.take(np.random.default_rng(seed).permutation(rows.num_rows))
+
+
+def round_rows(config: TrainConfig, store: FeatureStore, records: list[SlideRecord], selection, round_: int) -> pa.Table:
+    """A round's fine-tuning rows: every hard negative, `pos_per_neg` positives per hard negative drawn from the
+    round's top r_t (our loop) or enough for the official batch mixes, and the uncertain negatives."""
+    from hnm_ray.mining import positive_ratio
+
+    ft, seed = config.finetune, config.run.seed + round_
+    last_epoch = (round_ + 1) * ft.epochs_per_round - 1
+    max_rank = positive_ratio(last_epoch, ft.warmup_epochs, config.total_finetune_epochs, config.mining.ro,
+                              config.mining.rT)
+    n_hard = selection.hard_negatives.num_rows
+    if ft.loop == "official":  # step A takes any positive above the threshold; step B filters by r_t itself
+        per_neg, max_rank = ft.step_a_positive_fraction / (1 - ft.step_a_positive_fraction), 1.0
+    else:
+        per_neg = ft.pos_per_neg
+    chosen = sample_positives(selection.positives, math.ceil(per_neg * n_hard), max_rank, seed)
+    # Uncertain negatives join after the first pseudo-label update (officially from epoch warm-up + 1), not in round 0.
+    uncertain = selection.uncertain if round_ >= 1 else selection.uncertain.slice(0, 0)
+    return tile_rows(store, records, [(selection.hard_negatives.select(["slide_id", "tile_id"]), HARD_NEGATIVE),
+                                      (chosen.select(["slide_id", "tile_id", "pos_rank"]), POSITIVE),
+                                      (uncertain.select(["slide_id", "tile_id"]), UNCERTAIN_NEGATIVE)], seed)
 
 
 def projection_head(in_dim: int, out_dim: int):
@@ -122,31 +110,78 @@ def contrastive_model(encoder, head):
     return EncoderWithHead()
 
 
-def _batch_loss(batch: dict[str, np.ndarray], model, fc: dict[str, Any], epoch: int, ratio: float,
-                gen, device: str, supervised: bool):
-    """SupCon (or NT-Xent when unsupervised) loss of one streamed batch."""
+def _views(tiles: np.ndarray, model, fc: dict[str, Any], gen, device: str, input_space: str):
+    """Projections of two augmented views of uint8 tiles (B, H, W, 3)."""
     import torch
 
     from hnm_ray.augment import AugmentConfig, two_views
-    from hnm_ray.losses import supcon_loss
     from hnm_ray.models.encoders import to_model_input
 
+    v1, v2 = two_views(torch.from_numpy(np.ascontiguousarray(tiles)), AugmentConfig(), gen, fc["augment"])
+    return model(to_model_input(v1.to(device), input_space)), model(to_model_input(v2.to(device), input_space))
+
+
+def _usable(batch: dict[str, np.ndarray], ratio: float, supervised: bool) -> np.ndarray:
+    """Rows decoded without error and, for positives and uncertain negatives, within this epoch's r_t."""
     ok = np.asarray([not e for e in batch["error"]])
-    labels = batch["label"].astype(np.int64)
-    keep = ok & ((labels == 0) | (batch["pos_rank"] <= ratio)) if supervised else ok
-    if keep.sum() < 2:
-        keep = ok if ok.sum() >= 2 else np.ones_like(ok)
-    tiles = torch.from_numpy(np.ascontiguousarray(batch["tiles"][keep]))
-    v1, v2 = two_views(tiles, AugmentConfig(), gen)
-    z1 = model(to_model_input(v1.to(device)))
-    z2 = model(to_model_input(v2.to(device)))
+    keep = ok & ((batch["kind"] == HARD_NEGATIVE) | (batch["pos_rank"] <= ratio)) if supervised else ok
+    return keep if keep.sum() >= 2 else ok
+
+
+def our_losses(batch: dict[str, np.ndarray], model, fc: dict[str, Any], epoch: int, ratio: float, gen, device: str,
+               supervised: bool, input_space: str) -> list:
+    """Our loop, one SGD step per batch: SupCon with negatives as anchors (+ positives as anchors after warm-up);
+    NT-Xent (SimCLR) when not supervised."""
+    import torch
+
+    from hnm_ray.losses import supcon_loss
+
+    keep = _usable(batch, ratio, supervised)
+    z1, z2 = _views(batch["tiles"][keep], model, fc, gen, device, input_space)
     if not supervised:
-        return supcon_loss(z1, z2, None, fc["temperature"])
-    y = torch.from_numpy(labels[keep]).to(device)
+        return [supcon_loss(z1, z2, None, fc["temperature"])]
+    y = torch.from_numpy(batch["label"][keep].astype(np.int64)).to(device)
     loss = supcon_loss(z1, z2, y, fc["temperature"], anchor_mask=y == 0)
     if epoch >= fc["warmup_epochs"] and bool((y == 1).any()):
         loss = loss + supcon_loss(z1, z2, y, fc["temperature"], anchor_mask=y == 1)
-    return loss
+    return [loss]
+
+
+def official_step_rows(batch: dict[str, np.ndarray], keep: np.ndarray, fc: dict[str, Any],
+                       epoch: int) -> list[np.ndarray]:
+    """Row indices of the official step A (hard negatives + positives) and, after warm-up, step B (all negatives,
+    uncertain ones included, + positives up to `step_b_positive_fraction` of the batch)."""
+    kind, ok = batch["kind"], np.asarray([not e for e in batch["error"]])
+    step_a = np.flatnonzero(ok & (kind != UNCERTAIN_NEGATIVE))  # every positive above the threshold, as officially
+    if epoch < fc["warmup_epochs"]:
+        return [step_a]
+    negatives = np.flatnonzero(keep & (kind != POSITIVE))
+    positives = np.flatnonzero(keep & (kind == POSITIVE))
+    share = fc["step_b_positive_fraction"]
+    n_pos = min(len(positives), max(1, round(share / (1 - share) * len(negatives))))
+    return [step_a, np.concatenate([negatives, positives[:n_pos]])]
+
+
+def official_losses(batch: dict[str, np.ndarray], model, fc: dict[str, Any], epoch: int, ratio: float, gen,
+                    device: str, input_space: str):
+    """The official loop: step A (negatives as anchors, uncertain negatives out of the contrast set) and step B
+    (positives as anchors), each its own SGD step, SupCon averaged over all 2N views. A generator: step B's loss
+    is computed only after the caller has applied step A's update."""
+    import torch
+
+    from hnm_ray.losses import supcon_step_a, supcon_step_b
+
+    keep = _usable(batch, ratio, True)
+    for step, rows in enumerate(official_step_rows(batch, keep, fc, epoch)):
+        if len(rows) < 2:
+            continue
+        z1, z2 = _views(batch["tiles"][rows], model, fc, gen, device, input_space)
+        y = torch.from_numpy(batch["label"][rows].astype(np.int64)).to(device)
+        if step == 0:
+            bag = torch.from_numpy((batch["kind"][rows] != HARD_NEGATIVE).astype(np.int64)).to(device)
+            yield supcon_step_a(z1, z2, y, bag, fc["temperature"])
+        else:
+            yield supcon_step_b(z1, z2, y, fc["temperature"])  # computed after step A's update, as officially
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
@@ -155,27 +190,29 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
+    from hnm_ray.config import EncoderConfig
     from hnm_ray.mining import positive_ratio
-    from hnm_ray.models.encoders import build_encoder
+    from hnm_ray.models.encoders import encoder_from_config
     from hnm_ray.training.checkpointing import latest_checkpoint, load_state, report
+    from hnm_ray.training.schedules import scheduler as lr_scheduler
 
     fc = loop["ft"]
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    device = str(ray.train.torch.get_device()) if fc["ft_use_gpu"] else "cpu"
-    torch.set_num_threads(max(1, int(fc["ft_cpus_per_worker"])))
+    device = str(ray.train.torch.get_device()) if fc["use_gpu"] else "cpu"
+    torch.set_num_threads(max(1, int(fc["cpus_per_worker"])))
     torch.manual_seed(loop["seed"])
-    encoder = build_encoder(loop["encoder"], loop["weights"])
+    encoder = encoder_from_config(EncoderConfig(**loop["encoder"]), loop["weights"])
+    input_space = loop["encoder"]["input_space"]
     head = projection_head(encoder.out_dim, fc["proj_dim"])
     if loop.get("head_weights"):
         head.load_state_dict(torch.load(loop["head_weights"], map_location="cpu"))
     model = contrastive_model(encoder, head)
-    optimizer = torch.optim.SGD(model.parameters(), lr=fc["ft_lr"], momentum=fc["ft_momentum"],
-                                weight_decay=fc["ft_weight_decay"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=fc["lr"], momentum=fc["momentum"],
+                                weight_decay=fc["weight_decay"])
     total, start = loop["total_epochs"], loop["first_epoch"]
-    # Cosine over all rounds' epochs; this fit starts at `first_epoch` of that schedule.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * min(e + loop["first_epoch"], total) / total)))
+    # One schedule over all rounds' epochs; this fit starts at `first_epoch` of it.
+    scheduler = lr_scheduler(optimizer, fc["schedule"], total, loop["first_epoch"])
     checkpoint = latest_checkpoint(loop["driver_checkpoints"], CHECKPOINT_FILE)
     if checkpoint:
         state = load_state(checkpoint, CHECKPOINT_FILE)
@@ -191,15 +228,19 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         ddp.train()
         epoch_started = time.perf_counter()
         gen = torch.Generator().manual_seed(loop["seed"] * 100003 + epoch * 101 + rank)
-        ratio = positive_ratio(epoch, fc["warmup_epochs"], total, fc["ro"], fc["rT"]) if supervised else 1.0
+        ratio = positive_ratio(epoch, fc["warmup_epochs"], total, loop["ro"], loop["rT"]) if supervised else 1.0
         losses, tiles_seen = [], 0
-        for batch in shard.iter_batches(batch_size=fc["ft_batch_size"], batch_format="numpy",
-                                        local_shuffle_buffer_size=4 * fc["ft_batch_size"]):
-            loss = _batch_loss(batch, ddp, fc, epoch, ratio, gen, device, supervised)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+        for batch in shard.iter_batches(batch_size=fc["batch_size"], batch_format="numpy",
+                                        local_shuffle_buffer_size=4 * fc["batch_size"]):
+            if supervised and fc["loop"] == "official":
+                steps = official_losses(batch, ddp, fc, epoch, ratio, gen, device, input_space)
+            else:
+                steps = our_losses(batch, ddp, fc, epoch, ratio, gen, device, supervised, input_space)
+            for loss in steps:  # the official loop: two SGD steps per batch (A, then B)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
             tiles_seen += len(batch["tile_id"])
         scheduler.step()
         metrics = {"epoch": epoch, "ft_loss": float(np.mean(losses)) if losses else float("nan"),
@@ -219,10 +260,11 @@ class FinetuneResult:
     history: list[dict[str, Any]]
 
 
-def fit_finetune(config: FinetuneConfig, rows: pa.Table, encoder: str, weights: str | None, run_dir: str | Path,
-                 name: str, first_epoch: int, last_epoch: int, total_epochs: int, tile_size: int, seed: int = 0,
-                 head_weights: str | None = None, supervised: bool = True) -> FinetuneResult:
-    """Fine-tune the encoder on `rows` (see `tile_rows`) for epochs [first_epoch, last_epoch) with Ray Train."""
+def fit_finetune(config: TrainConfig, rows: pa.Table, weights: str | None, run_dir: str | Path, name: str,
+                 first_epoch: int, last_epoch: int, total_epochs: int, head_weights: str | None = None,
+                 supervised: bool = True) -> FinetuneResult:
+    """Fine-tune the encoder on `rows` (see `tile_rows`) for epochs [first_epoch, last_epoch) of a `total_epochs`
+    schedule with Ray Train (SupCon; SimCLR when not `supervised`), starting from `weights`."""
     import ray
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -231,23 +273,25 @@ def fit_finetune(config: FinetuneConfig, rows: pa.Table, encoder: str, weights: 
     from hnm_ray.decode import TileDecoder
     from hnm_ray.training.checkpointing import driver_checkpoint_dir, load_state, newest_driver_checkpoint
 
+    ft = config.finetune
     if rows.num_rows < 2:
         raise HnmError(f"fine-tuning {name!r} needs at least 2 tiles; the selection has {rows.num_rows}. "
-                       "Raise neg_ratio or lower threshold.")
+                       "Raise --mining.neg_ratio or lower --mining.threshold.")
     run_dir = Path(run_dir).resolve()
     tiles = ray.data.from_arrow(rows).map_batches(
-        TileDecoder, fn_constructor_args=(tile_size, 1), batch_size=config.ft_batch_size, num_cpus=0.5,
-        compute=ray.data.ActorPoolStrategy(size=config.decoders))
-    loop = {"ft": asdict(config), "encoder": encoder, "weights": weights, "head_weights": head_weights, "seed": seed,
-            "first_epoch": first_epoch, "last_epoch": last_epoch, "total_epochs": total_epochs, "supervised": supervised,
-            "driver_checkpoints": driver_checkpoint_dir(config.ft_workers, run_dir / "ray_train", name)}
+        TileDecoder, fn_constructor_args=(config.tiling.tile_size, 1), batch_size=ft.batch_size,
+        num_cpus=config.extract.cpus_per_decoder, compute=ray.data.ActorPoolStrategy(size=ft.decoders))
+    loop = {"ft": asdict(ft), "ro": config.mining.ro, "rT": config.mining.rT, "encoder": asdict(config.encoder),
+            "weights": weights, "head_weights": head_weights, "seed": config.run.seed, "first_epoch": first_epoch,
+            "last_epoch": last_epoch, "total_epochs": total_epochs, "supervised": supervised,
+            "driver_checkpoints": driver_checkpoint_dir(ft.workers, run_dir / "ray_train", name)}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop, datasets={"tiles": tiles},
-        scaling_config=ScalingConfig(num_workers=config.ft_workers, use_gpu=config.ft_use_gpu,
-                                     resources_per_worker={"CPU": config.ft_cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=ft.workers, use_gpu=ft.use_gpu,
+                                     resources_per_worker={"CPU": ft.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(run_dir / "ray_train"),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=2)),
+                             failure_config=FailureConfig(max_failures=ft.max_failures)),
     )
     result = trainer.fit()
     if result.error:

@@ -7,7 +7,7 @@ Validation slide metrics are reported every epoch with a checkpoint; the best ep
 AUC, then loss) is the model kept. Re-running with the same run folder resumes from the last
 checkpoint.
 
-    python -m hnm_ray.training.mil --store STORE --tag TAG --manifest M --out RUN
+    python -m hnm_ray.training.mil --store STORE --tag TAG --manifest M --out RUN [--mil.epochs 40 ...]
 """
 from __future__ import annotations
 
@@ -24,57 +24,17 @@ from typing import Any
 import numpy as np
 
 from hnm_ray import config as cfg
+from hnm_ray.config import MILConfig, TrainConfig
 from hnm_ray.cli import entry_point
 from hnm_ray.cli import parser as cli_parser
-from hnm_ray.errors import HnmError, StoreError
+from hnm_ray.errors import ConfigError, HnmError, StoreError
 from hnm_ray.store.features import Bag, FeatureStore
+from hnm_ray.inference import _tensor, evaluate_bags, evaluate_split, save_aggregator
 from hnm_ray.store.manifest import SlideRecord, load_manifest
 
 log = logging.getLogger("hnm_ray")
 
 CHECKPOINT_FILE = "mil.pt"
-RANKING_FORMS = ("pair", "global", "none")
-
-
-@dataclass
-class MILConfig:
-    """MIL aggregator training: model, losses (bag/instance BCE + ranking), optimiser, Ray Train resources."""
-
-    aggregator: str = cfg.knob("dsmil", "MIL aggregator", choices=["dsmil", "abmil"])
-    hidden: int = cfg.knob(128, "aggregator hidden size")
-    dropout: float = cfg.knob(0.0, "aggregator dropout")
-    mil_epochs: int = cfg.knob(40, "aggregator training epochs per round")
-    mil_lr: float = cfg.knob(1e-3, "aggregator Adam learning rate (official 2e-4; 1e-3 measured better on small cohorts)")
-    mil_weight_decay: float = cfg.knob(1e-4, "aggregator Adam weight decay")
-    w_bag: float = cfg.knob(0.5, "weight of the bag BCE term")
-    w_ins: float = cfg.knob(0.5, "weight of the max-instance BCE term")
-    w_rank: float = cfg.knob(0.1, "weight of the multiple instance ranking loss (0 disables it)")
-    margin: float = cfg.knob(1.0, "ranking-loss margin between positive and negative top-k logits")
-    rank_k: int = cfg.knob(10, "k of the top-k mean in the ranking loss")
-    ranking: str = cfg.knob("pair", "ranking form: pair (paper), global (vs the miner's hard negatives), none",
-                            choices=list(RANKING_FORMS))
-    global_pool: int = cfg.knob(512, "hard negatives sampled from the miner per epoch for the global ranking form")
-    mil_workers: int = cfg.knob(1, "Ray Train workers for aggregator training (0: in the driver process)")
-    mil_cpus_per_worker: float = cfg.knob(1.0, "CPUs per aggregator training worker")
-    mil_use_gpu: bool = cfg.knob(False, "train the aggregator on GPUs")
-    mil_pairs_per_step: int = cfg.knob(1, "bag pairs whose gradients are accumulated per optimiser step (1: the "
-                                          "paper's; more cuts DDP all-reduces)")
-    mil_checkpoint_every: int = cfg.knob(5, "checkpoint the aggregator every N epochs (and at the last epoch)")
-    max_failures: int = cfg.knob(2, "Ray Train restarts from the last checkpoint after a worker failure")
-
-    def validate(self) -> None:
-        """Raise ConfigError on out-of-range values."""
-        cfg.check_range("mil_epochs", self.mil_epochs, 1)
-        cfg.check_range("mil_lr", self.mil_lr, 0.0, low_open=True)
-        for key in ("w_bag", "w_ins", "w_rank", "dropout", "mil_weight_decay"):
-            cfg.check_range(key, getattr(self, key), 0.0)
-        cfg.check_range("margin", self.margin, 0.0)
-        cfg.check_range("rank_k", self.rank_k, 1)
-        cfg.check_range("mil_workers", self.mil_workers, 0)
-        cfg.check_range("mil_checkpoint_every", self.mil_checkpoint_every, 1)
-        cfg.check_range("mil_pairs_per_step", self.mil_pairs_per_step, 1)
-        cfg.check_range("mil_cpus_per_worker", self.mil_cpus_per_worker, 0.0, low_open=True)
-        cfg.check_choice("ranking", self.ranking, RANKING_FORMS)
 
 
 @dataclass
@@ -86,6 +46,7 @@ class MILResult:
     threshold: float
     metrics: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # every epoch's reported metrics, resumes included
+    official_protocol: dict[str, Any] | None = None  # best TEST AUC over epochs, threshold on test (official report)
 
 
 def epoch_pairs(pos: list[str], neg: list[str], epoch: int, seed: int, rank: int, world: int) -> list[tuple[str, str]]:
@@ -99,26 +60,6 @@ def epoch_pairs(pos: list[str], neg: list[str], epoch: int, seed: int, rank: int
     pos_order = [my_pos[i % len(my_pos)] for i in rng.permutation(max(steps, len(my_pos)))[:steps]] if steps else []
     neg_order = [my_neg[i % len(my_neg)] for i in rng.permutation(max(steps, len(my_neg)))[:steps]] if steps else []
     return list(zip(pos_order, neg_order))
-
-
-def _tensor(bag: Bag, device: str):
-    import torch
-
-    return torch.from_numpy(bag.features).to(device)
-
-
-def evaluate_bags(model, bags: list[Bag], device: str = "cpu") -> tuple[np.ndarray, list[np.ndarray]]:
-    """Bag probabilities and per-bag instance logits of `bags` under `model` (eval mode, no grad)."""
-    import torch
-
-    model.eval()
-    probs, instance_logits = [], []
-    with torch.no_grad():
-        for bag in bags:
-            inst, bag_logit = model(_tensor(bag, device))
-            probs.append(torch.sigmoid(bag_logit).item())
-            instance_logits.append(inst.float().cpu().numpy())
-    return np.asarray(probs, dtype=np.float64), instance_logits
 
 
 def validation_metrics(model, bags: list[Bag], loss_fn, device: str = "cpu") -> dict[str, float]:
@@ -163,20 +104,50 @@ def _hard_negative_bag(store: FeatureStore, loop: dict[str, Any], epoch: int) ->
     return store.select_tiles(table) if table.num_rows else None
 
 
-def _pair_step(model, pos: Bag, neg: Bag, hard_x, bce, mc: dict[str, Any], device: str, scale: float) -> float:
-    """Forward and backward of one (positive, negative) bag pair: mean bag/instance BCE + w_rank * ranking loss."""
-    from hnm_ray.losses import global_ranking_loss, ranking_loss
+def _pair_step(model, pos: Bag, neg: Bag, hard_x, loss_kw: dict[str, Any], device: str, scale: float) -> float:
+    """Forward and backward of one (positive, negative) bag pair: `losses.pair_loss` (+ the global ranking form)."""
+    from hnm_ray.losses import global_ranking_loss, pair_loss
 
-    pos_inst, pos_bag = model(_tensor(pos, device))
-    neg_inst, neg_bag = model(_tensor(neg, device))
-    loss = 0.5 * (bce(pos_inst, pos_bag, 1.0) + bce(neg_inst, neg_bag, 0.0))
-    if mc["w_rank"] > 0 and mc["ranking"] == "pair":
-        loss = loss + mc["w_rank"] * ranking_loss(pos_inst, neg_inst, mc["margin"], mc["rank_k"])
-    elif mc["w_rank"] > 0 and hard_x is not None:
+    pos_out, neg_out = model(_tensor(pos, device)), model(_tensor(neg, device))
+    pair_form = loss_kw["ranking"] == "pair"
+    loss = loss_kw["scale"] * pair_loss(pos_out, neg_out, loss_kw["pos_weight"], loss_kw["w_bag"], loss_kw["w_ins"],
+                                        loss_kw["w_rank"] if pair_form else 0.0, loss_kw["margin"], loss_kw["rank_k"])
+    if loss_kw["w_rank"] > 0 and loss_kw["ranking"] == "global" and hard_x is not None:
         hard_inst, _ = model(hard_x)
-        loss = loss + mc["w_rank"] * global_ranking_loss([pos_inst], hard_inst, mc["margin"], mc["rank_k"])
+        loss = loss + loss_kw["w_rank"] * global_ranking_loss([pos_out[0]], hard_inst, loss_kw["margin"], loss_kw["rank_k"])
     (loss * scale).backward()
     return loss.item()
+
+
+def bce_weighting(mode: str, n_pos: int, n_neg: int) -> tuple[float | None, float]:
+    """(pos_weight, uniform scale) of the BCE terms: pos_weight = #neg/#pos on positive bags, or, as the official
+    code's `BCEWithLogitsLoss(ratio)` does (the ratio lands in `weight`), every term scaled by #neg/#pos."""
+    ratio = n_neg / max(1, n_pos)
+    return (ratio, 1.0) if mode == "pos_weight" else (None, ratio)
+
+
+def _keeps(metrics: dict[str, Any], best: dict[str, Any] | None, mc: dict[str, Any]) -> bool:
+    """Whether this epoch's model replaces the kept one: best validation AUC, or the fixed epoch (-1: the last)."""
+    if mc["select_epoch"] == "fixed":
+        fixed = mc["fixed_epoch"] if mc["fixed_epoch"] >= 0 else mc["epochs"] - 1
+        return metrics["epoch"] <= fixed
+    return _is_better(metrics, best)
+
+
+def official_protocol_update(best: dict[str, Any] | None, model, test_bags: list[Bag], epoch: int,
+                             device: str) -> dict[str, Any] | None:
+    """The official code's report: the epoch of best TEST slide AUC, with the Youden threshold picked on test.
+    Kept apart from our protocol (epoch and threshold on validation) and labelled so."""
+    from hnm_ray.metrics import slide_metrics
+
+    if not test_bags:
+        return best
+    probs, _ = evaluate_bags(model, test_bags, device)
+    metrics = slide_metrics(np.asarray([b.label for b in test_bags]), probs)
+    auc = -1.0 if math.isnan(metrics["auc"]) else metrics["auc"]
+    if best is None or auc > best["test_auc"]:
+        return {"epoch": epoch, **{f"test_{k}": v for k, v in metrics.items()}}
+    return best
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
@@ -188,11 +159,12 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from hnm_ray.losses import bag_bce
     from hnm_ray.models.aggregators import build_standardized
     from hnm_ray.training.checkpointing import latest_checkpoint, load_state, report
+    from hnm_ray.training.schedules import scheduler as lr_scheduler
 
     mc = loop["mil"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    device = str(ray.train.torch.get_device()) if mc["mil_use_gpu"] else "cpu"
+    device = str(ray.train.torch.get_device()) if mc["use_gpu"] else "cpu"
     torch.manual_seed(loop["seed"])
     store = FeatureStore(loop["store_root"], loop["tag"], round=loop["round"])
     pos_ids = [s for s, y in loop["train"] if y == 1]
@@ -201,55 +173,65 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     labels = dict(loop["train"])
     bags = {s: store.read_bag(s, label=labels[s]) for s in sorted(my_ids)}
     val_bags = [store.read_bag(s, label=y) for s, y in loop["val"]] if rank == 0 else []
-    pos_weight = torch.tensor(len(neg_ids) / max(1, len(pos_ids)), device=device)
+    test_bags = [store.read_bag(s, label=y) for s, y in loop["test"]] if rank == 0 else []
+    pos_weight, scale = bce_weighting(mc["bce_weight"], len(pos_ids), len(neg_ids))
+    loss_kw = {**{k: mc[k] for k in ("w_bag", "w_ins", "w_rank", "margin", "rank_k", "ranking")},
+               "pos_weight": None if pos_weight is None else torch.tensor(pos_weight, device=device), "scale": scale}
 
     model = build_standardized(mc["aggregator"], loop["dim"], hidden=mc["hidden"], dropout=mc["dropout"])
     model.set_statistics(loop["feature_mean"], loop["feature_std"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=mc["mil_lr"], weight_decay=mc["mil_weight_decay"])
-    start_epoch, best, history = 0, None, []
+    optimizer = torch.optim.Adam(model.parameters(), lr=mc["lr"], weight_decay=mc["weight_decay"])
+    scheduler = lr_scheduler(optimizer, mc["lr_schedule"], mc["epochs"])
+    start_epoch, best, official, history = 0, None, None, []
     checkpoint = latest_checkpoint(loop["driver_checkpoints"], CHECKPOINT_FILE)
     if checkpoint:
         state = load_state(checkpoint, CHECKPOINT_FILE)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, history = state["epoch"] + 1, state["best"], state.get("history", [])
+        official = state.get("official_protocol")
         if rank == 0:
-            log.info("MIL: resuming after epoch %d of %d", state["epoch"], mc["mil_epochs"])
+            log.info("MIL: resuming after epoch %d of %d", state["epoch"], mc["epochs"])
     ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
     plain_model = getattr(ddp_model, "module", ddp_model)
 
     def bce(inst, bag_logit, y):
-        return bag_bce(bag_logit, inst, torch.tensor(y, device=device), pos_weight, mc["w_bag"], mc["w_ins"])
+        return scale * bag_bce(bag_logit, inst, torch.tensor(y, device=device), loss_kw["pos_weight"], mc["w_bag"],
+                               mc["w_ins"])
 
-    for epoch in range(start_epoch, mc["mil_epochs"]):
+    for epoch in range(start_epoch, mc["epochs"]):
         ddp_model.train()
         hard = _hard_negative_bag(store, loop, epoch) if mc["ranking"] == "global" and mc["w_rank"] > 0 else None
         hard_x = _tensor(hard, device) if hard is not None else None
         losses, started = [], time.perf_counter()
         pairs = epoch_pairs(pos_ids, neg_ids, epoch, loop["seed"], rank, world)
         for step, (pos_id, neg_id) in enumerate(pairs):
-            # Gradients of `mil_pairs_per_step` pairs are accumulated locally (no DDP all-reduce) before a step.
-            syncs = (step + 1) % mc["mil_pairs_per_step"] == 0 or step == len(pairs) - 1
+            # Gradients of `pairs_per_step` pairs are accumulated locally (no DDP all-reduce) before a step.
+            syncs = (step + 1) % mc["pairs_per_step"] == 0 or step == len(pairs) - 1
             with contextlib.nullcontext() if syncs or world == 1 else ddp_model.no_sync():
-                losses.append(_pair_step(ddp_model, bags[pos_id], bags[neg_id], hard_x, bce, mc, device,
-                                         scale=1.0 / mc["mil_pairs_per_step"]))
+                losses.append(_pair_step(ddp_model, bags[pos_id], bags[neg_id], hard_x, loss_kw, device,
+                                         scale=1.0 / mc["pairs_per_step"]))
             if syncs:
                 optimizer.step()
                 optimizer.zero_grad()
+        scheduler.step()
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                                    "epoch_seconds": time.perf_counter() - started,  # training steps only
                                    "train_pairs": len(pairs) * world, "reported_at": time.time()}
-        last_epoch = epoch == mc["mil_epochs"] - 1
+        last_epoch = epoch == mc["epochs"] - 1
         if rank == 0:
             metrics.update(validation_metrics(plain_model, val_bags, bce, device))
-            if _is_better(metrics, best):
+            if _keeps(metrics, best, mc):
                 best = {**metrics, "model": copy.deepcopy({k: v.cpu() for k, v in plain_model.state_dict().items()})}
+            official = official_protocol_update(official, plain_model, test_bags, epoch, device)
             metrics["best_epoch"] = best["epoch"]
             history.append(dict(metrics))
         state = None
-        if rank == 0 and (last_epoch or (epoch + 1) % mc["mil_checkpoint_every"] == 0):
+        if rank == 0 and (last_epoch or (epoch + 1) % mc["checkpoint_every"] == 0):
             state = {"model": plain_model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "best": best, "history": history, "loop": loop}
+                     "scheduler": scheduler.state_dict(),
+                     "best": best, "official_protocol": official, "history": history, "loop": loop}
         report(metrics, state, CHECKPOINT_FILE, loop["driver_checkpoints"])
 
 
@@ -269,20 +251,20 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
 
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    train, val = _train_records(records, store, "train"), _train_records(records, store, "val")
+    train, val, test = (_train_records(records, store, split) for split in ("train", "val", "test"))
     if not any(y == 1 for _, y in train) or not any(y == 0 for _, y in train):
         raise StoreError(f"MIL training needs positive and negative training slides in {store.directory}; "
                          f"found {len(train)} training slides with features. Check the manifest's labels/splits.")
-    mean, std = feature_statistics(store, [s for s, _ in train])
+    mean, std = feature_statistics(store, [s for s, _ in train]) if config.standardize else (np.zeros(1), np.ones(1))
     storage = run_dir / "ray_train"
     loop = {"mil": asdict(config), "feature_mean": mean.tolist(), "feature_std": std.tolist(),
             "store_root": str(store.root), "tag": store.encoder_tag, "round": store.round,
-            "dim": int(store.metadata()["dim"]), "train": train, "val": val, "miner_name": miner_name, "seed": seed,
-            "driver_checkpoints": driver_checkpoint_dir(config.mil_workers, storage, name)}
+            "dim": int(store.metadata()["dim"]), "train": train, "val": val, "test": test, "miner_name": miner_name,
+            "seed": seed, "driver_checkpoints": driver_checkpoint_dir(config.workers, storage, name)}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop,
-        scaling_config=ScalingConfig(num_workers=config.mil_workers, use_gpu=config.mil_use_gpu,
-                                     resources_per_worker={"CPU": config.mil_cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=config.max_failures)),
@@ -295,13 +277,12 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
         raise HnmError(f"MIL run {name!r} in {storage} reported no checkpoint; delete {storage / name} to start afresh")
     state = load_state(checkpoint, CHECKPOINT_FILE)
     best = state["best"]
-    model_path = run_dir / f"{name}_aggregator.pt"
-    torch.save({"model": best["model"], "aggregator": config.aggregator, "hidden": config.hidden,
-                "dropout": config.dropout, "dim": loop["dim"], "threshold": best.get("val_threshold", 0.5),
-                "epoch": best["epoch"], "encoder_tag": store.encoder_tag}, model_path)
+    meta = {"aggregator": config.aggregator, "hidden": config.hidden, "dropout": config.dropout, "dim": loop["dim"],
+            "threshold": best.get("val_threshold", 0.5), "epoch": best["epoch"], "encoder_tag": store.encoder_tag}
+    model_path = save_aggregator(run_dir / f"{name}_aggregator", best["model"], meta)
     metrics = {k: v for k, v in best.items() if k != "model"}
     return MILResult(str(model_path), int(best["epoch"]), float(best.get("val_threshold", 0.5)), metrics,
-                     state.get("history", []))
+                     state.get("history", []), state.get("official_protocol"))
 
 
 def feature_statistics(store: FeatureStore, slide_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -316,39 +297,6 @@ def feature_statistics(store: FeatureStore, slide_ids: list[str]) -> tuple[np.nd
     return mean, np.sqrt(np.maximum(total_sq / max(count, 1) - mean ** 2, 0.0))
 
 
-def load_aggregator(model_path: str | Path):
-    """The aggregator saved by `fit_mil` (eval mode, with its feature standardisation) and its saved fields."""
-    import torch
-
-    from hnm_ray.models.aggregators import build_standardized
-
-    saved = torch.load(model_path, map_location="cpu", weights_only=False)
-    model = build_standardized(saved["aggregator"], saved["dim"], hidden=saved["hidden"], dropout=saved["dropout"])
-    model.load_state_dict(saved["model"])
-    return model.eval(), saved
-
-
-def evaluate_split(model_path: str | Path, store: FeatureStore, records: list[SlideRecord], split: str,
-                   threshold: float | None = None) -> dict[str, float]:
-    """Slide metrics (at `threshold`, default the saved validation threshold) and instance metrics on a split."""
-    from hnm_ray.metrics import instance_metrics, slide_metrics
-
-    model, saved = load_aggregator(model_path)
-    done = store.completed()
-    bags = [store.read_bag(r.slide_id, label=r.label) for r in records
-            if r.split == split and r.slide_id in done and r.label is not None]
-    if not bags:
-        return {}
-    probs, inst = evaluate_bags(model, bags)
-    labels = np.asarray([b.label for b in bags])
-    out = slide_metrics(labels, probs, threshold if threshold is not None else saved["threshold"])
-    truth = np.concatenate([b.truth for b, y in zip(bags, labels) if y == 1] or [np.zeros(0, np.int8)])
-    scores = np.concatenate([s for s, y in zip(inst, labels) if y == 1] or [np.zeros(0)])
-    instance = instance_metrics(truth, scores)
-    out.update(instance_auc=instance["instance_auc"], instance_auprc=instance["instance_auprc"], instance_n=instance["n"])
-    return {f"{split}_{k}": v for k, v in out.items()}
-
-
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     """CLI: train the aggregator on an existing feature store and write RUN/metrics.json."""
@@ -358,16 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", required=True, help="feature store root")
     parser.add_argument("--tag", required=True, help="encoder tag folder inside the store")
     parser.add_argument("--round", type=int, default=0, help="store round")
-    parser.add_argument("--manifest", required=True, help="slide manifest with labels and splits")
     parser.add_argument("--out", required=True, help="run folder (resumes when it exists)")
-    parser.add_argument("--config", help="YAML file with any of the knobs below")
-    cfg.add_arguments(parser, MILConfig)
+    cfg.add_source_arguments(parser)
+    cfg.add_arguments(parser, TrainConfig, sections=("run", "mil"))
     args = parser.parse_args(argv)
-    config = cfg.build(MILConfig, args, args.config)
+    tree = cfg.load_config(TrainConfig, args)
+    if not tree.run.manifest:
+        raise ConfigError("run.manifest", "required: pass --manifest PATH (CSV/Parquet with labels and splits)")
     init_ray()
     store = FeatureStore(args.store, args.tag, round=args.round)
-    records = load_manifest(args.manifest)
-    result = fit_mil(config, store, records, args.out)
+    records = load_manifest(tree.run.manifest, seed=tree.run.seed)
+    result = fit_mil(tree.mil, store, records, args.out, seed=tree.run.seed)
     metrics = {**result.metrics, **evaluate_split(result.model_path, store, records, "test")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,240 @@
+"""Every knob of hnm-ray, declared once: the sections of the one config tree (`TrainConfig`).
+
+    run        the job: cohort, run folder, rounds, seed
+    tiling     tile size, level or mpp, tissue fraction; tiling.tissue: tissue detection
+    encoder    the tile encoder f: architecture, initial weights, norm, input space
+    pretrain   the self-supervised (SimCLR) warm start
+    extract    Ray Data extraction resources
+    mil        the MIL aggregator: model, losses (BCE + ranking loss), optimiser, Ray Train resources
+    mining     pseudo labels -> positives (self-paced) and hard negatives (global top-k), update gate
+    finetune   SupCon fine-tuning of the encoder: loop, optimiser, augmentations, Ray Train resources
+
+The paper's official values are the recipe `hnm_ray/config/recipes/paper.yaml` (`--recipe paper`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hnm_ray.config.tree import knob, section
+from hnm_ray.errors import ConfigError
+
+
+@dataclass
+class TissueConfig:
+    """Tissue detection: saturation threshold (Otsu by default), blur and clean-up of the mask."""
+
+    thumbnail_size: int = knob(1024, "longest side (px) of the thumbnail tissue is detected on", low=16)
+    saturation_threshold: float | None = knob(None, "fixed HSV-saturation threshold in [0, 1]; unset = Otsu per slide",
+                                              low=0.0, high=1.0)
+    min_saturation: float = knob(0.05, "floor under the Otsu threshold, so a blank (white) slide has no tissue; "
+                                       "lower it for faint tissue", low=0.0, high=1.0)
+    median_kernel: int = knob(7, "median blur of the saturation, in thumbnail px (odd; 1 = none)", low=1)
+    min_object_fraction: float = knob(0.0005, "drop tissue pieces smaller than this fraction of the thumbnail",
+                                      low=0.0, high=1.0)
+    fill_holes_fraction: float = knob(0.002, "fill holes in tissue smaller than this fraction of the thumbnail",
+                                      low=0.0, high=1.0)
+
+    def validate(self) -> None:
+        """Cross-checks the bounds cannot express."""
+        if self.median_kernel % 2 == 0:
+            raise ConfigError("tiling.tissue.median_kernel", f"{self.median_kernel} must be an odd number >= 1")
+
+
+@dataclass
+class TilingConfig:
+    """Tiling: tile size, pyramid level or target mpp, stride and the tissue a tile must hold."""
+
+    tile_size: int = knob(224, "tile side in pixels as the encoder sees it", low=16, high=4096)
+    level: int | None = knob(0, "pyramid level to tile (ignored when mpp is set)", low=0)
+    mpp: float | None = knob(None, "target microns per pixel of the tiles (0.5 = 20x, 2.0 = 5x); picks the coarsest "
+                                   "level not coarser than it and reads tile_size * mpp / level_mpp px there",
+                             low=0.0, low_open=True)
+    fallback_mpp: float | None = knob(None, "level-0 mpp assumed for slides without MPP metadata when mpp is set "
+                                            "(unset: such slides fail with a clear error)", low=0.0, low_open=True)
+    stride: int | None = knob(None, "step between tiles in tile pixels (unset = tile_size: no overlap)",
+                              low=0, low_open=True)
+    min_tissue: float = knob(0.5, "minimum tissue fraction of a tile (0 keeps every tile touching tissue)",
+                             low=0.0, high=1.0)
+    tissue: TissueConfig = section(TissueConfig, "tissue detection on the slide thumbnail")
+
+    def validate(self) -> None:
+        """A level or an mpp must be set."""
+        if self.level is None and self.mpp is None:
+            raise ConfigError("tiling.level", "set a pyramid level (e.g. 0) or a target mpp")
+
+
+@dataclass
+class EncoderConfig:
+    """The tile encoder f: architecture, initial weights and what its input looks like."""
+
+    name: str = knob("small_cnn", "tile encoder: small_cnn, resnet18_in (the paper's), module:callable, or a "
+                                  "TorchScript .pt")
+    weights: str | None = knob(None, "initial encoder weights (safetensors or a torch state dict, ours or the "
+                                     "official ItS2CLR SimCLR layout); none: a warm start by pretrain, or random init")
+    norm: str = knob("affine", "resnet18_in instance norm: affine (learnable scale/shift) or plain (official: none)",
+                     choices=["affine", "plain"])
+    input_space: str = knob("rgb_imagenet", "encoder input: rgb_imagenet (RGB, ImageNet mean/std) or bgr01 "
+                                            "(official: BGR in [0, 1], no normalisation)",
+                            choices=["rgb_imagenet", "bgr01"])
+
+
+@dataclass
+class PretrainConfig:
+    """Self-supervised warm start of the encoder (SimCLR, NT-Xent) on the cohort's training tiles."""
+
+    method: str = knob("none", "warm start before round 0 when no encoder.weights are given: simclr, or none "
+                               "(random init: features start from noise)", choices=["none", "simclr"])
+    epochs: int = knob(2, "SimCLR epochs", low=1)
+    tiles: int = knob(2048, "random training tiles SimCLR trains on", low=2)
+
+
+@dataclass
+class ExtractConfig:
+    """Feature extraction resources: Ray Data decode tasks and encoder actors."""
+
+    batch_size: int = knob(64, "tiles per decode/encode batch", low=1)
+    num_encoders: int = knob(1, "encoder actors in the pool", low=1)
+    gpus_per_encoder: float | None = knob(None, "GPUs per encoder actor (default: 1 when the cluster has GPUs, else 0)",
+                                          low=0.0)
+    cpus_per_encoder: float = knob(1.0, "CPUs per encoder actor (also its torch threads)", low=0.0, low_open=True)
+    cpus_per_decoder: float = knob(0.5, "CPUs per decode task or actor (index, extraction and fine-tuning decode)",
+                                   low=0.0, low_open=True)
+    decode_workers: int = knob(1, "cuCIM read_region threads per decode call", low=1)
+    dtype: str = knob("float32", "embedding storage dtype", choices=["float16", "float32"])
+
+
+@dataclass
+class MILConfig:
+    """MIL aggregator: model, losses (bag/instance BCE + ranking loss), optimiser, Ray Train resources."""
+
+    aggregator: str = knob("dsmil", "aggregator: dsmil, dsmil_its2clr (the official variant), abmil, or "
+                                    "module:callable")
+    hidden: int = knob(128, "aggregator hidden (query) size", low=1)
+    dropout: float = knob(0.0, "aggregator dropout", low=0.0, high=1.0, high_open=True)
+    epochs: int = knob(40, "aggregator training epochs per round", low=1)
+    lr: float = knob(1e-3, "Adam learning rate (official 2e-4; 1e-3 measured better on small cohorts)",
+                     low=0.0, low_open=True)
+    weight_decay: float = knob(1e-4, "Adam weight decay", low=0.0)
+    lr_schedule: str = knob("constant", "learning-rate schedule: constant, or mil_step_official (StepLR(75, 0.5) "
+                                        "stepped twice per epoch)", choices=["constant", "mil_step_official"])
+    standardize: bool = knob(True, "z-score features with training-set statistics (official: off)")
+    bce_weight: str = knob("pos_weight", "class balance of the BCE terms: pos_weight (#neg/#pos on positive bags) "
+                                         "or uniform (official: the ratio passed positionally scales every term)",
+                           choices=["pos_weight", "uniform"])
+    w_bag: float = knob(0.5, "weight of the bag BCE term", low=0.0)
+    w_ins: float = knob(0.5, "weight of the max-instance BCE term", low=0.0)
+    w_rank: float = knob(0.1, "weight of the multiple instance ranking loss (0 disables it)", low=0.0)
+    margin: float = knob(1.0, "ranking-loss margin between positive and negative top-k logits", low=0.0)
+    rank_k: int = knob(10, "k of the top-k mean in the ranking loss", low=1)
+    ranking: str = knob("pair", "ranking form: pair (paper), global (vs the miner's hard negatives), none",
+                        choices=["pair", "global", "none"])
+    global_pool: int = knob(512, "hard negatives sampled from the miner per epoch for the global ranking form", low=1)
+    select_epoch: str = knob("best_val", "the epoch whose model scores tiles and is reported: best_val (best "
+                                         "validation AUC) or fixed (fixed_epoch, as the official code)",
+                             choices=["best_val", "fixed"])
+    fixed_epoch: int = knob(-1, "the epoch kept with select_epoch fixed (-1: the last)", low=-1)
+    workers: int = knob(1, "Ray Train workers (0: train in the driver process, fastest on a laptop)", low=0)
+    cpus_per_worker: float = knob(1.0, "CPUs per training worker", low=0.0, low_open=True)
+    use_gpu: bool = knob(False, "train on GPUs")
+    pairs_per_step: int = knob(1, "bag pairs whose gradients are accumulated per optimiser step (1: the paper's; "
+                                  "more cuts DDP all-reduces)", low=1)
+    checkpoint_every: int = knob(5, "checkpoint every N epochs (and at the last epoch)", low=1)
+    max_failures: int = knob(2, "Ray Train restarts from the last checkpoint after a worker failure", low=0)
+
+
+@dataclass
+class MiningConfig:
+    """Pseudo labels -> self-paced positives and the global top-k hard negatives; which round's labels are used."""
+
+    neg_ratio: float = knob(0.2, "hard negative mining ratio: the global top fraction of negative-slide tiles kept "
+                                 "(the paper's headline setting: 0.05)", low=0.0, high=1.0, low_open=True)
+    threshold: float = knob(0.3, "pseudo-label probability above which a positive-slide tile may be a positive "
+                                 "(at or below it: an uncertain negative)", low=0.0, high=1.0)
+    ro: float = knob(0.2, "self-paced positive ratio r_t at the end of warm-up", low=0.0, high=1.0)
+    rT: float = knob(0.8, "self-paced positive ratio r_t at the last epoch", low=0.0, high=1.0)
+    pool: str = knob("train", "slides pseudo-labelled and mined: train, or train_val (official)",
+                     choices=["train", "train_val"])
+    uncertain_negatives: bool = knob(False, "add positive-slide tiles with p <= threshold (the lowest r_t fraction) "
+                                            "as negatives in fine-tuning step B (official: on)")
+    update_gate: bool = knob(False, "adopt a round's pseudo labels and hard negatives only when its best validation "
+                                    "F1 is not worse than the best so far (official: on)")
+
+    def validate(self) -> None:
+        """r_t grows: rT >= ro."""
+        if self.rT < self.ro:
+            raise ConfigError("mining.rT", f"{self.rT} must be >= mining.ro = {self.ro}")
+
+
+@dataclass
+class FinetuneConfig:
+    """Encoder fine-tuning with SupCon on hard negatives and self-paced positives (ItS2CLR)."""
+
+    epochs_per_round: int = knob(2, "fine-tuning epochs between re-extractions (mil_every_n_epochs)", low=1)
+    warmup_epochs: int = knob(1, "epochs before positives act as anchors (step B) and r_t starts growing", low=0)
+    loop: str = knob("ours", "fine-tuning loop: ours (one SupCon step per batch, step B added after warm-up) or "
+                             "official (two SGD steps per iteration, A then B, fixed batch mixes, 2N-view mean)",
+                     choices=["ours", "official"])
+    lr: float = knob(0.01, "SGD learning rate", low=0.0, low_open=True)
+    momentum: float = knob(0.9, "SGD momentum (official 0)", low=0.0, high=1.0, high_open=True)
+    weight_decay: float = knob(1e-4, "SGD weight decay", low=0.0)
+    schedule: str = knob("cosine", "learning-rate schedule over all fine-tuning epochs: cosine, or cosine_official "
+                                   "(held for 10 epochs, then cosine)", choices=["cosine", "cosine_official"])
+    batch_size: int = knob(64, "tiles per batch per worker, two views each (official 512)", low=2)
+    step_a_positive_fraction: float = knob(0.2, "official loop: share of positives in a step-A batch (102/512)",
+                                           low=0.0, high=1.0, low_open=True, high_open=True)
+    step_b_positive_fraction: float = knob(0.05, "official loop: share of positives in a step-B batch (25/512)",
+                                           low=0.0, high=1.0, low_open=True, high_open=True)
+    temperature: float = knob(0.07, "SupCon temperature", low=0.0, low_open=True)
+    proj_dim: int = knob(256, "projection head output size", low=1)
+    augment: str = knob("ours", "augmentations: ours (crop 0.5-1, flips/rot90, mild jitter) or official (crop "
+                                "0.08-1, flip, strong jitter, grayscale, blur; kornia)", choices=["ours", "official"])
+    pos_per_neg: float = knob(1.0, "our loop: positives streamed per hard negative in an epoch (an epoch iterates over "
+                                   "the hard negatives, so its cost scales with neg_ratio)", low=0.0, low_open=True)
+    workers: int = knob(1, "Ray Train workers (0: in the driver process)", low=0)
+    cpus_per_worker: float = knob(1.0, "CPUs per worker (also its torch threads)", low=0.0, low_open=True)
+    use_gpu: bool = knob(False, "fine-tune on GPUs")
+    decoders: int = knob(1, "Ray Data decode actors feeding the workers", low=1)
+    max_failures: int = knob(2, "Ray Train restarts from the last checkpoint after a worker failure", low=0)
+
+
+@dataclass
+class JobConfig:
+    """The job: cohort, run folder, rounds and seed."""
+
+    name: str = knob("", "run name (default: hnm-<date>-<time>); outputs go to <runs_dir>/<name>")
+    runs_dir: str = knob("runs", "folder of run folders")
+    manifest: str = knob("", "slide manifest (CSV/Parquet: slide_id, path, label[, split, annotation]); empty: the "
+                             "built-in demo cohort")
+    demo_dir: str = knob("", "where the demo cohort is cached (default: $HNM_RAY_CACHE or ~/.cache/hnm_ray)")
+    demo_slides: int = knob(16, "slides in the demo cohort", low=4)
+    demo_size: int = knob(4096, "level-0 side of demo slides in pixels", low=512)
+    store: str = knob("", "feature store root of round 0 (default: <run>/features); shareable between runs")
+    rounds: int = knob(2, "fine-tuning rounds (the aggregator is trained rounds + 1 times)", low=0)
+    heatmaps: int = knob(4, "test slides to draw tile-score heatmaps for", low=0)
+    seed: int = knob(0, "seed of splits, init, pairing, sampling and augmentations")
+
+
+@dataclass
+class TrainConfig:
+    """All knobs of hnm-ray: one tree, one YAML, one flag per knob (`--section.knob`)."""
+
+    run: JobConfig = section(JobConfig, "the job: cohort, run folder, rounds, seed")
+    tiling: TilingConfig = section(TilingConfig, "tiling and tissue detection")
+    encoder: EncoderConfig = section(EncoderConfig, "the tile encoder")
+    pretrain: PretrainConfig = section(PretrainConfig, "self-supervised warm start of the encoder")
+    extract: ExtractConfig = section(ExtractConfig, "feature extraction (Ray Data) resources")
+    mil: MILConfig = section(MILConfig, "MIL aggregator training (Ray Train) and the ranking loss")
+    mining: MiningConfig = section(MiningConfig, "pseudo labels, positives and hard negative mining")
+    finetune: FinetuneConfig = section(FinetuneConfig, "SupCon fine-tuning of the encoder (Ray Train)")
+
+    def validate(self) -> None:
+        """Warm-up must end before the last fine-tuning epoch."""
+        total = self.run.rounds * self.finetune.epochs_per_round
+        if total and self.finetune.warmup_epochs >= total:
+            raise ConfigError("finetune.warmup_epochs", f"{self.finetune.warmup_epochs} must be below run.rounds * "
+                              f"finetune.epochs_per_round = {total}; lower it or train more epochs")
+
+    @property
+    def total_finetune_epochs(self) -> int:
+        """Fine-tuning epochs over all rounds (the length of the cosine and r_t schedules)."""
+        return max(1, self.run.rounds * self.finetune.epochs_per_round)

@@ -1,0 +1,141 @@
+"""A trained aggregator as a user shares it, and what it computes.
+
+Model files run no code: weights are safetensors, everything else (architecture, dims, feature
+statistics, threshold, epoch, encoder tag) is a JSON file beside them; nothing is unpickled.
+Bag and tile probabilities and split evaluation live here, used by training, scoring and predict.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from hnm_ray.errors import ConfigError
+from hnm_ray.store.features import Bag, FeatureStore
+from hnm_ray.store.manifest import SlideRecord
+
+WEIGHTS_SUFFIX = ".safetensors"
+META_SUFFIX = ".json"
+
+
+def save_aggregator(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write `<path>.safetensors` (weights) and `<path>.json` (the rest); returns the safetensors path."""
+    from safetensors.torch import save_file
+
+    stem = _stem(path)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    weights = stem.with_name(stem.name + WEIGHTS_SUFFIX)
+    tmp = weights.with_name(weights.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    tmp.replace(weights)
+    meta_path = stem.with_name(stem.name + META_SUFFIX)
+    meta_path.with_name(meta_path.name + ".tmp").write_text(json.dumps(meta, indent=2, default=float))
+    meta_path.with_name(meta_path.name + ".tmp").replace(meta_path)
+    return weights
+
+
+def _stem(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_suffix("") if path.suffix in (WEIGHTS_SUFFIX, META_SUFFIX, ".pt") else path
+
+
+def load_aggregator(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The aggregator saved by `save_aggregator` (eval mode, with its feature standardisation) and its JSON fields.
+
+    Pickled checkpoints (`.pt`, older runs) are refused: unpickling a file from someone else can run code.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from hnm_ray.models.aggregators import build_standardized
+
+    stem = _stem(path)
+    weights, meta_path = stem.with_name(stem.name + WEIGHTS_SUFFIX), stem.with_name(stem.name + META_SUFFIX)
+    if Path(path).suffix == ".pt" or not weights.is_file():
+        raise ConfigError("checkpoint", f"{path}: no {weights.name} + {meta_path.name} pair found. hnm-ray loads models "
+                                        "only as safetensors + JSON (a pickled .pt file can run code when loaded); "
+                                        "runs made before this format must be trained again (or re-run "
+                                        "`python -m hnm_ray.train --resume RUN`, which rewrites the model files)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        state = load_file(str(weights))
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise ConfigError("checkpoint", f"{weights} / {meta_path.name} cannot be read as an hnm-ray aggregator "
+                                        f"(safetensors weights + JSON): {exc}") from exc
+    model = build_standardized(meta["aggregator"], meta["dim"], hidden=meta["hidden"], dropout=meta["dropout"])
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
+def _tensor(bag: Bag, device: str) -> torch.Tensor:
+    return torch.from_numpy(bag.features).to(device)
+
+
+def evaluate_bags(model, bags: list[Bag], device: str = "cpu") -> tuple[np.ndarray, list[np.ndarray]]:
+    """Bag probabilities and per-bag instance logits of `bags` under `model` (eval mode, no grad)."""
+    model.eval()
+    probs, instance_logits = [], []
+    with torch.no_grad():
+        for bag in bags:
+            inst, bag_logit = model(_tensor(bag, device))
+            probs.append(torch.sigmoid(bag_logit).item())
+            instance_logits.append(inst.float().cpu().numpy())
+    return np.asarray(probs, dtype=np.float64), instance_logits
+
+
+def instance_logits(model, features: torch.Tensor) -> torch.Tensor:
+    """Instance logits of tiles (N, D) from any mix of slides: the instance branch alone, never the bag branch."""
+    with torch.no_grad():
+        return model.instance_logits(features).float()
+
+
+def split_bags(store: FeatureStore, records: list[SlideRecord], split: str | None, labelled: bool = True) -> list[Bag]:
+    """Bags of the records of `split` (None: all) that are in the store (and labelled, when asked)."""
+    done = store.completed()
+    return [store.read_bag(r.slide_id, label=r.label) for r in records
+            if (split is None or r.split == split) and r.slide_id in done and (r.label is not None or not labelled)]
+
+
+def evaluate_split(model_path: str | Path, store: FeatureStore, records: list[SlideRecord], split: str,
+                   threshold: float | None = None) -> dict[str, float]:
+    """Slide metrics (at `threshold`, default the saved validation threshold) and instance metrics on a split."""
+    from hnm_ray.metrics import instance_metrics, slide_metrics
+
+    model, meta = load_aggregator(model_path)
+    bags = split_bags(store, records, split)
+    if not bags:
+        return {}
+    probs, inst = evaluate_bags(model, bags)
+    labels = np.asarray([b.label for b in bags])
+    out = slide_metrics(labels, probs, threshold if threshold is not None else meta["threshold"])
+    truth = np.concatenate([b.truth for b, y in zip(bags, labels) if y == 1] or [np.zeros(0, np.int8)])
+    scores = np.concatenate([s for s, y in zip(inst, labels) if y == 1] or [np.zeros(0)])
+    instance = instance_metrics(truth, scores)
+    out.update(instance_auc=instance["instance_auc"], instance_auprc=instance["instance_auprc"], instance_n=instance["n"])
+    return {f"{split}_{k}": v for k, v in out.items()}
+
+
+def split_probabilities(model_path: str | Path, store: FeatureStore, records: list[SlideRecord],
+                        split: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(labels (-1 unknown), slide probabilities, slide ids) of the records of `split` (None: all) in the store."""
+    model, _ = load_aggregator(model_path)
+    bags = split_bags(store, records, split, labelled=False)
+    probs, _ = evaluate_bags(model, bags)
+    labels = np.asarray([-1 if b.label is None else b.label for b in bags])
+    return labels, probs, [b.slide_id for b in bags]
+
+
+def tile_scores(model, store: FeatureStore, slide_id: str) -> tuple[pa.Table, float]:
+    """A slide's tile table (tile_id, x, y, level, size, logit, score) and its bag probability."""
+    bag = store.read_bag(slide_id)
+    with torch.no_grad():
+        inst, bag_logit = model(torch.from_numpy(bag.features))
+    logits = inst.float().numpy()
+    table = store.read_table(slide_id, columns=["tile_id", "x", "y", "level", "size"])
+    table = table.append_column("logit", pa.array(logits.astype(np.float32)))
+    table = table.append_column("score", pa.array((1 / (1 + np.exp(-logits))).astype(np.float32)))
+    return table, float(torch.sigmoid(bag_logit))
