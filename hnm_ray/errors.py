@@ -44,3 +44,7 @@ class ConfigError(HnmError):
 
 class StoreError(HnmError):
     """The feature store or a run folder cannot be read or written."""
+
+
+class ModelFileError(HnmError):
+    """A model file (aggregator or encoder weights) is missing, unreadable, or in a format we never load (pickles)."""

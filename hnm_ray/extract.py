@@ -1,6 +1,6 @@
 """Feature extraction: slides -> tile index -> cuCIM decode -> encoder actors -> per-slide Parquet.
 
-A Ray Data pipeline (DESIGN §2). The tile index is computed by one Ray task per slide; tile
+A Ray Data pipeline. The tile index is computed by one Ray task per slide; tile
 coordinates (never pixels) form the dataset; a decode stage reads tiles with cuCIM's batched
 `read_region`; an encoder actor pool (GPU when there are GPUs) embeds them; the driver gathers
 each slide's embeddings and writes one complete Parquet file per slide (temp name + rename).

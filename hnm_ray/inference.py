@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from hnm_ray.errors import ConfigError
+from hnm_ray.errors import ModelFileError
 from hnm_ray.store.features import Bag, FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 
@@ -56,7 +56,7 @@ def load_aggregator(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     stem = _stem(path)
     weights, meta_path = stem.with_name(stem.name + WEIGHTS_SUFFIX), stem.with_name(stem.name + META_SUFFIX)
     if Path(path).suffix == ".pt" or not weights.is_file():
-        raise ConfigError("checkpoint", f"{path}: no {weights.name} + {meta_path.name} pair found. hnm-ray loads models "
+        raise ModelFileError(f"{path}: no {weights.name} + {meta_path.name} pair found. hnm-ray loads models "
                                         "only as safetensors + JSON (a pickled .pt file can run code when loaded); "
                                         "runs made before this format must be trained again (or re-run "
                                         "`python -m hnm_ray.train --resume RUN`, which rewrites the model files)")
@@ -64,7 +64,7 @@ def load_aggregator(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         meta = json.loads(meta_path.read_text())
         state = load_file(str(weights))
     except (OSError, ValueError, SafetensorError) as exc:
-        raise ConfigError("checkpoint", f"{weights} / {meta_path.name} cannot be read as an hnm-ray aggregator "
+        raise ModelFileError(f"{weights} / {meta_path.name} cannot be read as an hnm-ray aggregator "
                                         f"(safetensors weights + JSON): {exc}") from exc
     model = build_standardized(meta["aggregator"], meta["dim"], hidden=meta["hidden"], dropout=meta["dropout"])
     model.load_state_dict(state)

@@ -1,4 +1,4 @@
-"""Losses of the method (DESIGN §1): bag/max-instance BCE, the multiple-instance ranking loss and SupCon."""
+"""Losses of the method: bag/max-instance BCE, the multiple-instance ranking loss and SupCon."""
 from __future__ import annotations
 
 from collections.abc import Sequence

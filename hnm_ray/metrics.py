@@ -1,4 +1,4 @@
-"""Slide- and instance-level metrics (DESIGN §1): AUC, accuracy/precision/recall/F1 at the Youden threshold, AUPRC.
+"""Slide- and instance-level metrics: AUC, accuracy/precision/recall/F1 at the Youden threshold, AUPRC.
 
 Thresholds are chosen on validation data and passed in to evaluate test data (never picked on test).
 A prediction is positive when its score is >= the threshold (scikit-learn's roc_curve convention).

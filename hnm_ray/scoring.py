@@ -1,4 +1,4 @@
-"""Pseudo labels (DESIGN §1 step 4): score every tile with the instance classifier, feed the miner.
+"""Pseudo labels: score every tile with the instance classifier, feed the miner.
 
 A Ray Data pass over the feature store: an actor pool loads the trained aggregator once, scores
 each batch of tiles (p = sigmoid(instance logit)), pushes the instance logits of negative training

@@ -7,6 +7,16 @@ from pathlib import Path
 import pytest
 
 
+RAY_FIXTURES = {"ray_session", "mil_store", "ray_cluster"}
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that use the shared Ray session (directly or through a fixture) carry the `ray` marker."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One `ray.init(num_cpus=2)` shared by every test that needs Ray; shut down at the end."""

@@ -153,11 +153,11 @@ def test_weights_saved_without_instance_norm_affine_params_load(tmp_path):
 def test_missing_or_unfitting_weights_raise_config_errors_naming_the_key(tmp_path):
     with pytest.raises(ConfigError, match="'weights'.*not found.*never downloaded") as info:
         build_encoder("small_cnn", str(tmp_path / "missing.pth"))
-    assert info.value.key == "weights"
+    assert info.value.key == "encoder.weights"
     torch.save(build_encoder("small_cnn").state_dict(), tmp_path / "small.pth")
     with pytest.raises(ConfigError, match="does not fit this encoder: .*missing key.*'conv1.weight'") as info:
         build_encoder("resnet18_in", str(tmp_path / "small.pth"))
-    assert info.value.key == "weights"
+    assert info.value.key == "encoder.weights"
     wide = {k: torch.cat([v, v]) if k == "features.0.weight" else v
             for k, v in build_encoder("small_cnn").state_dict().items()}
     torch.save(wide, tmp_path / "wide.pth")

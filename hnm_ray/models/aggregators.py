@@ -76,11 +76,11 @@ def available_aggregators() -> list[str]:
 def build_aggregator(name: str, in_dim: int, **kwargs) -> nn.Module:
     """Build a registered aggregator ("dsmil", "abmil") or a "module.path:callable" plug-in for in_dim features."""
     if ":" in name:
-        factory = load_plugin(name, "aggregator")
+        factory = load_plugin(name, "mil.aggregator")
     else:
         names = available_aggregators()
         if name not in AGGREGATORS:
-            raise ConfigError("aggregator", f"unknown aggregator {name!r}; choose one of {names} "
+            raise ConfigError("mil.aggregator", f"unknown aggregator {name!r}; choose one of {names} "
                                             "or a 'module.path:callable' plug-in")
         factory = AGGREGATORS[name]
     return factory(in_dim, **kwargs)

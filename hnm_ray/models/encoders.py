@@ -124,7 +124,7 @@ class SmallCNN(nn.Module):
 def resnet18_in(norm: str = "affine") -> nn.Module:
     """ResNet-18 with instance norm, 512-d features (the paper's f); norm "affine" (ours) or "plain" (official)."""
     if norm not in INSTANCE_NORMS:
-        raise ConfigError("norm", f"unknown instance norm {norm!r}; choose one of {sorted(INSTANCE_NORMS)}")
+        raise ConfigError("encoder.norm", f"unknown instance norm {norm!r}; choose one of {sorted(INSTANCE_NORMS)}")
     return ResNetIN((2, 2, 2, 2), affine=INSTANCE_NORMS[norm])
 
 
@@ -144,7 +144,7 @@ def build_encoder(spec: str, weights: str | Path | None = None, norm: str = "aff
     elif ":" in spec:
         model = _load_plugin(spec)
     else:
-        raise ConfigError("encoder", f"unknown encoder {spec!r}; use one of {list_encoders()}, "
+        raise ConfigError("encoder.name", f"unknown encoder {spec!r}; use one of {list_encoders()}, "
                                      "a plug-in 'module.path:callable', or the path of a TorchScript file")
     if weights is not None:
         load_weights(model, weights)
@@ -164,10 +164,10 @@ def _registered(spec: str, norm: str) -> nn.Module:
 
 def _load_plugin(spec: str) -> nn.Module:
     """Call the `callable` of a `module.path:callable` spec; it must return an nn.Module."""
-    target = load_plugin(spec, "encoder")
+    target = load_plugin(spec, "encoder.name")
     model = target()
     if not isinstance(model, nn.Module):
-        raise ConfigError("encoder", f"plug-in {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise ConfigError("encoder.name", f"plug-in {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
@@ -176,7 +176,7 @@ def _load_torchscript(path: Path) -> nn.Module:
     try:
         return torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError) as exc:
-        raise ConfigError("encoder", f"{path} is not a TorchScript file ({exc}); save the encoder with "
+        raise ConfigError("encoder.name", f"{path} is not a TorchScript file ({exc}); save the encoder with "
                                      "torch.jit.save(torch.jit.script(model), path)") from exc
 
 
@@ -188,12 +188,12 @@ def probe_out_dim(model: nn.Module, spec: str) -> int:
         with torch.no_grad():
             out = model(torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE))
     except Exception as exc:  # noqa: BLE001 - any failure of a user's model becomes a config error naming it
-        raise ConfigError("encoder", f"{spec!r} fails on a 1x3x{PROBE_SIZE}x{PROBE_SIZE} input: {exc}") from exc
+        raise ConfigError("encoder.name", f"{spec!r} fails on a 1x3x{PROBE_SIZE}x{PROBE_SIZE} input: {exc}") from exc
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError("encoder", f"{spec!r} must return (B, D) features, got {shape}; pool/flatten in the model")
+        raise ConfigError("encoder.name", f"{spec!r} must return (B, D) features, got {shape}; pool/flatten in the model")
     return int(out.shape[1])
 
 
@@ -225,20 +225,20 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a local weights file into `model`; ConfigError('weights') when it is missing or does not fit."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError("weights", f"file {str(path)!r} not found; pass a local state_dict/checkpoint file "
+        raise ConfigError("encoder.weights", f"file {str(path)!r} not found; pass a local state_dict/checkpoint file "
                                      "(weights are never downloaded)")
     try:
         state = _state_dict(torch.load(path, map_location="cpu", weights_only=True))
         own = model.state_dict()
         prefix = _prefix(state, list(own))
     except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types; all mean "not a weights file"
-        raise ConfigError("weights", f"{path} cannot be used: {exc}") from exc
+        raise ConfigError("encoder.weights", f"{path} cannot be used: {exc}") from exc
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     missing = [k for k in own if k not in state and not _is_identity_norm_param(model, k)]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
              if k in state and state[k].shape != own[k].shape]
     if missing or wrong:
-        raise ConfigError("weights", f"{path} does not fit this encoder: {len(missing)} missing key(s) {missing[:5]}, "
+        raise ConfigError("encoder.weights", f"{path} does not fit this encoder: {len(missing)} missing key(s) {missing[:5]}, "
                                      f"{len(wrong)} shape mismatch(es) {wrong[:5]}")
     ignored = sorted(set(state) - set(own))
     if ignored:
@@ -289,18 +289,18 @@ def load_official_simclr(model: nn.Module, path: str | Path) -> dict[str, torch.
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError("weights", f"file {str(path)!r} not found; pass the official SimCLR checkpoint file")
+        raise ConfigError("encoder.weights", f"file {str(path)!r} not found; pass the official SimCLR checkpoint file")
     try:
         encoder_state, head_state = official_simclr_state(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types; all mean "not this layout"
-        raise ConfigError("weights", f"{path} is not an official ItS2CLR/HNM-WSI checkpoint: {exc}") from exc
+        raise ConfigError("encoder.weights", f"{path} is not an official ItS2CLR/HNM-WSI checkpoint: {exc}") from exc
     own = model.state_dict()
     missing = [k for k in own if k not in encoder_state and not _is_identity_norm_param(model, k)]
     unexpected = [k for k in encoder_state if k not in own]
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in encoder_state.items()
              if k in own and v.shape != own[k].shape]
     if missing or unexpected or wrong:
-        raise ConfigError("weights", f"{path} does not fit this encoder: missing keys {missing}, unexpected keys "
+        raise ConfigError("encoder.weights", f"{path} does not fit this encoder: missing keys {missing}, unexpected keys "
                                      f"{unexpected}, shape mismatches {wrong}; the official encoder is "
                                      "resnet18_in with norm 'plain'")
     model.load_state_dict(encoder_state, strict=False)
@@ -323,7 +323,7 @@ def encoder_tag(spec: str, weights: str | Path | None = None) -> str:
     if weights is not None:
         weights_path = Path(weights).expanduser()
         if not weights_path.is_file():
-            raise ConfigError("weights", f"file {str(weights_path)!r} not found; pass a local state_dict/checkpoint file")
+            raise ConfigError("encoder.weights", f"file {str(weights_path)!r} not found; pass a local state_dict/checkpoint file")
         parts.append(file_digest(weights_path))
     return "-".join(parts)
 
@@ -353,7 +353,7 @@ def to_model_input(tiles: torch.Tensor | np.ndarray, input_space: str = "rgb_ima
     if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != torch.uint8:
         raise ValueError(f"expected uint8 tiles of shape (B, H, W, 3), got {tiles.dtype} {tuple(tiles.shape)}")
     if input_space not in INPUT_SPACES:
-        raise ConfigError("input_space", f"unknown input space {input_space!r}; choose one of {list(INPUT_SPACES)}")
+        raise ConfigError("encoder.input_space", f"unknown input space {input_space!r}; choose one of {list(INPUT_SPACES)}")
     if input_space == "bgr01":
         return (tiles.flip(-1).permute(0, 3, 1, 2).float() / 255.0).contiguous()
     mean = torch.tensor(IMAGENET_MEAN, device=tiles.device).view(1, 3, 1, 1) * 255.0

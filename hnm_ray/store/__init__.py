@@ -1,4 +1,4 @@
-"""Data contracts on disk: slide manifests and the per-slide Parquet feature store (DESIGN §3)."""
+"""Data contracts on disk: slide manifests and the per-slide Parquet feature store."""
 from hnm_ray.store.features import Bag, FeatureStore, bags, feature_schema
 from hnm_ray.store.manifest import SlideRecord, load_manifest, records_from_folder, stratified_split
 

@@ -1,4 +1,4 @@
-"""The feature store: one Parquet file per slide per round, written atomically (DESIGN §3).
+"""The feature store: one Parquet file per slide per round, written atomically.
 
 Layout: `<root>/<encoder_tag>/round=<r>/<slide_id>.parquet` (zstd) with the columns of
 `feature_schema`, and the extraction settings (encoder tag, tile size, mpp, dim, dtype) as JSON
@@ -45,7 +45,6 @@ def feature_schema(dim: int, dtype: str = "float16", metadata: dict[str, Any] | 
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata, default=str)} if metadata else None)
 
 
-FEATURE_SCHEMA = feature_schema  # the name INTERFACES.md uses
 
 
 @dataclass(eq=False)

@@ -1,4 +1,4 @@
-"""Slide manifests: read a CSV/Parquet manifest, check every row, and split slides (DESIGN §3).
+"""Slide manifests: read a CSV/Parquet manifest, check every row, and split slides.
 
 A manifest has the columns `slide_id` (unique, usable as a file name), `path`, `label` (0/1),
 optionally `split` (train/val/test; absent -> seeded stratified split) and `annotation` (a tumour

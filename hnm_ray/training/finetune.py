@@ -1,4 +1,4 @@
-"""Encoder fine-tuning on Ray Train (DESIGN §1 step 7): SupCon on hard negatives + self-paced positives.
+"""Encoder fine-tuning on Ray Train: SupCon on hard negatives + self-paced positives.
 
 The driver builds a table of the round's tiles (the miner's hard negatives, label 0, and the
 positive-slide tiles above the threshold, label 1, each with its rank among positives), shuffles it,

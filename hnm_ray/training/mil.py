@@ -1,4 +1,4 @@
-"""MIL aggregator training on Ray Train (DESIGN §1 steps 2-3): DDP over paired bags + ranking loss.
+"""MIL aggregator training on Ray Train: DDP over paired bags + ranking loss.
 
 Each epoch pairs one positive with one negative bag (shuffled, min(#pos, #neg) pairs in all).
 Every worker owns a fixed shard of the positive and of the negative bags and pairs within it, so a

@@ -1,0 +1,71 @@
+"""Model files that run no code (safetensors + JSON), and the inference helpers used by training, scoring, predict."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from hnm_ray.errors import HnmError, ModelFileError
+from hnm_ray.inference import evaluate_bags, instance_logits, load_aggregator, save_aggregator
+from hnm_ray.models.aggregators import build_standardized
+from hnm_ray.store.features import Bag
+
+
+def _model(name: str = "dsmil", dim: int = 12):
+    torch.manual_seed(0)
+    model = build_standardized(name, dim, hidden=8, dropout=0.0)
+    model.set_statistics(np.linspace(-1, 1, dim), np.linspace(0.5, 2, dim))
+    return model.eval()
+
+
+def _meta(name: str = "dsmil", dim: int = 12) -> dict:
+    return {"aggregator": name, "hidden": 8, "dropout": 0.0, "dim": dim, "threshold": 0.4, "epoch": 3,
+            "encoder_tag": "small_cnn"}
+
+
+@pytest.mark.parametrize("name", ["dsmil", "dsmil_its2clr", "abmil"])
+def test_saved_aggregator_loads_back_with_the_same_outputs(tmp_path, name):
+    model = _model(name)
+    path = save_aggregator(tmp_path / "agg", model.state_dict(), _meta(name))
+    assert path.name == "agg.safetensors" and (tmp_path / "agg.json").is_file()
+    loaded, meta = load_aggregator(tmp_path / "agg")
+    assert meta["threshold"] == 0.4 and meta["aggregator"] == name
+    bag = torch.randn(7, 12)
+    for a, b in zip(model(bag), loaded(bag)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert load_aggregator(path)[1] == meta  # the .safetensors path works as well as the stem
+
+
+def test_a_pickle_crafted_to_run_code_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "aggregator.pt"
+    evil.write_bytes(pickle.dumps({"model": Payload()}))
+    with pytest.raises(ModelFileError, match="safetensors") as info:
+        load_aggregator(evil)
+    assert isinstance(info.value, HnmError) and not marker.exists()
+    # A .safetensors name over pickled bytes is not a model either, and nothing runs.
+    (tmp_path / "fake.safetensors").write_bytes(evil.read_bytes())
+    (tmp_path / "fake.json").write_text(json.dumps(_meta()))
+    with pytest.raises(ModelFileError, match="cannot be read"):
+        load_aggregator(tmp_path / "fake")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["dsmil", "dsmil_its2clr", "abmil"])
+def test_instance_logits_of_mixed_slides_equal_each_bags_own(name):
+    model = _model(name)
+    bags = [Bag(slide_id=f"s{i}", features=np.random.default_rng(i).normal(size=(n, 12)).astype(np.float32),
+                tile_ids=np.arange(n, dtype=np.int32), coords=np.zeros((n, 2), np.int32),
+                truth=np.full(n, -1, np.int8), label=i % 2) for i, n in enumerate((5, 9, 3))]
+    _, per_bag = evaluate_bags(model, bags)
+    mixed = instance_logits(model, torch.from_numpy(np.concatenate([b.features for b in bags])))
+    np.testing.assert_allclose(mixed.numpy(), np.concatenate(per_bag), rtol=0, atol=1e-5)
