@@ -5,10 +5,15 @@ Variants (each averaged over seeds; all share the round-0 features of the demo c
   its2clr      fine-tuning with ALL negatives (neg_ratio 1.0), no ranking loss
   hnm          + hard negative mining (neg_ratio 0.2)
   hnm_rank     + hard negative mining + the multiple instance ranking loss (w_rank 0.1)
+  NAME recipe  with --recipe NAME: the recipe as shipped (e.g. "paper recipe": the official values)
+Each variant is a nested override of the config tree (`{"mining": {"neg_ratio": 1.0}, "mil": {"w_rank": 0.0}}`),
+applied over the benchmark's base: the defaults, or the recipe given with --recipe, then the benchmark's run size
+(1 fine-tuning round of --epochs-per-round epochs, warm-up 1, MIL in the driver, 1 fine-tuning worker, no heatmaps),
+which overrides the recipe's so that every variant fits the demo cohort.
 Reported: test slide AUC / accuracy / F1, test instance AUC / AUPRC, fine-tuning seconds per epoch
 (measured inside the Train loop, start-up excluded) and the time ratio hnm / its2clr.
 
-    python benchmarks/ablation.py [--seeds 0 1 2] [--out benchmarks/results/ablation.json]
+    python benchmarks/ablation.py [--seeds 0 1 2] [--recipe paper] [--out benchmarks/results/ablation.json]
 """
 from __future__ import annotations
 
@@ -21,23 +26,30 @@ from pathlib import Path
 
 import numpy as np
 
-from hnm_ray.train import build_config, run_job
+from hnm_ray.config import TrainConfig, from_tree, load_recipe, merge
+from hnm_ray.train import run_job
 
 VARIANTS = {
-    "its2clr": {"neg_ratio": 1.0, "w_rank": 0.0},
-    "hnm": {"neg_ratio": 0.2, "w_rank": 0.0},
-    "hnm_rank": {"neg_ratio": 0.2, "w_rank": 0.1},
+    "its2clr": {"mining": {"neg_ratio": 1.0}, "mil": {"w_rank": 0.0}},
+    "hnm": {"mining": {"neg_ratio": 0.2}, "mil": {"w_rank": 0.0}},
+    "hnm_rank": {"mining": {"neg_ratio": 0.2}, "mil": {"w_rank": 0.1}},
 }
 METRICS = ("test_auc", "test_accuracy", "test_f1", "test_instance_auc", "test_instance_auprc")
 
 
-def run_variant(base: dict, overrides: dict, seed: int, root: Path, store: Path) -> dict:
+def variants(recipe: str | None) -> dict[str, dict]:
+    """The variants' nested overrides; with a recipe, also the recipe itself ("NAME recipe", no overrides)."""
+    return {**VARIANTS, f"{Path(recipe).stem} recipe": {}} if recipe else dict(VARIANTS)
+
+
+def run_variant(base: dict, variant: str, overrides: dict, seed: int, root: Path, store: Path) -> dict:
     """One full job (1 fine-tuning round) of a variant and seed; returns its metrics and timing."""
-    name = f"{'_'.join(f'{k}{v}' for k, v in overrides.items())}_seed{seed}"
-    config = build_config({**base, **overrides, "seed": seed, "name": name, "store": str(store)})
+    name = f"{variant.replace(' ', '_')}_seed{seed}"
+    config = from_tree(TrainConfig, merge(merge(base, overrides),
+                                          {"run": {"seed": seed, "name": name, "store": str(store)}}))
     final = run_job(config, root / name)
     ft = final["finetune"]["finetune_round0"]
-    return {"round0": {k: final["rounds"][0].get(k) for k in METRICS},
+    return {"w_rank": config.mil.w_rank, "round0": {k: final["rounds"][0].get(k) for k in METRICS},
             "final": {k: final["final"].get(k) for k in METRICS},
             "epoch_seconds": ft["last"].get("epoch_seconds"), "tiles_per_epoch": ft["tiles_per_epoch"],
             "hard_negatives": ft["hard_negatives"], "positives_streamed": ft.get("positives_streamed")}
@@ -55,18 +67,23 @@ def main() -> None:
     parser.add_argument("--epochs-per-round", type=int, default=3)
     parser.add_argument("--out", default="")
     parser.add_argument("--work", default="", help="folder for runs (default: a temp folder)")
+    parser.add_argument("--recipe", metavar="NAME", default=None,
+                        help="a shipped recipe (hnm_ray.config.load_recipe: NAME or a YAML path) as the base of every "
+                             "variant, and the variant \"NAME recipe\" (the recipe alone)")
     args = parser.parse_args()
     root = Path(args.work or tempfile.mkdtemp(prefix="hnm_ablation_"))
-    base = {"rounds": 1, "epochs_per_round": args.epochs_per_round, "warmup_epochs": 1, "mil_workers": 0,
-            "ft_workers": 1, "heatmaps": 0, "runs_dir": str(root)}
+    size = {"run": {"rounds": 1, "heatmaps": 0, "runs_dir": str(root)}, "mil": {"workers": 0},
+            "finetune": {"epochs_per_round": args.epochs_per_round, "warmup_epochs": 1, "workers": 1}}
+    base = merge(load_recipe(args.recipe), size) if args.recipe else size
+    chosen = variants(args.recipe)
     started = time.perf_counter()
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    runs: dict[str, list[dict]] = {v: [] for v in chosen}
     for seed in args.seeds:
         store = root / f"features_seed{seed}"
-        for variant, overrides in VARIANTS.items():
-            runs[variant].append(run_variant(base, overrides, seed, root, store))
+        for variant, overrides in chosen.items():
+            runs[variant].append(run_variant(base, variant, overrides, seed, root, store))
     # DSMIL baseline: round 0 (initial features) of the variants without the ranking loss.
-    plain = [r for v, results in runs.items() if VARIANTS[v]["w_rank"] == 0 for r in results]
+    plain = [r for results in runs.values() for r in results if r["w_rank"] == 0]
     table = {"dsmil": {k: mean([r["round0"][k] for r in plain]) for k in METRICS}}
     for variant, results in runs.items():
         table[variant] = {k: mean([r["final"][k] for r in results]) for k in METRICS}
@@ -74,6 +91,7 @@ def main() -> None:
         table[variant]["ft_tiles_per_epoch"] = mean([r["tiles_per_epoch"] for r in results])
     ratio = table["hnm"]["ft_seconds_per_epoch"] / table["its2clr"]["ft_seconds_per_epoch"]
     line = {"benchmark": "ablation", "cohort": "demo (16 synthetic slides, 4 test)", "seeds": args.seeds,
+            "recipe": args.recipe,
             "epochs_per_round": args.epochs_per_round, "table": table, "time_ratio_hnm_vs_all_negatives": ratio,
             "tiles_ratio_hnm_vs_all_negatives": table["hnm"]["ft_tiles_per_epoch"] / table["its2clr"]["ft_tiles_per_epoch"],
             "seconds": time.perf_counter() - started,

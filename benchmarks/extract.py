@@ -25,12 +25,13 @@ import numpy as np
 import pyarrow as pa
 
 import hnm_ray.extract as extract
-from hnm_ray.config import from_mapping
-from hnm_ray.extract import INDEX_COLUMNS, ExtractConfig, TileDecoder, TileEncoder, extract_features
+from hnm_ray.config import TrainConfig, from_tree
+from hnm_ray.extract import INDEX_COLUMNS, TileDecoder, TileEncoder, extract_features
+from hnm_ray.models.encoders import config_tag
 from hnm_ray.slides.reader import cuda_available
 from hnm_ray.slides.synthetic import make_demo_cohort
 from hnm_ray.store.features import FeatureStore
-from hnm_ray.store.manifest import load_manifest
+from hnm_ray.store.manifest import SlideRecord, load_manifest
 
 
 class RssSampler:
@@ -158,11 +159,11 @@ class StageClock:
                 "decode_calls": len(calls["decode"]), "encode_calls": len(calls["encode"])}
 
 
-def run_pipeline(config: ExtractConfig) -> dict:
+def run_pipeline(records: list[SlideRecord], store: FeatureStore, config: TrainConfig) -> dict:
     """extract_features end to end, with its phases, throughput and peak memory."""
     with RssSampler() as rss, StageClock() as clock:
         start = time.time()
-        summary = extract_features(config)
+        summary = extract_features(records, store, config)
         end = time.time()
     assert not summary.slides_failed, summary.slides_failed
     wall = end - start
@@ -187,19 +188,19 @@ def index_batches(store: FeatureStore, paths: dict[str, str], batch_size: int, m
             for s in range(0, table.num_rows, batch_size)]
 
 
-def stage_rates(config: ExtractConfig, batches: list[dict]) -> dict:
+def stage_rates(config: TrainConfig, batches: list[dict]) -> dict:
     """Decode-only and encode-only tiles/s in this process (best of 2 passes), as the pipeline's stages run them."""
     n = sum(len(b["tile_id"]) for b in batches)
-    decoder = TileDecoder(config.tile_size, config.decode_workers)
+    tile_size, extract_ = config.tiling.tile_size, config.extract
+    decoder = TileDecoder(tile_size, extract_.decode_workers)
     decoder(batches[0])  # open the first slide, warm caches
     best_decode, decoded = 0.0, []
     for _ in range(2):
         start = time.perf_counter()
         decoded = [decoder(b) for b in batches]
         best_decode = max(best_decode, n / (time.perf_counter() - start))
-    threads = int(max(1, config.cpus_per_encoder))
-    encoder = TileEncoder(config.encoder, config.weights, config.seed, False, threads, config.tile_size,
-                          config.decode_workers, False)
+    threads = int(max(1, extract_.cpus_per_encoder))
+    encoder = TileEncoder(config.encoder, config.run.seed, False, threads, tile_size, extract_.decode_workers, False)
     encoder(decoded[0])  # warm-up
     best_encode = 0.0
     for _ in range(2):
@@ -226,28 +227,34 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         manifest = make_demo_cohort(Path(folder) / "demo", n_slides=args.slides, seed=0, size=args.size)
         cohort_s = time.perf_counter() - started
-        paths = {r.slide_id: r.path for r in load_manifest(manifest, require_labels=False)}
+        cohort = load_manifest(manifest, require_labels=False)
+        paths = {r.slide_id: r.path for r in cohort}
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, namespace="hnm_ray",
                  configure_logging=False)
 
-        def config(encoder: str, out: str, limit: int | None) -> ExtractConfig:
-            return from_mapping(ExtractConfig, {"manifest": str(manifest), "out": str(Path(folder) / out),
-                                                "encoder": encoder, "limit_slides": limit, "batch_size": args.batch_size})
+        def config(encoder: str) -> TrainConfig:
+            # float16 storage, as this benchmark has always measured (the extract section's default is float32)
+            return from_tree(TrainConfig, {"encoder": {"name": encoder},
+                                           "extract": {"batch_size": args.batch_size, "dtype": "float16"}})
+
+        def store(config: TrainConfig, out: str) -> FeatureStore:
+            return FeatureStore(Path(folder) / out, config_tag(config.encoder), round=0)
 
         results = {}
         # small_cnn: 16 slides then all 64 (memory must not grow), then both stages alone on the 16-slide tiles.
-        small = config("small_cnn", "small16", 16)
-        pipe16 = run_pipeline(small)
-        pipe64 = run_pipeline(config("small_cnn", "small64", None))
-        stages = stage_rates(small, index_batches(FeatureStore(small.out, small.store_tag()), paths, args.batch_size, None))
+        small = config("small_cnn")
+        small16 = store(small, "small16")
+        pipe16 = run_pipeline(cohort[:16], small16, small)
+        pipe64 = run_pipeline(cohort, store(small, "small64"), small)
+        stages = stage_rates(small, index_batches(small16, paths, args.batch_size, None))
         results["small_cnn"] = _efficiency(pipe16, stages)
         results["small_cnn"]["pipeline_64_slides"] = pipe64
         results["small_cnn"]["efficiency_64_slides"] = round(pipe64["tiles_per_s"] / results["small_cnn"]["bound_tiles_per_s"], 3)
         # resnet18_in on a few slides (about 7 tiles/s per CPU thread here).
-        resnet = config("resnet18_in", "resnet", args.resnet_slides)
-        pipe = run_pipeline(resnet)
-        stages = stage_rates(resnet, index_batches(FeatureStore(resnet.out, resnet.store_tag()), paths,
-                                                   args.batch_size, 128))
+        resnet = config("resnet18_in")
+        resnet_store = store(resnet, "resnet")
+        pipe = run_pipeline(cohort[: args.resnet_slides], resnet_store, resnet)
+        stages = stage_rates(resnet, index_batches(resnet_store, paths, args.batch_size, 128))
         results["resnet18_in"] = _efficiency(pipe, stages)
         ray.shutdown()
     memory = {role: {"rss_16_vs_64": [pipe16["peak_mib"][role]["rss"], pipe64["peak_mib"][role]["rss"]],
@@ -256,8 +263,8 @@ def main() -> None:
     flat = all(m["private_16_vs_64"][1] <= 1.25 * m["private_16_vs_64"][0] + 64 for m in memory.values())
     print(json.dumps({
         "benchmark": "extract", "cohort": {"slides": args.slides, "size_px": args.size, "tile_px": 224, "seconds": round(cohort_s, 1)},
-        "resources": {"decoder_cpus": small.cpus_per_decoder, "encoder_cpus": small.cpus_per_encoder,
-                      "num_encoders": small.num_encoders, "batch_size": args.batch_size},
+        "resources": {"decoder_cpus": small.extract.cpus_per_decoder, "encoder_cpus": small.extract.cpus_per_encoder,
+                      "num_encoders": small.extract.num_encoders, "batch_size": args.batch_size},
         "encoders": results, "memory": memory,
         "memory_flat": flat,
         "target_efficiency": 0.85, "total_s": round(time.perf_counter() - started, 1),

@@ -26,7 +26,8 @@ import pyarrow as pa
 
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
-from hnm_ray.training.mil import MILConfig, fit_mil
+from hnm_ray.config import MILConfig
+from hnm_ray.training.mil import fit_mil
 
 
 def synthetic_store(root: Path, bags: int, tiles: int, dim: int,
@@ -55,8 +56,8 @@ def synthetic_store(root: Path, bags: int, tiles: int, dim: int,
 def run(store: FeatureStore, records: list[SlideRecord], root: Path, workers: int, epochs: int,
         pairs_per_step: int = 1, cpus_per_worker: float = 1.0) -> dict:
     """Train with `workers` Ray Train workers; bags/s from the loop's per-epoch training time."""
-    config = MILConfig(mil_workers=workers, mil_cpus_per_worker=cpus_per_worker, mil_epochs=epochs,
-                       mil_checkpoint_every=epochs, max_failures=0, mil_pairs_per_step=pairs_per_step)
+    config = MILConfig(workers=workers, cpus_per_worker=cpus_per_worker, epochs=epochs,
+                       checkpoint_every=epochs, max_failures=0, pairs_per_step=pairs_per_step)
     started = time.perf_counter()
     name = f"bench{workers}_k{pairs_per_step}"
     result = fit_mil(config, store, records, root / name, name=name)

@@ -19,24 +19,26 @@ from pathlib import Path
 import numpy as np
 
 from hnm_ray.cluster import init_ray
-from hnm_ray.config import from_mapping
-from hnm_ray.extract import ExtractConfig, extract_features
+from hnm_ray.config import JobConfig, TrainConfig, from_tree
+from hnm_ray.extract import extract_features
+from hnm_ray.models.encoders import config_tag
+from hnm_ray.run_folder import demo_manifest
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest
-from hnm_ray.train import JobConfig, demo_manifest
-from hnm_ray.training.finetune import FinetuneConfig, fit_finetune, tile_rows
+from hnm_ray.training.finetune import HARD_NEGATIVE, POSITIVE, fit_finetune, tile_rows
 from mil import run as mil_run  # benchmarks/mil.py, beside this script
 from mil import synthetic_store
 
 CPUS_PER_WORKER = 0.75  # two workers + a 0.5-CPU decode actor fit on 2 CPUs
 
 
-def extraction(manifest: Path, root: Path, workers: int) -> float:
+def extraction(records: list[SlideRecord], root: Path, workers: int) -> float:
     """Pipeline tiles/s with `workers` encoder actors (tile index included)."""
-    config = from_mapping(ExtractConfig, {"manifest": str(manifest), "out": str(root / f"x{workers}"),
-                                          "encoder": "small_cnn", "num_encoders": workers,
-                                          "cpus_per_encoder": CPUS_PER_WORKER, "dtype": "float32"})
-    return extract_features(config).tiles_per_second
+    config = from_tree(TrainConfig, {"encoder": {"name": "small_cnn"},
+                                     "extract": {"num_encoders": workers, "cpus_per_encoder": CPUS_PER_WORKER,
+                                                 "dtype": "float32"}})
+    store = FeatureStore(root / f"x{workers}", config_tag(config.encoder), round=0)
+    return extract_features(records, store, config).tiles_per_second
 
 
 def mil(root: Path, workers: int, pairs_per_step: int) -> float:
@@ -62,11 +64,13 @@ def finetune(store: FeatureStore, records, root: Path, workers: int) -> float:
     chosen = pa.concat_tables(tables)
     chosen = chosen.take(np.random.default_rng(0).choice(chosen.num_rows, min(512, chosen.num_rows), replace=False))
     half = chosen.num_rows // 2
-    rows = tile_rows(store, records, [(chosen.slice(0, half), 0),
-                                      (chosen.slice(half).append_column("pos_rank", pa.array(np.zeros(chosen.num_rows - half, np.float32))), 1)], 0)
-    config = FinetuneConfig(ft_workers=workers, ft_cpus_per_worker=CPUS_PER_WORKER, ft_batch_size=32, warmup_epochs=0)
-    out = fit_finetune(config, rows, "small_cnn", None, root / f"ft{workers}", name=f"ft{workers}", first_epoch=0,
-                       last_epoch=2, total_epochs=2, tile_size=224)
+    positives = chosen.slice(half).append_column("pos_rank", pa.array(np.zeros(chosen.num_rows - half, np.float32)))
+    rows = tile_rows(store, records, [(chosen.slice(0, half), HARD_NEGATIVE), (positives, POSITIVE)], 0)
+    config = from_tree(TrainConfig, {"encoder": {"name": "small_cnn"}, "tiling": {"tile_size": 224},
+                                     "finetune": {"workers": workers, "cpus_per_worker": CPUS_PER_WORKER,
+                                                  "batch_size": 32, "warmup_epochs": 0}})
+    out = fit_finetune(config, rows, None, root / f"ft{workers}", name=f"ft{workers}", first_epoch=0,
+                       last_epoch=2, total_epochs=2)
     return rows.num_rows / out.history[-1]["epoch_seconds"]
 
 
@@ -82,7 +86,7 @@ def main() -> None:
     stages: dict[str, dict[str, float]] = {"extraction_tiles_per_s": {}, "mil_bags_per_s": {},
                                            "mil_bags_per_s_8_pairs_per_step": {}, "finetune_tiles_per_s": {}}
     for workers in (1, 2):
-        stages["extraction_tiles_per_s"][str(workers)] = extraction(manifest, root, workers)
+        stages["extraction_tiles_per_s"][str(workers)] = extraction(records, root, workers)
     store = FeatureStore(root / "x1", "small_cnn", round=0)
     for workers in (1, 2):
         stages["mil_bags_per_s"][str(workers)] = mil(root, workers, 1)
