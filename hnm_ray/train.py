@@ -34,12 +34,12 @@ from hnm_ray.inference import evaluate_split
 from hnm_ray.mining import adopt_round, positive_ratio
 from hnm_ray.outputs import finish
 from hnm_ray.pseudo_labels import Selection, mine_round
-from hnm_ray.run_folder import CONFIG_FILE, RunState, demo_manifest, resolve_run, saved_config
+from hnm_ray.run_folder import CONFIG_FILE, RunState, cache_dir, demo_manifest, resolve_run, saved_config
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest
 from hnm_ray.training.finetune import fit_finetune, round_rows
 from hnm_ray.training.mil import fit_mil
-from hnm_ray.training.pretrain import pretrain_simclr
+from hnm_ray.training.pretrain import warm_start
 
 log = logging.getLogger("hnm_ray")
 
@@ -84,14 +84,14 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
 
 
 def initial_encoder(config: TrainConfig, records: list[SlideRecord], run_dir: Path, state: RunState) -> str | None:
-    """encoder.weights when given; else the SimCLR warm start when pretrain.method is simclr; else random init."""
-    if config.encoder.weights or config.pretrain.method == "none":
-        if not config.encoder.weights:
-            log.warning("no encoder.weights and pretrain.method none: the encoder starts from random init, so round 0 "
-                        "features start from noise; pass --encoder.weights or --pretrain.method simclr")
+    """encoder.weights when given; else the cached SimCLR warm start (pretrain.method simclr); else random init."""
+    if config.encoder.weights:
         return config.encoder.weights
-    store = FeatureStore(run_dir / "features", "pretrain", round=0)
-    return state.get("pretrain") or state.done("pretrain", pretrain_simclr(config, records, run_dir, store))
+    if config.pretrain.method == "none":
+        log.warning("no encoder.weights and pretrain.method none: the encoder starts from random init, so round 0 "
+                    "features start from noise; pass --encoder.weights or --pretrain.method simclr")
+        return None
+    return state.get("pretrain") or state.done("pretrain", warm_start(config, records, run_dir, cache_dir(config.run)))
 
 
 def with_weights(config: TrainConfig, weights: str | None) -> TrainConfig:

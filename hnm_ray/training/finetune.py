@@ -230,8 +230,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         gen = torch.Generator().manual_seed(loop["seed"] * 100003 + epoch * 101 + rank)
         ratio = positive_ratio(epoch, fc["warmup_epochs"], total, loop["ro"], loop["rT"]) if supervised else 1.0
         losses, tiles_seen = [], 0
+        # Tiles arrive in the driver's (seeded) order (preserve_order) and are shuffled locally with a seed of
+        # (seed, epoch), so batches, and the augmentations drawn for them, are the same on a rerun or a resume.
         for batch in shard.iter_batches(batch_size=fc["batch_size"], batch_format="numpy",
-                                        local_shuffle_buffer_size=4 * fc["batch_size"]):
+                                        local_shuffle_buffer_size=4 * fc["batch_size"],
+                                        local_shuffle_seed=loop["seed"] * 100003 + epoch):
             if supervised and fc["loop"] == "official":
                 steps = official_losses(batch, ddp, fc, epoch, ratio, gen, device, input_space)
             else:
@@ -285,8 +288,11 @@ def fit_finetune(config: TrainConfig, rows: pa.Table, weights: str | None, run_d
             "weights": weights, "head_weights": head_weights, "seed": config.run.seed, "first_epoch": first_epoch,
             "last_epoch": last_epoch, "total_epochs": total_epochs, "supervised": supervised,
             "driver_checkpoints": driver_checkpoint_dir(ft.workers, run_dir / "ray_train", name)}
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # reproducible batches (one worker; several workers split in arrival order)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop, datasets={"tiles": tiles},
+        dataset_config=ray.train.DataConfig(execution_options=ingest),
         scaling_config=ScalingConfig(num_workers=ft.workers, use_gpu=ft.use_gpu,
                                      resources_per_worker={"CPU": ft.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(run_dir / "ray_train"),

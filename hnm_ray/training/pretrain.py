@@ -1,5 +1,14 @@
-"""Self-supervised warm start of the tile encoder: SimCLR (NT-Xent) on random training tiles of the cohort."""
+"""Self-supervised warm start of the tile encoder: SimCLR (NT-Xent) on random training tiles of the cohort,
+cached per cohort + encoder + tiling + recipe so reruns, rounds and sweep trials pre-train once."""
 from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -8,6 +17,38 @@ from hnm_ray.config import TrainConfig
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 from hnm_ray.training.finetune import TILE_ROW_SCHEMA, fit_finetune
+
+log = logging.getLogger("hnm_ray")
+
+
+def warm_start_key(config: TrainConfig, records: list[SlideRecord]) -> str:
+    """A digest of what the warm-start weights depend on: the training slides (id, path, size), the encoder, the
+    tiling, the pre-training and augmentation knobs and the seed."""
+    slides = sorted((r.slide_id, str(r.path), os.path.getsize(r.path) if os.path.exists(r.path) else -1)
+                    for r in records if r.split == "train")
+    ft = config.finetune
+    parts = {"slides": slides, "encoder": dataclasses.asdict(config.encoder), "tiling": dataclasses.asdict(config.tiling),
+             "pretrain": dataclasses.asdict(config.pretrain), "seed": config.run.seed,
+             "finetune": [ft.lr, ft.momentum, ft.weight_decay, ft.batch_size, ft.temperature, ft.proj_dim, ft.augment]}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def warm_start(config: TrainConfig, records: list[SlideRecord], run_dir: Path, cache: Path) -> str:
+    """The SimCLR warm-start weights of this cohort and encoder: from the cache when present, else pre-trained
+    now and cached (atomically) under <cache>/warm_start/."""
+    cached = cache / "warm_start" / f"{config.encoder.name.replace(':', '-').replace('/', '_')}-"\
+                                    f"{warm_start_key(config, records)}.pt"
+    if cached.is_file():
+        log.info("warm start: reusing %s (same cohort, encoder, tiling and pre-training knobs)", cached)
+        return str(cached)
+    log.info("warm start: SimCLR pre-training of %s for %d epochs on %d tiles (cached as %s)", config.encoder.name,
+             config.pretrain.epochs, config.pretrain.tiles, cached)
+    weights = pretrain_simclr(config, records, run_dir, FeatureStore(run_dir / "features", "pretrain", round=0))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+    shutil.copy(weights, tmp)
+    tmp.replace(cached)
+    return str(cached)
 
 
 def pretrain_simclr(config: TrainConfig, records: list[SlideRecord], run_dir, index_store: FeatureStore) -> str:
