@@ -160,14 +160,19 @@ def finetune_round(config: TrainConfig, store: FeatureStore, records: list[Slide
             "last": out.history[-1] if out.history else {}}
 
 
-def parse_args(argv: list[str] | None) -> tuple[TrainConfig, Path]:
-    """Recipe, YAML and flags -> config and run folder (`--resume RUN` starts from RUN/config.yaml)."""
+def build_parser():
+    """The argument parser of `python -m hnm_ray.train`: --resume, --recipe, --config and one flag per knob."""
     parser = cli_parser("python -m hnm_ray.train", __doc__)
     parser.add_argument("--resume", metavar="RUN", help="continue the run in this folder with its saved config "
                                                         "(knobs given again are applied to the rest and logged)")
     cfg.add_source_arguments(parser)
     cfg.add_arguments(parser, TrainConfig)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> tuple[TrainConfig, Path]:
+    """Recipe, YAML and flags -> config and run folder (`--resume RUN` starts from RUN/config.yaml)."""
+    args = build_parser().parse_args(argv)
     saved = saved_config(args.resume) if args.resume else None
     config = cfg.load_config(TrainConfig, args, base=saved)
     return config, resolve_run(config, args.resume, saved)
