@@ -264,3 +264,20 @@ def test_pairs_per_step_accumulates_gradients(ray_session, mil_store, records, t
     assert same_weights(parameters(state["model"]), replay(mil_store, records, config, 0, 1), atol=1e-4)
     plain = MILConfig(workers=0, epochs=3, pairs_per_step=1)
     assert not same_weights(parameters(state["model"]), replay(mil_store, records, plain, 0, 1), atol=1e-4)
+
+
+def test_report_cadence_changes_nothing_but_the_number_of_reports(mil_store, records, tmp_path):
+    """Validation and the kept epoch are decided in the worker every epoch: reporting every 7 epochs instead of
+    every epoch gives the same best epoch, threshold, weights and per-epoch history."""
+    runs = {}
+    for every in (1, 7):
+        config = MILConfig(workers=0, epochs=9, lr=3e-3, checkpoint_every=every)
+        runs[every] = fit_mil(config, mil_store, records, tmp_path / f"every{every}", name="cadence", seed=2)
+    per_epoch, sparse = runs[1], runs[7]
+    assert sparse.best_epoch == per_epoch.best_epoch and sparse.threshold == per_epoch.threshold
+    assert same_weights(parameters(load_aggregator(sparse.model_path)[0].state_dict()),
+                        parameters(load_aggregator(per_epoch.model_path)[0].state_dict()), atol=0)
+    strip = [{k: v for k, v in h.items() if k not in ("reported_at", "epoch_seconds")} for h in sparse.history]
+    assert strip == [{k: v for k, v in h.items() if k not in ("reported_at", "epoch_seconds")}
+                     for h in per_epoch.history]
+    assert sparse.official_protocol == per_epoch.official_protocol

@@ -32,10 +32,23 @@ def _train(tmp_path: Path, *extra: str, timeout: int = 400) -> subprocess.Comple
                           env=_env(tmp_path), capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One uninterrupted tiny run (module-wide: the resume test compares its metrics with this run's)."""
+    folder = tmp_path_factory.mktemp("e2e")
+    return folder, _train(folder, "--run.name", "e2e")
+
+
+def _comparable(metrics: dict) -> list[dict]:
+    """Each round's metrics without paths and timings (what must not depend on a kill and resume)."""
+    drop = ("model_path", "encoder_weights")
+    return [{k: v for k, v in r.items() if k not in drop} for r in metrics["rounds"]]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_train_cli_end_to_end_writes_metrics_checkpoint_and_pictures(tmp_path):
-    done = _train(tmp_path, "--run.name", "e2e")
+def test_train_cli_end_to_end_writes_metrics_checkpoint_and_pictures(e2e):
+    tmp_path, done = e2e
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "runs" / "e2e"
     metrics = json.loads((run / "metrics.json").read_text())
@@ -62,21 +75,26 @@ def test_train_cli_end_to_end_writes_metrics_checkpoint_and_pictures(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_resume_after_kill_continues_instead_of_restarting(tmp_path):
+@pytest.mark.timeout(1200)
+def test_run_killed_during_finetuning_resumes_to_the_uninterrupted_runs_metrics(e2e):
+    """kill -9 after the first fine-tuning epoch's checkpoint; --resume keeps round 0 and the finished epoch and
+    ends with exactly the metrics of the uninterrupted run with the same seed (a reproducible job)."""
+    uninterrupted, first = e2e
+    assert first.returncode == 0, first.stderr[-3000:]
+    tmp_path = uninterrupted / "killed"
     run = tmp_path / "runs" / "killed"
+    shutil.copytree(uninterrupted / "cache", tmp_path / "cache")  # the same demo cohort, not generated again
     cmd = [sys.executable, "-m", "hnm_ray.train", "--runs-dir", str(tmp_path / "runs"), "--run.name", "killed", *TINY]
     proc = subprocess.Popen(cmd, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    deadline = time.time() + 400
-    state = run / "state.json"
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists() and "mil_round0" in json.loads(state.read_text() or "{}"):
-            break
-        time.sleep(0.5)
+    deadline = time.time() + 600
+    finetune_checkpoints = run / "ray_train" / "finetune_round0" / "driver_checkpoints"
+    while time.time() < deadline and proc.poll() is None and not list(finetune_checkpoints.glob("epoch_*")):
+        time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert not (run / "metrics.json").exists()
     round0 = run / "metrics_round0.json"
     stamp = round0.stat().st_mtime_ns
     features = sorted((run / "features").rglob("round=0/*.parquet"))
@@ -89,7 +107,11 @@ def test_resume_after_kill_continues_instead_of_restarting(tmp_path):
     assert round0.stat().st_mtime_ns == stamp, "round 0 was trained again instead of resumed"
     assert [p.stat().st_mtime_ns for p in features] == feature_stamps, "round-0 features were re-extracted"
     metrics = json.loads((run / "metrics.json").read_text())
+    reference = json.loads((uninterrupted / "runs" / "e2e" / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [0, 1]
+    assert _comparable(metrics) == _comparable(reference)
+    resumed_ft = metrics["finetune"]["finetune_round0"]["last"]
+    assert resumed_ft["ft_loss"] == reference["finetune"]["finetune_round0"]["last"]["ft_loss"]
 
 
 def _free_port() -> int:

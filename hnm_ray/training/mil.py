@@ -3,8 +3,9 @@
 Each epoch pairs one positive with one negative bag (shuffled, min(#pos, #neg) pairs in all).
 Every worker owns a fixed shard of the positive and of the negative bags and pairs within it, so a
 worker only ever loads its shard; DDP averages the gradients of the `world` pairs of a step.
-Validation slide metrics are reported every epoch with a checkpoint; the best epoch (validation
-AUC, then loss) is the model kept. Re-running with the same run folder resumes from the last
+Validation slide metrics are computed every epoch inside the worker; the best epoch (validation
+AUC, then loss) is the model kept. Reports and checkpoints reach Ray Train every `checkpoint_every`
+epochs and at the last. Re-running with the same run folder resumes from the last
 checkpoint.
 
     python -m hnm_ray.training.mil --store STORE --tag TAG --manifest M --out RUN [--mil.epochs 40 ...]
@@ -227,11 +228,13 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             official = official_protocol_update(official, plain_model, test_bags, epoch, device)
             metrics["best_epoch"] = best["epoch"]
             history.append(dict(metrics))
-        state = None
-        if rank == 0 and (last_epoch or (epoch + 1) % mc["checkpoint_every"] == 0):
-            state = {"model": plain_model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "scheduler": scheduler.state_dict(),
-                     "best": best, "official_protocol": official, "history": history, "loop": loop}
+        # Validation and the kept epoch are decided here, every epoch; Ray Train hears from us (a report and a
+        # checkpoint, ~1 s each) only every `checkpoint_every` epochs and at the last: the same on every rank.
+        if not (last_epoch or (epoch + 1) % mc["checkpoint_every"] == 0):
+            continue
+        state = {"model": plain_model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                 "scheduler": scheduler.state_dict(), "best": best, "official_protocol": official,
+                 "history": history, "loop": loop} if rank == 0 else None
         report(metrics, state, CHECKPOINT_FILE, loop["driver_checkpoints"])
 
 
