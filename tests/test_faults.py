@@ -108,7 +108,7 @@ def test_killed_train_worker_resumes_from_the_last_checkpoint(ray_session, mil_s
     # A restart from scratch would have reported reports_at_kill + epochs times.
     assert epochs <= state["current_report_index"] <= epochs + 1, (state["current_report_index"], seen)
     latest = storage / state["latest_checkpoint_result"]["checkpoint_dir_name"] / CHECKPOINT_FILE
-    saved = torch.load(latest, map_location="cpu", weights_only=False)
+    saved = torch.load(latest, map_location="cpu", weights_only=True)
     assert saved["epoch"] == epochs - 1
     assert 0 <= result.best_epoch < epochs and Path(result.model_path).is_file()
 

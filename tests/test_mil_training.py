@@ -45,7 +45,7 @@ def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: f
 
 def last_checkpoint(run_dir: Path, name: str) -> dict:
     """The newest checkpoint state (highest epoch) a distributed run left in its Ray Train storage folder."""
-    states = [torch.load(f, map_location="cpu", weights_only=False)
+    states = [torch.load(f, map_location="cpu", weights_only=True)
               for f in (Path(run_dir) / "ray_train" / name).glob("checkpoint_*/mil.pt")]
     assert states, f"no Ray Train checkpoint under {run_dir}/ray_train/{name}"
     return max(states, key=lambda s: s["epoch"])
@@ -260,7 +260,7 @@ def test_pairs_per_step_accumulates_gradients(ray_session, mil_store, records, t
     config = MILConfig(workers=0, epochs=3, pairs_per_step=2, checkpoint_every=1)
     fit_mil(config, mil_store, records, tmp_path, name="acc", seed=0)
     state = torch.load(sorted((tmp_path / "ray_train" / "acc" / "driver_checkpoints").glob("epoch_*"))[-1] / "mil.pt",
-                       map_location="cpu", weights_only=False)
+                       map_location="cpu", weights_only=True)
     assert same_weights(parameters(state["model"]), replay(mil_store, records, config, 0, 1), atol=1e-4)
     plain = MILConfig(workers=0, epochs=3, pairs_per_step=1)
     assert not same_weights(parameters(state["model"]), replay(mil_store, records, plain, 0, 1), atol=1e-4)

@@ -11,7 +11,7 @@ import torch
 from hnm_ray.scoring import SCORES_SCHEMA, InstanceScorer, count_tiles, score_tiles
 from hnm_ray.store.manifest import load_manifest
 from hnm_ray.config import MILConfig
-from hnm_ray.inference import load_aggregator
+from hnm_ray.inference import load_aggregator, save_aggregator
 from hnm_ray.training.mil import fit_mil
 
 NEG_RATIO = 0.2
@@ -102,11 +102,9 @@ def test_saturated_probabilities_still_mine_by_logit(trained, mil_store, tmp_pat
     from hnm_ray.mining import get_miner
 
     model_path, records = trained
-    saved = torch.load(model_path, weights_only=False)
-    saved["model"] = {k: v * 200 if k.startswith("aggregator.instance_classifier") else v
-                      for k, v in saved["model"].items()}
-    confident = tmp_path / "confident.pt"
-    torch.save(saved, confident)
+    model, meta = load_aggregator(model_path)
+    state = {k: v * 200 if k.startswith("aggregator.instance_classifier") else v for k, v in model.state_dict().items()}
+    confident = save_aggregator(tmp_path / "confident", state, meta)
     negatives = [r.slide_id for r in records if r.split == "train" and r.label == 0]
     n_neg = count_tiles(mil_store, negatives)
     miner = get_miner("test_scoring_saturated")

@@ -40,11 +40,27 @@ def latest_checkpoint(driver_dir: str | None, file_name: str):
 
 
 def load_state(checkpoint, file_name: str) -> dict[str, Any]:
-    """The state dict saved in a checkpoint."""
+    """The state saved in a checkpoint, read with weights_only=True: tensors and plain containers, never code."""
     import torch
 
     with checkpoint.as_directory() as directory:
-        return torch.load(Path(directory) / file_name, map_location="cpu", weights_only=False)
+        return torch.load(Path(directory) / file_name, map_location="cpu", weights_only=True)
+
+
+def plain(value: Any) -> Any:
+    """`value` with numpy scalars and arrays turned into Python numbers and tensors (what weights_only loads)."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    return value
 
 
 def report(metrics: dict[str, Any], state: dict[str, Any] | None, file_name: str, driver_dir: str | None) -> None:
@@ -58,7 +74,7 @@ def report(metrics: dict[str, Any], state: dict[str, Any] | None, file_name: str
         root = Path(driver_dir)
         root.mkdir(parents=True, exist_ok=True)
         temp = Path(tempfile.mkdtemp(prefix=".epoch_", dir=root))
-        torch.save(state, temp / file_name)
+        torch.save(plain(state), temp / file_name)
         final = root / f"epoch_{int(metrics['epoch']):06d}"
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temp, final)
@@ -67,5 +83,5 @@ def report(metrics: dict[str, Any], state: dict[str, Any] | None, file_name: str
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)))
     else:
         with tempfile.TemporaryDirectory(prefix="hnm_ckpt_") as directory:  # report copies it to storage
-            torch.save(state, Path(directory) / file_name)
+            torch.save(plain(state), Path(directory) / file_name)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
