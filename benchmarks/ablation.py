@@ -1,4 +1,5 @@
-"""The paper's ablation on the demo cohort, side by side in one run (prints one JSON line).
+"""The paper's ablation on a cohort (the synthetic demo, or the real-image digits cohort), side by side in one run,
+over seeds: mean and standard deviation of every metric (prints one JSON line and a markdown table).
 
 Variants (each averaged over seeds; all share the round-0 features of the demo cohort):
   dsmil        MIL on the initial features (round 0 of any run: the DSMIL baseline)
@@ -13,7 +14,12 @@ which overrides the recipe's so that every variant fits the demo cohort.
 Reported: test slide AUC / accuracy / F1, test instance AUC / AUPRC, fine-tuning seconds per epoch
 (measured inside the Train loop, start-up excluded) and the time ratio hnm / its2clr.
 
-    python benchmarks/ablation.py [--seeds 0 1 2] [--recipe paper] [--out benchmarks/results/ablation.json]
+    python -m benchmarks.ablation --cohort digits --seeds 0 1 2 3 4 --out benchmarks/results/ablation_digits.json
+    python -m benchmarks.ablation --cohort demo [--seeds 0 1 2] [--recipe paper]
+
+The digits cohort (benchmarks/cohorts/digits.py: 160 slides of real MNIST digits, 64 px tiles) is generated
+once into the cache. Every variant starts from the same warm start per seed (SimCLR, `--pretrain-epochs`,
+cached), as a user's job does by default.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from hnm_ray.config import TrainConfig, from_tree, load_recipe, merge
+from hnm_ray.run_folder import cache_dir
 from hnm_ray.train import run_job
 
 VARIANTS = {
@@ -55,48 +62,83 @@ def run_variant(base: dict, variant: str, overrides: dict, seed: int, root: Path
             "hard_negatives": ft["hard_negatives"], "positives_streamed": ft.get("positives_streamed")}
 
 
-def mean(values: list) -> float:
-    """Mean ignoring None/nan."""
+def stats(values: list) -> dict[str, float]:
+    """Mean and sample standard deviation ignoring None/nan, with the count."""
     clean = [v for v in values if v is not None and not np.isnan(v)]
-    return float(np.mean(clean)) if clean else float("nan")
+    return {"mean": float(np.mean(clean)) if clean else float("nan"),
+            "sd": float(np.std(clean, ddof=1)) if len(clean) > 1 else float("nan"), "n": len(clean)}
+
+
+def cohort_base(cohort: str, pretrain_epochs: int) -> dict:
+    """The config of a cohort: the demo's defaults, or the digits cohort (generated once, 64 px tiles)."""
+    if cohort == "demo":
+        return {"pretrain": {"method": "none"}}
+    from benchmarks.cohorts.digits import DigitsConfig, make_digits_cohort
+
+    folder = cache_dir(TrainConfig().run) / "digits-n160-px64-seed0"
+    if not (folder / "manifest.csv").exists():
+        make_digits_cohort(folder, DigitsConfig(tile_px=64))
+    return {"run": {"manifest": str(folder / "manifest.csv")}, "tiling": {"tile_size": 64},
+            "pretrain": {"method": "simclr", "epochs": pretrain_epochs, "tiles": 4096},
+            "finetune": {"batch_size": 128}}
+
+
+def markdown(table: dict[str, dict[str, dict]]) -> str:
+    """The ablation table as markdown: mean ± sd per metric and variant."""
+    columns = [*METRICS, "ft_seconds_per_epoch"]
+    lines = ["| variant | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+    for variant, row in table.items():
+        cells = [f"{row[c]['mean']:.3f} ± {row[c]['sd']:.3f}" if c in row else "—" for c in columns]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--cohort", choices=["demo", "digits"], default="digits")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--rounds", type=int, default=1, help="fine-tuning rounds of every variant")
     parser.add_argument("--epochs-per-round", type=int, default=3)
+    parser.add_argument("--pretrain-epochs", type=int, default=20, help="SimCLR warm-start epochs (digits)")
     parser.add_argument("--out", default="")
     parser.add_argument("--work", default="", help="folder for runs (default: a temp folder)")
     parser.add_argument("--recipe", metavar="NAME", default=None,
                         help="a shipped recipe (hnm_ray.config.load_recipe: NAME or a YAML path) as the base of every "
                              "variant, and the variant \"NAME recipe\" (the recipe alone)")
+    parser.add_argument("--variants", nargs="+", default=None, help="run only these variants")
     args = parser.parse_args()
     root = Path(args.work or tempfile.mkdtemp(prefix="hnm_ablation_"))
-    size = {"run": {"rounds": 1, "heatmaps": 0, "runs_dir": str(root)}, "mil": {"workers": 0},
+    size = {"run": {"rounds": args.rounds, "heatmaps": 0, "runs_dir": str(root)}, "mil": {"workers": 0},
             "finetune": {"epochs_per_round": args.epochs_per_round, "warmup_epochs": 1, "workers": 1}}
-    base = merge(load_recipe(args.recipe), size) if args.recipe else size
-    chosen = variants(args.recipe)
+    base = merge(cohort_base(args.cohort, args.pretrain_epochs), size)
+    base = merge(merge(load_recipe(args.recipe), base), size) if args.recipe else base
+    chosen = {k: v for k, v in variants(args.recipe).items() if not args.variants or k in args.variants}
     started = time.perf_counter()
     runs: dict[str, list[dict]] = {v: [] for v in chosen}
     for seed in args.seeds:
         store = root / f"features_seed{seed}"
         for variant, overrides in chosen.items():
             runs[variant].append(run_variant(base, variant, overrides, seed, root, store))
-    # DSMIL baseline: round 0 (initial features) of the variants without the ranking loss.
-    plain = [r for results in runs.values() for r in results if r["w_rank"] == 0]
-    table = {"dsmil": {k: mean([r["round0"][k] for r in plain]) for k in METRICS}}
+            print(json.dumps({"variant": variant, "seed": seed, **runs[variant][-1]}), flush=True)
+    # DSMIL baseline: round 0 (the aggregator on the warm-start features) of the variants without the ranking loss.
+    plain = {seed: r for results in runs.values() for seed, r in zip(args.seeds, results) if r["w_rank"] == 0}
+    table = {"dsmil": {k: stats([r["round0"][k] for r in plain.values()]) for k in METRICS}}
     for variant, results in runs.items():
-        table[variant] = {k: mean([r["final"][k] for r in results]) for k in METRICS}
-        table[variant]["ft_seconds_per_epoch"] = mean([r["epoch_seconds"] for r in results])
-        table[variant]["ft_tiles_per_epoch"] = mean([r["tiles_per_epoch"] for r in results])
-    ratio = table["hnm"]["ft_seconds_per_epoch"] / table["its2clr"]["ft_seconds_per_epoch"]
-    line = {"benchmark": "ablation", "cohort": "demo (16 synthetic slides, 4 test)", "seeds": args.seeds,
-            "recipe": args.recipe,
-            "epochs_per_round": args.epochs_per_round, "table": table, "time_ratio_hnm_vs_all_negatives": ratio,
-            "tiles_ratio_hnm_vs_all_negatives": table["hnm"]["ft_tiles_per_epoch"] / table["its2clr"]["ft_tiles_per_epoch"],
-            "seconds": time.perf_counter() - started,
+        table[variant] = {k: stats([r["final"][k] for r in results]) for k in METRICS}
+        table[variant]["ft_seconds_per_epoch"] = stats([r["epoch_seconds"] for r in results])
+        table[variant]["ft_tiles_per_epoch"] = stats([r["tiles_per_epoch"] for r in results])
+    ratios = {}
+    if "hnm" in table and "its2clr" in table:
+        ratios = {"time_ratio_hnm_vs_all_negatives": table["hnm"]["ft_seconds_per_epoch"]["mean"]
+                  / table["its2clr"]["ft_seconds_per_epoch"]["mean"],
+                  "tiles_ratio_hnm_vs_all_negatives": table["hnm"]["ft_tiles_per_epoch"]["mean"]
+                  / table["its2clr"]["ft_tiles_per_epoch"]["mean"]}
+    line = {"benchmark": "ablation", "cohort": args.cohort, "seeds": args.seeds, "recipe": args.recipe,
+            "rounds": args.rounds, "epochs_per_round": args.epochs_per_round, "table": table, **ratios,
+            "runs": runs, "markdown": markdown(table), "seconds": time.perf_counter() - started,
             "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(), "gpu": False}}
     print(json.dumps(line))
+    print(line["markdown"])
     if args.out:
         Path(args.out).write_text(json.dumps(line, indent=1) + "\n")
 

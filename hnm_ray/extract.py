@@ -188,7 +188,12 @@ def build_index(records: list[SlideRecord], tiling: TilingConfig, store: Feature
     """Tile index of every slide, one Ray task each; failed slides are recorded in the store and left out."""
     import ray
 
-    task = ray.remote(num_cpus=cpus_per_task, max_retries=1)(_index_task)
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    # placement_group=None: inside a Tune trial, child tasks would otherwise be captured by the trial's tiny
+    # placement group (0.01 CPU) and never fit; the index tasks ask the cluster for their own CPUs.
+    task = ray.remote(num_cpus=cpus_per_task, max_retries=1)(_index_task).options(
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     refs = [task.remote(r, tiling) for r in records]
     progress = Progress("tile index (slides)", len(refs))
     index: dict[str, pa.Table] = {}

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from hnm_ray import config as cfg
+from hnm_ray import tracking
 from hnm_ray.cli import entry_point
 from hnm_ray.cli import parser as cli_parser
 from hnm_ray.config import TrainConfig
-from hnm_ray.errors import ConfigError
+from hnm_ray.errors import ConfigError, HnmError
 from hnm_ray.extract import extract_features
 from hnm_ray.run_folder import demo_manifest
 from hnm_ray.train import round_store, run_job
@@ -94,7 +95,11 @@ def trial(params: dict[str, Any]) -> None:
     # Ray Train's local mode (0 workers) cannot run inside a Tune trial: its train loop would see Tune's context.
     config.mil.workers = max(1, config.mil.workers)
     config.finetune.workers = max(1, config.finetune.workers)
-    run_dir = Path(tune.get_context().get_trial_dir()) / "run"
+    context = tune.get_context()
+    run_dir = Path(context.get_trial_dir()) / "run"
+    # --run.tracking mlflow: one MLflow run per trial, in an experiment named after the sweep (the trial dir's parent).
+    tracking.start(run_dir, config, experiment=run_dir.parent.parent.name, run_name=context.get_trial_name(),
+                   tags={"trial_id": context.get_trial_id()})
     run_job(config, run_dir, on_round=lambda m: tune.report({k: v for k, v in m.items() if _is_number(v)}))
 
 
@@ -104,12 +109,15 @@ def _is_number(value: Any) -> bool:
 
 def prepare_shared_store(config: TuneConfig, storage: Path) -> TuneConfig:
     """Extract the round-0 features once into <storage>/features and point every trial at them."""
-    from hnm_ray.store.manifest import load_manifest
+    from hnm_ray.store.manifest import load_manifest, require_both_classes
 
     job = config.run
     job.manifest = job.manifest or str(demo_manifest(job))
     job.store = job.store or str(storage / "features")
+    tracking.check(job)
+    job.tracking_uri = tracking.resolve_uri(job)  # absolute: trials run in their own folders, all log to one store
     records = load_manifest(job.manifest, seed=job.seed)
+    require_both_classes(records, job.manifest)
     extract_features(records, round_store(config, storage, 0, config.encoder.weights), config)
     return config
 
@@ -141,7 +149,15 @@ def run_sweep(config: TuneConfig, resume: bool = False):
             run_config=tune.RunConfig(name=sweep.sweep_name, storage_path=str(storage)),
         )
     results = tuner.fit()
+    failed = [f"{r.path.rsplit('/', 1)[-1] if r.path else '?'}: {str(r.error).splitlines()[0][:300]}"
+              for r in results if r.error is not None]
+    if len(failed) == len(results):
+        raise HnmError(f"every trial of sweep {sweep.sweep_name!r} failed; no best config written:\n  " +
+                       "\n  ".join(failed))
     write_results(results, path, sweep.metric)
+    if failed:
+        raise HnmError(f"{len(failed)} of {len(results)} trials failed (left out of the best config):\n  "
+                       + "\n  ".join(failed))
     return results
 
 
@@ -153,7 +169,10 @@ def write_results(results, path: Path, metric: str) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     table[keep].to_csv(path / "results.csv", index=False)
     print(table[keep].to_string(index=False))
-    best = results.get_best_result(metric=metric, mode="max")
+    finished = [r for r in results if r.error is None and _is_number((r.metrics or {}).get(metric))]
+    if not finished:
+        raise HnmError(f"no trial finished with a {metric!r}; no best config written")
+    best = max(finished, key=lambda r: r.metrics[metric])  # errored trials never make the best config
     best_config = trial_config(best.config)
     best_config.run.name = ""
     best_file = cfg.save_yaml(best_config, path / "best_config.yaml")
