@@ -1,6 +1,7 @@
 """Ray Tune sweeps: a 4-trial sweep on a tiny demo store, its best config round-trips, an interrupted sweep restores."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,8 +16,8 @@ from hnm_ray import config as cfg
 from hnm_ray.config import TrainConfig
 from hnm_ray.train import parse_args
 
-BASE = ["--demo-slides", "8", "--demo-size", "2048", "--rounds", "0", "--mil.epochs", "3", "--mil.workers", "0",
-        "--heatmaps", "0"]
+BASE = ["--demo-slides", "8", "--demo-size", "2048", "--rounds", "1", "--epochs-per-round", "1", "--warmup-epochs",
+        "0", "--mil.epochs", "3", "--mil.workers", "0", "--finetune.batch_size", "16", "--heatmaps", "0"]
 SPACE = ["--neg-ratios", "0.1", "0.5", "--margins", "0.5", "2.0", "--rank-ks", "1", "--w-ranks", "0.1"]
 
 
@@ -52,6 +53,14 @@ def test_grid_sweep_of_four_trials_writes_table_and_best_config(tmp_path):
     assert config.mining.neg_ratio == best["mining"]["neg_ratio"] and config.mil.margin == best["mil"]["margin"]
     expected = cfg.merge(best, {"run": {"name": "from-sweep", "runs_dir": str(tmp_path / "runs")}})
     assert config == cfg.from_tree(TrainConfig, expected)
+    # Every trial ran a fine-tuning round, and mined as many hard negatives as its neg_ratio asks for.
+    mined = {}
+    for state in folder.glob("*/run/state.json"):
+        data = json.loads(state.read_text())
+        config = yaml.safe_load((state.parent / "config.yaml").read_text())
+        mined.setdefault(config["mining"]["neg_ratio"], set()).add(data["finetune_round0"]["hard_negatives"])
+    assert set(mined) == {0.1, 0.5}, mined
+    assert max(mined[0.1]) < min(mined[0.5]), mined
     # Trials shared the round-0 store extracted once before the sweep.
     stores = list((tmp_path / "tune" / "features").rglob("round=0"))
     assert len(stores) == 1 and len(list(stores[0].glob("*.parquet"))) == 8
