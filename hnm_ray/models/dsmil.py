@@ -30,6 +30,7 @@ class DSMIL(MILAggregator):
         self.value = nn.Sequential(*value_layers)
         self.bag_classifier = nn.Linear(in_dim, 1)
         self.scale = hidden ** -0.5
+        self.transform: nn.Module = nn.Identity()  # what the bag branch sees (dsmil_its2clr: Linear + ReLU)
 
     def instance_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Instance logits (N,) of the linear instance classifier alone (no bag branch)."""
@@ -39,9 +40,10 @@ class DSMIL(MILAggregator):
     def bag_output(self, features: torch.Tensor) -> MILOutput:
         """Instance logits, bag logit and the attention over tiles relative to the critical tile."""
         instance_logits = self.instance_logits(features)
-        queries = self.query(features)
+        transformed = self.transform(features)
+        queries = self.query(transformed)
         critical = torch.argmax(instance_logits.detach())
         attention = torch.softmax(queries @ queries[critical] * self.scale, dim=0)
-        bag_embedding = attention @ self.value(features)
+        bag_embedding = attention @ self.value(transformed)
         bag_logit = self.bag_classifier(bag_embedding).squeeze(0)
         return MILOutput(instance_logits, bag_logit, attention)
