@@ -1,52 +1,87 @@
-"""What a finished run leaves for users: checkpoint/ (model files + config + meta), metrics.json, ROC, heatmaps."""
+"""What a run leaves for users: checkpoint/ (model files + config + meta), metrics.json, ROC, heatmaps, QuPath files,
+report.html (rewritten after every round) and, with --run.tracking mlflow, the MLflow run."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
+from hnm_ray import tracking
 from hnm_ray.config import TrainConfig
+from hnm_ray.registry import one_line
 from hnm_ray.run_folder import CONFIG_FILE
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 
+log = logging.getLogger("hnm_ray")
 AGGREGATOR = "aggregator"
+ENCODER = "encoder.safetensors"
 
 
 def write_checkpoint(run_dir: Path, last: dict[str, Any], config: TrainConfig) -> Path:
-    """checkpoint/: aggregator (safetensors + JSON), encoder weights, the run's config tree and meta.json."""
+    """checkpoint/: aggregator (safetensors + JSON), encoder weights (safetensors, our key layout whatever file the
+    round's encoder came from), the run's config tree and meta.json. No file in it runs code when loaded."""
+    from hnm_ray.models.encoders import encoder_from_config, save_weights
+
     checkpoint = run_dir / "checkpoint"
     checkpoint.mkdir(exist_ok=True)
     source = Path(last["model_path"]).with_suffix("")
     for suffix in (".safetensors", ".json"):
         shutil.copy(source.with_name(source.name + suffix), checkpoint / f"{AGGREGATOR}{suffix}")
     if last.get("encoder_weights"):
-        shutil.copy(last["encoder_weights"], checkpoint / "encoder.pt")
+        save_weights(encoder_from_config(config.encoder, last["encoder_weights"]).state_dict(), checkpoint / ENCODER)
     shutil.copy(run_dir / CONFIG_FILE, checkpoint / CONFIG_FILE)
     (checkpoint / "meta.json").write_text(json.dumps({
-        "encoder_weights": "encoder.pt" if last.get("encoder_weights") else None,
+        "encoder_weights": ENCODER if last.get("encoder_weights") else None,
         "threshold": last.get("val_threshold", 0.5), "seed": config.run.seed, "round": last["round"]}, indent=2))
     return checkpoint
 
 
 def finish(run_dir: Path, history: list[dict[str, Any]], records: list[SlideRecord], store: FeatureStore,
            finetune: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
-    """Final checkpoint folder, ROC plot and heatmaps of the last round; the metrics summary (both protocols)."""
+    """Final checkpoint folder; ROC plot; heatmaps of `run.heatmaps` test slides and of as many negative training
+    slides with the most mined hard negatives (heatmaps/hard_negatives/); QuPath GeoJSON of every slide; report.html;
+    the MLflow run's final metrics and artifacts. Returns the metrics summary (both protocols)."""
     from hnm_ray.inference import split_probabilities
-    from hnm_ray.predict import draw_heatmaps
     from hnm_ray.report import plot_roc
+    from hnm_ray.report.html import write_run_report
+    from hnm_ray.report.slides import mined_hard_negatives, most_mined, write_slide_outputs
 
     last = history[-1]
     checkpoint = write_checkpoint(run_dir, last, config)
     model = checkpoint / AGGREGATOR
     labels, probs, test_ids = split_probabilities(model, store, records, "test")
     plot_roc(labels, probs, run_dir / "roc.png", title=f"test ROC, round {last['round']}")
-    chosen = [r for r in records if r.slide_id in set(test_ids)][: config.run.heatmaps]
-    draw_heatmaps(model, store, chosen, run_dir / "heatmaps")
+    hard_negatives = mined_hard_negatives(run_dir)
+    tested = [r.slide_id for r in records if r.slide_id in set(test_ids)][: config.run.heatmaps]
+    pictures = {s: run_dir / "heatmaps" / f"{s}.png" for s in tested}
+    pictures.update({s: run_dir / "heatmaps" / "hard_negatives" / f"{s}.png"
+                     for s in most_mined(records, hard_negatives, config.run.heatmaps)})
+    write_slide_outputs(model, store, records, run_dir / "qupath", pictures, hard_negatives)
     ours = {k: v for k, v in last.items() if k not in ("model_path", "encoder_weights", "official_protocol")}
-    return {"final": ours, "official_protocol": last.get("official_protocol"), "rounds": history,
-            "finetune": finetune,
-            "protocols": {"final": "ours: MIL epoch and Youden threshold picked on validation, applied to test",
-                          "official_protocol": "the official code's: best test slide AUC over MIL epochs, Youden "
-                                               "threshold on test (optimistic; for comparison with the paper only)"}}
+    final = {"final": ours, "official_protocol": last.get("official_protocol"), "rounds": history,
+             "finetune": finetune,
+             "protocols": {"final": "ours: MIL epoch and Youden threshold picked on validation, applied to test",
+                           "official_protocol": "the official code's: best test slide AUC over MIL epochs, Youden "
+                                                "threshold on test (optimistic; for comparison with the paper only)"}}
+    write_run_report(run_dir, final)
+    _track(tracking.log_final, run_dir, config, final)
+    return final
+
+
+def round_done(run_dir: Path, config: TrainConfig, result: dict[str, Any]) -> None:
+    """After each round's MIL: rewrite report.html (a long run can be watched) and log the round to MLflow."""
+    from hnm_ray.report.html import write_run_report
+
+    write_run_report(run_dir)
+    _track(tracking.log_round, run_dir, config, result)
+
+
+def _track(log_call, run_dir: Path, config: TrainConfig, metrics: dict[str, Any]) -> None:
+    """An MLflow call that cannot stop the training: a failure (server down, disk full) is logged as a warning."""
+    try:
+        log_call(run_dir, config, metrics)
+    except Exception as exc:  # noqa: BLE001 - any tracking failure; the run's own files stay the record
+        log.warning("MLflow tracking failed, the run goes on (its folder keeps every result): %s", one_line(exc))

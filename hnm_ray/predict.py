@@ -1,10 +1,13 @@
-"""Score new slides with a trained run: slide probability and label, tile scores, heatmaps, a CSV summary.
+"""Score new slides with a trained run: slide probability and label, tile scores, heatmaps, QuPath files, a CSV
+summary and report.html.
 
     python -m hnm_ray.predict --checkpoint runs/NAME --slides manifest.csv|folder/ --out predictions/
 
 Extraction uses the run's encoder (Ray Data, cuCIM) with the run's tiling; the run's aggregator
 scores each slide; the label uses the run's validation (Youden) threshold. Works on a folder of
-slides without labels; when the manifest has labels, the summary also reports slide AUC.
+slides without labels; when the manifest has labels, the summary also reports slide AUC (and roc.png).
+Outputs in --out: summary.csv, tiles/<slide>.parquet, heatmaps/<slide>.png, qupath/<slide>.geojson (QuPath
+detections), metrics.json (labelled slides), report.html (everything on one page).
 """
 from __future__ import annotations
 
@@ -32,30 +35,14 @@ from hnm_ray.store.manifest import SlideRecord, load_manifest, records_from_fold
 log = logging.getLogger("hnm_ray")
 
 
-def draw_heatmaps(model_path: str | Path, store: FeatureStore, records: list[SlideRecord], out_dir: str | Path,
-                  thumbnail_size: int = 1024) -> list[Path]:
-    """One PNG per slide: tile scores (sigmoid of instance logits) over the slide thumbnail."""
-    from hnm_ray.report import heatmap
-    from hnm_ray.slides.reader import open_slide
-
-    model, _ = load_aggregator(model_path)
-    paths = []
-    for record in records:
-        table, _ = tile_scores(model, store, record.slide_id)
-        with open_slide(record.path, slide_id=record.slide_id, device="cpu") as reader:
-            thumb = reader.thumbnail(thumbnail_size)
-            dims = reader.info.level_dimensions[0]
-            extent = int(table["size"][0].as_py() * reader.info.level_downsamples[table["level"][0].as_py()]) if table.num_rows else 0
-        paths.append(heatmap(thumb, dims, table["x"].to_numpy(), table["y"].to_numpy(), extent,
-                             table["score"].to_numpy(), Path(out_dir) / f"{record.slide_id}.png"))
-    return paths
-
-
 def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmaps: bool = True) -> list[dict]:
     """Extract, score and summarise `slides` (manifest or folder) with the run at `checkpoint`."""
     from hnm_ray.cluster import init_ray
     from hnm_ray.metrics import slide_metrics
     from hnm_ray.models.encoders import config_tag
+    from hnm_ray.report import plot_roc
+    from hnm_ray.report.html import write_predict_report
+    from hnm_ray.report.slides import mined_hard_negatives, write_slide_outputs
     from hnm_ray.train import with_weights
 
     ckpt = Path(checkpoint)
@@ -89,18 +76,23 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
         else:
             row["status"] = errors.get(record.slide_id, "not extracted")
         rows.append(row)
-    if heatmaps:
-        draw_heatmaps(ckpt / AGGREGATOR, store, [r for r in records if r.slide_id in store.completed()],
-                      out / "heatmaps")
+    # Slides the run mined hard negatives on (its own cohort) get them marked in heatmaps and QuPath files.
+    write_slide_outputs(ckpt / AGGREGATOR, store, records, out / "qupath",
+                        {r.slide_id: out / "heatmaps" / f"{r.slide_id}.png" for r in records} if heatmaps else {},
+                        mined_hard_negatives(ckpt.parent))
     with open(_ensure(out) / "summary.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["slide_id"])
         writer.writeheader()
         writer.writerows(rows)
     scored = [r for r in rows if r["probability"] is not None and r["label"] is not None]
+    metrics = None
     if scored:
         metrics = slide_metrics(np.array([r["label"] for r in scored]), np.array([r["probability"] for r in scored]),
                                 threshold)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        plot_roc(np.array([r["label"] for r in scored]), np.array([r["probability"] for r in scored]), out / "roc.png",
+                 title="ROC of the labelled slides")
+    write_predict_report(out, rows, metrics, threshold, ckpt)
     log.info("predicted %d slides (%d failed) -> %s", len(rows), len(summary.slides_failed), out / "summary.csv")
     return rows
 

@@ -47,7 +47,25 @@ def load_plugin(spec: str, key: str) -> Any:
         target: Any = importlib.import_module(module_name)
         for part in attr.split("."):
             target = getattr(target, part)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(key, f"cannot load plug-in {spec!r}: {exc}; give 'package.module:callable' "
+    except Exception as exc:  # noqa: BLE001 - importing user code can raise anything; each becomes one clear line
+        raise ConfigError(key, f"cannot load plug-in {spec!r}: {one_line(exc)}; give 'package.module:callable' "
                                "importable on every Ray node") from exc
     return target
+
+
+def build_plugin(spec: str, key: str, *args: Any, **kwargs: Any) -> Any:
+    """Load the `module.path:callable` plug-in `spec` and call it; ConfigError(key) naming the plug-in and the cause
+    (in one line) when it is not callable or its call fails."""
+    factory = load_plugin(spec, key)
+    if not callable(factory):
+        raise ConfigError(key, f"plug-in {spec!r} is a {type(factory).__name__}, not a callable that builds the model")
+    try:
+        return factory(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - a user's factory can raise anything; each becomes one clear line
+        raise ConfigError(key, f"plug-in {spec!r} failed to build: {one_line(exc)}") from exc
+
+
+def one_line(exc: BaseException) -> str:
+    """`Type: message` of an exception with its whitespace (newlines included) collapsed to single spaces."""
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hnm_ray import config as cfg
+from hnm_ray import tracking
 from hnm_ray.config import JobConfig, TrainConfig
 from hnm_ray.errors import ConfigError
 
@@ -46,7 +47,9 @@ def saved_config(run_dir: str | Path) -> dict[str, Any]:
 
 
 def resolve_run(config: TrainConfig, resume: str | None, saved: dict[str, Any] | None) -> Path:
-    """The run folder: the resumed one (changed knobs are applied and logged), or <runs_dir>/<name> for a new run."""
+    """The run folder: the resumed one (changed knobs are applied and logged), or <runs_dir>/<name> for a new run.
+    A run asking for MLflow tracking without mlflow installed stops here, before any work."""
+    tracking.check(config.run)
     if resume:
         changed = cfg.changed_knobs(saved or {}, cfg.to_tree(config))
         if changed:

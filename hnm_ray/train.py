@@ -32,11 +32,11 @@ from hnm_ray.config import TrainConfig
 from hnm_ray.extract import extract_features
 from hnm_ray.inference import evaluate_split
 from hnm_ray.mining import adopt_round, positive_ratio
-from hnm_ray.outputs import finish
+from hnm_ray.outputs import finish, round_done
 from hnm_ray.pseudo_labels import Selection, mine_round
 from hnm_ray.run_folder import CONFIG_FILE, RunState, cache_dir, demo_manifest, resolve_run, saved_config
 from hnm_ray.store.features import FeatureStore
-from hnm_ray.store.manifest import SlideRecord, load_manifest
+from hnm_ray.store.manifest import SlideRecord, load_manifest, require_both_classes
 from hnm_ray.training.finetune import fit_finetune, round_rows
 from hnm_ray.training.mil import fit_mil
 from hnm_ray.training.pretrain import warm_start
@@ -55,6 +55,7 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
     started = time.perf_counter()
     records = load_manifest(Path(config.run.manifest) if config.run.manifest else demo_manifest(config.run),
                             seed=config.run.seed)
+    require_both_classes(records, config.run.manifest or "the demo cohort")              # before any extraction
     miner_name = f"hnm_miner-{run_dir.name}"
     weights = initial_encoder(config, records, run_dir, state)
     head, adopted, history = None, None, []
@@ -64,6 +65,7 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
         result = state.get(f"mil_round{round_}") or state.done(f"mil_round{round_}", train_aggregator(
             config, store, records, run_dir, round_, weights, miner_name))                       # MIL + ranking loss
         history.append(result)
+        round_done(run_dir, config, result)                                                     # report.html, MLflow
         if on_round is not None:
             on_round(result)
         if round_ == config.run.rounds:

@@ -151,7 +151,7 @@ def test_weights_saved_without_instance_norm_affine_params_load(tmp_path):
 
 
 def test_missing_or_unfitting_weights_raise_config_errors_naming_the_key(tmp_path):
-    with pytest.raises(ConfigError, match="'weights'.*not found.*never downloaded") as info:
+    with pytest.raises(ConfigError, match="'encoder.weights'.*not found.*never downloaded") as info:
         build_encoder("small_cnn", str(tmp_path / "missing.pth"))
     assert info.value.key == "encoder.weights"
     torch.save(build_encoder("small_cnn").state_dict(), tmp_path / "small.pth")

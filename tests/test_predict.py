@@ -79,7 +79,14 @@ def test_predict_writes_summary_tile_scores_heatmaps_and_metrics(ray_session, ru
         np.testing.assert_allclose(score, 1 / (1 + np.exp(-logit)), rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(tiles["tile_id"].to_numpy(), np.arange(tiles.num_rows))
         with Image.open(out / "heatmaps" / f"{record.slide_id}.png") as picture:
-            assert picture.mode == "RGB" and min(picture.size) > 32
+            assert picture.mode in ("RGB", "RGBA") and min(picture.size) > 32
+        qupath = json.loads((out / "qupath" / f"{record.slide_id}.geojson").read_text())
+        assert len(qupath["features"]) == tiles.num_rows
+        assert [f["properties"]["measurements"]["tile score"] for f in qupath["features"]] == pytest.approx(score,
+                                                                                                           abs=1e-6)
+    page = (out / "report.html").read_text()
+    assert all(record.slide_id in page for record in records) and (out / "roc.png").is_file()
+    assert page.count("data:image/png;base64,") == len(records) + 1  # every heatmap and the ROC, inlined
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == len(records) and metrics["threshold"] == pytest.approx(threshold)
     for key in ("auc", "accuracy", "f1"):

@@ -62,7 +62,7 @@ def test_train_cli_end_to_end_writes_metrics_checkpoint_and_pictures(e2e):
     assert ft["hard_negatives"] > 0 and ft["tiles_per_epoch"] >= ft["hard_negatives"]
     assert ft["miner"]["k"] == ft["hard_negatives"]
     assert metrics["official_protocol"]["test_auc"] >= final["test_auc"] - 1e-9  # best test AUC over epochs
-    for name in ("aggregator.safetensors", "aggregator.json", "encoder.pt", "config.yaml", "meta.json"):
+    for name in ("aggregator.safetensors", "aggregator.json", "encoder.safetensors", "config.yaml", "meta.json"):
         assert (run / "checkpoint" / name).stat().st_size > 0
     with Image.open(run / "roc.png") as roc:
         assert roc.size[0] >= 200 and roc.size[1] >= 200

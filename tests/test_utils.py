@@ -12,7 +12,7 @@ from hnm_ray.cluster import torch_device
 from hnm_ray.errors import ConfigError, HnmError
 from hnm_ray.progress import Progress
 from hnm_ray.registry import Registry, load_plugin
-from hnm_ray.report import heatmap, plot_roc
+from hnm_ray.report import heatmap, plot_roc, score_overlay
 
 
 def _tiles(n: int = 4, size: int = 64) -> torch.Tensor:
@@ -33,14 +33,19 @@ def test_roc_and_heatmap_pngs(tmp_path):
     roc = plot_roc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]), tmp_path / "roc.png")
     with Image.open(roc) as picture:
         assert picture.size == (400, 400)
+    overlay = score_overlay((100, 200), (2000, 1000), np.array([0, 1000]), np.array([0, 0]), 500, np.array([1.0, 0.1]))
+    assert overlay.shape == (100, 200, 4)
+    assert overlay[10, 10, 0] > overlay[10, 10, 2] and overlay[10, 10, 3] > 0.5  # score 1: red, opaque
+    assert overlay[10, 110, 3] == 0  # score below the floor: transparent, the tissue stays visible
+    assert overlay[80, 60, 3] == 0  # no tile there
     thumb = np.full((100, 200, 3), 255, np.uint8)
-    path = heatmap(thumb, (2000, 1000), np.array([0, 1000]), np.array([0, 0]), 500, np.array([1.0, 0.0]),
-                   tmp_path / "h.png")
-    painted = np.asarray(Image.open(path))
-    assert painted.shape == (100, 200, 3)
-    assert painted[10, 10, 0] > painted[10, 10, 2]  # score 1 -> red over the first tile
-    assert painted[10, 110, 2] > painted[10, 110, 0]  # score 0 -> blue over the second
-    assert (painted[80, 60] == 255).all()  # no tile there: the thumbnail is untouched
+    mask = np.zeros((10, 20), bool)
+    mask[2:6, 2:8] = True
+    path = heatmap(thumb, (2000, 1000), np.array([0, 1000]), np.array([0, 0]), 500, np.array([1.0, 0.1]),
+                   tmp_path / "h.png", title="s1 | true label: tumour (1) | predicted P(tumour) = 0.900",
+                   tumour_mask=mask, marked=np.array([False, True]))
+    with Image.open(path) as picture:
+        assert picture.size[0] > 200 and picture.size[1] > 100  # thumbnail, colour bar and title
 
 
 def test_progress_line_counts_rate_and_extras():

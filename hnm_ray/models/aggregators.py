@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from hnm_ray.errors import ConfigError
-from hnm_ray.registry import Registry, load_plugin
+from hnm_ray.registry import Registry, build_plugin
 
 AggregatorFactory = Callable[..., nn.Module]
 
@@ -76,14 +76,16 @@ def available_aggregators() -> list[str]:
 def build_aggregator(name: str, in_dim: int, **kwargs) -> nn.Module:
     """Build a registered aggregator ("dsmil", "abmil") or a "module.path:callable" plug-in for in_dim features."""
     if ":" in name:
-        factory = load_plugin(name, "mil.aggregator")
-    else:
-        names = available_aggregators()
-        if name not in AGGREGATORS:
-            raise ConfigError("mil.aggregator", f"unknown aggregator {name!r}; choose one of {names} "
+        model = build_plugin(name, "mil.aggregator", in_dim, **kwargs)
+        if not isinstance(model, nn.Module):
+            raise ConfigError("mil.aggregator", f"plug-in {name!r} returned {type(model).__name__}, not a "
+                                                "torch.nn.Module (subclass hnm_ray.models.aggregators.MILAggregator)")
+        return model
+    names = available_aggregators()
+    if name not in AGGREGATORS:
+        raise ConfigError("mil.aggregator", f"unknown aggregator {name!r}; choose one of {names} "
                                             "or a 'module.path:callable' plug-in")
-        factory = AGGREGATORS[name]
-    return factory(in_dim, **kwargs)
+    return AGGREGATORS[name](in_dim, **kwargs)
 
 
 class Standardized(nn.Module):

@@ -19,7 +19,7 @@ from torch import nn
 
 from hnm_ray.config import EncoderConfig
 from hnm_ray.errors import ConfigError
-from hnm_ray.registry import Registry, load_plugin
+from hnm_ray.registry import Registry, build_plugin, one_line
 from hnm_ray.store.manifest import safe_name
 
 log = logging.getLogger("hnm_ray")
@@ -29,6 +29,7 @@ EncoderFactory = Callable[[], nn.Module]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STATE_DICT_KEYS = ("model", "state_dict", "encoder")
+SAFETENSORS_SUFFIX = ".safetensors"
 PROBE_SIZE = 224
 
 
@@ -164,8 +165,7 @@ def _registered(spec: str, norm: str) -> nn.Module:
 
 def _load_plugin(spec: str) -> nn.Module:
     """Call the `callable` of a `module.path:callable` spec; it must return an nn.Module."""
-    target = load_plugin(spec, "encoder.name")
-    model = target()
+    model = build_plugin(spec, "encoder.name")
     if not isinstance(model, nn.Module):
         raise ConfigError("encoder.name", f"plug-in {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -221,17 +221,55 @@ def _prefix(state: dict[str, torch.Tensor], wanted: list[str]) -> str:
     return fitting[0] if fitting else min(candidates, key=len, default="")
 
 
+def is_safetensors(path: str | Path) -> bool:
+    """True for a safetensors file: by its suffix, or by its header (8-byte little-endian length, then a JSON object)."""
+    path = Path(path)
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return True
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of an encoder weights file: safetensors, or a torch checkpoint read with weights_only=True (tensors
+    and plain containers only, so no pickled code runs); ValueError saying what was expected when it is neither."""
+    try:
+        if is_safetensors(path):
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return _state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as exc:  # noqa: BLE001 - unpickling/parsing errors come in many types; all mean "not weights"
+        raise ValueError(f"expected encoder weights: a .safetensors file, or a torch state dict saved with "
+                         f"torch.save(model.state_dict(), path) (read with weights_only=True); reading it failed "
+                         f"with {one_line(exc)}") from exc
+
+
+def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Write a state dict as safetensors (atomically: temp file + rename); loading it back runs no code."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(tmp))
+    tmp.replace(path)
+    return path
+
+
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a local weights file into `model`; ConfigError('weights') when it is missing or does not fit."""
+    """Load a local weights file (safetensors or a torch state dict) into `model`; ConfigError('encoder.weights')
+    when it is missing, unreadable or does not fit."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError("encoder.weights", f"file {str(path)!r} not found; pass a local state_dict/checkpoint file "
-                                     "(weights are never downloaded)")
+        raise ConfigError("encoder.weights", f"file {str(path)!r} not found; pass a local .safetensors or state_dict "
+                                     "file (weights are never downloaded)")
     try:
-        state = _state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        state = read_weights(path)
         own = model.state_dict()
         prefix = _prefix(state, list(own))
-    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types; all mean "not a weights file"
+    except ValueError as exc:
         raise ConfigError("encoder.weights", f"{path} cannot be used: {exc}") from exc
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     missing = [k for k in own if k not in state and not _is_identity_norm_param(model, k)]

@@ -74,6 +74,16 @@ def load_manifest(path: str | Path, require_labels: bool = True, seed: int = 0, 
     return records
 
 
+def require_both_classes(records: list[SlideRecord], source: str | Path, split: str = "train") -> None:
+    """ManifestError unless the `split` slides hold both classes: MIL trains on positive and negative bags, so a
+    one-class cohort is refused before any slide is extracted."""
+    counts = [sum(1 for r in records if r.split == split and r.label == label) for label in (0, 1)]
+    if min(counts) == 0:
+        raise ManifestError(str(source), [
+            f"the {split} split has {counts[0]} negative (label 0) and {counts[1]} positive (label 1) slides; "
+            f"training needs both classes: add slides of the missing class, or change the split column"])
+
+
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:
     for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= value < 1.0:

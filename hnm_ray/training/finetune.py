@@ -274,6 +274,7 @@ def fit_finetune(config: TrainConfig, rows: pa.Table, weights: str | None, run_d
     from ray.train.torch import TorchTrainer
 
     from hnm_ray.decode import TileDecoder
+    from hnm_ray.models.encoders import save_weights
     from hnm_ray.training.checkpointing import driver_checkpoint_dir, load_state, newest_driver_checkpoint
 
     ft = config.finetune
@@ -304,7 +305,7 @@ def fit_finetune(config: TrainConfig, rows: pa.Table, weights: str | None, run_d
         raise HnmError(f"fine-tuning {name!r} failed: {result.error}")
     checkpoint = result.checkpoint or newest_driver_checkpoint(loop["driver_checkpoints"], CHECKPOINT_FILE)
     state = load_state(checkpoint, CHECKPOINT_FILE)["model"]
-    encoder_path, head_path = run_dir / f"{name}_encoder.pt", run_dir / f"{name}_head.pt"
-    torch.save({k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}, encoder_path)
+    encoder_path, head_path = run_dir / f"{name}_encoder.safetensors", run_dir / f"{name}_head.pt"
+    save_weights({k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}, encoder_path)
     torch.save({k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}, head_path)
     return FinetuneResult(str(encoder_path), str(head_path), [result.metrics])

@@ -37,7 +37,7 @@ def warm_start(config: TrainConfig, records: list[SlideRecord], run_dir: Path, c
     """The SimCLR warm-start weights of this cohort and encoder: from the cache when present, else pre-trained
     now and cached (atomically) under <cache>/warm_start/."""
     cached = cache / "warm_start" / f"{config.encoder.name.replace(':', '-').replace('/', '_')}-"\
-                                    f"{warm_start_key(config, records)}.pt"
+                                    f"{warm_start_key(config, records)}.safetensors"
     if cached.is_file():
         log.info("warm start: reusing %s (same cohort, encoder, tiling and pre-training knobs)", cached)
         return str(cached)

@@ -1,0 +1,194 @@
+"""report.html: one self-contained page per run (and per predict output) that a person opens in a browser.
+
+Images are inlined as base64 PNG, so the page can be mailed or attached alone; files of the folder are linked
+relative to it. The run report is rebuilt from the run folder (config.yaml, state.json, metrics.json, roc.png,
+heatmaps/, qupath/), so writing it after every round and at the end gives the same page for the same folder.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hnm_ray.run_folder import CONFIG_FILE, RunState
+
+REPORT = "report.html"
+PROTOCOLS = {
+    "ours": "ours: MIL epoch and Youden threshold picked on validation, applied to test",
+    "official_protocol": "official protocol: best test slide AUC over MIL epochs, Youden threshold on test "
+                         "(optimistic; for comparison with the paper only)",
+}
+TEST_COLUMNS = [("test_auc", "slide AUC"), ("test_accuracy", "accuracy"), ("test_f1", "F1"),
+                ("test_precision", "precision"), ("test_recall", "recall"), ("test_instance_auc", "instance AUC"),
+                ("test_instance_auprc", "instance AUPRC")]
+ROUND_COLUMNS = [("round", "round"), ("best_epoch", "MIL epoch kept"), ("val_auc", "val AUC"),
+                 ("val_accuracy", "val accuracy"), ("val_f1", "val F1"), ("test_auc", "test AUC"),
+                 ("test_accuracy", "test accuracy"), ("test_f1", "test F1"), ("test_instance_auc", "test instance AUC"),
+                 ("test_instance_auprc", "test instance AUPRC"), ("official_test_auc", "official-protocol test AUC"),
+                 ("hard_negatives", "hard negatives kept"), ("positives", "positives"),
+                 ("finetune_seconds", "fine-tune s"), ("finetune_seconds_per_epoch", "fine-tune s/epoch")]
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1200px;color:#222;padding:0 1em}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.9em}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
+pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.8em;max-height:40em}
+figure{display:inline-block;margin:.5em;vertical-align:top;max-width:48%}figure img{max-width:100%;border:1px solid #ddd}
+.note{color:#555;font-size:.9em}
+"""
+
+
+def write_run_report(run_dir: Path, final: dict[str, Any] | None = None) -> Path:
+    """Write <run>/report.html from the run folder: status, both protocols, the per-round table, ROC, heatmaps,
+    QuPath files, the config and links to every output file. `final`: the finished run's metrics (else read from
+    metrics.json when present, else the run is shown in progress)."""
+    run_dir = Path(run_dir)
+    if final is None and (run_dir / "metrics.json").is_file():
+        final = json.loads((run_dir / "metrics.json").read_text())
+    config_text = (run_dir / CONFIG_FILE).read_text() if (run_dir / CONFIG_FILE).is_file() else ""
+    planned = (yaml.safe_load(config_text) or {}).get("run", {}).get("rounds") if config_text else None
+    state = RunState(run_dir).data
+    rounds = [state[k] for k in sorted((k for k in state if k.startswith("mil_round")),
+                                       key=lambda k: int(k.removeprefix("mil_round")))]
+    status = "finished" if final else (f"in progress: {len(rounds)} of {planned + 1 if planned is not None else '?'} "
+                                       "MIL rounds done (this page is rewritten after every round)")
+    last = final["final"] if final else (rounds[-1] if rounds else {})
+    official = final.get("official_protocol") if final else (rounds[-1].get("official_protocol") if rounds else None)
+    sections = [
+        _section("Run", f"<p><b>{_e(run_dir.name)}</b>: {_e(status)}. Written {_e(time.strftime('%Y-%m-%d %H:%M:%S'))}."
+                        "</p>"),
+        _section("Test metrics, both protocols", _protocol_table(last, official)),
+        _section("Per round", _table([label for _, label in ROUND_COLUMNS],
+                                     [_round_row(r, state) for r in rounds], [k for k, _ in ROUND_COLUMNS], "rounds")
+                 + "<p class='note'>Hard negatives kept: the global top mining.neg_ratio of negative-slide tiles the "
+                   "miner kept after this round's MIL (what fine-tuning used); fine-tune seconds from state.json.</p>"),
+        _section("ROC (test split)", _figures(run_dir, [run_dir / "roc.png"])),
+        _section("Heatmaps: test slides", _figures(run_dir, sorted((run_dir / "heatmaps").glob("*.png")))),
+        _section("Heatmaps: negative training slides with the most mined hard negatives",
+                 "<p class='note'>Outlined: the tiles the miner kept in the last mining round (what fine-tuning "
+                 "used); colours: the final aggregator's tile scores.</p>"
+                 + _figures(run_dir, sorted((run_dir / "heatmaps" / "hard_negatives").glob("*.png")))),
+        _section("QuPath", _qupath(run_dir)),
+        _section("Config", f"<pre>{_e(config_text)}</pre>"),
+        # metrics.json is written by the job right after the final report.
+        _section("Files", _links(run_dir, ("metrics.json",) if final else ())),
+    ]
+    return _write(run_dir / REPORT, f"hnm-ray run {run_dir.name}", sections)
+
+
+def write_predict_report(out: Path, rows: list[dict[str, Any]], metrics: dict[str, Any] | None, threshold: float,
+                         checkpoint: Path) -> Path:
+    """Write <out>/report.html of a predict output: per-slide probabilities and labels, slide metrics (labelled
+    slides), ROC, heatmaps, QuPath files, the run's config and links to every output file."""
+    config_path = checkpoint / CONFIG_FILE
+    keys = ["slide_id", "label", "probability", "prediction", "n_tiles", "status"]
+    summary = (f"<p>{len(rows)} slides scored with the run at {_e(str(checkpoint))}; a slide is predicted tumour (1) "
+               f"when its probability is &ge; {threshold:.3f}, the run's validation (Youden) threshold.</p>")
+    metric_keys = ["auc", "accuracy", "f1", "precision", "recall", "n"]
+    sections = [
+        _section("Prediction", summary),
+        _section("Slide metrics (labelled slides)", _table(metric_keys, [metrics], metric_keys, "metrics")
+                 if metrics else "<p>No labelled slides: no metrics.</p>"),
+        _section("Slides", _table(keys, rows, keys, "slides")),
+        _section("ROC", _figures(out, [out / "roc.png"])),
+        _section("Heatmaps", _figures(out, sorted((out / "heatmaps").glob("*.png")))),
+        _section("QuPath", _qupath(out)),
+        _section("Config of the run", f"<pre>{_e(config_path.read_text()) if config_path.is_file() else ''}</pre>"),
+        _section("Files", _links(out)),
+    ]
+    return _write(out / REPORT, f"hnm-ray predictions {out.name}", sections)
+
+
+def _round_row(result: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """One row of the per-round table: the round's metrics, its mining and fine-tuning records."""
+    r = result["round"]
+    mining = state.get(f"mining_round{r}") or {}
+    finetune = state.get(f"finetune_round{r}") or {}
+    return {**result, "official_test_auc": (result.get("official_protocol") or {}).get("test_auc"),
+            "hard_negatives": mining.get("hard_negatives"), "positives": mining.get("positives"),
+            "finetune_seconds": finetune.get("seconds"), "finetune_seconds_per_epoch": finetune.get("seconds_per_epoch")}
+
+
+def _protocol_table(ours: dict[str, Any], official: dict[str, Any] | None) -> str:
+    rows = [{"protocol": PROTOCOLS["ours"], **ours}]
+    if official:
+        rows.append({"protocol": PROTOCOLS["official_protocol"], **official})
+    keys = ["protocol"] + [k for k, _ in TEST_COLUMNS]
+    return _table(["protocol"] + [label for _, label in TEST_COLUMNS], rows, keys, "protocols")
+
+
+def _table(headers: list[str], rows: list[dict[str, Any]], keys: list[str], name: str) -> str:
+    """An HTML table; each cell carries data-key (the metric) and data-value (the unrounded number) for tests."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(_cell(k, row.get(k)) for k in keys) + "</tr>" for row in rows)
+    return f"<table id='{name}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _cell(key: str, value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"<td data-key='{key}'>{_e('–' if value is None or value == '' else str(value))}</td>"
+    text = "–" if math.isnan(value) else f"{value:.3f}" if isinstance(value, float) else str(value)
+    return f"<td data-key='{key}' data-value='{value!r}'>{text}</td>"
+
+
+def _figures(root: Path, paths: list[Path]) -> str:
+    shown = [p for p in paths if p.is_file()]
+    if not shown:
+        return "<p class='note'>None yet.</p>"
+    return "".join(f"<figure><img alt='{_e(p.stem)}' src='data:image/png;base64,"
+                   f"{base64.b64encode(p.read_bytes()).decode()}'><figcaption><a href='{_href(root, p)}'>"
+                   f"{_e(str(p.relative_to(root)))}</a></figcaption></figure>" for p in shown)
+
+
+def _qupath(root: Path) -> str:
+    files = sorted((root / "qupath").glob("*.geojson"))
+    if not files:
+        return "<p class='note'>None yet (written at the end of the run).</p>"
+    return ("<p>One GeoJSON per slide: tiles as QuPath detections (level-0 pixels) with measurements <i>tile "
+            "score</i>, <i>hard negative</i> and <i>tile truth</i>. In QuPath open the slide, then File &gt; Import "
+            "objects (or drag the file onto the viewer); colour the tiles by measurement with Measure &gt; Show "
+            "measurement maps.</p><ul>" + "".join(f"<li><a href='{_href(root, f)}'>{_e(f.name)}</a></li>" for f in files)
+            + "</ul>")
+
+
+def _links(root: Path, coming: tuple[str, ...] = ()) -> str:
+    """Links to the folder's files and to `coming` ones (not the feature store, Ray Train's folders, the MLflow store
+    or the per-slide folders, listed in their own sections)."""
+    skip = {"features", "ray_train", "mlruns", "qupath", "tiles"}
+    found = {root / name for name in coming}
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in skip and not d.startswith("."))
+        found.update(Path(folder) / n for n in names if not n.startswith(".") and n != REPORT)
+    files = sorted(found)
+    return "<ul>" + "".join(f"<li><a href='{_href(root, p)}'>{_e(str(p.relative_to(root)))}</a></li>"
+                            for p in files) + "</ul>"
+
+
+def _href(root: Path, path: Path) -> str:
+    return html.escape(path.relative_to(root).as_posix(), quote=True)
+
+
+def _section(title: str, body: str) -> str:
+    return f"<section><h2>{_e(title)}</h2>{body}</section>"
+
+
+def _e(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+def _write(path: Path, title: str, sections: list[str]) -> Path:
+    """The page, written atomically (a browser refreshing it during a run never sees half a page)."""
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{_e(title)}</h1>{''.join(sections)}</body></html>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    return path

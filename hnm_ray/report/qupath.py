@@ -1,0 +1,52 @@
+"""QuPath export: a slide's tiles as a GeoJSON FeatureCollection of detections (File > Import objects in QuPath).
+
+The form follows QuPath's own GeoJSON reader/writer (qupath/qupath, qupath-core/src/main/java/qupath/lib/io/
+PathObjectTypeAdapters.java): a Feature's `properties.objectType` picks the object kind ("detection"; features
+without it import as annotations), `properties.measurements` is a JSON object {name: number} (QuPath >= 0.4; a list
+of {name, value} before), `properties.classification` is {"name", "color": [r, g, b]}, `properties.name` a label.
+Coordinates are pixels of the full-resolution image with the origin at its top-left corner (QuPath docs, "Exporting
+annotations": "Units and origin"), i.e. level-0 pixels, as our tile grid's x, y.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TUMOUR = {"name": "Tumour (tile score >= 0.5)", "color": [220, 30, 30]}
+OTHER = {"name": "Non-tumour (tile score < 0.5)", "color": [40, 90, 220]}
+HARD_NEGATIVE = {"name": "Hard negative (mined)", "color": [255, 0, 255]}
+
+
+def tile_features(tile_id: np.ndarray, x: np.ndarray, y: np.ndarray, extent: float, score: np.ndarray,
+                  hard_negative: np.ndarray, truth: np.ndarray | None = None) -> dict[str, Any]:
+    """A FeatureCollection with one square detection per tile (level-0 polygon), classified hard negative / tumour /
+    non-tumour, with measurements: tile score, hard-negative flag (0/1), tile truth (0/1, only where known)."""
+    features = []
+    for i in range(len(tile_id)):
+        x0, y0 = float(x[i]), float(y[i])
+        x1, y1 = x0 + float(extent), y0 + float(extent)
+        measurements = {"tile score": round(float(score[i]), 6), "hard negative": int(bool(hard_negative[i]))}
+        if truth is not None and truth[i] >= 0:
+            measurements["tile truth"] = int(truth[i])
+        kind = HARD_NEGATIVE if hard_negative[i] else TUMOUR if score[i] >= 0.5 else OTHER
+        features.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
+            "properties": {"objectType": "detection", "name": f"tile {int(tile_id[i])}", "classification": kind,
+                           "measurements": measurements},
+        })
+    return {"type": "FeatureCollection", "features": features}
+
+
+def write_geojson(collection: dict[str, Any], path: str | Path) -> Path:
+    """Write a FeatureCollection (atomically: temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(collection))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,285 @@
+"""What users open after a run: report.html (also in headless Chromium), readable heatmaps, QuPath GeoJSON, the MLflow
+run, and the checkpoint's encoder as safetensors.
+
+One tiny run (demo cohort, one fine-tuning round, MLflow to a temp file store) is trained once per module in a
+subprocess; the tests read its folder.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from hnm_ray import config as cfg
+from hnm_ray.config import TrainConfig
+from hnm_ray.report.html import write_run_report
+from hnm_ray.report.qupath import tile_features
+
+TINY = ["--demo-slides", "8", "--demo-size", "2048", "--rounds", "1", "--epochs-per-round", "2", "--warmup-epochs", "1",
+        "--mil.epochs", "6", "--mil.workers", "0", "--finetune.workers", "0", "--finetune.batch_size", "32",
+        "--heatmaps", "2"]
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+OUTLINE = (0, 224, 0)
+HARD_NEGATIVE = (255, 0, 255)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A finished tiny run folder with MLflow tracking into <tmp>/mlruns."""
+    tmp = tmp_path_factory.mktemp("report_run")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["HNM_RAY_CACHE"] = str(tmp / "cache")
+    cmd = [sys.executable, "-m", "hnm_ray.train", "--runs-dir", str(tmp / "runs"), "--run.name", "rep", *TINY,
+           "--tracking", "mlflow", "--tracking-uri", str(tmp / "mlruns")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=550)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "MLflow tracking failed" not in done.stderr
+    return tmp / "runs" / "rep"
+
+
+@pytest.fixture(scope="module")
+def metrics(run) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+class Page(HTMLParser):
+    """The parts of report.html the tests check: images, links, table cells by table id, <pre> text."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.links: list[str] = []
+        self.cells: dict[str, list[dict[str, str]]] = {}
+        self.pre: list[str] = []
+        self._table: str | None = None
+        self._in_pre = False
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs["src"])
+        elif tag == "a":
+            self.links.append(attrs["href"])
+        elif tag == "table":
+            self._table = attrs.get("id")
+            self.cells.setdefault(self._table, [])
+        elif tag == "tr" and self._table:
+            self.cells[self._table].append({})
+        elif tag == "td" and self._table and "data-key" in attrs:
+            self.cells[self._table][-1][attrs["data-key"]] = attrs.get("data-value", "")
+        elif tag == "pre":
+            self._in_pre = True
+            self.pre.append("")
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._table = None
+        elif tag == "pre":
+            self._in_pre = False
+
+    def handle_data(self, data):
+        if self._in_pre:
+            self.pre[-1] += data
+
+
+def _rows(page: Page, table: str) -> list[dict[str, str]]:
+    return [row for row in page.cells[table] if row]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_report_holds_the_runs_numbers_both_protocols_images_config_and_links(run, metrics):
+    page = Page((run / "report.html").read_text())
+    rounds = _rows(page, "rounds")
+    assert [r["round"] for r in rounds] == ["0", "1"]
+    for row, expected in zip(rounds, metrics["rounds"]):
+        for key in ("val_auc", "val_accuracy", "val_f1", "test_auc", "test_accuracy", "test_f1", "test_instance_auc",
+                    "test_instance_auprc"):
+            assert float(row[key]) == pytest.approx(expected[key], nan_ok=True), key
+    state = json.loads((run / "state.json").read_text())
+    assert int(rounds[0]["hard_negatives"]) == state["mining_round0"]["hard_negatives"] > 0
+    assert float(rounds[0]["finetune_seconds"]) == pytest.approx(state["finetune_round0"]["seconds"])
+    ours, official = _rows(page, "protocols")
+    assert float(ours["test_auc"]) == pytest.approx(metrics["final"]["test_auc"], nan_ok=True)
+    assert float(official["test_auc"]) == pytest.approx(metrics["official_protocol"]["test_auc"], nan_ok=True)
+    text = (run / "report.html").read_text()
+    assert "ours: MIL epoch and Youden threshold picked on validation" in text and "official protocol:" in text
+    assert len(page.images) == 1 + 2 + _mined_pictures(run)  # ROC, two test slides, negative slides with mined HN
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as picture:
+            assert min(picture.size) > 100
+    assert page.pre[0] == (run / "config.yaml").read_text()
+    for href in page.links:
+        assert (run / href).is_file(), href
+    assert {"metrics.json", "config.yaml", "checkpoint/encoder.safetensors", "qupath/demo_000.geojson"} <= set(page.links)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_report_opens_in_headless_chromium_with_every_image_loaded(run, metrics, tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("no chromium on this machine (Debian: apt-get install chromium; .ci/run installs it when it "
+                    "can); report.html is still checked structurally by the test above")
+    probe = tmp_path / "probe.html"
+    script = ("<script>window.addEventListener('load',()=>{const p=document.createElement('pre');p.id='image-check';"
+              "p.textContent=JSON.stringify([...document.images].map(i=>[i.alt,i.complete,i.naturalWidth]));"
+              "document.body.appendChild(p);});</script>")
+    probe.write_text((run / "report.html").read_text().replace("</body>", script + "</body>"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars"]
+    dom = subprocess.run([CHROMIUM, *flags, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    found = Page(dom)
+    images = json.loads(found.pre[-1])
+    assert len(images) == 3 + _mined_pictures(run) and all(complete and width > 0 for _, complete, width in images)
+    cells = {r["round"]: r for r in _rows(found, "rounds")}
+    assert float(cells["1"]["test_auc"]) == pytest.approx(metrics["rounds"][1]["test_auc"], nan_ok=True)
+    shot = tmp_path / "report.png"  # kept as the test's artifact
+    subprocess.run([CHROMIUM, *flags, "--window-size=1280,4000", f"--screenshot={shot}", (run / "report.html").as_uri()],
+                   capture_output=True, timeout=120)
+    with Image.open(shot) as picture:
+        assert picture.size == (1280, 4000) and len(np.unique(np.asarray(picture.convert("L")))) > 10
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_heatmaps_have_outline_on_the_tumour_slide_and_hard_negatives_on_negative_slides(run):
+    from hnm_ray.store.manifest import load_manifest
+
+    records = {r.slide_id: r for r in load_manifest(_manifest(run))}
+    tested = sorted((run / "heatmaps").glob("*.png"))
+    assert sorted(records[p.stem].split for p in tested) == ["test", "test"]
+    positive = next(p for p in tested if records[p.stem].label == 1)
+    assert _has_colour(positive, OUTLINE)  # tumour outline from the annotation mask
+    mined = sorted((run / "heatmaps" / "hard_negatives").glob("*.png"))
+    hard = pq.read_table(run / "selection_round0" / "hard_negatives.parquet").to_pydict()
+    assert mined and all(records[p.stem].label == 0 and p.stem in hard["slide_id"] for p in mined)
+    assert all(_has_colour(p, HARD_NEGATIVE) for p in mined)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_qupath_geojson_is_detections_whose_squares_are_the_tile_grid(run):
+    from hnm_ray.config import TilingConfig
+    from hnm_ray.slides.grid import tile_grid
+    from hnm_ray.slides.reader import open_slide
+    from hnm_ray.store.features import FeatureStore
+    from hnm_ray.store.manifest import load_manifest
+
+    hard = pq.read_table(run / "selection_round0" / "hard_negatives.parquet").to_pydict()
+    store = FeatureStore(run / "features", "rep-finetuned", round=1)
+    for record in load_manifest(_manifest(run)):
+        collection = json.loads((run / "qupath" / f"{record.slide_id}.geojson").read_text())
+        assert collection["type"] == "FeatureCollection"
+        with open_slide(record.path, slide_id=record.slide_id, device="cpu") as reader:
+            grid = tile_grid(reader, TilingConfig())
+        extent = float(grid.schema.metadata[b"extent_level0"])
+        truth = store.read_table(record.slide_id, columns=["tile_id", "truth"]).to_pydict()
+        assert len(collection["features"]) == grid.num_rows == len(truth["tile_id"])
+        mined = {t for s, t in zip(hard["slide_id"], hard["tile_id"]) if s == record.slide_id}
+        for feature, x, y, tile, known in zip(collection["features"], grid["x"].to_pylist(), grid["y"].to_pylist(),
+                                              grid["tile_id"].to_pylist(), truth["truth"]):
+            props = feature["properties"]
+            assert feature["type"] == "Feature" and props["objectType"] == "detection" and props["name"] == f"tile {tile}"
+            ring = feature["geometry"]["coordinates"][0]
+            assert feature["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) == 5
+            assert ring[0] == [x, y] and ring[2] == [pytest.approx(x + extent), pytest.approx(y + extent)]
+            measurements = props["measurements"]
+            assert 0.0 <= measurements["tile score"] <= 1.0
+            assert measurements["hard negative"] == int(tile in mined)
+            assert measurements.get("tile truth", -1) == known
+            assert props["classification"]["name"] and len(props["classification"]["color"]) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_mlflow_run_holds_config_rounds_final_metrics_and_artifacts(run, metrics):
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=str(run.parents[1] / "mlruns"))
+    found = client.search_runs([client.get_experiment_by_name("hnm-ray").experiment_id])
+    assert len(found) == 1
+    logged = found[0]
+    assert logged.info.status == "FINISHED" and logged.info.run_name == "rep"
+    assert logged.data.params["mining.neg_ratio"] == "0.2" and logged.data.params["run.tracking"] == "mlflow"
+    assert logged.data.params["mil.epochs"] == "6"
+    history = client.get_metric_history(logged.info.run_id, "test_auc")
+    assert [m.step for m in history] == [0, 1]
+    for point, expected in zip(history, metrics["rounds"]):
+        assert point.value == pytest.approx(expected["test_auc"])
+    assert logged.data.metrics["final_test_auc"] == pytest.approx(metrics["final"]["test_auc"])
+    assert logged.data.metrics["final_official_test_auc"] == pytest.approx(metrics["official_protocol"]["test_auc"])
+    artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)}
+    assert {"report.html", "roc.png", "config.yaml", "metrics.json", "heatmaps"} <= artifacts
+    heatmaps = {a.path for a in client.list_artifacts(logged.info.run_id, "heatmaps")}
+    assert len([p for p in heatmaps if p.endswith(".png")]) == 2 and "heatmaps/hard_negatives" in heatmaps
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_checkpoint_encoder_is_safetensors_equal_to_the_fine_tuned_encoder(run):
+    from safetensors.torch import load_file
+
+    from hnm_ray.models.encoders import build_encoder
+
+    meta = json.loads((run / "checkpoint" / "meta.json").read_text())
+    assert meta["encoder_weights"] == "encoder.safetensors"
+    shipped = load_file(str(run / "checkpoint" / "encoder.safetensors"))
+    trained = load_file(str(run / "finetune_round0_encoder.safetensors"))
+    assert shipped.keys() == trained.keys() and all((shipped[k] == trained[k]).all() for k in shipped)
+    model = build_encoder("small_cnn", run / "checkpoint" / "encoder.safetensors")
+    assert all((v == shipped[k]).all() for k, v in model.state_dict().items())
+
+
+def test_an_unfinished_run_gets_a_report_in_progress(tmp_path):
+    run = tmp_path / "run"
+    cfg.save_yaml(cfg.from_tree(TrainConfig, {"run": {"rounds": 3}}), run / "config.yaml")
+    (run / "state.json").write_text(json.dumps({"mil_round0": {"round": 0, "best_epoch": 2, "val_auc": 0.75,
+                                                               "test_auc": float("nan"), "official_protocol": None}}))
+    page = Page(write_run_report(run).read_text())
+    assert "in progress: 1 of 4 MIL rounds done" in (run / "report.html").read_text()
+    (row,) = _rows(page, "rounds")
+    assert float(row["val_auc"]) == 0.75 and row["test_auc"] == "nan" and row["hard_negatives"] == ""
+    assert page.images == []
+
+
+def test_qupath_features_are_level0_squares_with_measurements():
+    collection = tile_features(np.array([0, 1]), np.array([0, 448]), np.array([224, 224]), 448.0,
+                               np.array([0.9, 0.1]), np.array([False, True]), np.array([1, -1]))
+    first, second = collection["features"]
+    assert first["geometry"]["coordinates"][0] == [[0, 224], [448, 224], [448, 672], [0, 672], [0, 224]]
+    assert first["properties"]["measurements"] == {"tile score": 0.9, "hard negative": 0, "tile truth": 1}
+    assert second["properties"]["measurements"] == {"tile score": 0.1, "hard negative": 1}  # truth unknown: left out
+    assert second["properties"]["classification"]["name"] == "Hard negative (mined)"
+    json.dumps(collection, allow_nan=False)  # valid JSON: no NaN
+
+
+def _mined_pictures(run: Path) -> int:
+    """Heatmaps of negative training slides with mined hard negatives: as many as there are such slides, at most 2."""
+    mined = set(pq.read_table(run / "selection_round0" / "hard_negatives.parquet")["slide_id"].to_pylist())
+    pictures = len(list((run / "heatmaps" / "hard_negatives").glob("*.png")))
+    assert pictures == min(2, len(mined)) >= 1
+    return pictures
+
+
+def _manifest(run: Path) -> Path:
+    return next((run.parents[1] / "cache").glob("demo-*/manifest.csv"))
+
+
+def _has_colour(path: Path, colour: tuple[int, int, int], tolerance: int = 40) -> bool:
+    with Image.open(path) as picture:
+        pixels = np.asarray(picture.convert("RGB")).astype(int)
+    return bool((np.abs(pixels - np.array(colour)).max(axis=2) < tolerance).sum() > 20)
