@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 log = logging.getLogger("hnm_ray")
 
@@ -54,3 +55,21 @@ class Progress:
     def elapsed(self) -> float:
         """Seconds since the start."""
         return time.perf_counter() - self._start
+
+
+def route_ray_logs(log_file: Path | None, verbose: bool = False) -> None:
+    """A quiet console: Ray's own INFO lines (per-report, actor and placement-group chatter, Ray Data progress)
+    go to `log_file` only; warnings and errors from Ray still reach the console, and `verbose` shows everything."""
+    from ray.data import DataContext
+
+    for name in ("ray", "ray.data"):  # Ray Data's logger does not propagate to "ray": both are routed
+        logger = logging.getLogger(name)
+        if log_file is not None and not any(getattr(h, "baseFilename", None) == str(log_file) for h in logger.handlers):
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(log_file)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+            logger.addHandler(handler)
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.INFO if verbose else logging.WARNING)
+    DataContext.get_current().enable_progress_bars = verbose

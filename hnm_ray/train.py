@@ -33,11 +33,12 @@ from hnm_ray.extract import extract_features
 from hnm_ray.inference import evaluate_split
 from hnm_ray.mining import adopt_round, positive_ratio
 from hnm_ray.outputs import finish, round_done
+from hnm_ray.progress import route_ray_logs
 from hnm_ray.pseudo_labels import Selection, mine_round
 from hnm_ray.run_folder import CONFIG_FILE, RunState, cache_dir, demo_manifest, resolve_run, saved_config
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest, require_both_classes
-from hnm_ray.training.finetune import fit_finetune, round_rows
+from hnm_ray.training.finetune import UNCERTAIN_NEGATIVE, fit_finetune, round_rows
 from hnm_ray.training.mil import fit_mil
 from hnm_ray.training.pretrain import warm_start
 
@@ -52,6 +53,7 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
     cfg.save_yaml(config, run_dir / CONFIG_FILE)
     state = RunState(run_dir)
     init_ray()
+    route_ray_logs(run_dir / "ray.log", config.run.verbose)
     started = time.perf_counter()
     records = load_manifest(Path(config.run.manifest) if config.run.manifest else demo_manifest(config.run),
                             seed=config.run.seed)
@@ -157,7 +159,8 @@ def finetune_round(config: TrainConfig, store: FeatureStore, records: list[Slide
     seconds = time.perf_counter() - started
     return {"encoder_weights": out.encoder_weights, "head_weights": out.head_weights,
             "hard_negatives": selection.hard_negatives.num_rows, "positives": selection.positives.num_rows,
-            "uncertain_negatives": selection.uncertain.num_rows, "tiles_per_epoch": rows.num_rows, "seconds": seconds,
+            "uncertain_negatives": int(np.sum(rows["kind"].to_numpy() == UNCERTAIN_NEGATIVE)),
+            "tiles_per_epoch": rows.num_rows, "seconds": seconds,
             "seconds_per_epoch": seconds / epochs, "miner": selection.stats,
             "last": out.history[-1] if out.history else {}}
 

@@ -25,7 +25,7 @@ from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import load_manifest
 
 TILE_COLUMNS = ["tile_id", "x", "y", "level", "size", "logit", "score"]
-TINY = ["--rounds", "0", "--mil.epochs", "6", "--mil.workers", "0", "--heatmaps", "1"]
+TINY = ["--rounds", "0", "--mil.epochs", "6", "--mil.workers", "0", "--heatmaps", "1", "--pretrain.method", "none"]
 
 
 @pytest.fixture(scope="module")

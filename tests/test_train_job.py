@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 TINY = ["--demo-slides", "8", "--demo-size", "2048", "--rounds", "1", "--epochs-per-round", "2",
         "--warmup-epochs", "1", "--mil.epochs", "6", "--mil.workers", "0", "--finetune.workers", "0",
-        "--finetune.batch_size", "32", "--heatmaps", "2"]
+        "--finetune.batch_size", "32", "--heatmaps", "2", "--pretrain.epochs", "1", "--pretrain.tiles", "64"]
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -72,6 +73,11 @@ def test_train_cli_end_to_end_writes_metrics_checkpoint_and_pictures(e2e):
         assert min(picture.size) > 32
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["run"] == str(run)
+    # A quiet console: our progress lines, none of Ray's per-report lines (those are in ray.log).
+    console = done.stdout + done.stderr
+    assert "hnm_ray INFO round 1:" in console
+    assert "Reported metrics" not in console and "Reporting training result" not in console
+    assert "Reported metrics" in (run / "ray.log").read_text()
 
 
 @pytest.mark.slow
@@ -140,7 +146,8 @@ def test_ray_job_submit_with_token_auth_runs_the_job(tmp_path):
     assert start.returncode == 0, start.stderr[-2000:]
     try:
         entrypoint = [sys.executable, "-m", "hnm_ray.train", "--runs-dir", str(tmp_path / "runs"), "--run.name", "submitted",
-                      *TINY[:4], "--rounds", "0", "--mil.epochs", "4", "--mil.workers", "0", "--heatmaps", "1"]
+                      *TINY[:4], "--rounds", "0", "--mil.epochs", "4", "--mil.workers", "0", "--heatmaps", "1",
+                      "--pretrain.method", "none"]
         runtime_env = json.dumps({"env_vars": {"HNM_RAY_CACHE": env["HNM_RAY_CACHE"]}})
         # The CLI a user types; the token travels in RAY_AUTH_MODE/RAY_AUTH_TOKEN of the submitting shell.
         deadline = time.time() + 300  # the head's dashboard agent takes seconds (minutes on a loaded box) to register
@@ -180,3 +187,27 @@ def _stop_cluster(temp_dir: Path) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_paper_recipe_runs_end_to_end_on_the_demo(tmp_path):
+    """`--recipe paper` through the same code path, sized down: dsmil_its2clr, fixed MIL epoch, StepLR, uniform BCE
+    weight, mining over train+val with uncertain negatives and the update gate, the official two-step loop."""
+    small = ["--recipe", "paper", "--run.name", "paper", "--demo-slides", "8", "--demo-size", "2048", "--rounds", "2",
+             "--epochs-per-round", "1", "--warmup-epochs", "1", "--mil.epochs", "12", "--mil.fixed_epoch", "8",
+             "--mil.workers", "0", "--finetune.workers", "0", "--finetune.batch_size", "48", "--heatmaps", "0",
+             "--encoder.name", "small_cnn", "--encoder.norm", "affine", "--pretrain.method", "none"]
+    done = subprocess.run([sys.executable, "-m", "hnm_ray.train", "--runs-dir", str(tmp_path / "runs"), *small],
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=1100)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "runs" / "paper"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["mil"]["aggregator"] == "dsmil_its2clr" and saved["finetune"]["loop"] == "official"
+    assert saved["mining"]["update_gate"] and saved["encoder"]["input_space"] == "bgr01"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [r["best_epoch"] for r in metrics["rounds"]] == [8, 8, 8]  # the fixed MIL epoch, not the best-val one
+    assert metrics["official_protocol"]["test_auc"] >= metrics["final"]["test_auc"] - 1e-9
+    state = json.loads((run / "state.json").read_text())
+    assert state["finetune_round0"]["uncertain_negatives"] == 0  # they join after the first pseudo-label update
+    assert state["mining_round1"]["round"] in (0, 1)  # adopted, or kept by the update gate

@@ -17,7 +17,8 @@ from hnm_ray.config import TrainConfig
 from hnm_ray.train import parse_args
 
 BASE = ["--demo-slides", "8", "--demo-size", "2048", "--rounds", "1", "--epochs-per-round", "1", "--warmup-epochs",
-        "0", "--mil.epochs", "3", "--mil.workers", "0", "--finetune.batch_size", "16", "--heatmaps", "0"]
+        "0", "--mil.epochs", "3", "--mil.workers", "0", "--finetune.batch_size", "16", "--heatmaps", "0",
+        "--pretrain.method", "none"]
 SPACE = ["--neg-ratios", "0.1", "0.5", "--margins", "0.5", "2.0", "--rank-ks", "1", "--w-ranks", "0.1"]
 
 

@@ -104,14 +104,21 @@ class ResNetIN(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """A small fast CNN for CPU demos: stride-2 3x3 conv + instance norm + ReLU blocks, global average pool."""
+    """A small fast CNN for CPU demos: stride-2 3x3 conv + instance norm + ReLU blocks, global average pool.
+
+    The last block has no instance norm: normalising each channel over the tile right before the global
+    average pool would leave the pooled feature a function of the channel's distribution shape only, nearly
+    the same for every tile (features "from noise" at init, and SimCLR collapsing to chance loss).
+    """
 
     def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128)) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         in_channels = 3
-        for width in widths:
-            layers += [nn.Conv2d(in_channels, width, 3, 2, 1, bias=False), _norm(width), nn.ReLU(inplace=True)]
+        for i, width in enumerate(widths):
+            last = i == len(widths) - 1
+            norm = [] if last else [_norm(width)]
+            layers += [nn.Conv2d(in_channels, width, 3, 2, 1, bias=last), *norm, nn.ReLU(inplace=True)]
             in_channels = width
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -289,7 +290,9 @@ def fit_finetune(config: TrainConfig, rows: pa.Table, weights: str | None, run_d
             "weights": weights, "head_weights": head_weights, "seed": config.run.seed, "first_epoch": first_epoch,
             "last_epoch": last_epoch, "total_epochs": total_epochs, "supervised": supervised,
             "driver_checkpoints": driver_checkpoint_dir(ft.workers, run_dir / "ray_train", name)}
-    ingest = ray.train.DataConfig.default_ingest_options()
+    with warnings.catch_warnings():  # Ray's own defaults set a field it now deprecates (exclude_resources)
+        warnings.simplefilter("ignore")
+        ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True  # reproducible batches (one worker; several workers split in arrival order)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop, datasets={"tiles": tiles},

@@ -1,0 +1,71 @@
+"""The SimCLR warm start: its tile sample, and the cache keyed by cohort + encoder + tiling + knobs (no Ray)."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from hnm_ray import config as cfg
+from hnm_ray.config import TrainConfig
+from hnm_ray.store.manifest import SlideRecord
+from hnm_ray.training import pretrain
+from hnm_ray.training.finetune import TILE_ROW_SCHEMA
+
+
+def _records(tmp_path, names=("a", "b", "c")) -> list[SlideRecord]:
+    out = []
+    for i, name in enumerate(names):
+        path = tmp_path / f"{name}.svs"
+        path.write_bytes(b"x" * (10 + i))
+        out.append(SlideRecord(slide_id=name, path=str(path), label=i % 2, split="train"))
+    return out
+
+
+def _index(n_slides: int = 3, n_tiles: int = 20) -> dict[str, pa.Table]:
+    return {f"s{i}": pa.table({"slide_id": [f"s{i}"] * n_tiles, "path": [f"/p/s{i}.svs"] * n_tiles,
+                               "tile_id": pa.array(np.arange(n_tiles), pa.int32()),
+                               "x": pa.array(np.arange(n_tiles) * 64, pa.int32()), "y": pa.array([0] * n_tiles, pa.int32()),
+                               "level": pa.array([0] * n_tiles, pa.int8()), "size": pa.array([64] * n_tiles, pa.int16()),
+                               "truth": pa.array([-1] * n_tiles, pa.int8())}) for i in range(n_slides)}
+
+
+def test_sample_tile_rows_are_fine_tuning_rows_drawn_without_replacement_and_seeded():
+    index = _index()
+    rows = pretrain.sample_tile_rows(index, 25, seed=3)
+    assert rows.schema == TILE_ROW_SCHEMA and rows.num_rows == 25
+    keys = set(zip(rows["slide_id"].to_pylist(), rows["tile_id"].to_pylist()))
+    assert len(keys) == 25  # no tile twice
+    assert rows.equals(pretrain.sample_tile_rows(index, 25, seed=3))
+    assert not rows.equals(pretrain.sample_tile_rows(index, 25, seed=4))
+    assert pretrain.sample_tile_rows(index, 1000, seed=0).num_rows == 60  # capped at what exists
+
+
+def test_warm_start_key_changes_with_cohort_encoder_tiling_and_seed(tmp_path):
+    records = _records(tmp_path)
+    base = TrainConfig()
+    key = pretrain.warm_start_key(base, records)
+    assert key == pretrain.warm_start_key(TrainConfig(), records)
+    assert key != pretrain.warm_start_key(base, records[:2])  # another cohort
+    for change in ({"encoder": {"name": "resnet18_in"}}, {"tiling": {"tile_size": 64}}, {"run": {"seed": 1}},
+                   {"pretrain": {"epochs": 9}}, {"finetune": {"augment": "official"}}):
+        assert key != pretrain.warm_start_key(cfg.from_tree(TrainConfig, change), records), change
+    assert key == pretrain.warm_start_key(cfg.from_tree(TrainConfig, {"mining": {"neg_ratio": 0.5}}), records)
+
+
+def test_warm_start_pretrains_once_per_key_and_reuses_the_cache(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_pretrain(config, records, run_dir, store):
+        calls.append(config.encoder.name)
+        weights = tmp_path / f"w{len(calls)}.bin"
+        weights.write_bytes(b"weights %d" % len(calls))
+        return str(weights)
+
+    monkeypatch.setattr(pretrain, "pretrain_simclr", fake_pretrain)
+    records, cache = _records(tmp_path), tmp_path / "cache"
+    first = pretrain.warm_start(TrainConfig(), records, tmp_path / "run1", cache)
+    again = pretrain.warm_start(TrainConfig(), records, tmp_path / "run2", cache)
+    assert first == again and calls == ["small_cnn"]  # the second run does no pre-training
+    other = pretrain.warm_start(cfg.from_tree(TrainConfig, {"encoder": {"name": "resnet18_in"}}), records,
+                                tmp_path / "run3", cache)
+    assert other != first and len(calls) == 2
+    assert not list((cache / "warm_start").glob(".*tmp"))
