@@ -16,18 +16,20 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from hnm_ray import config as cfg
-from hnm_ray.config import EncoderConfig, TilingConfig, TrainConfig
+from hnm_ray.config import EncoderConfig, TrainConfig
 from hnm_ray.cli import entry_point
 from hnm_ray.cli import parser as cli_parser
 from hnm_ray.cluster import cluster_gpus, init_ray, torch_device
 from hnm_ray.decode import TileDecoder, TileReaders, decode_batch
 from hnm_ray.errors import ConfigError, HnmError
+from hnm_ray.index import TileIndex, slide_indexes
 from hnm_ray.progress import Progress
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest
@@ -53,37 +55,6 @@ class ExtractionSummary:
     def tiles_per_second(self) -> float:
         """Pipeline throughput of this run."""
         return self.tiles_written / self.seconds if self.seconds > 0 else 0.0
-
-
-def tile_index(record: SlideRecord, tiling: TilingConfig) -> pa.Table:
-    """The tile index of one slide: grid columns + slide_id, path and tile truth from its annotation."""
-    from hnm_ray.slides.annotation import load_annotation, tile_truth
-    from hnm_ray.slides.grid import tile_grid
-    from hnm_ray.slides.reader import open_slide
-
-    with open_slide(record.path, slide_id=record.slide_id, device="cpu") as reader:  # validates the slide
-        grid = tile_grid(reader, tiling)
-        level0 = reader.info.level_dimensions[0]
-        downsamples = reader.info.level_downsamples
-    n = grid.num_rows
-    truth = np.full(n, -1, dtype=np.int8)
-    if record.annotation:
-        mask = load_annotation(record.annotation)
-        extent = (grid["size"].to_numpy().astype(np.float64) * np.asarray(downsamples)[grid["level"].to_numpy()]).astype(np.int64)
-        truth = tile_truth(mask, level0, grid["x"].to_numpy(), grid["y"].to_numpy(), int(extent[0]))
-    return grid.append_column("truth", pa.array(truth, pa.int8())).add_column(
-        0, "path", pa.array([record.path] * n, pa.string())
-    ).add_column(0, "slide_id", pa.array([record.slide_id] * n, pa.string()))
-
-
-def _index_task(record: SlideRecord, tiling: TilingConfig) -> tuple[str, pa.Table | None, str | None]:
-    """Ray task body: a slide's tile index, or the error that stops it."""
-    try:
-        return record.slide_id, tile_index(record, tiling), None
-    except HnmError as exc:
-        return record.slide_id, None, str(exc)
-    except Exception as exc:  # noqa: BLE001 - any decoder failure must name the slide, not kill the job
-        return record.slide_id, None, f"slide {record.slide_id!r}: {type(exc).__name__}: {exc}"
 
 
 class TileEncoder:
@@ -183,35 +154,11 @@ class SlideGatherer:
         return sorted(s for s in self._parts if s not in self.failed)
 
 
-def build_index(records: list[SlideRecord], tiling: TilingConfig, store: FeatureStore,
-                cpus_per_task: float = 0.5) -> dict[str, pa.Table]:
-    """Tile index of every slide, one Ray task each; failed slides are recorded in the store and left out."""
-    import ray
-
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    # placement_group=None: inside a Tune trial, child tasks would otherwise be captured by the trial's tiny
-    # placement group (0.01 CPU) and never fit; the index tasks ask the cluster for their own CPUs.
-    task = ray.remote(num_cpus=cpus_per_task, max_retries=1)(_index_task).options(
-        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-    refs = [task.remote(r, tiling) for r in records]
-    progress = Progress("tile index (slides)", len(refs))
-    index: dict[str, pa.Table] = {}
-    while refs:
-        ready, refs = ray.wait(refs, num_returns=1)
-        slide_id, table, error = ray.get(ready[0])
-        if error is not None:
-            store.record_error(slide_id, "index", error)
-            log.warning("skipping %s", error)
-        else:
-            index[slide_id] = table
-        progress.update(1)
-    return index
-
-
-def extract_features(records: list[SlideRecord], store: FeatureStore, config: TrainConfig) -> ExtractionSummary:
+def extract_features(records: list[SlideRecord], store: FeatureStore, config: TrainConfig,
+                     index_root: str | Path | None = None) -> ExtractionSummary:
     """Features of `records` into `store` with the encoder, tiling and resources of `config`; resumes, and records
-    and skips failed slides. Returns what was written, skipped and failed."""
+    and skips failed slides. The tile index is read from (or written to) `index_root` (default: the store root),
+    so later rounds reuse round 0's tissue detection. Returns what was written, skipped and failed."""
     from hnm_ray.models.encoders import encoder_from_config
 
     init_ray()
@@ -224,7 +171,7 @@ def extract_features(records: list[SlideRecord], store: FeatureStore, config: Tr
     if not todo:
         return summary
     store.ensure_writable()  # fail in a second, not after the whole cohort was decoded and encoded
-    index = build_index(todo, tiling, store, extract.cpus_per_decoder)
+    index = slide_indexes(todo, TileIndex(index_root or store.root, tiling), store, extract.cpus_per_decoder)
     failed = [r.slide_id for r in todo if r.slide_id not in index]
     if index:
         use_gpu = (extract.gpus_per_encoder if extract.gpus_per_encoder is not None else min(1.0, cluster_gpus())) > 0

@@ -30,6 +30,7 @@ from hnm_ray.cli import entry_point
 from hnm_ray.cli import parser as cli_parser
 from hnm_ray.config import TrainConfig
 from hnm_ray.extract import extract_features
+from hnm_ray.index import TileIndex
 from hnm_ray.inference import evaluate_split
 from hnm_ray.mining import adopt_round, positive_ratio
 from hnm_ray.outputs import finish, round_done
@@ -63,7 +64,7 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
     head, adopted, history = None, None, []
     for round_ in range(config.run.rounds + 1):
         store = round_store(config, run_dir, round_, weights)
-        extract_features(records, store, with_weights(config, weights))                       # f(x) for every tile
+        extract_features(records, store, with_weights(config, weights), index_root(config, run_dir))  # f(x), all tiles
         result = state.get(f"mil_round{round_}") or state.done(f"mil_round{round_}", train_aggregator(
             config, store, records, run_dir, round_, weights, miner_name))                       # MIL + ranking loss
         history.append(result)
@@ -95,12 +96,19 @@ def initial_encoder(config: TrainConfig, records: list[SlideRecord], run_dir: Pa
         log.warning("no encoder.weights and pretrain.method none: the encoder starts from random init, so round 0 "
                     "features start from noise; pass --encoder.weights or --pretrain.method simclr")
         return None
-    return state.get("pretrain") or state.done("pretrain", warm_start(config, records, run_dir, cache_dir(config.run)))
+    index = TileIndex(index_root(config, run_dir), config.tiling)
+    return state.get("pretrain") or state.done("pretrain", warm_start(config, records, run_dir,
+                                                                      cache_dir(config.run), index))
 
 
 def with_weights(config: TrainConfig, weights: str | None) -> TrainConfig:
     """The config with this round's encoder weights."""
     return dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, weights=weights))
+
+
+def index_root(config: TrainConfig, run_dir: Path) -> Path:
+    """Where the tile index lives: beside round 0's features (the shared store when --run.store is set)."""
+    return Path(config.run.store) if config.run.store else run_dir / "features"
 
 
 def round_store(config: TrainConfig, run_dir: Path, round_: int, weights: str | None) -> FeatureStore:
@@ -109,8 +117,7 @@ def round_store(config: TrainConfig, run_dir: Path, round_: int, weights: str | 
     from hnm_ray.models.encoders import config_tag
 
     if round_ == 0:
-        root = Path(config.run.store) if config.run.store else run_dir / "features"
-        return FeatureStore(root, config_tag(config.encoder, weights), round=0)
+        return FeatureStore(index_root(config, run_dir), config_tag(config.encoder, weights), round=0)
     return FeatureStore(run_dir / "features", f"{run_dir.name}-finetuned", round=round_)
 
 

@@ -25,8 +25,8 @@ from hnm_ray.cli import parser as cli_parser
 from hnm_ray.config import TrainConfig
 from hnm_ray.errors import ConfigError, HnmError
 from hnm_ray.extract import extract_features
-from hnm_ray.run_folder import demo_manifest
-from hnm_ray.train import round_store, run_job
+from hnm_ray.run_folder import RunState, demo_manifest
+from hnm_ray.train import index_root, initial_encoder, round_store, run_job, with_weights
 
 log = logging.getLogger("hnm_ray")
 
@@ -118,7 +118,10 @@ def prepare_shared_store(config: TuneConfig, storage: Path) -> TuneConfig:
     job.tracking_uri = tracking.resolve_uri(job)  # absolute: trials run in their own folders, all log to one store
     records = load_manifest(job.manifest, seed=job.seed)
     require_both_classes(records, job.manifest)
-    extract_features(records, round_store(config, storage, 0, config.encoder.weights), config)
+    # The warm start (cached per cohort + encoder) is made here once, so every trial finds it and the same store.
+    weights = initial_encoder(config, records, storage, RunState(storage))
+    extract_features(records, round_store(config, storage, 0, weights), with_weights(config, weights),
+                     index_root(config, storage))
     return config
 
 

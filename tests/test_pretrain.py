@@ -54,7 +54,7 @@ def test_warm_start_key_changes_with_cohort_encoder_tiling_and_seed(tmp_path):
 def test_warm_start_pretrains_once_per_key_and_reuses_the_cache(tmp_path, monkeypatch):
     calls = []
 
-    def fake_pretrain(config, records, run_dir, store):
+    def fake_pretrain(config, records, run_dir, index):
         calls.append(config.encoder.name)
         weights = tmp_path / f"w{len(calls)}.bin"
         weights.write_bytes(b"weights %d" % len(calls))
@@ -62,10 +62,10 @@ def test_warm_start_pretrains_once_per_key_and_reuses_the_cache(tmp_path, monkey
 
     monkeypatch.setattr(pretrain, "pretrain_simclr", fake_pretrain)
     records, cache = _records(tmp_path), tmp_path / "cache"
-    first = pretrain.warm_start(TrainConfig(), records, tmp_path / "run1", cache)
-    again = pretrain.warm_start(TrainConfig(), records, tmp_path / "run2", cache)
+    first = pretrain.warm_start(TrainConfig(), records, tmp_path / "run1", cache, None)
+    again = pretrain.warm_start(TrainConfig(), records, tmp_path / "run2", cache, None)
     assert first == again and calls == ["small_cnn"]  # the second run does no pre-training
     other = pretrain.warm_start(cfg.from_tree(TrainConfig, {"encoder": {"name": "resnet18_in"}}), records,
-                                tmp_path / "run3", cache)
+                                tmp_path / "run3", cache, None)
     assert other != first and len(calls) == 2
     assert not list((cache / "warm_start").glob(".*tmp"))

@@ -133,22 +133,12 @@ class FeatureStore:
         """Write one slide's file atomically (temp name + os.replace); returns its path."""
         final = self.slide_path(slide_id)
         table = self._slide_table(slide_id, tiles, embeddings, truth, metadata or {})
-        temp = self.directory / f".{slide_id}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            with open(temp, "wb") as sink:
-                pq.write_table(table, sink, compression="zstd")
-                sink.flush()
-                os.fsync(sink.fileno())
-            os.replace(temp, final)
+            write_table_atomically(table, final)
         except OSError as exc:
-            _unlink_quietly(temp)
             raise StoreError(f"slide {slide_id!r}: cannot write features to {final}: {exc}; nothing was kept for this "
                              "slide. Free disk space / check permissions of the store folder, then re-run (finished "
                              "slides are skipped)") from exc
-        except BaseException:
-            _unlink_quietly(temp)
-            raise
         return final
 
     def ensure_writable(self) -> None:
@@ -307,3 +297,20 @@ def bags(store: FeatureStore, records: Iterable[SlideRecord], skip_missing: bool
     for record in records:
         if done is None or record.slide_id in done:
             yield store.read_bag(record.slide_id, label=record.label)
+
+
+def write_table_atomically(table: pa.Table, final: Path) -> Path:
+    """Write `table` as zstd Parquet to a hidden temp name beside `final`, fsync, rename: complete or absent.
+    OSError (disk full, read-only) propagates with no temp file left behind."""
+    temp = final.parent / f".{final.stem}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with open(temp, "wb") as sink:
+            pq.write_table(table, sink, compression="zstd")
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(temp, final)
+    except BaseException:
+        _unlink_quietly(temp)
+        raise
+    return final

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from hnm_ray.config import TrainConfig
+from hnm_ray.index import TileIndex, slide_indexes
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 from hnm_ray.training.finetune import TILE_ROW_SCHEMA, fit_finetune
@@ -33,7 +34,7 @@ def warm_start_key(config: TrainConfig, records: list[SlideRecord]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def warm_start(config: TrainConfig, records: list[SlideRecord], run_dir: Path, cache: Path) -> str:
+def warm_start(config: TrainConfig, records: list[SlideRecord], run_dir: Path, cache: Path, index: TileIndex) -> str:
     """The SimCLR warm-start weights of this cohort and encoder: from the cache when present, else pre-trained
     now and cached (atomically) under <cache>/warm_start/."""
     cached = cache / "warm_start" / f"{config.encoder.name.replace(':', '-').replace('/', '_')}-"\
@@ -43,7 +44,7 @@ def warm_start(config: TrainConfig, records: list[SlideRecord], run_dir: Path, c
         return str(cached)
     log.info("warm start: SimCLR pre-training of %s for %d epochs on %d tiles (cached as %s)", config.encoder.name,
              config.pretrain.epochs, config.pretrain.tiles, cached)
-    weights = pretrain_simclr(config, records, run_dir, FeatureStore(run_dir / "features", "pretrain", round=0))
+    weights = pretrain_simclr(config, records, run_dir, index)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
     shutil.copy(weights, tmp)
@@ -51,13 +52,12 @@ def warm_start(config: TrainConfig, records: list[SlideRecord], run_dir: Path, c
     return str(cached)
 
 
-def pretrain_simclr(config: TrainConfig, records: list[SlideRecord], run_dir, index_store: FeatureStore) -> str:
+def pretrain_simclr(config: TrainConfig, records: list[SlideRecord], run_dir: Path, index: TileIndex) -> str:
     """SimCLR on `pretrain.tiles` random training tiles for `pretrain.epochs`; returns the encoder weights file."""
-    from hnm_ray.extract import build_index
-
     train = [r for r in records if r.split == "train"]
-    index = build_index(train, config.tiling, index_store, config.extract.cpus_per_decoder)
-    rows = sample_tile_rows(index, config.pretrain.tiles, config.run.seed)
+    errors = FeatureStore(Path(run_dir) / "features", "pretrain", round=0)  # where slides that fail tiling are noted
+    tables = slide_indexes(train, index, errors, config.extract.cpus_per_decoder)
+    rows = sample_tile_rows(tables, config.pretrain.tiles, config.run.seed)
     out = fit_finetune(config, rows, config.encoder.weights, run_dir, name="pretrain_simclr", first_epoch=0,
                        last_epoch=config.pretrain.epochs, total_epochs=config.pretrain.epochs, supervised=False)
     return out.encoder_weights
