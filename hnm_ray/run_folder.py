@@ -7,7 +7,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from hnm_ray import config as cfg
 from hnm_ray import tracking
@@ -32,10 +32,30 @@ class RunState:
     def done(self, stage: str, value: Any) -> Any:
         """Record a finished stage (atomically) and return its value."""
         self.data[stage] = value
+        self._save()
+        return value
+
+    def once(self, stage: str, work: Callable[[], Any]) -> Any:
+        """The recorded value of `stage`, or `work()` run now, timed, recorded, and returned."""
+        if stage in self.data:
+            return self.data[stage]
+        started = time.perf_counter()
+        value = work()
+        self.data.setdefault("seconds", {})[stage] = time.perf_counter() - started
+        return self.done(stage, value)
+
+    def timed(self, stage: str, work: Callable[[], Any]) -> Any:
+        """Run `work()` (a stage that resumes by itself, like extraction) and record how long it took."""
+        started = time.perf_counter()
+        value = work()
+        self.data.setdefault("seconds", {})[stage] = time.perf_counter() - started
+        self._save()
+        return value
+
+    def _save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2, default=float))
         tmp.replace(self.path)
-        return value
 
 
 def saved_config(run_dir: str | Path) -> dict[str, Any]:

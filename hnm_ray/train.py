@@ -64,24 +64,26 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
     head, adopted, history = None, None, []
     for round_ in range(config.run.rounds + 1):
         store = round_store(config, run_dir, round_, weights)
-        extract_features(records, store, with_weights(config, weights), index_root(config, run_dir))  # f(x), all tiles
-        result = state.get(f"mil_round{round_}") or state.done(f"mil_round{round_}", train_aggregator(
-            config, store, records, run_dir, round_, weights, miner_name))                       # MIL + ranking loss
+        state.timed(f"extract_round{round_}", lambda: extract_features(                       # f(x) for every tile
+            records, store, with_weights(config, weights), index_root(config, run_dir)))
+        result = state.once(f"mil_round{round_}", lambda: train_aggregator(                   # MIL + ranking loss
+            config, store, records, run_dir, round_, weights, miner_name))
         history.append(result)
         round_done(run_dir, config, result)                                                     # report.html, MLflow
         if on_round is not None:
             on_round(result)
         if round_ == config.run.rounds:
             break
-        adopted = state.get(f"mining_round{round_}") or state.done(f"mining_round{round_}", mine(
-            config, store, records, result, adopted, run_dir, round_, miner_name))                # pseudo labels, HNM
-        finetuned = state.get(f"finetune_round{round_}") or state.done(f"finetune_round{round_}", finetune_round(
+        adopted = state.once(f"mining_round{round_}", lambda: mine(                            # pseudo labels, HNM
+            config, store, records, result, adopted, run_dir, round_, miner_name))
+        finetuned = state.once(f"finetune_round{round_}", lambda: finetune_round(              # SupCon on f
             config, store, records, Selection.load(Path(adopted["folder"]), adopted["stats"]), run_dir, round_,
-            weights, head))                                                                       # SupCon on f
+            weights, head))
         weights, head = finetuned["encoder_weights"], finetuned["head_weights"]
     finetune = {k: v for k, v in state.data.items() if k.startswith("finetune_round")}
     final = finish(run_dir, history, records, store, finetune, config)
     final["seconds"] = time.perf_counter() - started
+    final["stage_seconds"] = state.get("seconds")
     (run_dir / "metrics.json").write_text(json.dumps(final, indent=2, default=float))
     log.info("done: %s (test AUC %.3f; official protocol %.3f)", run_dir / "metrics.json",
              final["final"].get("test_auc", np.nan), (final["official_protocol"] or {}).get("test_auc", np.nan))
@@ -97,8 +99,7 @@ def initial_encoder(config: TrainConfig, records: list[SlideRecord], run_dir: Pa
                     "features start from noise; pass --encoder.weights or --pretrain.method simclr")
         return None
     index = TileIndex(index_root(config, run_dir), config.tiling)
-    return state.get("pretrain") or state.done("pretrain", warm_start(config, records, run_dir,
-                                                                      cache_dir(config.run), index))
+    return state.once("pretrain", lambda: warm_start(config, records, run_dir, cache_dir(config.run), index))
 
 
 def with_weights(config: TrainConfig, weights: str | None) -> TrainConfig:
