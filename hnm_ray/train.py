@@ -10,8 +10,9 @@ Round r: features with the encoder of round r (round 0: the initial or warm-star
 aggregator (DSMIL + ranking loss) on Ray Train -> pseudo labels for every tile of the mining pool -> the
 HardNegativeMiner keeps the global top `mining.neg_ratio` of negative-slide tiles, positives by the
 self-paced r_t -> the encoder is fine-tuned with SupCon for `finetune.epochs_per_round` epochs. The
-last round only trains and evaluates the aggregator. Outputs in runs/<name>/: config.yaml, metrics.json
-(both reporting protocols), metrics_round<r>.json, checkpoint/, roc.png, heatmaps/*.png.
+last round only trains and evaluates the aggregator. Outputs in runs/<name>/: report.html, config.yaml,
+metrics.json (both reporting protocols, stage seconds), metrics_round<r>.json, checkpoint/, roc.png,
+heatmaps/, qupath/ (README "What the job does").
 """
 from __future__ import annotations
 
