@@ -1,8 +1,11 @@
 """The README's architecture table and flag list stay true: every module it names exists, every flag it names parses."""
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
+
+import pytest
 
 from hnm_ray.train import build_parser
 
@@ -31,3 +34,13 @@ def test_every_train_flag_the_readme_names_parses():
     assert len(flags) >= 30, flags
     known = build_parser()._option_string_actions
     assert [f for f in flags if f not in known] == []
+
+
+@pytest.mark.parametrize("module", ["hnm_ray.train", "hnm_ray.tune", "hnm_ray.extract", "hnm_ray.training.mil",
+                                    "hnm_ray.predict", "hnm_ray.demo"])
+def test_every_cli_prints_its_help(module, capsys):
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    assert "usage:" in capsys.readouterr().out

@@ -90,8 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, sections: tuple[st
             groups[top] = parser.add_argument_group(top or "run", _section_help(cls, top))
         name = key.rsplit(".", 1)[-1]
         flags = [f"--{key}"] + ([f"--{key.replace('_', '-')}"] if "_" in key else [])
-        if "." in key and names.count(name) == 1:
-            flags.append(f"--{name.replace('_', '-')}")
+        short = f"--{name.replace('_', '-')}"
+        if "." in key and names.count(name) == 1 and short not in parser._option_string_actions:
+            flags.append(short)  # a unique knob name is its own short flag, unless the CLI uses that flag itself
         kwargs: dict[str, Any] = {"dest": key, "default": None, "metavar": name.upper(),
                                   "help": f"{field.metadata.get('help', '')} (default: {_default(field)})"}
         if typing.get_origin(tp) is list:
