@@ -54,7 +54,7 @@ def plain_mil_seconds(run: Path) -> dict[str, float]:
     from hnm_ray.models.aggregators import build_standardized
     from hnm_ray.store.features import FeatureStore
     from hnm_ray.store.manifest import load_manifest
-    from hnm_ray.training.mil import bce_weighting, epoch_pairs, feature_statistics
+    from hnm_ray.training.mil import bce_weighting, epoch_pairs, standardisation
 
     config = cfg.from_tree(TrainConfig, cfg.load_yaml(run / "config.yaml"))
     mc = config.mil
@@ -68,7 +68,7 @@ def plain_mil_seconds(run: Path) -> dict[str, float]:
     neg = [s for s, y in train if y == 0]
     torch.manual_seed(config.run.seed)
     model = build_standardized(mc.aggregator, next(iter(bags.values())).shape[1], hidden=mc.hidden, dropout=mc.dropout)
-    model.set_statistics(*feature_statistics(store, [s for s, _ in train]))
+    model.set_statistics(*standardisation(store, [s for s, _ in train], mc.standardize))
     optimizer = torch.optim.Adam(model.parameters(), lr=mc.lr, weight_decay=mc.weight_decay)
     pos_weight, scale = bce_weighting(mc.bce_weight, len(pos), len(neg))
     started = time.perf_counter()

@@ -119,7 +119,10 @@ class MILConfig:
     weight_decay: float = knob(1e-4, "Adam weight decay", low=0.0)
     lr_schedule: str = knob("constant", "learning-rate schedule: constant, or mil_step_official (StepLR(75, 0.5) "
                                         "stepped twice per epoch)", choices=["constant", "mil_step_official"])
-    standardize: bool = knob(True, "z-score features with training-set statistics (official: off)")
+    standardize: str = knob("shared", "feature standardisation inside the aggregator: shared (centre each feature, "
+                                      "divide all by one scale; benchmarks/results/mnist_bags.json), per_feature "
+                                      "(z-score each feature), none (official)",
+                            choices=["shared", "per_feature", "none"])
     bce_weight: str = knob("pos_weight", "class balance of the BCE terms: pos_weight (#neg/#pos on positive bags) "
                                          "or uniform (official: the ratio passed positionally scales every term)",
                            choices=["pos_weight", "uniform"])
