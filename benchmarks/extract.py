@@ -229,7 +229,7 @@ def main() -> None:
         cohort_s = time.perf_counter() - started
         cohort = load_manifest(manifest, require_labels=False)
         paths = {r.slide_id: r.path for r in cohort}
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, namespace="hnm_ray",
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, namespace="hnm_ray",
                  configure_logging=False)
 
         def config(encoder: str) -> TrainConfig:

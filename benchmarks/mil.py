@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--large-bags", type=int, default=100, help="bags of the larger-bag run (0: skip it)")
     parser.add_argument("--large-tiles", type=int, default=4000, help="tiles per bag of the larger-bag run")
     args = parser.parse_args()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     with tempfile.TemporaryDirectory(prefix="hnm_bench_mil_") as tmp:
         root = Path(tmp)
         started = time.perf_counter()

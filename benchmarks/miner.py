@@ -100,7 +100,7 @@ def main() -> None:
 
     result: dict = {"benchmark": "miner", "neg_ratio": NEG_RATIO, "batch": BATCH, "goal_scores_per_s": 5e6,
                     "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "runs": []}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="hnm_ray", configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="hnm_ray", configure_logging=False)
     heapq_1m_s = None
     try:
         for n in SIZES:

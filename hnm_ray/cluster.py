@@ -20,7 +20,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
         log.info("joined Ray cluster at %s: %s", address, ray.cluster_resources())
     else:
-        ray.init(num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=False)
+        # address="local": without it ray.init joins the newest Ray started on this machine (another job's)
+        ray.init(address="local", num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=False)
         log.info("started local Ray: %s", ray.cluster_resources())
 
 

@@ -17,7 +17,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hnm_ray import config as cfg
@@ -30,7 +29,7 @@ from hnm_ray.inference import load_aggregator, tile_scores
 from hnm_ray.outputs import AGGREGATOR
 from hnm_ray.run_folder import CONFIG_FILE
 from hnm_ray.store.features import FeatureStore
-from hnm_ray.store.manifest import SlideRecord, load_manifest, records_from_folder
+from hnm_ray.store.manifest import load_manifest, records_from_folder
 
 log = logging.getLogger("hnm_ray")
 

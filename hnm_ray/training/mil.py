@@ -246,7 +246,6 @@ def _train_records(records: list[SlideRecord], store: FeatureStore, split: str) 
 def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], run_dir: str | Path,
             name: str = "mil", miner_name: str | None = None, seed: int = 0) -> MILResult:
     """Train the aggregator with Ray Train on the store's bags; returns the best-validation model."""
-    import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
