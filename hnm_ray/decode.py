@@ -53,14 +53,17 @@ class TileReaders:
 
 
 def decode_batch(readers: TileReaders, batch: dict[str, np.ndarray], tile_size: int, num_workers: int) -> tuple[Any, np.ndarray]:
-    """Decode a batch of tile rows (any mix of slides) -> (tiles (B,S,S,3) uint8, per-row error strings)."""
+    """Decode a batch of tile rows (any mix of slides) -> (tiles (B,S,S,3) uint8, per-row error strings); rows that
+    arrive with an `error` keep it and are not read."""
     n = len(batch["tile_id"])
     tiles = None
-    errors = np.full(n, "", dtype=object)
+    errors = np.array(batch["error"], dtype=object) if "error" in batch else np.full(n, "", dtype=object)
     paths = batch["path"]
     starts = np.flatnonzero(np.r_[True, paths[1:] != paths[:-1]])
     for start, stop in zip(starts, np.r_[starts[1:], n]):
         rows = slice(start, stop)
+        if errors[start]:  # the slide failed upstream (its tile index): nothing to read
+            continue
         slide_id = str(batch["slide_id"][start])
         try:
             reader = readers.get(str(paths[start]), slide_id)

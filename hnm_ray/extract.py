@@ -1,9 +1,9 @@
 """Feature extraction: slides -> tile index -> cuCIM decode -> encoder actors -> per-slide Parquet.
 
-A Ray Data pipeline. The tile index is computed by one Ray task per slide; tile
-coordinates (never pixels) form the dataset; a decode stage reads tiles with cuCIM's batched
-`read_region`; an encoder actor pool (GPU when there are GPUs) embeds them; the driver gathers
-each slide's embeddings and writes one complete Parquet file per slide (temp name + rename).
+A Ray Data pipeline. One read task per slide reads or computes (and stores) its tile index, streaming tile
+coordinates (never pixels) while earlier slides are decoded and encoded; a decode stage reads tiles with cuCIM's
+batched `read_region`; an encoder actor pool (GPU when there are GPUs) embeds them; the driver gathers each
+slide's embeddings and writes one complete Parquet file per slide (temp name + rename).
 Re-running skips finished slides; a slide that fails is recorded in `errors.jsonl` and skipped. The JPEG
 tiles under every read get a cheap marker check (`jpeg_tile_problem`): cuCIM decodes a corrupt tile into gray
 pixels without raising, so without it a damaged slide would be embedded silently.
@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from hnm_ray import config as cfg
 from hnm_ray.config import EncoderConfig, TrainConfig
@@ -29,14 +28,13 @@ from hnm_ray.cli import parser as cli_parser
 from hnm_ray.cluster import cluster_gpus, init_ray, torch_device
 from hnm_ray.decode import TileDecoder, TileReaders, decode_batch
 from hnm_ray.errors import ConfigError, HnmError
-from hnm_ray.index import TileIndex, slide_indexes
+from hnm_ray.index import INDEX_FAILED, TileIndex
 from hnm_ray.progress import Progress
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest
 
 log = logging.getLogger("hnm_ray")
 
-INDEX_COLUMNS = ("slide_id", "path", "tile_id", "x", "y", "level", "size")
 
 
 @dataclass
@@ -87,7 +85,8 @@ class TileEncoder:
         pixels = torch.from_numpy(_writable(tiles)) if isinstance(tiles, np.ndarray) else torch.from_dlpack(tiles)
         with torch.inference_mode():
             embedding = self.model(to_model_input(pixels.to(self.device), self.model.input_space)).float().cpu().numpy()
-        return {"slide_id": batch["slide_id"], "tile_id": batch["tile_id"], "embedding": embedding, "error": errors}
+        return {"slide_id": batch["slide_id"], "tile_id": batch["tile_id"], "n_tiles": batch["n_tiles"],
+                "embedding": embedding, "error": errors}
 
 
 def _writable(array: np.ndarray) -> np.ndarray:
@@ -97,15 +96,17 @@ def _writable(array: np.ndarray) -> np.ndarray:
 
 
 class SlideGatherer:
-    """Driver side: collects each slide's embedded tiles and writes the slide once all have arrived."""
+    """Driver side: collects each slide's embedded tiles and writes the slide once all have arrived (the rows say
+    how many: `n_tiles`); the slide's tile grid and truth come from its stored index."""
 
-    def __init__(self, store: FeatureStore, index: dict[str, pa.Table], dtype: str, metadata: dict[str, Any]) -> None:
+    def __init__(self, store: FeatureStore, index: TileIndex, dtype: str, metadata: dict[str, Any]) -> None:
         self.store = store
         self.index = index
         self.dtype = dtype
         self.metadata = metadata
         self._parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
         self._counts: dict[str, int] = defaultdict(int)
+        self._expected: dict[str, int] = {}
         self.failed: dict[str, str] = {}
         self.written = 0
         self.tiles_written = 0
@@ -121,19 +122,20 @@ class SlideGatherer:
                 continue
             errors = [e for e in batch["error"][start:stop] if e]
             if errors:
-                self._fail(slide_id, errors[0])
+                self._fail(slide_id, errors[0], "index" if batch["tile_id"][start] == INDEX_FAILED else "extract")
                 continue
+            self._expected[slide_id] = int(batch["n_tiles"][start])
             self._parts[slide_id].append((batch["tile_id"][start:stop], batch["embedding"][start:stop]))
             self._counts[slide_id] += stop - start
-            if self._counts[slide_id] == self.index[slide_id].num_rows:
+            if self._counts[slide_id] == self._expected[slide_id]:
                 self._write(slide_id)
                 done += 1
         return done, len(slide_ids)
 
-    def _fail(self, slide_id: str, cause: str) -> None:
+    def _fail(self, slide_id: str, cause: str, stage: str = "extract") -> None:
         self.failed[slide_id] = cause
         self._parts.pop(slide_id, None)
-        self.store.record_error(slide_id, "extract", cause)
+        self.store.record_error(slide_id, stage, cause)
         log.warning("skipping %s", cause)
 
     def _write(self, slide_id: str) -> None:
@@ -141,7 +143,7 @@ class SlideGatherer:
         tile_ids = np.concatenate([p[0] for p in parts])
         embeddings = np.concatenate([p[1] for p in parts])
         order = np.argsort(tile_ids, kind="stable")
-        tiles = self.index[slide_id]
+        tiles = self.index.read(slide_id)
         if not np.array_equal(tile_ids[order], tiles["tile_id"].to_numpy()):
             raise HnmError(f"slide {slide_id!r}: extraction returned tiles that do not match its tile index")
         self.store.write_slide(slide_id, tiles.drop_columns(["slide_id", "path", "truth"]), embeddings[order].astype(self.dtype),
@@ -171,26 +173,27 @@ def extract_features(records: list[SlideRecord], store: FeatureStore, config: Tr
     if not todo:
         return summary
     store.ensure_writable()  # fail in a second, not after the whole cohort was decoded and encoded
-    index = slide_indexes(todo, TileIndex(index_root or store.root, tiling), store, extract.cpus_per_decoder)
-    failed = [r.slide_id for r in todo if r.slide_id not in index]
-    if index:
-        use_gpu = (extract.gpus_per_encoder if extract.gpus_per_encoder is not None else min(1.0, cluster_gpus())) > 0
-        dim = encoder_from_config(encoder).out_dim
-        metadata = {"encoder": encoder.name, "encoder_tag": store.encoder_tag, "weights": encoder.weights or "",
-                    "norm": encoder.norm, "input_space": encoder.input_space, "tile_size": tiling.tile_size,
-                    "level": tiling.level, "mpp": tiling.mpp, "dim": int(dim), "dtype": extract.dtype,
-                    "round": store.round, "seed": config.run.seed}
-        _warn_if_settings_changed(store, metadata, len(records) - len(todo))
-        gatherer = SlideGatherer(store, index, extract.dtype, metadata)
-        progress = Progress("extract (tiles)", sum(t.num_rows for t in index.values()))
-        for batch in _pipeline(index, config, use_gpu).iter_batches(batch_size=None, batch_format="numpy"):
-            n_slides, n_tiles = gatherer.add(batch)
-            progress.update(n_tiles, slides=n_slides)
-        for slide_id in gatherer.unfinished():
-            gatherer._fail(slide_id, f"slide {slide_id!r}: only part of its tiles came back from the pipeline")
-        failed += list(gatherer.failed)
-        summary.slides_written = gatherer.written
-        summary.tiles_written = gatherer.tiles_written
+    use_gpu = (extract.gpus_per_encoder if extract.gpus_per_encoder is not None else min(1.0, cluster_gpus())) > 0
+    dim = encoder_from_config(encoder).out_dim
+    metadata = {"encoder": encoder.name, "encoder_tag": store.encoder_tag, "weights": encoder.weights or "",
+                "norm": encoder.norm, "input_space": encoder.input_space, "tile_size": tiling.tile_size,
+                "level": tiling.level, "mpp": tiling.mpp, "dim": int(dim), "dtype": extract.dtype,
+                "round": store.round, "seed": config.run.seed}
+    _warn_if_settings_changed(store, metadata, len(records) - len(todo))
+    index = TileIndex(index_root or store.root, tiling)
+    gatherer = SlideGatherer(store, index, extract.dtype, metadata)
+    progress = Progress("extract (slides)", len(todo))
+    for batch in _pipeline(todo, index, config, use_gpu).iter_batches(batch_size=None, batch_format="numpy"):
+        n_slides, n_tiles = gatherer.add(batch)
+        progress.update(n_slides, tiles=n_tiles)
+    for slide_id in gatherer.unfinished():
+        gatherer._fail(slide_id, f"slide {slide_id!r}: only part of its tiles came back from the pipeline")
+    missing = {r.slide_id for r in todo} - set(gatherer.failed) - store.completed()
+    for slide_id in sorted(missing):  # never expected: every slide yields rows or an error row
+        gatherer._fail(slide_id, f"slide {slide_id!r}: no rows came back from the pipeline")
+    failed = list(gatherer.failed)
+    summary.slides_written = gatherer.written
+    summary.tiles_written = gatherer.tiles_written
     summary.slides_failed = sorted(failed)
     summary.seconds = progress.elapsed
     log.info("extract: wrote %d slides (%d tiles, %.1f tiles/s), %d failed (see %s)", summary.slides_written,
@@ -216,12 +219,15 @@ def _warn_if_settings_changed(store: FeatureStore, metadata: dict[str, Any], n_d
                     n_done, store.directory, changed)
 
 
-def _pipeline(index: dict[str, pa.Table], config: TrainConfig, use_gpu: bool):
-    """The Ray Data plan: tile rows -> [decode actors] -> encoder actor pool (decode fused into it on GPUs)."""
+def _pipeline(records: list[SlideRecord], index: TileIndex, config: TrainConfig, use_gpu: bool):
+    """The Ray Data plan: per-slide index read tasks -> [decode actors] -> encoder actor pool (decode fused into it
+    on GPUs)."""
     import ray
 
+    from hnm_ray.index_stream import tile_stream
+
     extract, tile_size = config.extract, config.tiling.tile_size
-    ds = ray.data.from_arrow([t.select(list(INDEX_COLUMNS)) for t in index.values()])
+    ds = tile_stream(records, index, extract.cpus_per_decoder)
     if not use_gpu:
         ds = ds.map_batches(TileDecoder, fn_constructor_args=(tile_size, extract.decode_workers),
                             batch_size=extract.batch_size, num_cpus=extract.cpus_per_decoder,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from hnm_ray import storage
 from hnm_ray.config import TilingConfig
 from hnm_ray.errors import HnmError
 from hnm_ray.progress import Progress
@@ -20,6 +20,8 @@ from hnm_ray.store.features import FeatureStore, write_table_atomically
 from hnm_ray.store.manifest import SlideRecord
 
 log = logging.getLogger("hnm_ray")
+
+INDEX_FAILED = -1  # tile_id of the one row that carries a slide's index failure down the extraction stream
 
 
 def tiling_tag(tiling: TilingConfig) -> str:
@@ -34,19 +36,19 @@ class TileIndex:
 
     def __init__(self, root: str | Path, tiling: TilingConfig) -> None:
         self.tiling = tiling
-        self.directory = Path(root) / "index" / tiling_tag(tiling)
+        self.directory = storage.join(storage.location(root), "index", tiling_tag(tiling))
 
-    def path(self, slide_id: str) -> Path:
-        """Where a slide's index lives."""
-        return self.directory / f"{slide_id}.parquet"
+    def path(self, slide_id: str) -> storage.Location:
+        """Where a slide's index lives (a URI when the root is on object storage)."""
+        return storage.join(self.directory, f"{slide_id}.parquet")
 
     def has(self, slide_id: str) -> bool:
         """Whether the slide's index was written."""
-        return self.path(slide_id).is_file()
+        return storage.is_file(self.path(slide_id))
 
     def read(self, slide_id: str) -> pa.Table:
         """A slide's stored index."""
-        return pq.read_table(self.path(slide_id))
+        return storage.read_table(self.path(slide_id))
 
     def write(self, slide_id: str, table: pa.Table) -> None:
         """Store a slide's index (temp file + rename)."""
@@ -87,7 +89,7 @@ def tile_index(record: SlideRecord, tiling: TilingConfig) -> pa.Table:
     ).add_column(0, "slide_id", pa.array([record.slide_id] * n, pa.string()))
 
 
-def _index_task(record: SlideRecord, tiling: TilingConfig) -> tuple[str, pa.Table | None, str | None]:
+def index_or_error(record: SlideRecord, tiling: TilingConfig) -> tuple[str, pa.Table | None, str | None]:
     """Ray task body: a slide's tile index, or the error that stops it."""
     try:
         return record.slide_id, tile_index(record, tiling), None
@@ -111,7 +113,7 @@ def compute_indexes(records: list[SlideRecord], tiling: TilingConfig, errors: Fe
 
     # placement_group=None: inside a Tune trial, child tasks would otherwise be captured by the trial's tiny
     # placement group (0.01 CPU) and never fit; the index tasks ask the cluster for their own CPUs.
-    task = ray.remote(num_cpus=cpus_per_task, max_retries=1)(_index_task).options(
+    task = ray.remote(num_cpus=cpus_per_task, max_retries=1)(index_or_error).options(
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     refs = [task.remote(r, tiling) for r in records]
     progress = Progress("tile index (slides)", len(refs))

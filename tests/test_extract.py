@@ -24,10 +24,11 @@ from PIL import Image
 from _support import small_config, store_for
 
 from hnm_ray import config as cfg
-from hnm_ray.config import TrainConfig
+from hnm_ray.config import TilingConfig, TrainConfig
 from hnm_ray.errors import ConfigError
 from hnm_ray.decode import TileReaders, decode_batch
 from hnm_ray.extract import SlideGatherer, extract_features, main
+from hnm_ray.index import INDEX_FAILED, TileIndex
 from hnm_ray.slides.synthetic import MASK_DOWNSAMPLE, damage_jpeg_tiles
 from hnm_ray.store.features import FeatureStore, feature_schema
 from hnm_ray.store.manifest import load_manifest
@@ -128,23 +129,29 @@ def test_gatherer_writes_complete_slides_in_tile_order_and_fails_slides_with_err
                          "y": np.zeros(n, np.int32), "level": np.zeros(n, np.int8), "size": np.full(n, TILE, np.int16),
                          "tissue_fraction": np.ones(n, np.float32), "truth": np.full(n, -1, np.int8)})
 
+    sizes = {"a": 5, "b": 3, "c": 2, "d": 0}
+
     def batch(slide_ids, tile_ids, errors=None):
         tile_ids = np.asarray(tile_ids, np.int32)
         emb = np.stack([tile_ids.astype(np.float32)] * 4, axis=1)  # embedding == tile id: order is checkable
         return {"slide_id": np.asarray(slide_ids, object), "tile_id": tile_ids, "embedding": emb,
+                "n_tiles": np.asarray([sizes[s] for s in slide_ids], np.int64),
                 "error": np.asarray(errors or [""] * len(tile_ids), object)}
 
     store = FeatureStore(tmp_path, "t")
-    gatherer = SlideGatherer(store, {"a": index("a", 5), "b": index("b", 3), "c": index("c", 2)}, "float32", {"x": 1})
+    tile_index = TileIndex(tmp_path, TilingConfig(tile_size=TILE))
+    for slide_id in "abc":
+        tile_index.write(slide_id, index(slide_id, sizes[slide_id]))
+    gatherer = SlideGatherer(store, tile_index, "float32", {"x": 1})
     assert gatherer.add(batch(["a", "a", "b", "a"], [3, 4, 0, 0])) == (0, 4)  # a's rows split around b's
     assert gatherer.add(batch(["b", "b", "c"], [2, 1, 0], ["", "", "slide 'c': tile read failed: boom"])) == (1, 3)
-    assert gatherer.add(batch(["a", "a", "c"], [2, 1, 1])) == (1, 3)
-    assert store.completed() == {"a", "b"} and gatherer.failed.keys() == {"c"} and gatherer.unfinished() == []
+    assert gatherer.add(batch(["a", "a", "c", "d"], [2, 1, 1, INDEX_FAILED], ["", "", "", "slide 'd': no tissue"])) == (1, 4)
+    assert store.completed() == {"a", "b"} and gatherer.failed.keys() == {"c", "d"} and gatherer.unfinished() == []
     bag = store.read_bag("a")
     np.testing.assert_array_equal(bag.tile_ids, np.arange(5))
     np.testing.assert_array_equal(bag.features[:, 0], np.arange(5))
     np.testing.assert_array_equal(bag.coords[:, 0], np.arange(5) * TILE)
-    assert [(e["slide_id"], e["stage"]) for e in store.errors()] == [("c", "extract")]
+    assert [(e["slide_id"], e["stage"]) for e in store.errors()] == [("c", "extract"), ("d", "index")]
     assert "boom" in store.errors()[0]["cause"]
 
 
