@@ -4,7 +4,8 @@ On one demo cohort (64 slides of --size px, made in a temp folder): for each enc
 (tile index + Ray Data decode -> encode -> per-slide Parquet, Ray already started) against the two stages alone
 in this process on the same tiles: `TileDecoder` (cuCIM batched reads) and `TileEncoder` (on pre-decoded tiles,
 the same torch threads as the pipeline's encoder actor). Efficiency = pipeline tiles/s / min(decode, encode);
-`stream` figures leave out the tile index (tissue detection), `steady` ones also the actor start (first to last encoder
+`stream` figures start when the driver starts gathering (the tile index now streams inside the pipeline, so
+`index_s` is only the set-up before it), `steady` ones also leave out the actor start (first to last encoder
 call, timed inside the actors; `encode_busy_fraction` says how well the decoder kept the encoder fed).
 Memory: peak RSS and private memory (RSS - shared) of the driver and of each Ray worker role (index task, decoder,
 encoder; sampled every 0.1 s) on 16 and on 64 slides; `memory_flat`: private peaks grow < 25% + 64 MiB.
@@ -26,7 +27,7 @@ import pyarrow as pa
 
 import hnm_ray.extract as extract
 from hnm_ray.config import TrainConfig, from_tree
-from hnm_ray.extract import INDEX_COLUMNS, TileDecoder, TileEncoder, extract_features
+from hnm_ray.extract import TileDecoder, TileEncoder, extract_features
 from hnm_ray.models.encoders import config_tag
 from hnm_ray.slides.reader import cuda_available
 from hnm_ray.slides.synthetic import make_demo_cohort
@@ -87,12 +88,13 @@ class RssSampler:
                              for role, (rss, private) in sorted(self.peaks.items())}}
 
 
+INDEX_COLUMNS = ("slide_id", "path", "tile_id", "x", "y", "level", "size")
 CALL_LOG = os.path.join(tempfile.gettempdir(), f"hnm_extract_bench_{os.getpid()}.log")
 
 
 def _role(name: str) -> str:
     """A Ray worker's job from its process title: index task, decoder or encoder actor, Ray Data internals."""
-    for key, role in (("_index_task", "index_task"), ("Decoder", "decoder"), ("Encoder", "encoder")):
+    for key, role in (("ReadTileIndex", "index_task"), ("Decoder", "decoder"), ("Encoder", "encoder")):
         if key in name:
             return role
     return "other"
@@ -184,8 +186,12 @@ def index_batches(store: FeatureStore, paths: dict[str, str], batch_size: int, m
     table = pa.concat_tables(tables).select(list(INDEX_COLUMNS))
     if max_tiles:
         table = table.slice(0, max_tiles)
-    return [{k: table[k][s: s + batch_size].to_numpy(zero_copy_only=False) for k in INDEX_COLUMNS}
-            for s in range(0, table.num_rows, batch_size)]
+    batches = [{k: table[k][s: s + batch_size].to_numpy(zero_copy_only=False) for k in INDEX_COLUMNS}
+               for s in range(0, table.num_rows, batch_size)]
+    for batch in batches:  # the stream's bookkeeping columns (see hnm_ray.index_stream)
+        batch["n_tiles"] = np.zeros(len(batch["tile_id"]), np.int64)
+        batch["error"] = np.full(len(batch["tile_id"]), "", object)
+    return batches
 
 
 def stage_rates(config: TrainConfig, batches: list[dict]) -> dict:

@@ -198,7 +198,7 @@ class FinetuneConfig:
     workers: int = knob(1, "Ray Train workers (0: in the driver process)", low=0)
     cpus_per_worker: float = knob(1.0, "CPUs per worker (also its torch threads)", low=0.0, low_open=True)
     use_gpu: bool = knob(False, "fine-tune on GPUs")
-    decoders: int = knob(1, "Ray Data decode actors feeding the workers", low=1)
+    decode_threads: int = knob(1, "cuCIM decode threads in each worker (the next batch is decoded while one trains)", low=1)
     max_failures: int = knob(2, "Ray Train restarts from the last checkpoint after a worker failure", low=0)
 
 

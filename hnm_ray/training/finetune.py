@@ -1,9 +1,9 @@
 """Encoder fine-tuning on Ray Train: SupCon on hard negatives + self-paced positives.
 
 The driver builds a table of the round's tiles (the miner's hard negatives, label 0, and the
-positive-slide tiles above the threshold, label 1, each with its rank among positives), shuffles it,
-and hands Ray Data the coordinates: decode actors read only those tiles from the slides with cuCIM
-and stream them into the Train workers (`get_dataset_shard`). Each worker makes two augmented views
+positive-slide tiles above the threshold, label 1, each with its rank among positives) in a seeded
+order and hands the coordinates to the Train workers; each worker decodes its share of the tiles
+with cuCIM one batch ahead of training (`tile_batches`). Each worker makes two augmented views
 per tile and trains encoder + projection head with SupCon: negatives as anchors on every batch
 (step A), positives as anchors too after the warm-up (step B); positives enter by the self-paced
 ratio r_t. An epoch iterates over the hard negatives, so its cost scales with neg_ratio. With no
@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import pyarrow as pa
 
 from hnm_ray.config import TrainConfig
 from hnm_ray.errors import HnmError
+from hnm_ray.run_folder import ray_train_storage
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 
@@ -192,10 +192,12 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     import torch
 
     from hnm_ray.config import EncoderConfig
+    from hnm_ray.decode import TileReaders
     from hnm_ray.mining import positive_ratio
     from hnm_ray.models.encoders import encoder_from_config
     from hnm_ray.training.checkpointing import latest_checkpoint, load_state, report
     from hnm_ray.training.schedules import scheduler as lr_scheduler
+    from hnm_ray.training.tile_batches import decoded_batches, epoch_order, worker_share
 
     fc = loop["ft"]
     context = ray.train.get_context()
@@ -223,7 +225,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         start = state["epoch"] + 1
     ddp = ray.train.torch.prepare_model(model) if context.get_world_size() > 1 else model.to(device)
     plain = getattr(ddp, "module", ddp)
-    shard = ray.train.get_dataset_shard("tiles")
+    share = worker_share(loop["rows"], rank, context.get_world_size())
+    readers = TileReaders(device="cpu")
     supervised = loop["supervised"]
     for epoch in range(start, loop["last_epoch"]):
         ddp.train()
@@ -231,11 +234,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         gen = torch.Generator().manual_seed(loop["seed"] * 100003 + epoch * 101 + rank)
         ratio = positive_ratio(epoch, fc["warmup_epochs"], total, loop["ro"], loop["rT"]) if supervised else 1.0
         losses, tiles_seen = [], 0
-        # Tiles arrive in the driver's (seeded) order (preserve_order) and are shuffled locally with a seed of
-        # (seed, epoch), so batches, and the augmentations drawn for them, are the same on a rerun or a resume.
-        for batch in shard.iter_batches(batch_size=fc["batch_size"], batch_format="numpy",
-                                        local_shuffle_buffer_size=4 * fc["batch_size"],
-                                        local_shuffle_seed=loop["seed"] * 100003 + epoch):
+        # The order and the augmentations depend only on (seed, epoch, rank): the same batches on a rerun or a resume.
+        order = epoch_order(len(share["tile_id"]), loop["seed"], epoch)
+        for batch in decoded_batches(share, order, fc["batch_size"], loop["tile_size"], readers, fc["decode_threads"]):
             if supervised and fc["loop"] == "official":
                 steps = official_losses(batch, ddp, fc, epoch, ratio, gen, device, input_space)
             else:
@@ -269,12 +270,10 @@ def fit_finetune(config: TrainConfig, rows: pa.Table, weights: str | None, run_d
                  supervised: bool = True) -> FinetuneResult:
     """Fine-tune the encoder on `rows` (see `tile_rows`) for epochs [first_epoch, last_epoch) of a `total_epochs`
     schedule with Ray Train (SupCon; SimCLR when not `supervised`), starting from `weights`."""
-    import ray
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from hnm_ray.decode import TileDecoder
     from hnm_ray.models.encoders import save_weights
     from hnm_ray.training.checkpointing import driver_checkpoint_dir, load_state, newest_driver_checkpoint
 
@@ -283,23 +282,17 @@ def fit_finetune(config: TrainConfig, rows: pa.Table, weights: str | None, run_d
         raise HnmError(f"fine-tuning {name!r} needs at least 2 tiles; the selection has {rows.num_rows}. "
                        "Raise --mining.neg_ratio or lower --mining.threshold.")
     run_dir = Path(run_dir).resolve()
-    tiles = ray.data.from_arrow(rows).map_batches(
-        TileDecoder, fn_constructor_args=(config.tiling.tile_size, 1), batch_size=ft.batch_size,
-        num_cpus=config.extract.cpus_per_decoder, compute=ray.data.ActorPoolStrategy(size=ft.decoders))
+    # The coordinates travel with the loop config (a few MB for 10^5 tiles); each worker decodes its own share.
     loop = {"ft": asdict(ft), "ro": config.mining.ro, "rT": config.mining.rT, "encoder": asdict(config.encoder),
             "weights": weights, "head_weights": head_weights, "seed": config.run.seed, "first_epoch": first_epoch,
             "last_epoch": last_epoch, "total_epochs": total_epochs, "supervised": supervised,
+            "rows": rows, "tile_size": config.tiling.tile_size,
             "driver_checkpoints": driver_checkpoint_dir(ft.workers, run_dir / "ray_train", name)}
-    with warnings.catch_warnings():  # Ray's own defaults set a field it now deprecates (exclude_resources)
-        warnings.simplefilter("ignore")
-        ingest = ray.train.DataConfig.default_ingest_options()
-    ingest.preserve_order = True  # reproducible batches (one worker; several workers split in arrival order)
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop, datasets={"tiles": tiles},
-        dataset_config=ray.train.DataConfig(execution_options=ingest),
+        train_loop_per_worker, train_loop_config=loop,
         scaling_config=ScalingConfig(num_workers=ft.workers, use_gpu=ft.use_gpu,
                                      resources_per_worker={"CPU": ft.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=str(run_dir / "ray_train"),
+        run_config=RunConfig(name=name, **ray_train_storage(run_dir),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=ft.max_failures)),
     )

@@ -1,0 +1,56 @@
+"""Decoded tile batches for fine-tuning, read inside each Ray Train worker.
+
+Each worker takes an equal share of the round's tile rows (rank::world, cut to the same length on every worker so
+DDP steps stay in lockstep), visits them in an order seeded by (seed, epoch), and decodes the next batch with cuCIM
+in a background thread while the current one trains. Nothing is started per epoch (no Ray Data pipeline, no actor
+pool): an epoch costs its decode + augment + forward/backward, and a rerun or a resume sees the same batches.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+
+from hnm_ray.decode import TileReaders, decode_batch
+
+ROW_COLUMNS = ("slide_id", "path", "tile_id", "x", "y", "level", "size", "label", "pos_rank", "kind")
+
+
+def worker_share(rows: pa.Table, rank: int, world: int) -> dict[str, np.ndarray]:
+    """This worker's rows as numpy columns: every `world`-th row from `rank`, all shares cut to the same length."""
+    per_worker = rows.num_rows // world if world > 1 else rows.num_rows
+    indices = np.arange(rank, rows.num_rows, world)[:per_worker]
+    share = rows.take(indices)
+    return {k: share[k].to_numpy(zero_copy_only=False) for k in ROW_COLUMNS}
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of a worker's rows in one epoch (the same on a rerun and after a resume)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def decoded_batches(share: dict[str, np.ndarray], order: np.ndarray, batch_size: int, tile_size: int,
+                    readers: TileReaders, decode_workers: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of `share` in `order`, each with `tiles` (B, S, S, 3) uint8 and per-row `error`; the next batch is
+    decoded in a thread while the caller trains on the current one."""
+    # Rows of one slide next to each other inside a batch: one reader call per slide (the batch's content and
+    # the epoch's order of batches are unchanged by this).
+    starts = range(0, len(order), batch_size)
+
+    def load(start: int) -> dict[str, np.ndarray]:
+        rows = order[start: start + batch_size]
+        rows = rows[np.argsort(share["path"][rows], kind="stable")]
+        batch = {k: v[rows] for k, v in share.items()}
+        batch["tiles"], batch["error"] = decode_batch(readers, batch, tile_size, decode_workers)
+        return batch
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-decode") as pool:
+        pending = None
+        for start in starts:
+            pending = pending or pool.submit(load, start)
+            batch = pending.result()
+            following = start + batch_size
+            pending = pool.submit(load, following) if following < len(order) else None
+            yield batch

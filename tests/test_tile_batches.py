@@ -1,0 +1,62 @@
+"""Fine-tuning batches decoded inside the Train worker: equal shares, seeded epoch order, prefetch = plain decode."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from hnm_ray.config import TilingConfig
+from hnm_ray.decode import TileReaders, decode_batch
+from hnm_ray.index import tile_index
+from hnm_ray.store.manifest import load_manifest
+from hnm_ray.training.finetune import TILE_ROW_SCHEMA
+from hnm_ray.training.tile_batches import ROW_COLUMNS, decoded_batches, epoch_order, worker_share
+
+
+@pytest.fixture(scope="module")
+def rows(demo_cohort) -> pa.Table:
+    """Fine-tuning rows of the first three demo slides, interleaved (as the driver's shuffled table is)."""
+    parts = []
+    for record in load_manifest(demo_cohort, require_labels=False)[:3]:
+        grid = tile_index(record, TilingConfig())
+        n = grid.num_rows
+        parts.append(pa.table({"slide_id": grid["slide_id"], "path": grid["path"], "tile_id": grid["tile_id"],
+                               "x": grid["x"], "y": grid["y"], "level": grid["level"], "size": grid["size"],
+                               "label": pa.array(np.zeros(n, np.int8)), "pos_rank": pa.array(np.zeros(n, np.float32)),
+                               "kind": pa.array(np.zeros(n, np.int8))}, schema=TILE_ROW_SCHEMA))
+    table = pa.concat_tables(parts)
+    return table.take(np.random.default_rng(0).permutation(table.num_rows))
+
+
+def test_worker_shares_are_disjoint_equal_and_cover_all_but_the_remainder(rows):
+    shares = [worker_share(rows, rank, 3) for rank in range(3)]
+    lengths = {len(s["tile_id"]) for s in shares}
+    assert lengths == {rows.num_rows // 3}  # DDP needs the same number of batches on every worker
+    keys = [(s, t) for share in shares for s, t in zip(share["slide_id"], share["tile_id"])]
+    assert len(set(keys)) == len(keys) == 3 * (rows.num_rows // 3)
+    assert len(worker_share(rows, 0, 1)["tile_id"]) == rows.num_rows
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    np.testing.assert_array_equal(epoch_order(50, 3, 7), epoch_order(50, 3, 7))
+    assert sorted(epoch_order(50, 3, 7)) == list(range(50))
+    assert not np.array_equal(epoch_order(50, 3, 7), epoch_order(50, 3, 8))
+    assert not np.array_equal(epoch_order(50, 3, 7), epoch_order(50, 4, 7))
+
+
+def test_decoded_batches_hold_every_row_once_with_the_pixels_a_plain_decode_reads(rows):
+    share = worker_share(rows, 0, 1)
+    order = epoch_order(len(share["tile_id"]), 0, 0)
+    readers = TileReaders()
+    batches = list(decoded_batches(share, order, 16, 224, readers))
+    assert [len(b["tile_id"]) for b in batches[:-1]] == [16] * (len(batches) - 1)
+    # each batch holds the rows of its slice of the epoch order (grouped by slide inside the batch)
+    for i, batch in enumerate(batches):
+        expected = order[i * 16: (i + 1) * 16]
+        assert sorted(zip(batch["slide_id"], batch["tile_id"])) == sorted(
+            zip(share["slide_id"][expected], share["tile_id"][expected]))
+        assert set(batch) >= set(ROW_COLUMNS) | {"tiles", "error"} and not any(batch["error"])
+    first = batches[0]
+    plain, errors = decode_batch(TileReaders(), {k: first[k] for k in ROW_COLUMNS}, 224, 1)
+    np.testing.assert_array_equal(first["tiles"], plain)
+    assert first["tiles"].shape == (16, 224, 224, 3) and first["tiles"].std() > 0
