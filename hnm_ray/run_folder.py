@@ -1,6 +1,13 @@
-"""A run folder: its saved config, `state.json` (finished stages, so `--resume` skips them) and the demo cohort."""
+"""A run folder: its saved config, `state.json` (finished stages, so `--resume` skips them) and the demo cohort.
+
+With `--runs-dir s3://bucket/runs` (or gs://) the run folder is staged in a local folder and mirrored to
+`<uri>/<name>/` each time a stage is recorded and when the job ends: changed files first, `state.json` last, so the
+remote copy always holds a state.json whose stages' outputs were uploaded before it. `--resume <uri>/<name>`
+fetches the remote copy first. Ray Train checkpoints go straight to `<uri>/<name>/ray_train` (`train_storage`).
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -10,19 +17,23 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hnm_ray import config as cfg
-from hnm_ray import tracking
+from hnm_ray import storage, tracking
 from hnm_ray.config import JobConfig, TrainConfig
-from hnm_ray.errors import ConfigError
+from hnm_ray.errors import ConfigError, StoreError
 
 log = logging.getLogger("hnm_ray")
 CONFIG_FILE = "config.yaml"
+STATE_FILE = "state.json"
+REMOTE_FILE = ".remote"  # in a staged run folder: the URI it mirrors
+SYNCED_FILE = ".synced.json"  # in a staged run folder: size and mtime of each file as last uploaded
 
 
 class RunState:
     """`state.json` of a run: which stages are done and what they produced, so --resume skips them."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / "state.json"
+        self.run_dir = run_dir
+        self.path = run_dir / STATE_FILE
         self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def get(self, stage: str) -> Any:
@@ -56,6 +67,64 @@ class RunState:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2, default=float))
         tmp.replace(self.path)
+        sync(self.run_dir)
+
+
+def staged(uri: str) -> Path:
+    """The local stage of the run folder at `uri` (under $HNM_RAY_CACHE/staged_runs), holding what the remote copy
+    holds: missing files are fetched, and all of them when the remote state.json differs from the local one."""
+    local = _cache_root() / "staged_runs" / hashlib.sha256(uri.encode()).hexdigest()[:12] / storage.name(uri)
+    remote_state = storage.join(uri, STATE_FILE)
+    remote_bytes = storage.read_bytes(remote_state) if storage.is_file(remote_state) else None
+    local_bytes = (local / STATE_FILE).read_bytes() if (local / STATE_FILE).is_file() else None
+    overwrite = remote_bytes is not None and remote_bytes != local_bytes
+    remote_files = storage.download_tree(uri, local, overwrite)
+    if remote_files:
+        log.info("run %s: %d file(s) there, local stage %s", uri, len(remote_files), local)
+    if overwrite or not (local / SYNCED_FILE).is_file():  # else the local stage is at the remote's state or ahead
+        present = set(remote_files)
+        _record_synced(local, {k: v for k, v in storage.local_files(local).items() if k in present})
+    (local / REMOTE_FILE).write_text(uri)
+    return local
+
+
+def remote_of(run_dir: Path) -> str | None:
+    """The URI a staged run folder mirrors, or None for a plain local run folder."""
+    marker = Path(run_dir) / REMOTE_FILE
+    return marker.read_text().strip() if marker.is_file() else None
+
+
+def sync(run_dir: Path) -> None:
+    """Upload a staged run folder's new and changed files to its URI, state.json last (no-op for local runs)."""
+    uri = remote_of(run_dir)
+    if uri is None:
+        return
+    try:
+        _record_synced(run_dir, storage.upload_tree(run_dir, uri, _synced(run_dir), last=(STATE_FILE,)))
+    except OSError as exc:
+        raise StoreError(f"cannot upload run folder {run_dir} to {uri}: {exc}. The remote copy keeps its last "
+                         f"complete state; fix access ({storage.ENV_HELP}) and --resume {uri}") from exc
+
+
+def ray_train_storage(run_dir: Path) -> dict[str, Any]:
+    """RunConfig's storage_path (+ storage_filesystem) of a run's Ray Train stages: <uri>/ray_train for a staged
+    run (every node reaches it; the filesystem, with its endpoint, travels with the trainer), else <run>/ray_train."""
+    uri = remote_of(run_dir)
+    path, filesystem = storage.ray_storage(storage.join(uri, "ray_train") if uri else Path(run_dir) / "ray_train")
+    return {"storage_path": path, "storage_filesystem": filesystem}
+
+
+def _synced(run_dir: Path) -> dict[str, list[int]]:
+    path = Path(run_dir) / SYNCED_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _record_synced(run_dir: Path, record: dict[str, list[int]]) -> None:
+    storage.write_bytes(json.dumps(record).encode(), Path(run_dir) / SYNCED_FILE)
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("HNM_RAY_CACHE") or Path.home() / ".cache" / "hnm_ray")
 
 
 def saved_config(run_dir: str | Path) -> dict[str, Any]:
@@ -70,6 +139,8 @@ def resolve_run(config: TrainConfig, resume: str | None, saved: dict[str, Any] |
     """The run folder: the resumed one (changed knobs are applied and logged), or <runs_dir>/<name> for a new run.
     A run asking for MLflow tracking without mlflow installed stops here, before any work."""
     tracking.check(config.run)
+    storage.check(config.run.runs_dir, "run.runs_dir")
+    storage.check(config.run.store, "run.store")
     if resume:
         changed = cfg.changed_knobs(saved or {}, cfg.to_tree(config))
         if changed:
@@ -77,7 +148,10 @@ def resolve_run(config: TrainConfig, resume: str | None, saved: dict[str, Any] |
                         ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
         return Path(resume).resolve()
     config.run.name = config.run.name or time.strftime("hnm-%Y%m%d-%H%M%S")
-    return (Path(config.run.runs_dir) / config.run.name).resolve()
+    runs_dir = storage.location(config.run.runs_dir)
+    if storage.is_uri(runs_dir):
+        return staged(storage.join(runs_dir, config.run.name))
+    return (runs_dir / config.run.name).resolve()
 
 
 def demo_manifest(job: JobConfig) -> Path:
@@ -97,4 +171,4 @@ def demo_manifest(job: JobConfig) -> Path:
 
 def cache_dir(job: JobConfig) -> Path:
     """The cache folder of cohorts and warm-start weights ($HNM_RAY_CACHE, else ~/.cache/hnm_ray)."""
-    return Path(job.demo_dir or os.environ.get("HNM_RAY_CACHE") or Path.home() / ".cache" / "hnm_ray")
+    return Path(job.demo_dir) if job.demo_dir else _cache_root()

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hnm_ray import storage
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 
@@ -75,7 +76,7 @@ def score_tiles(model_path: str | Path, store: FeatureStore, records: list[Slide
 
     wanted = sorted({r.slide_id for r in records} & store.completed())
     negatives = [r.slide_id for r in records if r.label == 0 and r.slide_id in wanted]
-    ds = ray.data.read_parquet([str(store.slide_path(s)) for s in wanted]).select_columns(["slide_id", "tile_id", "embedding"])
+    ds = store.dataset(["slide_id", "tile_id", "embedding"], slide_ids=wanted)
     ds = ds.map_batches(InstanceScorer, fn_constructor_args=(str(model_path), miner_name, negatives),
                         batch_size=batch_size, batch_format="numpy", num_cpus=0.5,
                         compute=ray.data.ActorPoolStrategy(size=num_scorers))
@@ -94,4 +95,4 @@ def score_tiles(model_path: str | Path, store: FeatureStore, records: list[Slide
 
 def count_tiles(store: FeatureStore, slide_ids: list[str]) -> int:
     """Number of tiles of these slides in the store (from Parquet footers, no data read)."""
-    return sum(pq.ParquetFile(store.slide_path(s)).metadata.num_rows for s in slide_ids)
+    return sum(storage.num_rows(store.slide_path(s)) for s in slide_ids)

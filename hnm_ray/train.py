@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from hnm_ray import config as cfg
+from hnm_ray import storage
 from hnm_ray.cli import entry_point
 from hnm_ray.cli import parser as cli_parser
 from hnm_ray.config import TrainConfig
@@ -37,7 +38,8 @@ from hnm_ray.mining import adopt_round, positive_ratio
 from hnm_ray.outputs import finish, round_done
 from hnm_ray.progress import route_ray_logs
 from hnm_ray.pseudo_labels import Selection, mine_round
-from hnm_ray.run_folder import CONFIG_FILE, RunState, cache_dir, demo_manifest, resolve_run, saved_config
+from hnm_ray.run_folder import (CONFIG_FILE, RunState, cache_dir, demo_manifest, remote_of, resolve_run, saved_config,
+                                 staged, sync)
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest, require_both_classes
 from hnm_ray.training.finetune import UNCERTAIN_NEGATIVE, fit_finetune, round_rows
@@ -86,6 +88,7 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
     final["seconds"] = time.perf_counter() - started
     final["stage_seconds"] = state.get("seconds")
     (run_dir / "metrics.json").write_text(json.dumps(final, indent=2, default=float))
+    sync(run_dir)  # a run folder on object storage gets the last outputs
     log.info("done: %s (test AUC %.3f; official protocol %.3f)", run_dir / "metrics.json",
              final["final"].get("test_auc", np.nan), (final["official_protocol"] or {}).get("test_auc", np.nan))
     return final
@@ -108,9 +111,9 @@ def with_weights(config: TrainConfig, weights: str | None) -> TrainConfig:
     return dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, weights=weights))
 
 
-def index_root(config: TrainConfig, run_dir: Path) -> Path:
-    """Where the tile index lives: beside round 0's features (the shared store when --run.store is set)."""
-    return Path(config.run.store) if config.run.store else run_dir / "features"
+def index_root(config: TrainConfig, run_dir: Path) -> storage.Location:
+    """Where the tile index lives: beside round 0's features (the shared store, a folder or URI, when --run.store is set)."""
+    return storage.location(config.run.store) if config.run.store else run_dir / "features"
 
 
 def round_store(config: TrainConfig, run_dir: Path, round_: int, weights: str | None) -> FeatureStore:
@@ -187,18 +190,19 @@ def build_parser():
 def parse_args(argv: list[str] | None) -> tuple[TrainConfig, Path]:
     """Recipe, YAML and flags -> config and run folder (`--resume RUN` starts from RUN/config.yaml)."""
     args = build_parser().parse_args(argv)
-    saved = saved_config(args.resume) if args.resume else None
+    resume = staged(args.resume.rstrip("/")) if args.resume and storage.is_uri(args.resume) else args.resume
+    saved = saved_config(resume) if resume else None
     config = cfg.load_config(TrainConfig, args, base=saved)
-    return config, resolve_run(config, args.resume, saved)
+    return config, resolve_run(config, resume, saved)
 
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point of `python -m hnm_ray.train`."""
     config, run_dir = parse_args(argv)
-    log.info("run folder: %s", run_dir)
+    log.info("run folder: %s%s", run_dir, f" (mirrored to {remote_of(run_dir)})" if remote_of(run_dir) else "")
     final = run_job(config, run_dir)
-    print(json.dumps({"run": str(run_dir), **{k: final["final"].get(k) for k in
+    print(json.dumps({"run": remote_of(run_dir) or str(run_dir), **{k: final["final"].get(k) for k in
                       ("test_auc", "test_accuracy", "test_f1", "test_instance_auc", "test_instance_auprc")}}, default=float))
     return 0
 

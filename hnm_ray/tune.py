@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from hnm_ray import config as cfg
-from hnm_ray import tracking
+from hnm_ray import storage, tracking
 from hnm_ray.cli import entry_point
 from hnm_ray.cli import parser as cli_parser
 from hnm_ray.config import TrainConfig
 from hnm_ray.errors import ConfigError, HnmError
 from hnm_ray.extract import extract_features
-from hnm_ray.run_folder import RunState, demo_manifest
+from hnm_ray.run_folder import RunState, demo_manifest, staged, sync
 from hnm_ray.train import index_root, initial_encoder, round_store, run_job, with_weights
 
 log = logging.getLogger("hnm_ray")
@@ -107,21 +107,23 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def prepare_shared_store(config: TuneConfig, storage: Path) -> TuneConfig:
-    """Extract the round-0 features once into <storage>/features and point every trial at them."""
+def prepare_shared_store(config: TuneConfig, root: storage.Location, work: Path) -> TuneConfig:
+    """Extract the round-0 features once into <root>/features (a folder or URI) and point every trial at them;
+    the warm start's files go to the local folder `work`."""
     from hnm_ray.store.manifest import load_manifest, require_both_classes
 
     job = config.run
     job.manifest = job.manifest or str(demo_manifest(job))
-    job.store = job.store or str(storage / "features")
+    job.store = job.store or str(storage.join(root, "features"))
+    storage.check(job.store, "run.store")
     tracking.check(job)
     job.tracking_uri = tracking.resolve_uri(job)  # absolute: trials run in their own folders, all log to one store
     records = load_manifest(job.manifest, seed=job.seed)
     require_both_classes(records, job.manifest)
     # The warm start (cached per cohort + encoder) is made here once, so every trial finds it and the same store.
-    weights = initial_encoder(config, records, storage, RunState(storage))
-    extract_features(records, round_store(config, storage, 0, weights), with_weights(config, weights),
-                     index_root(config, storage))
+    weights = initial_encoder(config, records, work, RunState(work))
+    extract_features(records, round_store(config, work, 0, weights), with_weights(config, weights),
+                     index_root(config, work))
     return config
 
 
@@ -134,22 +136,30 @@ def run_sweep(config: TuneConfig, resume: bool = False):
 
     init_ray()
     sweep = config.sweep
-    storage = Path(sweep.storage_path).resolve()
-    path = storage / sweep.sweep_name
+    storage.check(sweep.storage_path, "sweep.storage_path")
+    root = storage.location(sweep.storage_path)
+    root = root if storage.is_uri(root) else root.resolve()
+    # On object storage the sweep's own files (warm start, results.csv, best_config.yaml) are staged locally and
+    # uploaded to <root>/<sweep_name>/shared; Tune syncs its experiment and trial folders to <root> itself.
+    work = staged(storage.join(root, sweep.sweep_name, "shared")) if storage.is_uri(root) else root
+    path = storage.join(root, sweep.sweep_name)
+    storage_path, filesystem = storage.ray_storage(root)
     trainable = tune.with_resources(trial, {"cpu": sweep.cpus_per_trial})
     if resume:
-        if not tune.Tuner.can_restore(str(path)):
+        restore_path = storage.ray_storage(path)[0]
+        if not tune.Tuner.can_restore(restore_path, storage_filesystem=filesystem):
             raise ConfigError("resume", f"no sweep to restore at {path}; check --storage-path and --sweep-name")
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(restore_path, trainable=trainable, resume_errored=True, storage_filesystem=filesystem)
     else:
-        config = prepare_shared_store(config, storage)
+        config = prepare_shared_store(config, root, work)
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=config.run.rounds + 1,
                                   grace_period=sweep.grace_rounds, reduction_factor=2)
         tuner = tune.Tuner(
             trainable, param_space={"base": config.train_tree(), **search_space(sweep)},
             tune_config=tune.TuneConfig(metric=sweep.metric, mode="max", scheduler=scheduler,
                                         num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent_trials),
-            run_config=tune.RunConfig(name=sweep.sweep_name, storage_path=str(storage)),
+            run_config=tune.RunConfig(name=sweep.sweep_name, storage_path=storage_path, storage_filesystem=filesystem,
+                                      sync_config=tune.SyncConfig(sync_artifacts=filesystem is not None)),
         )
     results = tuner.fit()
     failed = [f"{r.path.rsplit('/', 1)[-1] if r.path else '?'}: {str(r.error).splitlines()[0][:300]}"
@@ -157,7 +167,8 @@ def run_sweep(config: TuneConfig, resume: bool = False):
     if len(failed) == len(results):
         raise HnmError(f"every trial of sweep {sweep.sweep_name!r} failed; no best config written:\n  " +
                        "\n  ".join(failed))
-    write_results(results, path, sweep.metric)
+    write_results(results, work if storage.is_uri(root) else path, sweep.metric)
+    sync(work)
     if failed:
         raise HnmError(f"{len(failed)} of {len(results)} trials failed (left out of the best config):\n  "
                        + "\n  ".join(failed))

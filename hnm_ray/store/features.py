@@ -2,15 +2,16 @@
 
 Layout: `<root>/<encoder_tag>/round=<r>/<slide_id>.parquet` (zstd) with the columns of
 `feature_schema`, and the extraction settings (encoder tag, tile size, mpp, dim, dtype) as JSON
-in the file's schema metadata. A slide file is written to a hidden temp name in the same folder
-and renamed, so a slide is either complete or absent and a killed job resumes by skipping
-`completed()` slides. Failures go to `errors.jsonl` in the same folder, one JSON object a line.
+in the file's schema metadata. The root is a folder or an object-storage URI (`s3://bucket/features`,
+see `hnm_ray.storage`). A slide file is written atomically (locally: a hidden temp name in the same
+folder, renamed; on object storage: one upload that becomes visible when complete), so a slide is
+either complete or absent and a killed job resumes by skipping `completed()` slides. Failures go to
+`errors.jsonl` in the same folder, one JSON object a line (on object storage: one object a record).
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -21,9 +22,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from hnm_ray import storage
 from hnm_ray.errors import StoreError
+from hnm_ray.storage import Location
 from hnm_ray.store.manifest import SlideRecord, name_problem
 
 log = logging.getLogger("hnm_ray")
@@ -85,35 +87,34 @@ class FeatureStore:
             raise StoreError(f"encoder tag {encoder_tag!r} {reason}; use models.encoders.encoder_tag() to make one")
         if int(round) < 0:
             raise StoreError(f"round must be >= 0, got {round}")
-        self.root = Path(root).expanduser()
+        self.root = storage.location(root)
         self.encoder_tag = encoder_tag
         self.round = int(round)
-        self.directory = self.root / encoder_tag / f"round={self.round}"
-        self.errors_path = self.directory / "errors.jsonl"
+        self.directory = storage.join(self.root, encoder_tag, f"round={self.round}")
+        self.errors_path = storage.join(self.directory, "errors.jsonl")
 
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.directory)!r})"
 
-    def slide_path(self, slide_id: str) -> Path:
-        """Path of a slide's feature file (raises StoreError when slide_id is not a safe file name)."""
+    def slide_path(self, slide_id: str) -> Location:
+        """Path (URI on object storage) of a slide's feature file (StoreError when slide_id is not a safe file name)."""
         if reason := name_problem(slide_id):
             raise StoreError(f"slide {slide_id!r}: slide_id {reason}; fix it in the manifest")
-        return self.directory / f"{slide_id}{SUFFIX}"
+        return storage.join(self.directory, f"{slide_id}{SUFFIX}")
 
-    def files(self) -> list[Path]:
+    def files(self) -> list[Location]:
         """The complete slide files of this round, sorted (temp files of unfinished writes are not listed)."""
-        if not self.directory.is_dir():
-            return []
-        return sorted(p for p in self.directory.glob(f"*{SUFFIX}") if not p.name.startswith("."))
+        return storage.list_files(self.directory, SUFFIX)
 
     def completed(self) -> set[str]:
         """Slide ids with a complete feature file; removes stale temp files left by killed writers."""
         self.clean_temp()
-        return {p.name[: -len(SUFFIX)] for p in self.files()}
+        return {storage.name(p)[: -len(SUFFIX)] for p in self.files()}
 
     def clean_temp(self, older_than_s: float = STALE_TEMP_SECONDS) -> list[Path]:
-        """Remove temp files of writers killed mid-write (older than `older_than_s`, so live writers are safe)."""
-        if not self.directory.is_dir():
+        """Remove temp files of writers killed mid-write (older than `older_than_s`, so live writers are safe).
+        Object stores have none: an upload cut short never becomes an object."""
+        if storage.is_uri(self.directory) or not self.directory.is_dir():
             return []
         cutoff = time.time() - older_than_s
         removed = []
@@ -129,12 +130,12 @@ class FeatureStore:
         return removed
 
     def write_slide(self, slide_id: str, tiles: pa.Table, embeddings: np.ndarray, truth: np.ndarray | None = None,
-                    metadata: dict[str, Any] | None = None) -> Path:
-        """Write one slide's file atomically (temp name + os.replace); returns its path."""
+                    metadata: dict[str, Any] | None = None) -> Location:
+        """Write one slide's file atomically (temp name + os.replace, or one upload); returns its path."""
         final = self.slide_path(slide_id)
         table = self._slide_table(slide_id, tiles, embeddings, truth, metadata or {})
         try:
-            write_table_atomically(table, final)
+            storage.write_table(table, final)
         except OSError as exc:
             raise StoreError(f"slide {slide_id!r}: cannot write features to {final}: {exc}; nothing was kept for this "
                              "slide. Free disk space / check permissions of the store folder, then re-run (finished "
@@ -143,16 +144,15 @@ class FeatureStore:
 
     def ensure_writable(self) -> None:
         """Create this round's folder and write a probe file in it; StoreError naming the folder and cause otherwise."""
-        probe = self.directory / f".write-probe.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+        probe = storage.join(self.directory, f".write-probe.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            with open(probe, "wb") as sink:
-                sink.write(b"hnm-ray")
-            probe.unlink()
+            storage.write_bytes(b"hnm-ray", probe)
+            storage.delete(probe)
         except OSError as exc:
-            _unlink_quietly(probe)
+            if not storage.is_uri(probe):
+                storage.unlink_quietly(probe)
             raise StoreError(f"feature store {self.directory} is not writable: {exc}. Pass an output folder you can "
-                             "write to (and with free space)") from exc
+                             f"write to (and with free space); for object storage, {storage.ENV_HELP}") from exc
 
     def _slide_table(self, slide_id: str, tiles: pa.Table, embeddings: np.ndarray, truth: np.ndarray | None,
                      metadata: dict[str, Any]) -> pa.Table:
@@ -188,12 +188,12 @@ class FeatureStore:
     def read_table(self, slide_id: str, columns: list[str] | None = None) -> pa.Table:
         """A slide's feature file as an Arrow table (StoreError naming the slide and the fix when absent/unreadable)."""
         path = self.slide_path(slide_id)
-        if not path.is_file():
-            where = f"no feature store at {self.directory}" if not self.directory.is_dir() else f"not in {self.directory}"
+        if not storage.is_file(path):
+            where = f"not in {self.directory}" if self.files() else f"no feature store at {self.directory}"
             raise StoreError(f"slide {slide_id!r}: features {where}; run `python -m hnm_ray.extract --out {self.root}` "
                              f"with this encoder (tag {self.encoder_tag!r}) and round {self.round} first")
         try:
-            table = pq.read_table(path, columns=columns)
+            table = storage.read_table(path, columns=columns)
         except (pa.ArrowException, OSError) as exc:
             raise StoreError(f"slide {slide_id!r}: cannot read {path}: {exc}; delete the file and re-run extraction "
                              "to rewrite it") from exc
@@ -239,7 +239,7 @@ class FeatureStore:
         if not files:
             raise StoreError(f"no slide files in {self.directory}; run `python -m hnm_ray.extract --out {self.root}` first")
         try:
-            raw = pq.read_schema(files[0]).metadata or {}
+            raw = storage.read_schema(files[0]).metadata or {}
             return json.loads(raw[METADATA_KEY])
         except (pa.ArrowException, OSError, KeyError, ValueError) as exc:
             raise StoreError(f"{files[0]}: no readable hnm-ray metadata ({exc}); delete the file and re-run extraction") from exc
@@ -248,47 +248,27 @@ class FeatureStore:
         """Append one failure (slide_id, stage, cause, time) to errors.jsonl (StoreError when it cannot)."""
         entry = {"slide_id": str(slide_id), "stage": stage, "cause": str(cause),
                  "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        line = (json.dumps(entry) + "\n").encode()
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.errors_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, line)  # one write of one line: appends from several processes do not interleave
-            finally:
-                os.close(fd)
+            storage.append_record(self.errors_path, json.dumps(entry))
         except OSError as exc:
             raise StoreError(f"slide {slide_id!r}: cannot record its {stage} failure ({cause}) in {self.errors_path}: "
                              f"{exc}. Free disk space / check permissions of the store folder") from exc
 
     def errors(self) -> list[dict[str, Any]]:
         """Every recorded failure, oldest first (a line cut short by a killed writer is skipped)."""
-        if not self.errors_path.is_file():
-            return []
-        entries = []
-        for line in self.errors_path.read_text().splitlines():
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                continue
-        return entries
+        return storage.read_records(self.errors_path)
 
-    def dataset(self, columns: list[str] | None = None, **read_kwargs: Any):
-        """A `ray.data.read_parquet` view over this round's complete slide files (optionally only `columns`)."""
+    def dataset(self, columns: list[str] | None = None, slide_ids: list[str] | None = None, **read_kwargs: Any):
+        """A `ray.data.read_parquet` view over this round's complete slide files (or those of `slide_ids`), optionally
+        only `columns`. The filesystem travels with the read tasks, so they reach object storage like the driver."""
         import ray.data
 
-        files = self.files()
+        files = self.files() if slide_ids is None else [self.slide_path(s) for s in slide_ids]
         if not files:
             raise StoreError(f"no slide files in {self.directory}; run `python -m hnm_ray.extract --out {self.root}` first")
-        ds = ray.data.read_parquet([str(p) for p in files], **read_kwargs)
+        fs, _ = storage.filesystem(self.directory)
+        ds = ray.data.read_parquet([storage.filesystem(p)[1] for p in files], filesystem=fs, **read_kwargs)
         return ds.select_columns(columns) if columns else ds
-
-
-def _unlink_quietly(path: Path) -> None:
-    """Remove a temp file; a failure to remove it (read-only folder) must not hide the error being raised."""
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass
 
 
 def bags(store: FeatureStore, records: Iterable[SlideRecord], skip_missing: bool = False) -> Iterator[Bag]:
@@ -299,18 +279,7 @@ def bags(store: FeatureStore, records: Iterable[SlideRecord], skip_missing: bool
             yield store.read_bag(record.slide_id, label=record.label)
 
 
-def write_table_atomically(table: pa.Table, final: Path) -> Path:
-    """Write `table` as zstd Parquet to a hidden temp name beside `final`, fsync, rename: complete or absent.
-    OSError (disk full, read-only) propagates with no temp file left behind."""
-    temp = final.parent / f".{final.stem}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with open(temp, "wb") as sink:
-            pq.write_table(table, sink, compression="zstd")
-            sink.flush()
-            os.fsync(sink.fileno())
-        os.replace(temp, final)
-    except BaseException:
-        _unlink_quietly(temp)
-        raise
-    return final
+def write_table_atomically(table: pa.Table, final: Location) -> Location:
+    """Write `table` as zstd Parquet, complete or absent (temp + fsync + rename locally, one upload on object
+    storage). OSError (disk full, read-only) propagates with no temp file left behind."""
+    return storage.write_table(table, final)

@@ -29,6 +29,7 @@ from hnm_ray.config import MILConfig, TrainConfig
 from hnm_ray.cli import entry_point
 from hnm_ray.cli import parser as cli_parser
 from hnm_ray.errors import ConfigError, HnmError, StoreError
+from hnm_ray.run_folder import ray_train_storage
 from hnm_ray.store.features import Bag, FeatureStore
 from hnm_ray.inference import _tensor, evaluate_bags, evaluate_split, save_aggregator
 from hnm_ray.store.manifest import SlideRecord, load_manifest
@@ -267,7 +268,7 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
         train_loop_per_worker, train_loop_config=loop,
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=str(storage),
+        run_config=RunConfig(name=name, **ray_train_storage(run_dir),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=config.max_failures)),
     )
