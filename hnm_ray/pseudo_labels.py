@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hnm_ray.config import MiningConfig
+from hnm_ray.errors import HnmError
 from hnm_ray.mining import get_miner, select_positives, uncertain_negatives
 from hnm_ray.scoring import count_tiles, score_tiles
 from hnm_ray.store.features import FeatureStore
@@ -55,8 +56,10 @@ def mine_round(mining: MiningConfig, store: FeatureStore, records: list[SlideRec
             and r.label is not None]
     negatives = [r.slide_id for r in pool if r.label == 0]
     miner = get_miner(miner_name, snapshot_path=str(run_dir / "miner_snapshot.npz"))
-    ray.get(miner.begin_round.remote(count_tiles(store, negatives), mining.neg_ratio, round_))
+    n_negative_tiles = count_tiles(store, negatives)
+    ray.get(miner.begin_round.remote(n_negative_tiles, mining.neg_ratio, round_))
     scores = score_tiles(model_path, store, pool, run_dir / f"scores_round{round_}.parquet", miner_name=miner_name)
+    repush_lost_scores(miner, scores, negatives, n_negative_tiles, round_)
     ray.get(miner.save.remote(str(run_dir / "miner_snapshot.npz")))
     hard = ray.get(miner.hard_negatives.remote())
     positive_ids = [r.slide_id for r in pool if r.label == 1]
@@ -72,6 +75,28 @@ def mine_round(mining: MiningConfig, store: FeatureStore, records: list[SlideRec
              stats.get("n_neg_total", 0), 1 / (1 + np.exp(-logit)) if logit is not None else np.nan,
              positives.num_rows, mining.threshold, uncertain.num_rows)
     return Selection(hard, positives, uncertain, {k: v for k, v in stats.items() if not isinstance(v, np.ndarray)})
+
+
+def repush_lost_scores(miner: Any, scores: pa.Table, negatives: list[str], n_negative_tiles: int, round_: int,
+                       chunk: int = 1 << 16) -> None:
+    """Make sure the miner holds every negative tile's score: when its node died during scoring, the actor came back
+    (max_restarts) from its last snapshot (taken at begin_round) and lost the pushes acknowledged since; those are
+    pushed again from the scores table (pushes are idempotent: the round's hard negatives come out identical)."""
+    import ray
+
+    seen = ray.get(miner.stats.remote())["seen"]
+    if seen == n_negative_tiles:
+        return
+    log.warning("round %d mining: the miner holds %d of %d negative tiles (it restarted, e.g. its node died, and "
+                "restored its last snapshot); pushing the lost scores again", round_, seen, n_negative_tiles)
+    on_negative = scores.filter(np.isin(scores["slide_id"].to_numpy(zero_copy_only=False), negatives))
+    for start in range(0, on_negative.num_rows, chunk):
+        part = on_negative.slice(start, chunk)
+        ray.get(miner.push.remote(part["slide_id"], part["tile_id"].to_numpy(), part["logit"].to_numpy()))
+    seen = ray.get(miner.stats.remote())["seen"]
+    if seen != n_negative_tiles:
+        raise HnmError(f"round {round_} mining: the miner holds {seen} of {n_negative_tiles} negative tiles after "
+                       "pushing every score again; rerun the job with --resume to mine the round afresh")
 
 
 def with_rank(positives: pa.Table) -> pa.Table:

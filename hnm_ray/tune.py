@@ -50,7 +50,7 @@ class SweepConfig:
     max_concurrent_trials: int = cfg.knob(1, "trials at once (each runs Ray Train/Data jobs of its own)", low=1)
     cpus_per_trial: float = cfg.knob(0.01, "CPUs reserved by a trial's driver (its workers ask for their own)",
                                      low=0.0, low_open=True)
-    storage_path: str = cfg.knob("tune_results", "folder of sweep results")
+    storage_path: str = cfg.knob("tune_results", "folder or s3:// / gs:// URI of sweep results")
     sweep_name: str = cfg.knob("hnm-sweep", "name of this sweep (its folder under storage_path)")
 
     def validate(self) -> None:

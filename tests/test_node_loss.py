@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -54,6 +55,7 @@ class LocalCluster:
         self.cluster = Cluster(initialize_head=True, connect=False, head_node_args=dict(
             num_cpus=0, include_dashboard=False, gcs_server_port=_free_port(), ray_client_server_port=_free_port(),
             _system_config={"agent_register_timeout_ms": 120_000}, **_agent_ports()))
+        self._forget_address()
         self.top_up()
 
     @property
@@ -97,9 +99,20 @@ class LocalCluster:
         assert code == 0, f"driver {args} exited {code}:\n{log[-4000:]}"
         return log
 
+    def _forget_address(self) -> None:
+        """Remove the head's address from /tmp/ray/ray_current_cluster, where Cluster wrote it: a plain `ray.init()`
+        (the suite's `ray_session`, another job on this machine) would join this cluster instead of starting its own."""
+        from ray._common.utils import get_ray_address_file
+        from ray._private.utils import read_ray_address
+
+        if read_ray_address() == self.address:
+            Path(get_ray_address_file(None)).unlink(missing_ok=True)
+
     def shutdown(self) -> None:
-        """Stop every node of the cluster."""
-        self.cluster.shutdown()
+        """Stop every node of the cluster (not Cluster.shutdown: it deletes whatever address file is there)."""
+        for node in list(self.cluster.worker_nodes):
+            self.cluster.remove_node(node, allow_graceful=False)
+        self.cluster.remove_node(self.cluster.head_node, allow_graceful=False)
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +197,177 @@ def test_extraction_node_dies_mid_extraction(nodes, features, demo_cohort, tmp_p
     assert not list(out.rglob("errors.jsonl")), "a slide was recorded as failed"
     _figures("extraction", slides=len(reference), slides_written_before_kill=len(written_before),
              slides_written_after=len(reference) - len(written_before), seconds_kill_to_done=recovered)
+
+
+# ---------------------------------------------------------------------------------------- MIL on Ray Train
+
+MIL_EPOCHS = 6
+TIMING_KEYS = {"epoch_seconds", "reported_at"}
+
+
+def _mil_args(store_root: Path, manifest: Path, out: Path) -> list[str]:
+    tag = next(store_root.glob("*/round=0")).parent.name
+    return ["-m", "hnm_ray.training.mil", "--store", str(store_root), "--tag", tag, "--manifest", str(manifest),
+            "--out", str(out), "--mil.workers", "2", "--mil.cpus_per_worker", str(NODE_CPUS), "--mil.epochs",
+            str(MIL_EPOCHS), "--mil.checkpoint_every", "1", "--mil.max_failures", "2"]
+
+
+def _reports(out: Path) -> dict[str, Any]:
+    """Ray Train V2's controller state (one report a line of `current_report_index`), or {} before the first."""
+    try:
+        return json.loads(next(out.rglob("checkpoint_manager_snapshot.json")).read_text())
+    except (StopIteration, OSError, ValueError):
+        return {}
+
+
+def _without_timings(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+
+
+@pytest.fixture(scope="module")
+def mil_reference(cluster: LocalCluster, features: Path, demo_cohort: Path, tmp_path_factory) -> Path:
+    """The fault-free 2-worker MIL run on the cluster (its out folder: metrics.json, the aggregator)."""
+    folder = tmp_path_factory.mktemp("mil_reference")
+    cluster.top_up()
+    cluster.run(_mil_args(features, demo_cohort, folder / "run"), folder)
+    return folder / "run"
+
+
+@pytest.mark.timeout(300)
+def test_mil_train_worker_node_dies_mid_training(nodes, features, mil_reference, demo_cohort, tmp_path):
+    """SIGKILL the node of one of the 2 Train workers after 2 epoch reports: FailureConfig restarts the worker
+    group on the remaining nodes from the last checkpoint, and the run ends with the fault-free run's model and
+    metrics exactly (seeded pairing, dropout 0, state restored at epoch ends: the job is deterministic)."""
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "run"
+    proc = nodes.driver(_mil_args(features, demo_cohort, out), tmp_path)
+    try:
+        workers = _wait(lambda: len(w := nodes.alive("RayTrainWorker")) == 2 and _reports(out).get(
+            "current_report_index", 0) >= 2 and w, 180, "2 Train workers and 2 reports", every=0.02)
+        reports_at_kill = _reports(out)["current_report_index"]
+        assert len({w["NodeID"] for w in workers}) == 2, "both Train workers run on one node"
+        killed_at = time.monotonic()
+        nodes.kill_node(workers[0]["NodeID"])
+        fresh = _wait(lambda: [w for w in nodes.alive("RayTrainWorker") if w["ActorID"] not in
+                               {x["ActorID"] for x in workers}], 120, "a new Train worker group")
+        regrouped = time.monotonic() - killed_at
+        code = proc.wait(240)
+    finally:
+        proc.kill()
+    done = time.monotonic() - killed_at
+    log = (tmp_path / "driver.log").read_text(errors="replace")
+    assert code == 0, log[-4000:]
+    assert reports_at_kill < MIL_EPOCHS, "training ended before the kill"
+    assert workers[0]["NodeID"] not in {w["NodeID"] for w in fresh}
+    state = _reports(out)
+    assert state["latest_checkpoint_result"]["metrics"]["epoch"] == MIL_EPOCHS - 1
+    # Resumed, not restarted: each epoch reported once (the one in flight at the kill at most twice); a restart
+    # from scratch would have reported reports_at_kill + MIL_EPOCHS times.
+    assert MIL_EPOCHS <= state["current_report_index"] <= MIL_EPOCHS + 1, state["current_report_index"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    reference = json.loads((mil_reference / "metrics.json").read_text())
+    assert _without_timings(metrics) == _without_timings(reference)
+    weights, expected = load_file(out / "mil_aggregator.safetensors"), load_file(mil_reference / "mil_aggregator.safetensors")
+    assert weights.keys() == expected.keys()
+    for key in weights:
+        np.testing.assert_array_equal(weights[key], expected[key], err_msg=key)
+    _figures("mil", epochs=MIL_EPOCHS, reports_at_kill=reports_at_kill,
+             reports_total=state["current_report_index"], seconds_kill_to_new_group=regrouped,
+             seconds_kill_to_done=done)
+
+
+# ---------------------------------------------------------------------------------------- the miner actor
+
+@pytest.mark.timeout(300)
+def test_miner_node_dies_between_pushes(nodes, features, mil_reference, demo_cohort, tmp_path):
+    """SIGKILL the node of the HardNegativeMiner between two waves of pushes: the actor restarts on another node from
+    its snapshot, mining pushes the lost scores again, and the round's hard negatives equal the fault-free round's."""
+    tag = next(features.glob("*/round=0")).parent.name
+    out = tmp_path / "out"
+    out.mkdir()
+    script = Path(__file__).with_name("_mine_driver.py")
+    proc = nodes.driver([str(script), str(features), tag, str(demo_cohort),
+                         str(mil_reference / "mil_aggregator.safetensors"), str(out)], tmp_path)
+    name = "node-loss-miner-fault"
+    try:
+        _wait(lambda: (out / "pushed").exists() or proc.poll() is not None, 240, "the first wave of pushes")
+        assert proc.poll() is None, (tmp_path / "driver.log").read_text(errors="replace")[-4000:]
+        miner = next(a for a in nodes.alive("HardNegativeMiner") if a["Name"] == name)
+        killed_at = time.monotonic()
+        nodes.kill_node(miner["NodeID"])
+        (out / "killed").write_text(miner["NodeID"])
+        back = _wait(lambda: [a for a in nodes.alive("HardNegativeMiner") if a["Name"] == name
+                              and a["NumRestarts"] >= 1], 120, "the miner to restart")[0]
+        restarted = time.monotonic() - killed_at
+        code = proc.wait(240)
+    finally:
+        proc.kill()
+    done = time.monotonic() - killed_at
+    log = (tmp_path / "driver.log").read_text(errors="replace")
+    assert code == 0, log[-4000:]
+    assert back["NodeID"] != miner["NodeID"]
+    stats = json.loads((out / "fault_stats.json").read_text())
+    assert stats["restored_from"], "the restarted miner did not restore its snapshot"
+    assert stats["seen"] == stats["n_neg_total"], stats  # every negative tile's score is in the queue, once
+    assert "pushing the lost scores again" in log
+    hard, reference = (pq.read_table(out / f"{n}_hard_negatives.parquet") for n in ("fault", "ref"))
+    assert hard.num_rows == json.loads((out / "ref_stats.json").read_text())["k"] > 0
+    assert hard.equals(reference)
+    _figures("miner", hard_negatives=hard.num_rows, negative_tiles=stats["n_neg_total"],
+             tiles_pushed_before_kill=int((out / "pushed").read_text()), seconds_kill_to_restart=restarted,
+             seconds_kill_to_done=done)
+
+
+# ---------------------------------------------------------------------------------------- the driver (spot preemption)
+
+JOB = ["--rounds", "1", "--epochs-per-round", "1", "--warmup-epochs", "0", "--mil.epochs", "4", "--mil.workers", "0",
+       "--finetune.workers", "0", "--finetune.batch_size", "32", "--heatmaps", "0", "--pretrain.method", "none", *SMALL]
+
+
+def _job_args(features: Path, manifest: Path, runs: Path, name: str) -> list[str]:
+    return ["-m", "hnm_ray.train", "--manifest", str(manifest), "--run.store", str(features), "--runs-dir", str(runs),
+            "--run.name", name, *JOB]
+
+
+def _rounds(run: Path) -> list[dict[str, Any]]:
+    """Each round's metrics without paths (what must not depend on a preemption and resume)."""
+    drop = ("model_path", "encoder_weights")
+    return [{k: v for k, v in r.items() if k not in drop} for r in json.loads((run / "metrics.json").read_text())["rounds"]]
+
+
+@pytest.mark.timeout(400)
+def test_driver_sigterm_mid_round_then_resume_finishes_the_job(nodes, features, demo_cohort, tmp_path):
+    """SIGTERM the driver (a spot preemption of its node) once round 0's hard negatives are mined: the job stops,
+    `--resume` on the cluster keeps the finished stages and ends with the fault-free job's metrics."""
+    runs = tmp_path / "runs"
+    (tmp_path / "ref").mkdir()
+    nodes.run(_job_args(features, demo_cohort, runs, "ref"), tmp_path / "ref")
+    run = runs / "preempted"
+    proc = nodes.driver(_job_args(features, demo_cohort, runs, "preempted"), tmp_path)
+    try:
+        _wait(lambda: "mining_round0" in _state(run) or proc.poll() is not None, 240, "round 0's mining")
+        assert proc.poll() is None, "the job ended before it could be preempted"
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    finally:
+        proc.kill()
+    log = (tmp_path / "driver.log").read_text(errors="replace")
+    assert code == 128 + signal.SIGTERM and not (run / "metrics.json").exists(), log[-4000:]
+    assert "received SIGTERM" in log and "--resume" in log
+    finished = set(_state(run))
+    stamp = (run / "metrics_round0.json").stat().st_mtime_ns
+    started = time.monotonic()
+    nodes.run(["-m", "hnm_ray.train", "--resume", str(run)], tmp_path)
+    resumed = time.monotonic() - started
+    assert (run / "metrics_round0.json").stat().st_mtime_ns == stamp, "round 0's MIL ran again"
+    assert _rounds(run) == _rounds(runs / "ref")
+    _figures("driver", stages_done_at_sigterm=sorted(s for s in finished if s != "seconds"), exit_code=code,
+             seconds_resume=resumed)
+
+
+def _state(run: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}

@@ -238,3 +238,16 @@ def test_a_sync_cut_short_keeps_the_previous_state_json(s3, tmp_path, monkeypatc
     remote_state = json.loads(s3.get_object(Bucket=BUCKET, Key="cut/run/state.json")["Body"].read())
     assert remote_state == {"stage0": 1}  # stage1's output went up, its state.json did not: stage1 reruns
     assert _keys(s3, "cut/run/") == ["cut/run/stage0.txt", "cut/run/stage1.txt", "cut/run/state.json"]
+
+
+def test_tune_storage_path_stays_a_uri(s3, ray_session, tmp_path, monkeypatch):
+    from hnm_ray import config as cfg
+    from hnm_ray.tune import TuneConfig, run_sweep
+
+    monkeypatch.setenv("HNM_RAY_CACHE", str(tmp_path / "cache"))
+    config = cfg.from_tree(TuneConfig, {"sweep": {"storage_path": f"s3://{BUCKET}/tune", "sweep_name": "s"}})
+    with pytest.raises(ConfigError, match=f"no sweep to restore at s3://{BUCKET}/tune/s;"):
+        run_sweep(config, resume=True)  # Tune looked in the bucket, not in a local folder named 's3:'
+    config.sweep.storage_path = "s3://nope/tune"
+    with pytest.raises(ConfigError, match="'sweep.storage_path'.*does not exist"):
+        run_sweep(config, resume=True)

@@ -207,13 +207,14 @@ class JobConfig:
     """The job: cohort, run folder, rounds and seed."""
 
     name: str = knob("", "run name (default: hnm-<date>-<time>); outputs go to <runs_dir>/<name>")
-    runs_dir: str = knob("runs", "folder of run folders")
+    runs_dir: str = knob("runs", "folder (or s3:// / gs:// URI) of run folders")
     manifest: str = knob("", "slide manifest (CSV/Parquet: slide_id, path, label[, split, annotation]); empty: the "
                              "built-in demo cohort")
     demo_dir: str = knob("", "where the demo cohort is cached (default: $HNM_RAY_CACHE or ~/.cache/hnm_ray)")
     demo_slides: int = knob(16, "slides in the demo cohort", low=4)
     demo_size: int = knob(4096, "level-0 side of demo slides in pixels", low=512)
-    store: str = knob("", "feature store root of round 0 (default: <run>/features); shareable between runs")
+    store: str = knob("", "feature store root of round 0, a folder or s3:// / gs:// URI (default: <run>/features); "
+                          "shareable between runs")
     rounds: int = knob(2, "fine-tuning rounds (the aggregator is trained rounds + 1 times)", low=0)
     heatmaps: int = knob(4, "test slides to draw tile-score heatmaps for", low=0)
     tracking: str = knob("none", "experiment tracking: none, or mlflow (config as params, per-round metrics with the "
