@@ -94,7 +94,6 @@ def check(value: str, key: str) -> None:
                                f"first, or {ENV_HELP}")
 
 
-
 def is_file(item: Location) -> bool:
     """Whether a file (object) exists at `item`."""
     if not is_uri(item):

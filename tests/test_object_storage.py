@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -98,6 +97,8 @@ def test_feature_store_and_tile_index_round_trip_on_s3(s3):
 def test_a_bucket_that_does_not_exist_stops_before_any_work(s3):
     with pytest.raises(ConfigError, match="'run.store'.*bucket of s3://nope/features does not exist"):
         storage.check("s3://nope/features", "run.store")
+    with pytest.raises(ConfigError, match="'run.runs_dir'.*s4://x/runs cannot be reached.*Use s3://BUCKET/PREFIX"):
+        storage.check("s4://x/runs", "run.runs_dir")
     storage.check(f"s3://{BUCKET}/anything", "run.store")  # an existing bucket passes
     storage.check("relative/folder", "run.store")  # local folders are not checked here
 
