@@ -1,4 +1,4 @@
-"""What every `python -m hnm_ray.X` entry point shares: logging, a parser, our errors as exit code 2."""
+"""What every `python -m hnm_ray.X` entry point shares: logging, a parser, our errors as exit code 2, Ray's as 3."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +18,8 @@ def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
 
 
 def entry_point(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
-    """Wrap a CLI main: set up logging; an HnmError becomes one log line and exit code 2, not a traceback."""
+    """Wrap a CLI main: set up logging; an HnmError becomes one log line and exit code 2, an error Ray could not
+    recover from one line and exit code 3, not a traceback."""
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
@@ -28,5 +29,14 @@ def entry_point(main: Callable[[list[str] | None], int]) -> Callable[[list[str] 
         except HnmError as exc:
             log.error("%s", exc)
             return 2
+        except Exception as exc:
+            if not type(exc).__module__.startswith("ray."):
+                raise
+            # A failure Ray could not recover from by itself (e.g. a node lost with no restarts left): one clear line;
+            # every stage's finished work is on disk, so the same command (train: --resume RUN) continues the job.
+            log.error("Ray could not recover from a failure (%s: %s). Finished work is kept: run the command again "
+                      "(python -m hnm_ray.train --resume RUN for a training job)", type(exc).__name__,
+                      str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+            return 3
 
     return run

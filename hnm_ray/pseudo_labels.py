@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -58,7 +58,8 @@ def mine_round(mining: MiningConfig, store: FeatureStore, records: list[SlideRec
     miner = get_miner(miner_name, snapshot_path=str(run_dir / "miner_snapshot.npz"))
     n_negative_tiles = count_tiles(store, negatives)
     ray.get(miner.begin_round.remote(n_negative_tiles, mining.neg_ratio, round_))
-    scores = score_tiles(model_path, store, pool, run_dir / f"scores_round{round_}.parquet", miner_name=miner_name)
+    scores = score_once_more_on_node_loss(lambda: score_tiles(model_path, store, pool, run_dir /
+                                                              f"scores_round{round_}.parquet", miner_name=miner_name))
     repush_lost_scores(miner, scores, negatives, n_negative_tiles, round_)
     ray.get(miner.save.remote(str(run_dir / "miner_snapshot.npz")))
     hard = ray.get(miner.hard_negatives.remote())
@@ -75,6 +76,19 @@ def mine_round(mining: MiningConfig, store: FeatureStore, records: list[SlideRec
              stats.get("n_neg_total", 0), 1 / (1 + np.exp(-logit)) if logit is not None else np.nan,
              positives.num_rows, mining.threshold, uncertain.num_rows)
     return Selection(hard, positives, uncertain, {k: v for k, v in stats.items() if not isinstance(v, np.ndarray)})
+
+
+def score_once_more_on_node_loss(score: Callable[[], pa.Table]) -> pa.Table:
+    """`score()`, run a second time when Ray fails it: a pass that starts while a node is dying (Ray has not yet
+    marked it dead) may place a reader or scorer actor there and fail. Scoring is idempotent (pushes keep the
+    greatest score, the scores file is written once at the end), so a second pass gives the same round."""
+    import ray
+
+    try:
+        return score()
+    except ray.exceptions.RayError as exc:
+        log.warning("scoring failed in Ray (%s: %s); scoring again", type(exc).__name__, str(exc).splitlines()[0])
+        return score()
 
 
 def repush_lost_scores(miner: Any, scores: pa.Table, negatives: list[str], n_negative_tiles: int, round_: int,

@@ -310,12 +310,16 @@ def test_miner_node_dies_between_pushes(nodes, features, mil_reference, demo_coh
     stats = json.loads((out / "fault_stats.json").read_text())
     assert stats["restored_from"], "the restarted miner did not restore its snapshot"
     assert stats["seen"] == stats["n_neg_total"], stats  # every negative tile's score is in the queue, once
-    assert "pushing the lost scores again" in log
+    # The pushes of the first wave died with the miner: pushed again from the scores table, or by a second scoring
+    # pass when the second wave itself met the dying node (Ray had not yet marked it dead).
+    recovered_by = [m for m in ("pushing the lost scores again", "scoring again") if m in log]
+    assert recovered_by, log[-4000:]
     hard, reference = (pq.read_table(out / f"{n}_hard_negatives.parquet") for n in ("fault", "ref"))
     assert hard.num_rows == json.loads((out / "ref_stats.json").read_text())["k"] > 0
     assert hard.equals(reference)
     _figures("miner", hard_negatives=hard.num_rows, negative_tiles=stats["n_neg_total"],
-             tiles_pushed_before_kill=int((out / "pushed").read_text()), seconds_kill_to_restart=restarted,
+             tiles_pushed_before_kill=int((out / "pushed").read_text()), recovered_by=recovered_by,
+             seconds_kill_to_restart=restarted,
              seconds_kill_to_done=done)
 
 
