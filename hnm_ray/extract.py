@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     from hnm_ray.models.encoders import config_tag
 
     parser = cli_parser("python -m hnm_ray.extract", __doc__)
-    parser.add_argument("--out", default="features", help="feature store root folder (default: features)")
+    parser.add_argument("--out", default="features", help="feature store root: a folder or s3:// / gs:// URI (default: features)")
     parser.add_argument("--tag", help="store folder of this encoder (default: derived from encoder + weights)")
     parser.add_argument("--round", type=int, default=0, help="round number in the store layout (default: 0)")
     parser.add_argument("--limit-slides", type=int, help="extract only the first N slides (smoke runs)")
