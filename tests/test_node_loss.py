@@ -31,7 +31,6 @@ import pytest
 WORKER_NODES = 3
 NODE_CPUS = 1
 SMALL = ["--encoder.name", "small_cnn", "--extract.dtype", "float32"]
-pytestmark = pytest.mark.slow
 
 
 def _free_port() -> int:
@@ -164,6 +163,7 @@ def _slide_files(root: Path) -> dict[str, Path]:
     return {p.name[: -len(".parquet")]: p for p in sorted(root.rglob("round=0/*.parquet"))}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_extraction_node_dies_mid_extraction(nodes, features, demo_cohort, tmp_path):
     """SIGKILL the node of the encoder actor once the first slide is written: Ray Data restarts the actor on another
@@ -233,6 +233,7 @@ def mil_reference(cluster: LocalCluster, features: Path, demo_cohort: Path, tmp_
     return folder / "run"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_mil_train_worker_node_dies_mid_training(nodes, features, mil_reference, demo_cohort, tmp_path):
     """SIGKILL the node of one of the 2 Train workers after 2 epoch reports: FailureConfig restarts the worker
@@ -279,6 +280,7 @@ def test_mil_train_worker_node_dies_mid_training(nodes, features, mil_reference,
 
 # ---------------------------------------------------------------------------------------- the miner actor
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_miner_node_dies_between_pushes(nodes, features, mil_reference, demo_cohort, tmp_path):
     """SIGKILL the node of the HardNegativeMiner between two waves of pushes: the actor restarts on another node from
@@ -340,6 +342,7 @@ def _rounds(run: Path) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k not in drop} for r in json.loads((run / "metrics.json").read_text())["rounds"]]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_driver_sigterm_mid_round_then_resume_finishes_the_job(nodes, features, demo_cohort, tmp_path):
     """SIGTERM the driver (a spot preemption of its node) once round 0's hard negatives are mined: the job stops,
@@ -375,3 +378,26 @@ def _state(run: Path) -> dict[str, Any]:
         return json.loads((run / "state.json").read_text())
     except (OSError, ValueError):
         return {}
+
+
+def test_an_error_ray_cannot_recover_from_is_one_line_and_exit_code_3(capsys):
+    """A Ray failure that reaches a CLI (retries spent, a node lost with no restarts left) is one line saying the same
+    command continues the job, and exit code 3; other exceptions still propagate."""
+    import ray.exceptions
+
+    from hnm_ray.cli import entry_point
+
+    @entry_point
+    def lost(argv=None) -> int:
+        raise ray.exceptions.ActorDiedError()
+
+    @entry_point
+    def bug(argv=None) -> int:
+        raise KeyError("ours")
+
+    assert lost([]) == 3
+    lines = [line for line in capsys.readouterr().err.splitlines() if "ERROR" in line]
+    assert len(lines) == 1 and "Ray could not recover from a failure (ActorDiedError" in lines[0], lines
+    assert "--resume" in lines[0]
+    with pytest.raises(KeyError):
+        bug([])
