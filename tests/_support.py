@@ -21,3 +21,18 @@ def store_for(root: str | Path, config: TrainConfig, round: int = 0) -> FeatureS
     from hnm_ray.models.encoders import config_tag
 
     return FeatureStore(root, config_tag(config.encoder), round=round)
+
+
+# The tiny job of the end-to-end tests: one fine-tuning round on the 8-slide demo cohort, in seconds per stage.
+TINY_JOB = ["--rounds", "1", "--epochs-per-round", "2", "--warmup-epochs", "1", "--mil.epochs", "6",
+            "--mil.workers", "0", "--finetune.workers", "0", "--finetune.batch_size", "32", "--heatmaps", "2",
+            "--pretrain.epochs", "1", "--pretrain.tiles", "64"]
+
+
+def job_env(cache: Path) -> dict[str, str]:
+    """The environment of a job run as a subprocess: a local Ray (no RAY_ADDRESS) and its own cache folder."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["HNM_RAY_CACHE"] = str(cache)
+    return env

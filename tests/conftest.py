@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,28 @@ def mil_store(ray_session, mil_cohort, tmp_path_factory):
     store = store_for(tmp_path_factory.mktemp("mil_store"), config)
     extract_features(load_manifest(mil_cohort, require_labels=False), store, config)
     return store
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    """The suite's one finished tiny job: its folder (runs/, cache/, mlruns/), run folder and console."""
+
+    folder: Path
+    run: Path
+    done: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session")
+def tiny_run(demo_cohort, tmp_path_factory) -> TinyRun:
+    """`python -m hnm_ray.train` on `demo_cohort` with TINY_JOB and MLflow tracking, run once for the whole suite:
+    the end-to-end, report, MLflow and predict tests all read this run (each job costs a minute on 2 cores)."""
+    from _support import TINY_JOB, job_env
+
+    folder = tmp_path_factory.mktemp("tiny_run")
+    cmd = [sys.executable, "-m", "hnm_ray.train", "--runs-dir", str(folder / "runs"), "--run.name", "tiny",
+           "--manifest", str(demo_cohort), *TINY_JOB, "--tracking", "mlflow", "--tracking-uri", str(folder / "mlruns")]
+    done = subprocess.run(cmd, env=job_env(folder / "cache"), capture_output=True, text=True, timeout=550)
+    return TinyRun(folder, folder / "runs" / "tiny", done)
 
 
 @pytest.fixture

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,20 +22,11 @@ from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import load_manifest
 
 TILE_COLUMNS = ["tile_id", "x", "y", "level", "size", "logit", "score"]
-TINY = ["--rounds", "0", "--mil.epochs", "6", "--mil.workers", "0", "--heatmaps", "1", "--pretrain.method", "none"]
-
-
 @pytest.fixture(scope="module")
-def run(demo_cohort, tmp_path_factory) -> Path:
-    """A trained run folder (round 0 only: the initial small_cnn encoder + a DSMIL aggregator)."""
-    tmp = tmp_path_factory.mktemp("predict_run")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["HNM_RAY_CACHE"] = str(tmp / "cache")
-    cmd = [sys.executable, "-m", "hnm_ray.train", "--runs-dir", str(tmp / "runs"), "--run.name", "tiny",
-           "--manifest", str(demo_cohort), *TINY]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return tmp / "runs" / "tiny"
+def run(tiny_run) -> Path:
+    """The suite's finished tiny run (trained on `demo_cohort`, one fine-tuning round)."""
+    assert tiny_run.done.returncode == 0, tiny_run.done.stderr[-3000:]
+    return tiny_run.run
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +101,7 @@ def test_test_split_reproduces_the_run_and_a_missing_slide_is_reported(ray_sessi
     assert metrics["n"] == len(test)
     assert metrics["auc"] == pytest.approx(final["test_auc"], abs=0.005)
     # Same encoder, same seed, same tiles: the run's own test probabilities, slide by slide.
-    store = FeatureStore(run / "features", "small_cnn", round=0)
+    store = FeatureStore(run / "features", f"{run.name}-finetuned", round=meta["round"])  # the final round's store
     labels, probs, ids = split_probabilities(run / "checkpoint" / "aggregator", store, records, "test")
     assert sorted(ids) == sorted(r.slide_id for r in test)
     for slide_id, prob in zip(ids, probs):

@@ -1,8 +1,8 @@
 """What users open after a run: report.html (also in headless Chromium), readable heatmaps, QuPath GeoJSON, the MLflow
 run, and the checkpoint's encoder as safetensors.
 
-One tiny run (demo cohort, one fine-tuning round, MLflow to a temp file store) is trained once per module in a
-subprocess; the tests read its folder.
+The suite's one tiny run (conftest `tiny_run`: demo cohort, one fine-tuning round, MLflow to a temp file store),
+trained once in a subprocess; the tests read its folder.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -26,26 +25,17 @@ from hnm_ray.config import TrainConfig
 from hnm_ray.report.html import write_run_report
 from hnm_ray.report.qupath import tile_features
 
-TINY = ["--demo-slides", "8", "--demo-size", "2048", "--rounds", "1", "--epochs-per-round", "2", "--warmup-epochs", "1",
-        "--mil.epochs", "6", "--mil.workers", "0", "--finetune.workers", "0", "--finetune.batch_size", "32",
-        "--heatmaps", "2"]
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 OUTLINE = (0, 224, 0)
 HARD_NEGATIVE = (255, 0, 255)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """A finished tiny run folder with MLflow tracking into <tmp>/mlruns."""
-    tmp = tmp_path_factory.mktemp("report_run")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["HNM_RAY_CACHE"] = str(tmp / "cache")
-    cmd = [sys.executable, "-m", "hnm_ray.train", "--runs-dir", str(tmp / "runs"), "--run.name", "rep", *TINY,
-           "--tracking", "mlflow", "--tracking-uri", str(tmp / "mlruns")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=550)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "MLflow tracking failed" not in done.stderr
-    return tmp / "runs" / "rep"
+def run(tiny_run) -> Path:
+    """The suite's finished tiny run (one fine-tuning round, MLflow tracking into <tmp>/mlruns)."""
+    assert tiny_run.done.returncode == 0, tiny_run.done.stderr[-3000:]
+    assert "MLflow tracking failed" not in tiny_run.done.stderr
+    return tiny_run.run
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +169,7 @@ def test_qupath_geojson_is_detections_whose_squares_are_the_tile_grid(run):
     from hnm_ray.store.manifest import load_manifest
 
     hard = pq.read_table(run / "selection_round0" / "hard_negatives.parquet").to_pydict()
-    store = FeatureStore(run / "features", "rep-finetuned", round=1)
+    store = FeatureStore(run / "features", "tiny-finetuned", round=1)
     for record in load_manifest(_manifest(run)):
         collection = json.loads((run / "qupath" / f"{record.slide_id}.geojson").read_text())
         assert collection["type"] == "FeatureCollection"
@@ -213,7 +203,7 @@ def test_mlflow_run_holds_config_rounds_final_metrics_and_artifacts(run, metrics
     found = client.search_runs([client.get_experiment_by_name("hnm-ray").experiment_id])
     assert len(found) == 1
     logged = found[0]
-    assert logged.info.status == "FINISHED" and logged.info.run_name == "rep"
+    assert logged.info.status == "FINISHED" and logged.info.run_name == "tiny"
     assert logged.data.params["mining.neg_ratio"] == "0.2" and logged.data.params["run.tracking"] == "mlflow"
     assert logged.data.params["mil.epochs"] == "6"
     history = client.get_metric_history(logged.info.run_id, "test_auc")
@@ -276,7 +266,7 @@ def _mined_pictures(run: Path) -> int:
 
 
 def _manifest(run: Path) -> Path:
-    return next((run.parents[1] / "cache").glob("demo-*/manifest.csv"))
+    return Path(cfg.load_yaml(run / "config.yaml")["run"]["manifest"])
 
 
 def _has_colour(path: Path, colour: tuple[int, int, int], tolerance: int = 40) -> bool:

@@ -17,27 +17,10 @@ import pytest
 import yaml
 from PIL import Image
 
-TINY = ["--demo-slides", "8", "--demo-size", "2048", "--rounds", "1", "--epochs-per-round", "2",
-        "--warmup-epochs", "1", "--mil.epochs", "6", "--mil.workers", "0", "--finetune.workers", "0",
-        "--finetune.batch_size", "32", "--heatmaps", "2", "--pretrain.epochs", "1", "--pretrain.tiles", "64"]
-
+from _support import TINY_JOB, job_env
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["HNM_RAY_CACHE"] = str(tmp_path / "cache")
-    return env
-
-
-def _train(tmp_path: Path, *extra: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hnm_ray.train", "--runs-dir", str(tmp_path / "runs"), *TINY, *extra],
-                          env=_env(tmp_path), capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def e2e(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """One uninterrupted tiny run (module-wide: the resume test compares its metrics with this run's)."""
-    folder = tmp_path_factory.mktemp("e2e")
-    return folder, _train(folder, "--run.name", "e2e")
+    return job_env(tmp_path / "cache")
 
 
 def _comparable(metrics: dict) -> list[dict]:
@@ -48,10 +31,9 @@ def _comparable(metrics: dict) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_train_cli_end_to_end_writes_metrics_checkpoint_and_pictures(e2e):
-    tmp_path, done = e2e
+def test_train_cli_end_to_end_writes_metrics_checkpoint_and_pictures(tiny_run):
+    done, run = tiny_run.done, tiny_run.run
     assert done.returncode == 0, done.stderr[-3000:]
-    run = tmp_path / "runs" / "e2e"
     metrics = json.loads((run / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [0, 1]
     final = metrics["final"]
@@ -82,15 +64,14 @@ def test_train_cli_end_to_end_writes_metrics_checkpoint_and_pictures(e2e):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_run_killed_during_finetuning_resumes_to_the_uninterrupted_runs_metrics(e2e):
+def test_run_killed_during_finetuning_resumes_to_the_uninterrupted_runs_metrics(tiny_run, demo_cohort, tmp_path):
     """kill -9 after the first fine-tuning epoch's checkpoint; --resume keeps round 0 and the finished epoch and
     ends with exactly the metrics of the uninterrupted run with the same seed (a reproducible job)."""
-    uninterrupted, first = e2e
-    assert first.returncode == 0, first.stderr[-3000:]
-    tmp_path = uninterrupted / "killed"
+    assert tiny_run.done.returncode == 0, tiny_run.done.stderr[-3000:]
     run = tmp_path / "runs" / "killed"
-    shutil.copytree(uninterrupted / "cache", tmp_path / "cache")  # the same demo cohort, not generated again
-    cmd = [sys.executable, "-m", "hnm_ray.train", "--runs-dir", str(tmp_path / "runs"), "--run.name", "killed", *TINY]
+    shutil.copytree(tiny_run.folder / "cache", tmp_path / "cache")  # the same warm start, not pre-trained again
+    cmd = [sys.executable, "-m", "hnm_ray.train", "--runs-dir", str(tmp_path / "runs"), "--run.name", "killed",
+           "--manifest", str(demo_cohort), *TINY_JOB]
     proc = subprocess.Popen(cmd, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 600
@@ -113,7 +94,7 @@ def test_run_killed_during_finetuning_resumes_to_the_uninterrupted_runs_metrics(
     assert round0.stat().st_mtime_ns == stamp, "round 0 was trained again instead of resumed"
     assert [p.stat().st_mtime_ns for p in features] == feature_stamps, "round-0 features were re-extracted"
     metrics = json.loads((run / "metrics.json").read_text())
-    reference = json.loads((uninterrupted / "runs" / "e2e" / "metrics.json").read_text())
+    reference = json.loads((tiny_run.run / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [0, 1]
     assert _comparable(metrics) == _comparable(reference)
     resumed_ft = metrics["finetune"]["finetune_round0"]["last"]
@@ -128,7 +109,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_ray_job_submit_with_token_auth_runs_the_job(tmp_path):
+def test_ray_job_submit_with_token_auth_runs_the_job(tmp_path, demo_cohort):
     """A local head on loopback with token auth on; the job is submitted through JobSubmissionClient."""
     env = _env(tmp_path)
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
@@ -146,7 +127,7 @@ def test_ray_job_submit_with_token_auth_runs_the_job(tmp_path):
     assert start.returncode == 0, start.stderr[-2000:]
     try:
         entrypoint = [sys.executable, "-m", "hnm_ray.train", "--runs-dir", str(tmp_path / "runs"), "--run.name", "submitted",
-                      *TINY[:4], "--rounds", "0", "--mil.epochs", "4", "--mil.workers", "0", "--heatmaps", "1",
+                      "--manifest", str(demo_cohort), "--rounds", "0", "--mil.epochs", "4", "--mil.workers", "0", "--heatmaps", "1",
                       "--pretrain.method", "none"]
         runtime_env = json.dumps({"env_vars": {"HNM_RAY_CACHE": env["HNM_RAY_CACHE"]}})
         # The CLI a user types; the token travels in RAY_AUTH_MODE/RAY_AUTH_TOKEN of the submitting shell.
@@ -191,10 +172,10 @@ def _stop_cluster(temp_dir: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_paper_recipe_runs_end_to_end_on_the_demo(tmp_path):
+def test_paper_recipe_runs_end_to_end_on_the_demo(tmp_path, demo_cohort):
     """`--recipe paper` through the same code path, sized down: dsmil_its2clr, fixed MIL epoch, StepLR, uniform BCE
     weight, mining over train+val with uncertain negatives and the update gate, the official two-step loop."""
-    small = ["--recipe", "paper", "--run.name", "paper", "--demo-slides", "8", "--demo-size", "2048", "--rounds", "2",
+    small = ["--recipe", "paper", "--run.name", "paper", "--manifest", str(demo_cohort), "--rounds", "2",
              "--epochs-per-round", "1", "--warmup-epochs", "1", "--mil.epochs", "12", "--mil.fixed_epoch", "8",
              "--mil.workers", "0", "--finetune.workers", "0", "--finetune.batch_size", "48", "--heatmaps", "0",
              "--encoder.name", "small_cnn", "--encoder.norm", "affine", "--pretrain.method", "none"]

@@ -16,7 +16,7 @@ from hnm_ray import config as cfg
 from hnm_ray.config import TrainConfig
 from hnm_ray.train import parse_args
 
-BASE = ["--demo-slides", "8", "--demo-size", "2048", "--rounds", "1", "--epochs-per-round", "1", "--warmup-epochs",
+BASE = ["--rounds", "1", "--epochs-per-round", "1", "--warmup-epochs",
         "0", "--mil.epochs", "3", "--mil.workers", "0", "--finetune.batch_size", "16", "--heatmaps", "0",
         "--pretrain.method", "none"]
 SPACE = ["--neg-ratios", "0.1", "0.5", "--margins", "0.5", "2.0", "--rank-ks", "1", "--w-ranks", "0.1"]
@@ -28,15 +28,15 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def _sweep(tmp_path: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "hnm_ray.tune", *BASE, *SPACE, "--search", "grid", "--num-samples", "1",
+def _sweep(tmp_path: Path, manifest: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "hnm_ray.tune", "--manifest", str(manifest), *BASE, *SPACE, "--search", "grid", "--num-samples", "1",
             "--storage-path", str(tmp_path / "tune"), "--sweep-name", "s", "--runs-dir", str(tmp_path / "runs"), *extra]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_grid_sweep_of_four_trials_writes_table_and_best_config(tmp_path):
-    done = subprocess.run(_sweep(tmp_path), env=_env(tmp_path), capture_output=True, text=True, timeout=850)
+def test_grid_sweep_of_four_trials_writes_table_and_best_config(tmp_path, demo_cohort):
+    done = subprocess.run(_sweep(tmp_path, demo_cohort), env=_env(tmp_path), capture_output=True, text=True, timeout=850)
     assert done.returncode == 0, done.stderr[-3000:]
     folder = tmp_path / "tune" / "s"
     table = (folder / "results.csv").read_text().strip().splitlines()
@@ -69,8 +69,9 @@ def test_grid_sweep_of_four_trials_writes_table_and_best_config(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_interrupted_sweep_restores(tmp_path):
-    proc = subprocess.Popen(_sweep(tmp_path), env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+def test_interrupted_sweep_restores(tmp_path, demo_cohort):
+    two_trials = ("--margins", "0.5")  # the last --margins wins: 2 trials are enough to interrupt and restore
+    proc = subprocess.Popen(_sweep(tmp_path, demo_cohort, *two_trials), env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     state = tmp_path / "tune" / "s"
     deadline = time.time() + 600
@@ -82,7 +83,7 @@ def test_interrupted_sweep_restores(tmp_path):
     assert proc.poll() is None, "the sweep ended before it could be interrupted"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = subprocess.run(_sweep(tmp_path, "--resume"), env=_env(tmp_path), capture_output=True, text=True, timeout=850)
+    done = subprocess.run(_sweep(tmp_path, demo_cohort, *two_trials, "--resume"), env=_env(tmp_path), capture_output=True, text=True, timeout=850)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = (state / "results.csv").read_text().strip().splitlines()
-    assert len(rows) == 1 + 4
+    assert len(rows) == 1 + 2
