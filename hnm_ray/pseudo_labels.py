@@ -20,6 +20,8 @@ from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 
 log = logging.getLogger("hnm_ray")
+
+MINER_SNAPSHOT = "miner_snapshot.npz"  # the miner's queue after each round's mining, in the run folder
 POOL_SPLITS = {"train": ("train",), "train_val": ("train", "val")}
 
 
@@ -55,13 +57,13 @@ def mine_round(mining: MiningConfig, store: FeatureStore, records: list[SlideRec
     pool = [r for r in records if r.split in POOL_SPLITS[mining.pool] and r.slide_id in store.completed()
             and r.label is not None]
     negatives = [r.slide_id for r in pool if r.label == 0]
-    miner = get_miner(miner_name, snapshot_path=str(run_dir / "miner_snapshot.npz"))
+    miner = get_miner(miner_name, snapshot_path=str(run_dir / MINER_SNAPSHOT))
     n_negative_tiles = count_tiles(store, negatives)
     ray.get(miner.begin_round.remote(n_negative_tiles, mining.neg_ratio, round_))
     scores = score_once_more_on_node_loss(lambda: score_tiles(model_path, store, pool, run_dir /
                                                               f"scores_round{round_}.parquet", miner_name=miner_name))
     repush_lost_scores(miner, scores, negatives, n_negative_tiles, round_)
-    ray.get(miner.save.remote(str(run_dir / "miner_snapshot.npz")))
+    ray.get(miner.save.remote(str(run_dir / MINER_SNAPSHOT)))
     hard = ray.get(miner.hard_negatives.remote())
     positive_ids = [r.slide_id for r in pool if r.label == 1]
     on_positive = scores.filter(np.isin(scores["slide_id"].to_numpy(zero_copy_only=False), positive_ids))

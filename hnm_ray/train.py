@@ -34,10 +34,10 @@ from hnm_ray.config import TrainConfig
 from hnm_ray.extract import extract_features
 from hnm_ray.index import TileIndex
 from hnm_ray.inference import evaluate_split
-from hnm_ray.mining import adopt_round, positive_ratio
+from hnm_ray.mining import adopt_round, get_miner, positive_ratio
 from hnm_ray.outputs import finish, round_done
 from hnm_ray.progress import route_ray_logs
-from hnm_ray.pseudo_labels import Selection, mine_round
+from hnm_ray.pseudo_labels import MINER_SNAPSHOT, Selection, mine_round
 from hnm_ray.run_folder import (CONFIG_FILE, RunState, cache_dir, demo_manifest, remote_of, resolve_run, saved_config,
                                  staged, sync)
 from hnm_ray.store.features import FeatureStore
@@ -63,6 +63,9 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
                             seed=config.run.seed)
     require_both_classes(records, config.run.manifest or "the demo cohort")              # before any extraction
     miner_name = f"hnm_miner-{run_dir.name}"
+    # Held for the whole job: Ray garbage-collects a named actor when its last handle goes, and the global ranking
+    # form of round >= 1 reads the queue that round - 1's mining left in it (restored from the snapshot on resume).
+    _miner = get_miner(miner_name, snapshot_path=str(run_dir / MINER_SNAPSHOT))
     weights = initial_encoder(config, records, run_dir, state)
     head, adopted, history = None, None, []
     for round_ in range(config.run.rounds + 1):

@@ -133,6 +133,7 @@ def run_sweep(config: TuneConfig, resume: bool = False):
     from ray.tune.schedulers import ASHAScheduler
 
     from hnm_ray.cluster import init_ray
+    from hnm_ray.training.finetune import worker_cpus
 
     init_ray()
     sweep = config.sweep
@@ -152,6 +153,10 @@ def run_sweep(config: TuneConfig, resume: bool = False):
         tuner = tune.Tuner.restore(restore_path, trainable=trainable, resume_errored=True, storage_filesystem=filesystem)
     else:
         config = prepare_shared_store(config, root, work)
+        # Each running trial's driver holds cpus_per_trial: its fine-tuning workers share what is left.
+        config.finetune.cpus_per_worker = worker_cpus(
+            config.finetune.cpus_per_worker, max(1, config.finetune.workers) * sweep.max_concurrent_trials,
+            reserved=sweep.cpus_per_trial * sweep.max_concurrent_trials)
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=config.run.rounds + 1,
                                   grace_period=sweep.grace_rounds, reduction_factor=2)
         tuner = tune.Tuner(

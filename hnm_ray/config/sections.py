@@ -138,7 +138,10 @@ class MILConfig:
                                          "validation AUC) or fixed (fixed_epoch, as the official code)",
                              choices=["best_val", "fixed"])
     fixed_epoch: int = knob(-1, "the epoch kept with select_epoch fixed (-1: the last)", low=-1)
-    workers: int = knob(1, "Ray Train workers (0: train in the driver process, fastest on a laptop)", low=0)
+    workers: int = knob(0, "Ray Train workers; 0 (default): Ray Train's local mode in the driver process: the "
+                           "aggregator is small, and a worker group costs ~15 s to start per round on 2 CPUs "
+                           "(benchmarks/results/job.json); N: DDP workers, restarted by FailureConfig on a lost node",
+                        low=0)
     cpus_per_worker: float = knob(1.0, "CPUs per training worker", low=0.0, low_open=True)
     use_gpu: bool = knob(False, "train on GPUs")
     pairs_per_step: int = knob(1, "bag pairs whose gradients are accumulated per optimiser step (1: the paper's; "
@@ -196,7 +199,9 @@ class FinetuneConfig:
     pos_per_neg: float = knob(1.0, "our loop: positives streamed per hard negative in an epoch (an epoch iterates over "
                                    "the hard negatives, so its cost scales with neg_ratio)", low=0.0, low_open=True)
     workers: int = knob(1, "Ray Train workers (0: in the driver process)", low=0)
-    cpus_per_worker: float = knob(1.0, "CPUs per worker (also its torch threads)", low=0.0, low_open=True)
+    cpus_per_worker: float | None = knob(None, "CPUs per worker (also its torch threads); default: the cluster's CPUs "
+                                               "split over the workers, at most one node's (all cores on a laptop)",
+                                         low=0.0, low_open=True)
     use_gpu: bool = knob(False, "fine-tune on GPUs")
     decode_threads: int = knob(1, "cuCIM decode threads in each worker (the next batch is decoded while one trains)", low=1)
     max_failures: int = knob(2, "Ray Train restarts from the last checkpoint after a worker failure", low=0)

@@ -11,6 +11,7 @@ labels the same machinery is SimCLR (NT-Xent), the self-supervised warm start.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -256,6 +257,19 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         report(metrics, state, CHECKPOINT_FILE, loop["driver_checkpoints"])
 
 
+def worker_cpus(asked: float | None, workers: int, reserved: float = 0.0) -> float:
+    """CPUs (and torch threads) per fine-tuning worker: `asked`, else the cluster's CPUs (less `reserved`) split over
+    the workers, at most one node's and at least 1. Fixed by the cluster's size (not by what is free now), so a
+    rerun or a resume on the same cluster computes with the same number of threads."""
+    import ray
+
+    if asked is not None:
+        return asked
+    nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
+    share = min(max(nodes, default=1.0), (sum(nodes) - reserved) / max(1, workers))
+    return float(max(1, math.floor(share)))
+
+
 @dataclass
 class FinetuneResult:
     """Where the fine-tuned encoder and head weights were written, and the per-epoch metrics."""
@@ -281,6 +295,7 @@ def fit_finetune(config: TrainConfig, rows: pa.Table, weights: str | None, run_d
     if rows.num_rows < 2:
         raise HnmError(f"fine-tuning {name!r} needs at least 2 tiles; the selection has {rows.num_rows}. "
                        "Raise --mining.neg_ratio or lower --mining.threshold.")
+    ft = dataclasses.replace(ft, cpus_per_worker=worker_cpus(ft.cpus_per_worker, ft.workers))
     run_dir = Path(run_dir).resolve()
     # The coordinates travel with the loop config (a few MB for 10^5 tiles); each worker decodes its own share.
     loop = {"ft": asdict(ft), "ro": config.mining.ro, "rT": config.mining.rT, "encoder": asdict(config.encoder),

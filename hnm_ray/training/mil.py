@@ -102,6 +102,9 @@ def _hard_negative_bag(store: FeatureStore, loop: dict[str, Any], epoch: int) ->
         miner = get_miner(loop["miner_name"], create=False)
         table = ray.get(miner.sample.remote(loop["mil"]["global_pool"], loop["seed"] + epoch))
     except HnmError:
+        if loop["round"] >= 1 and epoch == 0:
+            log.warning("MIL round %d: no miner %r, so the global ranking form has no hard negatives to rank against "
+                        "(the actor was lost); it trains without the ranking term", loop["round"], loop["miner_name"])
         return None  # no queue yet (first round): the global form falls back to no ranking term this epoch
     return store.select_tiles(table) if table.num_rows else None
 
