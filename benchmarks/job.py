@@ -2,7 +2,7 @@
 = CPU time / (wall x cores), the time per stage, and the MIL stage against a plain single-process PyTorch loop of
 the same epochs on the same bags (the floor it is compared with). Prints one JSON line.
 
-    python -m benchmarks.job [--cohort demo|digits] [--out benchmarks/results/job.json]
+    python -m benchmarks.job [--work DIR] [--cache DIR] [--out benchmarks/results/job.json] [-- more train flags]
 """
 from __future__ import annotations
 
@@ -91,12 +91,14 @@ def _demo_manifest(config) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="", help="folder for the run (default: a temp folder)")
+    parser.add_argument("--cache", default="", help="HNM_RAY_CACHE to use (default: <work>/cache, a fresh one); "
+                                                    "pass a used one to time a run whose cohort and warm start exist")
     parser.add_argument("--out", default="")
     parser.add_argument("extra", nargs="*", help="more flags for hnm_ray.train (after --)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="hnm_job_"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["HNM_RAY_CACHE"] = str(work / "cache")
+    env["HNM_RAY_CACHE"] = args.cache or str(work / "cache")
     cmd = [sys.executable, "-m", "hnm_ray.train", "--runs-dir", str(work), "--run.name", "job", *JOB, *args.extra]
     measured = run_and_measure(cmd, env)
     run = work / "job"

@@ -12,11 +12,17 @@ import pytest
 RAY_FIXTURES = {"ray_session", "mil_store", "ray_cluster"}
 
 
+FIRST_MODULES = ("test_node_loss.py",)
+
+
 def pytest_collection_modifyitems(items):
-    """Tests that use the shared Ray session (directly or through a fixture) carry the `ray` marker."""
+    """Tests that use the shared Ray session (directly or through a fixture) carry the `ray` marker. The node-loss
+    module runs first, before the shared session exists: its multi-node clusters start and kill Ray nodes from this
+    process, and in a full run the shared session's GCS died with them (every later Ray test then failed)."""
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
+    items.sort(key=lambda item: item.path.name not in FIRST_MODULES)  # stable: the order within is kept
 
 
 @pytest.fixture(scope="session")
