@@ -1,8 +1,9 @@
-"""Reading tiles for Ray Data stages: open slides once per actor, batched cuCIM reads, checked tiles.
+"""Reading tiles: open slides once per actor or worker, batched cuCIM reads, checked tiles.
 
-Used by extraction (tile coordinates -> pixels) and by fine-tuning (selected tiles streamed into the
-Train workers). Rows of a batch may come from several slides; a failed read marks that slide's rows
-with an error string and zero pixels so the consumer can skip the slide without losing the batch.
+Used by extraction (Ray Data stages: tile coordinates -> pixels) and by fine-tuning (each Train worker
+decodes the tiles of its share, `training/tile_batches.py`). Rows of a batch may come from several
+slides; a failed read marks that slide's rows with an error string and zero pixels so the consumer can
+skip the slide without losing the batch.
 """
 from __future__ import annotations
 
