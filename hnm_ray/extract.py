@@ -227,7 +227,7 @@ def _pipeline(records: list[SlideRecord], index: TileIndex, config: TrainConfig,
     from hnm_ray.index_stream import tile_stream
 
     extract, tile_size = config.extract, config.tiling.tile_size
-    ds = tile_stream(records, index, extract.cpus_per_decoder)
+    ds = tile_stream(records, index)
     if not use_gpu:
         ds = ds.map_batches(TileDecoder, fn_constructor_args=(tile_size, extract.decode_workers),
                             batch_size=extract.batch_size, num_cpus=extract.cpus_per_decoder,

@@ -74,7 +74,14 @@ class TileIndexSource(Datasource):
         return [task(r) for r in self.records]
 
 
-def tile_stream(records: list[SlideRecord], index: TileIndex, cpus_per_task: float):
+# What one slide's read task asks for. Its work is a Parquet read (rounds >= 1) or one thumbnail's tissue detection
+# (round 0): light next to the decode and encode actors it feeds. Asking for a decoder's half CPU made the stage need
+# 0.5 + 0.5 + 1.0 = every CPU of a 2-core machine, so inside a sweep trial (whose driver holds 0.01 CPU) the read task
+# never got scheduled and the stage waited forever.
+INDEX_TASK_CPUS = 0.25
+
+
+def tile_stream(records: list[SlideRecord], index: TileIndex, cpus_per_task: float = INDEX_TASK_CPUS):
     """A Ray Dataset of the tile rows of `records` (STREAM_COLUMNS), indexed as the stream is consumed."""
     import ray
 
