@@ -318,7 +318,11 @@ def test_miner_node_dies_between_pushes(nodes, features, mil_reference, demo_coh
     assert recovered_by, log[-4000:]
     hard, reference = (pq.read_table(out / f"{n}_hard_negatives.parquet") for n in ("fault", "ref"))
     assert hard.num_rows == json.loads((out / "ref_stats.json").read_text())["k"] > 0
-    assert hard.equals(reference)
+    # The same tiles in the same order; a slide scored again ran on another node with its own torch thread count, and
+    # float32 sums in another order differ in the last bit (seen: 0.6775374 vs 0.6775375), so scores match to 1e-5.
+    for column in ("slide_id", "tile_id"):
+        assert hard.column(column).equals(reference.column(column)), column
+    np.testing.assert_allclose(hard.column("score").to_numpy(), reference.column("score").to_numpy(), rtol=1e-5)
     _figures("miner", hard_negatives=hard.num_rows, negative_tiles=stats["n_neg_total"],
              tiles_pushed_before_kill=int((out / "pushed").read_text()), recovered_by=recovered_by,
              seconds_kill_to_restart=restarted,
