@@ -48,7 +48,8 @@ class SweepConfig:
     metric: str = cfg.knob("val_auc", "validation metric to maximise")
     grace_rounds: int = cfg.knob(1, "ASHA: rounds every trial runs before it may be stopped", low=1)
     max_concurrent_trials: int = cfg.knob(1, "trials at once (each runs Ray Train/Data jobs of its own)", low=1)
-    cpus_per_trial: float = cfg.knob(0.01, "CPUs reserved by a trial's driver (its workers ask for their own)",
+    cpus_per_trial: float = cfg.knob(0.01, "CPUs reserved by a trial's driver (its workers ask for their own; stages "
+                                           "with 0 workers, MIL by default, run in it: raise it with concurrent trials)",
                                      low=0.0, low_open=True)
     storage_path: str = cfg.knob("tune_results", "folder or s3:// / gs:// URI of sweep results")
     sweep_name: str = cfg.knob("hnm-sweep", "name of this sweep (its folder under storage_path)")
@@ -92,9 +93,7 @@ def trial(params: dict[str, Any]) -> None:
     from ray import tune
 
     config = trial_config(params)
-    # Ray Train's local mode (0 workers) cannot run inside a Tune trial: its train loop would see Tune's context.
-    config.mil.workers = max(1, config.mil.workers)
-    config.finetune.workers = max(1, config.finetune.workers)
+    # Stages with 0 workers (MIL by default) run in this trial's process (training/runner.py), on the trial's CPUs.
     context = tune.get_context()
     run_dir = Path(context.get_trial_dir()) / "run"
     # --run.tracking mlflow: one MLflow run per trial, in an experiment named after the sweep (the trial dir's parent).

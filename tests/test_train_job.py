@@ -55,11 +55,13 @@ def test_train_cli_end_to_end_writes_metrics_checkpoint_and_pictures(tiny_run):
         assert min(picture.size) > 32
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["run"] == str(run)
-    # A quiet console: our progress lines, none of Ray's per-report lines (those are in ray.log).
+    # A quiet console: our progress lines, none of Ray's own (Train's per-report lines, Data's executor lines: those
+    # go to ray.log).
     console = done.stdout + done.stderr
     assert "hnm_ray INFO round 1:" in console
     assert "Reported metrics" not in console and "Reporting training result" not in console
-    assert "Reported metrics" in (run / "ray.log").read_text()
+    assert "Starting execution of Dataset" not in console
+    assert "Starting execution of Dataset" in (run / "ray.log").read_text()
 
 
 @pytest.mark.slow

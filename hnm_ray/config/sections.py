@@ -138,7 +138,7 @@ class MILConfig:
                                          "validation AUC) or fixed (fixed_epoch, as the official code)",
                              choices=["best_val", "fixed"])
     fixed_epoch: int = knob(-1, "the epoch kept with select_epoch fixed (-1: the last)", low=-1)
-    workers: int = knob(0, "Ray Train workers; 0 (default): Ray Train's local mode in the driver process: the "
+    workers: int = knob(0, "Ray Train workers; 0 (default): in the driver process, without Ray Train: the "
                            "aggregator is small, and a worker group costs ~15 s to start per round on 2 CPUs "
                            "(benchmarks/results/job.json); N: DDP workers, restarted by FailureConfig on a lost node",
                         low=0)
@@ -198,7 +198,8 @@ class FinetuneConfig:
                                 "0.08-1, flip, strong jitter, grayscale, blur; kornia)", choices=["ours", "official"])
     pos_per_neg: float = knob(1.0, "our loop: positives streamed per hard negative in an epoch (an epoch iterates over "
                                    "the hard negatives, so its cost scales with neg_ratio)", low=0.0, low_open=True)
-    workers: int = knob(1, "Ray Train workers (0: in the driver process)", low=0)
+    workers: int = knob(1, "Ray Train workers (0: in the driver process, without Ray Train: no ~10 s worker-group "
+                           "start per round on a laptop, no restart after a lost node)", low=0)
     cpus_per_worker: float | None = knob(None, "CPUs per worker (also its torch threads); default: the cluster's CPUs "
                                                "split over the workers, at most one node's (all cores on a laptop)",
                                          low=0.0, low_open=True)

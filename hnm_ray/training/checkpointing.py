@@ -1,9 +1,9 @@
-"""Checkpoints of the Ray Train loops, the same in distributed and in local (driver) mode.
+"""Checkpoints of the train loops, the same in a Ray Train worker group and in process (0 workers, `runner`).
 
-Distributed workers save into a temporary folder that `ray.train.report` copies to the run's
-storage, and `ray.train.get_checkpoint()` hands the latest back on a restart. In local mode
-(num_workers=0) Ray Train persists nothing, so the loop keeps its own folder: atomic epoch folders
-(temp + rename), the newest KEEP kept, and the newest one restored when the same run is started again.
+Workers save into a temporary folder that `ray.train.report` copies to the run's storage, and
+`ray.train.get_checkpoint()` hands the latest back on a restart. In process there is no Ray Train, so the
+loop keeps its own folder: atomic epoch folders (temp + rename), the newest KEEP kept, and the newest one
+restored when the same run is started again.
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ KEEP = 2
 
 
 def driver_checkpoint_dir(num_workers: int, storage: Path, name: str) -> str | None:
-    """Where a local-mode run keeps its checkpoints; None for distributed runs (Ray Train keeps them)."""
+    """Where an in-process run keeps its checkpoints; None for worker groups (Ray Train keeps them)."""
     return str(storage / name / DRIVER_CHECKPOINTS) if num_workers == 0 else None
 
 
 def newest_driver_checkpoint(driver_dir: str | None, file_name: str):
-    """The newest complete local-mode checkpoint in `driver_dir`, or None."""
+    """The newest complete in-process checkpoint in `driver_dir`, or None."""
     import ray.train
 
     if not driver_dir or not Path(driver_dir).is_dir():
@@ -33,10 +33,12 @@ def newest_driver_checkpoint(driver_dir: str | None, file_name: str):
 
 
 def latest_checkpoint(driver_dir: str | None, file_name: str):
-    """Inside a train loop: Ray Train's checkpoint to resume from, else the newest local-mode one, else None."""
+    """Inside a train loop: the newest in-process checkpoint (`driver_dir` set), else Ray Train's, else None."""
+    if driver_dir:
+        return newest_driver_checkpoint(driver_dir, file_name)
     import ray.train
 
-    return ray.train.get_checkpoint() or newest_driver_checkpoint(driver_dir, file_name)
+    return ray.train.get_checkpoint()
 
 
 def load_state(checkpoint, file_name: str) -> dict[str, Any]:
@@ -64,10 +66,13 @@ def plain(value: Any) -> Any:
 
 
 def report(metrics: dict[str, Any], state: dict[str, Any] | None, file_name: str, driver_dir: str | None) -> None:
-    """`ray.train.report` of `metrics`, with `state` saved as `file_name` in a checkpoint when given."""
+    """`ray.train.report` of `metrics`, with `state` saved as `file_name` in a checkpoint when given; in process
+    (`driver_dir` set) the checkpoint goes to `driver_dir` and nothing else happens."""
     import ray.train
     import torch
 
+    if driver_dir and state is None:
+        return
     if state is None:
         ray.train.report(metrics)
     elif driver_dir:
@@ -80,7 +85,6 @@ def report(metrics: dict[str, Any], state: dict[str, Any] | None, file_name: str
         os.replace(temp, final)
         for old in sorted(root.glob("epoch_*"))[:-KEEP]:
             shutil.rmtree(old, ignore_errors=True)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)))
     else:
         with tempfile.TemporaryDirectory(prefix="hnm_ckpt_") as directory:  # report copies it to storage
             torch.save(plain(state), Path(directory) / file_name)

@@ -24,7 +24,6 @@ import pyarrow as pa
 
 from hnm_ray.config import TrainConfig
 from hnm_ray.errors import HnmError
-from hnm_ray.run_folder import ray_train_storage
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 
@@ -188,8 +187,6 @@ def official_losses(batch: dict[str, np.ndarray], model, fc: dict[str, Any], epo
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Ray Train body: stream decoded tiles, two views each, SupCon step; checkpoint every epoch."""
-    import ray.train
-    import ray.train.torch
     import torch
 
     from hnm_ray.config import EncoderConfig
@@ -197,13 +194,13 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from hnm_ray.mining import positive_ratio
     from hnm_ray.models.encoders import encoder_from_config
     from hnm_ray.training.checkpointing import latest_checkpoint, load_state, report
+    from hnm_ray.training.runner import loop_device, rank_and_world
     from hnm_ray.training.schedules import scheduler as lr_scheduler
     from hnm_ray.training.tile_batches import decoded_batches, epoch_order, worker_share
 
     fc = loop["ft"]
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    device = str(ray.train.torch.get_device()) if fc["use_gpu"] else "cpu"
+    rank, world = rank_and_world(loop)
+    device = loop_device(loop, fc["use_gpu"])
     torch.set_num_threads(max(1, int(fc["cpus_per_worker"])))
     torch.manual_seed(loop["seed"])
     encoder = encoder_from_config(EncoderConfig(**loop["encoder"]), loop["weights"])
@@ -224,9 +221,14 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = state["epoch"] + 1
-    ddp = ray.train.torch.prepare_model(model) if context.get_world_size() > 1 else model.to(device)
+    if world > 1:
+        import ray.train.torch
+
+        ddp = ray.train.torch.prepare_model(model)
+    else:
+        ddp = model.to(device)
     plain = getattr(ddp, "module", ddp)
-    share = worker_share(loop["rows"], rank, context.get_world_size())
+    share = worker_share(loop["rows"], rank, world)
     readers = TileReaders(device="cpu")
     supervised = loop["supervised"]
     for epoch in range(start, loop["last_epoch"]):
@@ -253,7 +255,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                    "tiles": tiles_seen, "positive_ratio": ratio, "lr": scheduler.get_last_lr()[0],
                    "epoch_seconds": time.perf_counter() - epoch_started}
         state = {"model": plain.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "epoch": epoch} if rank == 0 else None
+                 "epoch": epoch, "metrics": metrics} if rank == 0 else None
         report(metrics, state, CHECKPOINT_FILE, loop["driver_checkpoints"])
 
 
@@ -283,13 +285,13 @@ def fit_finetune(config: TrainConfig, rows: pa.Table, weights: str | None, run_d
                  first_epoch: int, last_epoch: int, total_epochs: int, head_weights: str | None = None,
                  supervised: bool = True) -> FinetuneResult:
     """Fine-tune the encoder on `rows` (see `tile_rows`) for epochs [first_epoch, last_epoch) of a `total_epochs`
-    schedule with Ray Train (SupCon; SimCLR when not `supervised`), starting from `weights`."""
+    schedule (SupCon; SimCLR when not `supervised`), starting from `weights`: in this process, or with
+    `finetune.workers` Ray Train workers."""
     import torch
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from hnm_ray.models.encoders import save_weights
-    from hnm_ray.training.checkpointing import driver_checkpoint_dir, load_state, newest_driver_checkpoint
+    from hnm_ray.training.checkpointing import driver_checkpoint_dir, load_state
+    from hnm_ray.training.runner import run_loop
 
     ft = config.finetune
     if rows.num_rows < 2:
@@ -303,20 +305,15 @@ def fit_finetune(config: TrainConfig, rows: pa.Table, weights: str | None, run_d
             "last_epoch": last_epoch, "total_epochs": total_epochs, "supervised": supervised,
             "rows": rows, "tile_size": config.tiling.tile_size,
             "driver_checkpoints": driver_checkpoint_dir(ft.workers, run_dir / "ray_train", name)}
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop,
-        scaling_config=ScalingConfig(num_workers=ft.workers, use_gpu=ft.use_gpu,
-                                     resources_per_worker={"CPU": ft.cpus_per_worker}),
-        run_config=RunConfig(name=name, **ray_train_storage(run_dir),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=ft.max_failures)),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise HnmError(f"fine-tuning {name!r} failed: {result.error}")
-    checkpoint = result.checkpoint or newest_driver_checkpoint(loop["driver_checkpoints"], CHECKPOINT_FILE)
-    state = load_state(checkpoint, CHECKPOINT_FILE)["model"]
+    done = run_loop(train_loop_per_worker, loop, workers=ft.workers, use_gpu=ft.use_gpu,
+                    cpus_per_worker=ft.cpus_per_worker, max_failures=ft.max_failures, run_dir=run_dir, name=name,
+                    checkpoint_file=CHECKPOINT_FILE, what=f"fine-tuning {name!r}")
+    if done.checkpoint is None:
+        raise HnmError(f"fine-tuning {name!r} in {run_dir / 'ray_train'} saved no checkpoint (no epoch to train: "
+                       f"epochs {first_epoch}..{last_epoch})")
+    saved = load_state(done.checkpoint, CHECKPOINT_FILE)
+    state = saved["model"]
     encoder_path, head_path = run_dir / f"{name}_encoder.safetensors", run_dir / f"{name}_head.pt"
     save_weights({k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}, encoder_path)
     torch.save({k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}, head_path)
-    return FinetuneResult(str(encoder_path), str(head_path), [result.metrics])
+    return FinetuneResult(str(encoder_path), str(head_path), [saved.get("metrics") or done.metrics])

@@ -29,7 +29,6 @@ from hnm_ray.config import MILConfig, TrainConfig
 from hnm_ray.cli import entry_point
 from hnm_ray.cli import parser as cli_parser
 from hnm_ray.errors import ConfigError, HnmError, StoreError
-from hnm_ray.run_folder import ray_train_storage
 from hnm_ray.store.features import Bag, FeatureStore
 from hnm_ray.inference import _tensor, evaluate_bags, evaluate_split, save_aggregator
 from hnm_ray.store.manifest import SlideRecord, load_manifest
@@ -157,19 +156,17 @@ def official_protocol_update(best: dict[str, Any] | None, model, test_bags: list
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Ray Train body: plain PyTorch on this worker's shard of bags, reporting metrics + checkpoints."""
-    import ray.train
-    import ray.train.torch
     import torch
 
     from hnm_ray.losses import bag_bce
     from hnm_ray.models.aggregators import build_standardized
     from hnm_ray.training.checkpointing import latest_checkpoint, load_state, report
+    from hnm_ray.training.runner import loop_device, rank_and_world
     from hnm_ray.training.schedules import scheduler as lr_scheduler
 
     mc = loop["mil"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = str(ray.train.torch.get_device()) if mc["use_gpu"] else "cpu"
+    rank, world = rank_and_world(loop)
+    device = loop_device(loop, mc["use_gpu"])
     torch.manual_seed(loop["seed"])
     store = FeatureStore(loop["store_root"], loop["tag"], round=loop["round"])
     pos_ids = [s for s, y in loop["train"] if y == 1]
@@ -198,7 +195,12 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         official = state.get("official_protocol")
         if rank == 0:
             log.info("MIL: resuming after epoch %d of %d", state["epoch"], mc["epochs"])
-    ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
+    if world > 1:
+        import ray.train.torch
+
+        ddp_model = ray.train.torch.prepare_model(model)
+    else:
+        ddp_model = model.to(device)
     plain_model = getattr(ddp_model, "module", ddp_model)
 
     def bce(inst, bag_logit, y):
@@ -249,11 +251,10 @@ def _train_records(records: list[SlideRecord], store: FeatureStore, split: str) 
 
 def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], run_dir: str | Path,
             name: str = "mil", miner_name: str | None = None, seed: int = 0) -> MILResult:
-    """Train the aggregator with Ray Train on the store's bags; returns the best-validation model."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from hnm_ray.training.checkpointing import driver_checkpoint_dir, load_state, newest_driver_checkpoint
+    """Train the aggregator on the store's bags (in this process, or with `config.workers` Ray Train workers);
+    returns the best-validation model."""
+    from hnm_ray.training.checkpointing import driver_checkpoint_dir, load_state
+    from hnm_ray.training.runner import run_loop
 
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -267,18 +268,9 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
             "store_root": str(store.root), "tag": store.encoder_tag, "round": store.round,
             "dim": int(store.metadata()["dim"]), "train": train, "val": val, "test": test, "miner_name": miner_name,
             "seed": seed, "driver_checkpoints": driver_checkpoint_dir(config.workers, storage, name)}
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop,
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"CPU": config.cpus_per_worker}),
-        run_config=RunConfig(name=name, **ray_train_storage(run_dir),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=config.max_failures)),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise HnmError(f"MIL training failed: {result.error}")
-    checkpoint = result.checkpoint or newest_driver_checkpoint(loop["driver_checkpoints"], CHECKPOINT_FILE)
+    checkpoint = run_loop(train_loop_per_worker, loop, workers=config.workers, use_gpu=config.use_gpu,
+                          cpus_per_worker=config.cpus_per_worker, max_failures=config.max_failures, run_dir=run_dir,
+                          name=name, checkpoint_file=CHECKPOINT_FILE, what="MIL training").checkpoint
     if checkpoint is None:
         raise HnmError(f"MIL run {name!r} in {storage} reported no checkpoint; delete {storage / name} to start afresh")
     state = load_state(checkpoint, CHECKPOINT_FILE)
