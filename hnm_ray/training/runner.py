@@ -8,9 +8,9 @@ refuses to run (its `report` sees Tune's session). The loop keeps its own checkp
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from hnm_ray.errors import HnmError
