@@ -132,7 +132,7 @@ def run_sweep(config: TuneConfig, resume: bool = False):
     from ray.tune.schedulers import ASHAScheduler
 
     from hnm_ray.cluster import init_ray
-    from hnm_ray.training.finetune import worker_cpus
+    from hnm_ray.training.finetune import finetune_workers, worker_cpus
 
     init_ray()
     sweep = config.sweep
@@ -154,7 +154,8 @@ def run_sweep(config: TuneConfig, resume: bool = False):
         config = prepare_shared_store(config, root, work)
         # Each running trial's driver holds cpus_per_trial: its fine-tuning workers share what is left.
         config.finetune.cpus_per_worker = worker_cpus(
-            config.finetune.cpus_per_worker, max(1, config.finetune.workers) * sweep.max_concurrent_trials,
+            config.finetune.cpus_per_worker,
+            max(1, finetune_workers(config.finetune.workers, config.finetune.use_gpu)) * sweep.max_concurrent_trials,
             reserved=sweep.cpus_per_trial * sweep.max_concurrent_trials)
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=config.run.rounds + 1,
                                   grace_period=sweep.grace_rounds, reduction_factor=2)

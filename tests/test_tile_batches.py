@@ -60,3 +60,14 @@ def test_decoded_batches_hold_every_row_once_with_the_pixels_a_plain_decode_read
     plain, errors = decode_batch(TileReaders(), {k: first[k] for k in ROW_COLUMNS}, 224, 1)
     np.testing.assert_array_equal(first["tiles"], plain)
     assert first["tiles"].shape == (16, 224, 224, 3) and first["tiles"].std() > 0
+
+
+@pytest.mark.ray
+def test_fine_tuning_defaults_to_this_process_on_one_cpu_node_and_splits_its_cpus(ray_session):
+    from hnm_ray.training.finetune import finetune_workers, worker_cpus
+
+    assert finetune_workers(None, use_gpu=False) == 0  # one node, no GPU fine-tuning: no worker group to start
+    assert finetune_workers(None, use_gpu=True) == 1
+    assert finetune_workers(3, use_gpu=False) == 3
+    assert worker_cpus(None, 0) == worker_cpus(None, 1) == 2.0  # the session's 2 CPUs: all of them for one process
+    assert worker_cpus(None, 2) == 1.0 and worker_cpus(None, 1, reserved=0.01) == 1.0 and worker_cpus(0.5, 4) == 0.5

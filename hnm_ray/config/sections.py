@@ -198,8 +198,9 @@ class FinetuneConfig:
                                 "0.08-1, flip, strong jitter, grayscale, blur; kornia)", choices=["ours", "official"])
     pos_per_neg: float = knob(1.0, "our loop: positives streamed per hard negative in an epoch (an epoch iterates over "
                                    "the hard negatives, so its cost scales with neg_ratio)", low=0.0, low_open=True)
-    workers: int = knob(1, "Ray Train workers (0: in the driver process, without Ray Train: no ~10 s worker-group "
-                           "start per round on a laptop, no restart after a lost node)", low=0)
+    workers: int | None = knob(None, "Ray Train workers; 0: in the driver process, without Ray Train (no ~10 s "
+                                      "worker-group start per round, no restart after a lost node); default: 0 on a "
+                                      "one-node cluster without finetune.use_gpu (a laptop), else 1", low=0)
     cpus_per_worker: float | None = knob(None, "CPUs per worker (also its torch threads); default: the cluster's CPUs "
                                                "split over the workers, at most one node's (all cores on a laptop)",
                                          low=0.0, low_open=True)

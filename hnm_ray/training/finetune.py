@@ -259,6 +259,16 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         report(metrics, state, CHECKPOINT_FILE, loop["driver_checkpoints"])
 
 
+def finetune_workers(asked: int | None, use_gpu: bool) -> int:
+    """Fine-tuning workers: `asked`, else 0 (this process) on a one-node cluster without GPU fine-tuning, where a
+    worker group adds only its start-up (~10 s a stage on 2 CPUs, benchmarks/results/job.json), else 1."""
+    import ray
+
+    if asked is not None:
+        return asked
+    return 0 if len([n for n in ray.nodes() if n["Alive"]]) <= 1 and not use_gpu else 1
+
+
 def worker_cpus(asked: float | None, workers: int, reserved: float = 0.0) -> float:
     """CPUs (and torch threads) per fine-tuning worker: `asked`, else the cluster's CPUs (less `reserved`) split over
     the workers, at most one node's and at least 1. Fixed by the cluster's size (not by what is free now), so a
@@ -297,7 +307,8 @@ def fit_finetune(config: TrainConfig, rows: pa.Table, weights: str | None, run_d
     if rows.num_rows < 2:
         raise HnmError(f"fine-tuning {name!r} needs at least 2 tiles; the selection has {rows.num_rows}. "
                        "Raise --mining.neg_ratio or lower --mining.threshold.")
-    ft = dataclasses.replace(ft, cpus_per_worker=worker_cpus(ft.cpus_per_worker, ft.workers))
+    workers = finetune_workers(ft.workers, ft.use_gpu)
+    ft = dataclasses.replace(ft, workers=workers, cpus_per_worker=worker_cpus(ft.cpus_per_worker, workers))
     run_dir = Path(run_dir).resolve()
     # The coordinates travel with the loop config (a few MB for 10^5 tiles); each worker decodes its own share.
     loop = {"ft": asdict(ft), "ro": config.mining.ro, "rT": config.mining.rT, "encoder": asdict(config.encoder),
