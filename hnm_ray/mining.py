@@ -426,11 +426,12 @@ class HardNegativeMiner:
 
 def get_miner(name: str = DEFAULT_NAME, snapshot_path: str | Path | None = None, create: bool = True, *,
               lifetime: str | None = None, max_restarts: int = 3, max_task_retries: int = 3,
-              num_cpus: float = 0.0, autosave_every_n_pushes: int = 0) -> Any:
+              num_cpus: float = 0.0, autosave_every_n_pushes: int = 0, resources: dict[str, float] | None = None) -> Any:
     """The named miner actor in namespace "hnm_ray"; created (get_if_exists) when absent and `create`.
 
     The options apply only when this call creates the actor. num_cpus defaults to 0 so the miner
-    never takes a CPU from Train workers or Data actors; lifetime="detached" outlives the driver.
+    never takes a CPU from Train workers or Data actors; lifetime="detached" outlives the driver;
+    `resources` (Ray custom resources) places it on the nodes that have them.
     """
     import ray
 
@@ -442,7 +443,7 @@ def get_miner(name: str = DEFAULT_NAME, snapshot_path: str | Path | None = None,
                            "with get_miner(name, create=True) before workers push") from None
     return ray.remote(HardNegativeMiner).options(
         name=name, namespace=NAMESPACE, get_if_exists=True, lifetime=lifetime, max_restarts=max_restarts,
-        max_task_retries=max_task_retries, num_cpus=num_cpus,
+        max_task_retries=max_task_retries, num_cpus=num_cpus, resources=resources,
     ).remote(str(snapshot_path) if snapshot_path else None, autosave_every_n_pushes)
 
 

@@ -24,6 +24,7 @@ from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import load_manifest
 
 MINER_PREFIX = "node-loss-miner-"
+WORKER_RESOURCE = "node_loss_worker"  # tests/test_node_loss.py gives it to every worker node
 
 
 def mine(name: str, store: FeatureStore, manifest: str, model: str, out: Path) -> None:
@@ -34,7 +35,10 @@ def mine(name: str, store: FeatureStore, manifest: str, model: str, out: Path) -
     run_dir = out / name
     run_dir.mkdir(parents=True, exist_ok=True)
     # Hold a handle, as the job's driver does for a round: a non-detached actor without one is garbage collected.
-    miner = get_miner(MINER_PREFIX + name, snapshot_path=str(run_dir / "miner_snapshot.npz"))
+    # Only worker nodes have WORKER_RESOURCE: the miner never lands on the head (0 CPUs, but a 0-CPU actor may go
+    # there), whose loss the test does not simulate. It takes no CPU, so the scoring stage still fits after a kill.
+    miner = get_miner(MINER_PREFIX + name, snapshot_path=str(run_dir / "miner_snapshot.npz"),
+                      resources={WORKER_RESOURCE: 0.01})
     selection = pseudo_labels.mine_round(MiningConfig(), store, records, model, run_dir, 0, MINER_PREFIX + name, 0.2)
     pq.write_table(selection.hard_negatives, out / f"{name}_hard_negatives.parquet")
     (out / f"{name}_stats.json").write_text(json.dumps(ray.get(miner.stats.remote()), default=float))

@@ -30,6 +30,7 @@ import pytest
 
 WORKER_NODES = 3
 NODE_CPUS = 1
+WORKER_RESOURCE = "node_loss_worker"  # worker nodes only: tests/_mine_driver.py places the miner with it
 SMALL = ["--encoder.name", "small_cnn", "--extract.dtype", "float32"]
 
 
@@ -65,7 +66,7 @@ class LocalCluster:
     def top_up(self) -> None:
         """Add worker nodes until there are WORKER_NODES alive (after a test killed one)."""
         while len(self.cluster.worker_nodes) < WORKER_NODES:
-            self.cluster.add_node(num_cpus=NODE_CPUS, wait=False, **_agent_ports())
+            self.cluster.add_node(num_cpus=NODE_CPUS, resources={WORKER_RESOURCE: 1.0}, wait=False, **_agent_ports())
         self.cluster.wait_for_nodes(timeout=60)
 
     def actors(self, class_part: str = "") -> list[dict[str, Any]]:
