@@ -23,11 +23,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from _support import small_config, store_for
+from _support import wait_for as _wait
 
 from hnm_ray.errors import StoreError
 from hnm_ray.extract import extract_features
 from hnm_ray.index import tile_index
-from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import load_manifest
 
 
@@ -39,15 +39,6 @@ def _actors(class_name: str | None = None, actor_id: str | None = None) -> list[
     if actor_id is not None:
         return [state.actors(actor_id=actor_id)]
     return [a for a in state.actors().values() if class_name is None or a["ActorClassName"] == class_name]
-
-
-def _wait(predicate, timeout: float, what: str, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 # ---------------------------------------------------------------------------------------- Ray Train worker

@@ -22,11 +22,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from _support import wait_for as _wait
 
 WORKER_NODES = 3
 NODE_CPUS = 1
@@ -130,13 +131,17 @@ def nodes(cluster: LocalCluster) -> LocalCluster:
     return cluster
 
 
-def _wait(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+def _clean_exit(proc: subprocess.Popen, tmp_path: Path, since: float) -> tuple[float, str]:
+    """Wait for the driver to end (killed after 240 s) and check it exited 0 (the log's tail is the failure message).
+    Returns (seconds since `since`, the driver's log)."""
+    try:
+        code = proc.wait(240)
+    finally:
+        proc.kill()
+    seconds = time.monotonic() - since
+    log = (tmp_path / "driver.log").read_text(errors="replace")
+    assert code == 0, log[-4000:]
+    return seconds, log
 
 
 def _figures(test: str, **figures: Any) -> None:
@@ -178,12 +183,10 @@ def test_extraction_node_dies_mid_extraction(nodes, features, demo_cohort, tmp_p
         written_before = set(_slide_files(out))
         killed_at = time.monotonic()
         nodes.kill_node(encoder["NodeID"])
-        code = proc.wait(240)
-    finally:
+    except BaseException:
         proc.kill()
-    recovered = time.monotonic() - killed_at
-    log = (tmp_path / "driver.log").read_text(errors="replace")
-    assert code == 0, log[-4000:]
+        raise
+    recovered, _ = _clean_exit(proc, tmp_path, killed_at)
     assert 1 <= len(written_before) < len(reference), f"not mid-extraction: {len(written_before)} slides written"
     restarted = [a for a in nodes.actors("TileEncoder") if a["NodeID"] != encoder["NodeID"]]
     assert restarted, "no encoder actor ran on another node after the kill"
@@ -254,12 +257,10 @@ def test_mil_train_worker_node_dies_mid_training(nodes, features, mil_reference,
         fresh = _wait(lambda: [w for w in nodes.alive("RayTrainWorker") if w["ActorID"] not in
                                {x["ActorID"] for x in workers}], 120, "a new Train worker group")
         regrouped = time.monotonic() - killed_at
-        code = proc.wait(240)
-    finally:
+    except BaseException:
         proc.kill()
-    done = time.monotonic() - killed_at
-    log = (tmp_path / "driver.log").read_text(errors="replace")
-    assert code == 0, log[-4000:]
+        raise
+    done, log = _clean_exit(proc, tmp_path, killed_at)
     assert reports_at_kill < MIL_EPOCHS, "training ended before the kill"
     assert workers[0]["NodeID"] not in {w["NodeID"] for w in fresh}
     state = _reports(out)
@@ -303,12 +304,10 @@ def test_miner_node_dies_between_pushes(nodes, features, mil_reference, demo_coh
         back = _wait(lambda: [a for a in nodes.alive("HardNegativeMiner") if a["Name"] == name
                               and a["NumRestarts"] >= 1], 120, "the miner to restart")[0]
         restarted = time.monotonic() - killed_at
-        code = proc.wait(240)
-    finally:
+    except BaseException:
         proc.kill()
-    done = time.monotonic() - killed_at
-    log = (tmp_path / "driver.log").read_text(errors="replace")
-    assert code == 0, log[-4000:]
+        raise
+    done, log = _clean_exit(proc, tmp_path, killed_at)
     assert back["NodeID"] != miner["NodeID"]
     stats = json.loads((out / "fault_stats.json").read_text())
     assert stats["restored_from"], "the restarted miner did not restore its snapshot"
