@@ -447,6 +447,28 @@ def get_miner(name: str = DEFAULT_NAME, snapshot_path: str | Path | None = None,
     ).remote(str(snapshot_path) if snapshot_path else None, autosave_every_n_pushes)
 
 
+def push_scores(miner: Any, slide_ids: np.ndarray, tile_ids: np.ndarray, scores: np.ndarray,
+                patience_s: float = 120.0, first_wait_s: float = 0.5) -> None:
+    """`miner.push` of one batch, pushed again while the actor is temporarily unavailable (its node died and Ray is
+    restarting it elsewhere) for up to `patience_s`. Pushes are idempotent (keyed by slide + tile, the greatest score
+    kept), so a push that did reach the old actor does no harm; what the restart lost is pushed again at the end
+    of scoring (`pseudo_labels.repush_lost_scores`)."""
+    import time
+
+    import ray
+
+    deadline, wait = time.monotonic() + patience_s, first_wait_s
+    while True:
+        try:
+            ray.get(miner.push.remote(slide_ids, tile_ids, scores))
+            return
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() + wait > deadline:
+                raise
+            time.sleep(wait)
+            wait = min(2 * wait, 5.0)
+
+
 def positive_ratio(epoch: int, warmup: int, total_epochs: int, ro: float = 0.2, rT: float = 0.8) -> float:
     """Self-paced fraction r_t of positives kept: ro up to the warm-up epoch, linear to rT at the last epoch.
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from hnm_ray.config import MiningConfig
 from hnm_ray.errors import HnmError
-from hnm_ray.mining import get_miner, select_positives, uncertain_negatives
+from hnm_ray.mining import get_miner, push_scores, select_positives, uncertain_negatives
 from hnm_ray.scoring import count_tiles, score_tiles
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
@@ -108,7 +108,7 @@ def repush_lost_scores(miner: Any, scores: pa.Table, negatives: list[str], n_neg
     on_negative = scores.filter(np.isin(scores["slide_id"].to_numpy(zero_copy_only=False), negatives))
     for start in range(0, on_negative.num_rows, chunk):
         part = on_negative.slice(start, chunk)
-        ray.get(miner.push.remote(part["slide_id"], part["tile_id"].to_numpy(), part["logit"].to_numpy()))
+        push_scores(miner, part["slide_id"], part["tile_id"].to_numpy(), part["logit"].to_numpy())
     seen = ray.get(miner.stats.remote())["seen"]
     if seen != n_negative_tiles:
         raise HnmError(f"round {round_} mining: the miner holds {seen} of {n_negative_tiles} negative tiles after "

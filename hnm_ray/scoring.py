@@ -46,10 +46,10 @@ class InstanceScorer:
         self.negative = set(negative_slides)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import ray
         import torch
 
         from hnm_ray.inference import instance_logits
+        from hnm_ray.mining import push_scores
 
         features = torch.from_numpy(np.stack(batch["embedding"]).astype(np.float32, copy=False))
         logits = instance_logits(self.model, features)  # the instance branch only: the batch mixes slides
@@ -59,8 +59,7 @@ class InstanceScorer:
         if self.miner is not None:
             is_negative = np.fromiter((s in self.negative for s in slide_ids), bool, len(slide_ids))
             if is_negative.any():
-                ray.get(self.miner.push.remote(slide_ids[is_negative], batch["tile_id"][is_negative],
-                                               logits[is_negative]))
+                push_scores(self.miner, slide_ids[is_negative], batch["tile_id"][is_negative], logits[is_negative])
         return {"slide_id": slide_ids, "tile_id": batch["tile_id"], "logit": logits.astype(np.float32),
                 "score": scores.astype(np.float32)}
 

@@ -54,3 +54,33 @@ def test_only_missing_slides_are_computed_and_then_stored(tmp_path, monkeypatch)
     records = [SlideRecord(slide_id=s, path=f"{s}.svs", label=0, split="train") for s in ("a", "b")]
     slide_indexes(records, index, FeatureStore(tmp_path / "store", "t"))
     assert asked == ["b"] and index.has("b") and index.read("b").num_rows == 4
+
+
+def test_the_extraction_stream_reads_stored_indexes_computes_missing_ones_and_carries_failures(tmp_path, monkeypatch,
+                                                                                             demo_cohort):
+    from hnm_ray import index_stream
+    from hnm_ray.index import INDEX_FAILED
+    from hnm_ray.store.manifest import load_manifest
+
+    index = TileIndex(tmp_path, TilingConfig())
+    real = load_manifest(demo_cohort)[0]
+    missing = SlideRecord(slide_id="gone", path=str(tmp_path / "gone.tiff"), label=1, split="train")
+    computed = index_stream.index_rows(real, index)  # no stored index: tissue detection, then stored
+    n = computed.num_rows
+    assert index.has(real.slide_id) and n == index.read(real.slide_id).num_rows > 0
+    stored = SlideRecord(slide_id="a", path="/new/a.svs", label=0, split="train")
+    index.write("a", index.read(real.slide_id))
+
+    def no_tiling(*args, **kwargs):
+        raise AssertionError("tissue detection ran for a slide whose index is stored")
+
+    monkeypatch.setattr(index_stream, "index_or_error", no_tiling)
+    rows = index_stream.index_rows(stored, index)
+    assert rows.column_names == list(index_stream.STREAM_COLUMNS)
+    assert rows["tile_id"].to_pylist() == computed["tile_id"].to_pylist() and set(rows["n_tiles"].to_pylist()) == {n}
+    assert set(rows["path"].to_pylist()) == {"/new/a.svs"} and set(rows["slide_id"].to_pylist()) == {"a"}
+    assert set(rows["error"].to_pylist()) == {""}
+    monkeypatch.undo()
+    failed = index_stream.index_rows(missing, index)
+    assert failed.num_rows == 1 and failed["tile_id"][0].as_py() == INDEX_FAILED and failed["n_tiles"][0].as_py() == 0
+    assert "gone" in failed["error"][0].as_py() and not index.has("gone")

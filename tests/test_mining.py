@@ -257,3 +257,38 @@ def test_actor_killed_after_save_restarts_with_same_queue(ray_session, tmp_path)
         assert ray.get(again.hard_negatives.remote()).equals(before)
     finally:
         ray.kill(miner)
+
+
+def test_a_push_waits_for_a_restarting_miner_and_gives_up_after_its_patience(monkeypatch):
+    """While the miner is temporarily unavailable (its node died, Ray restarts it) a batch is pushed again; past the
+    patience the error reaches the caller."""
+    import ray
+
+    from hnm_ray.mining import HardNegativeMiner, push_scores
+
+    miner, failures = HardNegativeMiner(), {"left": 2}
+    miner.begin_round(n_neg_total=3, neg_ratio=0.5, round=0)
+
+    class Remote:
+        def __init__(self, method):
+            self.method = method
+
+        def remote(self, *args):
+            return lambda: self.method(*args)
+
+    class FlakyHandle:
+        push = Remote(miner.push)
+
+    def get(call):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ray.exceptions.ActorUnavailableError("its node died", None)
+        return call()
+
+    monkeypatch.setattr(ray, "get", get)
+    push_scores(FlakyHandle(), np.array(["a", "a", "b"]), np.array([0, 1, 0]), np.array([0.9, 0.1, 0.5]),
+                first_wait_s=0.01)
+    assert failures["left"] == 0 and miner.stats()["seen"] == 3
+    failures["left"] = 10**6
+    with pytest.raises(ray.exceptions.ActorUnavailableError):
+        push_scores(FlakyHandle(), np.array(["c"]), np.array([0]), np.array([0.2]), patience_s=0.05, first_wait_s=0.01)
