@@ -81,9 +81,9 @@ class TileIndexSource(Datasource):
 INDEX_TASK_CPUS = 0.25
 
 
-def tile_stream(records: list[SlideRecord], index: TileIndex, cpus_per_task: float = INDEX_TASK_CPUS):
+def tile_stream(records: list[SlideRecord], index: TileIndex):
     """A Ray Dataset of the tile rows of `records` (STREAM_COLUMNS), indexed as the stream is consumed."""
     import ray
 
-    return ray.data.read_datasource(TileIndexSource(records, index), num_cpus=cpus_per_task,
+    return ray.data.read_datasource(TileIndexSource(records, index), num_cpus=INDEX_TASK_CPUS,
                                     override_num_blocks=max(1, len(records)))

@@ -194,7 +194,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from hnm_ray.mining import positive_ratio
     from hnm_ray.models.encoders import encoder_from_config
     from hnm_ray.training.checkpointing import latest_checkpoint, load_state, report
-    from hnm_ray.training.runner import loop_device, rank_and_world
+    from hnm_ray.training.runner import loop_device, rank_and_world, wrap_model
     from hnm_ray.training.schedules import scheduler as lr_scheduler
     from hnm_ray.training.tile_batches import decoded_batches, epoch_order, worker_share
 
@@ -221,12 +221,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = state["epoch"] + 1
-    if world > 1:
-        import ray.train.torch
-
-        ddp = ray.train.torch.prepare_model(model)
-    else:
-        ddp = model.to(device)
+    ddp = wrap_model(model, world, device)
     plain = getattr(ddp, "module", ddp)
     share = worker_share(loop["rows"], rank, world)
     readers = TileReaders(device="cpu")

@@ -161,7 +161,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from hnm_ray.losses import bag_bce
     from hnm_ray.models.aggregators import build_standardized
     from hnm_ray.training.checkpointing import latest_checkpoint, load_state, report
-    from hnm_ray.training.runner import loop_device, rank_and_world
+    from hnm_ray.training.runner import loop_device, rank_and_world, wrap_model
     from hnm_ray.training.schedules import scheduler as lr_scheduler
 
     mc = loop["mil"]
@@ -195,12 +195,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         official = state.get("official_protocol")
         if rank == 0:
             log.info("MIL: resuming after epoch %d of %d", state["epoch"], mc["epochs"])
-    if world > 1:
-        import ray.train.torch
-
-        ddp_model = ray.train.torch.prepare_model(model)
-    else:
-        ddp_model = model.to(device)
+    ddp_model = wrap_model(model, world, device)
     plain_model = getattr(ddp_model, "module", ddp_model)
 
     def bce(inst, bag_logit, y):

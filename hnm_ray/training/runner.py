@@ -52,6 +52,15 @@ def loop_device(loop: dict[str, Any], use_gpu: bool) -> str:
     return str(ray.train.torch.get_device())
 
 
+def wrap_model(model, world: int, device: str):
+    """The model a loop trains: DDP-wrapped by Ray Train across several workers, else moved to `device`."""
+    if world > 1:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+    return model.to(device)
+
+
 def run_loop(train_loop: Callable[[dict[str, Any]], None], loop: dict[str, Any], *, workers: int, use_gpu: bool,
              cpus_per_worker: float, max_failures: int, run_dir: Path, name: str, checkpoint_file: str,
              what: str) -> LoopRun:
