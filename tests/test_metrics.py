@@ -91,3 +91,32 @@ def test_instance_metrics_nan_when_not_computable():
     assert m["n"] == 2 and math.isnan(m["instance_auc"]) and math.isnan(m["instance_auprc"])
     with pytest.raises(ValueError):
         instance_metrics([0, 1], [0.2])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_numpy_metrics_equal_scikit_learn_with_ties(seed):
+    """The numpy ROC/AUC/AP/counts equal scikit-learn's on random data with many tied scores."""
+    from sklearn.metrics import (average_precision_score, f1_score, precision_score, recall_score, roc_auc_score,
+                                 roc_curve)
+
+    from hnm_ray.metrics import roc_points
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 60))
+    labels = rng.integers(0, 2, n)
+    labels[:2] = [0, 1]
+    scores = np.round(rng.random(n), 1)  # ~10 distinct values: ties within and across classes
+    fpr, tpr, thresholds = roc_points(labels, scores)
+    want_fpr, want_tpr, want_thresholds = roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, want_fpr)
+    np.testing.assert_allclose(tpr, want_tpr)
+    np.testing.assert_array_equal(thresholds, want_thresholds)
+    m = slide_metrics(labels, scores)
+    predicted = (scores >= m["threshold"]).astype(int)
+    assert m["auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert m["precision"] == pytest.approx(precision_score(labels, predicted, zero_division=0.0))
+    assert m["recall"] == pytest.approx(recall_score(labels, predicted, zero_division=0.0))
+    assert m["f1"] == pytest.approx(f1_score(labels, predicted, zero_division=0.0))
+    instance = instance_metrics(labels, scores)
+    assert instance["instance_auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert instance["instance_auprc"] == pytest.approx(average_precision_score(labels, scores), abs=1e-12)

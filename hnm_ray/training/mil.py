@@ -71,11 +71,15 @@ def validation_metrics(model, bags: list[Bag], loss_fn, device: str = "cpu") -> 
 
     if not bags:
         return {}
-    probs, _ = evaluate_bags(model, bags, device)
-    labels = np.asarray([b.label for b in bags])
+    model.eval()
+    probs, losses = [], []
     with torch.no_grad():
-        losses = [loss_fn(*model(_tensor(b, device)), float(b.label)).item() for b in bags]
-    metrics = {f"val_{k}": v for k, v in slide_metrics(labels, probs).items()}
+        for bag in bags:  # one forward per bag gives its probability and its loss
+            inst, bag_logit = model(_tensor(bag, device))
+            probs.append(torch.sigmoid(bag_logit).item())
+            losses.append(loss_fn(inst, bag_logit, float(bag.label)).item())
+    labels = np.asarray([b.label for b in bags])
+    metrics = {f"val_{k}": v for k, v in slide_metrics(labels, np.asarray(probs, dtype=np.float64)).items()}
     metrics["val_loss"] = float(np.mean(losses))
     return metrics
 
