@@ -1,14 +1,15 @@
 """Extraction pipeline throughput and memory: Ray Data pipeline vs its decode-only and encode-only stages (one JSON line).
 
 On one demo cohort (64 slides of --size px, made in a temp folder): for each encoder, `extract_features` end to end
-(tile index + Ray Data decode -> encode -> per-slide Parquet, Ray already started) against the two stages alone
-in this process on the same tiles: `TileDecoder` (cuCIM batched reads) and `TileEncoder` (on pre-decoded tiles,
-the same torch threads as the pipeline's encoder actor). Efficiency = pipeline tiles/s / min(decode, encode);
-`stream` figures start when the driver starts gathering (the tile index now streams inside the pipeline, so
-`index_s` is only the set-up before it), `steady` ones also leave out the actor start (first to last encoder
-call, timed inside the actors; `encode_busy_fraction` says how well the decoder kept the encoder fed).
-Memory: peak RSS and private memory (RSS - shared) of the driver and of each Ray worker role (index task, decoder,
-encoder; sampled every 0.1 s) on 16 and on 64 slides; `memory_flat`: private peaks grow < 25% + 64 MiB.
+(tile index + Ray Data index stream -> encoder actor that decodes and encodes -> per-slide Parquet, Ray already
+started) against the two stages alone in this process on the same tiles: `TileDecoder` (cuCIM batched reads) and
+`TileEncoder` (on pre-decoded tiles, the same torch threads as the pipeline's encoder actor). Efficiency =
+pipeline tiles/s / min(decode, encode); `stream` figures start when the driver starts gathering, `steady` ones
+also leave out the actor start (first to last actor call, timed inside the actor; on CPUs two calls overlap, one
+decoding while the other encodes). The 64-slide run computes every slide's tile index (tissue detection, round 0);
+`pipeline_64_slides_stored_index` runs again on the index it stored, as rounds >= 1 and re-runs do.
+Memory: peak RSS and private memory (RSS - shared) of the driver and of each Ray worker role (index task, encoder;
+sampled every 0.1 s) on 16 and on 64 slides; `memory_flat`: private peaks grow < 25% + 64 MiB.
 Run: python benchmarks/extract.py > benchmarks/results/extract.json
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ import pyarrow as pa
 
 import hnm_ray.extract as extract
 from hnm_ray.config import TrainConfig, from_tree
-from hnm_ray.extract import TileDecoder, TileEncoder, extract_features
+from hnm_ray.decode import TileDecoder
+from hnm_ray.extract import TileEncoder, extract_features
 from hnm_ray.models.encoders import config_tag
 from hnm_ray.slides.reader import cuda_available
 from hnm_ray.slides.synthetic import make_demo_cohort
@@ -93,26 +95,15 @@ CALL_LOG = os.path.join(tempfile.gettempdir(), f"hnm_extract_bench_{os.getpid()}
 
 
 def _role(name: str) -> str:
-    """A Ray worker's job from its process title: index task, decoder or encoder actor, Ray Data internals."""
-    for key, role in (("ReadTileIndex", "index_task"), ("Decoder", "decoder"), ("Encoder", "encoder")):
+    """A Ray worker's job from its process title: index task, encoder actor, Ray Data internals."""
+    for key, role in (("ReadTileIndex", "index_task"), ("Encoder", "encoder")):
         if key in name:
             return role
     return "other"
 
 
-class TimedDecoder(TileDecoder):
-    """TileDecoder that appends (start, end, rows) of each call to CALL_LOG (pickled by value into the actors)."""
-
-    def __call__(self, batch):
-        start = time.time()
-        out = super().__call__(batch)
-        with open(CALL_LOG, "a") as f:
-            f.write(f"decode {start:.4f} {time.time():.4f} {len(batch['tile_id'])}\n")
-        return out
-
-
 class TimedEncoder(TileEncoder):
-    """TileEncoder that appends (start, end, rows) of each call to CALL_LOG."""
+    """TileEncoder that appends (start, end, rows) of each call to CALL_LOG (pickled by value into the actors)."""
 
     def __call__(self, batch):
         start = time.time()
@@ -127,45 +118,44 @@ class StageClock:
 
     def __init__(self) -> None:
         self.gather_start = float("nan")
-        self._saved = (extract.TileDecoder, extract.TileEncoder, extract.SlideGatherer.__init__)
+        self._saved = (extract.TileEncoder, extract.SlideGatherer.__init__)
 
     def __enter__(self) -> StageClock:
-        clock, init = self, self._saved[2]
+        clock, init = self, self._saved[1]
 
         def gatherer_init(gatherer, *args, **kwargs):
             clock.gather_start = time.time()
             init(gatherer, *args, **kwargs)
 
         Path(CALL_LOG).write_text("")
-        extract.TileDecoder, extract.TileEncoder, extract.SlideGatherer.__init__ = TimedDecoder, TimedEncoder, gatherer_init
+        extract.TileEncoder, extract.SlideGatherer.__init__ = TimedEncoder, gatherer_init
         return self
 
     def __exit__(self, *exc: object) -> None:
-        extract.TileDecoder, extract.TileEncoder, extract.SlideGatherer.__init__ = self._saved
+        extract.TileEncoder, extract.SlideGatherer.__init__ = self._saved
 
     def phases(self, end: float) -> dict[str, float]:
-        """Actor start (gathering begins -> first encode call), busy window (first -> last encode call), stage loads."""
-        calls: dict[str, list[tuple[float, float, int]]] = {"decode": [], "encode": []}
+        """Actor start (gathering begins -> first actor call), busy window (first call start -> last call end)."""
+        calls = []
         for line in Path(CALL_LOG).read_text().splitlines():
-            stage, start, stop, rows = line.split()
-            calls[stage].append((float(start), float(stop), int(rows)))
+            _, start, stop, rows = line.split()
+            calls.append((float(start), float(stop), int(rows)))
         Path(CALL_LOG).unlink(missing_ok=True)
-        first = min(c[0] for c in calls["encode"])  # both actors are up and the first tiles are decoded
-        last = max(c[1] for c in calls["encode"])
+        first = min(c[0] for c in calls)  # the actor is up and its first batch of tile rows arrived
+        last = max(c[1] for c in calls)
         busy = last - first
-        tiles = sum(c[2] for c in calls["encode"])
         return {"actor_start_s": round(first - self.gather_start, 2), "busy_s": round(busy, 2),
-                "driver_tail_s": round(end - last, 2), "steady_tiles_per_s": round(tiles / busy, 1),
-                "decode_busy_fraction": round(sum(c[1] - c[0] for c in calls["decode"]) / busy, 2),
-                "encode_busy_fraction": round(sum(c[1] - c[0] for c in calls["encode"]) / busy, 2),
-                "decode_calls": len(calls["decode"]), "encode_calls": len(calls["encode"])}
+                "driver_tail_s": round(end - last, 2), "steady_tiles_per_s": round(sum(c[2] for c in calls) / busy, 1),
+                "actor_calls": len(calls)}
 
 
-def run_pipeline(records: list[SlideRecord], store: FeatureStore, config: TrainConfig) -> dict:
-    """extract_features end to end, with its phases, throughput and peak memory."""
+def run_pipeline(records: list[SlideRecord], store: FeatureStore, config: TrainConfig,
+                 index_root: Path | None = None) -> dict:
+    """extract_features end to end (tile index in `index_root`, default the store's), its phases, throughput and
+    peak memory."""
     with RssSampler() as rss, StageClock() as clock:
         start = time.time()
-        summary = extract_features(records, store, config)
+        summary = extract_features(records, store, config, index_root)
         end = time.time()
     assert not summary.slides_failed, summary.slides_failed
     wall = end - start
@@ -252,10 +242,14 @@ def main() -> None:
         small16 = store(small, "small16")
         pipe16 = run_pipeline(cohort[:16], small16, small)
         pipe64 = run_pipeline(cohort, store(small, "small64"), small)
+        pipe64_stored = run_pipeline(cohort, store(small, "small64_again"), small, index_root=Path(folder) / "small64")
         stages = stage_rates(small, index_batches(small16, paths, args.batch_size, None))
         results["small_cnn"] = _efficiency(pipe16, stages)
         results["small_cnn"]["pipeline_64_slides"] = pipe64
         results["small_cnn"]["efficiency_64_slides"] = round(pipe64["tiles_per_s"] / results["small_cnn"]["bound_tiles_per_s"], 3)
+        results["small_cnn"]["pipeline_64_slides_stored_index"] = pipe64_stored
+        results["small_cnn"]["efficiency_64_slides_stored_index"] = round(
+            pipe64_stored["tiles_per_s"] / results["small_cnn"]["bound_tiles_per_s"], 3)
         # resnet18_in on a few slides (about 7 tiles/s per CPU thread here).
         resnet = config("resnet18_in")
         resnet_store = store(resnet, "resnet")
@@ -265,11 +259,11 @@ def main() -> None:
         ray.shutdown()
     memory = {role: {"rss_16_vs_64": [pipe16["peak_mib"][role]["rss"], pipe64["peak_mib"][role]["rss"]],
                      "private_16_vs_64": [pipe16["peak_mib"][role]["private"], pipe64["peak_mib"][role]["private"]]}
-              for role in ("driver", "decoder", "encoder", "index_task") if role in pipe16["peak_mib"] and role in pipe64["peak_mib"]}
+              for role in ("driver", "encoder", "index_task") if role in pipe16["peak_mib"] and role in pipe64["peak_mib"]}
     flat = all(m["private_16_vs_64"][1] <= 1.25 * m["private_16_vs_64"][0] + 64 for m in memory.values())
     print(json.dumps({
         "benchmark": "extract", "cohort": {"slides": args.slides, "size_px": args.size, "tile_px": 224, "seconds": round(cohort_s, 1)},
-        "resources": {"decoder_cpus": small.extract.cpus_per_decoder, "encoder_cpus": small.extract.cpus_per_encoder,
+        "resources": {"encoder_cpus": small.extract.cpus_per_encoder, "decode_cpus_per_encoder": small.extract.cpus_per_decoder,
                       "num_encoders": small.extract.num_encoders, "batch_size": args.batch_size},
         "encoders": results, "memory": memory,
         "memory_flat": flat,

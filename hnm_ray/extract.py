@@ -1,9 +1,10 @@
 """Feature extraction: slides -> tile index -> cuCIM decode -> encoder actors -> per-slide Parquet.
 
 A Ray Data pipeline. One read task per slide reads or computes (and stores) its tile index, streaming tile
-coordinates (never pixels) while earlier slides are decoded and encoded; a decode stage reads tiles with cuCIM's
-batched `read_region`; an encoder actor pool (GPU when there are GPUs) embeds them; the driver gathers each
-slide's embeddings and writes one complete Parquet file per slide (temp name + rename).
+coordinates (never pixels) while earlier slides are decoded and encoded; an encoder actor pool (GPU when there are
+GPUs) reads each batch's tiles with cuCIM's batched `read_region` (on CPUs the next batch while encoding one) and
+embeds them; the driver gathers each slide's embeddings and writes one complete Parquet file per slide (temp name +
+rename).
 Re-running skips finished slides; a slide that fails is recorded in `errors.jsonl` and skipped. The JPEG
 tiles under every read get a cheap marker check (`jpeg_tile_problem`): cuCIM decodes a corrupt tile into gray
 pixels without raising, so without it a damaged slide would be embedded silently.
@@ -14,6 +15,7 @@ pixels without raising, so without it a damaged slide would be embedded silently
 from __future__ import annotations
 
 import logging
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from hnm_ray.config import EncoderConfig, TrainConfig
 from hnm_ray.cli import entry_point
 from hnm_ray.cli import parser as cli_parser
 from hnm_ray.cluster import cluster_gpus, init_ray, torch_device
-from hnm_ray.decode import TileDecoder, TileReaders, decode_batch
+from hnm_ray.decode import TileReaders, decode_batch
 from hnm_ray.errors import ConfigError, HnmError
 from hnm_ray.index import INDEX_FAILED, TileIndex
 from hnm_ray.progress import Progress
@@ -56,7 +58,8 @@ class ExtractionSummary:
 
 
 class TileEncoder:
-    """Ray Data actor: loads the encoder once; embeds decoded tiles, or decodes on the GPU itself (fused)."""
+    """Ray Data actor: loads the encoder once; decodes its tiles itself (`fused_decode`, on its device) and embeds
+    them, or embeds tiles decoded upstream (`tiles` column)."""
 
     def __init__(self, encoder: EncoderConfig, seed: int, use_gpu: bool, torch_threads: int,
                  tile_size: int, decode_workers: int, fused_decode: bool) -> None:
@@ -71,6 +74,9 @@ class TileEncoder:
         self.tile_size = tile_size
         self.decode_workers = decode_workers
         self.readers = TileReaders(device=self.device) if fused_decode else None
+        # Two calls may run at once (`_pipeline`, CPU): one decodes the next batch while the other encodes, each
+        # stage one at a time (the readers' LRU and the torch threads are not shared by two calls).
+        self._decoding, self._encoding = threading.Lock(), threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -78,12 +84,13 @@ class TileEncoder:
         from hnm_ray.models.encoders import to_model_input
 
         if self.readers is not None:
-            tiles, errors = decode_batch(self.readers, batch, self.tile_size, self.decode_workers)
+            with self._decoding:
+                tiles, errors = decode_batch(self.readers, batch, self.tile_size, self.decode_workers)
         else:
             tiles, errors = batch["tiles"], batch["error"]
         # DLPack hands device (cupy) tiles to torch without a host round trip; numpy tiles are wrapped.
         pixels = torch.from_numpy(_writable(tiles)) if isinstance(tiles, np.ndarray) else torch.from_dlpack(tiles)
-        with torch.inference_mode():
+        with self._encoding, torch.inference_mode():
             embedding = self.model(to_model_input(pixels.to(self.device), self.model.input_space)).float().cpu().numpy()
         return {"slide_id": batch["slide_id"], "tile_id": batch["tile_id"], "n_tiles": batch["n_tiles"],
                 "embedding": embedding, "error": errors}
@@ -220,25 +227,28 @@ def _warn_if_settings_changed(store: FeatureStore, metadata: dict[str, Any], n_d
 
 
 def _pipeline(records: list[SlideRecord], index: TileIndex, config: TrainConfig, use_gpu: bool):
-    """The Ray Data plan: per-slide index read tasks -> [decode actors] -> encoder actor pool (decode fused into it
-    on GPUs)."""
+    """The Ray Data plan: per-slide index read tasks -> encoder actor pool, each actor decoding its own tiles.
+
+    On GPUs an actor decodes with cuCIM on its device, one batch at a time. On CPUs an actor runs two calls at once
+    so that one decodes the next batch while the other encodes (`TileEncoder`'s stage locks); it asks for
+    cpus_per_encoder + cpus_per_decoder. A separate decode actor pool cost a second process start (~1-2 s of
+    importing on the critical path) and a hop through the object store for every batch of pixels.
+    """
     import ray
 
     from hnm_ray.index_stream import tile_stream
 
-    extract, tile_size = config.extract, config.tiling.tile_size
-    ds = tile_stream(records, index)
-    if not use_gpu:
-        ds = ds.map_batches(TileDecoder, fn_constructor_args=(tile_size, extract.decode_workers),
-                            batch_size=extract.batch_size, num_cpus=extract.cpus_per_decoder,
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, extract.num_encoders)))
+    extract = config.extract
     gpus = (extract.gpus_per_encoder if extract.gpus_per_encoder is not None else 1.0) if use_gpu else 0.0
-    return ds.map_batches(
+    cpus = extract.cpus_per_encoder + (0.0 if use_gpu else extract.cpus_per_decoder)
+    calls = 1 if use_gpu else 2
+    return tile_stream(records, index).map_batches(
         TileEncoder,
         fn_constructor_args=(config.encoder, config.run.seed, use_gpu, int(max(1, extract.cpus_per_encoder)),
-                             tile_size, extract.decode_workers, use_gpu),
-        batch_size=extract.batch_size, num_cpus=extract.cpus_per_encoder, num_gpus=gpus,
-        compute=ray.data.ActorPoolStrategy(size=extract.num_encoders),
+                             config.tiling.tile_size, extract.decode_workers, True),
+        batch_size=extract.batch_size, num_cpus=cpus, num_gpus=gpus,
+        compute=ray.data.ActorPoolStrategy(size=extract.num_encoders, max_concurrent_calls_per_actor=calls,
+                                           enable_true_multi_threading=calls > 1),
     )
 
 
