@@ -122,6 +122,31 @@ def test_decode_batch_marks_rows_of_an_unreadable_slide(demo_cohort, records, tm
     np.testing.assert_array_equal(tiles[[0, 1, 4]], direct)
 
 
+def test_encoder_actor_decoding_two_batches_at_once_gives_the_sequential_embeddings(records):
+    """On CPUs the pipeline runs two calls of one encoder actor at once (decode one batch while encoding the other):
+    their stage locks must give exactly what one call after the other gives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hnm_ray.extract import TileEncoder
+
+    config = small_config()
+    batches = []
+    for record in records[:4]:
+        x = np.arange(6, dtype=np.int32) * TILE
+        batches.append({"slide_id": np.array([record.slide_id] * 6, object), "path": np.array([record.path] * 6, object),
+                        "tile_id": np.arange(6, dtype=np.int32), "x": x, "y": np.zeros(6, np.int32),
+                        "level": np.zeros(6, np.int8), "size": np.full(6, TILE, np.int16),
+                        "n_tiles": np.full(6, 6, np.int64), "error": np.full(6, "", object)})
+    sequential = TileEncoder(config.encoder, 0, False, 1, TILE, 1, True)
+    want = [sequential(b)["embedding"] for b in batches]
+    concurrent = TileEncoder(config.encoder, 0, False, 1, TILE, 1, True)
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(concurrent, batches * 3))
+    for i, out in enumerate(got):
+        np.testing.assert_array_equal(out["embedding"], want[i % 4])
+        assert out["slide_id"][0] == batches[i % 4]["slide_id"][0] and not any(out["error"])
+
+
 def test_gatherer_writes_complete_slides_in_tile_order_and_fails_slides_with_errors(tmp_path):
     def index(slide_id, n):
         ids = np.arange(n, dtype=np.int32)
