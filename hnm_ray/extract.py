@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from hnm_ray import config as cfg
-from hnm_ray.config import EncoderConfig, TrainConfig
+from hnm_ray.config import EncoderConfig, ExtractConfig, TrainConfig
 from hnm_ray.cli import entry_point
 from hnm_ray.cli import parser as cli_parser
 from hnm_ray.cluster import cluster_gpus, init_ray, torch_device
@@ -226,12 +226,26 @@ def _warn_if_settings_changed(store: FeatureStore, metadata: dict[str, Any], n_d
                     n_done, store.directory, changed)
 
 
+def encoder_actor_cpus(extract: ExtractConfig, node_cpus: list[float]) -> float:
+    """CPUs a CPU encoder actor asks for: cpus_per_encoder + cpus_per_decoder (its torch threads and the thread
+    decoding its next batch), trimmed to the largest node when that node holds the encoder's share but not both (on
+    nodes of 1 CPU the decoding thread then shares the encoder's CPU; asking more than any node has would leave the
+    actor pending for ever). Nodes that do not exist yet (an autoscaling cluster) are not guessed at."""
+    wanted = extract.cpus_per_encoder + extract.cpus_per_decoder
+    largest = max(node_cpus, default=0.0)
+    if extract.cpus_per_encoder <= largest < wanted:
+        log.info("extract: encoder actors ask %.2f CPU, not %.2f (cpus_per_encoder + cpus_per_decoder): the largest "
+                 "node has %.2f", largest, wanted, largest)
+        return largest
+    return wanted
+
+
 def _pipeline(records: list[SlideRecord], index: TileIndex, config: TrainConfig, use_gpu: bool):
     """The Ray Data plan: per-slide index read tasks -> encoder actor pool, each actor decoding its own tiles.
 
     On GPUs an actor decodes with cuCIM on its device, one batch at a time. On CPUs an actor runs two calls at once
     so that one decodes the next batch while the other encodes (`TileEncoder`'s stage locks); it asks for
-    cpus_per_encoder + cpus_per_decoder. A separate decode actor pool cost a second process start (~1-2 s of
+    `encoder_actor_cpus`. A separate decode actor pool cost a second process start (~1-2 s of
     importing on the critical path) and a hop through the object store for every batch of pixels.
     """
     import ray
@@ -240,7 +254,8 @@ def _pipeline(records: list[SlideRecord], index: TileIndex, config: TrainConfig,
 
     extract = config.extract
     gpus = (extract.gpus_per_encoder if extract.gpus_per_encoder is not None else 1.0) if use_gpu else 0.0
-    cpus = extract.cpus_per_encoder + (0.0 if use_gpu else extract.cpus_per_decoder)
+    node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
+    cpus = extract.cpus_per_encoder if use_gpu else encoder_actor_cpus(extract, node_cpus)
     calls = 1 if use_gpu else 2
     return tile_stream(records, index).map_batches(
         TileEncoder,

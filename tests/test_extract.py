@@ -405,3 +405,14 @@ def test_corrupt_slides_are_skipped_and_recorded(clean, records, tmp_path, capsy
     assert main(["--manifest", str(only_bad), "--out", str(tmp_path / "store2"), "--encoder.name", "small_cnn"]) == 1
     printed = capsys.readouterr().out
     assert "slides_failed=['not_tiff', 'truncated']" in printed and "slides_written=0" in printed
+
+
+@pytest.mark.parametrize("nodes,want", [([2.0], 1.5), ([1.0, 1.0, 1.0], 1.0), ([0.0, 4.0], 1.5), ([0.0], 1.5),
+                                        ([], 1.5), ([0.5], 1.5)])
+def test_encoder_actor_cpus_fit_the_largest_node_when_its_encoder_share_does(nodes, want):
+    """A CPU encoder actor asks cpus_per_encoder + cpus_per_decoder (1 + 0.5), trimmed to a node that holds the
+    encoder's share but not the sum (never more than any node has: the actor would wait for ever); with no node
+    that holds the encoder's share (an autoscaling cluster's head) it asks the sum."""
+    from hnm_ray.extract import encoder_actor_cpus
+
+    assert encoder_actor_cpus(small_config().extract, nodes) == want
