@@ -11,6 +11,9 @@ the next test.
 
 Each test compares the run that lost a node with a fault-free run of the same stage on the same cohort and prints
 one `node-loss figures:` JSON line (time to recover, what was redone) for the README table.
+
+The cluster tests (marker `cluster`, ~3.5 min on 2 cores) are left out of the default run (`pytest -q`, the README's
+and CI's command, kept under 8 minutes); run them with `pytest -m cluster`.
 """
 from __future__ import annotations
 
@@ -169,7 +172,7 @@ def _slide_files(root: Path) -> dict[str, Path]:
     return {p.name[: -len(".parquet")]: p for p in sorted(root.rglob("round=0/*.parquet"))}
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 @pytest.mark.timeout(300)
 def test_extraction_node_dies_mid_extraction(nodes, features, demo_cohort, tmp_path):
     """SIGKILL the node of the encoder actor once the first slide is written: Ray Data restarts the actor on another
@@ -237,7 +240,7 @@ def mil_reference(cluster: LocalCluster, features: Path, demo_cohort: Path, tmp_
     return folder / "run"
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 @pytest.mark.timeout(300)
 def test_mil_train_worker_node_dies_mid_training(nodes, features, mil_reference, demo_cohort, tmp_path):
     """SIGKILL the node of one of the 2 Train workers after 2 epoch reports: FailureConfig restarts the worker
@@ -282,7 +285,7 @@ def test_mil_train_worker_node_dies_mid_training(nodes, features, mil_reference,
 
 # ---------------------------------------------------------------------------------------- the miner actor
 
-@pytest.mark.slow
+@pytest.mark.cluster
 @pytest.mark.timeout(300)
 def test_miner_node_dies_between_pushes(nodes, features, mil_reference, demo_cohort, tmp_path):
     """SIGKILL the node of the HardNegativeMiner between two waves of pushes: the actor restarts on another node from
@@ -346,7 +349,7 @@ def _rounds(run: Path) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k not in drop} for r in json.loads((run / "metrics.json").read_text())["rounds"]]
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 @pytest.mark.timeout(400)
 def test_driver_sigterm_mid_round_then_resume_finishes_the_job(nodes, features, demo_cohort, tmp_path):
     """SIGTERM the driver (a spot preemption of its node) once round 0's hard negatives are mined: the job stops,
