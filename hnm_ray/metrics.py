@@ -23,7 +23,7 @@ def _binary_inputs(y, p) -> tuple[np.ndarray, np.ndarray]:
     scores = np.asarray(p, dtype=np.float64).reshape(-1)
     if labels.size == 0 or labels.size != scores.size:
         raise ValueError(f"need as many labels as scores and at least one of each, got {labels.size} and {scores.size}")
-    if not np.isin(labels, (0, 1)).all():
+    if not ((labels == 0) | (labels == 1)).all():
         raise ValueError(f"labels must be 0/1, got values {sorted(set(labels.tolist()))[:10]}")
     if not np.isfinite(scores).all():
         raise ValueError("scores contain nan or inf")
