@@ -1,5 +1,6 @@
 """Ray Tune sweeps: the grid is the product of the swept values; a 2-trial sweep with a fine-tuning round on a tiny
-demo store writes its table and a best config that round-trips; an interrupted sweep restores."""
+demo store, SIGKILLed after its first trial result and resumed, writes its table and a best config that
+round-trips (one sweep for both: each costs a minute on 2 cores)."""
 from __future__ import annotations
 
 import json
@@ -48,12 +49,31 @@ def test_grid_search_is_every_combination_of_the_swept_values():
     assert (trial.mining.neg_ratio, trial.mil.margin, trial.mil.w_rank) == (0.5, 2.0, 0.1)
 
 
+def _interrupt_after_first_result(proc: subprocess.Popen, state: Path) -> None:
+    """SIGKILL the sweep's process group once a trial has reported a result (the sweep still running)."""
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if any(p.stat().st_size > 0 for p in state.glob("*/result.json")):
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_grid_sweep_with_a_finetuning_round_writes_table_and_best_config(tmp_path, demo_cohort):
-    done = subprocess.run(_sweep(tmp_path, demo_cohort), env=_env(tmp_path), capture_output=True, text=True, timeout=850)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_interrupted_grid_sweep_with_a_finetuning_round_restores_and_writes_table_and_best_config(tmp_path,
+                                                                                                demo_cohort):
+    """One sweep (two trials, each with a fine-tuning round) SIGKILLed after its first trial result, then resumed:
+    the restored sweep finishes every trial and writes the table and a best config that `train --config` takes."""
+    proc = subprocess.Popen(_sweep(tmp_path, demo_cohort), env=_env(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     folder = tmp_path / "tune" / "s"
+    _interrupt_after_first_result(proc, folder)
+    done = subprocess.run(_sweep(tmp_path, demo_cohort, "--resume"), env=_env(tmp_path), capture_output=True,
+                          text=True, timeout=850)
+    assert done.returncode == 0, done.stderr[-3000:]
     table = (folder / "results.csv").read_text().strip().splitlines()
     assert len(table) == 1 + 2, table
     header = table[0].split(",")
@@ -80,25 +100,3 @@ def test_grid_sweep_with_a_finetuning_round_writes_table_and_best_config(tmp_pat
     # Trials shared the round-0 store extracted once before the sweep.
     stores = list((tmp_path / "tune" / "features").rglob("round=0"))
     assert len(stores) == 1 and len(list(stores[0].glob("*.parquet"))) == 8
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_interrupted_sweep_restores(tmp_path, demo_cohort):
-    two_trials = ("--rounds", "0")  # restoring is the same whatever the trials run: MIL only keeps the test short
-    proc = subprocess.Popen(_sweep(tmp_path, demo_cohort, *two_trials), env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    state = tmp_path / "tune" / "s"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if len(list(state.glob("trial*/result.json"))) >= 1 or len(list(state.glob("*/result.json"))) >= 1:
-            if any(p.stat().st_size > 0 for p in state.glob("*/result.json")):
-                break
-        time.sleep(0.5)
-    assert proc.poll() is None, "the sweep ended before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = subprocess.run(_sweep(tmp_path, demo_cohort, *two_trials, "--resume"), env=_env(tmp_path), capture_output=True, text=True, timeout=850)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = (state / "results.csv").read_text().strip().splitlines()
-    assert len(rows) == 1 + 2
