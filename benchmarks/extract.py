@@ -28,7 +28,7 @@ import pyarrow as pa
 
 import hnm_ray.extract as extract
 from hnm_ray.config import TrainConfig, from_tree
-from hnm_ray.decode import TileDecoder
+from hnm_ray.decode import TileReaders, decode_batch
 from hnm_ray.extract import TileEncoder, extract_features
 from hnm_ray.models.encoders import config_tag
 from hnm_ray.slides.reader import cuda_available
@@ -100,6 +100,20 @@ def _role(name: str) -> str:
         if key in name:
             return role
     return "other"
+
+
+class TileDecoder:
+    """The decode stage alone: tile coordinate rows -> decoded uint8 tiles (cuCIM batched reads on CPU), as the
+    encoder actor decodes them."""
+
+    def __init__(self, tile_size: int, num_workers: int = 1) -> None:
+        self.tile_size = tile_size
+        self.num_workers = num_workers
+        self.readers = TileReaders(device="cpu")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tiles, errors = decode_batch(self.readers, batch, self.tile_size, self.num_workers)
+        return {**batch, "tiles": tiles, "error": errors}
 
 
 class TimedEncoder(TileEncoder):

@@ -1,7 +1,7 @@
 """Reading tiles: open slides once per actor or worker, batched cuCIM reads, checked tiles.
 
-Used by extraction (Ray Data stages: tile coordinates -> pixels) and by fine-tuning (each Train worker
-decodes the tiles of its share, `training/tile_batches.py`). Rows of a batch may come from several
+Used by extraction (each encoder actor decodes its batches of tile coordinates, `extract.TileEncoder`) and by
+fine-tuning (each Train worker decodes the tiles of its share, `training/tile_batches.py`). Rows of a batch may come from several
 slides; a failed read marks that slide's rows with an error string and zero pixels so the consumer can
 skip the slide without losing the batch.
 """
@@ -15,7 +15,6 @@ import numpy as np
 from hnm_ray.errors import SlideError
 from hnm_ray.slides.integrity import FIX_CORRUPT_TILE, TileIntegrity, tile_integrity
 
-COORDINATE_COLUMNS = ("path", "x", "y", "level", "size")
 
 
 class TileReaders:
@@ -100,17 +99,3 @@ def _resize(tiles: Any, tile_size: int) -> Any:
                                         antialias=True, align_corners=False)
     out = t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     return out.numpy() if isinstance(tiles, np.ndarray) else __import__("cupy").from_dlpack(out)
-
-
-class TileDecoder:
-    """Ray Data stage: tile coordinate rows -> decoded uint8 tiles (cuCIM batched reads on CPU)."""
-
-    def __init__(self, tile_size: int, num_workers: int = 1) -> None:
-        self.tile_size = tile_size
-        self.num_workers = num_workers
-        self.readers = TileReaders(device="cpu")
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        tiles, errors = decode_batch(self.readers, batch, self.tile_size, self.num_workers)
-        passthrough = {k: v for k, v in batch.items() if k not in COORDINATE_COLUMNS}
-        return {**passthrough, "tiles": tiles, "error": errors}
