@@ -48,6 +48,14 @@ def stop_cleanly_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+def single_node() -> bool:
+    """Whether Ray runs on one node (a laptop, one VM): a stage may then run in the driver's process instead of
+    starting Ray workers for it."""
+    import ray
+
+    return len([node for node in ray.nodes() if node["Alive"]]) <= 1
+
+
 def cluster_gpus() -> float:
     """GPUs the connected Ray cluster has (0 on CPU-only machines)."""
     import ray

@@ -49,7 +49,10 @@ def reference_top_k(logits: dict[str, tuple[np.ndarray, np.ndarray]], k: int) ->
 
 @pytest.mark.ray
 @pytest.mark.timeout(400)
-def test_score_tiles_scores_every_tile_and_mines_the_exact_top_k(trained, mil_store, tmp_path):
+@pytest.mark.parametrize("in_process", [False, True], ids=["ray_data_actors", "in_process"])
+def test_score_tiles_scores_every_tile_and_mines_the_exact_top_k(trained, mil_store, tmp_path, in_process):
+    """The same table and the same global top-k whether a Ray Data actor pool scores (a cluster) or the driver
+    scores slide by slide (one node, the default there)."""
     import ray
 
     from hnm_ray.mining import get_miner
@@ -59,12 +62,14 @@ def test_score_tiles_scores_every_tile_and_mines_the_exact_top_k(trained, mil_st
     negatives = [r.slide_id for r in wanted if r.label == 0]
     n_neg = count_tiles(mil_store, negatives)
     assert n_neg == sum(len(mil_store.read_bag(s)) for s in negatives)
-    miner = get_miner("test_scoring_miner")
+    miner_name = f"test_scoring_miner_{in_process}"
+    miner = get_miner(miner_name)
     k = ray.get(miner.begin_round.remote(n_neg, NEG_RATIO))
     assert k == math.ceil(NEG_RATIO * n_neg)
 
     out = tmp_path / "scores.parquet"
-    table = score_tiles(model_path, mil_store, wanted, out, miner_name="test_scoring_miner", batch_size=100)
+    table = score_tiles(model_path, mil_store, wanted, out, miner_name=miner_name, batch_size=100,
+                        in_process=in_process)
 
     # one row per tile of the requested slides, nothing else, sorted, written as returned
     assert table.schema == SCORES_SCHEMA

@@ -257,11 +257,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 def finetune_workers(asked: int | None, use_gpu: bool) -> int:
     """Fine-tuning workers: `asked`, else 0 (this process) on a one-node cluster without GPU fine-tuning, where a
     worker group adds only its start-up (~10 s a stage on 2 CPUs, benchmarks/results/job.json), else 1."""
-    import ray
+    from hnm_ray.cluster import single_node
 
     if asked is not None:
         return asked
-    return 0 if len([n for n in ray.nodes() if n["Alive"]]) <= 1 and not use_gpu else 1
+    return 0 if single_node() and not use_gpu else 1
 
 
 def worker_cpus(asked: float | None, workers: int, reserved: float = 0.0) -> float:
