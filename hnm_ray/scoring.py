@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hnm_ray import storage
+from hnm_ray.progress import Progress
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 
@@ -57,7 +58,7 @@ class InstanceScorer:
 
         embedding = batch["embedding"]  # (N, D), or N row arrays from a Ray Data batch of list values
         embedding = embedding if embedding.dtype != object else np.stack(embedding)
-        features = torch.from_numpy(embedding.astype(np.float32, copy=False))
+        features = torch.from_numpy(np.require(embedding, np.float32, ["C", "W"]))  # Ray's batches are read-only
         logits = instance_logits(self.model, features)  # the instance branch only: the batch mixes slides
         scores = torch.sigmoid(logits).numpy()  # no overflow warning for very negative logits
         logits = logits.numpy()
@@ -87,7 +88,7 @@ def score_tiles(model_path: str | Path, store: FeatureStore, records: list[Slide
     negatives = [r.slide_id for r in records if r.label == 0 and r.slide_id in wanted]
     if in_process if in_process is not None else single_node():
         scorer = InstanceScorer(str(model_path), miner_name, negatives, torch_threads=None)
-        batches = (scorer(batch) for batch in _slide_batches(store, wanted))
+        batches = (scorer(batch) for batch in _slide_batches(store, wanted, Progress("score (slides)", len(wanted))))
     else:
         batches = _scored_by_ray_data(store, wanted, (str(model_path), miner_name, negatives), num_scorers, batch_size)
     parts = [pa.Table.from_pydict({k: batch[k] for k in SCORES_SCHEMA.names}, schema=SCORES_SCHEMA)
@@ -103,11 +104,12 @@ def score_tiles(model_path: str | Path, store: FeatureStore, records: list[Slide
     return table
 
 
-def _slide_batches(store: FeatureStore, slide_ids: list[str]) -> Iterator[dict[str, np.ndarray]]:
+def _slide_batches(store: FeatureStore, slide_ids: list[str], progress: Progress) -> Iterator[dict[str, np.ndarray]]:
     """One batch of (slide_id, tile_id, embedding) per slide, read one slide at a time."""
     for slide_id in slide_ids:
         bag = store.read_bag(slide_id)
         yield {"slide_id": np.full(len(bag), slide_id, object), "tile_id": bag.tile_ids, "embedding": bag.features}
+        progress.update(1, tiles=len(bag))
 
 
 def _scored_by_ray_data(store: FeatureStore, slide_ids: list[str], scorer_args: tuple, num_scorers: int,
