@@ -48,12 +48,17 @@ def stop_cleanly_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+def node_cpus() -> list[float]:
+    """The CPUs of each live node of the connected Ray cluster."""
+    import ray
+
+    return [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
+
+
 def single_node() -> bool:
     """Whether Ray runs on one node (a laptop, one VM): a stage may then run in the driver's process instead of
     starting Ray workers for it."""
-    import ray
-
-    return len([node for node in ray.nodes() if node["Alive"]]) <= 1
+    return len(node_cpus()) <= 1
 
 
 def cluster_gpus() -> float:

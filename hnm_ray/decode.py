@@ -1,9 +1,9 @@
 """Reading tiles: open slides once per actor or worker, batched cuCIM reads, checked tiles.
 
 Used by extraction (each encoder actor decodes its batches of tile coordinates, `extract.TileEncoder`) and by
-fine-tuning (each Train worker decodes the tiles of its share, `training/tile_batches.py`). Rows of a batch may come from several
-slides; a failed read marks that slide's rows with an error string and zero pixels so the consumer can
-skip the slide without losing the batch.
+fine-tuning (each Train worker decodes the tiles of its share, `training/tile_batches.py`). Rows of a batch may
+come from several slides; a failed read marks that slide's rows with an error string and zero pixels so the
+consumer can skip the slide without losing the batch.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import numpy as np
 
 from hnm_ray.errors import SlideError
 from hnm_ray.slides.integrity import FIX_CORRUPT_TILE, TileIntegrity, tile_integrity
-
 
 
 class TileReaders:

@@ -27,7 +27,7 @@ from hnm_ray import config as cfg
 from hnm_ray.config import EncoderConfig, ExtractConfig, TrainConfig
 from hnm_ray.cli import entry_point
 from hnm_ray.cli import parser as cli_parser
-from hnm_ray.cluster import cluster_gpus, init_ray, torch_device
+from hnm_ray.cluster import cluster_gpus, init_ray, node_cpus, torch_device
 from hnm_ray.decode import TileReaders, decode_batch
 from hnm_ray.errors import ConfigError, HnmError
 from hnm_ray.index import INDEX_FAILED, TileIndex
@@ -254,8 +254,7 @@ def _pipeline(records: list[SlideRecord], index: TileIndex, config: TrainConfig,
 
     extract = config.extract
     gpus = (extract.gpus_per_encoder if extract.gpus_per_encoder is not None else 1.0) if use_gpu else 0.0
-    node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
-    cpus = extract.cpus_per_encoder if use_gpu else encoder_actor_cpus(extract, node_cpus)
+    cpus = extract.cpus_per_encoder if use_gpu else encoder_actor_cpus(extract, node_cpus())
     calls = 1 if use_gpu else 2
     return tile_stream(records, index).map_batches(
         TileEncoder,

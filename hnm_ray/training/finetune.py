@@ -268,11 +268,11 @@ def worker_cpus(asked: float | None, workers: int, reserved: float = 0.0) -> flo
     """CPUs (and torch threads) per fine-tuning worker: `asked`, else the cluster's CPUs (less `reserved`) split over
     the workers, at most one node's and at least 1. Fixed by the cluster's size (not by what is free now), so a
     rerun or a resume on the same cluster computes with the same number of threads."""
-    import ray
+    from hnm_ray.cluster import node_cpus
 
     if asked is not None:
         return asked
-    nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
+    nodes = node_cpus()
     share = min(max(nodes, default=1.0), (sum(nodes) - reserved) / max(1, workers))
     return float(max(1, math.floor(share)))
 
