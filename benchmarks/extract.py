@@ -3,7 +3,7 @@
 On one demo cohort (64 slides of --size px, made in a temp folder): for each encoder, `extract_features` end to end
 (tile index + Ray Data index stream -> encoder actor that decodes and encodes -> per-slide Parquet, Ray already
 started) against the two stages alone in this process on the same tiles: `TileDecoder` (cuCIM batched reads) and
-`TileEncoder` (on pre-decoded tiles, the same torch threads as the pipeline's encoder actor). Efficiency =
+`TileEncoder.embed` (on pre-decoded tiles, the same torch threads as the pipeline's encoder actor). Efficiency =
 pipeline tiles/s / min(decode, encode); `stream` figures start when the driver starts gathering, `steady` ones
 also leave out the actor start (first to last actor call, timed inside the actor; on CPUs two calls overlap, one
 decoding while the other encodes). The 64-slide run computes every slide's tile index (tissue detection, round 0);
@@ -210,13 +210,13 @@ def stage_rates(config: TrainConfig, batches: list[dict]) -> dict:
         decoded = [decoder(b) for b in batches]
         best_decode = max(best_decode, n / (time.perf_counter() - start))
     threads = int(max(1, extract_.cpus_per_encoder))
-    encoder = TileEncoder(config.encoder, config.run.seed, False, threads, tile_size, extract_.decode_workers, False)
-    encoder(decoded[0])  # warm-up
+    encoder = TileEncoder(config.encoder, config.run.seed, False, threads, tile_size, extract_.decode_workers)
+    encoder.embed(decoded[0]["tiles"])  # warm-up
     best_encode = 0.0
     for _ in range(2):
         start = time.perf_counter()
         for b in decoded:
-            encoder(b)
+            encoder.embed(b["tiles"])
         best_encode = max(best_encode, n / (time.perf_counter() - start))
     return {"tiles": n, "decode_tiles_per_s": round(best_decode, 1), "encode_tiles_per_s": round(best_encode, 1),
             "encode_torch_threads": threads}

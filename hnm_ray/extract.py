@@ -58,11 +58,11 @@ class ExtractionSummary:
 
 
 class TileEncoder:
-    """Ray Data actor: loads the encoder once; decodes its tiles itself (`fused_decode`, on its device) and embeds
-    them, or embeds tiles decoded upstream (`tiles` column)."""
+    """Ray Data actor: loads the encoder once; decodes each batch's tiles itself (cuCIM, on its device) and embeds
+    them (`embed`)."""
 
     def __init__(self, encoder: EncoderConfig, seed: int, use_gpu: bool, torch_threads: int,
-                 tile_size: int, decode_workers: int, fused_decode: bool) -> None:
+                 tile_size: int, decode_workers: int) -> None:
         import torch
 
         from hnm_ray.models.encoders import encoder_from_config
@@ -73,27 +73,29 @@ class TileEncoder:
         self.model = encoder_from_config(encoder).to(self.device).eval()
         self.tile_size = tile_size
         self.decode_workers = decode_workers
-        self.readers = TileReaders(device=self.device) if fused_decode else None
+        self.readers = TileReaders(device=self.device)
         # Two calls may run at once (`_pipeline`, CPU): one decodes the next batch while the other encodes, each
         # stage one at a time (the readers' LRU and the torch threads are not shared by two calls).
         self._decoding, self._encoding = threading.Lock(), threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._decoding:
+            tiles, errors = decode_batch(self.readers, batch, self.tile_size, self.decode_workers)
+        with self._encoding:
+            embedding = self.embed(tiles)
+        return {"slide_id": batch["slide_id"], "tile_id": batch["tile_id"], "n_tiles": batch["n_tiles"],
+                "embedding": embedding, "error": errors}
+
+    def embed(self, tiles: Any) -> np.ndarray:
+        """Embeddings (B, dim) float32 of decoded uint8 tiles (B, S, S, 3), numpy or on the device (cupy)."""
         import torch
 
         from hnm_ray.models.encoders import to_model_input
 
-        if self.readers is not None:
-            with self._decoding:
-                tiles, errors = decode_batch(self.readers, batch, self.tile_size, self.decode_workers)
-        else:
-            tiles, errors = batch["tiles"], batch["error"]
         # DLPack hands device (cupy) tiles to torch without a host round trip; numpy tiles are wrapped.
         pixels = torch.from_numpy(_writable(tiles)) if isinstance(tiles, np.ndarray) else torch.from_dlpack(tiles)
-        with self._encoding, torch.inference_mode():
-            embedding = self.model(to_model_input(pixels.to(self.device), self.model.input_space)).float().cpu().numpy()
-        return {"slide_id": batch["slide_id"], "tile_id": batch["tile_id"], "n_tiles": batch["n_tiles"],
-                "embedding": embedding, "error": errors}
+        with torch.inference_mode():
+            return self.model(to_model_input(pixels.to(self.device), self.model.input_space)).float().cpu().numpy()
 
 
 def _writable(array: np.ndarray) -> np.ndarray:
@@ -259,7 +261,7 @@ def _pipeline(records: list[SlideRecord], index: TileIndex, config: TrainConfig,
     return tile_stream(records, index).map_batches(
         TileEncoder,
         fn_constructor_args=(config.encoder, config.run.seed, use_gpu, int(max(1, extract.cpus_per_encoder)),
-                             config.tiling.tile_size, extract.decode_workers, True),
+                             config.tiling.tile_size, extract.decode_workers),
         batch_size=extract.batch_size, num_cpus=cpus, num_gpus=gpus,
         compute=ray.data.ActorPoolStrategy(size=extract.num_encoders, max_concurrent_calls_per_actor=calls,
                                            enable_true_multi_threading=calls > 1),

@@ -137,9 +137,9 @@ def test_encoder_actor_decoding_two_batches_at_once_gives_the_sequential_embeddi
                         "tile_id": np.arange(6, dtype=np.int32), "x": x, "y": np.zeros(6, np.int32),
                         "level": np.zeros(6, np.int8), "size": np.full(6, TILE, np.int16),
                         "n_tiles": np.full(6, 6, np.int64), "error": np.full(6, "", object)})
-    sequential = TileEncoder(config.encoder, 0, False, 1, TILE, 1, True)
+    sequential = TileEncoder(config.encoder, 0, False, 1, TILE, 1)
     want = [sequential(b)["embedding"] for b in batches]
-    concurrent = TileEncoder(config.encoder, 0, False, 1, TILE, 1, True)
+    concurrent = TileEncoder(config.encoder, 0, False, 1, TILE, 1)
     with ThreadPoolExecutor(2) as pool:
         got = list(pool.map(concurrent, batches * 3))
     for i, out in enumerate(got):
