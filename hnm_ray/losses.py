@@ -46,12 +46,17 @@ def bag_bce(bag_logit: torch.Tensor, inst_logits: torch.Tensor, label: float | i
             pos_weight: float | torch.Tensor | None = None, w_bag: float = 0.5, w_ins: float = 0.5) -> torch.Tensor:
     """w_bag * BCE(bag_logit, y) + w_ins * BCE(max_i inst_logit_i, y), BCE with logits and positive class weight."""
     _check_scores(inst_logits, "inst_logits")
-    reference = bag_logit.reshape(())
-    target = torch.as_tensor(label, dtype=reference.dtype, device=reference.device).reshape(())
-    weight = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=reference.dtype,
-                                                              device=reference.device).reshape(())
-    bag_term = F.binary_cross_entropy_with_logits(reference, target, pos_weight=weight)
-    max_term = F.binary_cross_entropy_with_logits(inst_logits.max(), target, pos_weight=weight)
+    return bags_bce(bag_logit.reshape(()), inst_logits.max(), label, pos_weight, w_bag, w_ins)
+
+
+def bags_bce(bag_logits: torch.Tensor, max_inst_logits: torch.Tensor, labels: float | int | torch.Tensor | np.ndarray,
+             pos_weight: float | torch.Tensor | None = None, w_bag: float = 0.5, w_ins: float = 0.5) -> torch.Tensor:
+    """`bag_bce` of bags given by their bag logits and max instance logits (same shape), one value per bag."""
+    target = torch.as_tensor(labels, dtype=bag_logits.dtype, device=bag_logits.device).reshape(bag_logits.shape)
+    weight = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=bag_logits.dtype,
+                                                              device=bag_logits.device).reshape(())
+    bag_term = F.binary_cross_entropy_with_logits(bag_logits, target, pos_weight=weight, reduction="none")
+    max_term = F.binary_cross_entropy_with_logits(max_inst_logits, target, pos_weight=weight, reduction="none")
     return w_bag * bag_term + w_ins * max_term
 
 

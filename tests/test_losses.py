@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hnm_ray.losses import (bag_bce, class_pos_weight, global_ranking_loss, pair_loss, ranking_loss, supcon_loss,
+from hnm_ray.losses import (bag_bce, bags_bce, class_pos_weight, global_ranking_loss, pair_loss, ranking_loss, supcon_loss,
                             topk_mean)
 
 S_POS = [3.0, 1.0, -2.0, 0.5]
@@ -99,6 +99,18 @@ def test_bag_bce_matches_composed_torch_reference(y):
     assert bag_bce(bag, inst, y, 2.5, w_bag=0.0, w_ins=1.0).item() == pytest.approx(hand, rel=1e-5)
     assert bag_bce(bag, inst, torch.tensor(y), None).item() == pytest.approx(
         bag_bce(bag, inst, y, 1.0).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("pos_weight", [None, 2.5])
+def test_bags_bce_gives_each_bag_its_bag_bce(pos_weight):
+    gen = torch.Generator().manual_seed(3)
+    bags = [torch.randn(n, generator=gen) for n in (1, 4, 9, 30)]
+    bag_logits = torch.randn(len(bags), generator=gen)
+    labels = [1, 0, 0, 1]
+    batched = bags_bce(bag_logits, torch.stack([b.max() for b in bags]), torch.tensor(labels), pos_weight, 0.3, 0.7)
+    one_by_one = [bag_bce(logit, inst, y, pos_weight, 0.3, 0.7) for logit, inst, y in zip(bag_logits, bags, labels)]
+    assert batched.shape == (len(bags),)
+    assert batched.tolist() == [x.item() for x in one_by_one]
 
 
 def test_pair_loss_matches_official_composition():

@@ -16,7 +16,7 @@ from hnm_ray.slides import (TilingConfig, TissueConfig, load_annotation, open_sl
 from hnm_ray.slides import reader as reader_module
 from hnm_ray.slides.reader import SlideReader
 from hnm_ray.slides.synthetic import MASK_DOWNSAMPLE, write_pyramid
-from hnm_ray.slides.tissue import mask_fraction, otsu_threshold, saturation
+from hnm_ray.slides.tissue import mask_fraction, median_along, otsu_threshold, saturation
 
 
 def _rows(manifest: Path) -> list[dict]:
@@ -183,6 +183,19 @@ def test_otsu_matches_skimage():
     skimage_filters = pytest.importorskip("skimage.filters")
     values = np.concatenate([np.random.default_rng(1).normal(m, 12, 5000) for m in (30, 140)]).clip(0, 255).astype(np.uint8)
     assert otsu_threshold(values) == pytest.approx(skimage_filters.threshold_otsu(values), abs=1)
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (5, 3), (2, 9)])
+def test_median_along_equals_scipy_median_filter(shape):
+    from scipy import ndimage
+
+    values = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    values[:, : shape[1] // 2] //= 8  # ties and runs, as on a thumbnail
+    for kernel in (1, 3, 5, 7, 9):
+        for axis in (0, 1):
+            size = (kernel, 1) if axis == 0 else (1, kernel)
+            expected = ndimage.median_filter(values, size=size, mode="nearest")
+            assert np.array_equal(median_along(values, kernel, axis), expected), (kernel, axis)
 
 
 def test_tissue_mask_cleans_up():

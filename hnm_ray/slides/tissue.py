@@ -15,6 +15,25 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     return (spread * 255 // np.maximum(top, 1)).astype(np.uint8)
 
 
+def median_along(values: np.ndarray, kernel: int, axis: int) -> np.ndarray:
+    """Median of every `kernel` (odd) consecutive values along `axis` of a 2-D array, edges repeated: exactly
+    scipy.ndimage.median_filter(mode="nearest") with a 1-D window, ~10x faster for small kernels on uint8 (a
+    min/max selection network over shifted views instead of a per-pixel sort)."""
+    half = kernel // 2
+    padding = [(0, 0), (0, 0)]
+    padding[axis] = (half, half)
+    padded = np.pad(values, padding, mode="edge")
+    length = values.shape[axis]
+    window = [np.array(padded[i:i + length] if axis == 0 else padded[:, i:i + length]) for i in range(kernel)]
+    # Bubble the largest value up half + 1 times: the last value bubbled into place (index `half`) is the median.
+    for top in range(kernel - 1, half - 1, -1):
+        for i in range(top):
+            low = np.minimum(window[i], window[i + 1])
+            np.maximum(window[i], window[i + 1], out=window[i + 1])
+            window[i] = low
+    return window[half]
+
+
 def otsu_threshold(values: np.ndarray) -> float:
     """Otsu's threshold of uint8 values (the level that maximises the between-class variance)."""
     hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
@@ -39,8 +58,7 @@ def tissue_mask(thumbnail: np.ndarray, config: TissueConfig | None = None) -> np
     sat = saturation(thumbnail)
     if config.median_kernel > 1:
         # Separable median (rows, then columns): ~3x faster than the 2-D window, same effect on a tissue mask.
-        sat = ndimage.median_filter(sat, size=(1, config.median_kernel), mode="nearest")
-        sat = ndimage.median_filter(sat, size=(config.median_kernel, 1), mode="nearest")
+        sat = median_along(median_along(sat, config.median_kernel, axis=1), config.median_kernel, axis=0)
     if config.saturation_threshold is not None:
         threshold = config.saturation_threshold * 255
     else:
@@ -66,8 +84,9 @@ def mask_fraction(mask: np.ndarray, level0_dims: tuple[int, int], x: np.ndarray,
     sx, sy = w / level0_dims[0], h / level0_dims[1]
     x = np.asarray(x, np.float64)
     y = np.asarray(y, np.float64)
-    integral = np.zeros((h + 1, w + 1), np.int64)
-    integral[1:, 1:] = mask.astype(bool).cumsum(0).cumsum(1)
+    counts = np.int32 if mask.size < 2**31 else np.int64  # int32 sums are ~2x faster
+    integral = np.zeros((h + 1, w + 1), counts)
+    integral[1:, 1:] = mask.astype(bool).cumsum(0, dtype=counts).cumsum(1, dtype=counts)
     x0 = np.clip(np.round(x * sx).astype(np.int64), 0, w - 1)
     y0 = np.clip(np.round(y * sy).astype(np.int64), 0, h - 1)
     x1 = np.clip(np.maximum(np.round((x + extent_level0) * sx).astype(np.int64), x0 + 1), 0, w)

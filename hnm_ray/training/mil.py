@@ -64,7 +64,8 @@ def epoch_pairs(pos: list[str], neg: list[str], epoch: int, seed: int, rank: int
 
 
 def validation_metrics(model, bags: list[Bag], loss_fn, device: str = "cpu") -> dict[str, float]:
-    """Slide metrics (Youden threshold on these bags) and mean BCE loss on validation bags."""
+    """Slide metrics (Youden threshold on these bags) and mean loss on validation bags; `loss_fn(bag_logits,
+    max_instance_logits, labels)` gives one loss per bag (`losses.bags_bce`)."""
     import torch
 
     from hnm_ray.metrics import slide_metrics
@@ -72,15 +73,18 @@ def validation_metrics(model, bags: list[Bag], loss_fn, device: str = "cpu") -> 
     if not bags:
         return {}
     model.eval()
-    probs, losses = [], []
+    bag_logits, max_logits = [], []
     with torch.no_grad():
-        for bag in bags:  # one forward per bag gives its probability and its loss
+        for bag in bags:  # one forward per bag gives its probability and its loss terms
             inst, bag_logit = model(_tensor(bag, device))
-            probs.append(torch.sigmoid(bag_logit).item())
-            losses.append(loss_fn(inst, bag_logit, float(bag.label)).item())
-    labels = np.asarray([b.label for b in bags])
-    metrics = {f"val_{k}": v for k, v in slide_metrics(labels, np.asarray(probs, dtype=np.float64)).items()}
-    metrics["val_loss"] = float(np.mean(losses))
+            bag_logits.append(bag_logit.reshape(()))
+            max_logits.append(inst.max())
+        bag_logits, max_logits = torch.stack(bag_logits), torch.stack(max_logits)
+        labels = np.asarray([b.label for b in bags])
+        losses = loss_fn(bag_logits, max_logits, torch.as_tensor(labels, dtype=bag_logits.dtype, device=device))
+        probs = torch.sigmoid(bag_logits).double().cpu().numpy()
+    metrics = {f"val_{k}": v for k, v in slide_metrics(labels, probs).items()}
+    metrics["val_loss"] = float(np.mean(losses.cpu().tolist()))
     return metrics
 
 
@@ -162,7 +166,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Ray Train body: plain PyTorch on this worker's shard of bags, reporting metrics + checkpoints."""
     import torch
 
-    from hnm_ray.losses import bag_bce
+    from hnm_ray.losses import bags_bce
     from hnm_ray.models.aggregators import build_standardized
     from hnm_ray.training.checkpointing import latest_checkpoint, load_state, report
     from hnm_ray.training.runner import loop_device, rank_and_world, wrap_model
@@ -202,9 +206,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     ddp_model = wrap_model(model, world, device)
     plain_model = getattr(ddp_model, "module", ddp_model)
 
-    def bce(inst, bag_logit, y):
-        return scale * bag_bce(bag_logit, inst, torch.tensor(y, device=device), loss_kw["pos_weight"], mc["w_bag"],
-                               mc["w_ins"])
+    def bce(bag_logits, max_logits, labels):
+        return scale * bags_bce(bag_logits, max_logits, labels, loss_kw["pos_weight"], mc["w_bag"], mc["w_ins"])
 
     for epoch in range(start_epoch, mc["epochs"]):
         ddp_model.train()
