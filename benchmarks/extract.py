@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 import hnm_ray.extract as extract
+from hnm_ray.cluster import live_nodes
 from hnm_ray.config import TrainConfig, from_tree
 from hnm_ray.decode import TileReaders, decode_batch
 from hnm_ray.extract import TileEncoder, extract_features
@@ -253,6 +254,7 @@ def main() -> None:
         results = {}
         # small_cnn: 16 slides then all 64 (memory must not grow), then both stages alone on the 16-slide tiles.
         small = config("small_cnn")
+        actors = extract.encoder_count(small.extract, False, live_nodes())
         small16 = store(small, "small16")
         pipe16 = run_pipeline(cohort[:16], small16, small)
         pipe64 = run_pipeline(cohort, store(small, "small64"), small)
@@ -278,7 +280,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "extract", "cohort": {"slides": args.slides, "size_px": args.size, "tile_px": 224, "seconds": round(cohort_s, 1)},
         "resources": {"encoder_cpus": small.extract.cpus_per_encoder, "decode_cpus_per_encoder": small.extract.cpus_per_decoder,
-                      "num_encoders": small.extract.num_encoders, "batch_size": args.batch_size},
+                      "num_encoders": actors, "batch_size": args.batch_size},
         "encoders": results, "memory": memory,
         "memory_flat": flat,
         "target_efficiency": 0.85, "total_s": round(time.perf_counter() - started, 1),

@@ -48,11 +48,16 @@ def stop_cleanly_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
-def node_cpus() -> list[float]:
-    """The CPUs of each live node of the connected Ray cluster."""
+def live_nodes() -> list[dict[str, float]]:
+    """The resources (CPU, GPU, memory in bytes, ...) of each live node of the connected Ray cluster."""
     import ray
 
-    return [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+
+def node_cpus() -> list[float]:
+    """The CPUs of each live node of the connected Ray cluster."""
+    return [node.get("CPU", 0.0) for node in live_nodes()]
 
 
 def single_node() -> bool:

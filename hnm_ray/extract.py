@@ -27,7 +27,7 @@ from hnm_ray import config as cfg
 from hnm_ray.config import EncoderConfig, ExtractConfig, TrainConfig
 from hnm_ray.cli import entry_point
 from hnm_ray.cli import parser as cli_parser
-from hnm_ray.cluster import cluster_gpus, init_ray, node_cpus, torch_device
+from hnm_ray.cluster import cluster_gpus, init_ray, live_nodes, node_cpus, torch_device
 from hnm_ray.decode import TileReaders, decode_batch
 from hnm_ray.errors import ConfigError, HnmError
 from hnm_ray.index import INDEX_FAILED, TileIndex
@@ -242,6 +242,34 @@ def encoder_actor_cpus(extract: ExtractConfig, node_cpus: list[float]) -> float:
     return wanted
 
 
+CPU_ENCODER_MEMORY = 2 * 1024**3  # bytes a CPU encoder actor may reach: ~0.7 GiB private with small_cnn
+                                  # (results/extract.json), more with ResNets; caps the actors a node is given
+
+
+def encoder_count(extract: ExtractConfig, use_gpu: bool, nodes: list[dict[str, float]]) -> int:
+    """Encoder actors of the pool: `extract.num_encoders` when set, else as many as the cluster holds: one per
+    `gpus_per_encoder` of its GPUs, or on CPU-only clusters as many as each node's CPUs (`encoder_actor_cpus`) and
+    memory hold. Either way one tile-index read task's CPUs stay free (actors holding every CPU would starve the
+    stream that feeds them); at least 1."""
+    from hnm_ray.index_stream import INDEX_TASK_CPUS
+
+    if extract.num_encoders:
+        return extract.num_encoders
+    cpus = [n.get("CPU", 0.0) for n in nodes]
+    if use_gpu:
+        per_gpu = extract.gpus_per_encoder or 1.0
+        count, actor_cpus = int(sum(n.get("GPU", 0.0) for n in nodes) // per_gpu), extract.cpus_per_encoder
+    else:
+        actor_cpus = encoder_actor_cpus(extract, cpus)
+        count = 0
+        for node in nodes:
+            fits = int(node.get("CPU", 0.0) // actor_cpus)
+            count += min(fits, int(node["memory"] // CPU_ENCODER_MEMORY)) if "memory" in node else fits
+    while count > 1 and sum(cpus) - count * actor_cpus < INDEX_TASK_CPUS:
+        count -= 1
+    return max(1, count)
+
+
 def _pipeline(records: list[SlideRecord], index: TileIndex, config: TrainConfig, use_gpu: bool):
     """The Ray Data plan: per-slide index read tasks -> encoder actor pool, each actor decoding its own tiles.
 
@@ -258,12 +286,15 @@ def _pipeline(records: list[SlideRecord], index: TileIndex, config: TrainConfig,
     gpus = (extract.gpus_per_encoder if extract.gpus_per_encoder is not None else 1.0) if use_gpu else 0.0
     cpus = extract.cpus_per_encoder if use_gpu else encoder_actor_cpus(extract, node_cpus())
     calls = 1 if use_gpu else 2
+    actors = encoder_count(extract, use_gpu, live_nodes())
+    log.info("extract: %d encoder actor%s (%s each)", actors, "s" * (actors > 1),
+             f"{gpus:g} GPU + {cpus:g} CPU" if use_gpu else f"{cpus:g} CPU")
     return tile_stream(records, index).map_batches(
         TileEncoder,
         fn_constructor_args=(config.encoder, config.run.seed, use_gpu, int(max(1, extract.cpus_per_encoder)),
                              config.tiling.tile_size, extract.decode_workers),
         batch_size=extract.batch_size, num_cpus=cpus, num_gpus=gpus,
-        compute=ray.data.ActorPoolStrategy(size=extract.num_encoders, max_concurrent_calls_per_actor=calls,
+        compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=calls,
                                            enable_true_multi_threading=calls > 1),
     )
 

@@ -6,6 +6,7 @@ in a subprocess with its own local Ray, kills its process group mid-run and chec
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -416,3 +417,35 @@ def test_encoder_actor_cpus_fit_the_largest_node_when_its_encoder_share_does(nod
     from hnm_ray.extract import encoder_actor_cpus
 
     assert encoder_actor_cpus(small_config().extract, nodes) == want
+
+
+GIB = 1024**3
+
+
+@pytest.mark.parametrize("nodes,use_gpu,want", [
+    ([{"CPU": 2.0, "memory": 16 * GIB}], False, 1),                      # this laptop: one 1.5-CPU actor
+    ([{"CPU": 8.0, "memory": 16 * GIB}], False, 5),                      # 5 x 1.5 CPU, 0.5 left for index reads
+    ([{"CPU": 9.0, "memory": 16 * GIB}], False, 5),                      # 6 x 1.5 would leave no CPU to read with
+    ([{"CPU": 64.0, "memory": 12 * GIB}], False, 6),                     # memory caps it (2 GiB an actor)
+    ([{"CPU": 8.0}, {"CPU": 8.0}], False, 10),                           # per node, summed
+    ([{"CPU": 1.0}] * 4, False, 3),                                      # 1-CPU nodes: trimmed 1.0-CPU actors
+    ([{"CPU": 0.0}], False, 1),                                          # nothing fits (yet): still one actor
+    ([{"CPU": 16.0, "GPU": 8.0, "memory": 64 * GIB}], True, 8),          # one actor per GPU
+    ([{"CPU": 8.0, "GPU": 4.0}, {"CPU": 8.0, "GPU": 4.0}], True, 8),
+    ([{"CPU": 4.0, "GPU": 8.0}], True, 3),                               # 1 CPU each: 4 would starve the reads
+])
+def test_encoder_count_fills_the_cluster_by_default(nodes, use_gpu, want):
+    """Without --extract.num_encoders the pool is as large as the cluster holds: an actor per GPU, or per node as
+    many as its CPUs (encoder_actor_cpus) and memory hold, leaving one tile-index read task's CPUs free."""
+    from hnm_ray.extract import encoder_count
+
+    assert encoder_count(small_config().extract, use_gpu, nodes) == want
+
+
+def test_encoder_count_is_the_users_when_given():
+    from hnm_ray.extract import encoder_count
+
+    extract = dataclasses.replace(small_config().extract, num_encoders=3)
+    assert encoder_count(extract, False, [{"CPU": 64.0}]) == 3
+    half = dataclasses.replace(small_config().extract, gpus_per_encoder=0.5)
+    assert encoder_count(half, True, [{"CPU": 16.0, "GPU": 2.0}]) == 4

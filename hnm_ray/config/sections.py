@@ -95,7 +95,9 @@ class ExtractConfig:
     """Feature extraction resources: Ray Data decode tasks and encoder actors."""
 
     batch_size: int = knob(64, "tiles per decode/encode batch", low=1)
-    num_encoders: int = knob(1, "encoder actors in the pool", low=1)
+    num_encoders: int | None = knob(None, "encoder actors in the pool (default: as many as the cluster holds: one "
+                                          "per gpus_per_encoder of its GPUs, else as its nodes' CPUs and memory hold)",
+                                    low=1)
     gpus_per_encoder: float | None = knob(None, "GPUs per encoder actor (default: 1 when the cluster has GPUs, else 0)",
                                           low=0.0)
     cpus_per_encoder: float = knob(1.0, "CPUs per encoder actor (also its torch threads)", low=0.0, low_open=True)
