@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import csv
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -262,7 +264,7 @@ def make_demo_cohort(out: str | Path, n_slides: int = 16, seed: int = 0, size: i
     """Write n_slides synthetic slides (half with tumour, with masks) and out/manifest.csv; return its path.
 
     Deterministic for a seed (byte-identical files). The manifest is written last, so its presence means the
-    cohort is complete. About 0.7 s per 4096-px slide on one core.
+    cohort is complete. About 0.9 s per 4096-px slide on one core, slides written in parallel threads.
     """
     if n_slides < 1 or size < 512:
         raise ValueError(f"make_demo_cohort needs n_slides >= 1 and size >= 512 (got {n_slides}, {size})")
@@ -277,8 +279,8 @@ def make_demo_cohort(out: str | Path, n_slides: int = 16, seed: int = 0, size: i
     splits = _splits(labels, rng)
     width = size // 64 * 64
     height = int(size * 0.75) // 64 * 64
-    rows = []
-    for i in range(n_slides):
+
+    def write_slide(i: int) -> dict[str, Any]:
         slide_id = f"demo_{i:03d}"
         image, tumour = render_slide((seed, i), width, height, bool(labels[i]), bool(mimics[i]))
         slide = write_pyramid(out / "slides" / f"{slide_id}.svs", image)
@@ -286,8 +288,12 @@ def make_demo_cohort(out: str | Path, n_slides: int = 16, seed: int = 0, size: i
         if labels[i]:
             annotation = f"slides/{slide_id}_mask.png"
             Image.fromarray(tumour.astype(np.uint8) * 255).save(out / annotation)
-        rows.append({"slide_id": slide_id, "path": slide.relative_to(out).as_posix(), "label": int(labels[i]),
-                     "split": splits[i], "annotation": annotation})
+        return {"slide_id": slide_id, "path": slide.relative_to(out).as_posix(), "label": int(labels[i]),
+                "split": splits[i], "annotation": annotation}
+
+    # Threads: numpy and the JPEG encoder release the GIL (~1.6x on 2 cores); each slide has its own seed.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        rows = list(pool.map(write_slide, range(n_slides)))
     manifest = out / "manifest.csv"
     partial = out / "manifest.csv.partial"
     with partial.open("w", newline="") as f:
