@@ -199,8 +199,9 @@ def index_batches(store: FeatureStore, paths: dict[str, str], batch_size: int, m
     return batches
 
 
-def stage_rates(config: TrainConfig, batches: list[dict]) -> dict:
-    """Decode-only and encode-only tiles/s in this process (best of 2 passes), as the pipeline's stages run them."""
+def stage_rates(config: TrainConfig, batches: list[dict], threads: int) -> dict:
+    """Decode-only and encode-only tiles/s in this process (best of 2 passes), as the pipeline's stages run them
+    (`threads`: the pipeline's encoder torch threads)."""
     n = sum(len(b["tile_id"]) for b in batches)
     tile_size, extract_ = config.tiling.tile_size, config.extract
     decoder = TileDecoder(tile_size, extract_.decode_workers)
@@ -210,7 +211,6 @@ def stage_rates(config: TrainConfig, batches: list[dict]) -> dict:
         start = time.perf_counter()
         decoded = [decoder(b) for b in batches]
         best_decode = max(best_decode, n / (time.perf_counter() - start))
-    threads = int(max(1, extract_.cpus_per_encoder))
     encoder = TileEncoder(config.encoder, config.run.seed, False, threads, tile_size, extract_.decode_workers)
     encoder.embed(decoded[0]["tiles"])  # warm-up
     best_encode = 0.0
@@ -255,11 +255,12 @@ def main() -> None:
         # small_cnn: 16 slides then all 64 (memory must not grow), then both stages alone on the 16-slide tiles.
         small = config("small_cnn")
         actors = extract.encoder_count(small.extract, False, live_nodes())
+        threads = extract.encoder_threads(small.extract, False, live_nodes(), actors)
         small16 = store(small, "small16")
         pipe16 = run_pipeline(cohort[:16], small16, small)
         pipe64 = run_pipeline(cohort, store(small, "small64"), small)
         pipe64_stored = run_pipeline(cohort, store(small, "small64_again"), small, index_root=Path(folder) / "small64")
-        stages = stage_rates(small, index_batches(small16, paths, args.batch_size, None))
+        stages = stage_rates(small, index_batches(small16, paths, args.batch_size, None), threads)
         results["small_cnn"] = _efficiency(pipe16, stages)
         results["small_cnn"]["pipeline_64_slides"] = pipe64
         results["small_cnn"]["efficiency_64_slides"] = round(pipe64["tiles_per_s"] / results["small_cnn"]["bound_tiles_per_s"], 3)
@@ -270,7 +271,7 @@ def main() -> None:
         resnet = config("resnet18_in")
         resnet_store = store(resnet, "resnet")
         pipe = run_pipeline(cohort[: args.resnet_slides], resnet_store, resnet)
-        stages = stage_rates(resnet, index_batches(resnet_store, paths, args.batch_size, 128))
+        stages = stage_rates(resnet, index_batches(resnet_store, paths, args.batch_size, 128), threads)
         results["resnet18_in"] = _efficiency(pipe, stages)
         ray.shutdown()
     memory = {role: {"rss_16_vs_64": [pipe16["peak_mib"][role]["rss"], pipe64["peak_mib"][role]["rss"]],

@@ -409,11 +409,12 @@ def test_corrupt_slides_are_skipped_and_recorded(clean, records, tmp_path, capsy
 
 
 @pytest.mark.parametrize("nodes,want", [([2.0], 1.5), ([1.0, 1.0, 1.0], 1.0), ([0.0, 4.0], 1.5), ([0.0], 1.5),
-                                        ([], 1.5), ([0.5], 1.5)])
+                                        ([], 1.5), ([0.5], 1.5), ([1.0], 0.75), ([1.4], 1.15)])
 def test_encoder_actor_cpus_fit_the_largest_node_when_its_encoder_share_does(nodes, want):
     """A CPU encoder actor asks cpus_per_encoder + cpus_per_decoder (1 + 0.5), trimmed to a node that holds the
-    encoder's share but not the sum (never more than any node has: the actor would wait for ever); with no node
-    that holds the encoder's share (an autoscaling cluster's head) it asks the sum."""
+    encoder's share but not the sum (never more than any node has: the actor would wait for ever; on one node, never
+    the tile-index read tasks' 0.25 CPU: they feed it); with no node that holds the encoder's share (an autoscaling
+    cluster's head) it asks the sum."""
     from hnm_ray.extract import encoder_actor_cpus
 
     assert encoder_actor_cpus(small_config().extract, nodes) == want
@@ -449,3 +450,17 @@ def test_encoder_count_is_the_users_when_given():
     assert encoder_count(extract, False, [{"CPU": 64.0}]) == 3
     half = dataclasses.replace(small_config().extract, gpus_per_encoder=0.5)
     assert encoder_count(half, True, [{"CPU": 16.0, "GPU": 2.0}]) == 4
+
+
+@pytest.mark.parametrize("nodes,actors,use_gpu,want", [
+    ([{"CPU": 2.0}], 1, False, 2),           # this laptop: one actor encodes on both cores
+    ([{"CPU": 8.0}], 5, False, 1),           # as many actors as fit: one thread each
+    ([{"CPU": 64.0}], 6, False, 10),         # memory-capped actors share the CPUs
+    ([{"CPU": 16.0, "GPU": 8.0}], 8, True, 1),  # a GPU actor: cpus_per_encoder
+])
+def test_encoder_threads_share_a_cpu_nodes_cores(nodes, actors, use_gpu, want):
+    from hnm_ray.extract import encoder_threads
+
+    assert encoder_threads(small_config().extract, use_gpu, nodes, actors) == want
+    more = dataclasses.replace(small_config().extract, cpus_per_encoder=12.0)
+    assert encoder_threads(more, use_gpu, nodes, actors) == max(12, want)
