@@ -7,7 +7,8 @@ started) against the two stages alone in this process on the same tiles: `TileDe
 pipeline tiles/s / min(decode, encode); `stream` figures start when the driver starts gathering, `steady` ones
 also leave out the actor start (first to last actor call, timed inside the actor; on CPUs two calls overlap, one
 decoding while the other encodes). The 64-slide run computes every slide's tile index (tissue detection, round 0);
-`pipeline_64_slides_stored_index` runs again on the index it stored, as rounds >= 1 and re-runs do.
+`pipeline_64_slides_stored_index` runs again on the index it stored, as rounds >= 1 and re-runs do, and
+`..._one_thread` once more with the encoder actor on 1 torch thread (the baseline of `encoder_threads`).
 Memory: peak RSS and private memory (RSS - shared) of the driver and of each Ray worker role (index task, encoder;
 sampled every 0.1 s) on 16 and on 64 slides; `memory_flat`: private peaks grow < 25% + 64 MiB.
 Run: python benchmarks/extract.py > benchmarks/results/extract.json
@@ -260,6 +261,12 @@ def main() -> None:
         pipe16 = run_pipeline(cohort[:16], small16, small)
         pipe64 = run_pipeline(cohort, store(small, "small64"), small)
         pipe64_stored = run_pipeline(cohort, store(small, "small64_again"), small, index_root=Path(folder) / "small64")
+        # Baseline of the shared torch threads: the same run with the encoder actor on 1 thread (the old default).
+        shared_threads = extract.encoder_threads
+        extract.encoder_threads = lambda *args: 1
+        pipe64_one_thread = run_pipeline(cohort, store(small, "small64_one_thread"), small,
+                                         index_root=Path(folder) / "small64")
+        extract.encoder_threads = shared_threads
         stages = stage_rates(small, index_batches(small16, paths, args.batch_size, None), threads)
         results["small_cnn"] = _efficiency(pipe16, stages)
         results["small_cnn"]["pipeline_64_slides"] = pipe64
@@ -267,6 +274,9 @@ def main() -> None:
         results["small_cnn"]["pipeline_64_slides_stored_index"] = pipe64_stored
         results["small_cnn"]["efficiency_64_slides_stored_index"] = round(
             pipe64_stored["tiles_per_s"] / results["small_cnn"]["bound_tiles_per_s"], 3)
+        results["small_cnn"]["pipeline_64_slides_stored_index_one_thread"] = pipe64_one_thread
+        results["small_cnn"]["shared_threads_vs_one_thread_tiles_per_s"] = round(
+            pipe64_stored["tiles_per_s"] / pipe64_one_thread["tiles_per_s"], 3)
         # resnet18_in on a few slides (about 7 tiles/s per CPU thread here).
         resnet = config("resnet18_in")
         resnet_store = store(resnet, "resnet")
