@@ -42,11 +42,15 @@ def _random_resized_crop(x: torch.Tensor, scale: tuple[float, float], out: int, 
 
 
 def _flip_rotate(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip and rotation by a multiple of 90 degrees, per image."""
-    flip = torch.rand(x.shape[0], generator=gen) < 0.5
-    x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
-    turns = torch.randint(0, 4, (x.shape[0],), generator=gen)
-    return torch.stack([torch.rot90(img, int(k), dims=(-2, -1)) for img, k in zip(x, turns)])
+    """Random horizontal flip and rotation by a multiple of 90 degrees, per square image (a new tensor)."""
+    flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
+    turns = torch.randint(0, 4, (x.shape[0],), generator=gen).to(x.device)
+    x = x.clone()
+    x[flip] = x[flip].flip(-1)
+    for k in (1, 2, 3):  # the images of each turn count at once: ~3x faster than a rot90 per image
+        turned = turns == k
+        x[turned] = torch.rot90(x[turned], k, dims=(-2, -1))
+    return x
 
 
 def _colour_jitter(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
@@ -56,22 +60,22 @@ def _colour_jitter(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) ->
     def factor(strength: float) -> torch.Tensor:
         return torch.empty(b).uniform_(1 - strength, 1 + strength, generator=gen).to(x.device, x.dtype)[:, None, None, None]
 
-    x = x * factor(cfg.brightness)
+    x = x * factor(cfg.brightness)  # then in place: the same arithmetic, a third of the memory traffic
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * factor(cfg.contrast) + mean
+    x.sub_(mean).mul_(factor(cfg.contrast)).add_(mean)
     grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-    x = (x - grey) * factor(cfg.saturation) + grey
-    return x.clamp(0, 1)
+    x.sub_(grey).mul_(factor(cfg.saturation)).add_(grey)
+    return x.clamp_(0, 1)
 
 
 def augment(tiles: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
     """One augmented view of uint8 (B,H,W,3) tiles -> uint8 (B,S,S,3) (S = cfg.out_size or H)."""
-    x = tiles.permute(0, 3, 1, 2).float() / 255.0
+    x = tiles.permute(0, 3, 1, 2).float().div_(255.0)
     out = cfg.out_size or tiles.shape[1]
     x = _random_resized_crop(x, cfg.crop_scale, out, gen)
     x = _flip_rotate(x, gen)
     x = _colour_jitter(x, cfg, gen)
-    return (x * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return x.mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 # The official ItS2CLR/HNM-WSI set (dataset/dataloader_simCLR.py `_get_simclr_pipeline_transform`).
@@ -102,13 +106,16 @@ def augment_official(tiles: torch.Tensor, cfg: AugmentConfig, gen: torch.Generat
 
     Only cfg.out_size is used. The colour steps run on BGR, as in the official code (cv2.imread tiles fed
     to RGB-assuming transforms), which changes grayscale, contrast and saturation. kornia draws its random
-    parameters from the global CPU generator: that is forked and seeded from `gen`, so `gen` alone decides
+    parameters from the global generators: they are forked and seeded from `gen`, so `gen` alone decides
     the views and the caller's global RNG state is left as it was.
     """
     out = cfg.out_size or tiles.shape[1]
     seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[tiles.device] if tiles.is_cuda else []):  # on a GPU its generator too
         torch.default_generator.manual_seed(seed)
+        if tiles.is_cuda:
+            with torch.cuda.device(tiles.device):
+                torch.cuda.manual_seed(seed)
         x = official_pipeline(out)(tiles.flip(-1).permute(0, 3, 1, 2).float() / 255.0)
     return (x.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).flip(-1).contiguous()
 
