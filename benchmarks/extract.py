@@ -8,7 +8,7 @@ pipeline tiles/s / min(decode, encode); `stream` figures start when the driver s
 also leave out the actor start (first to last actor call, timed inside the actor; on CPUs two calls overlap, one
 decoding while the other encodes). The 64-slide run computes every slide's tile index (tissue detection, round 0);
 `pipeline_64_slides_stored_index` runs again on the index it stored, as rounds >= 1 and re-runs do, and
-`..._one_thread` once more with the encoder actor on 1 torch thread (the baseline of `encoder_threads`).
+`..._one_thread` once more with the encoder actor on 1 torch thread (the baseline of the pool's shared torch threads).
 Memory: peak RSS and private memory (RSS - shared) of the driver and of each Ray worker role (index task, encoder;
 sampled every 0.1 s) on 16 and on 64 slides; `memory_flat`: private peaks grow < 25% + 64 MiB.
 Run: python benchmarks/extract.py > benchmarks/results/extract.json
@@ -16,6 +16,7 @@ Run: python benchmarks/extract.py > benchmarks/results/extract.json
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -29,6 +30,7 @@ import pyarrow as pa
 
 import hnm_ray.extract as extract
 from hnm_ray.cluster import live_nodes
+from hnm_ray.encoder_pool import plan_encoder_pool
 from hnm_ray.config import TrainConfig, from_tree
 from hnm_ray.decode import TileReaders, decode_batch
 from hnm_ray.extract import TileEncoder, extract_features
@@ -255,18 +257,18 @@ def main() -> None:
         results = {}
         # small_cnn: 16 slides then all 64 (memory must not grow), then both stages alone on the 16-slide tiles.
         small = config("small_cnn")
-        actors = extract.encoder_count(small.extract, False, live_nodes())
-        threads = extract.encoder_threads(small.extract, False, live_nodes(), actors)
+        pool = plan_encoder_pool(small.extract, False, live_nodes())
+        threads = pool.threads
         small16 = store(small, "small16")
         pipe16 = run_pipeline(cohort[:16], small16, small)
         pipe64 = run_pipeline(cohort, store(small, "small64"), small)
         pipe64_stored = run_pipeline(cohort, store(small, "small64_again"), small, index_root=Path(folder) / "small64")
         # Baseline of the shared torch threads: the same run with the encoder actor on 1 thread (the old default).
-        shared_threads = extract.encoder_threads
-        extract.encoder_threads = lambda *args: 1
+        shared_threads = extract.plan_encoder_pool
+        extract.plan_encoder_pool = lambda *args: dataclasses.replace(shared_threads(*args), threads=1)
         pipe64_one_thread = run_pipeline(cohort, store(small, "small64_one_thread"), small,
                                          index_root=Path(folder) / "small64")
-        extract.encoder_threads = shared_threads
+        extract.plan_encoder_pool = shared_threads
         stages = stage_rates(small, index_batches(small16, paths, args.batch_size, None), threads)
         results["small_cnn"] = _efficiency(pipe16, stages)
         results["small_cnn"]["pipeline_64_slides"] = pipe64
@@ -291,7 +293,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "extract", "cohort": {"slides": args.slides, "size_px": args.size, "tile_px": 224, "seconds": round(cohort_s, 1)},
         "resources": {"encoder_cpus": small.extract.cpus_per_encoder, "decode_cpus_per_encoder": small.extract.cpus_per_decoder,
-                      "num_encoders": actors, "batch_size": args.batch_size},
+                      "num_encoders": pool.actors, "batch_size": args.batch_size},
         "encoders": results, "memory": memory,
         "memory_flat": flat,
         "target_efficiency": 0.85, "total_s": round(time.perf_counter() - started, 1),

@@ -70,6 +70,8 @@ def _colour_jitter(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) ->
 
 def augment(tiles: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
     """One augmented view of uint8 (B,H,W,3) tiles -> uint8 (B,S,S,3) (S = cfg.out_size or H)."""
+    if tiles.dtype != torch.uint8:  # float tiles would be scaled in place below (.float() returns them as they are)
+        raise ValueError(f"augment takes uint8 tiles (B, H, W, 3), got {tiles.dtype}")
     x = tiles.permute(0, 3, 1, 2).float().div_(255.0)
     out = cfg.out_size or tiles.shape[1]
     x = _random_resized_crop(x, cfg.crop_scale, out, gen)

@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 
 from hnm_ray import config as cfg
-from hnm_ray.config import EncoderConfig, ExtractConfig, TrainConfig
+from hnm_ray.config import EncoderConfig, TrainConfig
 from hnm_ray.cli import entry_point
 from hnm_ray.cli import parser as cli_parser
-from hnm_ray.cluster import cluster_gpus, init_ray, live_nodes, node_cpus, torch_device
+from hnm_ray.cluster import cluster_gpus, init_ray, live_nodes, torch_device
 from hnm_ray.decode import TileReaders, decode_batch
+from hnm_ray.encoder_pool import plan_encoder_pool
 from hnm_ray.errors import ConfigError, HnmError
 from hnm_ray.index import INDEX_FAILED, TileIndex
 from hnm_ray.progress import Progress
@@ -228,69 +229,12 @@ def _warn_if_settings_changed(store: FeatureStore, metadata: dict[str, Any], n_d
                     n_done, store.directory, changed)
 
 
-def encoder_actor_cpus(extract: ExtractConfig, node_cpus: list[float]) -> float:
-    """CPUs a CPU encoder actor asks for: cpus_per_encoder + cpus_per_decoder (its torch threads and the thread
-    decoding its next batch), trimmed to what the largest node has room for when that node holds the encoder's share
-    but not both (on nodes of 1 CPU the decoding thread then shares the encoder's CPU; asking more than any node has
-    would leave the actor pending for ever). On a one-node cluster the room leaves a tile-index read task's CPUs free:
-    an actor holding every CPU would starve the stream that feeds it (a 1-CPU machine, or cpus_per_encoder = its CPUs,
-    hung). Nodes that do not exist yet (an autoscaling cluster) are not guessed at."""
-    from hnm_ray.index_stream import INDEX_TASK_CPUS
-
-    wanted = extract.cpus_per_encoder + extract.cpus_per_decoder
-    largest = max(node_cpus, default=0.0)
-    room = largest - INDEX_TASK_CPUS if len(node_cpus) == 1 else largest
-    if extract.cpus_per_encoder <= largest and 0 < room < wanted:
-        log.info("extract: encoder actors ask %.2f CPU, not %.2f (cpus_per_encoder + cpus_per_decoder): the largest "
-                 "node has %.2f", room, wanted, largest)
-        return room
-    return wanted
-
-
-CPU_ENCODER_MEMORY = 2 * 1024**3  # bytes a CPU encoder actor may reach: ~0.7 GiB private with small_cnn
-                                  # (results/extract.json), more with ResNets; caps the actors a node is given
-
-
-def encoder_count(extract: ExtractConfig, use_gpu: bool, nodes: list[dict[str, float]]) -> int:
-    """Encoder actors of the pool: `extract.num_encoders` when set, else as many as the cluster holds: one per
-    `gpus_per_encoder` of its GPUs, or on CPU-only clusters as many as each node's CPUs (`encoder_actor_cpus`) and
-    memory hold. Either way one tile-index read task's CPUs stay free (actors holding every CPU would starve the
-    stream that feeds them); at least 1."""
-    from hnm_ray.index_stream import INDEX_TASK_CPUS
-
-    if extract.num_encoders:
-        return extract.num_encoders
-    cpus = [n.get("CPU", 0.0) for n in nodes]
-    if use_gpu:
-        per_gpu = extract.gpus_per_encoder or 1.0
-        count, actor_cpus = int(sum(n.get("GPU", 0.0) for n in nodes) // per_gpu), extract.cpus_per_encoder
-    else:
-        actor_cpus = encoder_actor_cpus(extract, cpus)
-        count = 0
-        for node in nodes:
-            fits = int(node.get("CPU", 0.0) // actor_cpus)
-            count += min(fits, int(node["memory"] // CPU_ENCODER_MEMORY)) if "memory" in node else fits
-    while count > 1 and sum(cpus) - count * actor_cpus < INDEX_TASK_CPUS:
-        count -= 1
-    return max(1, count)
-
-
-def encoder_threads(extract: ExtractConfig, use_gpu: bool, nodes: list[dict[str, float]], actors: int) -> int:
-    """Torch threads of an encoder actor: cpus_per_encoder (at least 1), and on CPU-only clusters at least the CPUs
-    per actor (all CPUs / actors): one actor on a 2-CPU laptop encodes with 2 threads (+25 % tiles/s over 1, the
-    decoding thread and the driver fitting in beside them) instead of leaving a core idle."""
-    threads = int(max(1, extract.cpus_per_encoder))
-    if use_gpu:
-        return threads
-    return max(threads, int(sum(n.get("CPU", 0.0) for n in nodes) // max(1, actors)))
-
-
 def _pipeline(records: list[SlideRecord], index: TileIndex, config: TrainConfig, use_gpu: bool):
     """The Ray Data plan: per-slide index read tasks -> encoder actor pool, each actor decoding its own tiles.
 
     On GPUs an actor decodes with cuCIM on its device, one batch at a time. On CPUs an actor runs two calls at once
-    so that one decodes the next batch while the other encodes (`TileEncoder`'s stage locks); it asks for
-    `encoder_actor_cpus`. A separate decode actor pool cost a second process start (~1-2 s of
+    so that one decodes the next batch while the other encodes (`TileEncoder`'s stage locks). The pool's size and
+    each actor's resources: `encoder_pool.plan_encoder_pool`. A separate decode actor pool cost a second process start (~1-2 s of
     importing on the critical path) and a hop through the object store for every batch of pixels.
     """
     import ray
@@ -298,20 +242,15 @@ def _pipeline(records: list[SlideRecord], index: TileIndex, config: TrainConfig,
     from hnm_ray.index_stream import tile_stream
 
     extract = config.extract
-    gpus = (extract.gpus_per_encoder if extract.gpus_per_encoder is not None else 1.0) if use_gpu else 0.0
-    cpus = extract.cpus_per_encoder if use_gpu else encoder_actor_cpus(extract, node_cpus())
+    pool = plan_encoder_pool(extract, use_gpu, live_nodes())
+    log.info("extract: %s", pool.describe())
     calls = 1 if use_gpu else 2
-    nodes = live_nodes()
-    actors = encoder_count(extract, use_gpu, nodes)
-    threads = encoder_threads(extract, use_gpu, nodes, actors)
-    log.info("extract: %d encoder actor%s (%s each, %d torch thread%s)", actors, "s" * (actors > 1),
-             f"{gpus:g} GPU + {cpus:g} CPU" if use_gpu else f"{cpus:g} CPU", threads, "s" * (threads > 1))
     return tile_stream(records, index).map_batches(
         TileEncoder,
-        fn_constructor_args=(config.encoder, config.run.seed, use_gpu, threads,
+        fn_constructor_args=(config.encoder, config.run.seed, use_gpu, pool.threads,
                              config.tiling.tile_size, extract.decode_workers),
-        batch_size=extract.batch_size, num_cpus=cpus, num_gpus=gpus,
-        compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=calls,
+        batch_size=extract.batch_size, num_cpus=pool.cpus, num_gpus=pool.gpus,
+        compute=ray.data.ActorPoolStrategy(size=pool.actors, max_concurrent_calls_per_actor=calls,
                                            enable_true_multi_threading=calls > 1),
     )
 

@@ -15,6 +15,7 @@ import pyarrow as pa
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
+from hnm_ray.encoder_pool import INDEX_TASK_CPUS
 from hnm_ray.index import INDEX_FAILED, TileIndex, index_or_error
 from hnm_ray.store.manifest import SlideRecord
 
@@ -74,11 +75,6 @@ class TileIndexSource(Datasource):
         return [task(r) for r in self.records]
 
 
-# What one slide's read task asks for. Its work is a Parquet read (rounds >= 1) or one thumbnail's tissue detection
-# (round 0): light next to the decode and encode actors it feeds. Asking for a decoder's half CPU made the stage need
-# 0.5 + 0.5 + 1.0 = every CPU of a 2-core machine, so inside a sweep trial (whose driver holds 0.01 CPU) the read task
-# never got scheduled and the stage waited forever.
-INDEX_TASK_CPUS = 0.25
 
 
 def tile_stream(records: list[SlideRecord], index: TileIndex):

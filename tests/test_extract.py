@@ -6,7 +6,6 @@ in a subprocess with its own local Ray, kills its process group mid-run and chec
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
 import re
@@ -406,61 +405,3 @@ def test_corrupt_slides_are_skipped_and_recorded(clean, records, tmp_path, capsy
     assert main(["--manifest", str(only_bad), "--out", str(tmp_path / "store2"), "--encoder.name", "small_cnn"]) == 1
     printed = capsys.readouterr().out
     assert "slides_failed=['not_tiff', 'truncated']" in printed and "slides_written=0" in printed
-
-
-@pytest.mark.parametrize("nodes,want", [([2.0], 1.5), ([1.0, 1.0, 1.0], 1.0), ([0.0, 4.0], 1.5), ([0.0], 1.5),
-                                        ([], 1.5), ([0.5], 1.5), ([1.0], 0.75), ([1.4], 1.15)])
-def test_encoder_actor_cpus_fit_the_largest_node_when_its_encoder_share_does(nodes, want):
-    """A CPU encoder actor asks cpus_per_encoder + cpus_per_decoder (1 + 0.5), trimmed to a node that holds the
-    encoder's share but not the sum (never more than any node has: the actor would wait for ever; on one node, never
-    the tile-index read tasks' 0.25 CPU: they feed it); with no node that holds the encoder's share (an autoscaling
-    cluster's head) it asks the sum."""
-    from hnm_ray.extract import encoder_actor_cpus
-
-    assert encoder_actor_cpus(small_config().extract, nodes) == want
-
-
-GIB = 1024**3
-
-
-@pytest.mark.parametrize("nodes,use_gpu,want", [
-    ([{"CPU": 2.0, "memory": 16 * GIB}], False, 1),                      # this laptop: one 1.5-CPU actor
-    ([{"CPU": 8.0, "memory": 16 * GIB}], False, 5),                      # 5 x 1.5 CPU, 0.5 left for index reads
-    ([{"CPU": 9.0, "memory": 16 * GIB}], False, 5),                      # 6 x 1.5 would leave no CPU to read with
-    ([{"CPU": 64.0, "memory": 12 * GIB}], False, 6),                     # memory caps it (2 GiB an actor)
-    ([{"CPU": 8.0}, {"CPU": 8.0}], False, 10),                           # per node, summed
-    ([{"CPU": 1.0}] * 4, False, 3),                                      # 1-CPU nodes: trimmed 1.0-CPU actors
-    ([{"CPU": 0.0}], False, 1),                                          # nothing fits (yet): still one actor
-    ([{"CPU": 16.0, "GPU": 8.0, "memory": 64 * GIB}], True, 8),          # one actor per GPU
-    ([{"CPU": 8.0, "GPU": 4.0}, {"CPU": 8.0, "GPU": 4.0}], True, 8),
-    ([{"CPU": 4.0, "GPU": 8.0}], True, 3),                               # 1 CPU each: 4 would starve the reads
-])
-def test_encoder_count_fills_the_cluster_by_default(nodes, use_gpu, want):
-    """Without --extract.num_encoders the pool is as large as the cluster holds: an actor per GPU, or per node as
-    many as its CPUs (encoder_actor_cpus) and memory hold, leaving one tile-index read task's CPUs free."""
-    from hnm_ray.extract import encoder_count
-
-    assert encoder_count(small_config().extract, use_gpu, nodes) == want
-
-
-def test_encoder_count_is_the_users_when_given():
-    from hnm_ray.extract import encoder_count
-
-    extract = dataclasses.replace(small_config().extract, num_encoders=3)
-    assert encoder_count(extract, False, [{"CPU": 64.0}]) == 3
-    half = dataclasses.replace(small_config().extract, gpus_per_encoder=0.5)
-    assert encoder_count(half, True, [{"CPU": 16.0, "GPU": 2.0}]) == 4
-
-
-@pytest.mark.parametrize("nodes,actors,use_gpu,want", [
-    ([{"CPU": 2.0}], 1, False, 2),           # this laptop: one actor encodes on both cores
-    ([{"CPU": 8.0}], 5, False, 1),           # as many actors as fit: one thread each
-    ([{"CPU": 64.0}], 6, False, 10),         # memory-capped actors share the CPUs
-    ([{"CPU": 16.0, "GPU": 8.0}], 8, True, 1),  # a GPU actor: cpus_per_encoder
-])
-def test_encoder_threads_share_a_cpu_nodes_cores(nodes, actors, use_gpu, want):
-    from hnm_ray.extract import encoder_threads
-
-    assert encoder_threads(small_config().extract, use_gpu, nodes, actors) == want
-    more = dataclasses.replace(small_config().extract, cpus_per_encoder=12.0)
-    assert encoder_threads(more, use_gpu, nodes, actors) == max(12, want)

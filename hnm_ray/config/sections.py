@@ -100,8 +100,9 @@ class ExtractConfig:
                                     low=1)
     gpus_per_encoder: float | None = knob(None, "GPUs per encoder actor (default: 1 when the cluster has GPUs, else 0)",
                                           low=0.0)
-    cpus_per_encoder: float = knob(1.0, "CPUs per encoder actor (its torch threads; on CPU-only clusters at least "
-                                        "the CPUs per encoder actor)", low=0.0, low_open=True)
+    cpus_per_encoder: float = knob(1.0, "CPUs per encoder actor, and its torch threads (on CPU-only clusters more "
+                                        "when its node has CPUs to spare: the node's CPUs / its encoder actors)",
+                                   low=0.0, low_open=True)
     cpus_per_decoder: float = knob(0.5, "CPUs a CPU encoder actor adds for decoding its next batch (and per "
                                    "tile-index task of pre-training)", low=0.0, low_open=True)
     decode_workers: int = knob(1, "cuCIM read_region threads per decode call", low=1)

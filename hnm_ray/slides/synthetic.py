@@ -292,7 +292,8 @@ def make_demo_cohort(out: str | Path, n_slides: int = 16, seed: int = 0, size: i
                 "split": splits[i], "annotation": annotation}
 
     # Threads: numpy and the JPEG encoder release the GIL (~1.6x on 2 cores); each slide has its own seed.
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # not macOS
+    with ThreadPoolExecutor(max_workers=min(8, usable)) as pool:
         rows = list(pool.map(write_slide, range(n_slides)))
     manifest = out / "manifest.csv"
     partial = out / "manifest.csv.partial"
