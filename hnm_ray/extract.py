@@ -234,8 +234,8 @@ def _pipeline(records: list[SlideRecord], index: TileIndex, config: TrainConfig,
 
     On GPUs an actor decodes with cuCIM on its device, one batch at a time. On CPUs an actor runs two calls at once
     so that one decodes the next batch while the other encodes (`TileEncoder`'s stage locks). The pool's size and
-    each actor's resources: `encoder_pool.plan_encoder_pool`. A separate decode actor pool cost a second process start (~1-2 s of
-    importing on the critical path) and a hop through the object store for every batch of pixels.
+    each actor's resources: `encoder_pool.plan_encoder_pool`. A separate decode actor pool cost a second process
+    start (~1-2 s of importing on the critical path) and a hop through the object store for every batch of pixels.
     """
     import ray
 
