@@ -1,11 +1,14 @@
-"""What every `python -m hnm_ray.X` entry point shares: logging, a parser, our errors as exit code 2, Ray's as 3."""
+"""What every `python -m hnm_ray.X` entry point shares: logging, a parser, our errors as exit code 2, Ray's as 3,
+Ctrl-C as one line and 130."""
 from __future__ import annotations
 
 import argparse
 import functools
 import logging
+import signal
 from collections.abc import Callable
 
+from hnm_ray.cluster import STOP_HINT, STOPPED_BY
 from hnm_ray.errors import HnmError
 from hnm_ray.progress import setup_logging
 
@@ -29,6 +32,9 @@ def entry_point(main: Callable[[list[str] | None], int]) -> Callable[[list[str] 
         except HnmError as exc:
             log.error("%s", exc)
             return 2
+        except KeyboardInterrupt:  # Ctrl-C before Ray started (after, `stop_cleanly_on_signals` ends the process)
+            log.error("received %s: stopped; %s", STOPPED_BY[signal.SIGINT], STOP_HINT)
+            return 128 + signal.SIGINT
         except Exception as exc:
             if not type(exc).__module__.startswith("ray."):
                 raise

@@ -26,26 +26,31 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # address="local": without it ray.init joins the newest Ray started on this machine (another job's)
         ray.init(address="local", num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=False)
         log.info("started local Ray: %s", ray.cluster_resources())
-    stop_cleanly_on_sigterm()
+    stop_cleanly_on_signals()
 
 
-def stop_cleanly_on_sigterm() -> None:
-    """In a driver's main thread (after ray.init, whose handler it replaces): SIGTERM (a spot preemption, `ray job
-    stop`, a scheduler's kill) ends the process with one line saying how to continue and exit code 143. Without it
-    Ray dumps a stack and the interpreter's shutdown can abort (SIGABRT) in a decoder thread. Nothing is lost: every
-    stage writes its outputs atomically and `state.json` records the finished ones, as after a SIGKILL."""
+STOP_HINT = ("finished stages and written features are kept. Continue with `python -m hnm_ray.train --resume RUN` "
+             "(RUN: the run folder logged at the start; predict and extract: run the same command again)")
+STOPPED_BY = {signal.SIGTERM: "SIGTERM (a preemption or `ray job stop`)", signal.SIGINT: "Ctrl-C (SIGINT)"}
+
+
+def stop_cleanly_on_signals() -> None:
+    """In a driver's main thread (after ray.init, whose handlers it replaces): SIGTERM (a spot preemption, `ray job
+    stop`, a scheduler's kill) or Ctrl-C ends the process with one line saying how to continue and exit code 128 +
+    the signal (143, 130). Without it Ray dumps a stack (a ~50-line KeyboardInterrupt traceback on Ctrl-C) and the
+    interpreter's shutdown can abort (SIGABRT) in a decoder thread. Nothing is lost: every stage writes its outputs
+    atomically and `state.json` records the finished ones, as after a SIGKILL."""
     if threading.current_thread() is not threading.main_thread():
         return
 
     def stop(signum: int, frame: object) -> None:
-        log.error("received SIGTERM (a preemption or `ray job stop`): the job stops now; finished stages and written "
-                  "features are kept. Continue with `python -m hnm_ray.train --resume RUN` (RUN: the run folder "
-                  "logged at the start)")
+        log.error("received %s: the job stops now; %s", STOPPED_BY[signal.Signals(signum)], STOP_HINT)
         logging.shutdown()
         sys.stdout.flush()
         os._exit(128 + signum)  # no interpreter shutdown: Ray's and cuCIM's threads cannot abort it
 
-    signal.signal(signal.SIGTERM, stop)
+    for signum in STOPPED_BY:
+        signal.signal(signum, stop)
 
 
 def live_nodes() -> list[dict[str, float]]:
