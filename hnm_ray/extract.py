@@ -206,8 +206,8 @@ def extract_features(records: list[SlideRecord], store: FeatureStore, config: Tr
     summary.tiles_written = gatherer.tiles_written
     summary.slides_failed = sorted(failed)
     summary.seconds = progress.elapsed
-    log.info("extract: wrote %d slides (%d tiles, %.1f tiles/s), %d failed (see %s)", summary.slides_written,
-             summary.tiles_written, summary.tiles_per_second, len(failed), store.errors_path)
+    log.info("extract: wrote %d slides (%d tiles, %.1f tiles/s)%s", summary.slides_written, summary.tiles_written,
+             summary.tiles_per_second, f", {len(failed)} failed (see {store.errors_path})" if failed else "")
     return summary
 
 
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round", type=int, default=0, help="round number in the store layout (default: 0)")
     parser.add_argument("--limit-slides", type=int, help="extract only the first N slides (smoke runs)")
     cfg.add_source_arguments(parser)
-    cfg.add_arguments(parser, TrainConfig, sections=("run", "tiling", "encoder", "extract"))
+    cfg.add_arguments(parser, TrainConfig)
     args = parser.parse_args(argv)
     config = cfg.load_config(TrainConfig, args)
     if not config.run.manifest:

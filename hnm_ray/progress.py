@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,9 +61,19 @@ class Progress:
         return time.perf_counter() - self._start
 
 
+# Ray's warnings that are notices, not problems, on every run: kept out of a quiet console (ray.log has them).
+RAY_NOTICES = ("Token authentication is enabled for this Ray cluster", "Progress bars disabled")
+
+
+def _not_a_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(RAY_NOTICES)
+
+
 def route_ray_logs(log_file: Path | None, verbose: bool = False) -> None:
-    """A quiet console: Ray's own INFO lines (per-report, actor and placement-group chatter, Ray Data progress)
-    go to `log_file` only; warnings and errors from Ray still reach the console, and `verbose` shows everything."""
+    """A quiet console: Ray's own INFO lines (per-report, actor and placement-group chatter, Ray Data progress) and
+    its every-run notices (`RAY_NOTICES`) go to `log_file` only; Ray's other warnings and errors still reach the
+    console, and `verbose` shows everything. Call it before ray.init (whose auth-token notice it then catches) and
+    again after it (ray.init may set up Ray's console handler anew)."""
     from ray.data import DataContext
 
     for name in ("ray", "ray.data"):  # Ray Data's logger does not propagate to "ray": both are routed
@@ -72,4 +86,51 @@ def route_ray_logs(log_file: Path | None, verbose: bool = False) -> None:
         for handler in logger.handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 handler.setLevel(logging.INFO if verbose else logging.WARNING)
+                if not verbose and _not_a_notice not in handler.filters:
+                    handler.addFilter(_not_a_notice)
     DataContext.get_current().enable_progress_bars = verbose
+
+
+@contextmanager
+def native_stderr_to(log_file: Path) -> Iterator[None]:
+    """Inside the block, what native code writes to this process's stderr (fd 2) goes to `log_file`: Ray's C++ core
+    worker prints its warnings there beside its own log, e.g. core_worker.cc's note on every Ray Data actor pool
+    ("constructor arguments in the object store and max_restarts > 0"). Python's sys.stderr, and the log handlers
+    that wrote to it, keep the console. For a CLI's driver process only; restored on exit."""
+    sys.stderr.flush()
+    console = os.dup(2)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as sink:
+        os.dup2(sink.fileno(), 2)
+    saved = sys.stderr
+    stream = os.fdopen(os.dup(console), "w", buffering=1, errors="backslashreplace")
+    if _writes_to_fd2(saved):
+        sys.stderr = stream
+        _repoint_handlers(saved, stream)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(console, 2)
+        os.close(console)
+        if sys.stderr is stream:
+            sys.stderr = saved
+            _repoint_handlers(stream, saved)
+        stream.close()
+
+
+def _writes_to_fd2(stream: object) -> bool:
+    try:
+        return stream.fileno() == 2  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return False  # e.g. a test runner's capture object
+
+
+def _repoint_handlers(old: object, new: object) -> None:
+    """Console handlers (ours, Ray's) that write to the stream `old` write to `new` instead."""
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if not isinstance(handler, logging.FileHandler) and getattr(handler, "stream", None) is old:
+                handler.setStream(new)  # type: ignore[attr-defined]

@@ -2,12 +2,12 @@
 from hnm_ray.config.sections import (EncoderConfig, ExtractConfig, FinetuneConfig, JobConfig, MILConfig, MiningConfig,
                                      PretrainConfig, TilingConfig, TissueConfig, TrainConfig)
 from hnm_ray.config.tree import (add_arguments, add_source_arguments, changed_knobs, check_choice, check_range,
-                                 from_tree, knob, leaves, load_config, load_recipe, load_yaml, merge, recipe_names,
+                                 from_tree, given_knobs, knob, leaves, load_config, load_recipe, load_yaml, merge, recipe_names,
                                  save_yaml, section, to_tree)
 
 __all__ = [
     "EncoderConfig", "ExtractConfig", "FinetuneConfig", "JobConfig", "MILConfig", "MiningConfig", "PretrainConfig",
     "TilingConfig", "TissueConfig", "TrainConfig", "add_arguments", "add_source_arguments", "changed_knobs",
-    "check_choice", "check_range", "from_tree", "knob", "leaves", "load_config", "load_recipe", "load_yaml", "merge",
+    "check_choice", "check_range", "from_tree", "given_knobs", "knob", "leaves", "load_config", "load_recipe", "load_yaml", "merge",
     "recipe_names", "save_yaml", "section", "to_tree",
 ]

@@ -76,16 +76,15 @@ def _default(field: dataclasses.Field) -> Any:
     return field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, sections: tuple[str, ...] | None = None) -> None:
-    """One flag per knob of the tree `cls` (of `sections` only, when given); defaults stay None so files fill them."""
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per knob of the tree `cls` (every CLI that reads the tree takes them all); defaults stay None so files
+    fill them."""
     parser.usage = parser.usage or f"{parser.prog} [--recipe NAME] [--config YAML] [--section.knob VALUE ...]"
     keys = list(leaves(cls))
     names = [key.rsplit(".", 1)[-1] for key, _, _ in keys]
     groups: dict[str, argparse._ArgumentGroup] = {}
     for key, field, tp in keys:
         top = key.split(".", 1)[0] if "." in key else ""
-        if sections is not None and top not in sections:
-            continue
         if top not in groups:
             groups[top] = parser.add_argument_group(top or "run", _section_help(cls, top))
         name = key.rsplit(".", 1)[-1]
@@ -290,9 +289,14 @@ def load_config(cls: type[C], args: argparse.Namespace | None = None, base: Mapp
             values = merge(values, load_recipe(args.recipe))
         if getattr(args, "config", None):
             values = merge(values, load_yaml(args.config))
-        known = {key for key, _, _ in leaves(cls)}
-        values = merge(values, flag_values(argparse.Namespace(**{k: v for k, v in vars(args).items() if k in known})))
+        values = merge(values, given_knobs(cls, args))
     return from_tree(cls, values)
+
+
+def given_knobs(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The nested mapping of the knob flags of the tree `cls` the user gave (other arguments left out)."""
+    known = {key for key, _, _ in leaves(cls)}
+    return flag_values(argparse.Namespace(**{k: v for k, v in vars(args).items() if k in known}))
 
 
 def changed_knobs(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:

@@ -33,7 +33,8 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _UM_PER_UNIT = {"micrometer": 1.0, "micron": 1.0, "um": 1.0, "millimeter": 1e3, "mm": 1e3,
                 "centimeter": 1e4, "cm": 1e4, "nanometer": 1e-3, "nm": 1e-3}
 _FIX_FORMAT = ("hnm-ray reads TIFF-based slides (SVS, generic tiled TIFF, Philips TIFF) with cuCIM; "
-               "re-export or re-scan the slide, or use backend='openslide' for NDPI/MRXS")
+               "re-export or re-scan the slide; NDPI/MRXS/SCN slides are read with OpenSlide once openslide-python "
+               "is installed (pip install 'hnm-ray[openslide]')")
 
 
 @dataclass(frozen=True)
@@ -372,7 +373,7 @@ class SlideReader:
         except Exception as exc:  # noqa: BLE001
             raise SlideError(self.slide_id, f"cannot read {size}px tiles at level {level} ({type(exc).__name__}: {exc})",
                              "the file may be truncated or use an unsupported compression (zstd, WebP, JPEG 2000 "
-                             "open but fail at read time in cuCIM); try backend='openslide' or re-export it") from exc
+                             "open but fail at read time in cuCIM); re-export it as a JPEG-compressed SVS or tiled TIFF") from exc
 
     def iter_tiles(self, locations: np.ndarray, size: int, level: int = 0, batch_size: int = 64,
                    num_workers: int = 1) -> Iterator[Any]:

@@ -63,7 +63,8 @@ def load_manifest(path: str | Path, require_labels: bool = True, seed: int = 0, 
     problems = [f"missing column {name!r}" for name in ("slide_id", "path") if name not in columns]
     if require_labels and "label" not in columns:
         problems.append("missing column 'label' (0/1 slide labels are required for training; "
-                        "use records_from_folder or require_labels=False to predict unlabeled slides)")
+                        "to score unlabelled slides use python -m hnm_ray.predict --slides with a folder of slides "
+                        "or this manifest)")
     rows = table.to_pylist()
     records, row_problems = _check_rows(rows, base, columns, require_labels, check_files)
     problems += row_problems + _duplicate_problems(rows)

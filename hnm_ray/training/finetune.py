@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from hnm_ray.config import TrainConfig
 from hnm_ray.errors import HnmError
+from hnm_ray.progress import Progress, setup_logging
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 
@@ -228,6 +229,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     share = worker_share(loop["rows"], rank, world)
     readers = TileReaders(device="cpu")
     supervised = loop["supervised"]
+    if rank == 0:
+        setup_logging()  # a Ray Train worker's lines reach the driver's console through Ray's log forwarding
+    progress = Progress(f"{loop['name']} (tiles, epochs {start}-{loop['last_epoch'] - 1})",
+                        len(share["tile_id"]) * max(0, loop["last_epoch"] - start), every_s=10.0)
     for epoch in range(start, loop["last_epoch"]):
         ddp.train()
         epoch_started = time.perf_counter()
@@ -247,6 +252,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 optimizer.step()
                 losses.append(loss.item())
             tiles_seen += len(batch["tile_id"])
+            if rank == 0:
+                progress.update(len(batch["tile_id"]))
         scheduler.step()
         metrics = {"epoch": epoch, "ft_loss": float(np.mean(losses)) if losses else float("nan"),
                    "tiles": tiles_seen, "positive_ratio": ratio, "lr": scheduler.get_last_lr()[0],
@@ -311,7 +318,7 @@ def fit_finetune(config: TrainConfig, rows: pa.Table, weights: str | None, run_d
     loop = {"ft": asdict(ft), "ro": config.mining.ro, "rT": config.mining.rT, "encoder": asdict(config.encoder),
             "weights": weights, "head_weights": head_weights, "seed": config.run.seed, "first_epoch": first_epoch,
             "last_epoch": last_epoch, "total_epochs": total_epochs, "supervised": supervised,
-            "rows": rows, "tile_size": config.tiling.tile_size,
+            "rows": rows, "tile_size": config.tiling.tile_size, "name": name,
             "driver_checkpoints": driver_checkpoint_dir(ft.workers, run_dir / "ray_train", name)}
     done = run_loop(train_loop_per_worker, loop, workers=ft.workers, use_gpu=ft.use_gpu,
                     cpus_per_worker=ft.cpus_per_worker, max_failures=ft.max_failures, run_dir=run_dir, name=name,

@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round", type=int, default=0, help="store round")
     parser.add_argument("--out", required=True, help="run folder (resumes when it exists)")
     cfg.add_source_arguments(parser)
-    cfg.add_arguments(parser, TrainConfig, sections=("run", "mil"))
+    cfg.add_arguments(parser, TrainConfig)
     args = parser.parse_args(argv)
     tree = cfg.load_config(TrainConfig, args)
     if not tree.run.manifest:
