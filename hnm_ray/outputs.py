@@ -66,9 +66,26 @@ def finish(run_dir: Path, history: list[dict[str, Any]], records: list[SlideReco
              "protocols": {"final": "ours: MIL epoch and Youden threshold picked on validation, applied to test",
                            "official_protocol": "the official code's: best test slide AUC over MIL epochs, Youden "
                                                 "threshold on test (optimistic; for comparison with the paper only)"}}
+    final["skipped"] = skipped_slides(records, store)
     write_run_report(run_dir, final)
     _track(tracking.log_final, run_dir, config, final)
     return final
+
+
+def skipped_slides(records: list[SlideRecord], store: FeatureStore) -> dict[str, Any]:
+    """What a job left out: the slides of `records` without features in `store` (the last round's), each with its
+    last recorded cause, and the errors.jsonl that holds the causes (metrics.json "skipped", report.html, console)."""
+    done = store.completed()
+    causes = {e["slide_id"]: e["cause"] for e in store.errors()}
+    skipped = {r.slide_id: causes.get(r.slide_id, "not extracted") for r in records if r.slide_id not in done}
+    return {"count": len(skipped), "slides": skipped, "errors_jsonl": str(store.errors_path)}
+
+
+def log_skipped(skipped: dict[str, Any], total: int) -> None:
+    """The console line of what a job skipped (nothing when it skipped nothing)."""
+    if skipped["count"]:
+        log.warning("skipped %d of %d slides (left out of every result): %s; causes in %s", skipped["count"], total,
+                    ", ".join(skipped["slides"]), skipped["errors_jsonl"])
 
 
 def round_done(run_dir: Path, config: TrainConfig, result: dict[str, Any]) -> None:

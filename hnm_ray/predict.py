@@ -15,6 +15,7 @@ import csv
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -23,44 +24,45 @@ from hnm_ray import config as cfg
 from hnm_ray.cli import entry_point
 from hnm_ray.cli import parser as cli_parser
 from hnm_ray.config import TrainConfig
-from hnm_ray.errors import ConfigError
+from hnm_ray.errors import ConfigError, HnmError
 from hnm_ray.extract import extract_features
 from hnm_ray.inference import load_aggregator, tile_scores
 from hnm_ray.outputs import AGGREGATOR
-from hnm_ray.run_folder import CONFIG_FILE
+from hnm_ray.progress import native_stderr_to, route_ray_logs
+from hnm_ray.run_folder import CONFIG_FILE, demo_manifest_path, holds_run
 from hnm_ray.store.features import FeatureStore
-from hnm_ray.store.manifest import load_manifest, records_from_folder
+from hnm_ray.store.manifest import SlideRecord, load_manifest, records_from_folder
 
 log = logging.getLogger("hnm_ray")
 
 
-def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmaps: bool = True) -> list[dict]:
-    """Extract, score and summarise `slides` (manifest or folder) with the run at `checkpoint`."""
+def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmaps: bool = True,
+            knobs: dict[str, Any] | None = None) -> list[dict]:
+    """Extract, score and summarise `slides` (manifest or folder) with the run at `checkpoint`; `knobs` (a nested
+    mapping, e.g. {"extract": {"batch_size": 32}}) override the run's config."""
     from hnm_ray.cluster import init_ray
     from hnm_ray.metrics import slide_metrics
     from hnm_ray.models.encoders import config_tag
+    from hnm_ray.outputs import log_skipped, skipped_slides
     from hnm_ray.report import plot_roc
     from hnm_ray.report.html import write_predict_report
-    from hnm_ray.report.slides import mined_hard_negatives, write_slide_outputs
+    from hnm_ray.report.slides import mined_hard_negatives, on_same_slides, write_slide_outputs
     from hnm_ray.train import with_weights
 
-    ckpt = Path(checkpoint)
-    ckpt = ckpt / "checkpoint" if (ckpt / "checkpoint" / "meta.json").exists() else ckpt
-    if not (ckpt / "meta.json").exists():
-        raise ConfigError("checkpoint", f"{checkpoint} holds no checkpoint/meta.json: pass a run folder of hnm_ray.train")
+    ckpt, out = checked_folders(checkpoint, out)
     meta = json.loads((ckpt / "meta.json").read_text())
-    config = with_weights(cfg.from_tree(TrainConfig, cfg.load_yaml(ckpt / CONFIG_FILE)),
-                          str(ckpt / meta["encoder_weights"]) if meta.get("encoder_weights") else None)
+    config = _run_config(ckpt, knobs or {})
+    config = with_weights(config, str(ckpt / meta["encoder_weights"]) if meta.get("encoder_weights") else None)
     slides = Path(slides)
     # check_files=False: a missing slide is reported in the summary (its status) while the others are predicted.
     records = records_from_folder(slides) if slides.is_dir() else load_manifest(slides, require_labels=False,
                                                                                 check_files=False)
-    out = Path(out)
+    route_ray_logs(out / "ray.log", config.run.verbose)  # before ray.init: its auth-token notice goes there too
     init_ray()
     # The store folder is named after the run's encoder (weights hash + seed of a random init): predicting into the
     # same --out with another checkpoint extracts anew instead of reusing the other encoder's features.
     store = FeatureStore(out / "features", f"predict-{config_tag(config.encoder)}-seed{meta['seed']}")
-    summary = extract_features(records, store, config)
+    extract_features(records, store, config)
     model, _ = load_aggregator(ckpt / AGGREGATOR)
     threshold = float(meta["threshold"])
     errors = {e["slide_id"]: e["cause"] for e in store.errors()}
@@ -75,25 +77,62 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
         else:
             row["status"] = errors.get(record.slide_id, "not extracted")
         rows.append(row)
-    # Slides the run mined hard negatives on (its own cohort) get them marked in heatmaps and QuPath files.
+    # The run's hard negatives are marked only on the very slides it mined them on (the same file), never by slide id.
     write_slide_outputs(ckpt / AGGREGATOR, store, records, out / "qupath",
                         {r.slide_id: out / "heatmaps" / f"{r.slide_id}.png" for r in records} if heatmaps else {},
-                        mined_hard_negatives(ckpt.parent))
+                        on_same_slides(mined_hard_negatives(ckpt.parent), records, _training_records(config)))
     with open(_ensure(out) / "summary.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["slide_id"])
         writer.writeheader()
         writer.writerows(rows)
+    skipped = skipped_slides(records, store)
     scored = [r for r in rows if r["probability"] is not None and r["label"] is not None]
     metrics = None
     if scored:
         metrics = slide_metrics(np.array([r["label"] for r in scored]), np.array([r["probability"] for r in scored]),
                                 threshold)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        (out / "metrics.json").write_text(json.dumps({**metrics, "skipped": skipped}, indent=2, default=float))
         plot_roc(np.array([r["label"] for r in scored]), np.array([r["probability"] for r in scored]), out / "roc.png",
                  title="ROC of the labelled slides")
-    write_predict_report(out, rows, metrics, threshold, ckpt)
-    log.info("predicted %d slides (%d failed) -> %s", len(rows), len(summary.slides_failed), out / "summary.csv")
+    write_predict_report(out, rows, metrics, threshold, ckpt, skipped)
+    log_skipped(skipped, len(rows))
+    log.info("predicted %d slides -> %s", len(rows) - skipped["count"], out / "summary.csv")
     return rows
+
+
+def checked_folders(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
+    """The run's checkpoint folder and the output folder, refused before any work: a --checkpoint that is no run, an
+    --out that holds a training run (its report.html, heatmaps and qupath files would be overwritten)."""
+    ckpt = Path(checkpoint)
+    ckpt = ckpt / "checkpoint" if (ckpt / "checkpoint" / "meta.json").exists() else ckpt
+    if not (ckpt / "meta.json").exists():
+        raise ConfigError("--checkpoint", f"{checkpoint} holds no checkpoint/meta.json: pass a run folder of "
+                                          "hnm_ray.train")
+    out = Path(out)
+    if holds_run(out):
+        raise ConfigError("--out", f"{out} holds a training run ({CONFIG_FILE}): predictions would overwrite its "
+                                   "report.html, heatmaps and qupath files; pass another --out")
+    return ckpt, out
+
+
+def _run_config(ckpt: Path, knobs: dict[str, Any]) -> TrainConfig:
+    """The run's saved config with `knobs` on top; the knobs that differ from the run's are logged."""
+    saved = cfg.load_yaml(ckpt / CONFIG_FILE)
+    config = cfg.from_tree(TrainConfig, cfg.merge(saved, knobs))
+    changed = cfg.changed_knobs(cfg.to_tree(cfg.from_tree(TrainConfig, saved)), cfg.to_tree(config))
+    if changed:
+        log.info("predict: knobs that differ from the run's config: %s",
+                 ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    return config
+
+
+def _training_records(config: TrainConfig) -> list[SlideRecord]:
+    """The run's training cohort as its manifest lists it now (none when the manifest is gone or unreadable)."""
+    manifest = Path(config.run.manifest) if config.run.manifest else demo_manifest_path(config.run)
+    try:
+        return load_manifest(manifest, require_labels=False, check_files=False, seed=config.run.seed)
+    except HnmError:
+        return []
 
 
 def _ensure(path: Path) -> Path:
@@ -109,8 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slides", required=True, help="manifest CSV/Parquet, or a folder of slides")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--no-heatmaps", action="store_true", help="skip the heatmap PNGs")
+    cfg.add_arguments(parser, TrainConfig)
     args = parser.parse_args(argv)
-    predict(args.checkpoint, args.slides, args.out, heatmaps=not args.no_heatmaps)
+    _, out = checked_folders(args.checkpoint, args.out)  # before --out/ray.log is made
+    with native_stderr_to(out / "ray.log"):
+        predict(args.checkpoint, args.slides, args.out, heatmaps=not args.no_heatmaps,
+                knobs=cfg.given_knobs(TrainConfig, args))
     return 0
 
 

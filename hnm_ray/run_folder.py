@@ -131,16 +131,19 @@ def saved_config(run_dir: str | Path) -> dict[str, Any]:
     """The config tree a run folder was started with (for --resume and predict)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.exists():
-        raise ConfigError("resume", f"{run_dir} has no {CONFIG_FILE}: not a run folder of hnm_ray.train")
+        raise ConfigError("--resume", f"{run_dir} has no {CONFIG_FILE}: not a run folder of hnm_ray.train")
     return cfg.load_yaml(path)
 
 
 def resolve_run(config: TrainConfig, resume: str | None, saved: dict[str, Any] | None) -> Path:
-    """The run folder: the resumed one (changed knobs are applied and logged), or <runs_dir>/<name> for a new run.
-    A run asking for MLflow tracking without mlflow installed stops here, before any work."""
+    """The run folder: the resumed one (changed knobs are applied and logged), or <runs_dir>/<name> for a new run,
+    which must not hold a run yet unless --run.overwrite (a run folder belongs to one config). A run asking for MLflow
+    tracking without mlflow installed stops here, before any work."""
     tracking.check(config.run)
     storage.check(config.run.runs_dir, "run.runs_dir")
     storage.check(config.run.store, "run.store")
+    if resume and config.run.overwrite:
+        raise ConfigError("run.overwrite", "cannot be combined with --resume (which continues the run); drop one")
     if resume:
         changed = cfg.changed_knobs(saved or {}, cfg.to_tree(config))
         if changed:
@@ -149,17 +152,51 @@ def resolve_run(config: TrainConfig, resume: str | None, saved: dict[str, Any] |
         return Path(resume).resolve()
     config.run.name = config.run.name or time.strftime("hnm-%Y%m%d-%H%M%S")
     runs_dir = storage.location(config.run.runs_dir)
-    if storage.is_uri(runs_dir):
-        return staged(storage.join(runs_dir, config.run.name))
-    return (runs_dir / config.run.name).resolve()
+    run = storage.join(runs_dir, config.run.name) if storage.is_uri(runs_dir) else (runs_dir / config.run.name).resolve()
+    if not config.run.overwrite and holds_run(run):
+        raise ConfigError("run.name", f"{run} already holds a run{_described(run)}; a run folder belongs to one config. "
+                          f"Continue it with --resume {run}, start it afresh with --run.overwrite true (deletes it), "
+                          "or pick another --run.name")
+    return staged(run) if storage.is_uri(run) else run
+
+
+def holds_run(run: storage.Location) -> bool:
+    """Whether a run folder (local or on object storage) already holds a run: its config.yaml or state.json."""
+    return any(storage.is_file(storage.join(run, name)) for name in (CONFIG_FILE, STATE_FILE))
+
+
+def _described(run: storage.Location) -> str:
+    """` (manifest M, N rounds)` of an existing local run's saved config, for the refusal message; empty otherwise."""
+    path = Path(run) / CONFIG_FILE if not storage.is_uri(run) else None
+    if path is None or not path.is_file():
+        return ""
+    job = (cfg.load_yaml(path).get("run") or {})
+    return f" (manifest {job.get('manifest') or 'the demo cohort'}, {job.get('rounds')} rounds)"
+
+
+def start_afresh(run_dir: Path) -> None:
+    """--run.overwrite: delete the run in `run_dir` (and its remote copy for a staged run) before the new run starts."""
+    uri = remote_of(run_dir)
+    if not holds_run(run_dir) and (uri is None or not holds_run(uri)):
+        return
+    log.warning("run.overwrite: deleting the earlier run in %s", uri or run_dir)
+    if uri is not None:
+        fs, path = storage.filesystem(uri)
+        try:
+            fs.delete_dir(path)
+        except FileNotFoundError:
+            pass
+    shutil.rmtree(run_dir)
+    if uri is not None:
+        staged(uri)
 
 
 def demo_manifest(job: JobConfig) -> Path:
     """The demo cohort's manifest, generating the cohort into the cache folder when absent."""
     from hnm_ray.slides.synthetic import make_demo_cohort
 
-    folder = cache_dir(job) / f"demo-n{job.demo_slides}-s{job.demo_size}-seed{job.seed}"
-    manifest = folder / "manifest.csv"
+    manifest = demo_manifest_path(job)
+    folder = manifest.parent
     if not manifest.exists():
         log.info("creating the demo cohort (%d slides) in %s", job.demo_slides, folder)
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
@@ -167,6 +204,11 @@ def demo_manifest(job: JobConfig) -> Path:
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
     return manifest
+
+
+def demo_manifest_path(job: JobConfig) -> Path:
+    """Where the demo cohort of `job`'s knobs keeps its manifest (generated or not)."""
+    return cache_dir(job) / f"demo-n{job.demo_slides}-s{job.demo_size}-seed{job.seed}" / "manifest.csv"
 
 
 def cache_dir(job: JobConfig) -> Path:

@@ -35,11 +35,11 @@ from hnm_ray.extract import extract_features
 from hnm_ray.index import TileIndex
 from hnm_ray.inference import evaluate_split
 from hnm_ray.mining import adopt_round, get_miner, positive_ratio
-from hnm_ray.outputs import finish, round_done
-from hnm_ray.progress import route_ray_logs
+from hnm_ray.outputs import finish, log_skipped, round_done
+from hnm_ray.progress import native_stderr_to, route_ray_logs
 from hnm_ray.pseudo_labels import MINER_SNAPSHOT, Selection, mine_round
 from hnm_ray.run_folder import (CONFIG_FILE, RunState, cache_dir, demo_manifest, remote_of, resolve_run, saved_config,
-                                 staged, sync)
+                                 staged, start_afresh, sync)
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest, require_both_classes
 from hnm_ray.training.finetune import UNCERTAIN_NEGATIVE, fit_finetune, round_rows
@@ -49,19 +49,19 @@ from hnm_ray.training.pretrain import warm_start
 log = logging.getLogger("hnm_ray")
 
 
-def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run (or resume) Algorithm 1 in `run_dir`; returns the final metrics. `on_round` gets each round's metrics."""
+def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, Any]], None] | None = None,
+            records: list[SlideRecord] | None = None) -> dict[str, Any]:
+    """Run (or resume) Algorithm 1 in `run_dir`; returns the final metrics. `on_round` gets each round's metrics;
+    `records`: the cohort `check_inputs` returned (checked here when not given)."""
     from hnm_ray.cluster import init_ray
 
+    started = time.perf_counter()
+    records = check_inputs(config) if records is None else records  # before Ray starts and the run folder is made
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save_yaml(config, run_dir / CONFIG_FILE)
     state = RunState(run_dir)
+    route_ray_logs(run_dir / "ray.log", config.run.verbose)  # before ray.init: its auth-token notice goes there too
     init_ray()
-    route_ray_logs(run_dir / "ray.log", config.run.verbose)
-    started = time.perf_counter()
-    records = load_manifest(Path(config.run.manifest) if config.run.manifest else demo_manifest(config.run),
-                            seed=config.run.seed)
-    require_both_classes(records, config.run.manifest or "the demo cohort")              # before any extraction
     miner_name = f"hnm_miner-{run_dir.name}"
     # Held for the whole job: Ray garbage-collects a named actor when its last handle goes, and the global ranking
     # form of round >= 1 reads the queue that round - 1's mining left in it (restored from the snapshot on resume).
@@ -92,9 +92,24 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
     final["stage_seconds"] = state.get("seconds")
     (run_dir / "metrics.json").write_text(json.dumps(final, indent=2, default=float))
     sync(run_dir)  # a run folder on object storage gets the last outputs
+    log_skipped(final["skipped"], len(records))
     log.info("done: %s (test AUC %.3f; official protocol %.3f)", run_dir / "metrics.json",
              final["final"].get("test_auc", np.nan), (final["official_protocol"] or {}).get("test_auc", np.nan))
     return final
+
+
+def check_inputs(config: TrainConfig) -> list[SlideRecord]:
+    """Every input check of a job, before Ray starts and before any folder is made: the manifest (every bad row at
+    once; both classes), the encoder (name or plug-in, weights file) and the aggregator (name or plug-in)."""
+    from hnm_ray.models.aggregators import build_aggregator
+    from hnm_ray.models.encoders import encoder_from_config
+
+    records = load_manifest(Path(config.run.manifest) if config.run.manifest else demo_manifest(config.run),
+                            seed=config.run.seed)
+    require_both_classes(records, config.run.manifest or "the demo cohort")
+    encoder = encoder_from_config(config.encoder)
+    build_aggregator(config.mil.aggregator, encoder.out_dim, hidden=config.mil.hidden, dropout=config.mil.dropout)
+    return records
 
 
 def initial_encoder(config: TrainConfig, records: list[SlideRecord], run_dir: Path, state: RunState) -> str | None:
@@ -203,8 +218,13 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, Path]:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point of `python -m hnm_ray.train`."""
     config, run_dir = parse_args(argv)
+    records = check_inputs(config)  # every input check before Ray starts and before any folder is made
+    if config.run.overwrite:
+        start_afresh(run_dir)
+        config.run.overwrite = False  # done; a --resume of the new run must never delete it
     log.info("run folder: %s%s", run_dir, f" (mirrored to {remote_of(run_dir)})" if remote_of(run_dir) else "")
-    final = run_job(config, run_dir)
+    with native_stderr_to(run_dir / "ray.log"):
+        final = run_job(config, run_dir, records=records)
     print(json.dumps({"run": remote_of(run_dir) or str(run_dir), **{k: final["final"].get(k) for k in
                       ("test_auc", "test_accuracy", "test_f1", "test_instance_auc", "test_instance_auprc")}}, default=float))
     return 0

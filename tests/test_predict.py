@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from PIL import Image
 
 from hnm_ray.predict import main as predict_main
 from hnm_ray.inference import split_probabilities
+from hnm_ray.report.slides import mined_hard_negatives
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import load_manifest
 
@@ -84,16 +87,27 @@ def test_predict_writes_summary_tile_scores_heatmaps_and_metrics(ray_session, ru
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_test_split_reproduces_the_run_and_a_missing_slide_is_reported(ray_session, run, meta, demo_cohort,
-                                                                       tmp_path):
+                                                                       tmp_path, caplog):
     records = load_manifest(demo_cohort)
     test = [r for r in records if r.split == "test"]
     assert {r.label for r in test} == {0, 1}
     rows = [{"slide_id": r.slide_id, "path": r.path, "label": r.label, "split": r.split} for r in test]
     rows.insert(1, {"slide_id": "gone", "path": str(tmp_path / "gone.svs"), "label": 1, "split": "test"})
     out = tmp_path / "pred"
-    summary = {r["slide_id"]: r for r in _predict(run, _write_manifest(tmp_path / "test.csv", rows), out)}
+    logger = logging.getLogger("hnm_ray")
+    logger.addHandler(caplog.handler)  # hnm_ray's logger does not propagate to the root logger caplog watches
+    try:
+        summary = {r["slide_id"]: r for r in _predict(run, _write_manifest(tmp_path / "test.csv", rows), out)}
+    finally:
+        logger.removeHandler(caplog.handler)
 
     assert summary["gone"]["status"].startswith("slide 'gone': file not found")
+    # The end says what was skipped: on the console, in metrics.json and at the top of report.html.
+    assert f"skipped 1 of {len(rows)} slides (left out of every result): gone; causes in" in caplog.text
+    skipped = json.loads((out / "metrics.json").read_text())["skipped"]
+    assert skipped["count"] == 1 and skipped["slides"]["gone"].startswith("slide 'gone': file not found")
+    page = (out / "report.html").read_text()
+    assert page.index("id='skipped'") < page.index("Slide metrics") and "errors.jsonl" in page
     assert summary["gone"]["probability"] == "" and summary["gone"]["n_tiles"] == "0"
     assert {s for s, r in summary.items() if r["status"] == "ok"} == {r.slide_id for r in test}  # the others scored
     final = json.loads((run / "metrics.json").read_text())["final"]
@@ -119,8 +133,15 @@ def test_a_folder_of_unlabeled_slides_gets_probabilities_and_no_metrics(ray_sess
     for record in chosen:
         (folder / f"case {record.slide_id}.svs").symlink_to(record.path)  # spaces become '_' in slide ids
     (folder / "notes.txt").write_text("not a slide")
+    # Another slide under the id of a training slide the run mined hard negatives on (ids repeat across cohorts):
+    # it must not borrow the run's marks.
+    mined = mined_hard_negatives(run)["slide_id"].to_pylist()[0]
+    shutil.copy(chosen[0].path, folder / f"{mined}.svs")
     out = tmp_path / "pred"
     rows = _predict(run, folder, out)
+    borrowed = json.loads((out / "qupath" / f"{mined}.geojson").read_text())["features"]
+    assert borrowed and not any(f["properties"]["measurements"]["hard negative"] for f in borrowed)
+    rows = [r for r in rows if r["slide_id"] != mined]
     assert [r["slide_id"] for r in rows] == [f"case_{r.slide_id}" for r in chosen]
     for row in rows:
         assert row["status"] == "ok" and row["label"] == ""

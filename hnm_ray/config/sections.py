@@ -218,6 +218,8 @@ class JobConfig:
     """The job: cohort, run folder, rounds and seed."""
 
     name: str = knob("", "run name (default: hnm-<date>-<time>); outputs go to <runs_dir>/<name>")
+    overwrite: bool = knob(False, "start afresh in <runs_dir>/<name> when it already holds a run, deleting that run "
+                                  "(without it a taken name is refused: --resume the run or pick another name)")
     runs_dir: str = knob("runs", "folder (or s3:// / gs:// URI) of run folders")
     manifest: str = knob("", "slide manifest (CSV/Parquet: slide_id, path, label[, split, annotation]); empty: the "
                              "built-in demo cohort")

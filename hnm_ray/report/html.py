@@ -63,7 +63,7 @@ def write_run_report(run_dir: Path, final: dict[str, Any] | None = None) -> Path
     official = final.get("official_protocol") if final else (rounds[-1].get("official_protocol") if rounds else None)
     sections = [
         _section("Run", f"<p><b>{_e(run_dir.name)}</b>: {_e(status)}. Written {_e(time.strftime('%Y-%m-%d %H:%M:%S'))}."
-                        "</p>"),
+                        "</p>" + _skipped((final or {}).get("skipped"), run_dir)),
         _section("Test metrics, both protocols", _protocol_table(last, official)),
         _section("Per round", _table([label for _, label in ROUND_COLUMNS],
                                      [_round_row(r, state) for r in rounds], [k for k, _ in ROUND_COLUMNS], "rounds")
@@ -84,7 +84,7 @@ def write_run_report(run_dir: Path, final: dict[str, Any] | None = None) -> Path
 
 
 def write_predict_report(out: Path, rows: list[dict[str, Any]], metrics: dict[str, Any] | None, threshold: float,
-                         checkpoint: Path) -> Path:
+                         checkpoint: Path, skipped: dict[str, Any] | None = None) -> Path:
     """Write <out>/report.html of a predict output: per-slide probabilities and labels, slide metrics (labelled
     slides), ROC, heatmaps, QuPath files, the run's config and links to every output file."""
     config_path = checkpoint / CONFIG_FILE
@@ -93,7 +93,7 @@ def write_predict_report(out: Path, rows: list[dict[str, Any]], metrics: dict[st
                f"when its probability is &ge; {threshold:.3f}, the run's validation (Youden) threshold.</p>")
     metric_keys = ["auc", "accuracy", "f1", "precision", "recall", "n"]
     sections = [
-        _section("Prediction", summary),
+        _section("Prediction", summary + _skipped(skipped, out)),
         _section("Slide metrics (labelled slides)", _table(metric_keys, [metrics], metric_keys, "metrics")
                  if metrics else "<p>No labelled slides: no metrics.</p>"),
         _section("Slides", _table(keys, rows, keys, "slides")),
@@ -104,6 +104,21 @@ def write_predict_report(out: Path, rows: list[dict[str, Any]], metrics: dict[st
         _section("Files", _links(out)),
     ]
     return _write(out / REPORT, f"hnm-ray predictions {out.name}", sections)
+
+
+# --- skipped slides (issue 24): a block at the top of both pages, from the job's "skipped" record ---
+def _skipped(skipped: dict[str, Any] | None, root: Path) -> str:
+    """The top-of-page note of the slides a job left out (id: cause) and its errors.jsonl; empty when none."""
+    if not skipped or not skipped.get("count"):
+        return ""
+    items = "".join(f"<li><b>{_e(s)}</b>: {_e(cause)}</li>" for s, cause in skipped["slides"].items())
+    errors = skipped["errors_jsonl"]
+    local = "://" not in errors and Path(errors).is_relative_to(root)
+    where = _href(root, Path(errors)) if local else _e(errors)
+    return (f"<div id='skipped' style='border:2px solid #c00;padding:.5em 1em;margin:.5em 0'><p><b>{skipped['count']} "
+            f"slide(s) skipped</b>, left out of every result below; causes in <a href='{where}'>{_e(errors)}</a>:</p>"
+            f"<ul>{items}</ul></div>")
+# --- end of skipped slides ---
 
 
 def _round_row(result: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:

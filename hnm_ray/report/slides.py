@@ -3,11 +3,13 @@ tiles the HardNegativeMiner kept marked (the paper's hard negatives)."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hnm_ray.errors import HnmError
@@ -52,6 +54,18 @@ def mined_hard_negatives(run_dir: Path) -> pa.Table | None:
         return None
     path = run_dir / Path(state.get(f"mining_round{rounds[-1]}")["folder"]).name / "hard_negatives.parquet"
     return pq.read_table(path, columns=["slide_id", "tile_id"]) if path.is_file() else None
+
+
+def on_same_slides(hard_negatives: pa.Table | None, records: list[SlideRecord],
+                   trained: list[SlideRecord]) -> pa.Table | None:
+    """The hard negatives of the training slides that `records` hold again: the same file (resolved path) under the
+    same slide id. Never by slide id alone: ids like slide_001 repeat across cohorts, and a copy elsewhere is not
+    known to be the slide the run mined."""
+    if hard_negatives is None:
+        return None
+    paths = {r.slide_id: os.path.realpath(r.path) for r in trained}
+    same = [r.slide_id for r in records if paths.get(r.slide_id) == os.path.realpath(r.path)]
+    return hard_negatives.filter(pc.is_in(hard_negatives["slide_id"], value_set=pa.array(same, pa.string())))
 
 
 def score_slide(model, store: FeatureStore, record: SlideRecord, level_downsamples: tuple[float, ...],
