@@ -7,13 +7,16 @@ Extraction uses the run's encoder (Ray Data, cuCIM) with the run's tiling; the r
 scores each slide; the label uses the run's validation (Youden) threshold. Works on a folder of
 slides without labels; when the manifest has labels, the summary also reports slide AUC (and roc.png).
 Outputs in --out: summary.csv, tiles/<slide>.parquet, heatmaps/<slide>.png, qupath/<slide>.geojson (QuPath
-detections), metrics.json (labelled slides), report.html (everything on one page).
+detections), metrics.json (labelled slides; "skipped": the slides left out), report.html (everything on one page),
+slides.json (the file each slide id names), ray.log. Every config flag is taken, over the run's config
+(e.g. --extract.batch_size 32).
 """
 from __future__ import annotations
 
 import csv
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest, records_from_folder
 
 log = logging.getLogger("hnm_ray")
+SLIDES_FILE = "slides.json"  # in --out: the file each predicted slide id names
 
 
 def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmaps: bool = True,
@@ -57,6 +61,7 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
     # check_files=False: a missing slide is reported in the summary (its status) while the others are predicted.
     records = records_from_folder(slides) if slides.is_dir() else load_manifest(slides, require_labels=False,
                                                                                 check_files=False)
+    claim_slide_ids(out, records)
     route_ray_logs(out / "ray.log", config.run.verbose)  # before ray.init: its auth-token notice goes there too
     init_ray()
     # The store folder is named after the run's encoder (weights hash + seed of a random init): predicting into the
@@ -113,6 +118,24 @@ def checked_folders(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path
         raise ConfigError("--out", f"{out} holds a training run ({CONFIG_FILE}): predictions would overwrite its "
                                    "report.html, heatmaps and qupath files; pass another --out")
     return ckpt, out
+
+
+def claim_slide_ids(out: Path, records: list[SlideRecord]) -> None:
+    """Record in <out>/slides.json which file each slide id names; refuse slides whose id named another file in an
+    earlier prediction into the same --out (its stored tile index, tile truth and features are keyed by slide id and
+    would be reused for the new file)."""
+    path = out / SLIDES_FILE
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    now = {r.slide_id: os.path.realpath(r.path) for r in records}
+    clashes = [f"{s}: {known[s]} before, {p} now" for s, p in now.items() if known.get(s, p) != p]
+    if clashes:
+        raise ConfigError("--out", f"{out} holds predictions of other files under the same slide ids "
+                                   f"({'; '.join(clashes[:5])}{'; ...' if len(clashes) > 5 else ''}): their features "
+                                   "and tile truth would be reused; pass another --out")
+    _ensure(out)
+    tmp = path.with_name(f".{SLIDES_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({**known, **now}, indent=1))
+    tmp.replace(path)
 
 
 def _run_config(ckpt: Path, knobs: dict[str, Any]) -> TrainConfig:

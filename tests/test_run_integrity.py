@@ -117,18 +117,57 @@ def test_every_input_check_comes_before_ray_and_before_any_folder(flags, key, de
     assert not (tmp_path / "runs").exists()
 
 
-def test_predict_refuses_an_out_that_holds_a_training_run(demo_cohort, tmp_path, no_ray):
-    from hnm_ray.predict import main as predict_main
-
-    run = tmp_path / "run"
+def _fake_checkpoint(run: Path) -> Path:
+    """A run folder as far as predict's checks see it: checkpoint/meta.json and the config trees."""
     (run / "checkpoint").mkdir(parents=True)
     (run / "checkpoint" / "meta.json").write_text(json.dumps({"threshold": 0.5, "seed": 0}))
     (run / "checkpoint" / "config.yaml").write_text("{}\n")
     (run / "config.yaml").write_text("{}\n")
+    return run
+
+
+def test_predict_refuses_an_out_that_holds_a_training_run(demo_cohort, tmp_path, no_ray):
+    from hnm_ray.predict import main as predict_main
+
+    run = _fake_checkpoint(tmp_path / "run")
     (run / "report.html").write_text("the run's report")
     for out in (run, run / "checkpoint"):
         assert predict_main(["--checkpoint", str(run), "--slides", str(demo_cohort), "--out", str(out)]) == 2
     assert (run / "report.html").read_text() == "the run's report"
+
+
+def test_predict_refuses_an_out_whose_slide_ids_named_other_files(demo_cohort, tmp_path, no_ray):
+    """A second prediction into the same --out where slide_000 is another file: its stored index (tile truth) and
+    features are keyed by slide id, so it is refused instead of reused."""
+    from hnm_ray.predict import main as predict_main
+
+    run, out = _fake_checkpoint(tmp_path / "run"), tmp_path / "out"
+    records = load_manifest(demo_cohort)
+    first, other = records[0], records[1]
+    args = ["--checkpoint", str(run), "--out", str(out), "--slides"]
+    folder = tmp_path / "a"
+    folder.mkdir()
+    os.symlink(first.path, folder / f"{first.slide_id}.svs")
+    with pytest.raises(RayStarted):
+        predict_main([*args, str(folder)])
+    with pytest.raises(RayStarted):  # the same files again: fine (extraction resumes)
+        predict_main([*args, str(folder)])
+    (folder / f"{first.slide_id}.svs").unlink()
+    os.symlink(other.path, folder / f"{first.slide_id}.svs")
+    assert predict_main([*args, str(folder)]) == 2
+
+
+def test_every_cli_that_reads_the_tree_takes_every_config_flag(demo_cohort, tmp_path, no_ray, console):
+    from hnm_ray.extract import main as extract_main
+    from hnm_ray.predict import main as predict_main
+
+    run = _fake_checkpoint(tmp_path / "run")
+    with pytest.raises(RayStarted):  # parsed, applied over the run's config, logged; then Ray would start
+        predict_main(["--checkpoint", str(run), "--slides", str(demo_cohort), "--out", str(tmp_path / "o"),
+                      "--extract.batch_size", "32"])
+    assert "extract.batch_size: 64 -> 32" in console.text
+    assert extract_main(["--mil.epochs", "3"]) == 2  # parsed; refused only for the missing --manifest
+    assert "run.manifest" in console.text
 
 
 def test_hard_negatives_are_marked_only_on_the_same_slide_file(tmp_path):
