@@ -258,7 +258,7 @@ def _pipeline(records: list[SlideRecord], index: TileIndex, config: TrainConfig,
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point of `python -m hnm_ray.extract`."""
-    from hnm_ray.models.encoders import config_tag
+    from hnm_ray.models.encoders import config_tag, encoder_from_config
 
     parser = cli_parser("python -m hnm_ray.extract", __doc__)
     parser.add_argument("--out", default="features", help="feature store root: a folder or s3:// / gs:// URI (default: features)")
@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     if not config.run.manifest:
         raise ConfigError("run.manifest", "required: pass --manifest PATH (CSV/Parquet)")
     records = load_manifest(config.run.manifest, require_labels=False)[: args.limit_slides]
+    encoder_from_config(config.encoder)  # a bad encoder name, plug-in or weights file fails before Ray starts
     store = FeatureStore(args.out, args.tag or config_tag(config.encoder), round=args.round)
     summary = extract_features(records, store, config)
     print(summary)

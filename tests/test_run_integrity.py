@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 import hnm_ray.cluster
+import hnm_ray.extract
 import hnm_ray.train
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest
@@ -32,6 +33,7 @@ def no_ray(monkeypatch):
     def start(*args, **kwargs):
         raise RayStarted
     monkeypatch.setattr(hnm_ray.cluster, "init_ray", start)
+    monkeypatch.setattr(hnm_ray.extract, "init_ray", start)
 
 
 @pytest.fixture
@@ -124,6 +126,18 @@ def _fake_checkpoint(run: Path) -> Path:
     (run / "checkpoint" / "config.yaml").write_text("{}\n")
     (run / "config.yaml").write_text("{}\n")
     return run
+
+
+def test_extract_and_mil_clis_check_their_inputs_before_ray(demo_cohort, tmp_path, no_ray):
+    from hnm_ray.training.mil import main as mil_main
+
+    out = tmp_path / "store"
+    assert hnm_ray.extract.main(["--manifest", str(demo_cohort), "--out", str(out), "--encoder.weights",
+                                 "/no/such/weights.safetensors"]) == 2
+    assert not out.exists()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("slide_id,path,label\na,/no/such.svs,0\n")
+    assert mil_main(["--store", str(out), "--tag", "t", "--out", str(tmp_path / "mil"), "--manifest", str(bad)]) == 2
 
 
 def test_predict_refuses_an_out_that_holds_a_training_run(demo_cohort, tmp_path, no_ray):

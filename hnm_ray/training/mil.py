@@ -326,9 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     tree = cfg.load_config(TrainConfig, args)
     if not tree.run.manifest:
         raise ConfigError("run.manifest", "required: pass --manifest PATH (CSV/Parquet with labels and splits)")
+    records = load_manifest(tree.run.manifest, seed=tree.run.seed)  # before Ray starts
     init_ray()
     store = FeatureStore(args.store, args.tag, round=args.round)
-    records = load_manifest(tree.run.manifest, seed=tree.run.seed)
     result = fit_mil(tree.mil, store, records, args.out, seed=tree.run.seed)
     metrics = {**result.metrics, **evaluate_split(result.model_path, store, records, "test")}
     out = Path(args.out)
