@@ -108,6 +108,8 @@ def test_test_split_reproduces_the_run_and_a_missing_slide_is_reported(ray_sessi
     assert skipped["count"] == 1 and skipped["slides"]["gone"].startswith("slide 'gone': file not found")
     page = (out / "report.html").read_text()
     assert page.index("id='skipped'") < page.index("Slide metrics") and "errors.jsonl" in page
+    # A quiet console as for train: Ray Data's executor lines go to <out>/ray.log.
+    assert "Starting execution of Dataset" in (out / "ray.log").read_text()
     assert summary["gone"]["probability"] == "" and summary["gone"]["n_tiles"] == "0"
     assert {s for s, r in summary.items() if r["status"] == "ok"} == {r.slide_id for r in test}  # the others scored
     final = json.loads((run / "metrics.json").read_text())["final"]
