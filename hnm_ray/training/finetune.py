@@ -196,7 +196,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from hnm_ray.mining import positive_ratio
     from hnm_ray.models.encoders import encoder_from_config
     from hnm_ray.training.checkpointing import latest_checkpoint, load_state, report
-    from hnm_ray.training.runner import loop_device, rank_and_world, wrap_model
+    from hnm_ray.training.runner import loop_device, place_and_restore, rank_and_world
     from hnm_ray.training.schedules import scheduler as lr_scheduler
     from hnm_ray.training.tile_batches import decoded_batches, epoch_order, worker_share
 
@@ -210,20 +210,16 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     head = projection_head(encoder.out_dim, fc["proj_dim"])
     if loop.get("head_weights"):
         head.load_state_dict(torch.load(loop["head_weights"], map_location="cpu"))
-    model = contrastive_model(encoder, head)
-    optimizer = torch.optim.SGD(model.parameters(), lr=fc["lr"], momentum=fc["momentum"],
-                                weight_decay=fc["weight_decay"])
     total, start = loop["total_epochs"], loop["first_epoch"]
-    # One schedule over all rounds' epochs; this fit starts at `first_epoch` of it.
-    scheduler = lr_scheduler(optimizer, fc["schedule"], total, loop["first_epoch"])
     checkpoint = latest_checkpoint(loop["driver_checkpoints"], CHECKPOINT_FILE)
-    if checkpoint:
-        state = load_state(checkpoint, CHECKPOINT_FILE)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    state = load_state(checkpoint, CHECKPOINT_FILE) if checkpoint else None
+    ddp, optimizer, scheduler = place_and_restore(
+        contrastive_model(encoder, head), world, device,
+        lambda params: torch.optim.SGD(params, lr=fc["lr"], momentum=fc["momentum"], weight_decay=fc["weight_decay"]),
+        # One schedule over all rounds' epochs; this fit starts at `first_epoch` of it.
+        lambda optimizer: lr_scheduler(optimizer, fc["schedule"], total, loop["first_epoch"]), state)
+    if state is not None:
         start = state["epoch"] + 1
-    ddp = wrap_model(model, world, device)
     plain = getattr(ddp, "module", ddp)
     share = worker_share(loop["rows"], rank, world)
     readers = TileReaders(device="cpu")

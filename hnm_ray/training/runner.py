@@ -61,6 +61,25 @@ def wrap_model(model, world: int, device: str):
     return model.to(device)
 
 
+def place_and_restore(model, world: int, device: str, make_optimizer: Callable, make_scheduler: Callable,
+                      state: dict[str, Any] | None) -> tuple[Any, Any, Any]:
+    """(the model as trained, optimizer, scheduler) of a loop, restored from a checkpoint's `state` when given.
+
+    The model goes to its device (and into DDP) BEFORE the optimizer is built and its state loaded: torch casts
+    optimizer state to its parameters' device and dtype when the state is loaded, so state loaded before the move
+    stays on the CPU and the first step after a restart or `--resume` on a GPU fails with a device mismatch.
+    `make_optimizer(parameters)` and `make_scheduler(optimizer)` build them fresh."""
+    if state is not None:
+        model.load_state_dict(state["model"])
+    wrapped = wrap_model(model, world, device)
+    optimizer = make_optimizer(model.parameters())
+    scheduler = make_scheduler(optimizer)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    return wrapped, optimizer, scheduler
+
+
 def run_loop(train_loop: Callable[[dict[str, Any]], None], loop: dict[str, Any], *, workers: int, use_gpu: bool,
              cpus_per_worker: float, max_failures: int, run_dir: Path, name: str, checkpoint_file: str,
              what: str) -> LoopRun:

@@ -1,0 +1,105 @@
+"""GPU code paths checked on the CPU (issue 27): what a GPU worker or actor does, with stand-ins where a GPU is needed.
+
+A move to float64 stands in for `.to("cuda")`: torch casts optimizer state to its parameters' dtype AND device at
+the same point (`Optimizer.load_state_dict`), so state left behind by the float64 move would be left on the CPU
+by the move to a GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from _support import small_config
+
+from hnm_ray.config import MILConfig, TilingConfig
+from hnm_ray.store.manifest import load_manifest
+from hnm_ray.training import runner
+
+
+def _floats(value, dtype):
+    """`value` (a tensor or a tuple of them) with its floating tensors cast to `dtype`."""
+    if isinstance(value, tuple):
+        return tuple(_floats(v, dtype) for v in value)
+    return value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+
+
+def wrap_as_float64(model, world: int, device: str):
+    """`runner.wrap_model` with float64 as the other device: parameters move, inputs and outputs are cast."""
+    model.to(torch.float64)
+    model.register_forward_pre_hook(lambda module, args: _floats(args, torch.float64))
+    model.register_forward_hook(lambda module, args, out: _floats(out, torch.float32))
+    return model
+
+
+def optimizer_state_dtypes(state: dict) -> set[torch.dtype]:
+    """Dtypes of the floating tensors in a saved optimizer state (momentum buffers, Adam moments)."""
+    return {v.dtype for per_param in state["optimizer"]["state"].values() for v in per_param.values()
+            if torch.is_tensor(v) and v.is_floating_point() and v.dim() > 0}
+
+
+def newest_state(driver_checkpoints: Path, file_name: str) -> dict:
+    newest = sorted(driver_checkpoints.glob(f"epoch_*/{file_name}"))[-1]
+    return torch.load(newest, map_location="cpu", weights_only=True)
+
+
+def test_place_and_restore_loads_optimizer_state_onto_the_parameters_device():
+    def make(state=None):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
+        return runner.place_and_restore(model, 1, torch.float64, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+                                        lambda o: torch.optim.lr_scheduler.StepLR(o, 1), state)
+
+    model, optimizer, scheduler = make()
+    model(torch.ones(2, 4, dtype=torch.float64)).sum().backward()
+    optimizer.step()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    model, optimizer, _ = make(state)
+    assert {b.dtype for b in (s["momentum_buffer"] for s in optimizer.state.values())} == {torch.float64}
+    model(torch.ones(2, 4, dtype=torch.float64)).sum().backward()
+    optimizer.step()  # a step after the restore works on the moved state
+
+
+@pytest.mark.timeout(120)
+def test_mil_resume_keeps_optimizer_state_on_the_parameters_device(mil_store, mil_cohort, tmp_path, monkeypatch):
+    from hnm_ray.training.mil import CHECKPOINT_FILE, fit_mil
+
+    records = load_manifest(mil_cohort)
+    config = MILConfig(workers=0, epochs=1, checkpoint_every=1)
+    fit_mil(config, mil_store, records, tmp_path, name="m", seed=0)
+    monkeypatch.setattr(runner, "wrap_model", wrap_as_float64)
+    fit_mil(replace(config, epochs=2), mil_store, records, tmp_path, name="m", seed=0)  # resumes at epoch 1
+    state = newest_state(tmp_path / "ray_train" / "m" / "driver_checkpoints", CHECKPOINT_FILE)
+    assert state["epoch"] == 1 and {v.dtype for v in state["model"].values() if v.is_floating_point()} == {torch.float64}
+    assert optimizer_state_dtypes(state) == {torch.float64}
+
+
+@pytest.fixture(scope="module")
+def finetune_rows(demo_cohort) -> pa.Table:
+    """16 tiles of one demo slide as fine-tuning rows."""
+    from hnm_ray.index import tile_index
+    from hnm_ray.training.finetune import TILE_ROW_SCHEMA
+
+    grid = tile_index(load_manifest(demo_cohort, require_labels=False)[0], TilingConfig(tile_size=64)).slice(0, 16)
+    n = grid.num_rows
+    return pa.table({"slide_id": grid["slide_id"], "path": grid["path"], "tile_id": grid["tile_id"],
+                     "x": grid["x"], "y": grid["y"], "level": grid["level"], "size": grid["size"],
+                     "label": pa.array(np.arange(n) % 2, pa.int8()), "pos_rank": pa.array(np.zeros(n, np.float32)),
+                     "kind": pa.array(np.arange(n) % 2, pa.int8())}, schema=TILE_ROW_SCHEMA)
+
+
+@pytest.mark.timeout(120)
+def test_finetune_resume_keeps_optimizer_state_on_the_parameters_device(finetune_rows, tmp_path, monkeypatch):
+    from hnm_ray.training.finetune import CHECKPOINT_FILE, fit_finetune
+
+    config = small_config({"tiling": {"tile_size": 64}, "finetune": {"workers": 0, "batch_size": 8,
+                                                                     "cpus_per_worker": 1}})
+    fit_finetune(config, finetune_rows, None, tmp_path, "ft", first_epoch=0, last_epoch=1, total_epochs=2)
+    monkeypatch.setattr(runner, "wrap_model", wrap_as_float64)
+    fit_finetune(config, finetune_rows, None, tmp_path, "ft", first_epoch=0, last_epoch=2, total_epochs=2)
+    state = newest_state(tmp_path / "ray_train" / "ft" / "driver_checkpoints", CHECKPOINT_FILE)
+    assert state["epoch"] == 1 and {v.dtype for v in state["model"].values() if v.is_floating_point()} == {torch.float64}
+    assert optimizer_state_dtypes(state) == {torch.float64}
