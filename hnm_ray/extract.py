@@ -69,7 +69,7 @@ class TileEncoder:
         from hnm_ray.models.encoders import encoder_from_config
 
         torch.set_num_threads(max(1, torch_threads))
-        self.device = torch_device(use_gpu)
+        self.device = torch_device(use_gpu, "extract.gpus_per_encoder")
         torch.manual_seed(seed)
         self.model = encoder_from_config(encoder).to(self.device).eval()
         self.tile_size = tile_size

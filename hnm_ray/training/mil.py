@@ -174,7 +174,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
     mc = loop["mil"]
     rank, world = rank_and_world(loop)
-    device = loop_device(loop, mc["use_gpu"])
+    device = loop_device(loop, mc["use_gpu"], "mil.use_gpu")
     torch.manual_seed(loop["seed"])
     store = FeatureStore(loop["store_root"], loop["tag"], round=loop["round"])
     pos_ids = [s for s, y in loop["train"] if y == 1]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hnm_ray.cluster import torch_device
 from hnm_ray.errors import HnmError
 from hnm_ray.run_folder import ray_train_storage
 from hnm_ray.training.checkpointing import newest_driver_checkpoint
@@ -41,12 +42,11 @@ def rank_and_world(loop: dict[str, Any]) -> tuple[int, int]:
     return context.get_world_rank(), context.get_world_size()
 
 
-def loop_device(loop: dict[str, Any], use_gpu: bool) -> str:
-    """The torch device of this worker: Ray Train's GPU for a GPU worker, the first GPU in process, else the CPU."""
-    if not use_gpu:
-        return "cpu"
-    if in_process(loop):
-        return "cuda"
+def loop_device(loop: dict[str, Any], use_gpu: bool, key: str) -> str:
+    """The torch device of this worker: Ray Train's GPU for a GPU worker, the first GPU in process (refused where
+    torch sees none: config key `key`), else the CPU."""
+    if not use_gpu or in_process(loop):
+        return torch_device(use_gpu, key)
     import ray.train.torch
 
     return str(ray.train.torch.get_device())
