@@ -203,10 +203,12 @@ class FinetuneConfig:
     pos_per_neg: float = knob(1.0, "our loop: positives streamed per hard negative in an epoch (an epoch iterates over "
                                    "the hard negatives, so its cost scales with neg_ratio)", low=0.0, low_open=True)
     workers: int | None = knob(None, "Ray Train workers; 0: in the driver process, without Ray Train (no ~10 s "
-                                      "worker-group start per round, no restart after a lost node); default: 0 on a "
-                                      "one-node cluster without finetune.use_gpu (a laptop), else 1", low=0)
-    cpus_per_worker: float | None = knob(None, "CPUs per worker (also its torch threads); default: the cluster's CPUs "
-                                               "split over the workers, at most one node's (all cores on a laptop)",
+                                      "worker-group start per round, no restart after a lost node); default: with "
+                                      "use_gpu one per GPU of the cluster (split over a sweep's concurrent trials), "
+                                      "else 0 on a one-node cluster (a laptop), else 1", low=0)
+    cpus_per_worker: float | None = knob(None, "CPUs per worker (also its torch threads); default: with use_gpu the "
+                                               "CPUs per GPU of the smallest GPU node, else the cluster's CPUs split "
+                                               "over the workers, at most one node's (all cores on a laptop)",
                                          low=0.0, low_open=True)
     use_gpu: bool = knob(False, "fine-tune on GPUs")
     decode_threads: int = knob(1, "cuCIM decode threads in each worker (the next batch is decoded while one trains)", low=1)
