@@ -63,7 +63,7 @@ def test_place_and_restore_loads_optimizer_state_onto_the_parameters_device():
     optimizer.step()  # a step after the restore works on the moved state
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_mil_resume_keeps_optimizer_state_on_the_parameters_device(mil_store, mil_cohort, tmp_path, monkeypatch):
     from hnm_ray.training.mil import CHECKPOINT_FILE, fit_mil
 
@@ -91,7 +91,7 @@ def finetune_rows(demo_cohort) -> pa.Table:
                      "kind": pa.array(np.arange(n) % 2, pa.int8())}, schema=TILE_ROW_SCHEMA)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_finetune_resume_keeps_optimizer_state_on_the_parameters_device(finetune_rows, tmp_path, monkeypatch):
     from hnm_ray.training.finetune import CHECKPOINT_FILE, fit_finetune
 
@@ -103,3 +103,84 @@ def test_finetune_resume_keeps_optimizer_state_on_the_parameters_device(finetune
     state = newest_state(tmp_path / "ray_train" / "ft" / "driver_checkpoints", CHECKPOINT_FILE)
     assert state["epoch"] == 1 and {v.dtype for v in state["model"].values() if v.is_floating_point()} == {torch.float64}
     assert optimizer_state_dtypes(state) == {torch.float64}
+
+
+# -- a GPU actor: OpenSlide-only formats fall back to CPU decode; no GPU for torch is refused ---------------------
+
+def test_gpu_readers_decode_openslide_only_formats_on_the_cpu(demo_cohort, tmp_path):
+    """An NDPI/MRXS slide in a GPU encoder actor (TileReaders(device="cuda")) is read by OpenSlide on the CPU, with
+    the pixels a CPU actor reads, instead of failing as "'cuda' needs the cucim backend"."""
+    import shutil
+
+    from hnm_ray.decode import TileReaders, decode_batch
+    from hnm_ray.index import tile_index
+
+    record = load_manifest(demo_cohort, require_labels=False)[0]
+    ndpi = tmp_path / f"{record.slide_id}.ndpi"  # a tiled TIFF: OpenSlide opens it (generic-tiff) by content
+    shutil.copy(record.path, ndpi)
+    grid = tile_index(record, TilingConfig(tile_size=64)).slice(0, 8).to_pydict()
+    batch = {k: np.asarray(v) for k, v in grid.items()}
+    batch["path"] = np.asarray([str(ndpi)] * len(batch["tile_id"]), dtype=object)
+    tiles, errors = decode_batch(TileReaders(device="cuda"), batch, 64, 1)
+    assert not any(errors), errors[0]
+    on_cpu, _ = decode_batch(TileReaders(device="cpu"), batch, 64, 1)
+    np.testing.assert_array_equal(tiles, on_cpu)
+    assert tiles.std() > 0
+
+
+def test_gpu_encoder_actor_without_a_gpu_for_torch_refuses():
+    """An encoder actor given a GPU by Ray where torch sees none (a CPU torch wheel, a driver mismatch) refuses,
+    instead of holding its GPU and encoding on one CPU thread."""
+    from hnm_ray.config import EncoderConfig
+    from hnm_ray.errors import ConfigError
+    from hnm_ray.extract import TileEncoder
+
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a GPU here")
+    with pytest.raises(ConfigError, match="extract.gpus_per_encoder.*sees none"):
+        TileEncoder(EncoderConfig(), 0, use_gpu=True, torch_threads=1, tile_size=32, decode_workers=1)
+    assert TileEncoder(EncoderConfig(), 0, use_gpu=False, torch_threads=1, tile_size=32, decode_workers=1).device == "cpu"
+
+
+@pytest.mark.timeout(300)
+def test_mil_on_gpu_in_the_driver_without_a_gpu_refuses(mil_store, mil_cohort, tmp_path):
+    """`--mil.use_gpu` with `mil.workers 0` on a GPU-less head: a clear error naming the knob, not a CUDA trace."""
+    from hnm_ray.errors import ConfigError
+    from hnm_ray.training.mil import fit_mil
+
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a GPU here")
+    with pytest.raises(ConfigError, match="mil.use_gpu"):
+        fit_mil(MILConfig(workers=0, epochs=1, use_gpu=True), mil_store, load_manifest(mil_cohort), tmp_path, seed=0)
+
+
+# -- fine-tuning workers on GPU nodes ------------------------------------------------------------------------------
+
+MIXED_CLUSTER = [{"CPU": 4.0}, {"CPU": 64.0}, {"CPU": 12.0, "GPU": 1.0}, {"CPU": 24.0, "GPU": 2.0}]
+
+
+def test_gpu_fine_tuning_workers_are_sized_from_the_gpu_nodes(finetune_rows, tmp_path, monkeypatch):
+    """A head, a 64-CPU CPU node and two GPU nodes: one worker per GPU, each asking for a GPU node's CPUs per GPU
+    (12), not the largest node's 64 (a worker no node can hold never schedules)."""
+    from hnm_ray import cluster
+    from hnm_ray.training.finetune import fit_finetune, worker_cpus
+
+    monkeypatch.setattr(cluster, "live_nodes", lambda: MIXED_CLUSTER)
+    monkeypatch.setattr(cluster, "cluster_gpus", lambda: 3.0)
+    asked = {}
+
+    class Asked(Exception):
+        """What fit_finetune would ask Ray Train for is all this test needs."""
+
+    def capture(train_loop, loop, **kwargs):
+        asked.update(kwargs)
+        raise Asked
+
+    monkeypatch.setattr(runner, "run_loop", capture)
+    config = small_config({"finetune": {"use_gpu": True}})
+    with pytest.raises(Asked):
+        fit_finetune(config, finetune_rows, None, tmp_path, "ft", first_epoch=0, last_epoch=1, total_epochs=1)
+    assert (asked["workers"], asked["cpus_per_worker"], asked["use_gpu"]) == (3, 12.0, True)
+    assert worker_cpus(None, 1) == 64.0  # CPU workers: as before, at most the largest node
+    monkeypatch.setattr(cluster, "live_nodes", lambda: MIXED_CLUSTER[:2])  # GPU group not started yet
+    assert worker_cpus(None, 1, use_gpu=True) == 1.0
