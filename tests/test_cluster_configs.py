@@ -383,6 +383,8 @@ def test_tune_entrypoint_flags_exist():
         config = cfg.load_config(TuneConfig, parser.parse_args(command))
         assert config.run.manifest.startswith("/data/") and config.sweep.storage_path.startswith("/data/")
         assert config.finetune.use_gpu is True and config.finetune.workers >= 1
+    # Its GPU group starts at 0 pods: GPUs are not there at the job's start to be detected, so it asks for them.
+    assert cfg.load_config(TuneConfig, parser.parse_args(args)).extract.gpus_per_encoder == 1
 
 
 # --------------------------------------------------------------------------- Dockerfile and README

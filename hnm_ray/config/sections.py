@@ -98,8 +98,10 @@ class ExtractConfig:
     num_encoders: int | None = knob(None, "encoder actors in the pool (default: as many as the cluster holds: one "
                                           "per gpus_per_encoder of its GPUs, else as its nodes' CPUs and memory hold)",
                                     low=1)
-    gpus_per_encoder: float | None = knob(None, "GPUs per encoder actor (default: 1 when the cluster has GPUs, else 0)",
-                                          low=0.0)
+    gpus_per_encoder: float | None = knob(None, "GPUs per encoder actor, at most 1 (0.5: two actors share a GPU); "
+                                                "default: 1 when the cluster has GPUs at the job's start, else 0 (set "
+                                                "it where GPU nodes join later: an autoscaling cluster)",
+                                          low=0.0, high=1.0)
     cpus_per_encoder: float = knob(1.0, "CPUs per encoder actor, and its torch threads (on CPU-only clusters more "
                                         "when its node has CPUs to spare: the node's CPUs / its encoder actors)",
                                    low=0.0, low_open=True)
