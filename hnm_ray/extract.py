@@ -73,6 +73,7 @@ class TileEncoder:
         self.device = torch_device(use_gpu, "extract.gpus_per_encoder")
         torch.manual_seed(seed)
         self.model = encoder_from_config(encoder).to(self.device).eval()
+        self.precision = encoder.precision
         self.tile_size = tile_size
         self.decode_workers = decode_workers
         self.readers = TileReaders(device=self.device)
@@ -92,11 +93,11 @@ class TileEncoder:
         """Embeddings (B, dim) float32 of decoded uint8 tiles (B, S, S, 3), numpy or on the device (cupy)."""
         import torch
 
-        from hnm_ray.models.encoders import to_model_input
+        from hnm_ray.models.encoders import autocast, to_model_input
 
         # DLPack hands device (cupy) tiles to torch without a host round trip; numpy tiles are wrapped.
         pixels = torch.from_numpy(_writable(tiles)) if isinstance(tiles, np.ndarray) else torch.from_dlpack(tiles)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.device, self.precision):
             return self.model(to_model_input(pixels.to(self.device), self.model.input_space)).float().cpu().numpy()
 
 

@@ -184,3 +184,46 @@ def test_gpu_fine_tuning_workers_are_sized_from_the_gpu_nodes(finetune_rows, tmp
     assert worker_cpus(None, 1) == 64.0  # CPU workers: as before, at most the largest node
     monkeypatch.setattr(cluster, "live_nodes", lambda: MIXED_CLUSTER[:2])  # GPU group not started yet
     assert worker_cpus(None, 1, use_gpu=True) == 1.0
+
+
+# -- AMP (encoder.precision bfloat16): the same code path as on a GPU, with autocast on the CPU --------------------
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_bfloat16_encoding_runs_the_encoder_in_bfloat16_and_stores_float32_close_to_float32():
+    from hnm_ray.config import EncoderConfig
+    from hnm_ray.extract import TileEncoder
+    from hnm_ray.models.encoders import config_tag
+
+    tiles = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    embeddings, seen = {}, []
+    for precision in ("float32", "bfloat16"):
+        actor = TileEncoder(EncoderConfig(precision=precision), 0, use_gpu=False, torch_threads=1, tile_size=32,
+                            decode_workers=1)
+        first_conv = next(m for m in actor.model.modules() if isinstance(m, torch.nn.Conv2d))
+        first_conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        embeddings[precision] = actor.embed(tiles)
+    assert seen == [torch.float32, torch.bfloat16]
+    assert embeddings["bfloat16"].dtype == np.float32
+    assert not np.array_equal(embeddings["float32"], embeddings["bfloat16"])
+    assert _cosines(embeddings["float32"], embeddings["bfloat16"]).min() > 0.99
+    assert config_tag(EncoderConfig(precision="bfloat16")) != config_tag(EncoderConfig())  # stores never mix
+
+
+def test_bfloat16_fine_tuning_forward_returns_float32_and_trains_float32_weights():
+    from hnm_ray.losses import supcon_loss
+    from hnm_ray.models.encoders import small_cnn
+    from hnm_ray.training.finetune import contrastive_model, projection_head
+
+    torch.manual_seed(0)
+    encoder = small_cnn()
+    model = contrastive_model(encoder, projection_head(encoder.out_dim, 8), "bfloat16")
+    inner = []
+    encoder.register_forward_hook(lambda module, args, out: inner.append(out.dtype))
+    x = torch.randn(4, 3, 32, 32)
+    z1, z2 = model(x), model(x.flip(3))
+    assert inner == [torch.bfloat16] * 2 and z1.dtype == torch.float32
+    supcon_loss(z1, z2, None, 0.1).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())

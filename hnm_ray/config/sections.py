@@ -76,6 +76,9 @@ class EncoderConfig:
     input_space: str = knob("rgb_imagenet", "encoder input: rgb_imagenet (RGB, ImageNet mean/std) or bgr01 "
                                             "(official: BGR in [0, 1], no normalisation)",
                             choices=["rgb_imagenet", "bgr01"])
+    precision: str = knob("float32", "encoder forward in extraction and fine-tuning: float32, or bfloat16 (torch "
+                                     "autocast, AMP: faster on GPUs with bf16 tensor cores; outputs and losses stay "
+                                     "float32; part of the feature store's tag)", choices=["float32", "bfloat16"])
 
 
 @dataclass

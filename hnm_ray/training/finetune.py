@@ -96,9 +96,12 @@ def projection_head(in_dim: int, out_dim: int):
     return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
 
 
-def contrastive_model(encoder, head):
-    """Encoder + projection head as one module (one forward, so DDP can wrap it)."""
+def contrastive_model(encoder, head, precision: str = "float32"):
+    """Encoder + projection head as one module (one forward, so DDP can wrap it); the forward runs in `precision`
+    (`encoder.precision`: bfloat16 = autocast) and returns float32 projections, so the loss is computed in float32."""
     import torch.nn as nn
+
+    from hnm_ray.models.encoders import autocast
 
     class EncoderWithHead(nn.Module):
         def __init__(self) -> None:
@@ -106,7 +109,8 @@ def contrastive_model(encoder, head):
             self.encoder, self.head = encoder, head
 
         def forward(self, x):
-            return self.head(self.encoder(x))
+            with autocast(x.device, precision):
+                return self.head(self.encoder(x)).float()
 
     return EncoderWithHead()
 
@@ -214,7 +218,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     checkpoint = latest_checkpoint(loop["driver_checkpoints"], CHECKPOINT_FILE)
     state = load_state(checkpoint, CHECKPOINT_FILE) if checkpoint else None
     ddp, optimizer, scheduler = place_and_restore(
-        contrastive_model(encoder, head), world, device,
+        contrastive_model(encoder, head, loop["encoder"]["precision"]), world, device,
         lambda params: torch.optim.SGD(params, lr=fc["lr"], momentum=fc["momentum"], weight_decay=fc["weight_decay"]),
         # One schedule over all rounds' epochs; this fit starts at `first_epoch` of it.
         lambda optimizer: lr_scheduler(optimizer, fc["schedule"], total, loop["first_epoch"]), state)
