@@ -4,7 +4,8 @@
     python benchmarks/gpu_check.py probe --work DIR    # exit 0 when torch and cupy see a GPU, else 3
 
 Steps: `versions` (torch / CUDA / cupy / cuCIM / driver, a DLPack round trip cupy -> torch -> cupy), `decode` (cuCIM
-GPU vs CPU decode of a demo slide: pixel difference, no stale buffers, tiles/s at 1 and 4 workers, batch 64 and 256),
+GPU vs CPU decode of a demo slide: pixel difference, no stale buffers, tiles/s at 1 and 4 workers, batch 64 and 256;
+a batch mixing it with an NDPI copy read by OpenSlide),
 `extract` (end-to-end extraction with resnet18_in on the GPU vs the CPU: tiles/s, sampled GPU utilisation, embedding
 cosine; bf16 autocast too), `train` (MIL and fine-tuning with use_gpu for 2 epochs, then a forced resume: the
 optimizer state must follow the parameters onto the GPU), `share` (two encoder actors on one GPU at 0.5 each).
@@ -78,10 +79,12 @@ class GpuSampler:
             self._proc.terminate()
             self._proc.wait(5)
 
-    def summary(self) -> dict[str, float]:
-        s = np.asarray(self.samples or [float("nan")])
-        return {"gpu_util_mean": round(float(np.nanmean(s)), 1), "gpu_util_p90": round(float(np.nanpercentile(s, 90)), 1),
-                "gpu_util_samples": len(self.samples)}
+    def summary(self) -> dict[str, float | None]:
+        """Mean and 90th percentile of the samples (None without nvidia-smi)."""
+        s = np.asarray(self.samples)
+        return {"gpu_util_mean": round(float(s.mean()), 1) if len(s) else None,
+                "gpu_util_p90": round(float(np.percentile(s, 90)), 1) if len(s) else None,
+                "gpu_util_samples": len(s)}
 
 
 @step
@@ -137,7 +140,28 @@ def decode(work: Path) -> dict[str, Any]:
                     if name == "gpu":
                         cupy.cuda.Device().synchronize()
                     rates[f"{name}_w{workers}_b{batch_size}_tiles_s"] = round(len(out) / (time.perf_counter() - started), 1)
-    return {"max_pixel_diff_per_batch": diffs, "stale_buffers": stale, **rates}
+    return {"max_pixel_diff_per_batch": diffs, "stale_buffers": stale, **rates, "mixed_batch": _mixed_batch(record, work)}
+
+
+def _mixed_batch(record: Any, work: Path) -> dict[str, Any]:
+    """A GPU actor's batch of a cuCIM slide and an NDPI copy of it (OpenSlide, CPU decode): no errors, one device
+    array, and the pixels a CPU actor reads."""
+    import cupy
+
+    from hnm_ray.config import TilingConfig
+    from hnm_ray.decode import TileReaders, decode_batch
+    from hnm_ray.index import tile_index
+
+    ndpi = work / f"{record.slide_id}.ndpi"
+    shutil.copy(record.path, ndpi)
+    grid = tile_index(record, TilingConfig()).slice(0, 16).to_pydict()
+    half = {k: np.asarray(v) for k, v in grid.items()}
+    batch = {k: np.concatenate([v, v]) for k, v in half.items()}
+    batch["path"] = np.asarray([record.path] * 16 + [str(ndpi)] * 16, dtype=object)
+    tiles, errors = decode_batch(TileReaders(device="cuda"), batch, 224, 1)
+    want, _ = decode_batch(TileReaders(device="cpu"), batch, 224, 1)
+    return {"errors": sorted({e for e in errors if e}), "on_gpu": isinstance(tiles, cupy.ndarray),
+            "max_pixel_diff": int(np.abs(cupy.asnumpy(tiles).astype(np.int16) - want.astype(np.int16)).max())}
 
 
 def _extract(work: Path, name: str, changes: dict[str, Any], limit: int = 4) -> tuple[dict[str, Any], Any]:
