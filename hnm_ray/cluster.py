@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import signal
 import sys
 import threading
+
+from hnm_ray.errors import ConfigError
 
 log = logging.getLogger("hnm_ray")
 
@@ -78,8 +81,17 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
-def torch_device(use_gpu: bool) -> str:
-    """The torch device to use inside a task: explicit, since tasks with num_gpus=0 may still see GPUs."""
+def torch_device(use_gpu: bool, key: str) -> str:
+    """The torch device to use inside a task: explicit, since tasks with num_gpus=0 may still see GPUs. A task asked
+    to use a GPU (config key `key`) where torch sees none refuses: it would hold its GPU and compute on the CPU."""
     import torch
 
-    return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    if not use_gpu:
+        return "cpu"
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+        raise ConfigError(key, f"asks for a GPU, but torch {torch.__version__} ({build}) sees none on node "
+                               f"{platform.node()} (torch.cuda.is_available() is False). Install the GPU stack of "
+                               "constraints/gpu.txt on GPU nodes (a CUDA torch matching the driver), or run on CPUs: "
+                               f"turn {key} off")
+    return "cuda"

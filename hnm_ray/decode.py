@@ -7,6 +7,7 @@ consumer can skip the slide without losing the batch.
 """
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import Any
 
@@ -14,6 +15,8 @@ import numpy as np
 
 from hnm_ray.errors import SlideError
 from hnm_ray.slides.integrity import FIX_CORRUPT_TILE, TileIntegrity, tile_integrity
+
+log = logging.getLogger("hnm_ray")
 
 
 class TileReaders:
@@ -27,12 +30,17 @@ class TileReaders:
 
     def get(self, path: str, slide_id: str) -> Any:
         """The open reader of `path`, opening it (and closing the least recently used) when needed."""
-        from hnm_ray.slides.reader import open_slide
+        from hnm_ray.slides.reader import choose_backend, open_slide
 
         if path in self._open:
             self._open.move_to_end(path)
             return self._open[path]
-        reader = open_slide(path, slide_id=slide_id, device=self.device)
+        device = self.device
+        if device == "cuda" and (backend := choose_backend(path)) != "cucim":
+            # NDPI, MRXS, ...: OpenSlide decodes on the CPU; the tiles go to the GPU with the batch (`decode_batch`)
+            log.info("slide %r: read by %s on the CPU (cuCIM's GPU decode does not read its format)", slide_id, backend)
+            device = "cpu"
+        reader = open_slide(path, slide_id=slide_id, device=device)
         self._open[path] = reader
         self._checks[path] = tile_integrity(reader)
         if len(self._open) > self.capacity:
@@ -76,6 +84,8 @@ def decode_batch(readers: TileReaders, batch: dict[str, np.ndarray], tile_size: 
             continue
         if tiles is None:
             tiles = _zeros_like(part, n, tile_size)
+        elif isinstance(tiles, np.ndarray) != isinstance(part, np.ndarray):  # CPU-decoded slide beside GPU ones
+            tiles, part = _on_gpu(tiles), _on_gpu(part)
         tiles[rows] = part
     if tiles is None:
         tiles = np.zeros((n, tile_size, tile_size, 3), np.uint8)
@@ -85,6 +95,11 @@ def decode_batch(readers: TileReaders, batch: dict[str, np.ndarray], tile_size: 
 def _zeros_like(part: Any, n: int, tile_size: int) -> Any:
     xp = np if isinstance(part, np.ndarray) else __import__("cupy")
     return xp.zeros((n, tile_size, tile_size, 3), dtype=xp.uint8)
+
+
+def _on_gpu(array: Any) -> Any:
+    """`array` on the GPU (cupy): numpy arrays are copied there."""
+    return __import__("cupy").asarray(array) if isinstance(array, np.ndarray) else array
 
 
 def _resize(tiles: Any, tile_size: int) -> Any:

@@ -3,7 +3,10 @@ the live nodes' resources (`cluster.live_nodes()`) and the `extract` config sect
 
 Unless `extract.num_encoders` is set the pool fills the cluster: per node as many actors as its GPUs (shares of
 `gpus_per_encoder`), CPUs and, for CPU actors, memory hold. Some node always keeps READ_RESERVE CPUs free: the
-tile-index read tasks feed the actors, and actors holding every CPU starve them (extraction then hangs).
+tile-index read tasks feed the actors, and actors holding every CPU starve them (extraction then hangs). GPU actors
+asked for while no GPU node is up (an autoscaling cluster whose GPU group starts at 0) make a pool that grows: it
+starts with one actor, whose demand starts a GPU node, and Ray Data adds actors while batches wait, so the pool
+follows the GPU nodes as they join (set `num_encoders` to ask for them all at once).
 """
 from __future__ import annotations
 
@@ -33,12 +36,22 @@ class EncoderPool:
     cpus: float  # per actor
     gpus: float  # per actor
     threads: int  # torch threads per actor
+    grows: bool = False  # `actors` to start with; Ray Data adds more as nodes join (GPU nodes not up yet)
 
     def describe(self) -> str:
         """One log line's worth: '2 encoder actors (1 GPU + 1 CPU each, 1 torch thread)'."""
         each = f"{self.gpus:g} GPU + {self.cpus:g} CPU" if self.gpus else f"{self.cpus:g} CPU"
-        return (f"{self.actors} encoder actor{'s' * (self.actors > 1)} ({each} each, {self.threads} torch "
+        count = f"{self.actors}+ (growing as GPU nodes join)" if self.grows else str(self.actors)
+        return (f"{count} encoder actor{'s' * (self.actors > 1 or self.grows)} ({each} each, {self.threads} torch "
                 f"thread{'s' * (self.threads > 1)})")
+
+    def strategy(self, calls: int):
+        """The Ray Data compute strategy of this pool, each actor running `calls` batches at once."""
+        import ray
+
+        size = {"min_size": self.actors, "max_size": None} if self.grows else {"size": self.actors}
+        return ray.data.ActorPoolStrategy(**size, max_concurrent_calls_per_actor=calls,
+                                          enable_true_multi_threading=calls > 1)
 
 
 def plan_encoder_pool(extract: ExtractConfig, use_gpu: bool, nodes: list[dict[str, float]]) -> EncoderPool:
@@ -47,7 +60,8 @@ def plan_encoder_pool(extract: ExtractConfig, use_gpu: bool, nodes: list[dict[st
     gpus = (extract.gpus_per_encoder if extract.gpus_per_encoder is not None else 1.0) if use_gpu else 0.0
     layout = None if extract.num_encoders else actors_per_node(extract, use_gpu, nodes, cpus)
     actors = extract.num_encoders or max(1, sum(layout))
-    return EncoderPool(actors, cpus, gpus, torch_threads(extract, use_gpu, nodes, layout, actors))
+    grows = use_gpu and not extract.num_encoders and not any(n.get("GPU", 0.0) > 0 for n in nodes)
+    return EncoderPool(actors, cpus, gpus, torch_threads(extract, use_gpu, nodes, layout, actors), grows)
 
 
 def actor_cpus(extract: ExtractConfig, use_gpu: bool, node_cpus: list[float]) -> float:
@@ -74,8 +88,8 @@ def actors_per_node(extract: ExtractConfig, use_gpu: bool, nodes: list[dict[str,
         fits = int(node.get("CPU", 0.0) / cpus + EPS)
         if use_gpu:
             share, gpus = extract.gpus_per_encoder or 1.0, node.get("GPU", 0.0)
-            # fractional shares pack per physical GPU: 0.4 -> 2 actors a GPU, not 2.5
-            fits = min(fits, int(gpus + EPS) * int(1 / share + EPS) if share <= 1 else int(gpus / share + EPS))
+            # fractional shares pack per physical GPU: 0.4 -> 2 actors a GPU, not 2.5 (a share is at most 1)
+            fits = min(fits, int(gpus + EPS) * int(1 / share + EPS))
         elif "memory" in node:
             fits = min(fits, int(node["memory"] // CPU_ENCODER_MEMORY))
         layout.append(fits)

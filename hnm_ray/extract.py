@@ -2,7 +2,7 @@
 
 A Ray Data pipeline. One read task per slide reads or computes (and stores) its tile index, streaming tile
 coordinates (never pixels) while earlier slides are decoded and encoded; an encoder actor pool (GPU when there are
-GPUs) reads each batch's tiles with cuCIM's batched `read_region` (on CPUs the next batch while encoding one) and
+GPUs) reads each batch's tiles with cuCIM's batched `read_region` (the next batch while encoding one) and
 embeds them; the driver gathers each slide's embeddings and writes one complete Parquet file per slide (temp name +
 rename).
 Re-running skips finished slides; a slide that fails is recorded in `errors.jsonl` and skipped. The JPEG
@@ -38,6 +38,7 @@ from hnm_ray.store.manifest import SlideRecord, load_manifest
 
 log = logging.getLogger("hnm_ray")
 
+CALLS_IN_FLIGHT = 2  # batches an encoder actor holds at once: one decoding while one encodes
 
 
 @dataclass
@@ -69,14 +70,15 @@ class TileEncoder:
         from hnm_ray.models.encoders import encoder_from_config
 
         torch.set_num_threads(max(1, torch_threads))
-        self.device = torch_device(use_gpu)
+        self.device = torch_device(use_gpu, "extract.gpus_per_encoder")
         torch.manual_seed(seed)
         self.model = encoder_from_config(encoder).to(self.device).eval()
+        self.precision = encoder.precision
         self.tile_size = tile_size
         self.decode_workers = decode_workers
         self.readers = TileReaders(device=self.device)
-        # Two calls may run at once (`_pipeline`, CPU): one decodes the next batch while the other encodes, each
-        # stage one at a time (the readers' LRU and the torch threads are not shared by two calls).
+        # CALLS_IN_FLIGHT calls may run at once (`_pipeline`): one decodes the next batch while the other encodes,
+        # each stage one at a time (the readers' LRU and the torch threads or GPU are not shared by two calls).
         self._decoding, self._encoding = threading.Lock(), threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -91,11 +93,11 @@ class TileEncoder:
         """Embeddings (B, dim) float32 of decoded uint8 tiles (B, S, S, 3), numpy or on the device (cupy)."""
         import torch
 
-        from hnm_ray.models.encoders import to_model_input
+        from hnm_ray.models.encoders import autocast, to_model_input
 
         # DLPack hands device (cupy) tiles to torch without a host round trip; numpy tiles are wrapped.
         pixels = torch.from_numpy(_writable(tiles)) if isinstance(tiles, np.ndarray) else torch.from_dlpack(tiles)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.device, self.precision):
             return self.model(to_model_input(pixels.to(self.device), self.model.input_space)).float().cpu().numpy()
 
 
@@ -232,26 +234,22 @@ def _warn_if_settings_changed(store: FeatureStore, metadata: dict[str, Any], n_d
 def _pipeline(records: list[SlideRecord], index: TileIndex, config: TrainConfig, use_gpu: bool):
     """The Ray Data plan: per-slide index read tasks -> encoder actor pool, each actor decoding its own tiles.
 
-    On GPUs an actor decodes with cuCIM on its device, one batch at a time. On CPUs an actor runs two calls at once
-    so that one decodes the next batch while the other encodes (`TileEncoder`'s stage locks). The pool's size and
+    An actor runs CALLS_IN_FLIGHT calls at once so that one decodes the next batch (cuCIM, on the actor's device)
+    while the other encodes (`TileEncoder`'s stage locks): on a GPU the host side of the decode (file reads, JPEG
+    parsing, the batch's Python) then overlaps the encoder's kernels instead of leaving the GPU idle. The pool's size and
     each actor's resources: `encoder_pool.plan_encoder_pool`. A separate decode actor pool cost a second process
     start (~1-2 s of importing on the critical path) and a hop through the object store for every batch of pixels.
     """
-    import ray
-
     from hnm_ray.index_stream import tile_stream
 
     extract = config.extract
     pool = plan_encoder_pool(extract, use_gpu, live_nodes())
     log.info("extract: %s", pool.describe())
-    calls = 1 if use_gpu else 2
     return tile_stream(records, index).map_batches(
         TileEncoder,
         fn_constructor_args=(config.encoder, config.run.seed, use_gpu, pool.threads,
                              config.tiling.tile_size, extract.decode_workers),
-        batch_size=extract.batch_size, num_cpus=pool.cpus, num_gpus=pool.gpus,
-        compute=ray.data.ActorPoolStrategy(size=pool.actors, max_concurrent_calls_per_actor=calls,
-                                           enable_true_multi_threading=calls > 1),
+        batch_size=extract.batch_size, num_cpus=pool.cpus, num_gpus=pool.gpus, compute=pool.strategy(CALLS_IN_FLIGHT),
     )
 
 

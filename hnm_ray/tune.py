@@ -152,11 +152,13 @@ def run_sweep(config: TuneConfig, resume: bool = False):
         tuner = tune.Tuner.restore(restore_path, trainable=trainable, resume_errored=True, storage_filesystem=filesystem)
     else:
         config = prepare_shared_store(config, root, work)
-        # Each running trial's driver holds cpus_per_trial: its fine-tuning workers share what is left.
-        config.finetune.cpus_per_worker = worker_cpus(
-            config.finetune.cpus_per_worker,
-            max(1, finetune_workers(config.finetune.workers, config.finetune.use_gpu)) * sweep.max_concurrent_trials,
-            reserved=sweep.cpus_per_trial * sweep.max_concurrent_trials)
+        # Each running trial's driver holds cpus_per_trial: its fine-tuning workers share what is left (on GPUs: the
+        # cluster's GPUs, one worker each).
+        ft = config.finetune
+        ft.workers = finetune_workers(ft.workers, ft.use_gpu, sweep.max_concurrent_trials)
+        ft.cpus_per_worker = worker_cpus(ft.cpus_per_worker, max(1, ft.workers) * sweep.max_concurrent_trials,
+                                         reserved=sweep.cpus_per_trial * sweep.max_concurrent_trials,
+                                         use_gpu=ft.use_gpu)
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=config.run.rounds + 1,
                                   grace_period=sweep.grace_rounds, reduction_factor=2)
         tuner = tune.Tuner(

@@ -383,6 +383,8 @@ def test_tune_entrypoint_flags_exist():
         config = cfg.load_config(TuneConfig, parser.parse_args(command))
         assert config.run.manifest.startswith("/data/") and config.sweep.storage_path.startswith("/data/")
         assert config.finetune.use_gpu is True and config.finetune.workers >= 1
+    # Its GPU group starts at 0 pods: GPUs are not there at the job's start to be detected, so it asks for them.
+    assert cfg.load_config(TuneConfig, parser.parse_args(args)).extract.gpus_per_encoder == 1
 
 
 # --------------------------------------------------------------------------- Dockerfile and README
@@ -398,11 +400,12 @@ def _readme_commands(module: str) -> list[list[str]]:
     return out
 
 
-def test_dockerfile_cuda12_python311_editable_gpu_install():
+def test_dockerfile_cuda13_python311_editable_gpu_install():
     text = (CLUSTER / "Dockerfile").read_text()
     instructions = [l for l in text.splitlines() if l.strip() and not l.lstrip().startswith("#")]
     body = "\n".join(instructions)
-    assert re.search(r"CUDA_IMAGE=nvidia/cuda:12\.\d+(\.\d+)?-\w*runtime-ubuntu", body), "CUDA 12 runtime base"
+    # CUDA 13: the major of the tested torch's PyPI build (constraints/gpu.txt, tests/test_gpu_install.py)
+    assert re.search(r"CUDA_IMAGE=nvidia/cuda:13\.\d+(\.\d+)?-\w*runtime-ubuntu", body), "CUDA 13 runtime base"
     assert re.search(r"^FROM \$\{CUDA_IMAGE\}", body, re.M)
     assert "PYTHON_VERSION=3.11" in body
     assert re.search(r"pip install .*-e \"?\.(\[[\w,]+\])?\"?", body), "editable install of the repo"

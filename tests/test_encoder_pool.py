@@ -64,6 +64,30 @@ def test_fractional_gpu_shares_pack_per_physical_gpu():
     assert plan_encoder_pool(_extract(gpus_per_encoder=0.1), True, [{"CPU": 64.0, "GPU": 1.0}]).actors == 10
 
 
+def test_gpu_pool_grows_when_no_gpu_node_is_up_yet():
+    """An autoscaling cluster whose GPU group starts at 0 pods (cluster/kuberay/rayjob-tune.yaml): GPU actors asked for
+    (`gpus_per_encoder 1`) without `num_encoders` start at 1 and grow as GPU nodes join (was: a fixed pool of 1)."""
+    pool = plan_encoder_pool(_extract(gpus_per_encoder=1.0), True, [{"CPU": 0.0}])
+    strategy = pool.strategy(2)
+    assert pool.grows and (strategy.min_size, strategy.max_size) == (1, float("inf"))
+    assert strategy.max_concurrent_calls_per_actor == 2 and "growing" in pool.describe()
+    up = plan_encoder_pool(_extract(gpus_per_encoder=1.0), True, [{"CPU": 0.0}, {"CPU": 12.0, "GPU": 1.0}] * 2)
+    assert not up.grows and (up.strategy(2).min_size, up.strategy(2).max_size) == (2, 2)  # GPUs up: fixed pool
+    asked = plan_encoder_pool(_extract(gpus_per_encoder=1.0, num_encoders=4), True, [{"CPU": 0.0}])
+    assert not asked.grows and asked.actors == 4  # the user's count: asked for at once
+    assert not plan_encoder_pool(_extract(), False, [{"CPU": 0.0}]).grows
+
+
+def test_more_than_one_gpu_per_encoder_is_refused():
+    """An encoder actor encodes on one GPU: `gpus_per_encoder 2` would hold a second GPU it never uses."""
+    from hnm_ray import config as cfg
+    from hnm_ray.config import TrainConfig
+    from hnm_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="extract.gpus_per_encoder"):
+        cfg.from_tree(TrainConfig, {"extract": {"gpus_per_encoder": 2}})
+
+
 def test_pool_is_the_users_when_given():
     assert plan_encoder_pool(_extract(num_encoders=3), False, [{"CPU": 64.0}]).actors == 3
     half = plan_encoder_pool(_extract(gpus_per_encoder=0.5), True, [{"CPU": 16.0, "GPU": 2.0}])

@@ -76,6 +76,9 @@ class EncoderConfig:
     input_space: str = knob("rgb_imagenet", "encoder input: rgb_imagenet (RGB, ImageNet mean/std) or bgr01 "
                                             "(official: BGR in [0, 1], no normalisation)",
                             choices=["rgb_imagenet", "bgr01"])
+    precision: str = knob("float32", "encoder forward in extraction and fine-tuning: float32, or bfloat16 (torch "
+                                     "autocast, AMP: faster on GPUs with bf16 tensor cores; outputs and losses stay "
+                                     "float32; part of the feature store's tag)", choices=["float32", "bfloat16"])
 
 
 @dataclass
@@ -98,8 +101,10 @@ class ExtractConfig:
     num_encoders: int | None = knob(None, "encoder actors in the pool (default: as many as the cluster holds: one "
                                           "per gpus_per_encoder of its GPUs, else as its nodes' CPUs and memory hold)",
                                     low=1)
-    gpus_per_encoder: float | None = knob(None, "GPUs per encoder actor (default: 1 when the cluster has GPUs, else 0)",
-                                          low=0.0)
+    gpus_per_encoder: float | None = knob(None, "GPUs per encoder actor, at most 1 (0.5: two actors share a GPU); "
+                                                "default: 1 when the cluster has GPUs at the job's start, else 0 (set "
+                                                "it where GPU nodes join later: an autoscaling cluster)",
+                                          low=0.0, high=1.0)
     cpus_per_encoder: float = knob(1.0, "CPUs per encoder actor, and its torch threads (on CPU-only clusters more "
                                         "when its node has CPUs to spare: the node's CPUs / its encoder actors)",
                                    low=0.0, low_open=True)
@@ -203,10 +208,12 @@ class FinetuneConfig:
     pos_per_neg: float = knob(1.0, "our loop: positives streamed per hard negative in an epoch (an epoch iterates over "
                                    "the hard negatives, so its cost scales with neg_ratio)", low=0.0, low_open=True)
     workers: int | None = knob(None, "Ray Train workers; 0: in the driver process, without Ray Train (no ~10 s "
-                                      "worker-group start per round, no restart after a lost node); default: 0 on a "
-                                      "one-node cluster without finetune.use_gpu (a laptop), else 1", low=0)
-    cpus_per_worker: float | None = knob(None, "CPUs per worker (also its torch threads); default: the cluster's CPUs "
-                                               "split over the workers, at most one node's (all cores on a laptop)",
+                                      "worker-group start per round, no restart after a lost node); default: with "
+                                      "use_gpu one per GPU of the cluster (split over a sweep's concurrent trials), "
+                                      "else 0 on a one-node cluster (a laptop), else 1", low=0)
+    cpus_per_worker: float | None = knob(None, "CPUs per worker (also its torch threads); default: with use_gpu the "
+                                               "CPUs per GPU of the smallest GPU node, else the cluster's CPUs split "
+                                               "over the workers, at most one node's (all cores on a laptop)",
                                          low=0.0, low_open=True)
     use_gpu: bool = knob(False, "fine-tune on GPUs")
     decode_threads: int = knob(1, "cuCIM decode threads in each worker (the next batch is decoded while one trains)", low=1)

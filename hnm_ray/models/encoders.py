@@ -381,10 +381,22 @@ def encoder_from_config(config: EncoderConfig, weights: str | Path | None = None
 
 
 def config_tag(config: EncoderConfig, weights: str | Path | None = None) -> str:
-    """`encoder_tag` of an `encoder` config section; non-default norm and input space are part of the name."""
+    """`encoder_tag` of an `encoder` config section; non-default norm, input space and precision are part of the
+    name (features of another precision never mix with these)."""
     defaults = EncoderConfig()
-    extras = [v for v, d in ((config.norm, defaults.norm), (config.input_space, defaults.input_space)) if v != d]
+    extras = [v for v, d in ((config.norm, defaults.norm), (config.input_space, defaults.input_space),
+                             (config.precision, defaults.precision)) if v != d]
     return "-".join([encoder_tag(config.name, weights if weights is not None else config.weights), *extras])
+
+
+def autocast(device: str | torch.device, precision: str):
+    """The context the encoder's forward runs in: torch autocast to bfloat16 on `device`'s type (AMP; CPUs too),
+    or nothing for float32 (`encoder.precision`)."""
+    import contextlib
+
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, precision))
 
 
 def to_model_input(tiles: torch.Tensor | np.ndarray, input_space: str = "rgb_imagenet") -> torch.Tensor:

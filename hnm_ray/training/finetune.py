@@ -97,9 +97,12 @@ def projection_head(in_dim: int, out_dim: int):
     return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
 
 
-def contrastive_model(encoder, head):
-    """Encoder + projection head as one module (one forward, so DDP can wrap it)."""
+def contrastive_model(encoder, head, precision: str = "float32"):
+    """Encoder + projection head as one module (one forward, so DDP can wrap it); the forward runs in `precision`
+    (`encoder.precision`: bfloat16 = autocast) and returns float32 projections, so the loss is computed in float32."""
     import torch.nn as nn
+
+    from hnm_ray.models.encoders import autocast
 
     class EncoderWithHead(nn.Module):
         def __init__(self) -> None:
@@ -107,7 +110,8 @@ def contrastive_model(encoder, head):
             self.encoder, self.head = encoder, head
 
         def forward(self, x):
-            return self.head(self.encoder(x))
+            with autocast(x.device, precision):
+                return self.head(self.encoder(x)).float()
 
     return EncoderWithHead()
 
@@ -197,13 +201,13 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from hnm_ray.mining import positive_ratio
     from hnm_ray.models.encoders import encoder_from_config
     from hnm_ray.training.checkpointing import latest_checkpoint, load_state, report
-    from hnm_ray.training.runner import loop_device, rank_and_world, wrap_model
+    from hnm_ray.training.runner import loop_device, place_and_restore, rank_and_world
     from hnm_ray.training.schedules import scheduler as lr_scheduler
     from hnm_ray.training.tile_batches import decoded_batches, epoch_order, worker_share
 
     fc = loop["ft"]
     rank, world = rank_and_world(loop)
-    device = loop_device(loop, fc["use_gpu"])
+    device = loop_device(loop, fc["use_gpu"], "finetune.use_gpu")
     torch.set_num_threads(max(1, int(fc["cpus_per_worker"])))
     torch.manual_seed(loop["seed"])
     encoder = encoder_from_config(EncoderConfig(**loop["encoder"]), loop["weights"])
@@ -211,20 +215,16 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     head = projection_head(encoder.out_dim, fc["proj_dim"])
     if loop.get("head_weights"):
         head.load_state_dict(torch.load(loop["head_weights"], map_location="cpu"))
-    model = contrastive_model(encoder, head)
-    optimizer = torch.optim.SGD(model.parameters(), lr=fc["lr"], momentum=fc["momentum"],
-                                weight_decay=fc["weight_decay"])
     total, start = loop["total_epochs"], loop["first_epoch"]
-    # One schedule over all rounds' epochs; this fit starts at `first_epoch` of it.
-    scheduler = lr_scheduler(optimizer, fc["schedule"], total, loop["first_epoch"])
     checkpoint = latest_checkpoint(loop["driver_checkpoints"], CHECKPOINT_FILE)
-    if checkpoint:
-        state = load_state(checkpoint, CHECKPOINT_FILE)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    state = load_state(checkpoint, CHECKPOINT_FILE) if checkpoint else None
+    ddp, optimizer, scheduler = place_and_restore(
+        contrastive_model(encoder, head, loop["encoder"]["precision"]), world, device,
+        lambda params: torch.optim.SGD(params, lr=fc["lr"], momentum=fc["momentum"], weight_decay=fc["weight_decay"]),
+        # One schedule over all rounds' epochs; this fit starts at `first_epoch` of it.
+        lambda optimizer: lr_scheduler(optimizer, fc["schedule"], total, loop["first_epoch"]), state)
+    if state is not None:
         start = state["epoch"] + 1
-    ddp = wrap_model(model, world, device)
     plain = getattr(ddp, "module", ddp)
     share = worker_share(loop["rows"], rank, world)
     readers = TileReaders(device="cpu")
@@ -263,27 +263,40 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         report(metrics, state, CHECKPOINT_FILE, loop["driver_checkpoints"])
 
 
-def finetune_workers(asked: int | None, use_gpu: bool) -> int:
-    """Fine-tuning workers: `asked`, else 0 (this process) on a one-node cluster without GPU fine-tuning, where a
+def finetune_workers(asked: int | None, use_gpu: bool, concurrent: int = 1) -> int:
+    """Fine-tuning workers: `asked`; else on GPUs one per GPU of the cluster (shared by `concurrent` sweep trials;
+    at least 1, for GPU nodes an autoscaler has yet to start); else 0 (this process) on a one-node cluster, where a
     worker group adds only its start-up (~10 s a stage on 2 CPUs, benchmarks/results/job.json), else 1."""
-    from hnm_ray.cluster import single_node
+    from hnm_ray.cluster import cluster_gpus, single_node
 
     if asked is not None:
         return asked
-    return 0 if single_node() and not use_gpu else 1
+    if use_gpu:
+        return max(1, int(cluster_gpus() + 1e-9) // max(1, concurrent))
+    return 0 if single_node() else 1
 
 
-def worker_cpus(asked: float | None, workers: int, reserved: float = 0.0) -> float:
-    """CPUs (and torch threads) per fine-tuning worker: `asked`, else the cluster's CPUs (less `reserved`) split over
-    the workers, at most one node's and at least 1. Fixed by the cluster's size (not by what is free now), so a
-    rerun or a resume on the same cluster computes with the same number of threads."""
-    from hnm_ray.cluster import node_cpus
+def worker_cpus(asked: float | None, workers: int, reserved: float = 0.0, use_gpu: bool = False) -> float:
+    """CPUs (and torch threads) per fine-tuning worker: `asked`; else for GPU workers the CPUs per GPU of the
+    smallest node that holds GPUs (a worker asking for more than a GPU node has never schedules; 1 while no GPU
+    node is up yet); else the cluster's CPUs (less `reserved`) split over the workers, at most one node's and at
+    least 1. Fixed by the cluster's size (not by what is free now), so a rerun or a resume on the same cluster
+    computes with the same number of threads."""
+    from hnm_ray.cluster import live_nodes
 
     if asked is not None:
         return asked
-    nodes = node_cpus()
-    share = min(max(nodes, default=1.0), (sum(nodes) - reserved) / max(1, workers))
-    return float(max(1, math.floor(share)))
+    nodes = live_nodes()
+    if use_gpu:
+        per_gpu = [n.get("CPU", 0.0) / n["GPU"] for n in nodes if n.get("GPU", 0.0) > 0]
+        if not per_gpu:
+            log.warning("fine-tuning on GPUs: no GPU node is up yet, so each worker asks for 1 CPU; set "
+                        "finetune.cpus_per_worker to the CPUs per GPU of your GPU nodes")
+        share = min(per_gpu, default=1.0)
+    else:
+        cpus = [n.get("CPU", 0.0) for n in nodes]
+        share = min(max(cpus, default=1.0), (sum(cpus) - reserved) / max(1, workers))
+    return float(max(1, math.floor(share + 1e-9)))
 
 
 @dataclass
@@ -312,7 +325,8 @@ def fit_finetune(config: TrainConfig, rows: pa.Table, weights: str | None, run_d
         raise HnmError(f"fine-tuning {name!r} needs at least 2 tiles; the selection has {rows.num_rows}. "
                        "Raise --mining.neg_ratio or lower --mining.threshold.")
     workers = finetune_workers(ft.workers, ft.use_gpu)
-    ft = dataclasses.replace(ft, workers=workers, cpus_per_worker=worker_cpus(ft.cpus_per_worker, workers))
+    ft = dataclasses.replace(ft, workers=workers,
+                             cpus_per_worker=worker_cpus(ft.cpus_per_worker, workers, use_gpu=ft.use_gpu))
     run_dir = Path(run_dir).resolve()
     # The coordinates travel with the loop config (a few MB for 10^5 tiles); each worker decodes its own share.
     loop = {"ft": asdict(ft), "ro": config.mining.ro, "rT": config.mining.rT, "encoder": asdict(config.encoder),

@@ -169,12 +169,12 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from hnm_ray.losses import bags_bce
     from hnm_ray.models.aggregators import build_standardized
     from hnm_ray.training.checkpointing import latest_checkpoint, load_state, report
-    from hnm_ray.training.runner import loop_device, rank_and_world, wrap_model
+    from hnm_ray.training.runner import loop_device, place_and_restore, rank_and_world
     from hnm_ray.training.schedules import scheduler as lr_scheduler
 
     mc = loop["mil"]
     rank, world = rank_and_world(loop)
-    device = loop_device(loop, mc["use_gpu"])
+    device = loop_device(loop, mc["use_gpu"], "mil.use_gpu")
     torch.manual_seed(loop["seed"])
     store = FeatureStore(loop["store_root"], loop["tag"], round=loop["round"])
     pos_ids = [s for s, y in loop["train"] if y == 1]
@@ -190,20 +190,17 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
     model = build_standardized(mc["aggregator"], loop["dim"], hidden=mc["hidden"], dropout=mc["dropout"])
     model.set_statistics(loop["feature_mean"], loop["feature_std"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=mc["lr"], weight_decay=mc["weight_decay"])
-    scheduler = lr_scheduler(optimizer, mc["lr_schedule"], mc["epochs"])
     start_epoch, best, official, history = 0, None, None, []
     checkpoint = latest_checkpoint(loop["driver_checkpoints"], CHECKPOINT_FILE)
-    if checkpoint:
-        state = load_state(checkpoint, CHECKPOINT_FILE)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    state = load_state(checkpoint, CHECKPOINT_FILE) if checkpoint else None
+    ddp_model, optimizer, scheduler = place_and_restore(
+        model, world, device, lambda params: torch.optim.Adam(params, lr=mc["lr"], weight_decay=mc["weight_decay"]),
+        lambda optimizer: lr_scheduler(optimizer, mc["lr_schedule"], mc["epochs"]), state)
+    if state is not None:
         start_epoch, best, history = state["epoch"] + 1, state["best"], state.get("history", [])
         official = state.get("official_protocol")
         if rank == 0:
             log.info("MIL: resuming after epoch %d of %d", state["epoch"], mc["epochs"])
-    ddp_model = wrap_model(model, world, device)
     plain_model = getattr(ddp_model, "module", ddp_model)
 
     def bce(bag_logits, max_logits, labels):

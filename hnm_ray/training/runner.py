@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hnm_ray.cluster import torch_device
 from hnm_ray.errors import HnmError
 from hnm_ray.run_folder import ray_train_storage
 from hnm_ray.training.checkpointing import newest_driver_checkpoint
@@ -41,12 +42,11 @@ def rank_and_world(loop: dict[str, Any]) -> tuple[int, int]:
     return context.get_world_rank(), context.get_world_size()
 
 
-def loop_device(loop: dict[str, Any], use_gpu: bool) -> str:
-    """The torch device of this worker: Ray Train's GPU for a GPU worker, the first GPU in process, else the CPU."""
-    if not use_gpu:
-        return "cpu"
-    if in_process(loop):
-        return "cuda"
+def loop_device(loop: dict[str, Any], use_gpu: bool, key: str) -> str:
+    """The torch device of this worker: Ray Train's GPU for a GPU worker, the first GPU in process (refused where
+    torch sees none: config key `key`), else the CPU."""
+    if not use_gpu or in_process(loop):
+        return torch_device(use_gpu, key)
     import ray.train.torch
 
     return str(ray.train.torch.get_device())
@@ -59,6 +59,25 @@ def wrap_model(model, world: int, device: str):
 
         return ray.train.torch.prepare_model(model)
     return model.to(device)
+
+
+def place_and_restore(model, world: int, device: str, make_optimizer: Callable, make_scheduler: Callable,
+                      state: dict[str, Any] | None) -> tuple[Any, Any, Any]:
+    """(the model as trained, optimizer, scheduler) of a loop, restored from a checkpoint's `state` when given.
+
+    The model goes to its device (and into DDP) BEFORE the optimizer is built and its state loaded: torch casts
+    optimizer state to its parameters' device and dtype when the state is loaded, so state loaded before the move
+    stays on the CPU and the first step after a restart or `--resume` on a GPU fails with a device mismatch.
+    `make_optimizer(parameters)` and `make_scheduler(optimizer)` build them fresh."""
+    if state is not None:
+        model.load_state_dict(state["model"])
+    wrapped = wrap_model(model, world, device)
+    optimizer = make_optimizer(model.parameters())
+    scheduler = make_scheduler(optimizer)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    return wrapped, optimizer, scheduler
 
 
 def run_loop(train_loop: Callable[[dict[str, Any]], None], loop: dict[str, Any], *, workers: int, use_gpu: bool,
