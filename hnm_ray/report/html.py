@@ -75,7 +75,8 @@ def write_run_report(run_dir: Path, final: dict[str, Any] | None = None) -> Path
                         "</p>"),
         _section("Test metrics, both protocols", _protocol_table(last, official)
                  + f"<p class='note'>{_e(PROTOCOLS_IN_ONE_SENTENCE)} {_e(_sample_size(last))} {_e(INTERVALS)}; "
-                   "a difference smaller than the intervals is not a difference these slides can show.</p>"),
+                   f"a difference smaller than the intervals is not a difference these slides can show.{_point(last)}"
+                   "</p>"),
         _section("Per round", _table([label for _, label in ROUND_COLUMNS],
                                      [_round_row(r, state) for r in rounds], [k for k, _ in ROUND_COLUMNS], "rounds")
                  + "<p class='note'>Every round is scored on the same validation and test slides (sizes above): read "
@@ -137,6 +138,16 @@ def _sample_size(metrics: dict[str, Any]) -> str:
     parts = [f"{name}: {metrics[f'{key}_n']} slides ({metrics.get(f'{key}_n_positive', '?')} tumour)"
              for key, name in (("test", "Test split"), ("val", "validation")) if f"{key}_n" in metrics]
     return "; ".join(parts) + "." if parts else ""
+
+
+def _point(metrics: dict[str, Any]) -> str:
+    """A warning when the test AUC interval is a single point (every bootstrap resample ranks the slides alike)."""
+    low, high = metrics.get("test_auc_low"), metrics.get("test_auc_high")
+    if not isinstance(low, float) or math.isnan(low) or low != high:
+        return ""
+    return (f" The test AUC interval is the single point {low:.2f}: every resample of these {metrics.get('test_n')} "
+            "slides ranks them the same way, which with few slides is weak evidence; read it with n and the accuracy "
+            "interval.")
 
 
 def _heatmap_note(run_dir: Path) -> str:
