@@ -44,13 +44,14 @@ def write_checkpoint(run_dir: Path, last: dict[str, Any], config: TrainConfig, t
 
 def finish(run_dir: Path, history: list[dict[str, Any]], records: list[SlideRecord], store: FeatureStore,
            finetune: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
-    """Final checkpoint folder; ROC plot; heatmaps of `run.heatmaps` test slides and of as many negative training
+    """Final checkpoint folder; ROC plot; heatmaps of `run.heatmaps` test slides (tumour and normal in turn) and of as many negative training
     slides with the most mined hard negatives (heatmaps/hard_negatives/); QuPath GeoJSON of every slide; report.html;
     the MLflow run's final metrics and artifacts. Returns the metrics summary (both protocols)."""
     from hnm_ray.inference import split_probabilities, tile_threshold
     from hnm_ray.report import plot_roc
     from hnm_ray.report.html import write_run_report
-    from hnm_ray.report.slides import Thresholds, mined_hard_negatives, most_mined, write_slide_outputs
+    from hnm_ray.report.slides import (Thresholds, mined_hard_negatives, most_mined, tumour_and_normal,
+                                       write_slide_outputs)
 
     last = history[-1]
     thresholds = Thresholds(last.get("val_threshold", 0.5), tile_threshold(last["model_path"], store, records))
@@ -59,7 +60,7 @@ def finish(run_dir: Path, history: list[dict[str, Any]], records: list[SlideReco
     labels, probs, test_ids = split_probabilities(model, store, records, "test")
     plot_roc(labels, probs, run_dir / "roc.png", title=f"test ROC, round {last['round']}", threshold=thresholds.slide)
     hard_negatives = mined_hard_negatives(run_dir)
-    tested = [r.slide_id for r in records if r.slide_id in set(test_ids)][: config.run.heatmaps]
+    tested = tumour_and_normal(records, test_ids, config.run.heatmaps)
     pictures = {s: run_dir / "heatmaps" / f"{s}.png" for s in tested}
     pictures.update({s: run_dir / "heatmaps" / "hard_negatives" / f"{s}.png"
                      for s in most_mined(records, hard_negatives, config.run.heatmaps)})

@@ -13,8 +13,8 @@ from hnm_ray.errors import ConfigError, HnmError
 from hnm_ray.progress import Progress
 from hnm_ray.registry import Registry, load_plugin
 from hnm_ray.report import ScoreScale, heatmap, plot_roc, score_overlay
-from hnm_ray.report.plots import OVERLAY_ALPHA, SCORE_CMAP
-from hnm_ray.report.slides import ScoredSlide
+from hnm_ray.report.plots import OVERLAY_ALPHA, score_colours
+from hnm_ray.report.slides import ScoredSlide, tumour_and_normal
 from hnm_ray.store.manifest import SlideRecord
 
 
@@ -87,15 +87,13 @@ def test_heatmap_overlay_is_transparent_below_the_runs_tile_threshold_and_scaled
     """The demo run's tile scores all lay in 0.32-0.80: a fixed floor of 0.2 tinted the whole tissue. Tiles below the
     run's threshold are transparent; colours run from the threshold (the map's first colour) to the run's top score
     (its last), at one opacity so the colour bar matches the tissue."""
-    import matplotlib
-
     scale = ScoreScale(threshold=0.62, top=0.80)
     x = np.array([0, 500, 1000, 1500])
     overlay = score_overlay((100, 200), (2000, 1000), x, np.zeros(4), 500, np.array([0.61, 0.62, 0.80, 0.44]), scale)
     assert overlay.shape == (100, 200, 4)
     assert overlay[10, 10, 3] == 0 and overlay[10, 160, 3] == 0  # 0.61 and 0.44: below the threshold
     assert overlay[10, 60, 3] == overlay[10, 110, 3] == OVERLAY_ALPHA
-    cmap = matplotlib.colormaps[SCORE_CMAP]
+    cmap = score_colours()
     np.testing.assert_allclose(overlay[10, 60, :3], cmap(0.0)[:3])  # at the threshold: the first colour
     np.testing.assert_allclose(overlay[10, 110, :3], cmap(1.0)[:3])  # the run's top score: the last colour
     assert overlay[80, 60, 3] == 0  # no tile there
@@ -153,3 +151,10 @@ def test_registry_and_plugins():
 def test_torch_device_is_explicit():
     assert torch_device(False) == "cpu"
     assert torch_device(True) == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_heatmap_slides_take_tumour_and_normal_test_slides_in_turn():
+    """The demo drew its first 4 test slides in manifest order: 3 normal, 1 tumour. Heatmaps alternate the classes."""
+    records = [SlideRecord(f"s{i}", "", label, "test") for i, label in enumerate([0, 0, 0, 1, 0, 1])]
+    assert tumour_and_normal(records, [r.slide_id for r in records], 4) == ["s3", "s0", "s5", "s1"]
+    assert tumour_and_normal(records, ["s0", "s1", "s2"], 2) == ["s0", "s1"]  # one class only: what there is

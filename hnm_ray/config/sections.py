@@ -228,7 +228,7 @@ class JobConfig:
     store: str = knob("", "feature store root of round 0, a folder or s3:// / gs:// URI (default: <run>/features); "
                           "shareable between runs")
     rounds: int = knob(2, "fine-tuning rounds (the aggregator is trained rounds + 1 times)", low=0)
-    heatmaps: int = knob(4, "test slides to draw tile-score heatmaps for", low=0)
+    heatmaps: int = knob(4, "test slides to draw tile-score heatmaps for (tumour and normal in turn)", low=0)
     tracking: str = knob("none", "experiment tracking: none, or mlflow (config as params, per-round metrics with the "
                                  "round as step, report/ROC/heatmaps as artifacts; install hnm-ray[tracking])",
                          choices=["none", "mlflow"])

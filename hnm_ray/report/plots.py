@@ -43,11 +43,11 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, path: str | Path, title: str
     return path
 
 
-# cividis (navy -> grey -> yellow) stays readable over pink eosin and purple nuclei, and away from the green tumour
-# outline and the magenta hard-negative boxes; tiles are drawn at one opacity, so the colour bar (drawn over H&E pink
-# at that opacity) shows the colours as they look on the tissue.
-SCORE_CMAP = "cividis"
-OVERLAY_ALPHA = 0.8
+# The upper part of viridis (teal -> green -> yellow) stays apart from pink eosin, purple nuclei and the magenta
+# hard-negative boxes, also blended; tiles are drawn at one opacity (the tissue shows through), so the colour bar,
+# drawn over H&E pink at that opacity, shows the colours as they look on the tissue.
+SCORE_CMAP, SCORE_CMAP_FROM = "viridis", 0.35
+OVERLAY_ALPHA = 0.6
 H_AND_E_PINK = (0.93, 0.66, 0.80)
 OUTLINE_COLOUR = "#00e000"
 HARD_NEGATIVE_COLOUR = "#ff00ff"
@@ -83,7 +83,7 @@ def score_overlay(shape: tuple[int, int], level0_dims: tuple[int, int], x: np.nd
     h, w = shape
     sx, sy = w / level0_dims[0], h / level0_dims[1]
     values = np.asarray(scores, np.float64)
-    colours = matplotlib.colormaps[SCORE_CMAP](scale.norm()(values).filled(0.0))
+    colours = score_colours()(scale.norm()(values).filled(0.0))
     colours[:, 3] = np.where(values >= scale.threshold, alpha, 0.0)
     overlay = np.zeros((h, w, 4), np.float64)
     for xi, yi, colour in zip(x, y, colours):
@@ -92,12 +92,19 @@ def score_overlay(shape: tuple[int, int], level0_dims: tuple[int, int], x: np.nd
     return overlay
 
 
-def _colours_on_tissue(alpha: float = OVERLAY_ALPHA):
-    """The colour map as it looks drawn at `alpha` over H&E pink (for the colour bar)."""
+def score_colours():
+    """The tile-score colour map: SCORE_CMAP from SCORE_CMAP_FROM to its end."""
     import matplotlib
     from matplotlib.colors import ListedColormap
 
-    colours = matplotlib.colormaps[SCORE_CMAP](np.linspace(0, 1, 256))[:, :3]
+    return ListedColormap(matplotlib.colormaps[SCORE_CMAP](np.linspace(SCORE_CMAP_FROM, 1, 256)))
+
+
+def _colours_on_tissue(alpha: float = OVERLAY_ALPHA):
+    """The colour map as it looks drawn at `alpha` over H&E pink (for the colour bar)."""
+    from matplotlib.colors import ListedColormap
+
+    colours = score_colours()(np.linspace(0, 1, 256))[:, :3]
     return ListedColormap(alpha * colours + (1 - alpha) * np.asarray(H_AND_E_PINK))
 
 

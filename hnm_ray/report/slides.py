@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,15 @@ def write_slide_outputs(model_path: str | Path, store: FeatureStore, records: li
         except HnmError as exc:
             log.warning("no heatmap for slide %r: %s", record.slide_id, exc)
     return scored
+
+
+def tumour_and_normal(records: list[SlideRecord], slide_ids: list[str], n: int) -> list[str]:
+    """Up to `n` of `slide_ids`, tumour and normal slides taken in turn (manifest order within each), so a run's
+    heatmaps show both kinds of slide."""
+    chosen = set(slide_ids)
+    tumour = [r.slide_id for r in records if r.slide_id in chosen and r.label == 1]
+    others = [r.slide_id for r in records if r.slide_id in chosen and r.label != 1]
+    return [s for pair in zip_longest(tumour, others) for s in pair if s is not None][:n]
 
 
 def most_mined(records: list[SlideRecord], hard_negatives: pa.Table | None, n: int) -> list[str]:
