@@ -120,7 +120,8 @@ def evaluate_split(model_path: str | Path, store: FeatureStore, records: list[Sl
     return {f"{split}_{k}": v for k, v in out.items()}
 
 
-def tile_threshold(model_path: str | Path, store: FeatureStore, records: list[SlideRecord], split: str = "val") -> float:
+def tile_threshold(model_path: str | Path, store: FeatureStore, records: list[SlideRecord],
+                   split: str = "val") -> float:
     """The tile score from which a tile counts as tumour: the Youden threshold, over the slides of `split`, of each
     slide's top tile score (sigmoid of its largest instance logit, the instance branch's slide call), so a tile at or
     above it would by itself call its slide tumour. 0.5 when the split lacks a class."""

@@ -44,9 +44,10 @@ def write_checkpoint(run_dir: Path, last: dict[str, Any], config: TrainConfig, t
 
 def finish(run_dir: Path, history: list[dict[str, Any]], records: list[SlideRecord], store: FeatureStore,
            finetune: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
-    """Final checkpoint folder; ROC plot; heatmaps of `run.heatmaps` test slides (tumour and normal in turn) and of as many negative training
-    slides with the most mined hard negatives (heatmaps/hard_negatives/); QuPath GeoJSON of every slide; report.html;
-    the MLflow run's final metrics and artifacts. Returns the metrics summary (both protocols)."""
+    """Final checkpoint folder (with the run's slide and tile thresholds); ROC plot; heatmaps of `run.heatmaps` test
+    slides (tumour and normal in turn) and of as many negative training slides with the most mined hard negatives
+    (heatmaps/hard_negatives/); QuPath GeoJSON of every slide; report.html; the MLflow run's final metrics and
+    artifacts. Returns the metrics summary (both protocols, intervals, the tile threshold)."""
     from hnm_ray.inference import split_probabilities, tile_threshold
     from hnm_ray.report import plot_roc
     from hnm_ray.report.html import write_run_report

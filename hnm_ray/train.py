@@ -209,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("run folder: %s%s", run_dir, f" (mirrored to {remote_of(run_dir)})" if remote_of(run_dir) else "")
     final = run_job(config, run_dir)
     print(json.dumps({"run": remote_of(run_dir) or str(run_dir), **{k: final["final"].get(k) for k in
-                      ("test_auc", "test_auc_low", "test_auc_high", "test_accuracy", "test_accuracy_low", "test_accuracy_high",
-                       "test_n", "test_n_positive", "test_f1", "test_instance_auc", "test_instance_auprc")}}, default=float))
+                      ("test_auc", "test_auc_low", "test_auc_high", "test_accuracy", "test_accuracy_low",
+                       "test_accuracy_high", "test_n", "test_n_positive", "test_f1", "test_instance_auc",
+                       "test_instance_auprc")}}, default=float))
     return 0
 
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from hnm_ray.metrics import (bootstrap_auc_interval, describe, instance_metrics, roc_auc, slide_metrics, wilson_interval,
-                             with_intervals, youden_threshold)
+from hnm_ray.metrics import (bootstrap_auc_interval, describe, instance_metrics, roc_auc, slide_metrics,
+                             wilson_interval, with_intervals, youden_threshold)
 
 # 4 negatives, 3 positives. Youden's J = tpr - fpr at each threshold (predict positive when p >= t):
 #   t=0.9: 1/3 - 0 = .333   t=0.7: 2/3 - 0 = .667   t=0.65: 2/3 - 1/4 = .417

@@ -248,7 +248,8 @@ def test_every_slide_auc_and_accuracy_carries_n_and_a_95_percent_interval(tiny_r
     assert int(ours["test_n"]) == metrics["final"]["test_n"] and int(ours["test_n_positive"]) >= 1
     text = (run / "report.html").read_text()
     final = metrics["final"]
-    assert f"{final['test_auc']:.3f} <span class='ci'>({final['test_auc_low']:.2f}–{final['test_auc_high']:.2f})" in text
+    interval = f"({final['test_auc_low']:.2f}–{final['test_auc_high']:.2f})"
+    assert f"{final['test_auc']:.3f} <span class='ci'>{interval}" in text
     assert "the official protocol picks both on the test slides themselves" in text and INTERVALS in text
     assert f"Test split: {final['test_n']} slides ({final['test_n_positive']} tumour)" in text
     assert f"test {describe(final, 'test_')}" in tiny_run.done.stdout + tiny_run.done.stderr  # the console's done line

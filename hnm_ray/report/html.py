@@ -39,7 +39,8 @@ TEST_COLUMNS = [("test_n", "test slides"), ("test_n_positive", "tumour"), ("test
                 ("test_instance_auprc", "instance AUPRC")]
 ROUND_COLUMNS = [("round", "round"), ("best_epoch", "MIL epoch kept"), ("val_auc", "val AUC (95 % CI)"),
                  ("val_accuracy", "val accuracy (95 % CI)"), ("val_f1", "val F1"), ("test_auc", "test AUC (95 % CI)"),
-                 ("test_accuracy", "test accuracy (95 % CI)"), ("test_f1", "test F1"), ("test_instance_auc", "test instance AUC"),
+                 ("test_accuracy", "test accuracy (95 % CI)"), ("test_f1", "test F1"),
+                 ("test_instance_auc", "test instance AUC"),
                  ("test_instance_auprc", "test instance AUPRC"), ("official_test_auc", "official-protocol test AUC"),
                  ("hard_negatives", "hard negatives kept"), ("positives", "positives"),
                  ("finetune_seconds", "fine-tune s"), ("finetune_seconds_per_epoch", "fine-tune s/epoch")]

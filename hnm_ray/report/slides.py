@@ -103,8 +103,9 @@ def write_slide_outputs(model_path: str | Path, store: FeatureStore, records: li
             log.warning("no heatmap / QuPath export for slide %r: %s", record.slide_id, exc)
             continue
         if qupath_dir is not None:
-            write_geojson(tile_features(slide.tile_id, slide.x, slide.y, slide.extent, slide.score, slide.hard_negative,
-                                        slide.truth, threshold=thresholds.tile), qupath_dir / f"{record.slide_id}.geojson")
+            features = tile_features(slide.tile_id, slide.x, slide.y, slide.extent, slide.score, slide.hard_negative,
+                                     slide.truth, threshold=thresholds.tile)
+            write_geojson(features, qupath_dir / f"{record.slide_id}.geojson")
         scored.append(slide)
     scale = ScoreScale(thresholds.tile, max((float(s.score.max()) for s in scored if s.score.size), default=1.0))
     for slide in (s for s in scored if s.record.slide_id in heatmaps):
