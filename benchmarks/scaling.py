@@ -94,7 +94,9 @@ def main() -> None:
         stages["finetune_tiles_per_s"][str(workers)] = finetune(store, records, root, workers)
     summary = {name: {"1": rates["1"], "2": rates["2"], "speedup": rates["2"] / rates["1"],
                       "efficiency": rates["2"] / rates["1"] / 2} for name, rates in stages.items()}
-    line = {"benchmark": "scaling", "cohort": "demo (16 slides, 4096 px)", "cpus_per_worker": CPUS_PER_WORKER,
+    job = JobConfig()
+    line = {"benchmark": "scaling", "cohort": f"demo ({job.demo_slides} slides, {job.demo_size} px)",
+            "cpus_per_worker": CPUS_PER_WORKER,
             "stages": summary, "seconds": time.perf_counter() - started,
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": False}}
     print(json.dumps(line))

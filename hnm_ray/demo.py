@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from hnm_ray.config import JobConfig
 from hnm_ray.slides.synthetic import make_demo_cohort
 
 
@@ -11,9 +12,12 @@ def main(argv: list[str] | None = None) -> None:
     """Parse flags, write the cohort and print where its manifest is."""
     parser = argparse.ArgumentParser(prog="python -m hnm_ray.demo", description=__doc__.split(":", 1)[1].strip())
     parser.add_argument("--out", required=True, help="output folder (created if absent)")
-    parser.add_argument("--slides", type=int, default=16, help="number of slides, half of them with tumour (default: 16)")
+    defaults = JobConfig()  # the cohort `python -m hnm_ray.train` makes when no manifest is given
+    parser.add_argument("--slides", type=int, default=defaults.demo_slides,
+                        help=f"number of slides, half of them with tumour (default: {defaults.demo_slides})")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same files (default: 0)")
-    parser.add_argument("--size", type=int, default=4096, help="level-0 width in px at 0.5 um/px (default: 4096)")
+    parser.add_argument("--size", type=int, default=defaults.demo_size,
+                        help=f"level-0 width in px at 0.5 um/px (default: {defaults.demo_size})")
     args = parser.parse_args(argv)
     if args.slides < 1 or args.size < 512:
         parser.error("--slides must be >= 1 and --size >= 512")

@@ -102,8 +102,9 @@ def split_bags(store: FeatureStore, records: list[SlideRecord], split: str | Non
 
 def evaluate_split(model_path: str | Path, store: FeatureStore, records: list[SlideRecord], split: str,
                    threshold: float | None = None) -> dict[str, float]:
-    """Slide metrics (at `threshold`, default the saved validation threshold) and instance metrics on a split."""
-    from hnm_ray.metrics import instance_metrics, slide_metrics
+    """Slide metrics (at `threshold`, default the saved validation threshold) with n and 95 % intervals, and instance
+    metrics on a split."""
+    from hnm_ray.metrics import instance_metrics, with_intervals
 
     model, meta = load_aggregator(model_path)
     bags = split_bags(store, records, split)
@@ -111,12 +112,28 @@ def evaluate_split(model_path: str | Path, store: FeatureStore, records: list[Sl
         return {}
     probs, inst = evaluate_bags(model, bags)
     labels = np.asarray([b.label for b in bags])
-    out = slide_metrics(labels, probs, threshold if threshold is not None else meta["threshold"])
+    out = with_intervals(labels, probs, threshold if threshold is not None else meta["threshold"])
     truth = np.concatenate([b.truth for b, y in zip(bags, labels) if y == 1] or [np.zeros(0, np.int8)])
     scores = np.concatenate([s for s, y in zip(inst, labels) if y == 1] or [np.zeros(0)])
     instance = instance_metrics(truth, scores)
     out.update(instance_auc=instance["instance_auc"], instance_auprc=instance["instance_auprc"], instance_n=instance["n"])
     return {f"{split}_{k}": v for k, v in out.items()}
+
+
+def tile_threshold(model_path: str | Path, store: FeatureStore, records: list[SlideRecord],
+                   split: str = "val") -> float:
+    """The tile score from which a tile counts as tumour: the Youden threshold, over the slides of `split`, of each
+    slide's top tile score (sigmoid of its largest instance logit, the instance branch's slide call), so a tile at or
+    above it would by itself call its slide tumour. 0.5 when the split lacks a class."""
+    from hnm_ray.metrics import FALLBACK_THRESHOLD, youden_threshold
+
+    model, _ = load_aggregator(model_path)
+    bags = split_bags(store, records, split)
+    if not bags:
+        return FALLBACK_THRESHOLD
+    _, logits = evaluate_bags(model, bags)
+    top = np.asarray([float(tile_probabilities(s).max()) if s.size else 0.0 for s in logits])
+    return youden_threshold(np.asarray([b.label for b in bags]), top)
 
 
 def split_probabilities(model_path: str | Path, store: FeatureStore, records: list[SlideRecord],
@@ -137,5 +154,10 @@ def tile_scores(model, store: FeatureStore, slide_id: str) -> tuple[pa.Table, fl
     logits = inst.float().numpy()
     table = store.read_table(slide_id, columns=["tile_id", "x", "y", "level", "size"])
     table = table.append_column("logit", pa.array(logits.astype(np.float32)))
-    table = table.append_column("score", pa.array((1 / (1 + np.exp(-logits))).astype(np.float32)))
+    table = table.append_column("score", pa.array(tile_probabilities(logits)))
     return table, float(torch.sigmoid(bag_logit))
+
+
+def tile_probabilities(logits: np.ndarray) -> np.ndarray:
+    """Tile scores (float32 sigmoid) of instance logits: the one formula behind tile tables and the tile threshold."""
+    return (1 / (1 + np.exp(-np.asarray(logits, np.float32)))).astype(np.float32)

@@ -10,6 +10,7 @@ from typing import Any
 
 from hnm_ray import tracking
 from hnm_ray.config import TrainConfig
+from hnm_ray.metrics import INTERVALS
 from hnm_ray.registry import one_line
 from hnm_ray.run_folder import CONFIG_FILE
 from hnm_ray.store.features import FeatureStore
@@ -20,9 +21,10 @@ AGGREGATOR = "aggregator"
 ENCODER = "encoder.safetensors"
 
 
-def write_checkpoint(run_dir: Path, last: dict[str, Any], config: TrainConfig) -> Path:
+def write_checkpoint(run_dir: Path, last: dict[str, Any], config: TrainConfig, tile_threshold: float) -> Path:
     """checkpoint/: aggregator (safetensors + JSON), encoder weights (safetensors, our key layout whatever file the
-    round's encoder came from), the run's config tree and meta.json. No file in it runs code when loaded."""
+    round's encoder came from), the run's config tree and meta.json (the slide and tile thresholds). No file in it
+    runs code when loaded."""
     from hnm_ray.models.encoders import encoder_from_config, save_weights
 
     checkpoint = run_dir / "checkpoint"
@@ -35,37 +37,42 @@ def write_checkpoint(run_dir: Path, last: dict[str, Any], config: TrainConfig) -
     shutil.copy(run_dir / CONFIG_FILE, checkpoint / CONFIG_FILE)
     (checkpoint / "meta.json").write_text(json.dumps({
         "encoder_weights": ENCODER if last.get("encoder_weights") else None,
-        "threshold": last.get("val_threshold", 0.5), "seed": config.run.seed, "round": last["round"]}, indent=2))
+        "threshold": last.get("val_threshold", 0.5), "tile_threshold": tile_threshold, "seed": config.run.seed,
+        "round": last["round"]}, indent=2))
     return checkpoint
 
 
 def finish(run_dir: Path, history: list[dict[str, Any]], records: list[SlideRecord], store: FeatureStore,
            finetune: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
-    """Final checkpoint folder; ROC plot; heatmaps of `run.heatmaps` test slides and of as many negative training
-    slides with the most mined hard negatives (heatmaps/hard_negatives/); QuPath GeoJSON of every slide; report.html;
-    the MLflow run's final metrics and artifacts. Returns the metrics summary (both protocols)."""
-    from hnm_ray.inference import split_probabilities
+    """Final checkpoint folder (with the run's slide and tile thresholds); ROC plot; heatmaps of `run.heatmaps` test
+    slides (tumour and normal in turn) and of as many negative training slides with the most mined hard negatives
+    (heatmaps/hard_negatives/); QuPath GeoJSON of every slide; report.html; the MLflow run's final metrics and
+    artifacts. Returns the metrics summary (both protocols, intervals, the tile threshold)."""
+    from hnm_ray.inference import split_probabilities, tile_threshold
     from hnm_ray.report import plot_roc
     from hnm_ray.report.html import write_run_report
-    from hnm_ray.report.slides import mined_hard_negatives, most_mined, write_slide_outputs
+    from hnm_ray.report.slides import (Thresholds, mined_hard_negatives, most_mined, tumour_and_normal,
+                                       write_slide_outputs)
 
     last = history[-1]
-    checkpoint = write_checkpoint(run_dir, last, config)
+    thresholds = Thresholds(last.get("val_threshold", 0.5), tile_threshold(last["model_path"], store, records))
+    checkpoint = write_checkpoint(run_dir, last, config, thresholds.tile)
     model = checkpoint / AGGREGATOR
     labels, probs, test_ids = split_probabilities(model, store, records, "test")
-    plot_roc(labels, probs, run_dir / "roc.png", title=f"test ROC, round {last['round']}")
+    plot_roc(labels, probs, run_dir / "roc.png", title=f"test ROC, round {last['round']}", threshold=thresholds.slide)
     hard_negatives = mined_hard_negatives(run_dir)
-    tested = [r.slide_id for r in records if r.slide_id in set(test_ids)][: config.run.heatmaps]
+    tested = tumour_and_normal(records, test_ids, config.run.heatmaps)
     pictures = {s: run_dir / "heatmaps" / f"{s}.png" for s in tested}
     pictures.update({s: run_dir / "heatmaps" / "hard_negatives" / f"{s}.png"
                      for s in most_mined(records, hard_negatives, config.run.heatmaps)})
-    write_slide_outputs(model, store, records, run_dir / "qupath", pictures, hard_negatives)
+    write_slide_outputs(model, store, records, run_dir / "qupath", pictures, thresholds, hard_negatives)
     ours = {k: v for k, v in last.items() if k not in ("model_path", "encoder_weights", "official_protocol")}
     final = {"final": ours, "official_protocol": last.get("official_protocol"), "rounds": history,
-             "finetune": finetune,
+             "finetune": finetune, "tile_threshold": thresholds.tile,
              "protocols": {"final": "ours: MIL epoch and Youden threshold picked on validation, applied to test",
                            "official_protocol": "the official code's: best test slide AUC over MIL epochs, Youden "
-                                                "threshold on test (optimistic; for comparison with the paper only)"}}
+                                                "threshold on test (optimistic; for comparison with the paper only)",
+                           "intervals": INTERVALS}}
     final["skipped"] = skipped_slides(records, store)
     write_run_report(run_dir, final)
     _track(tracking.log_final, run_dir, config, final)

@@ -45,12 +45,12 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
     """Extract, score and summarise `slides` (manifest or folder) with the run at `checkpoint`; `knobs` (a nested
     mapping, e.g. {"extract": {"batch_size": 32}}) override the run's config."""
     from hnm_ray.cluster import init_ray
-    from hnm_ray.metrics import slide_metrics
+    from hnm_ray.metrics import with_intervals
     from hnm_ray.models.encoders import config_tag
     from hnm_ray.outputs import log_skipped, skipped_slides
     from hnm_ray.report import plot_roc
     from hnm_ray.report.html import write_predict_report
-    from hnm_ray.report.slides import mined_hard_negatives, on_same_slides, write_slide_outputs
+    from hnm_ray.report.slides import Thresholds, mined_hard_negatives, on_same_slides, write_slide_outputs
     from hnm_ray.train import with_weights
 
     ckpt, out = checked_folders(checkpoint, out)
@@ -70,6 +70,8 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
     extract_features(records, store, config)
     model, _ = load_aggregator(ckpt / AGGREGATOR)
     threshold = float(meta["threshold"])
+    # Checkpoints written before the tile threshold existed classed tiles at a fixed 0.5.
+    thresholds = Thresholds(threshold, float(meta.get("tile_threshold", 0.5)))
     errors = {e["slide_id"]: e["cause"] for e in store.errors()}
     rows = []
     for record in records:
@@ -85,6 +87,7 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
     # The run's hard negatives are marked only on the very slides it mined them on (the same file), never by slide id.
     write_slide_outputs(ckpt / AGGREGATOR, store, records, out / "qupath",
                         {r.slide_id: out / "heatmaps" / f"{r.slide_id}.png" for r in records} if heatmaps else {},
+                        thresholds,
                         on_same_slides(mined_hard_negatives(ckpt.parent), records, _training_records(config)))
     with open(_ensure(out) / "summary.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["slide_id"])
@@ -94,12 +97,11 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
     scored = [r for r in rows if r["probability"] is not None and r["label"] is not None]
     metrics = None
     if scored:
-        metrics = slide_metrics(np.array([r["label"] for r in scored]), np.array([r["probability"] for r in scored]),
-                                threshold)
+        labels, probs = np.array([r["label"] for r in scored]), np.array([r["probability"] for r in scored])
+        metrics = with_intervals(labels, probs, threshold)
         (out / "metrics.json").write_text(json.dumps({**metrics, "skipped": skipped}, indent=2, default=float))
-        plot_roc(np.array([r["label"] for r in scored]), np.array([r["probability"] for r in scored]), out / "roc.png",
-                 title="ROC of the labelled slides")
-    write_predict_report(out, rows, metrics, threshold, ckpt, skipped)
+        plot_roc(labels, probs, out / "roc.png", title="ROC of the labelled slides", threshold=threshold)
+    write_predict_report(out, rows, metrics, thresholds, ckpt, skipped)
     log_skipped(skipped, len(rows))
     log.info("predicted %d slides -> %s", len(rows) - skipped["count"], out / "summary.csv")
     return rows

@@ -34,6 +34,7 @@ from hnm_ray.config import TrainConfig
 from hnm_ray.extract import extract_features
 from hnm_ray.index import TileIndex
 from hnm_ray.inference import evaluate_split
+from hnm_ray.metrics import INTERVAL_KEYS, describe
 from hnm_ray.mining import adopt_round, get_miner, positive_ratio
 from hnm_ray.outputs import finish, log_skipped, round_done
 from hnm_ray.progress import native_stderr_to, route_ray_logs
@@ -93,8 +94,8 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
     (run_dir / "metrics.json").write_text(json.dumps(final, indent=2, default=float))
     sync(run_dir)  # a run folder on object storage gets the last outputs
     log_skipped(final["skipped"], len(records))
-    log.info("done: %s (test AUC %.3f; official protocol %.3f)", run_dir / "metrics.json",
-             final["final"].get("test_auc", np.nan), (final["official_protocol"] or {}).get("test_auc", np.nan))
+    log.info("done: %s (test %s; official protocol AUC %.3f)", run_dir / "metrics.json",
+             describe(final["final"], "test_"), (final["official_protocol"] or {}).get("test_auc", np.nan))
     return final
 
 
@@ -149,13 +150,15 @@ def train_aggregator(config: TrainConfig, store: FeatureStore, records: list[Sli
     """Paper steps 2-3: the aggregator of this round, evaluated on test with our protocol and the official one."""
     fitted = fit_mil(config.mil, store, records, run_dir, name=f"mil_round{round_}", miner_name=miner_name,
                      seed=config.run.seed)
+    validation = evaluate_split(fitted.model_path, store, records, "val", fitted.threshold)  # + n and intervals
     result = {"round": round_, "best_epoch": fitted.best_epoch,
               **{k: v for k, v in fitted.metrics.items() if k.startswith("val_")},
+              **{k: v for k, v in validation.items() if k.removeprefix("val_") in INTERVAL_KEYS},
               **evaluate_split(fitted.model_path, store, records, "test", fitted.threshold),
               "official_protocol": fitted.official_protocol, "model_path": fitted.model_path, "encoder_weights": weights}
     (run_dir / f"metrics_round{round_}.json").write_text(json.dumps(result, indent=2, default=float))
-    log.info("round %d: val AUC %.3f, test AUC %.3f, test instance AUC %.3f", round_, result.get("val_auc", np.nan),
-             result.get("test_auc", np.nan), result.get("test_instance_auc", np.nan))
+    log.info("round %d: val %s; test %s; test instance AUC %.3f", round_, describe(result, "val_"),
+             describe(result, "test_"), result.get("test_instance_auc", np.nan))
     return result
 
 
@@ -226,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     with native_stderr_to(run_dir / "ray.log"):
         final = run_job(config, run_dir, records=records)
     print(json.dumps({"run": remote_of(run_dir) or str(run_dir), **{k: final["final"].get(k) for k in
-                      ("test_auc", "test_accuracy", "test_f1", "test_instance_auc", "test_instance_auprc")}}, default=float))
+                      ("test_auc", "test_auc_low", "test_auc_high", "test_accuracy", "test_accuracy_low",
+                       "test_accuracy_high", "test_n", "test_n_positive", "test_f1", "test_instance_auc",
+                       "test_instance_auprc")}}, default=float))
     return 0
 
 

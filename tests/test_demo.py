@@ -10,7 +10,8 @@ import pytest
 
 from hnm_ray.demo import main
 from hnm_ray.slides import SlideReader
-from hnm_ray.slides.synthetic import MASK_DOWNSAMPLE, make_demo_cohort
+from hnm_ray.config import JobConfig
+from hnm_ray.slides.synthetic import MASK_DOWNSAMPLE, cohort_plan, make_demo_cohort
 
 
 def _rows(manifest: Path) -> list[dict]:
@@ -34,6 +35,18 @@ def test_manifest_and_stratified_splits(demo_cohort):
         assert bool(r["annotation"]) == (r["label"] == "1")
         if r["annotation"]:
             assert r["annotation"] == f"slides/{r['slide_id']}_mask.png"
+
+
+def test_the_default_demo_cohort_has_enough_test_slides_for_its_auc_to_mean_something():
+    """The built-in demo had 4 test slides: its AUC moved 0.5 <-> 1.0 on one slide. The default cohort (what
+    `python -m hnm_ray.train` makes without a manifest, planned here without rendering) has >= 16 test slides, half
+    tumour, and as many validation slides, where the epoch and threshold are picked."""
+    job = JobConfig()
+    labels, mimics, splits = cohort_plan(job.demo_slides, job.seed)
+    splits = np.asarray(splits)
+    for split in ("test", "val"):
+        assert np.sum((splits == split) & (labels == 1)) >= 8 and np.sum((splits == split) & (labels == 0)) >= 8
+    assert mimics[labels == 0].sum() == np.sum(labels == 0) // 2  # tumour mimics in half of the normal slides
 
 
 def test_masks_align_with_level0(demo_cohort):

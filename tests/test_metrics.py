@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from hnm_ray.metrics import instance_metrics, slide_metrics, youden_threshold
+from hnm_ray.metrics import (bootstrap_auc_interval, describe, instance_metrics, roc_auc, slide_metrics,
+                             wilson_interval, with_intervals, youden_threshold)
 
 # 4 negatives, 3 positives. Youden's J = tpr - fpr at each threshold (predict positive when p >= t):
 #   t=0.9: 1/3 - 0 = .333   t=0.7: 2/3 - 0 = .667   t=0.65: 2/3 - 1/4 = .417
@@ -29,7 +30,7 @@ def test_slide_metrics_at_youden_threshold():
     assert m["precision"] == pytest.approx(3 / 4)
     assert m["recall"] == pytest.approx(1.0)
     assert m["f1"] == pytest.approx(6 / 7)  # 2 * 0.75 * 1 / 1.75
-    assert m["n"] == 7
+    assert m["n"] == 7 and m["n_positive"] == 3
 
 
 def test_slide_metrics_with_given_validation_threshold():
@@ -120,3 +121,40 @@ def test_numpy_metrics_equal_scikit_learn_with_ties(seed):
     instance = instance_metrics(labels, scores)
     assert instance["instance_auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
     assert instance["instance_auprc"] == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+
+
+def test_wilson_interval_hand_values():
+    # Wilson (1927): centre (k + z^2/2) / (n + z^2), half-width z sqrt(k(n-k)/n + z^2/4) / (n + z^2), z = 1.96
+    assert wilson_interval(16, 16) == pytest.approx((0.8064, 1.0), abs=1e-4)  # all 16 right is not "surely 100 %"
+    assert wilson_interval(6, 7) == pytest.approx((0.4869, 0.9743), abs=1e-4)
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+
+
+def test_bootstrap_auc_interval_equals_a_plain_resampling_reference_and_is_seeded():
+    """The vectorised stratified bootstrap gives what resampling the slides one by one and calling roc_auc gives, for
+    the same draws; the same seed gives the same interval."""
+    rng = np.random.default_rng(3)
+    y = np.r_[np.zeros(9), np.ones(7)].astype(int)
+    p = np.round(rng.random(16) + 0.3 * y, 1)  # rounded: ties between classes
+    draws = np.random.default_rng(0)
+    pos, neg = p[y == 1], p[y == 0]
+    pos_counts = draws.multinomial(pos.size, np.full(pos.size, 1 / pos.size), size=2000)
+    neg_counts = draws.multinomial(neg.size, np.full(neg.size, 1 / neg.size), size=2000)
+    reference = [roc_auc(np.r_[np.ones(pc.sum()), np.zeros(nc.sum())].astype(int),
+                         np.r_[np.repeat(pos, pc), np.repeat(neg, nc)]) for pc, nc in zip(pos_counts, neg_counts)]
+    low, high = bootstrap_auc_interval(y, p)
+    assert (low, high) == pytest.approx(tuple(np.quantile(reference, [0.025, 0.975])))
+    assert low < roc_auc(y, p) < high and bootstrap_auc_interval(y, p) == (low, high)
+    assert bootstrap_auc_interval(y[:4].tolist() + [1], p[:5]) != (low, high)
+    assert all(math.isnan(v) for v in bootstrap_auc_interval([0, 0], [0.1, 0.2]))
+
+
+def test_with_intervals_carries_n_positives_and_intervals_and_describe_says_them():
+    m = with_intervals(Y, P, threshold=0.8)
+    assert (m["n"], m["n_positive"]) == (7, 3)
+    assert m["auc_low"] <= m["auc"] <= m["auc_high"] and m["accuracy_low"] <= m["accuracy"] <= m["accuracy_high"]
+    assert (m["accuracy_low"], m["accuracy_high"]) == pytest.approx(wilson_interval(5, 7))
+    line = describe({f"test_{k}": v for k, v in m.items()}, "test_")
+    assert line.startswith(f"AUC {m['auc']:.3f} ({m['auc_low']:.2f}-{m['auc_high']:.2f}), accuracy 0.714")
+    assert line.endswith("[95 % CI; 7 slides, 3 tumour]")
+    json.dumps(m)

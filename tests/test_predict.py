@@ -80,8 +80,19 @@ def test_predict_writes_summary_tile_scores_heatmaps_and_metrics(ray_session, ru
     assert page.count("data:image/png;base64,") == len(records) + 1  # every heatmap and the ROC, inlined
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == len(records) and metrics["threshold"] == pytest.approx(threshold)
+    assert metrics["n_positive"] == sum(r.label for r in records)
     for key in ("auc", "accuracy", "f1"):
         assert 0.0 <= metrics[key] <= 1.0
+    for key in ("auc", "accuracy"):
+        assert metrics[f"{key}_low"] <= metrics[key] <= metrics[f"{key}_high"]
+    tile = meta["tile_threshold"]  # the run's tile threshold, not a fixed 0.5
+    for record in records:
+        for feature in json.loads((out / "qupath" / f"{record.slide_id}.geojson").read_text())["features"]:
+            props = feature["properties"]
+            if not props["measurements"]["hard negative"] and abs(props["measurements"]["tile score"] - tile) > 1e-5:
+                above = props["measurements"]["tile score"] >= tile
+                assert props["classification"]["name"] == (f"Tumour (tile score >= {tile:.3f})" if above
+                                                            else f"Non-tumour (tile score < {tile:.3f})")
 
 
 @pytest.mark.slow

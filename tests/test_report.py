@@ -195,6 +195,70 @@ def test_qupath_geojson_is_detections_whose_squares_are_the_tile_grid(run):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+def test_qupath_classes_and_heatmaps_use_the_runs_tile_threshold(run):
+    """QuPath classed tiles at a fixed 0.5 (a normal slide had as many 'tumour' tiles as a tumour slide): the class
+    now starts at the run's tile threshold, which meta.json records and which is the validation Youden threshold of
+    the slides' top tile scores under the final aggregator."""
+    from hnm_ray.inference import tile_threshold
+    from hnm_ray.store.features import FeatureStore
+    from hnm_ray.store.manifest import load_manifest
+
+    meta = json.loads((run / "checkpoint" / "meta.json").read_text())
+    records = load_manifest(_manifest(run))
+    store = FeatureStore(run / "features", "tiny-finetuned", round=1)
+    threshold = meta["tile_threshold"]
+    assert threshold == tile_threshold(run / "checkpoint" / "aggregator", store, records)
+    assert json.loads((run / "metrics.json").read_text())["tile_threshold"] == threshold
+    classes = set()
+    for record in records:
+        for feature in json.loads((run / "qupath" / f"{record.slide_id}.geojson").read_text())["features"]:
+            props = feature["properties"]
+            score = props["measurements"]["tile score"]
+            if props["measurements"]["hard negative"] or abs(score - threshold) < 1e-5:
+                continue  # mined tiles keep their own class; the file rounds scores to 6 decimals
+            expected = (f"Tumour (tile score >= {threshold:.3f})" if score >= threshold
+                        else f"Non-tumour (tile score < {threshold:.3f})")
+            assert props["classification"]["name"] == expected
+            classes.add(expected)
+    assert len(classes) == 2
+    page = (run / "report.html").read_text()
+    assert f"tile threshold {threshold:.3f}" in page and f"slide threshold {meta['threshold']:.3f}" in page
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_every_slide_auc_and_accuracy_carries_n_and_a_95_percent_interval(tiny_run, run, metrics):
+    """The demo page said 'slide AUC 0.500' beside '1.000' with no sample size: metrics.json, report.html and the
+    console now give n (slides, tumour) and a 95 % interval with every slide AUC and accuracy, and the page says in
+    one sentence how the two protocols differ and how the intervals are made."""
+    from hnm_ray.metrics import INTERVALS, describe
+    from hnm_ray.store.manifest import load_manifest
+
+    records = load_manifest(_manifest(run))
+    for split, values in (("test", metrics["final"]), ("test", metrics["official_protocol"]),
+                          ("val", metrics["final"]), *(("test", r) for r in metrics["rounds"])):
+        members = [r for r in records if r.split == split]
+        assert values[f"{split}_n"] == len(members) and values[f"{split}_n_positive"] == sum(r.label for r in members)
+        for key in ("auc", "accuracy"):
+            low, value, high = (values[f"{split}_{key}{s}"] for s in ("_low", "", "_high"))
+            assert 0.0 <= low <= value <= high <= 1.0, (split, key, low, value, high)
+    assert metrics["protocols"]["intervals"] == INTERVALS
+    page = Page((run / "report.html").read_text())
+    ours, official = _rows(page, "protocols")
+    assert int(ours["test_n"]) == metrics["final"]["test_n"] and int(ours["test_n_positive"]) >= 1
+    text = (run / "report.html").read_text()
+    final = metrics["final"]
+    interval = f"({final['test_auc_low']:.2f}–{final['test_auc_high']:.2f})"
+    assert f"{final['test_auc']:.3f} <span class='ci'>{interval}" in text
+    assert "the official protocol picks both on the test slides themselves" in text and INTERVALS in text
+    assert f"Test split: {final['test_n']} slides ({final['test_n_positive']} tumour)" in text
+    assert f"test {describe(final, 'test_')}" in tiny_run.done.stdout + tiny_run.done.stderr  # the console's done line
+    printed = json.loads(tiny_run.done.stdout.strip().splitlines()[-1])
+    assert printed["test_n"] == final["test_n"] and printed["test_auc_low"] == final["test_auc_low"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_mlflow_run_holds_config_rounds_final_metrics_and_artifacts(run, metrics):
     from mlflow.tracking import MlflowClient
 
@@ -247,13 +311,16 @@ def test_an_unfinished_run_gets_a_report_in_progress(tmp_path):
 
 
 def test_qupath_features_are_level0_squares_with_measurements():
-    collection = tile_features(np.array([0, 1]), np.array([0, 448]), np.array([224, 224]), 448.0,
-                               np.array([0.9, 0.1]), np.array([False, True]), np.array([1, -1]))
-    first, second = collection["features"]
+    collection = tile_features(np.array([0, 1, 2]), np.array([0, 448, 896]), np.array([224, 224, 224]), 448.0,
+                               np.array([0.9, 0.1, 0.6]), np.array([False, True, False]), np.array([1, -1, 0]),
+                               threshold=0.62)
+    first, second, third = collection["features"]
     assert first["geometry"]["coordinates"][0] == [[0, 224], [448, 224], [448, 672], [0, 672], [0, 224]]
     assert first["properties"]["measurements"] == {"tile score": 0.9, "hard negative": 0, "tile truth": 1}
     assert second["properties"]["measurements"] == {"tile score": 0.1, "hard negative": 1}  # truth unknown: left out
     assert second["properties"]["classification"]["name"] == "Hard negative (mined)"
+    assert first["properties"]["classification"]["name"] == "Tumour (tile score >= 0.620)"
+    assert third["properties"]["classification"]["name"] == "Non-tumour (tile score < 0.620)"  # 0.6: not >= 0.5 here
     json.dumps(collection, allow_nan=False)  # valid JSON: no NaN
 
 

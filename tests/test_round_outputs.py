@@ -46,12 +46,13 @@ def test_checkpoint_folder_holds_model_files_that_load_and_the_config_tree(tmp_p
     encoder = build_encoder("small_cnn")
     weights = save_weights(encoder.state_dict(), tmp_path / "finetune_round0_encoder.safetensors")
     last = {"round": 1, "model_path": str(model_path), "encoder_weights": str(weights), "val_threshold": 0.3}
-    folder = write_checkpoint(tmp_path, last, config)
+    folder = write_checkpoint(tmp_path, last, config, tile_threshold=0.7)
     loaded, saved = load_aggregator(folder / AGGREGATOR)
     bag = torch.randn(5, 128)
     for a, b in zip(loaded(bag), model.eval()(bag)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert json.loads((folder / "meta.json").read_text())["round"] == 1 and saved["threshold"] == 0.3
+    assert json.loads((folder / "meta.json").read_text())["tile_threshold"] == 0.7
     assert cfg.from_tree(TrainConfig, cfg.load_yaml(folder / "config.yaml")) == config
     again = build_encoder("small_cnn", folder / json.loads((folder / "meta.json").read_text())["encoder_weights"])
     for key, value in encoder.state_dict().items():

@@ -12,7 +12,10 @@ from hnm_ray.cluster import torch_device
 from hnm_ray.errors import ConfigError, HnmError
 from hnm_ray.progress import Progress
 from hnm_ray.registry import Registry, load_plugin
-from hnm_ray.report import heatmap, plot_roc, score_overlay
+from hnm_ray.report import ScoreScale, heatmap, plot_roc, score_overlay
+from hnm_ray.report.plots import OVERLAY_ALPHA, score_colours
+from hnm_ray.report.slides import ScoredSlide, tumour_and_normal
+from hnm_ray.store.manifest import SlideRecord
 
 
 def _tiles(n: int = 4, size: int = 64) -> torch.Tensor:
@@ -67,22 +70,46 @@ def test_augment_equals_its_plain_reference_bit_for_bit(seed):
 
 
 def test_roc_and_heatmap_pngs(tmp_path):
-    roc = plot_roc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]), tmp_path / "roc.png")
+    roc = plot_roc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]), tmp_path / "roc.png", threshold=0.4)
     with Image.open(roc) as picture:
         assert picture.size == (400, 400)
-    overlay = score_overlay((100, 200), (2000, 1000), np.array([0, 1000]), np.array([0, 0]), 500, np.array([1.0, 0.1]))
-    assert overlay.shape == (100, 200, 4)
-    assert overlay[10, 10, 0] > overlay[10, 10, 2] and overlay[10, 10, 3] > 0.5  # score 1: red, opaque
-    assert overlay[10, 110, 3] == 0  # score below the floor: transparent, the tissue stays visible
-    assert overlay[80, 60, 3] == 0  # no tile there
     thumb = np.full((100, 200, 3), 255, np.uint8)
     mask = np.zeros((10, 20), bool)
     mask[2:6, 2:8] = True
     path = heatmap(thumb, (2000, 1000), np.array([0, 1000]), np.array([0, 0]), 500, np.array([1.0, 0.1]),
-                   tmp_path / "h.png", title="s1 | true label: tumour (1) | predicted P(tumour) = 0.900",
+                   tmp_path / "h.png", ScoreScale(0.5, 1.0), title="s1 | true label: tumour (1)",
                    tumour_mask=mask, marked=np.array([False, True]))
     with Image.open(path) as picture:
         assert picture.size[0] > 200 and picture.size[1] > 100  # thumbnail, colour bar and title
+
+
+def test_heatmap_overlay_is_transparent_below_the_runs_tile_threshold_and_scaled_from_it():
+    """The demo run's tile scores all lay in 0.32-0.80: a fixed floor of 0.2 tinted the whole tissue. Tiles below the
+    run's threshold are transparent; colours run from the threshold (the map's first colour) to the run's top score
+    (its last), at one opacity so the colour bar matches the tissue."""
+    scale = ScoreScale(threshold=0.62, top=0.80)
+    x = np.array([0, 500, 1000, 1500])
+    overlay = score_overlay((100, 200), (2000, 1000), x, np.zeros(4), 500, np.array([0.61, 0.62, 0.80, 0.44]), scale)
+    assert overlay.shape == (100, 200, 4)
+    assert overlay[10, 10, 3] == 0 and overlay[10, 160, 3] == 0  # 0.61 and 0.44: below the threshold
+    assert overlay[10, 60, 3] == overlay[10, 110, 3] == OVERLAY_ALPHA
+    cmap = score_colours()
+    np.testing.assert_allclose(overlay[10, 60, :3], cmap(0.0)[:3])  # at the threshold: the first colour
+    np.testing.assert_allclose(overlay[10, 110, :3], cmap(1.0)[:3])  # the run's top score: the last colour
+    assert overlay[80, 60, 3] == 0  # no tile there
+    assert "0.620" in scale.label() and "0.800" in scale.label()
+
+
+def test_heatmap_title_states_the_runs_threshold_and_the_verdict():
+    """'predicted P(tumour) = 0.021' said neither the threshold (0.807) nor that the tumour slide was missed."""
+    def title(label, probability):
+        record = SlideRecord("demo_009", "demo_009.svs", label, "test")
+        empty = np.zeros(0)
+        return ScoredSlide(record, probability, empty, empty, empty, 1.0, empty, empty, empty).title(0.807)
+
+    assert "0.021 < threshold 0.807" in title(1, 0.021) and "called normal, MISSED" in title(1, 0.021)
+    assert "called tumour, hit" in title(1, 0.9) and "called normal, correct" in title(0, 0.2)
+    assert "FALSE ALARM" in title(0, 0.807) and "no label" in title(None, 0.5)
 
 
 def test_progress_line_counts_rate_and_extras():
@@ -124,3 +151,10 @@ def test_registry_and_plugins():
 def test_torch_device_is_explicit():
     assert torch_device(False) == "cpu"
     assert torch_device(True) == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_heatmap_slides_take_tumour_and_normal_test_slides_in_turn():
+    """The demo drew its first 4 test slides in manifest order: 3 normal, 1 tumour. Heatmaps alternate the classes."""
+    records = [SlideRecord(f"s{i}", "", label, "test") for i, label in enumerate([0, 0, 0, 1, 0, 1])]
+    assert tumour_and_normal(records, [r.slide_id for r in records], 4) == ["s3", "s0", "s5", "s1"]
+    assert tumour_and_normal(records, ["s0", "s1", "s2"], 2) == ["s0", "s1"]  # one class only: what there is

@@ -231,12 +231,13 @@ class JobConfig:
     manifest: str = knob("", "slide manifest (CSV/Parquet: slide_id, path, label[, split, annotation]); empty: the "
                              "built-in demo cohort")
     demo_dir: str = knob("", "where the demo cohort is cached (default: $HNM_RAY_CACHE or ~/.cache/hnm_ray)")
-    demo_slides: int = knob(16, "slides in the demo cohort", low=4)
-    demo_size: int = knob(4096, "level-0 side of demo slides in pixels", low=512)
+    demo_slides: int = knob(64, "slides in the demo cohort (a quarter of them test slides, half of those tumour)",
+                            low=4)
+    demo_size: int = knob(2048, "level-0 side of demo slides in pixels", low=512)
     store: str = knob("", "feature store root of round 0, a folder or s3:// / gs:// URI (default: <run>/features); "
                           "shareable between runs")
     rounds: int = knob(2, "fine-tuning rounds (the aggregator is trained rounds + 1 times)", low=0)
-    heatmaps: int = knob(4, "test slides to draw tile-score heatmaps for", low=0)
+    heatmaps: int = knob(4, "test slides to draw tile-score heatmaps for (tumour and normal in turn)", low=0)
     tracking: str = knob("none", "experiment tracking: none, or mlflow (config as params, per-round metrics with the "
                                  "round as step, report/ROC/heatmaps as artifacts; install hnm-ray[tracking])",
                          choices=["none", "mlflow"])

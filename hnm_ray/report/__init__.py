@@ -5,6 +5,6 @@
     qupath.py   a slide's tiles as QuPath detections (GeoJSON)
     html.py     report.html of a run folder or a predict output
 """
-from hnm_ray.report.plots import heatmap, plot_roc, score_overlay
+from hnm_ray.report.plots import ScoreScale, heatmap, plot_roc, score_overlay
 
-__all__ = ["heatmap", "plot_roc", "score_overlay"]
+__all__ = ["ScoreScale", "heatmap", "plot_roc", "score_overlay"]

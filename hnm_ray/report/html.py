@@ -13,11 +13,15 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from hnm_ray.metrics import INTERVALS
 from hnm_ray.run_folder import CONFIG_FILE, RunState
+
+if TYPE_CHECKING:
+    from hnm_ray.report.slides import Thresholds
 
 REPORT = "report.html"
 PROTOCOLS = {
@@ -25,12 +29,18 @@ PROTOCOLS = {
     "official_protocol": "official protocol: best test slide AUC over MIL epochs, Youden threshold on test "
                          "(optimistic; for comparison with the paper only)",
 }
-TEST_COLUMNS = [("test_auc", "slide AUC"), ("test_accuracy", "accuracy"), ("test_f1", "F1"),
+PROTOCOLS_IN_ONE_SENTENCE = (
+    "Ours picks the MIL epoch and the slide threshold on the validation slides and then scores the test slides once; "
+    "the official protocol picks both on the test slides themselves, so its numbers are optimistic and only serve to "
+    "compare with the paper.")
+TEST_COLUMNS = [("test_n", "test slides"), ("test_n_positive", "tumour"), ("test_auc", "slide AUC (95 % CI)"),
+                ("test_accuracy", "accuracy (95 % CI)"), ("test_f1", "F1"),
                 ("test_precision", "precision"), ("test_recall", "recall"), ("test_instance_auc", "instance AUC"),
                 ("test_instance_auprc", "instance AUPRC")]
-ROUND_COLUMNS = [("round", "round"), ("best_epoch", "MIL epoch kept"), ("val_auc", "val AUC"),
-                 ("val_accuracy", "val accuracy"), ("val_f1", "val F1"), ("test_auc", "test AUC"),
-                 ("test_accuracy", "test accuracy"), ("test_f1", "test F1"), ("test_instance_auc", "test instance AUC"),
+ROUND_COLUMNS = [("round", "round"), ("best_epoch", "MIL epoch kept"), ("val_auc", "val AUC (95 % CI)"),
+                 ("val_accuracy", "val accuracy (95 % CI)"), ("val_f1", "val F1"), ("test_auc", "test AUC (95 % CI)"),
+                 ("test_accuracy", "test accuracy (95 % CI)"), ("test_f1", "test F1"),
+                 ("test_instance_auc", "test instance AUC"),
                  ("test_instance_auprc", "test instance AUPRC"), ("official_test_auc", "official-protocol test AUC"),
                  ("hard_negatives", "hard negatives kept"), ("positives", "positives"),
                  ("finetune_seconds", "fine-tune s"), ("finetune_seconds_per_epoch", "fine-tune s/epoch")]
@@ -41,7 +51,7 @@ th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
 pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.8em;max-height:40em}
 figure{display:inline-block;margin:.5em;vertical-align:top;max-width:48%}figure img{max-width:100%;border:1px solid #ddd}
-.note{color:#555;font-size:.9em}
+.note{color:#555;font-size:.9em}.ci{color:#666;font-size:.9em}
 """
 
 
@@ -64,13 +74,19 @@ def write_run_report(run_dir: Path, final: dict[str, Any] | None = None) -> Path
     sections = [
         _section("Run", f"<p><b>{_e(run_dir.name)}</b>: {_e(status)}. Written {_e(time.strftime('%Y-%m-%d %H:%M:%S'))}."
                         "</p>" + _skipped((final or {}).get("skipped"), run_dir)),
-        _section("Test metrics, both protocols", _protocol_table(last, official)),
+        _section("Test metrics, both protocols", _protocol_table(last, official)
+                 + f"<p class='note'>{_e(PROTOCOLS_IN_ONE_SENTENCE)} {_e(_sample_size(last))} {_e(INTERVALS)}; "
+                   f"a difference smaller than the intervals is not a difference these slides can show.{_point(last)}"
+                   "</p>"),
         _section("Per round", _table([label for _, label in ROUND_COLUMNS],
                                      [_round_row(r, state) for r in rounds], [k for k, _ in ROUND_COLUMNS], "rounds")
-                 + "<p class='note'>Hard negatives kept: the global top mining.neg_ratio of negative-slide tiles the "
-                   "miner kept after this round's MIL (what fine-tuning used); fine-tune seconds from state.json.</p>"),
+                 + "<p class='note'>Every round is scored on the same validation and test slides (sizes above): read "
+                   "a change between rounds against the intervals. Hard negatives kept: the global top "
+                   "mining.neg_ratio of negative-slide tiles the miner kept after this round's MIL (what fine-tuning "
+                   "used); fine-tune seconds from state.json.</p>"),
         _section("ROC (test split)", _figures(run_dir, [run_dir / "roc.png"])),
-        _section("Heatmaps: test slides", _figures(run_dir, sorted((run_dir / "heatmaps").glob("*.png")))),
+        _section("Heatmaps: test slides", _heatmap_note(run_dir)
+                 + _figures(run_dir, sorted((run_dir / "heatmaps").glob("*.png")))),
         _section("Heatmaps: negative training slides with the most mined hard negatives",
                  "<p class='note'>Outlined: the tiles the miner kept in the last mining round (what fine-tuning "
                  "used); colours: the final aggregator's tile scores.</p>"
@@ -83,19 +99,21 @@ def write_run_report(run_dir: Path, final: dict[str, Any] | None = None) -> Path
     return _write(run_dir / REPORT, f"hnm-ray run {run_dir.name}", sections)
 
 
-def write_predict_report(out: Path, rows: list[dict[str, Any]], metrics: dict[str, Any] | None, threshold: float,
-                         checkpoint: Path, skipped: dict[str, Any] | None = None) -> Path:
+def write_predict_report(out: Path, rows: list[dict[str, Any]], metrics: dict[str, Any] | None,
+                         thresholds: Thresholds, checkpoint: Path, skipped: dict[str, Any] | None = None) -> Path:
     """Write <out>/report.html of a predict output: per-slide probabilities and labels, slide metrics (labelled
-    slides), ROC, heatmaps, QuPath files, the run's config and links to every output file."""
+    slides, with n and 95 % intervals), ROC, heatmaps, QuPath files, the run's config and links to every output file."""
     config_path = checkpoint / CONFIG_FILE
     keys = ["slide_id", "label", "probability", "prediction", "n_tiles", "status"]
     summary = (f"<p>{len(rows)} slides scored with the run at {_e(str(checkpoint))}; a slide is predicted tumour (1) "
-               f"when its probability is &ge; {threshold:.3f}, the run's validation (Youden) threshold.</p>")
-    metric_keys = ["auc", "accuracy", "f1", "precision", "recall", "n"]
+               f"when its probability is &ge; {thresholds.slide:.3f}, the run's validation (Youden) threshold; tiles "
+               f"are coloured and classed tumour from the run's tile threshold {thresholds.tile:.3f}.</p>")
+    metric_keys = ["n", "n_positive", "auc", "accuracy", "f1", "precision", "recall"]
+    metric_labels = ["slides", "tumour", "AUC (95 % CI)", "accuracy (95 % CI)", "F1", "precision", "recall"]
     sections = [
         _section("Prediction", summary + _skipped(skipped, out)),
-        _section("Slide metrics (labelled slides)", _table(metric_keys, [metrics], metric_keys, "metrics")
-                 if metrics else "<p>No labelled slides: no metrics.</p>"),
+        _section("Slide metrics (labelled slides)", _table(metric_labels, [metrics], metric_keys, "metrics")
+                 + f"<p class='note'>{_e(INTERVALS)}.</p>" if metrics else "<p>No labelled slides: no metrics.</p>"),
         _section("Slides", _table(keys, rows, keys, "slides")),
         _section("ROC", _figures(out, [out / "roc.png"])),
         _section("Heatmaps", _figures(out, sorted((out / "heatmaps").glob("*.png")))),
@@ -131,6 +149,37 @@ def _round_row(result: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
             "finetune_seconds": finetune.get("seconds"), "finetune_seconds_per_epoch": finetune.get("seconds_per_epoch")}
 
 
+def _sample_size(metrics: dict[str, Any]) -> str:
+    """'Test split: 16 slides (8 tumour); validation: 16 slides (8 tumour).' from a round's metrics."""
+    parts = [f"{name}: {metrics[f'{key}_n']} slides ({metrics.get(f'{key}_n_positive', '?')} tumour)"
+             for key, name in (("test", "Test split"), ("val", "validation")) if f"{key}_n" in metrics]
+    return "; ".join(parts) + "." if parts else ""
+
+
+def _point(metrics: dict[str, Any]) -> str:
+    """A warning when the test AUC interval is a single point (every bootstrap resample ranks the slides alike)."""
+    low, high = metrics.get("test_auc_low"), metrics.get("test_auc_high")
+    if not isinstance(low, float) or math.isnan(low) or low != high:
+        return ""
+    return (f" The test AUC interval is the single point {low:.2f}: every resample of these {metrics.get('test_n')} "
+            "slides ranks them the same way, which with few slides is weak evidence; read it with n and the accuracy "
+            "interval.")
+
+
+def _heatmap_note(run_dir: Path) -> str:
+    """What the heatmaps' colours and titles mean, with the run's two thresholds (from checkpoint/meta.json)."""
+    meta_path = run_dir / "checkpoint" / "meta.json"
+    if not meta_path.is_file():
+        return ""
+    meta = json.loads(meta_path.read_text())
+    return (f"<p class='note'>Title: the slide's probability against the run's slide threshold "
+            f"{meta['threshold']:.3f} (validation Youden), the call it gives and whether it is right (hit / MISSED "
+            f"for tumour slides, correct / FALSE ALARM for normal ones). Colours: tiles scoring at or above the run's "
+            f"tile threshold {meta['tile_threshold']:.3f} (the validation Youden threshold of each slide's top tile "
+            f"score: such a tile alone would call its slide tumour), on one scale from it to the run's highest tile "
+            f"score; lower tiles are transparent. The QuPath files class tiles at the same tile threshold.</p>")
+
+
 def _protocol_table(ours: dict[str, Any], official: dict[str, Any] | None) -> str:
     rows = [{"protocol": PROTOCOLS["ours"], **ours}]
     if official:
@@ -142,14 +191,18 @@ def _protocol_table(ours: dict[str, Any], official: dict[str, Any] | None) -> st
 def _table(headers: list[str], rows: list[dict[str, Any]], keys: list[str], name: str) -> str:
     """An HTML table; each cell carries data-key (the metric) and data-value (the unrounded number) for tests."""
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(_cell(k, row.get(k)) for k in keys) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(_cell(k, row.get(k), row.get(f"{k}_low"), row.get(f"{k}_high")) for k in keys)
+                   + "</tr>" for row in rows)
     return f"<table id='{name}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _cell(key: str, value: Any) -> str:
+def _cell(key: str, value: Any, low: Any = None, high: Any = None) -> str:
+    """A cell: the number to 3 decimals, with its 95 % interval when the row has `<key>_low` / `<key>_high`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"<td data-key='{key}'>{_e('–' if value is None or value == '' else str(value))}</td>"
     text = "–" if math.isnan(value) else f"{value:.3f}" if isinstance(value, float) else str(value)
+    if isinstance(low, float) and isinstance(high, float) and not math.isnan(low):
+        text += f" <span class='ci'>({low:.2f}–{high:.2f})</span>"
     return f"<td data-key='{key}' data-value='{value!r}'>{text}</td>"
 
 

@@ -1,52 +1,90 @@
 """Pictures: the ROC curve of a split, and tile-score heatmaps over slide thumbnails that a pathologist can read."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 
-def plot_roc(labels: np.ndarray, probs: np.ndarray, path: str | Path, title: str = "ROC") -> Path:
-    """Write the ROC curve (with its AUC) of slide probabilities as a PNG."""
+def plot_roc(labels: np.ndarray, probs: np.ndarray, path: str | Path, title: str = "ROC",
+             threshold: float | None = None) -> Path:
+    """Write the ROC curve of slide probabilities as a PNG: its AUC with the 95 % bootstrap interval, the number of
+    slides (tumour / normal) in the title, and the operating point at `threshold` (the run's validation threshold)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_auc_score, roc_curve
+
+    from hnm_ray.metrics import bootstrap_auc_interval, roc_auc, roc_points
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
     fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-    if len(set(np.asarray(labels).tolist())) == 2:
-        fpr, tpr, _ = roc_curve(labels, probs)
-        ax.plot(fpr, tpr, lw=2, label=f"AUC = {roc_auc_score(labels, probs):.3f}")
+    if len(set(labels.tolist())) == 2:
+        fpr, tpr, _ = roc_points(labels, probs)
+        low, high = bootstrap_auc_interval(labels, probs)
+        ax.plot(fpr, tpr, lw=2, label=f"AUC = {roc_auc(labels, probs):.3f} (95 % CI {low:.2f}-{high:.2f})")
+        if threshold is not None:
+            called = probs >= threshold
+            ax.plot(np.mean(called[labels == 0]), np.mean(called[labels == 1]), "o", color="black",
+                    label=f"at threshold {threshold:.3f}")
     else:
         ax.text(0.5, 0.5, "one class only: no ROC", ha="center")
     ax.plot([0, 1], [0, 1], "k--", lw=1)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right")
+    counts = f"{labels.size} slides: {int(np.sum(labels == 1))} tumour, {int(np.sum(labels == 0))} normal"
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set_title(f"{title}\n{counts}", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
 
 
-SCORE_CMAP = "turbo"
+# The upper part of viridis (teal -> green -> yellow) stays apart from pink eosin, purple nuclei and the magenta
+# hard-negative boxes, also blended; tiles are drawn at one opacity (the tissue shows through), so the colour bar,
+# drawn over H&E pink at that opacity, shows the colours as they look on the tissue.
+SCORE_CMAP, SCORE_CMAP_FROM = "viridis", 0.35
+OVERLAY_ALPHA = 0.6
+H_AND_E_PINK = (0.93, 0.66, 0.80)
 OUTLINE_COLOUR = "#00e000"
 HARD_NEGATIVE_COLOUR = "#ff00ff"
 
 
+@dataclass(frozen=True)
+class ScoreScale:
+    """How tile scores become colours: transparent below `threshold` (the run's tile threshold), colours from
+    `threshold` to `top` (the highest tile score of the run), so every heatmap of a run reads on one scale."""
+
+    threshold: float
+    top: float
+
+    def norm(self):
+        """The matplotlib Normalize from threshold to top (a hair above the threshold when no tile reaches it)."""
+        from matplotlib.colors import Normalize
+
+        return Normalize(self.threshold, max(self.top, self.threshold + 1e-3))
+
+    def label(self) -> str:
+        """What the colour bar says."""
+        return (f"tile score, from the run's tile threshold {self.threshold:.3f}\nto its highest tile score "
+                f"{max(self.top, self.threshold):.3f}; lower tiles transparent")
+
+
 def score_overlay(shape: tuple[int, int], level0_dims: tuple[int, int], x: np.ndarray, y: np.ndarray, extent: float,
-                  scores: np.ndarray, floor: float = 0.2, max_alpha: float = 0.7) -> np.ndarray:
-    """RGBA (h, w, 4) floats in 0..1 of tile scores painted at thumbnail size: the colour map's colour, opacity
-    rising from 0 at `floor` to `max_alpha` at 1, so low scores and untiled areas leave the tissue visible."""
+                  scores: np.ndarray, scale: ScoreScale, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """RGBA (h, w, 4) floats in 0..1 of tile scores painted at thumbnail size: tiles scoring at or above
+    `scale.threshold` in the colour map's colour (scaled from the threshold to `scale.top`) at opacity `alpha`;
+    tiles below it and untiled areas transparent, so the tissue stays visible."""
     import matplotlib
 
     h, w = shape
     sx, sy = w / level0_dims[0], h / level0_dims[1]
-    values = np.clip(np.asarray(scores, np.float64), 0, 1)
-    colours = matplotlib.colormaps[SCORE_CMAP](values)
-    colours[:, 3] = max_alpha * np.clip((values - floor) / (1 - floor), 0, 1)
+    values = np.asarray(scores, np.float64)
+    colours = score_colours()(scale.norm()(values).filled(0.0))
+    colours[:, 3] = np.where(values >= scale.threshold, alpha, 0.0)
     overlay = np.zeros((h, w, 4), np.float64)
     for xi, yi, colour in zip(x, y, colours):
         x0, y0 = int(xi * sx), int(yi * sy)
@@ -54,12 +92,29 @@ def score_overlay(shape: tuple[int, int], level0_dims: tuple[int, int], x: np.nd
     return overlay
 
 
+def score_colours():
+    """The tile-score colour map: SCORE_CMAP from SCORE_CMAP_FROM to its end."""
+    import matplotlib
+    from matplotlib.colors import ListedColormap
+
+    return ListedColormap(matplotlib.colormaps[SCORE_CMAP](np.linspace(SCORE_CMAP_FROM, 1, 256)))
+
+
+def _colours_on_tissue(alpha: float = OVERLAY_ALPHA):
+    """The colour map as it looks drawn at `alpha` over H&E pink (for the colour bar)."""
+    from matplotlib.colors import ListedColormap
+
+    colours = score_colours()(np.linspace(0, 1, 256))[:, :3]
+    return ListedColormap(alpha * colours + (1 - alpha) * np.asarray(H_AND_E_PINK))
+
+
 def heatmap(thumbnail: np.ndarray, level0_dims: tuple[int, int], x: np.ndarray, y: np.ndarray, extent: float,
-            scores: np.ndarray, path: str | Path, title: str = "", tumour_mask: np.ndarray | None = None,
-            marked: np.ndarray | None = None, floor: float = 0.2) -> Path:
-    """A heatmap a pathologist can read, as a PNG: the slide thumbnail, tile scores (0..1) as a colour map with a
-    colour bar (scores below `floor` transparent), the tumour outline of `tumour_mask` (any scale, spanning the
-    slide), tiles where `marked` is true (the mined hard negatives) outlined, and `title`. Axes in level-0 pixels."""
+            scores: np.ndarray, path: str | Path, scale: ScoreScale, title: str = "",
+            tumour_mask: np.ndarray | None = None, marked: np.ndarray | None = None) -> Path:
+    """A heatmap a pathologist can read, as a PNG: the slide thumbnail, tile scores at or above the run's tile
+    threshold in colour on the run's scale (`scale`, stated on the colour bar; lower scores transparent), the tumour
+    outline of `tumour_mask` (any scale, spanning the slide), tiles where `marked` is true (the mined hard negatives)
+    outlined, and `title`. Axes in level-0 pixels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,8 +130,10 @@ def heatmap(thumbnail: np.ndarray, level0_dims: tuple[int, int], x: np.ndarray, 
     fig, ax = plt.subplots(figsize=(8, max(3.0, 7.0 * h / w) + 1.0), dpi=120)
     bounds = (0, width, height, 0)
     ax.imshow(thumbnail, extent=bounds, interpolation="bilinear")
-    ax.imshow(score_overlay((h, w), level0_dims, x, y, extent, scores, floor), extent=bounds, interpolation="nearest")
-    legend = []
+    ax.imshow(score_overlay((h, w), level0_dims, x, y, extent, scores, scale), extent=bounds, interpolation="nearest")
+    above = int(np.sum(np.asarray(scores) >= scale.threshold))
+    legend = [Patch(facecolor=_colours_on_tissue()(0.75), label=f"tile score >= {scale.threshold:.3f} "
+                                                                  f"({above} of {len(scores)} tiles)")]
     if tumour_mask is not None and tumour_mask.any():
         mh, mw = tumour_mask.shape
         ax.contour((np.arange(mw) + 0.5) * width / mw, (np.arange(mh) + 0.5) * height / mh,
@@ -89,11 +146,10 @@ def heatmap(thumbnail: np.ndarray, level0_dims: tuple[int, int], x: np.ndarray, 
                             label=f"mined hard negative ({int(np.sum(marked))} tiles)"))
     ax.set(xlim=(0, width), ylim=(height, 0), xlabel="x (level-0 px)", ylabel="y (level-0 px)")
     ax.tick_params(labelsize=7)
-    if legend:
-        ax.legend(handles=legend, loc="upper right", fontsize=8, framealpha=0.85)
-    bar = fig.colorbar(matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, 1), SCORE_CMAP), ax=ax,
-                       fraction=0.04, pad=0.02)
-    bar.set_label(f"tile score (tumour probability; < {floor:g} transparent)", fontsize=8)
+    ax.legend(handles=legend, loc="upper right", fontsize=8, framealpha=0.85)
+    bar = fig.colorbar(matplotlib.cm.ScalarMappable(scale.norm(), _colours_on_tissue()), ax=ax, fraction=0.04,
+                       pad=0.02)
+    bar.set_label(scale.label(), fontsize=8)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")  # never clip the colour bar label

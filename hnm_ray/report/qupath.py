@@ -16,15 +16,17 @@ from typing import Any
 
 import numpy as np
 
-TUMOUR = {"name": "Tumour (tile score >= 0.5)", "color": [220, 30, 30]}
-OTHER = {"name": "Non-tumour (tile score < 0.5)", "color": [40, 90, 220]}
+TUMOUR_COLOUR, OTHER_COLOUR = [220, 30, 30], [40, 90, 220]
 HARD_NEGATIVE = {"name": "Hard negative (mined)", "color": [255, 0, 255]}
 
 
 def tile_features(tile_id: np.ndarray, x: np.ndarray, y: np.ndarray, extent: float, score: np.ndarray,
-                  hard_negative: np.ndarray, truth: np.ndarray | None = None) -> dict[str, Any]:
-    """A FeatureCollection with one square detection per tile (level-0 polygon), classified hard negative / tumour /
-    non-tumour, with measurements: tile score, hard-negative flag (0/1), tile truth (0/1, only where known)."""
+                  hard_negative: np.ndarray, truth: np.ndarray | None = None, *, threshold: float) -> dict[str, Any]:
+    """A FeatureCollection with one square detection per tile (level-0 polygon), classified hard negative / tumour
+    (score >= the run's tile `threshold`) / non-tumour, the threshold in the class name; measurements: tile score,
+    hard-negative flag (0/1), tile truth (0/1, only where known)."""
+    tumour = {"name": f"Tumour (tile score >= {threshold:.3f})", "color": TUMOUR_COLOUR}
+    other = {"name": f"Non-tumour (tile score < {threshold:.3f})", "color": OTHER_COLOUR}
     features = []
     for i in range(len(tile_id)):
         x0, y0 = float(x[i]), float(y[i])
@@ -32,7 +34,7 @@ def tile_features(tile_id: np.ndarray, x: np.ndarray, y: np.ndarray, extent: flo
         measurements = {"tile score": round(float(score[i]), 6), "hard negative": int(bool(hard_negative[i]))}
         if truth is not None and truth[i] >= 0:
             measurements["tile truth"] = int(truth[i])
-        kind = HARD_NEGATIVE if hard_negative[i] else TUMOUR if score[i] >= 0.5 else OTHER
+        kind = HARD_NEGATIVE if hard_negative[i] else tumour if score[i] >= threshold else other
         features.append({
             "type": "Feature",
             "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},

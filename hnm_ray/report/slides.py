@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 
 from hnm_ray.errors import HnmError
 from hnm_ray.inference import load_aggregator, tile_scores
-from hnm_ray.report.plots import heatmap
+from hnm_ray.report.plots import ScoreScale, heatmap
 from hnm_ray.report.qupath import tile_features, write_geojson
 from hnm_ray.run_folder import RunState
 from hnm_ray.store.features import FeatureStore
@@ -22,6 +23,16 @@ from hnm_ray.store.manifest import SlideRecord
 
 log = logging.getLogger("hnm_ray")
 LABEL_NAMES = {0: "normal (0)", 1: "tumour (1)", None: "unknown"}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """A run's two thresholds: `slide` for slide probabilities (the validation Youden threshold: the slide's call),
+    `tile` for tile scores (the validation Youden threshold of each slide's top tile score: heatmap colours and QuPath
+    classes start there)."""
+
+    slide: float
+    tile: float
 
 
 @dataclass
@@ -38,11 +49,15 @@ class ScoredSlide:
     truth: np.ndarray  # -1 unknown
     hard_negative: np.ndarray  # bool
 
-    @property
-    def title(self) -> str:
-        """Slide id, true label and predicted probability: the heatmap's title."""
-        return (f"{self.record.slide_id}   |   true label: {LABEL_NAMES.get(self.record.label, 'unknown')}   |   "
-                f"predicted P(tumour) = {self.probability:.3f}")
+    def title(self, threshold: float) -> str:
+        """The heatmap's title: slide id, true label, the probability against the run's slide `threshold`, the call
+        and whether it is right (hit, miss, correct, false alarm)."""
+        called = self.probability >= threshold
+        verdict = {(1, True): "hit", (1, False): "MISSED", (0, False): "correct", (0, True): "FALSE ALARM"}.get(
+            (self.record.label, called), "no label")
+        return (f"{self.record.slide_id}   |   true label: {LABEL_NAMES.get(self.record.label, 'unknown')}\n"
+                f"P(tumour) = {self.probability:.3f} {'>=' if called else '<'} threshold {threshold:.3f}: called "
+                f"{'tumour' if called else 'normal'}, {verdict}")
 
 
 def mined_hard_negatives(run_dir: Path) -> pa.Table | None:
@@ -80,10 +95,12 @@ def score_slide(model, store: FeatureStore, record: SlideRecord, level_downsampl
 
 
 def write_slide_outputs(model_path: str | Path, store: FeatureStore, records: list[SlideRecord], qupath_dir: Path | None,
-                        heatmaps: dict[str, Path], hard_negatives: pa.Table | None = None,
+                        heatmaps: dict[str, Path], thresholds: Thresholds, hard_negatives: pa.Table | None = None,
                         thumbnail_size: int = 1024) -> list[ScoredSlide]:
-    """For each record in the store: `<qupath_dir>/<slide_id>.geojson` (QuPath detections; skipped when None) and a
-    heatmap PNG where `heatmaps` maps its slide id to a path. A slide that cannot be opened is logged and skipped."""
+    """For each record in the store: `<qupath_dir>/<slide_id>.geojson` (QuPath detections classified at the tile
+    threshold; skipped when None) and a heatmap PNG where `heatmaps` maps its slide id to a path, every heatmap on one
+    scale (tile threshold to the highest tile score of these slides). A slide that cannot be opened is logged and
+    skipped."""
     from hnm_ray.slides.annotation import load_annotation
     from hnm_ray.slides.reader import open_slide
 
@@ -96,19 +113,35 @@ def write_slide_outputs(model_path: str | Path, store: FeatureStore, records: li
             with open_slide(record.path, slide_id=record.slide_id, device="cpu") as reader:
                 slide = score_slide(model, store, record, reader.info.level_downsamples,
                                     mined.get(record.slide_id, np.zeros(0, np.int32)))
-                if qupath_dir is not None:
-                    write_geojson(tile_features(slide.tile_id, slide.x, slide.y, slide.extent, slide.score,
-                                                slide.hard_negative, slide.truth), qupath_dir / f"{record.slide_id}.geojson")
-                if record.slide_id in heatmaps:
-                    mask = load_annotation(record.annotation) if record.annotation else None
-                    heatmap(reader.thumbnail(thumbnail_size), reader.info.level_dimensions[0], slide.x, slide.y,
-                            slide.extent, slide.score, heatmaps[record.slide_id], title=slide.title, tumour_mask=mask,
-                            marked=slide.hard_negative)
         except HnmError as exc:
             log.warning("no heatmap / QuPath export for slide %r: %s", record.slide_id, exc)
             continue
+        if qupath_dir is not None:
+            features = tile_features(slide.tile_id, slide.x, slide.y, slide.extent, slide.score, slide.hard_negative,
+                                     slide.truth, threshold=thresholds.tile)
+            write_geojson(features, qupath_dir / f"{record.slide_id}.geojson")
         scored.append(slide)
+    scale = ScoreScale(thresholds.tile, max((float(s.score.max()) for s in scored if s.score.size), default=1.0))
+    for slide in (s for s in scored if s.record.slide_id in heatmaps):
+        record = slide.record
+        try:
+            with open_slide(record.path, slide_id=record.slide_id, device="cpu") as reader:
+                mask = load_annotation(record.annotation) if record.annotation else None
+                heatmap(reader.thumbnail(thumbnail_size), reader.info.level_dimensions[0], slide.x, slide.y,
+                        slide.extent, slide.score, heatmaps[record.slide_id], scale,
+                        title=slide.title(thresholds.slide), tumour_mask=mask, marked=slide.hard_negative)
+        except HnmError as exc:
+            log.warning("no heatmap for slide %r: %s", record.slide_id, exc)
     return scored
+
+
+def tumour_and_normal(records: list[SlideRecord], slide_ids: list[str], n: int) -> list[str]:
+    """Up to `n` of `slide_ids`, tumour and normal slides taken in turn (manifest order within each), so a run's
+    heatmaps show both kinds of slide."""
+    chosen = set(slide_ids)
+    tumour = [r.slide_id for r in records if r.slide_id in chosen and r.label == 1]
+    others = [r.slide_id for r in records if r.slide_id in chosen and r.label != 1]
+    return [s for pair in zip_longest(tumour, others) for s in pair if s is not None][:n]
 
 
 def most_mined(records: list[SlideRecord], hard_negatives: pa.Table | None, n: int) -> list[str]:

@@ -260,23 +260,30 @@ def _splits(labels: np.ndarray, rng: np.random.Generator) -> list[str]:
     return splits
 
 
-def make_demo_cohort(out: str | Path, n_slides: int = 16, seed: int = 0, size: int = 4096) -> Path:
-    """Write n_slides synthetic slides (half with tumour, with masks) and out/manifest.csv; return its path.
-
-    Deterministic for a seed (byte-identical files). The manifest is written last, so its presence means the
-    cohort is complete. About 0.9 s per 4096-px slide on one core, slides written in parallel threads.
-    """
-    if n_slides < 1 or size < 512:
-        raise ValueError(f"make_demo_cohort needs n_slides >= 1 and size >= 512 (got {n_slides}, {size})")
-    out = Path(out)
-    (out / "slides").mkdir(parents=True, exist_ok=True)
+def cohort_plan(n_slides: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """What a demo cohort holds, without rendering it: labels (half tumour), tumour-mimic flags (half of each class)
+    and stratified splits (a quarter of each class to val and to test)."""
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n_slides) % 2)
     mimics = np.zeros(n_slides, bool)
     for label in (0, 1):  # half of the slides of each class carry tumour mimics
         members = rng.permutation(np.flatnonzero(labels == label))
         mimics[members[: (len(members) + 1) // 2]] = True
-    splits = _splits(labels, rng)
+    return labels, mimics, _splits(labels, rng)
+
+
+def make_demo_cohort(out: str | Path, n_slides: int = 64, seed: int = 0, size: int = 2048) -> Path:
+    """Write n_slides synthetic slides (half with tumour, with masks) and out/manifest.csv; return its path.
+
+    Deterministic for a seed (byte-identical files). The manifest is written last, so its presence means the
+    cohort is complete. About 0.9 s per 4096-px slide on one core (a quarter of it at 2048 px), slides written in
+    parallel threads.
+    """
+    if n_slides < 1 or size < 512:
+        raise ValueError(f"make_demo_cohort needs n_slides >= 1 and size >= 512 (got {n_slides}, {size})")
+    out = Path(out)
+    (out / "slides").mkdir(parents=True, exist_ok=True)
+    labels, mimics, splits = cohort_plan(n_slides, seed)
     width = size // 64 * 64
     height = int(size * 0.75) // 64 * 64
 

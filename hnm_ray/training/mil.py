@@ -149,15 +149,18 @@ def _keeps(metrics: dict[str, Any], best: dict[str, Any] | None, mc: dict[str, A
 def official_protocol_update(best: dict[str, Any] | None, model, test_bags: list[Bag], epoch: int,
                              device: str) -> dict[str, Any] | None:
     """The official code's report: the epoch of best TEST slide AUC, with the Youden threshold picked on test.
-    Kept apart from our protocol (epoch and threshold on validation) and labelled so."""
-    from hnm_ray.metrics import slide_metrics
+    Kept apart from our protocol (epoch and threshold on validation) and labelled so; the kept epoch's metrics carry
+    their 95 % intervals."""
+    from hnm_ray.metrics import slide_intervals, slide_metrics
 
     if not test_bags:
         return best
     probs, _ = evaluate_bags(model, test_bags, device)
-    metrics = slide_metrics(np.asarray([b.label for b in test_bags]), probs)
+    labels = np.asarray([b.label for b in test_bags])
+    metrics = slide_metrics(labels, probs)
     auc = -1.0 if math.isnan(metrics["auc"]) else metrics["auc"]
     if best is None or auc > best["test_auc"]:
+        metrics.update(slide_intervals(labels, probs, metrics["threshold"]))
         return {"epoch": epoch, **{f"test_{k}": v for k, v in metrics.items()}}
     return best
 
