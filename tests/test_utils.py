@@ -149,8 +149,13 @@ def test_registry_and_plugins():
 
 
 def test_torch_device_is_explicit():
-    assert torch_device(False) == "cpu"
-    assert torch_device(True) == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert torch_device(False, "mil.use_gpu") == "cpu"
+    if torch.cuda.is_available():
+        assert torch_device(True, "mil.use_gpu") == "cuda"
+    else:  # a GPU asked for where torch sees none: refused, naming the knob (never a silent CPU run)
+        with pytest.raises(ConfigError, match="sees none") as info:
+            torch_device(True, "mil.use_gpu")
+        assert info.value.key == "mil.use_gpu"
 
 
 def test_heatmap_slides_take_tumour_and_normal_test_slides_in_turn():
