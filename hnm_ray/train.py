@@ -90,7 +90,7 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
     final = finish(run_dir, history, records, store, finetune, config)
     final["seconds"] = time.perf_counter() - started
     final["stage_seconds"] = state.get("seconds")
-    (run_dir / "metrics.json").write_text(json.dumps(final, indent=2, default=float))
+    storage.write_bytes(json.dumps(final, indent=2, default=float), run_dir / "metrics.json")
     sync(run_dir)  # a run folder on object storage gets the last outputs
     log.info("done: %s (test AUC %.3f; official protocol %.3f)", run_dir / "metrics.json",
              final["final"].get("test_auc", np.nan), (final["official_protocol"] or {}).get("test_auc", np.nan))
@@ -136,9 +136,9 @@ def train_aggregator(config: TrainConfig, store: FeatureStore, records: list[Sli
                      seed=config.run.seed)
     result = {"round": round_, "best_epoch": fitted.best_epoch,
               **{k: v for k, v in fitted.metrics.items() if k.startswith("val_")},
-              **evaluate_split(fitted.model_path, store, records, "test", fitted.threshold),
+              **evaluate_split(fitted.model_path, store, records, "test", fitted.threshold, config.mil.aggregator),
               "official_protocol": fitted.official_protocol, "model_path": fitted.model_path, "encoder_weights": weights}
-    (run_dir / f"metrics_round{round_}.json").write_text(json.dumps(result, indent=2, default=float))
+    storage.write_bytes(json.dumps(result, indent=2, default=float), run_dir / f"metrics_round{round_}.json")
     log.info("round %d: val AUC %.3f, test AUC %.3f, test instance AUC %.3f", round_, result.get("val_auc", np.nan),
              result.get("test_auc", np.nan), result.get("test_instance_auc", np.nan))
     return result
@@ -156,7 +156,8 @@ def mine(config: TrainConfig, store: FeatureStore, records: list[SlideRecord], r
     last_epoch = (round_ + 1) * config.finetune.epochs_per_round - 1
     max_ratio = positive_ratio(last_epoch, config.finetune.warmup_epochs, config.total_finetune_epochs,
                                config.mining.ro, config.mining.rT)
-    selection = mine_round(config.mining, store, records, result["model_path"], run_dir, round_, miner_name, max_ratio)
+    selection = mine_round(config.mining, store, records, result["model_path"], run_dir, round_, miner_name, max_ratio,
+                           plugin=config.mil.aggregator)
     folder = selection.save(run_dir / f"selection_round{round_}")
     return {"round": round_, "val_f1": val_f1 if not math.isnan(val_f1) else -1.0, "folder": str(folder),
             "stats": selection.stats, "hard_negatives": selection.hard_negatives.num_rows,

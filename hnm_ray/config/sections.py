@@ -18,6 +18,11 @@ from dataclasses import dataclass
 from hnm_ray.config.tree import knob, section
 from hnm_ray.errors import ConfigError
 
+# Not a knob: only the command line can give it, never a file (README "Which files must come from someone you trust").
+TRUST_PLUGINS_FLAG = "--trust-plugins"
+TRUST_PLUGINS_HELP = ("run TorchScript encoders and module:callable plug-ins that a file names (--config, a --recipe "
+                      "file, a resumed run's or a checkpoint's config.yaml, aggregator.json); without it such a file "
+                      "may name registered encoders/aggregators only. Give it only for files from someone you trust")
 
 @dataclass
 class TissueConfig:
@@ -68,7 +73,8 @@ class EncoderConfig:
     """The tile encoder f: architecture, initial weights and what its input looks like."""
 
     name: str = knob("small_cnn", "tile encoder: small_cnn, resnet18_in (the paper's), module:callable, or a "
-                                  "TorchScript .pt")
+                                  "TorchScript .pt (these two run code: from a file only with --trust-plugins)",
+                      code=True)
     weights: str | None = knob(None, "initial encoder weights (safetensors or a torch state dict, ours or the "
                                      "official ItS2CLR SimCLR layout); none: a warm start by pretrain, or random init")
     norm: str = knob("affine", "resnet18_in instance norm: affine (learnable scale/shift) or plain (official: none)",
@@ -114,7 +120,7 @@ class MILConfig:
     """MIL aggregator: model, losses (bag/instance BCE + ranking loss), optimiser, Ray Train resources."""
 
     aggregator: str = knob("dsmil", "aggregator: dsmil, dsmil_its2clr (the official variant), abmil, or "
-                                    "module:callable")
+                                    "module:callable (from a file only with --trust-plugins)", code=True)
     hidden: int = knob(128, "aggregator hidden (query) size", low=1)
     dropout: float = knob(0.0, "aggregator dropout", low=0.0, high=1.0, high_open=True)
     epochs: int = knob(40, "aggregator training epochs per round", low=1)
@@ -235,6 +241,12 @@ class JobConfig:
                                  "http://HOST:PORT; empty: <runs_dir>/mlruns")
     seed: int = knob(0, "seed of splits, init, pairing, sampling and augmentations")
     verbose: bool = knob(False, "show Ray's own INFO lines on the console (always in <run>/ray.log)")
+
+    def validate(self) -> None:
+        """run.name is one folder name inside runs_dir: no path separators, not `.` or `..`."""
+        if any(c in self.name for c in "/\\\0") or self.name in (".", ".."):
+            raise ConfigError("run.name", f"{self.name!r} must be a single folder name (no '/', '\\', '.' or '..'); "
+                                          "put the folder it goes in into run.runs_dir")
 
 
 @dataclass

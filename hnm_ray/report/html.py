@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from hnm_ray.run_folder import CONFIG_FILE, RunState
+from hnm_ray.storage import write_bytes
 
 REPORT = "report.html"
 PROTOCOLS = {
@@ -187,8 +188,5 @@ def _write(path: Path, title: str, sections: list[str]) -> Path:
     """The page, written atomically (a browser refreshing it during a run never sees half a page)."""
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
             f"<style>{STYLE}</style></head><body><h1>{_e(title)}</h1>{''.join(sections)}</body></html>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    write_bytes(page, path)
     return path

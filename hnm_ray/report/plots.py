@@ -1,9 +1,20 @@
 """Pictures: the ROC curve of a split, and tile-score heatmaps over slide thumbnails that a pathologist can read."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from hnm_ray.storage import write_bytes
+
+
+def save_png(fig: Any, path: str | Path, **kwargs: Any) -> None:
+    """A matplotlib figure as a PNG at `path`, atomically and never through a symlink (`storage.write_bytes`)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", **kwargs)
+    write_bytes(buffer.getvalue(), Path(path))
 
 
 def plot_roc(labels: np.ndarray, probs: np.ndarray, path: str | Path, title: str = "ROC") -> Path:
@@ -26,7 +37,7 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, path: str | Path, title: str
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
+    save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -96,6 +107,6 @@ def heatmap(thumbnail: np.ndarray, level0_dims: tuple[int, int], x: np.ndarray, 
     bar.set_label(f"tile score (tumour probability; < {floor:g} transparent)", fontsize=8)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")  # never clip the colour bar label
+    save_png(fig, path, bbox_inches="tight")  # never clip the colour bar label
     plt.close(fig)
     return path

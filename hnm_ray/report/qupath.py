@@ -10,11 +10,12 @@ annotations": "Units and origin"), i.e. level-0 pixels, as our tile grid's x, y.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from hnm_ray.storage import write_bytes
 
 TUMOUR = {"name": "Tumour (tile score >= 0.5)", "color": [220, 30, 30]}
 OTHER = {"name": "Non-tumour (tile score < 0.5)", "color": [40, 90, 220]}
@@ -46,7 +47,5 @@ def write_geojson(collection: dict[str, Any], path: str | Path) -> Path:
     """Write a FeatureCollection (atomically: temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(collection))
-    tmp.replace(path)
+    write_bytes(json.dumps(collection), path)
     return path

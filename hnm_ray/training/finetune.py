@@ -209,7 +209,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     input_space = loop["encoder"]["input_space"]
     head = projection_head(encoder.out_dim, fc["proj_dim"])
     if loop.get("head_weights"):
-        head.load_state_dict(torch.load(loop["head_weights"], map_location="cpu"))
+        head.load_state_dict(torch.load(loop["head_weights"], map_location="cpu", weights_only=True))
     model = contrastive_model(encoder, head)
     optimizer = torch.optim.SGD(model.parameters(), lr=fc["lr"], momentum=fc["momentum"],
                                 weight_decay=fc["weight_decay"])
