@@ -187,3 +187,56 @@ def test_passwords_in_uris_are_masked_in_config_files_and_logs(tmp_path, caplog)
     assert flat_params(config)["run.tracking_uri"] == "https://alice:***@mlflow.lab:5000"
     record = logging.LogRecord("hnm_ray", logging.INFO, __file__, 1, "MLflow at %s", (config.run.tracking_uri,), None)
     assert "S3cretPw" not in MaskingFormatter("%(message)s").format(record)
+
+
+def _bomb(path: Path, side: int = 12000, tile: int = 512) -> Path:
+    """A 0.5 MB tiled TIFF declaring side x side RGB px in one level: every tile the same tiny deflate block (432 MB
+    decoded as one level: what a thumbnail of it cost before the pixel budget)."""
+    import zlib
+
+    import numpy as np
+    import tifffile
+
+    block = zlib.compress(np.full((tile, tile, 3), 200, np.uint8).tobytes(), 9)
+    with tifffile.TiffWriter(path) as tif:
+        tif.write((block for _ in range((-(-side // tile)) ** 2)), shape=(side, side, 3), dtype=np.uint8,
+                  tile=(tile, tile), compression="zlib", photometric="rgb")
+    return path
+
+
+def test_a_decompression_bomb_slide_is_refused_by_the_pixel_budget_and_the_others_go_on(tmp_path, demo_cohort):
+    from hnm_ray.config import TilingConfig
+    from hnm_ray.index import INDEX_FAILED, TileIndex
+    from hnm_ray.index_stream import index_rows
+    from hnm_ray.store.manifest import SlideRecord, load_manifest
+
+    good = load_manifest(demo_cohort)[0]
+    bomb = SlideRecord(slide_id="bomb", path=str(_bomb(tmp_path / "bomb.tif")), label=0, split="train")
+    assert Path(bomb.path).stat().st_size < 1 << 20
+    index = TileIndex(tmp_path, TilingConfig())
+    refused = index_rows(bomb, index)  # the extraction stream's row: the driver records it in errors.jsonl
+    assert refused["tile_id"].to_pylist() == [INDEX_FAILED] and not index.has("bomb")
+    cause = refused["error"][0].as_py()
+    assert "12000x12000 px, more than the 67108864 px" in cause and "tiling.tissue.max_decoded_pixels" in cause
+    assert index_rows(good, index).num_rows > 0 and index.has(good.slide_id)
+
+
+CRASH = """
+import os, signal, sys
+from hnm_ray import index
+from hnm_ray.config import TilingConfig
+from hnm_ray.store.manifest import SlideRecord
+
+index.tile_index = lambda record, tiling: os.kill(os.getpid(), signal.SIGKILL)  # a decoder that kills its process
+print(index.index_or_error(SlideRecord(slide_id="s1", path=sys.argv[1], label=0, split="train"), TilingConfig()))
+"""
+
+
+def test_a_slide_that_kills_its_reader_process_is_an_error_for_that_slide_only(tmp_path):
+    import subprocess
+
+    slide = tmp_path / "s1.tif"
+    slide.write_bytes(b"II*\x00")
+    done = subprocess.run([sys.executable, "-c", CRASH, str(slide)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]  # before: the task's process itself was killed
+    assert "('s1', None, \"slide 's1': the process reading it died (killed by SIGKILL)" in done.stdout

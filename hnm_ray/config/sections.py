@@ -29,6 +29,10 @@ class TissueConfig:
     """Tissue detection: saturation threshold (Otsu by default), blur and clean-up of the mask."""
 
     thumbnail_size: int = knob(1024, "longest side (px) of the thumbnail tissue is detected on", low=16)
+    max_decoded_pixels: int = knob(2 ** 26, "most pixels a thumbnail may decode (one pyramid level): the thumbnail "
+                                            "comes from the smallest level within it; a slide with no such level "
+                                            "is refused (errors.jsonl), so a slide declaring a huge image cannot "
+                                            "exhaust memory", low=16 * 16)
     saturation_threshold: float | None = knob(None, "fixed HSV-saturation threshold in [0, 1]; unset = Otsu per slide",
                                               low=0.0, high=1.0)
     min_saturation: float = knob(0.05, "floor under the Otsu threshold, so a blank (white) slide has no tissue; "
