@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,7 +63,7 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
     records = load_manifest(Path(config.run.manifest) if config.run.manifest else demo_manifest(config.run),
                             seed=config.run.seed)
     require_both_classes(records, config.run.manifest or "the demo cohort")              # before any extraction
-    miner_name = f"hnm_miner-{run_dir.name}"
+    miner_name = miner_name_of(state)
     # Held for the whole job: Ray garbage-collects a named actor when its last handle goes, and the global ranking
     # form of round >= 1 reads the queue that round - 1's mining left in it (restored from the snapshot on resume).
     _miner = get_miner(miner_name, snapshot_path=str(run_dir / MINER_SNAPSHOT))
@@ -95,6 +96,12 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
     log.info("done: %s (test AUC %.3f; official protocol %.3f)", run_dir / "metrics.json",
              final["final"].get("test_auc", np.nan), (final["official_protocol"] or {}).get("test_auc", np.nan))
     return final
+
+
+def miner_name_of(state: RunState) -> str:
+    """The run's HardNegativeMiner actor name: a random id kept in state.json, so --resume finds the same actor and
+    two runs with the same folder name on one cluster (or sweep trials, all in folders named run) never share one."""
+    return f"hnm_miner-{state.get('miner_id') or state.done('miner_id', uuid.uuid4().hex[:16])}"
 
 
 def initial_encoder(config: TrainConfig, records: list[SlideRecord], run_dir: Path, state: RunState) -> str | None:

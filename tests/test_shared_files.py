@@ -240,3 +240,26 @@ def test_a_slide_that_kills_its_reader_process_is_an_error_for_that_slide_only(t
     done = subprocess.run([sys.executable, "-c", CRASH, str(slide)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]  # before: the task's process itself was killed
     assert "('s1', None, \"slide 's1': the process reading it died (killed by SIGKILL)" in done.stdout
+
+
+def test_the_report_links_only_files_with_safe_names_and_shows_no_password(tmp_path):
+    from hnm_ray.report.html import write_run_report
+
+    run = tmp_path / "run"
+    config = cfg.from_tree(TrainConfig, {"run": {"tracking_uri": "https://alice:S3cretPw@mlflow.lab"}})
+    cfg.save_yaml(config, run / "config.yaml")
+    (run / "javascript:alert(1)").write_text("x")
+    (run / "metrics_round0.json").write_text("{}")
+    page = write_run_report(run).read_text()
+    assert "href='./metrics_round0.json'" in page and "href='./config.yaml'" in page
+    assert "javascript" not in page and "S3cretPw" not in page and "alice:***@mlflow.lab" in page
+
+
+def test_the_miner_actor_name_is_unique_per_run_and_kept_for_resume(tmp_path):
+    from hnm_ray.run_folder import RunState
+    from hnm_ray.train import miner_name_of
+
+    first, other = tmp_path / "a" / "run", tmp_path / "b" / "run"  # same folder name: sweep trials, two users
+    name = miner_name_of(RunState(first))
+    assert name == miner_name_of(RunState(first)) != miner_name_of(RunState(other))
+    assert "run" not in name.removeprefix("hnm_miner-")

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import yaml
 
 from hnm_ray.run_folder import CONFIG_FILE, RunState
 from hnm_ray.storage import write_bytes
+from hnm_ray.store.manifest import name_problem
 
 REPORT = "report.html"
 PROTOCOLS = {
@@ -166,14 +168,16 @@ def _links(root: Path, coming: tuple[str, ...] = ()) -> str:
     found = {root / name for name in coming}
     for folder, subfolders, names in os.walk(root):
         subfolders[:] = sorted(d for d in subfolders if d not in skip and not d.startswith("."))
-        found.update(Path(folder) / n for n in names if not n.startswith(".") and n != REPORT)
+        found.update(Path(folder) / n for n in names if name_problem(n) is None and n != REPORT)  # no odd names
     files = sorted(found)
     return "<ul>" + "".join(f"<li><a href='{_href(root, p)}'>{_e(str(p.relative_to(root)))}</a></li>"
                             for p in files) + "</ul>"
 
 
 def _href(root: Path, path: Path) -> str:
-    return html.escape(path.relative_to(root).as_posix(), quote=True)
+    """A relative link to a file below `root`: `./` + the percent-encoded path, so no name (`javascript:...`) can
+    make it a link with a scheme."""
+    return html.escape("./" + urllib.parse.quote(path.relative_to(root).as_posix()), quote=True)
 
 
 def _section(title: str, body: str) -> str:
