@@ -30,6 +30,8 @@ from hnm_ray.train import index_root, initial_encoder, round_store, run_job, wit
 
 log = logging.getLogger("hnm_ray")
 
+TRUST_SWEEP = ("Ray Tune unpickles the sweep folder (tuner.pkl, experiment state): a crafted file runs code, so resume "
+               "only sweep folders you or someone you trust wrote")
 # The swept knobs of the train tree (dotted keys) and the sweep knob listing each one's values.
 SWEPT = {"mining.neg_ratio": "neg_ratios", "mil.margin": "margins", "mil.rank_k": "rank_ks", "mil.w_rank": "w_ranks"}
 
@@ -146,6 +148,7 @@ def run_sweep(config: TuneConfig, resume: bool = False):
     storage_path, filesystem = storage.ray_storage(root)
     trainable = tune.with_resources(trial, {"cpu": sweep.cpus_per_trial})
     if resume:
+        log.warning("resume: restoring %s. %s", path, TRUST_SWEEP)
         restore_path = storage.ray_storage(path)[0]
         if not tune.Tuner.can_restore(restore_path, storage_filesystem=filesystem):
             raise ConfigError("resume", f"no sweep to restore at {path}; check --storage-path and --sweep-name")
@@ -204,7 +207,8 @@ def write_results(results, path: Path, metric: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point of `python -m hnm_ray.tune`."""
     parser = cli_parser("python -m hnm_ray.tune", __doc__)
-    parser.add_argument("--resume", action="store_true", help="restore the interrupted sweep at storage_path/sweep_name")
+    parser.add_argument("--resume", action="store_true", help="restore the interrupted sweep at storage_path/sweep_name. "
+                        f"{TRUST_SWEEP}")
     cfg.add_source_arguments(parser)
     cfg.add_arguments(parser, TuneConfig)
     args = parser.parse_args(argv)

@@ -242,7 +242,8 @@ class JobConfig:
                                  "round as step, report/ROC/heatmaps as artifacts; install hnm-ray[tracking])",
                          choices=["none", "mlflow"])
     tracking_uri: str = knob("", "MLflow tracking URI: a folder (a local file store, no server), sqlite:///FILE or "
-                                 "http://HOST:PORT; empty: <runs_dir>/mlruns")
+                                 "http://HOST:PORT; empty: <runs_dir>/mlruns. Credentials: MLFLOW_TRACKING_USERNAME/"
+                                 "PASSWORD in the environment (a password in the URI is masked in every file we write)")
     seed: int = knob(0, "seed of splits, init, pairing, sampling and augmentations")
     verbose: bool = knob(False, "show Ray's own INFO lines on the console (always in <run>/ray.log)")
 

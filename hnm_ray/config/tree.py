@@ -325,11 +325,10 @@ def add_trust_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(TRUST_PLUGINS_FLAG, action="store_true", dest="_trust_plugins", help=TRUST_PLUGINS_HELP)
 
 
-def load_config(cls: type[C], args: argparse.Namespace | None = None, base: Mapping[str, Any] | None = None,
-                base_source: str = "the resumed run's config.yaml") -> C:
+def load_config(cls: type[C], args: argparse.Namespace | None = None, base: Mapping[str, Any] | None = None) -> C:
     """The one loader: defaults < `base` (e.g. a resumed run's saved tree) < recipe < --config < flags.
     A code knob (a plug-in or TorchScript file) set by a file and not by a flag needs `--trust-plugins`."""
-    sources: list[tuple[str, Mapping[str, Any]]] = [(base_source, base or {})]
+    sources: list[tuple[str, Mapping[str, Any]]] = [("the resumed run's config.yaml", base or {})]
     flags: dict[str, Any] = {}
     if args is not None:
         recipe = getattr(args, "recipe", None)
