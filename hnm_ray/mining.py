@@ -286,7 +286,7 @@ class TopKQueue:
 
 
 def save_snapshot(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
-    """Write arrays to `path` (.npz) atomically: a temp file in the same folder, fsync, rename (`storage.write_bytes`)."""
+    """Write arrays to `path` (.npz) atomically: temp file in the same folder, fsync, rename (`storage.write_bytes`)."""
     from hnm_ray.storage import write_bytes
 
     path = Path(path)

@@ -89,7 +89,8 @@ def score_tiles(model_path: str | Path, store: FeatureStore, records: list[Slide
         scorer = InstanceScorer(str(model_path), miner_name, negatives, torch_threads=None, plugin=plugin)
         batches = (scorer(batch) for batch in _slide_batches(store, wanted, Progress("score (slides)", len(wanted))))
     else:
-        batches = _scored_by_ray_data(store, wanted, (str(model_path), miner_name, negatives, 1, plugin), num_scorers, batch_size)
+        batches = _scored_by_ray_data(store, wanted, (str(model_path), miner_name, negatives, 1, plugin), num_scorers,
+                                      batch_size)
     parts = [pa.Table.from_pydict({k: batch[k] for k in SCORES_SCHEMA.names}, schema=SCORES_SCHEMA)
              for batch in batches]
     table = pa.concat_tables(parts) if parts else SCORES_SCHEMA.empty_table()

@@ -207,8 +207,8 @@ def write_results(results, path: Path, metric: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point of `python -m hnm_ray.tune`."""
     parser = cli_parser("python -m hnm_ray.tune", __doc__)
-    parser.add_argument("--resume", action="store_true", help="restore the interrupted sweep at storage_path/sweep_name. "
-                        f"{TRUST_SWEEP}")
+    parser.add_argument("--resume", action="store_true",
+                        help=f"restore the interrupted sweep at storage_path/sweep_name. {TRUST_SWEEP}")
     cfg.add_source_arguments(parser)
     cfg.add_arguments(parser, TuneConfig)
     args = parser.parse_args(argv)

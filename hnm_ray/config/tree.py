@@ -361,7 +361,7 @@ def refuse_code(cls: type, values: Mapping[str, Any], source: str, flags: Mappin
                 and get_dotted(flags or {}, key) is None:
             raise ConfigError(key, f"{value!r} (from {source}) names code to run (a module:callable plug-in or a "
                                    f"TorchScript file), and files are data: name it on the command line "
-                                   f"(--{key} {value}) or add {TRUST_PLUGINS_FLAG} if you trust {source}")
+                                   f"(--{key} {value}) or add {TRUST_PLUGINS_FLAG} if you trust that file")
 
 
 def get_dotted(tree: Mapping[str, Any], key: str) -> Any:
