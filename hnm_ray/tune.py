@@ -128,6 +128,18 @@ def prepare_shared_store(config: TuneConfig, root: storage.Location, work: Path)
     return config
 
 
+def refuse_passwords(config: TuneConfig) -> None:
+    """ConfigError naming the knob when a URI in the config holds a password: Ray Tune writes every trial's config
+    into its folder (params.json, params.pkl), where no mask can reach it."""
+    tree = cfg.to_tree(config)
+    for key, _, _ in cfg.leaves(TuneConfig):
+        value = cfg.tree.get_dotted(tree, key)
+        if isinstance(value, str) and cfg.mask_secrets(value) != value:
+            raise ConfigError(key, f"{cfg.mask_secrets(value)} holds a password, and Ray Tune writes each trial's "
+                                   "config into its folder: give MLflow credentials in MLFLOW_TRACKING_USERNAME / "
+                                   "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
+
+
 def run_sweep(config: TuneConfig, resume: bool = False):
     """Run (or restore) the sweep; returns the Tune ResultGrid and writes results.csv + best_config.yaml."""
     from ray import tune
@@ -136,6 +148,7 @@ def run_sweep(config: TuneConfig, resume: bool = False):
     from hnm_ray.cluster import init_ray
     from hnm_ray.training.finetune import finetune_workers, worker_cpus
 
+    refuse_passwords(config)
     init_ray()
     sweep = config.sweep
     storage.check(sweep.storage_path, "sweep.storage_path")

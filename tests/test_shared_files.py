@@ -263,3 +263,15 @@ def test_the_miner_actor_name_is_unique_per_run_and_kept_for_resume(tmp_path):
     name = miner_name_of(RunState(first))
     assert name == miner_name_of(RunState(first)) != miner_name_of(RunState(other))
     assert "run" not in name.removeprefix("hnm_miner-")
+
+
+def test_a_sweep_refuses_a_password_in_a_uri_before_ray_writes_it_into_every_trial_folder(tmp_path):
+    from hnm_ray.tune import TuneConfig, refuse_passwords
+
+    config = cfg.from_tree(TuneConfig, {"run": {"tracking_uri": "https://alice:S3cretPw@mlflow.lab"},
+                                        "sweep": {"storage_path": str(tmp_path)}})
+    masked = r"run\.tracking_uri.*alice:\*\*\*@mlflow\.lab.*MLFLOW_TRACKING_PASSWORD"
+    with pytest.raises(ConfigError, match=masked) as err:
+        refuse_passwords(config)
+    assert "S3cretPw" not in str(err.value)
+    refuse_passwords(cfg.from_tree(TuneConfig, {"run": {"tracking_uri": "https://mlflow.lab"}}))
