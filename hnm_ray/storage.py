@@ -228,7 +228,7 @@ def append_record(log: Location, line: str) -> None:
         return
     path = Path(log)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # never through a symlink
     try:
         os.write(fd, (line.rstrip("\n") + "\n").encode())  # one write: appends of several processes do not interleave
     finally:

@@ -140,6 +140,9 @@ def test_writes_replace_symlinks_instead_of_following_them(tmp_path):
     cfg.save_yaml(TrainConfig(), run / "config.yaml")
     RunState(run).done("stage", 1)
     storage.write_bytes("{}", run / "metrics.json")
+    (run / "errors.jsonl").symlink_to(outside)
+    with pytest.raises(OSError):  # an append cannot replace the file: it refuses the link (FeatureStore: StoreError)
+        storage.append_record(run / "errors.jsonl", "{}")
     assert outside.read_text() == "precious"
     assert not any((run / n).is_symlink() for n in ("config.yaml", "metrics.json"))
     assert json.loads((run / "state.json").read_text()) == {"stage": 1}
