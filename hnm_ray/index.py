@@ -7,7 +7,11 @@ import dataclasses
 import hashlib
 import json
 import logging
+import multiprocessing
+import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +26,7 @@ from hnm_ray.store.manifest import SlideRecord
 log = logging.getLogger("hnm_ray")
 
 INDEX_FAILED = -1  # tile_id of the one row that carries a slide's index failure down the extraction stream
+T = TypeVar("T")
 
 
 def tiling_tag(tiling: TilingConfig) -> str:
@@ -90,13 +95,53 @@ def tile_index(record: SlideRecord, tiling: TilingConfig) -> pa.Table:
 
 
 def index_or_error(record: SlideRecord, tiling: TilingConfig) -> tuple[str, pa.Table | None, str | None]:
-    """Ray task body: a slide's tile index, or the error that stops it."""
+    """Ray task body: a slide's tile index, or the error that stops it. The slide is read in a child process, so a
+    slide that crashes its reader (a segfault in a decoder, the OOM killer) fails alone and the job goes on."""
+    from hnm_ray.slides import annotation, grid  # noqa: F401 - imported once here, not in every forked child
+    from hnm_ray.slides.reader import choose_backend
+
+    choose_backend(record.path)  # imports the slide's reader backend (cuCIM: ~1 s) here, once, for the same reason
+    try:
+        return in_child_process(_index_or_error, record, tiling)
+    except ChildProcessError as exc:
+        return record.slide_id, None, (f"slide {record.slide_id!r}: the process reading it died ({exc}); the file "
+                                       "may be corrupt or crafted to exhaust memory: check or re-export it")
+
+
+def _index_or_error(record: SlideRecord, tiling: TilingConfig) -> tuple[str, pa.Table | None, str | None]:
     try:
         return record.slide_id, tile_index(record, tiling), None
     except HnmError as exc:
         return record.slide_id, None, str(exc)
     except Exception as exc:  # noqa: BLE001 - any decoder failure must name the slide, not kill the job
         return record.slide_id, None, f"slide {record.slide_id!r}: {type(exc).__name__}: {exc}"
+
+
+def in_child_process(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` run in a forked child process (a few ms: the modules are already imported); ChildProcessError
+    naming the exit code or signal when the child dies instead of returning. The result travels pickled. The child
+    only decodes the slide and leaves with os._exit (multiprocessing's fork), never touching Ray or torch."""
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child, args=(send, function, args))
+    child.start()
+    send.close()
+    try:
+        result = receive.recv()
+    except EOFError:
+        child.join()
+        code = child.exitcode
+        cause = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        raise ChildProcessError(cause) from None
+    finally:
+        receive.close()
+    child.join()
+    return result
+
+
+def _child(send: Any, function: Callable[..., Any], args: tuple) -> None:
+    send.send(function(*args))
+    send.close()
 
 
 def with_path(table: pa.Table, path: str) -> pa.Table:

@@ -14,7 +14,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from hnm_ray import storage
+from hnm_ray.config.sections import TRUST_PLUGINS_FLAG
 from hnm_ray.errors import ModelFileError
+from hnm_ray.registry import names_code
 from hnm_ray.store.features import Bag, FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 
@@ -24,17 +27,12 @@ META_SUFFIX = ".json"
 
 def save_aggregator(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write `<path>.safetensors` (weights) and `<path>.json` (the rest); returns the safetensors path."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     stem = _stem(path)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     weights = stem.with_name(stem.name + WEIGHTS_SUFFIX)
-    tmp = weights.with_name(weights.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-    tmp.replace(weights)
-    meta_path = stem.with_name(stem.name + META_SUFFIX)
-    meta_path.with_name(meta_path.name + ".tmp").write_text(json.dumps(meta, indent=2, default=float))
-    meta_path.with_name(meta_path.name + ".tmp").replace(meta_path)
+    storage.write_bytes(save({k: v.detach().cpu().contiguous() for k, v in state.items()}), weights)
+    storage.write_bytes(json.dumps(meta, indent=2, default=float), stem.with_name(stem.name + META_SUFFIX))
     return weights
 
 
@@ -43,10 +41,12 @@ def _stem(path: str | Path) -> Path:
     return path.with_suffix("") if path.suffix in (WEIGHTS_SUFFIX, META_SUFFIX, ".pt") else path
 
 
-def load_aggregator(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_aggregator(path: str | Path, plugin: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The aggregator saved by `save_aggregator` (eval mode, with its feature standardisation) and its JSON fields.
 
-    Pickled checkpoints (`.pt`, older runs) are refused: unpickling a file from someone else can run code.
+    Pickled checkpoints (`.pt`, older runs) are refused: unpickling a file from someone else can run code. A JSON
+    naming a `module:callable` plug-in is refused unless it is `plugin`, the one the caller's checked config names
+    (a plug-in named on the command line, or trusted with --trust-plugins): a shared file must not run code.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -66,6 +66,11 @@ def load_aggregator(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     except (OSError, ValueError, SafetensorError) as exc:
         raise ModelFileError(f"{weights} / {meta_path.name} cannot be read as an hnm-ray aggregator "
                                         f"(safetensors weights + JSON): {exc}") from exc
+    if names_code(str(meta["aggregator"])) and meta["aggregator"] != plugin:
+        raise ModelFileError(f"{meta_path} names the aggregator plug-in {meta['aggregator']!r}, which would run code, "
+                             f"and the config names {plugin or 'no plug-in'}: name it on the command line "
+                             f"(--mil.aggregator {meta['aggregator']}) or add {TRUST_PLUGINS_FLAG} if you trust "
+                             f"the folder")
     model = build_standardized(meta["aggregator"], meta["dim"], hidden=meta["hidden"], dropout=meta["dropout"])
     model.load_state_dict(state)
     return model.eval(), meta
@@ -101,12 +106,12 @@ def split_bags(store: FeatureStore, records: list[SlideRecord], split: str | Non
 
 
 def evaluate_split(model_path: str | Path, store: FeatureStore, records: list[SlideRecord], split: str,
-                   threshold: float | None = None) -> dict[str, float]:
+                   threshold: float | None = None, plugin: str | None = None) -> dict[str, float]:
     """Slide metrics (at `threshold`, default the saved validation threshold) with n and 95 % intervals, and instance
-    metrics on a split."""
+    metrics on a split (`plugin`: see `load_aggregator`)."""
     from hnm_ray.metrics import instance_metrics, with_intervals
 
-    model, meta = load_aggregator(model_path)
+    model, meta = load_aggregator(model_path, plugin)
     bags = split_bags(store, records, split)
     if not bags:
         return {}
@@ -121,13 +126,13 @@ def evaluate_split(model_path: str | Path, store: FeatureStore, records: list[Sl
 
 
 def tile_threshold(model_path: str | Path, store: FeatureStore, records: list[SlideRecord],
-                   split: str = "val") -> float:
+                   split: str = "val", plugin: str | None = None) -> float:
     """The tile score from which a tile counts as tumour: the Youden threshold, over the slides of `split`, of each
     slide's top tile score (sigmoid of its largest instance logit, the instance branch's slide call), so a tile at or
     above it would by itself call its slide tumour. 0.5 when the split lacks a class."""
     from hnm_ray.metrics import FALLBACK_THRESHOLD, youden_threshold
 
-    model, _ = load_aggregator(model_path)
+    model, _ = load_aggregator(model_path, plugin)
     bags = split_bags(store, records, split)
     if not bags:
         return FALLBACK_THRESHOLD
@@ -137,9 +142,9 @@ def tile_threshold(model_path: str | Path, store: FeatureStore, records: list[Sl
 
 
 def split_probabilities(model_path: str | Path, store: FeatureStore, records: list[SlideRecord],
-                        split: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                        split: str | None, plugin: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(labels (-1 unknown), slide probabilities, slide ids) of the records of `split` (None: all) in the store."""
-    model, _ = load_aggregator(model_path)
+    model, _ = load_aggregator(model_path, plugin)
     bags = split_bags(store, records, split, labelled=False)
     probs, _ = evaluate_bags(model, bags)
     labels = np.asarray([-1 if b.label is None else b.label for b in bags])

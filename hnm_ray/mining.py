@@ -17,9 +17,9 @@ p saturates at 1.0 above a logit of ~17 and would tie; sigmoid(threshold()) is t
 """
 from __future__ import annotations
 
+import io
 import logging
 import math
-import os
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -286,18 +286,15 @@ class TopKQueue:
 
 
 def save_snapshot(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
-    """Write arrays to `path` (.npz) atomically: a temp file in the same folder, fsync, rename."""
+    """Write arrays to `path` (.npz) atomically: temp file in the same folder, fsync, rename (`storage.write_bytes`)."""
+    from hnm_ray.storage import write_bytes
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
     try:
-        with open(temp, "wb") as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
+        write_bytes(buffer.getvalue(), path)
     except OSError as exc:
-        temp.unlink(missing_ok=True)
         raise StoreError(f"cannot write miner snapshot {str(path)!r}: {exc}; pick a writable snapshot_path") from exc
     return path
 

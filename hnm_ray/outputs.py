@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
-from hnm_ray import tracking
+from hnm_ray import storage, tracking
 from hnm_ray.config import TrainConfig
 from hnm_ray.metrics import INTERVALS
 from hnm_ray.registry import one_line
@@ -31,14 +30,14 @@ def write_checkpoint(run_dir: Path, last: dict[str, Any], config: TrainConfig, t
     checkpoint.mkdir(exist_ok=True)
     source = Path(last["model_path"]).with_suffix("")
     for suffix in (".safetensors", ".json"):
-        shutil.copy(source.with_name(source.name + suffix), checkpoint / f"{AGGREGATOR}{suffix}")
+        storage.write_bytes(source.with_name(source.name + suffix).read_bytes(), checkpoint / f"{AGGREGATOR}{suffix}")
     if last.get("encoder_weights"):
         save_weights(encoder_from_config(config.encoder, last["encoder_weights"]).state_dict(), checkpoint / ENCODER)
-    shutil.copy(run_dir / CONFIG_FILE, checkpoint / CONFIG_FILE)
-    (checkpoint / "meta.json").write_text(json.dumps({
+    storage.write_bytes((run_dir / CONFIG_FILE).read_bytes(), checkpoint / CONFIG_FILE)
+    storage.write_bytes(json.dumps({
         "encoder_weights": ENCODER if last.get("encoder_weights") else None,
         "threshold": last.get("val_threshold", 0.5), "tile_threshold": tile_threshold, "seed": config.run.seed,
-        "round": last["round"]}, indent=2))
+        "round": last["round"]}, indent=2), checkpoint / "meta.json")
     return checkpoint
 
 
@@ -55,17 +54,19 @@ def finish(run_dir: Path, history: list[dict[str, Any]], records: list[SlideReco
                                        write_slide_outputs)
 
     last = history[-1]
-    thresholds = Thresholds(last.get("val_threshold", 0.5), tile_threshold(last["model_path"], store, records))
+    thresholds = Thresholds(last.get("val_threshold", 0.5), tile_threshold(last["model_path"], store, records,
+                                                                          plugin=config.mil.aggregator))
     checkpoint = write_checkpoint(run_dir, last, config, thresholds.tile)
     model = checkpoint / AGGREGATOR
-    labels, probs, test_ids = split_probabilities(model, store, records, "test")
+    labels, probs, test_ids = split_probabilities(model, store, records, "test", config.mil.aggregator)
     plot_roc(labels, probs, run_dir / "roc.png", title=f"test ROC, round {last['round']}", threshold=thresholds.slide)
     hard_negatives = mined_hard_negatives(run_dir)
     tested = tumour_and_normal(records, test_ids, config.run.heatmaps)
     pictures = {s: run_dir / "heatmaps" / f"{s}.png" for s in tested}
     pictures.update({s: run_dir / "heatmaps" / "hard_negatives" / f"{s}.png"
                      for s in most_mined(records, hard_negatives, config.run.heatmaps)})
-    write_slide_outputs(model, store, records, run_dir / "qupath", pictures, thresholds, hard_negatives)
+    write_slide_outputs(model, store, records, run_dir / "qupath", pictures, thresholds, hard_negatives,
+                        plugin=config.mil.aggregator)
     ours = {k: v for k, v in last.items() if k not in ("model_path", "encoder_weights", "official_protocol")}
     final = {"final": ours, "official_protocol": last.get("official_protocol"), "rounds": history,
              "finetune": finetune, "tile_threshold": thresholds.tile,

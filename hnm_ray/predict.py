@@ -14,6 +14,7 @@ slides.json (the file each slide id names), ray.log. Every config flag is taken,
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -21,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from hnm_ray import config as cfg
+from hnm_ray import storage
 from hnm_ray.cli import entry_point
 from hnm_ray.cli import parser as cli_parser
 from hnm_ray.config import TrainConfig
@@ -41,9 +42,10 @@ SLIDES_FILE = "slides.json"  # in --out: the file each predicted slide id names
 
 
 def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmaps: bool = True,
-            knobs: dict[str, Any] | None = None) -> list[dict]:
+            knobs: dict[str, Any] | None = None, trust_plugins: bool = False) -> list[dict]:
     """Extract, score and summarise `slides` (manifest or folder) with the run at `checkpoint`; `knobs` (a nested
-    mapping, e.g. {"extract": {"batch_size": 32}}) override the run's config."""
+    mapping, e.g. {"extract": {"batch_size": 32}}) override the run's config. A checkpoint naming a plug-in or
+    TorchScript encoder/aggregator (code) that `knobs` do not name is refused unless `trust_plugins` (--trust-plugins)."""
     from hnm_ray.cluster import init_ray
     from hnm_ray.metrics import with_intervals
     from hnm_ray.models.encoders import config_tag
@@ -55,7 +57,7 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
 
     ckpt, out = checked_folders(checkpoint, out)
     meta = json.loads((ckpt / "meta.json").read_text())
-    config = _run_config(ckpt, knobs or {})
+    config = _run_config(ckpt, knobs or {}, trust_plugins)
     config = with_weights(config, str(ckpt / meta["encoder_weights"]) if meta.get("encoder_weights") else None)
     slides = Path(slides)
     # check_files=False: a missing slide is reported in the summary (its status) while the others are predicted.
@@ -68,7 +70,7 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
     # same --out with another checkpoint extracts anew instead of reusing the other encoder's features.
     store = FeatureStore(out / "features", f"predict-{config_tag(config.encoder)}-seed{meta['seed']}")
     extract_features(records, store, config)
-    model, _ = load_aggregator(ckpt / AGGREGATOR)
+    model, _ = load_aggregator(ckpt / AGGREGATOR, config.mil.aggregator)
     threshold = float(meta["threshold"])
     # Checkpoints written before the tile threshold existed classed tiles at a fixed 0.5.
     thresholds = Thresholds(threshold, float(meta.get("tile_threshold", 0.5)))
@@ -79,7 +81,7 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
                "n_tiles": 0, "status": "ok"}
         if record.slide_id in store.completed():
             table, prob = tile_scores(model, store, record.slide_id)
-            pq.write_table(table, _ensure(out / "tiles") / f"{record.slide_id}.parquet")
+            storage.write_table(table, out / "tiles" / f"{record.slide_id}.parquet")
             row.update(probability=prob, prediction=int(prob >= threshold), n_tiles=table.num_rows)
         else:
             row["status"] = errors.get(record.slide_id, "not extracted")
@@ -88,18 +90,20 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
     write_slide_outputs(ckpt / AGGREGATOR, store, records, out / "qupath",
                         {r.slide_id: out / "heatmaps" / f"{r.slide_id}.png" for r in records} if heatmaps else {},
                         thresholds,
-                        on_same_slides(mined_hard_negatives(ckpt.parent), records, _training_records(config)))
-    with open(_ensure(out) / "summary.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["slide_id"])
-        writer.writeheader()
-        writer.writerows(rows)
+                        on_same_slides(mined_hard_negatives(ckpt.parent), records, _training_records(config)),
+                        plugin=config.mil.aggregator)
+    summary_csv = io.StringIO(newline="")
+    writer = csv.DictWriter(summary_csv, fieldnames=list(rows[0]) if rows else ["slide_id"])
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_bytes(summary_csv.getvalue(), _ensure(out) / "summary.csv")
     skipped = skipped_slides(records, store)
     scored = [r for r in rows if r["probability"] is not None and r["label"] is not None]
     metrics = None
     if scored:
         labels, probs = np.array([r["label"] for r in scored]), np.array([r["probability"] for r in scored])
         metrics = with_intervals(labels, probs, threshold)
-        (out / "metrics.json").write_text(json.dumps({**metrics, "skipped": skipped}, indent=2, default=float))
+        storage.write_bytes(json.dumps({**metrics, "skipped": skipped}, indent=2, default=float), out / "metrics.json")
         plot_roc(labels, probs, out / "roc.png", title="ROC of the labelled slides", threshold=threshold)
     write_predict_report(out, rows, metrics, thresholds, ckpt, skipped)
     log_skipped(skipped, len(rows))
@@ -116,6 +120,7 @@ def checked_folders(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path
         raise ConfigError("--checkpoint", f"{checkpoint} holds no checkpoint/meta.json: pass a run folder of "
                                           "hnm_ray.train")
     out = Path(out)
+    storage.refuse_links_out(out, "out")
     if holds_run(out):
         raise ConfigError("--out", f"{out} holds a training run ({CONFIG_FILE}): predictions would overwrite its "
                                    "report.html, heatmaps and qupath files; pass another --out")
@@ -134,15 +139,16 @@ def claim_slide_ids(out: Path, records: list[SlideRecord]) -> None:
         raise ConfigError("--out", f"{out} holds predictions of other files under the same slide ids "
                                    f"({'; '.join(clashes[:5])}{'; ...' if len(clashes) > 5 else ''}): their features "
                                    "and tile truth would be reused; pass another --out")
-    _ensure(out)
-    tmp = path.with_name(f".{SLIDES_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({**known, **now}, indent=1))
-    tmp.replace(path)
+    storage.write_bytes(json.dumps({**known, **now}, indent=1), _ensure(out) / SLIDES_FILE)
 
 
-def _run_config(ckpt: Path, knobs: dict[str, Any]) -> TrainConfig:
-    """The run's saved config with `knobs` on top; the knobs that differ from the run's are logged."""
+def _run_config(ckpt: Path, knobs: dict[str, Any], trust_plugins: bool = False) -> TrainConfig:
+    """The run's saved config with `knobs` (the command line's) on top; the knobs that differ from the run's are
+    logged. Code (a plug-in or TorchScript file) the saved config names and `knobs` do not is refused unless
+    `trust_plugins`: the checkpoint folder is a file someone may have shared."""
     saved = cfg.load_yaml(ckpt / CONFIG_FILE)
+    if not trust_plugins:
+        cfg.refuse_code(TrainConfig, saved, str(ckpt / CONFIG_FILE), knobs)
     config = cfg.from_tree(TrainConfig, cfg.merge(saved, knobs))
     changed = cfg.changed_knobs(cfg.to_tree(cfg.from_tree(TrainConfig, saved)), cfg.to_tree(config))
     if changed:
@@ -174,11 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--no-heatmaps", action="store_true", help="skip the heatmap PNGs")
     cfg.add_arguments(parser, TrainConfig)
+    cfg.add_trust_argument(parser)
     args = parser.parse_args(argv)
     _, out = checked_folders(args.checkpoint, args.out)  # before --out/ray.log is made
     with native_stderr_to(out / "ray.log"):
         predict(args.checkpoint, args.slides, args.out, heatmaps=not args.no_heatmaps,
-                knobs=cfg.given_knobs(TrainConfig, args))
+                knobs=cfg.given_knobs(TrainConfig, args), trust_plugins=args._trust_plugins)
     return 0
 
 

@@ -13,12 +13,21 @@ from pathlib import Path
 log = logging.getLogger("hnm_ray")
 
 
+class MaskingFormatter(logging.Formatter):
+    """A formatter that masks passwords in URIs (`scheme://user:***@host`) in every line it writes."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from hnm_ray.config.tree import mask_secrets
+
+        return mask_secrets(super().format(record))
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Send hnm_ray's log lines to stderr with timestamps (idempotent)."""
     logger = logging.getLogger("hnm_ray")
     if not logger.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s hnm_ray %(levelname)s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(MaskingFormatter("%(asctime)s hnm_ray %(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
@@ -81,7 +90,7 @@ def route_ray_logs(log_file: Path | None, verbose: bool = False) -> None:
         if log_file is not None and not any(getattr(h, "baseFilename", None) == str(log_file) for h in logger.handlers):
             log_file.parent.mkdir(parents=True, exist_ok=True)
             handler = logging.FileHandler(log_file)
-            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+            handler.setFormatter(MaskingFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
             logger.addHandler(handler)
         for handler in logger.handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):

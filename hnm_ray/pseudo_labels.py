@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hnm_ray import storage
 from hnm_ray.config import MiningConfig
 from hnm_ray.errors import HnmError
 from hnm_ray.mining import get_miner, push_scores, select_positives, uncertain_negatives
@@ -36,9 +37,8 @@ class Selection:
 
     def save(self, folder: Path) -> Path:
         """Write the three tables as Parquet under `folder` (read back by `load`)."""
-        folder.mkdir(parents=True, exist_ok=True)
         for name in ("hard_negatives", "positives", "uncertain"):
-            pq.write_table(getattr(self, name), folder / f"{name}.parquet")
+            storage.write_table(getattr(self, name), folder / f"{name}.parquet")
         return folder
 
     @classmethod
@@ -49,7 +49,7 @@ class Selection:
 
 
 def mine_round(mining: MiningConfig, store: FeatureStore, records: list[SlideRecord], model_path: str, run_dir: Path,
-               round_: int, miner_name: str, max_ratio: float) -> Selection:
+               round_: int, miner_name: str, max_ratio: float, plugin: str | None = None) -> Selection:
     """Pseudo labels for every tile of the mining pool, its global hard negatives, positives and uncertain negatives
     (the lowest `max_ratio` fraction, the round's largest r_t)."""
     import ray
@@ -61,7 +61,8 @@ def mine_round(mining: MiningConfig, store: FeatureStore, records: list[SlideRec
     n_negative_tiles = count_tiles(store, negatives)
     ray.get(miner.begin_round.remote(n_negative_tiles, mining.neg_ratio, round_))
     scores = score_once_more_on_node_loss(lambda: score_tiles(model_path, store, pool, run_dir /
-                                                              f"scores_round{round_}.parquet", miner_name=miner_name))
+                                                              f"scores_round{round_}.parquet", miner_name=miner_name,
+                                                              plugin=plugin))
     repush_lost_scores(miner, scores, negatives, n_negative_tiles, round_)
     ray.get(miner.save.remote(str(run_dir / MINER_SNAPSHOT)))
     hard = ray.get(miner.hard_negatives.remote())

@@ -2,12 +2,20 @@
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from hnm_ray.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+")
+
+
+def names_code(spec: str) -> bool:
+    """Whether a model spec names code to run (a `module:callable` plug-in or a TorchScript file) rather than a
+    registered name: registered names are plain identifiers, never looked up as files or modules."""
+    return PLAIN_NAME.fullmatch(spec) is None
 
 
 class Registry(Generic[F]):
@@ -19,6 +27,9 @@ class Registry(Generic[F]):
 
     def register(self, name: str) -> Callable[[F], F]:
         """Decorator registering `factory` under `name` (a second, different factory for a name is an error)."""
+
+        if names_code(name):
+            raise ValueError(f"{self.kind} name {name!r} must be a plain identifier (letters, digits, _)")
 
         def add(factory: F) -> F:
             known = self._factories.get(name)

@@ -64,9 +64,7 @@ class RunState:
         return value
 
     def _save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=float))
-        tmp.replace(self.path)
+        storage.write_bytes(json.dumps(self.data, indent=2, default=float), self.path)
         sync(self.run_dir)
 
 
@@ -84,7 +82,7 @@ def staged(uri: str) -> Path:
     if overwrite or not (local / SYNCED_FILE).is_file():  # else the local stage is at the remote's state or ahead
         present = set(remote_files)
         _record_synced(local, {k: v for k, v in storage.local_files(local).items() if k in present})
-    (local / REMOTE_FILE).write_text(uri)
+    storage.write_bytes(uri, local / REMOTE_FILE)
     return local
 
 
@@ -145,13 +143,16 @@ def resolve_run(config: TrainConfig, resume: str | None, saved: dict[str, Any] |
     if resume and config.run.overwrite:
         raise ConfigError("run.overwrite", "cannot be combined with --resume (which continues the run); drop one")
     if resume:
-        changed = cfg.changed_knobs(saved or {}, cfg.to_tree(config))
+        storage.refuse_links_out(Path(resume), "resume")
+        changed = cfg.changed_knobs(saved or {}, cfg.mask_secrets(cfg.to_tree(config)))
         if changed:
             log.warning("resume: applying changed knobs to the rest of the run (finished stages are kept): %s",
                         ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
         return Path(resume).resolve()
     config.run.name = config.run.name or time.strftime("hnm-%Y%m%d-%H%M%S")
     runs_dir = storage.location(config.run.runs_dir)
+    if not storage.is_uri(runs_dir):
+        storage.refuse_links_out(runs_dir / config.run.name, "run.name")
     run = storage.join(runs_dir, config.run.name) if storage.is_uri(runs_dir) else (runs_dir / config.run.name).resolve()
     if not config.run.overwrite and holds_run(run):
         raise ConfigError("run.name", f"{run} already holds a run{_described(run)}; a run folder belongs to one config. "

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from hnm_ray import storage
 from hnm_ray.progress import Progress
@@ -35,14 +34,14 @@ class InstanceScorer:
     """Ray Data actor: instance logits of tile embeddings; pushes negative-slide logits to the miner."""
 
     def __init__(self, model_path: str, miner_name: str | None, negative_slides: list[str],
-                 torch_threads: int | None = 1) -> None:
+                 torch_threads: int | None = 1, plugin: str | None = None) -> None:
         import torch
 
         from hnm_ray.inference import load_aggregator
 
         if torch_threads:  # an actor of its own; in the driver's process (torch_threads None) leave its threads be
             torch.set_num_threads(torch_threads)
-        self.model, _ = load_aggregator(model_path)
+        self.model, _ = load_aggregator(model_path, plugin)
         self.miner = None
         if miner_name:
             from hnm_ray.mining import get_miner
@@ -73,7 +72,7 @@ class InstanceScorer:
 
 def score_tiles(model_path: str | Path, store: FeatureStore, records: list[SlideRecord], out_path: str | Path,
                 miner_name: str | None = None, num_scorers: int = 1, batch_size: int = 4096,
-                in_process: bool | None = None) -> pa.Table:
+                in_process: bool | None = None, plugin: str | None = None) -> pa.Table:
     """Score every tile of `records` in the store; write and return the scores table.
 
     With `miner_name`, the negative slides' instance logits are pushed to that miner (call its `begin_round`
@@ -87,19 +86,16 @@ def score_tiles(model_path: str | Path, store: FeatureStore, records: list[Slide
     wanted = sorted({r.slide_id for r in records} & store.completed())
     negatives = [r.slide_id for r in records if r.label == 0 and r.slide_id in wanted]
     if in_process if in_process is not None else single_node():
-        scorer = InstanceScorer(str(model_path), miner_name, negatives, torch_threads=None)
+        scorer = InstanceScorer(str(model_path), miner_name, negatives, torch_threads=None, plugin=plugin)
         batches = (scorer(batch) for batch in _slide_batches(store, wanted, Progress("score (slides)", len(wanted))))
     else:
-        batches = _scored_by_ray_data(store, wanted, (str(model_path), miner_name, negatives), num_scorers, batch_size)
+        batches = _scored_by_ray_data(store, wanted, (str(model_path), miner_name, negatives, 1, plugin), num_scorers,
+                                      batch_size)
     parts = [pa.Table.from_pydict({k: batch[k] for k in SCORES_SCHEMA.names}, schema=SCORES_SCHEMA)
              for batch in batches]
     table = pa.concat_tables(parts) if parts else SCORES_SCHEMA.empty_table()
     table = table.sort_by([("slide_id", "ascending"), ("tile_id", "ascending")])
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(out_path)
+    storage.write_table(table, Path(out_path))
     log.info("scored %d tiles of %d slides -> %s", table.num_rows, len(wanted), out_path)
     return table
 

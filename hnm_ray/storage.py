@@ -7,7 +7,8 @@ environment: `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` (or an instance role), 
 `AWS_ENDPOINT_URL` for S3-compatible servers (MinIO, Ceph, moto); GCS reads Google's default credentials.
 
 Atomic writes, the store's contract (a file is complete or absent):
-- local: a hidden temp file beside the target, fsync, `os.replace`.
+- local: a hidden temp file beside the target (a fresh name, created exclusively, never through a link), fsync,
+  `os.replace`: a symlink planted at the target is replaced, never followed out of its folder.
 - object storage: the object is serialised in memory and sent in one upload straight to its key. S3 and GCS make
   an object visible only when its upload completes, so a writer killed mid-upload leaves no object (an S3
   multipart upload it began stays invisible until a bucket lifecycle rule aborts it). pyarrow completes an
@@ -158,8 +159,11 @@ def write_table(table: pa.Table, item: Location) -> Location:
     return write_bytes(sink.getvalue(), item)
 
 
-def write_bytes(data: bytes | pa.Buffer, item: Location) -> Location:
-    """Write `data` to `item` atomically: temp + fsync + rename locally, one upload to the final key otherwise."""
+def write_bytes(data: bytes | pa.Buffer | str, item: Location) -> Location:
+    """Write `data` (text as UTF-8) to `item` atomically: temp + fsync + rename locally (a symlink at `item` is
+    replaced, not followed), one upload to the final key otherwise. Every file hnm-ray writes goes through here."""
+    if isinstance(data, str):
+        data = data.encode()
     if is_uri(item):
         fs, path = filesystem(item)
         stream = fs.open_output_stream(path)  # the object appears when close() completes the upload
@@ -170,7 +174,8 @@ def write_bytes(data: bytes | pa.Buffer, item: Location) -> Location:
     temp = final.parent / f".{final.stem}.{uuid.uuid4().hex[:12]}{final.suffix}{TEMP_SUFFIX}"
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        with open(temp, "wb") as sink:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with open(fd, "wb") as sink:
             sink.write(memoryview(data))
             sink.flush()
             os.fsync(sink.fileno())
@@ -179,6 +184,20 @@ def write_bytes(data: bytes | pa.Buffer, item: Location) -> Location:
         unlink_quietly(temp)
         raise
     return final
+
+
+def refuse_links_out(folder: Path, key: str) -> None:
+    """ConfigError naming `key` when a symlink under the local `folder` leads outside it: files written there (a
+    checkpoint/ or heatmaps/ folder linked elsewhere) would land outside the folder. Links to files inside it are
+    harmless (writes replace a linked file, never follow it)."""
+    root = Path(folder).resolve()
+    if not root.is_dir():
+        return
+    for parent, folders, files in os.walk(root):
+        for entry in (Path(parent) / n for n in folders + files):
+            if entry.is_symlink() and not entry.resolve().is_relative_to(root):
+                raise ConfigError(key, f"{entry} is a symlink to {entry.resolve()}, outside {root}: hnm-ray writes "
+                                       "only inside its folders; remove the link (or copy what it points to)")
 
 
 def delete(item: Location) -> None:
@@ -209,7 +228,7 @@ def append_record(log: Location, line: str) -> None:
         return
     path = Path(log)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # never through a symlink
     try:
         os.write(fd, (line.rstrip("\n") + "\n").encode())  # one write: appends of several processes do not interleave
     finally:
@@ -269,12 +288,16 @@ def upload_tree(local: Path, remote: Location, uploaded: dict[str, list[int]],
 
 def download_tree(remote: Location, local: Path, overwrite: bool) -> list[str]:
     """Copy the files under `remote` into `local` (only the missing ones unless `overwrite`); returns the relative
-    paths of every file under `remote`."""
+    paths of every file under `remote`. A key that would land outside `local` (`..`, absolute) is a StoreError."""
     prefix = str(remote).rstrip("/") + "/"
     relatives = []
     for item in list_files(remote, recursive=True):
         relative = str(item)[len(prefix):]
-        target = local / relative
+        parts = relative.split("/")
+        if relative.startswith("/") or any(p in ("", ".", "..") or "\\" in p for p in parts):
+            raise StoreError(f"object {item} has a key that would be written outside {local} ({relative!r}); "
+                             f"remove it from {remote} (keys must not hold '..', '.', empty parts or '\\')")
+        target = local.joinpath(*parts)
         if overwrite or not target.exists():
             write_bytes(read_bytes(item), target)
         relatives.append(relative)

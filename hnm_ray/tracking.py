@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hnm_ray import config as cfg
+from hnm_ray import storage
 from hnm_ray.config import JobConfig, TrainConfig
 from hnm_ray.errors import ConfigError
 from hnm_ray.registry import one_line
@@ -76,7 +77,7 @@ def start(run_dir: Path, config: TrainConfig, experiment: str = EXPERIMENT, run_
     client = _client(uri)
     saved = _saved(run_dir)
     params = flat_params(config)
-    if saved.get("tracking_uri") == uri and saved.get("run_id"):
+    if saved.get("tracking_uri") == cfg.mask_secrets(uri) and saved.get("run_id"):
         logged = client.get_run(saved["run_id"]).data.params
         changed = {k: f"{logged[k]} -> {v}" for k, v in params.items() if k in logged and logged[k] != v}
         for key, change in changed.items():
@@ -89,8 +90,8 @@ def start(run_dir: Path, config: TrainConfig, experiment: str = EXPERIMENT, run_
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), BATCH):
         client.log_batch(run.info.run_id, params=items[i:i + BATCH])
-    _save(run_dir, {"tracking_uri": uri, "run_id": run.info.run_id, "logged_rounds": []})
-    log.info("MLflow: run %s in experiment %r at %s", run.info.run_id, experiment, uri)
+    _save(run_dir, {"tracking_uri": cfg.mask_secrets(uri), "run_id": run.info.run_id, "logged_rounds": []})
+    log.info("MLflow: run %s in experiment %r at %s", run.info.run_id, experiment, cfg.mask_secrets(uri))
     return run.info.run_id
 
 
@@ -139,7 +140,7 @@ def flat_params(config: TrainConfig) -> dict[str, str]:
             else:
                 out[f"{prefix}{key}"] = "" if value is None else str(value)
 
-    walk(cfg.to_tree(config), "")
+    walk(cfg.mask_secrets(cfg.to_tree(config)), "")
     return out
 
 
@@ -176,7 +177,4 @@ def _saved(run_dir: Path) -> dict[str, Any]:
 
 
 def _save(run_dir: Path, data: dict[str, Any]) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(run_dir / RUN_FILE)
+    storage.write_bytes(json.dumps(data, indent=2), run_dir / RUN_FILE)

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -63,7 +64,7 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
     state = RunState(run_dir)
     route_ray_logs(run_dir / "ray.log", config.run.verbose)  # before ray.init: its auth-token notice goes there too
     init_ray()
-    miner_name = f"hnm_miner-{run_dir.name}"
+    miner_name = miner_name_of(state)
     # Held for the whole job: Ray garbage-collects a named actor when its last handle goes, and the global ranking
     # form of round >= 1 reads the queue that round - 1's mining left in it (restored from the snapshot on resume).
     _miner = get_miner(miner_name, snapshot_path=str(run_dir / MINER_SNAPSHOT))
@@ -91,7 +92,7 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
     final = finish(run_dir, history, records, store, finetune, config)
     final["seconds"] = time.perf_counter() - started
     final["stage_seconds"] = state.get("seconds")
-    (run_dir / "metrics.json").write_text(json.dumps(final, indent=2, default=float))
+    storage.write_bytes(json.dumps(final, indent=2, default=float), run_dir / "metrics.json")
     sync(run_dir)  # a run folder on object storage gets the last outputs
     log_skipped(final["skipped"], len(records))
     log.info("done: %s (test %s; official protocol AUC %.3f)", run_dir / "metrics.json",
@@ -111,6 +112,12 @@ def check_inputs(config: TrainConfig) -> list[SlideRecord]:
     encoder = encoder_from_config(config.encoder)
     build_aggregator(config.mil.aggregator, encoder.out_dim, hidden=config.mil.hidden, dropout=config.mil.dropout)
     return records
+
+
+def miner_name_of(state: RunState) -> str:
+    """The run's HardNegativeMiner actor name: a random id kept in state.json, so --resume finds the same actor and
+    two runs with the same folder name on one cluster (or sweep trials, all in folders named run) never share one."""
+    return f"hnm_miner-{state.get('miner_id') or state.done('miner_id', uuid.uuid4().hex[:16])}"
 
 
 def initial_encoder(config: TrainConfig, records: list[SlideRecord], run_dir: Path, state: RunState) -> str | None:
@@ -150,13 +157,14 @@ def train_aggregator(config: TrainConfig, store: FeatureStore, records: list[Sli
     """Paper steps 2-3: the aggregator of this round, evaluated on test with our protocol and the official one."""
     fitted = fit_mil(config.mil, store, records, run_dir, name=f"mil_round{round_}", miner_name=miner_name,
                      seed=config.run.seed)
-    validation = evaluate_split(fitted.model_path, store, records, "val", fitted.threshold)  # + n and intervals
+    validation = evaluate_split(fitted.model_path, store, records, "val", fitted.threshold,  # + n and intervals
+                                config.mil.aggregator)
     result = {"round": round_, "best_epoch": fitted.best_epoch,
               **{k: v for k, v in fitted.metrics.items() if k.startswith("val_")},
               **{k: v for k, v in validation.items() if k.removeprefix("val_") in INTERVAL_KEYS},
-              **evaluate_split(fitted.model_path, store, records, "test", fitted.threshold),
+              **evaluate_split(fitted.model_path, store, records, "test", fitted.threshold, config.mil.aggregator),
               "official_protocol": fitted.official_protocol, "model_path": fitted.model_path, "encoder_weights": weights}
-    (run_dir / f"metrics_round{round_}.json").write_text(json.dumps(result, indent=2, default=float))
+    storage.write_bytes(json.dumps(result, indent=2, default=float), run_dir / f"metrics_round{round_}.json")
     log.info("round %d: val %s; test %s; test instance AUC %.3f", round_, describe(result, "val_"),
              describe(result, "test_"), result.get("test_instance_auc", np.nan))
     return result
@@ -174,7 +182,8 @@ def mine(config: TrainConfig, store: FeatureStore, records: list[SlideRecord], r
     last_epoch = (round_ + 1) * config.finetune.epochs_per_round - 1
     max_ratio = positive_ratio(last_epoch, config.finetune.warmup_epochs, config.total_finetune_epochs,
                                config.mining.ro, config.mining.rT)
-    selection = mine_round(config.mining, store, records, result["model_path"], run_dir, round_, miner_name, max_ratio)
+    selection = mine_round(config.mining, store, records, result["model_path"], run_dir, round_, miner_name, max_ratio,
+                           plugin=config.mil.aggregator)
     folder = selection.save(run_dir / f"selection_round{round_}")
     return {"round": round_, "val_f1": val_f1 if not math.isnan(val_f1) else -1.0, "folder": str(folder),
             "stats": selection.stats, "hard_negatives": selection.hard_negatives.num_rows,

@@ -30,6 +30,8 @@ from hnm_ray.train import index_root, initial_encoder, round_store, run_job, wit
 
 log = logging.getLogger("hnm_ray")
 
+TRUST_SWEEP = ("Ray Tune unpickles the sweep folder (tuner.pkl, experiment state): a crafted file runs code, so resume "
+               "only sweep folders you or someone you trust wrote")
 # The swept knobs of the train tree (dotted keys) and the sweep knob listing each one's values.
 SWEPT = {"mining.neg_ratio": "neg_ratios", "mil.margin": "margins", "mil.rank_k": "rank_ks", "mil.w_rank": "w_ranks"}
 
@@ -126,6 +128,18 @@ def prepare_shared_store(config: TuneConfig, root: storage.Location, work: Path)
     return config
 
 
+def refuse_passwords(config: TuneConfig) -> None:
+    """ConfigError naming the knob when a URI in the config holds a password: Ray Tune writes every trial's config
+    into its folder (params.json, params.pkl), where no mask can reach it."""
+    tree = cfg.to_tree(config)
+    for key, _, _ in cfg.leaves(TuneConfig):
+        value = cfg.tree.get_dotted(tree, key)
+        if isinstance(value, str) and cfg.mask_secrets(value) != value:
+            raise ConfigError(key, f"{cfg.mask_secrets(value)} holds a password, and Ray Tune writes each trial's "
+                                   "config into its folder: give MLflow credentials in MLFLOW_TRACKING_USERNAME / "
+                                   "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
+
+
 def run_sweep(config: TuneConfig, resume: bool = False):
     """Run (or restore) the sweep; returns the Tune ResultGrid and writes results.csv + best_config.yaml."""
     from ray import tune
@@ -134,6 +148,7 @@ def run_sweep(config: TuneConfig, resume: bool = False):
     from hnm_ray.cluster import init_ray
     from hnm_ray.training.finetune import finetune_workers, worker_cpus
 
+    refuse_passwords(config)
     init_ray()
     sweep = config.sweep
     storage.check(sweep.storage_path, "sweep.storage_path")
@@ -146,6 +161,7 @@ def run_sweep(config: TuneConfig, resume: bool = False):
     storage_path, filesystem = storage.ray_storage(root)
     trainable = tune.with_resources(trial, {"cpu": sweep.cpus_per_trial})
     if resume:
+        log.warning("resume: restoring %s. %s", path, TRUST_SWEEP)
         restore_path = storage.ray_storage(path)[0]
         if not tune.Tuner.can_restore(restore_path, storage_filesystem=filesystem):
             raise ConfigError("resume", f"no sweep to restore at {path}; check --storage-path and --sweep-name")
@@ -206,7 +222,8 @@ def write_results(results, path: Path, metric: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point of `python -m hnm_ray.tune`."""
     parser = cli_parser("python -m hnm_ray.tune", __doc__)
-    parser.add_argument("--resume", action="store_true", help="restore the interrupted sweep at storage_path/sweep_name")
+    parser.add_argument("--resume", action="store_true",
+                        help=f"restore the interrupted sweep at storage_path/sweep_name. {TRUST_SWEEP}")
     cfg.add_source_arguments(parser)
     cfg.add_arguments(parser, TuneConfig)
     args = parser.parse_args(argv)

@@ -230,7 +230,8 @@ def test_a_sync_cut_short_keeps_the_previous_state_json(s3, tmp_path, monkeypatc
     real_write = storage.write_bytes
 
     def cut_after_first_upload(data, item):  # the sync dies after one file: the connection or the machine is lost
-        monkeypatch.setattr(storage, "write_bytes", lambda *a: (_ for _ in ()).throw(OSError("connection lost")))
+        if storage.is_uri(item):  # local writes (state.json itself) go through write_bytes too
+            monkeypatch.setattr(storage, "write_bytes", lambda *a: (_ for _ in ()).throw(OSError("connection lost")))
         return real_write(data, item)
 
     monkeypatch.setattr(storage, "write_bytes", cut_after_first_upload)
@@ -252,3 +253,11 @@ def test_tune_storage_path_stays_a_uri(s3, ray_session, tmp_path, monkeypatch):
     config.sweep.storage_path = "s3://nope/tune"
     with pytest.raises(ConfigError, match="'sweep.storage_path'.*does not exist"):
         run_sweep(config, resume=True)
+
+
+def test_download_tree_refuses_object_keys_that_would_land_outside_the_folder(s3, tmp_path):
+    s3.put_object(Bucket=BUCKET, Key="shared/run/state.json", Body=b"{}")
+    s3.put_object(Bucket=BUCKET, Key="shared/run/../../escaped.txt", Body=b"written outside")
+    with pytest.raises(StoreError, match=r"would be written outside .*'\.\./\.\./escaped\.txt'"):
+        storage.download_tree(f"s3://{BUCKET}/shared/run", tmp_path / "stage" / "run", overwrite=True)
+    assert not list(tmp_path.rglob("escaped.txt"))

@@ -114,7 +114,8 @@ def test_report_holds_the_runs_numbers_both_protocols_images_config_and_links(ru
     assert page.pre[0] == (run / "config.yaml").read_text()
     for href in page.links:
         assert (run / href).is_file(), href
-    assert {"metrics.json", "config.yaml", "checkpoint/encoder.safetensors", "qupath/demo_000.geojson"} <= set(page.links)
+    assert {"./metrics.json", "./config.yaml", "./checkpoint/encoder.safetensors", "./qupath/demo_000.geojson"} <= \
+        set(page.links)
 
 
 @pytest.mark.slow

@@ -1,13 +1,13 @@
 """The one config tree of hnm-ray (sections of knobs) and the machinery that loads it from recipes, YAML and flags."""
 from hnm_ray.config.sections import (EncoderConfig, ExtractConfig, FinetuneConfig, JobConfig, MILConfig, MiningConfig,
                                      PretrainConfig, TilingConfig, TissueConfig, TrainConfig)
-from hnm_ray.config.tree import (add_arguments, add_source_arguments, changed_knobs, check_choice, check_range,
-                                 from_tree, given_knobs, knob, leaves, load_config, load_recipe, load_yaml, merge, recipe_names,
-                                 save_yaml, section, to_tree)
+from hnm_ray.config.tree import (add_arguments, add_source_arguments, add_trust_argument, changed_knobs, check_choice,
+                                 check_range, from_tree, given_knobs, knob, leaves, load_config, load_recipe, load_yaml,
+                                 mask_secrets, merge, recipe_names, refuse_code, save_yaml, section, to_tree)
 
 __all__ = [
     "EncoderConfig", "ExtractConfig", "FinetuneConfig", "JobConfig", "MILConfig", "MiningConfig", "PretrainConfig",
-    "TilingConfig", "TissueConfig", "TrainConfig", "add_arguments", "add_source_arguments", "changed_knobs",
-    "check_choice", "check_range", "from_tree", "given_knobs", "knob", "leaves", "load_config", "load_recipe", "load_yaml", "merge",
-    "recipe_names", "save_yaml", "section", "to_tree",
+    "TilingConfig", "TissueConfig", "TrainConfig", "add_arguments", "add_source_arguments", "add_trust_argument",
+    "changed_knobs", "check_choice", "check_range", "from_tree", "given_knobs", "knob", "leaves", "load_config",
+    "load_recipe", "load_yaml", "mask_secrets", "merge", "recipe_names", "refuse_code", "save_yaml", "section", "to_tree",
 ]

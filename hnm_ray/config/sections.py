@@ -18,12 +18,21 @@ from dataclasses import dataclass
 from hnm_ray.config.tree import knob, section
 from hnm_ray.errors import ConfigError
 
+# Not a knob: only the command line can give it, never a file (README "Which files must come from someone you trust").
+TRUST_PLUGINS_FLAG = "--trust-plugins"
+TRUST_PLUGINS_HELP = ("run TorchScript encoders and module:callable plug-ins that a file names (--config, a --recipe "
+                      "file, a resumed run's or a checkpoint's config.yaml, aggregator.json); without it such a file "
+                      "may name registered encoders/aggregators only. Give it only for files from someone you trust")
 
 @dataclass
 class TissueConfig:
     """Tissue detection: saturation threshold (Otsu by default), blur and clean-up of the mask."""
 
     thumbnail_size: int = knob(1024, "longest side (px) of the thumbnail tissue is detected on", low=16)
+    max_decoded_pixels: int = knob(2 ** 26, "most pixels a thumbnail may decode (one pyramid level): the thumbnail "
+                                            "comes from the smallest level within it; a slide with no such level "
+                                            "is refused (errors.jsonl), so a slide declaring a huge image cannot "
+                                            "exhaust memory", low=16 * 16)
     saturation_threshold: float | None = knob(None, "fixed HSV-saturation threshold in [0, 1]; unset = Otsu per slide",
                                               low=0.0, high=1.0)
     min_saturation: float = knob(0.05, "floor under the Otsu threshold, so a blank (white) slide has no tissue; "
@@ -68,7 +77,8 @@ class EncoderConfig:
     """The tile encoder f: architecture, initial weights and what its input looks like."""
 
     name: str = knob("small_cnn", "tile encoder: small_cnn, resnet18_in (the paper's), module:callable, or a "
-                                  "TorchScript .pt")
+                                  "TorchScript .pt (these two run code: from a file only with --trust-plugins)",
+                      code=True)
     weights: str | None = knob(None, "initial encoder weights (safetensors or a torch state dict, ours or the "
                                      "official ItS2CLR SimCLR layout); none: a warm start by pretrain, or random init")
     norm: str = knob("affine", "resnet18_in instance norm: affine (learnable scale/shift) or plain (official: none)",
@@ -119,7 +129,7 @@ class MILConfig:
     """MIL aggregator: model, losses (bag/instance BCE + ranking loss), optimiser, Ray Train resources."""
 
     aggregator: str = knob("dsmil", "aggregator: dsmil, dsmil_its2clr (the official variant), abmil, or "
-                                    "module:callable")
+                                    "module:callable (from a file only with --trust-plugins)", code=True)
     hidden: int = knob(128, "aggregator hidden (query) size", low=1)
     dropout: float = knob(0.0, "aggregator dropout", low=0.0, high=1.0, high_open=True)
     epochs: int = knob(40, "aggregator training epochs per round", low=1)
@@ -242,9 +252,16 @@ class JobConfig:
                                  "round as step, report/ROC/heatmaps as artifacts; install hnm-ray[tracking])",
                          choices=["none", "mlflow"])
     tracking_uri: str = knob("", "MLflow tracking URI: a folder (a local file store, no server), sqlite:///FILE or "
-                                 "http://HOST:PORT; empty: <runs_dir>/mlruns")
+                                 "http://HOST:PORT; empty: <runs_dir>/mlruns. Credentials: MLFLOW_TRACKING_USERNAME/"
+                                 "PASSWORD in the environment (a password in the URI is masked in every file we write)")
     seed: int = knob(0, "seed of splits, init, pairing, sampling and augmentations")
     verbose: bool = knob(False, "show Ray's own INFO lines on the console (always in <run>/ray.log)")
+
+    def validate(self) -> None:
+        """run.name is one folder name inside runs_dir: no path separators, not `.` or `..`."""
+        if any(c in self.name for c in "/\\\0") or self.name in (".", ".."):
+            raise ConfigError("run.name", f"{self.name!r} must be a single folder name (no '/', '\\', '.' or '..'); "
+                                          "put the folder it goes in into run.runs_dir")
 
 
 @dataclass

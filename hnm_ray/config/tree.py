@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Iterator, Mapping
@@ -23,12 +24,29 @@ from hnm_ray.errors import ConfigError
 
 C = TypeVar("C")
 RECIPES_PACKAGE = "hnm_ray.config.recipes"
+URI_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^/@\s]+@")  # scheme://user:PASSWORD@host
+MASK = "***"
+
+
+def mask_secrets(value: Any) -> Any:
+    """`value` (text, or a nested mapping / list of them) with the password of every `scheme://user:password@host`
+    URI replaced by ***: what every file and log line we write shows (credentials belong in the environment, e.g.
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)."""
+    if isinstance(value, str):
+        return URI_PASSWORD.sub(rf"\g<1>{MASK}@", value)
+    if isinstance(value, Mapping):
+        return {k: mask_secrets(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(mask_secrets(v) for v in value)
+    return value
 
 
 def knob(default: Any, help: str, *, choices: list[str] | None = None, low: float | None = None,
-         high: float | None = None, low_open: bool = False, high_open: bool = False) -> Any:
-    """A config field declared once: default, help for `--help`, and the bounds or choices it is checked against."""
-    meta = {"help": help, "choices": choices, "low": low, "high": high, "low_open": low_open, "high_open": high_open}
+         high: float | None = None, low_open: bool = False, high_open: bool = False, code: bool = False) -> Any:
+    """A config field declared once: default, help for `--help`, and the bounds or choices it is checked against.
+    `code`: the knob may name code to run (a plug-in or TorchScript file), accepted from a file only when trusted."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
+            "code": code}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -140,12 +158,20 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file as a nested mapping (sections -> knobs); `-` in keys read as `_`."""
+    """Read a YAML config file as a nested mapping (sections -> knobs); `-` in keys read as `_`. Anchors and aliases
+    (`&a` / `*a`) are refused before anything is built: a few hundred bytes of nested aliases expand to billions of
+    values, and a config needs neither."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), "config file not found; pass an existing YAML file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # events only: linear in the file, nothing expanded
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                line = event.start_mark.line + 1
+                raise ConfigError(str(path), f"line {line} uses a YAML anchor or alias ('&' / '*'); write the "
+                                             "values out instead (config files may not use them)")
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), f"not valid YAML ({exc})") from exc
     if not isinstance(data, dict):
@@ -265,32 +291,84 @@ def to_tree(config: Any) -> dict[str, Any]:
 
 
 def save_yaml(values: Any, path: str | Path) -> Path:
-    """Write a config tree (dataclass or nested mapping) as YAML that `--config` accepts."""
+    """Write a config tree (dataclass or nested mapping) as YAML that `--config` accepts (atomically, never through
+    a symlink; passwords in URIs masked)."""
+    from hnm_ray.storage import write_bytes
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = to_tree(values) if dataclasses.is_dataclass(values) else dict(values)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    write_bytes(yaml.dump(mask_secrets(data), Dumper=_PlainDumper, sort_keys=False), path)
     return path
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """safe_dump without anchors/aliases (a value repeated is written out again), so `load_yaml` reads it back."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--recipe` and `--config`, the two file sources of knobs every CLI takes."""
+    """`--recipe` and `--config`, the two file sources of knobs every CLI takes, and `--trust-plugins`."""
     parser.add_argument("--recipe", metavar="NAME|PATH",
                         help=f"a recipe: YAML of knobs shipped with hnm_ray ({', '.join(recipe_names())}) or a file; "
                              "--config and flags override it")
     parser.add_argument("--config", metavar="YAML", help="YAML file of knobs (nested sections); flags override it")
+    add_trust_argument(parser)
+
+
+def add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    """`--trust-plugins`: a command-line flag only (a file can never set it), declared in sections.py."""
+    from hnm_ray.config.sections import TRUST_PLUGINS_FLAG, TRUST_PLUGINS_HELP
+
+    parser.add_argument(TRUST_PLUGINS_FLAG, action="store_true", dest="_trust_plugins", help=TRUST_PLUGINS_HELP)
 
 
 def load_config(cls: type[C], args: argparse.Namespace | None = None, base: Mapping[str, Any] | None = None) -> C:
-    """The one loader: defaults < `base` (e.g. a resumed run's saved tree) < recipe < --config < flags."""
-    values: dict[str, Any] = dict(base or {})
+    """The one loader: defaults < `base` (e.g. a resumed run's saved tree) < recipe < --config < flags.
+    A code knob (a plug-in or TorchScript file) set by a file and not by a flag needs `--trust-plugins`."""
+    sources: list[tuple[str, Mapping[str, Any]]] = [("the resumed run's config.yaml", base or {})]
+    flags: dict[str, Any] = {}
     if args is not None:
-        if getattr(args, "recipe", None):
-            values = merge(values, load_recipe(args.recipe))
+        recipe = getattr(args, "recipe", None)
+        if recipe:  # a shipped recipe is part of the package; a recipe file is a file like --config
+            sources.append(("" if recipe in recipe_names() else f"--recipe {recipe}", load_recipe(recipe)))
         if getattr(args, "config", None):
-            values = merge(values, load_yaml(args.config))
-        values = merge(values, given_knobs(cls, args))
-    return from_tree(cls, values)
+            sources.append((f"--config {args.config}", load_yaml(args.config)))
+        flags = given_knobs(cls, args)
+    values: dict[str, Any] = {}
+    for _, tree in sources:
+        values = merge(values, tree)
+    config = from_tree(cls, merge(values, flags))
+    if not getattr(args, "_trust_plugins", False):
+        for source, tree in sources:
+            if source:
+                refuse_code(cls, tree, source, flags)
+    return config
+
+
+def refuse_code(cls: type, values: Mapping[str, Any], source: str, flags: Mapping[str, Any] | None = None) -> None:
+    """ConfigError when `values` (read from the file `source`) set a code knob to a plug-in or TorchScript file that
+    the command line (`flags`) does not name itself: files are data, and a shared file must not run code."""
+    from hnm_ray.config.sections import TRUST_PLUGINS_FLAG
+    from hnm_ray.registry import names_code
+
+    for key, field, _ in leaves(cls):
+        value = get_dotted(values, key)
+        if field.metadata.get("code") and isinstance(value, str) and names_code(value) \
+                and get_dotted(flags or {}, key) is None:
+            raise ConfigError(key, f"{value!r} (from {source}) names code to run (a module:callable plug-in or a "
+                                   f"TorchScript file), and files are data: name it on the command line "
+                                   f"(--{key} {value}) or add {TRUST_PLUGINS_FLAG} if you trust that file")
+
+
+def get_dotted(tree: Mapping[str, Any], key: str) -> Any:
+    """tree["a"]["b"] for key "a.b", or None when absent."""
+    for part in key.split("."):
+        if not isinstance(tree, Mapping):
+            return None
+        tree = tree.get(part)
+    return tree
 
 
 def given_knobs(cls: type, args: argparse.Namespace) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from torch import nn
 
 from hnm_ray.config import EncoderConfig
 from hnm_ray.errors import ConfigError
-from hnm_ray.registry import Registry, build_plugin, one_line
+from hnm_ray.registry import Registry, build_plugin, names_code, one_line
 from hnm_ray.store.manifest import safe_name
 
 log = logging.getLogger("hnm_ray")
@@ -147,7 +147,7 @@ def build_encoder(spec: str, weights: str | Path | None = None, norm: str = "aff
     `norm` other than "affine" is passed to registry encoders that take it (resnet18_in)."""
     if spec in ENCODERS:
         model = _registered(spec, norm)
-    elif Path(spec).expanduser().is_file():
+    elif names_code(spec) and Path(spec).expanduser().is_file():
         model = _load_torchscript(Path(spec).expanduser())
     elif ":" in spec:
         model = _load_plugin(spec)
@@ -255,13 +255,12 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> Path:
     """Write a state dict as safetensors (atomically: temp file + rename); loading it back runs no code."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from hnm_ray.storage import write_bytes
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(tmp))
-    tmp.replace(path)
+    write_bytes(save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}), path)
     return path
 
 

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,8 @@ import yaml
 
 from hnm_ray.metrics import INTERVALS
 from hnm_ray.run_folder import CONFIG_FILE, RunState
+from hnm_ray.storage import write_bytes
+from hnm_ray.store.manifest import name_problem
 
 if TYPE_CHECKING:
     from hnm_ray.report.slides import Thresholds
@@ -233,14 +236,16 @@ def _links(root: Path, coming: tuple[str, ...] = ()) -> str:
     found = {root / name for name in coming}
     for folder, subfolders, names in os.walk(root):
         subfolders[:] = sorted(d for d in subfolders if d not in skip and not d.startswith("."))
-        found.update(Path(folder) / n for n in names if not n.startswith(".") and n != REPORT)
+        found.update(Path(folder) / n for n in names if name_problem(n) is None and n != REPORT)  # no odd names
     files = sorted(found)
     return "<ul>" + "".join(f"<li><a href='{_href(root, p)}'>{_e(str(p.relative_to(root)))}</a></li>"
                             for p in files) + "</ul>"
 
 
 def _href(root: Path, path: Path) -> str:
-    return html.escape(path.relative_to(root).as_posix(), quote=True)
+    """A relative link to a file below `root`: `./` + the percent-encoded path, so no name (`javascript:...`) can
+    make it a link with a scheme."""
+    return html.escape("./" + urllib.parse.quote(path.relative_to(root).as_posix()), quote=True)
 
 
 def _section(title: str, body: str) -> str:
@@ -255,8 +260,5 @@ def _write(path: Path, title: str, sections: list[str]) -> Path:
     """The page, written atomically (a browser refreshing it during a run never sees half a page)."""
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
             f"<style>{STYLE}</style></head><body><h1>{_e(title)}</h1>{''.join(sections)}</body></html>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    write_bytes(page, path)
     return path

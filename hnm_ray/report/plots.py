@@ -1,10 +1,21 @@
 """Pictures: the ROC curve of a split, and tile-score heatmaps over slide thumbnails that a pathologist can read."""
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from hnm_ray.storage import write_bytes
+
+
+def save_png(fig: Any, path: str | Path, **kwargs: Any) -> None:
+    """A matplotlib figure as a PNG at `path`, atomically and never through a symlink (`storage.write_bytes`)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", **kwargs)
+    write_bytes(buffer.getvalue(), Path(path))
 
 
 def plot_roc(labels: np.ndarray, probs: np.ndarray, path: str | Path, title: str = "ROC",
@@ -38,7 +49,7 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, path: str | Path, title: str
     ax.set_title(f"{title}\n{counts}", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -152,6 +163,6 @@ def heatmap(thumbnail: np.ndarray, level0_dims: tuple[int, int], x: np.ndarray, 
     bar.set_label(scale.label(), fontsize=8)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")  # never clip the colour bar label
+    save_png(fig, path, bbox_inches="tight")  # never clip the colour bar label
     plt.close(fig)
     return path

@@ -10,11 +10,12 @@ annotations": "Units and origin"), i.e. level-0 pixels, as our tile grid's x, y.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from hnm_ray.storage import write_bytes
 
 TUMOUR_COLOUR, OTHER_COLOUR = [220, 30, 30], [40, 90, 220]
 HARD_NEGATIVE = {"name": "Hard negative (mined)", "color": [255, 0, 255]}
@@ -48,7 +49,5 @@ def write_geojson(collection: dict[str, Any], path: str | Path) -> Path:
     """Write a FeatureCollection (atomically: temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(collection))
-    tmp.replace(path)
+    write_bytes(json.dumps(collection), path)
     return path

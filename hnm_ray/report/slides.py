@@ -96,15 +96,15 @@ def score_slide(model, store: FeatureStore, record: SlideRecord, level_downsampl
 
 def write_slide_outputs(model_path: str | Path, store: FeatureStore, records: list[SlideRecord], qupath_dir: Path | None,
                         heatmaps: dict[str, Path], thresholds: Thresholds, hard_negatives: pa.Table | None = None,
-                        thumbnail_size: int = 1024) -> list[ScoredSlide]:
+                        thumbnail_size: int = 1024, plugin: str | None = None) -> list[ScoredSlide]:
     """For each record in the store: `<qupath_dir>/<slide_id>.geojson` (QuPath detections classified at the tile
     threshold; skipped when None) and a heatmap PNG where `heatmaps` maps its slide id to a path, every heatmap on one
     scale (tile threshold to the highest tile score of these slides). A slide that cannot be opened is logged and
-    skipped."""
+    skipped. `plugin`: see `inference.load_aggregator`."""
     from hnm_ray.slides.annotation import load_annotation
     from hnm_ray.slides.reader import open_slide
 
-    model, _ = load_aggregator(model_path)
+    model, _ = load_aggregator(model_path, plugin)
     done = store.completed()
     mined = _by_slide(hard_negatives)
     scored = []

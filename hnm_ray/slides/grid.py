@@ -46,7 +46,7 @@ def tile_grid(reader: SlideReader, config: TilingConfig | None = None) -> pa.Tab
     if len(xs) == 0 or len(ys) == 0:
         raise SlideError(info.slide_id, f"the slide ({w0}x{h0} px) is smaller than one tile ({extent:.0f} level-0 px)",
                             "use a smaller tile_size or a finer mpp")
-    mask = tissue_mask(reader.thumbnail(config.tissue.thumbnail_size), config.tissue)
+    mask = tissue_mask(reader.thumbnail(config.tissue.thumbnail_size, config.tissue.max_decoded_pixels), config.tissue)
     gx, gy = np.meshgrid(xs, ys)
     fraction = mask_fraction(mask, (w0, h0), gx, gy, extent)
     rows, cols = np.nonzero(fraction >= max(config.min_tissue, 1e-9))

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from hnm_ray.config import TissueConfig
 from hnm_ray.errors import ConfigError, SlideError
 
 log = logging.getLogger(__name__)
@@ -351,10 +352,19 @@ class SlideReader:
             raise SlideError(self.slide_id, f"level {level} does not exist (the slide has {self.info.level_count} levels)",
                              "choose a level below level_count or tile by mpp")
 
-    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
-        """RGB uint8 (H, W, 3), longest side max_size, from the smallest level at least that large."""
+    def thumbnail(self, max_size: int = 1024, max_pixels: int | None = None) -> np.ndarray:
+        """RGB uint8 (H, W, 3), longest side max_size, from the smallest level at least that large among those of at
+        most `max_pixels` (default: tiling.tissue.max_decoded_pixels); SlideError when every level is larger."""
+        max_pixels = max_pixels or TissueConfig().max_decoded_pixels
         dims = self.info.level_dimensions
-        level = max((i for i, d in enumerate(dims) if max(d) >= max_size), default=0)
+        fitting = [i for i, (w, h) in enumerate(dims) if w * h <= max_pixels]
+        if not fitting:
+            w, h = dims[-1]
+            raise SlideError(self.slide_id, f"its smallest pyramid level is {w}x{h} px, more than the {max_pixels} "
+                                            "px a thumbnail may decode (tiling.tissue.max_decoded_pixels)",
+                             "give the slide a pyramid (e.g. vips tiffsave --pyramid --tile) or, for a trusted "
+                             "slide, raise --tiling.tissue.max_decoded_pixels")
+        level = max((i for i in fitting if max(dims[i]) >= max_size), default=min(fitting))
         try:
             image = self._backend.read_level(level)
         except Exception as exc:  # noqa: BLE001

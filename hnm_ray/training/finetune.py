@@ -214,7 +214,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     input_space = loop["encoder"]["input_space"]
     head = projection_head(encoder.out_dim, fc["proj_dim"])
     if loop.get("head_weights"):
-        head.load_state_dict(torch.load(loop["head_weights"], map_location="cpu"))
+        head.load_state_dict(torch.load(loop["head_weights"], map_location="cpu", weights_only=True))
     total, start = loop["total_epochs"], loop["first_epoch"]
     checkpoint = latest_checkpoint(loop["driver_checkpoints"], CHECKPOINT_FILE)
     state = load_state(checkpoint, CHECKPOINT_FILE) if checkpoint else None

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from hnm_ray import config as cfg
+from hnm_ray import storage
 from hnm_ray.config import MILConfig, TrainConfig
 from hnm_ray.cli import entry_point
 from hnm_ray.cli import parser as cli_parser
@@ -330,10 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     init_ray()
     store = FeatureStore(args.store, args.tag, round=args.round)
     result = fit_mil(tree.mil, store, records, args.out, seed=tree.run.seed)
-    metrics = {**result.metrics, **evaluate_split(result.model_path, store, records, "test")}
+    metrics = {**result.metrics, **evaluate_split(result.model_path, store, records, "test",
+                                                       plugin=tree.mil.aggregator)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    storage.write_bytes(json.dumps(metrics, indent=2, default=float), out / "metrics.json")
     log.info("MIL: best epoch %d, test AUC %s -> %s", result.best_epoch, metrics.get("test_auc"), out / "metrics.json")
     return 0
 

@@ -7,12 +7,12 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from hnm_ray import storage
 from hnm_ray.config import TrainConfig
 from hnm_ray.index import TileIndex, slide_indexes
 from hnm_ray.store.features import FeatureStore
@@ -45,10 +45,7 @@ def warm_start(config: TrainConfig, records: list[SlideRecord], run_dir: Path, c
     log.info("warm start: SimCLR pre-training of %s for %d epochs on %d tiles (cached as %s)", config.encoder.name,
              config.pretrain.epochs, config.pretrain.tiles, cached)
     weights = pretrain_simclr(config, records, run_dir, index)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-    shutil.copy(weights, tmp)
-    tmp.replace(cached)
+    storage.write_bytes(Path(weights).read_bytes(), cached)
     return str(cached)
 
 
