@@ -122,8 +122,8 @@ def _pair_step(model, pos: Bag, neg: Bag, hard_x, loss_kw: dict[str, Any], devic
 
     pos_out, neg_out = model(_tensor(pos, device)), model(_tensor(neg, device))
     pair_form = loss_kw["ranking"] == "pair"
-    loss = loss_kw["scale"] * pair_loss(pos_out, neg_out, loss_kw["pos_weight"], loss_kw["w_bag"], loss_kw["w_ins"],
-                                        loss_kw["w_rank"] if pair_form else 0.0, loss_kw["margin"], loss_kw["rank_k"])
+    loss = pair_loss(pos_out, neg_out, loss_kw["pos_weight"], loss_kw["w_bag"], loss_kw["w_ins"],
+                     loss_kw["w_rank"] if pair_form else 0.0, loss_kw["margin"], loss_kw["rank_k"], loss_kw["scale"])
     if loss_kw["w_rank"] > 0 and loss_kw["ranking"] == "global" and hard_x is not None:
         hard_inst, _ = model(hard_x)
         loss = loss + loss_kw["w_rank"] * global_ranking_loss([pos_out[0]], hard_inst, loss_kw["margin"], loss_kw["rank_k"])
@@ -133,7 +133,8 @@ def _pair_step(model, pos: Bag, neg: Bag, hard_x, loss_kw: dict[str, Any], devic
 
 def bce_weighting(mode: str, n_pos: int, n_neg: int) -> tuple[float | None, float]:
     """(pos_weight, uniform scale) of the BCE terms: pos_weight = #neg/#pos on positive bags, or, as the official
-    code's `BCEWithLogitsLoss(ratio)` does (the ratio lands in `weight`), every term scaled by #neg/#pos."""
+    code's `BCEWithLogitsLoss(ratio)` does (the ratio lands in `weight`), every BCE term scaled by #neg/#pos
+    (the ranking term is not: `losses.pair_loss` bce_scale)."""
     ratio = n_neg / max(1, n_pos)
     return (ratio, 1.0) if mode == "pos_weight" else (None, ratio)
 
