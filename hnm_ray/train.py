@@ -147,8 +147,9 @@ def train_aggregator(config: TrainConfig, store: FeatureStore, records: list[Sli
 def mine(config: TrainConfig, store: FeatureStore, records: list[SlideRecord], result: dict[str, Any],
          adopted: dict[str, Any] | None, run_dir: Path, round_: int, miner_name: str) -> dict[str, Any]:
     """Paper steps 4-6 behind the update gate: this round's selection, or the last adopted one when the gate
-    (mining.update_gate: best validation F1 not worse than the best so far) keeps the old pseudo labels."""
-    val_f1 = float(result.get("val_f1", float("nan")))
+    (mining.update_gate: the best validation F1 over the round's MIL epochs not worse than the best so far) keeps the
+    old pseudo labels."""
+    val_f1 = gate_f1(result)
     if config.mining.update_gate and adopted is not None and not adopt_round(val_f1, adopted["val_f1"]):
         log.info("round %d: update gate keeps round %d's pseudo labels (val F1 %.3f < %.3f)", round_,
                  adopted["round"], val_f1, adopted["val_f1"])
@@ -161,6 +162,12 @@ def mine(config: TrainConfig, store: FeatureStore, records: list[SlideRecord], r
     return {"round": round_, "val_f1": val_f1 if not math.isnan(val_f1) else -1.0, "folder": str(folder),
             "stats": selection.stats, "hard_negatives": selection.hard_negatives.num_rows,
             "positives": selection.positives.num_rows, "uncertain": selection.uncertain.num_rows}
+
+
+def gate_f1(result: dict[str, Any]) -> float:
+    """The F1 the update gate compares: the best validation F1 over all MIL epochs of the round (as officially), the
+    kept epoch's for rounds recorded before it was kept."""
+    return float(result.get("val_best_f1", result.get("val_f1", float("nan"))))
 
 
 def finetune_round(config: TrainConfig, store: FeatureStore, records: list[SlideRecord], selection: Selection,

@@ -97,6 +97,13 @@ def _is_better(metrics: dict[str, float], best: dict[str, Any] | None) -> bool:
     return auc > best_auc or (auc == best_auc and metrics.get("val_loss", 0.0) < best.get("val_loss", math.inf))
 
 
+def best_val_f1(history: list[dict[str, Any]]) -> float:
+    """The best validation F1 over all MIL epochs (0 at least), the update gate's input as officially (trainer.py
+    309-312: `optimal_ac_val` starts at 0 and takes every better epoch); nan without validation slides."""
+    scores = [h["val_f1"] for h in history if not math.isnan(h.get("val_f1", math.nan))]
+    return max([0.0, *scores]) if any("val_f1" in h for h in history) else math.nan
+
+
 def _hard_negative_bag(store: FeatureStore, loop: dict[str, Any], epoch: int) -> Bag | None:
     """Features of a sample of the miner's global hard negatives (global ranking form), or None if no queue."""
     import ray
@@ -282,6 +289,7 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
             "threshold": best.get("val_threshold", 0.5), "epoch": best["epoch"], "encoder_tag": store.encoder_tag}
     model_path = save_aggregator(run_dir / f"{name}_aggregator", best["model"], meta)
     metrics = {k: v for k, v in best.items() if k != "model"}
+    metrics["val_best_f1"] = best_val_f1(state.get("history", []))
     return MILResult(str(model_path), int(best["epoch"]), float(best.get("val_threshold", 0.5)), metrics,
                      state.get("history", []), state.get("official_protocol"))
 
