@@ -67,7 +67,7 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
     # form of round >= 1 reads the queue that round - 1's mining left in it (restored from the snapshot on resume).
     _miner = get_miner(miner_name, snapshot_path=str(run_dir / MINER_SNAPSHOT))
     weights = initial_encoder(config, records, run_dir, state)
-    head, adopted, history = None, None, []
+    head, adopted, history = initial_head(weights, run_dir), None, []
     for round_ in range(config.run.rounds + 1):
         store = round_store(config, run_dir, round_, weights)
         state.timed(f"extract_round{round_}", lambda: extract_features(                       # f(x) for every tile
@@ -107,6 +107,26 @@ def initial_encoder(config: TrainConfig, records: list[SlideRecord], run_dir: Pa
         return None
     index = TileIndex(index_root(config, run_dir), config.tiling)
     return state.once("pretrain", lambda: warm_start(config, records, run_dir, cache_dir(config.run), index))
+
+
+def initial_head(weights: str | None, run_dir: Path) -> str | None:
+    """The projection head round 0's fine-tuning starts from: the SimCLR checkpoint's where the pipeline has one (our
+    cached warm start's head; an official checkpoint's `resnet.fc.*`, written to <run>/initial_head.pt), else None
+    (a random head)."""
+    import torch
+
+    from hnm_ray.models.encoders import official_head_state
+    from hnm_ray.training.pretrain import warm_start_head
+
+    if weights is None:
+        return None
+    if warm_start_head(weights).is_file():
+        return str(warm_start_head(weights))
+    state = official_head_state(weights)
+    if not state:
+        return None
+    torch.save(state, run_dir / "initial_head.pt")
+    return str(run_dir / "initial_head.pt")
 
 
 def with_weights(config: TrainConfig, weights: str | None) -> TrainConfig:

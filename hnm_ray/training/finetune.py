@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hnm_ray.config import TrainConfig
+from hnm_ray.config import EncoderConfig, TrainConfig
 from hnm_ray.errors import HnmError
+from hnm_ray.registry import one_line
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 
@@ -94,6 +95,24 @@ def projection_head(in_dim: int, out_dim: int):
     import torch.nn as nn
 
     return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+
+
+def build_contrastive(encoder: EncoderConfig, weights: str | None, head_weights: str | None, proj_dim: int):
+    """Encoder (from `weights`) + projection head, the head from `head_weights` when given (the SimCLR checkpoint's
+    head in round 0, the previous round's after): HnmError naming the file when it does not fit."""
+    import torch
+
+    from hnm_ray.models.encoders import encoder_from_config
+
+    model = encoder_from_config(encoder, weights)
+    head = projection_head(model.out_dim, proj_dim)
+    if head_weights:
+        try:
+            head.load_state_dict(torch.load(head_weights, map_location="cpu", weights_only=True))
+        except RuntimeError as exc:
+            raise HnmError(f"projection head {head_weights} does not fit a {model.out_dim} -> {model.out_dim} -> "
+                           f"{proj_dim} head ({one_line(exc)}); set --finetune.proj_dim to the checkpoint's") from exc
+    return contrastive_model(model, head)
 
 
 def contrastive_model(encoder, head):
@@ -191,10 +210,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Ray Train body: stream decoded tiles, two views each, SupCon step; checkpoint every epoch."""
     import torch
 
-    from hnm_ray.config import EncoderConfig
     from hnm_ray.decode import TileReaders
     from hnm_ray.mining import positive_ratio
-    from hnm_ray.models.encoders import encoder_from_config
     from hnm_ray.training.checkpointing import latest_checkpoint, load_state, report
     from hnm_ray.training.runner import loop_device, rank_and_world, wrap_model
     from hnm_ray.training.schedules import scheduler as lr_scheduler
@@ -205,12 +222,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     device = loop_device(loop, fc["use_gpu"])
     torch.set_num_threads(max(1, int(fc["cpus_per_worker"])))
     torch.manual_seed(loop["seed"])
-    encoder = encoder_from_config(EncoderConfig(**loop["encoder"]), loop["weights"])
     input_space = loop["encoder"]["input_space"]
-    head = projection_head(encoder.out_dim, fc["proj_dim"])
-    if loop.get("head_weights"):
-        head.load_state_dict(torch.load(loop["head_weights"], map_location="cpu"))
-    model = contrastive_model(encoder, head)
+    model = build_contrastive(EncoderConfig(**loop["encoder"]), loop["weights"], loop.get("head_weights"),
+                              fc["proj_dim"])
     optimizer = torch.optim.SGD(model.parameters(), lr=fc["lr"], momentum=fc["momentum"],
                                 weight_decay=fc["weight_decay"])
     total, start = loop["total_epochs"], loop["first_epoch"]
