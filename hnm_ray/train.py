@@ -84,7 +84,7 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
             config, store, records, result, adopted, run_dir, round_, miner_name))
         finetuned = state.once(f"finetune_round{round_}", lambda: finetune_round(              # SupCon on f
             config, store, records, Selection.load(Path(adopted["folder"]), adopted["stats"]), run_dir, round_,
-            weights, head))
+            weights, head, uncertain_joined=adopted["round"] >= 1))
         weights, head = finetuned["encoder_weights"], finetuned["head_weights"]
     finetune = {k: v for k, v in state.data.items() if k.startswith("finetune_round")}
     final = finish(run_dir, history, records, store, finetune, config)
@@ -175,8 +175,10 @@ def mine(config: TrainConfig, store: FeatureStore, records: list[SlideRecord], r
                  adopted["round"], val_f1, adopted["val_f1"])
         return adopted
     last_epoch = (round_ + 1) * config.finetune.epochs_per_round - 1
-    max_ratio = positive_ratio(last_epoch, config.finetune.warmup_epochs, config.total_finetune_epochs,
-                               config.mining.ro, config.mining.rT)
+    # Uncertain negatives: the lowest r_t of the round's last epoch (ours); every candidate for the official loop,
+    # which keeps the lowest r_t of them afresh each epoch.
+    max_ratio = 1.0 if config.finetune.loop == "official" else positive_ratio(
+        last_epoch, config.finetune.warmup_epochs, config.total_finetune_epochs, config.mining.ro, config.mining.rT)
     selection = mine_round(config.mining, store, records, result["model_path"], run_dir, round_, miner_name, max_ratio)
     folder = selection.save(run_dir / f"selection_round{round_}")
     return {"round": round_, "val_f1": val_f1 if not math.isnan(val_f1) else -1.0, "folder": str(folder),
@@ -191,10 +193,12 @@ def gate_f1(result: dict[str, Any]) -> float:
 
 
 def finetune_round(config: TrainConfig, store: FeatureStore, records: list[SlideRecord], selection: Selection,
-                   run_dir: Path, round_: int, weights: str | None, head: str | None) -> dict[str, Any]:
-    """Paper step 7: SupCon fine-tuning of the encoder on this round's hard negatives and positives."""
+                   run_dir: Path, round_: int, weights: str | None, head: str | None,
+                   uncertain_joined: bool) -> dict[str, Any]:
+    """Paper step 7: SupCon fine-tuning of the encoder on this round's hard negatives and positives (+ the uncertain
+    negatives once `uncertain_joined`: officially after the first adopted pseudo-label update)."""
     epochs = config.finetune.epochs_per_round
-    rows = round_rows(config, store, records, selection, round_)
+    rows = round_rows(config, store, records, selection, round_, uncertain_joined)
     started = time.perf_counter()
     out = fit_finetune(config, rows, weights, run_dir, name=f"finetune_round{round_}", first_epoch=round_ * epochs,
                        last_epoch=(round_ + 1) * epochs, total_epochs=config.total_finetune_epochs, head_weights=head)
