@@ -371,3 +371,18 @@ def test_the_projection_head_comes_from_the_simclr_checkpoint(tmp_path):
         assert torch.equal(model.head.state_dict()[key], value), key
     assert torch.equal(model.encoder.state_dict()["conv1.weight"], encoder["conv1.weight"])
     assert initial_head(None, tmp_path) is None
+
+
+
+@pytest.mark.timeout(120)
+def test_ddp_ranks_stay_in_lockstep_when_one_cannot_decode_a_step(tmp_path):
+    """Two real DDP ranks (gloo): rank 1's tiles of one step all fail to decode; both ranks take every step (the same
+    all-reduces: no hang, a 30 s gloo timeout otherwise) and end with the same weights."""
+    import torch.multiprocessing as mp
+
+    from _ddp_step import run_rank
+
+    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
+    mp.spawn(run_rank, args=(2, str(tmp_path / "init"), outs), nprocs=2, join=True)
+    first, second = (torch.load(p, weights_only=True) for p in outs)
+    assert all(torch.equal(first[k], second[k]) for k in first)
