@@ -82,8 +82,8 @@ def plain_mil_seconds(run: Path) -> dict[str, float]:
         for epoch in range(mc.epochs):
             model.train()
             for p, n in epoch_pairs(pos, neg, epoch, config.run.seed, 0, 1):
-                loss = scale * pair_loss(model(bags[p]), model(bags[n]), pos_weight, mc.w_bag, mc.w_ins, mc.w_rank,
-                                         mc.margin, mc.rank_k)
+                loss = pair_loss(model(bags[p]), model(bags[n]), pos_weight, mc.w_bag, mc.w_ins, mc.w_rank,
+                                 mc.margin, mc.rank_k, scale)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

@@ -62,14 +62,16 @@ def bags_bce(bag_logits: torch.Tensor, max_inst_logits: torch.Tensor, labels: fl
 
 def pair_loss(pos: tuple[torch.Tensor, torch.Tensor], neg: tuple[torch.Tensor, torch.Tensor],
               pos_weight: float | torch.Tensor | None = None, w_bag: float = 0.5, w_ins: float = 0.5,
-              w_rank: float = 0.1, margin: float = 1.0, k: int = 10) -> torch.Tensor:
+              w_rank: float = 0.1, margin: float = 1.0, k: int = 10, bce_scale: float = 1.0) -> torch.Tensor:
     """Loss of one (positive, negative) bag pair, each given as (instance_logits, bag_logit).
 
-    Mean of the two bags' BCE terms plus w_rank * ranking_loss, as in the official HNM-WSI code.
+    Mean of the two bags' BCE terms (times `bce_scale`) plus w_rank * ranking_loss, as in the official HNM-WSI code
+    (utils.py epoch_train), where `BCEWithLogitsLoss(ratio)` puts the class ratio in `weight`: it scales the BCE
+    terms only, never the ranking term.
     """
     (pos_inst, pos_bag), (neg_inst, neg_bag) = pos, neg
-    bce = 0.5 * (bag_bce(pos_bag, pos_inst, 1.0, pos_weight, w_bag, w_ins)
-                 + bag_bce(neg_bag, neg_inst, 0.0, pos_weight, w_bag, w_ins))
+    bce = 0.5 * bce_scale * (bag_bce(pos_bag, pos_inst, 1.0, pos_weight, w_bag, w_ins)
+                             + bag_bce(neg_bag, neg_inst, 0.0, pos_weight, w_bag, w_ins))
     if w_rank == 0:
         return bce
     return bce + w_rank * ranking_loss(pos_inst, neg_inst, margin=margin, k=k)

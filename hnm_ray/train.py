@@ -69,7 +69,7 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
     # form of round >= 1 reads the queue that round - 1's mining left in it (restored from the snapshot on resume).
     _miner = get_miner(miner_name, snapshot_path=str(run_dir / MINER_SNAPSHOT))
     weights = initial_encoder(config, records, run_dir, state)
-    head, adopted, history = None, None, []
+    head, adopted, history = initial_head(weights, run_dir), None, []
     for round_ in range(config.run.rounds + 1):
         store = round_store(config, run_dir, round_, weights)
         state.timed(f"extract_round{round_}", lambda: extract_features(                       # f(x) for every tile
@@ -86,7 +86,7 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
             config, store, records, result, adopted, run_dir, round_, miner_name))
         finetuned = state.once(f"finetune_round{round_}", lambda: finetune_round(              # SupCon on f
             config, store, records, Selection.load(Path(adopted["folder"]), adopted["stats"]), run_dir, round_,
-            weights, head))
+            weights, head, uncertain_joined=adopted["round"] >= 1))
         weights, head = finetuned["encoder_weights"], finetuned["head_weights"]
     finetune = {k: v for k, v in state.data.items() if k.startswith("finetune_round")}
     final = finish(run_dir, history, records, store, finetune, config)
@@ -132,6 +132,26 @@ def initial_encoder(config: TrainConfig, records: list[SlideRecord], run_dir: Pa
     return state.once("pretrain", lambda: warm_start(config, records, run_dir, cache_dir(config.run), index))
 
 
+def initial_head(weights: str | None, run_dir: Path) -> str | None:
+    """The projection head round 0's fine-tuning starts from: the SimCLR checkpoint's where the pipeline has one (our
+    cached warm start's head; an official checkpoint's `resnet.fc.*`, written to <run>/initial_head.pt), else None
+    (a random head)."""
+    import torch
+
+    from hnm_ray.models.encoders import official_head_state
+    from hnm_ray.training.pretrain import warm_start_head
+
+    if weights is None:
+        return None
+    if warm_start_head(weights).is_file():
+        return str(warm_start_head(weights))
+    state = official_head_state(weights)
+    if not state:
+        return None
+    torch.save(state, run_dir / "initial_head.pt")
+    return str(run_dir / "initial_head.pt")
+
+
 def with_weights(config: TrainConfig, weights: str | None) -> TrainConfig:
     """The config with this round's encoder weights."""
     return dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, weights=weights))
@@ -173,15 +193,18 @@ def train_aggregator(config: TrainConfig, store: FeatureStore, records: list[Sli
 def mine(config: TrainConfig, store: FeatureStore, records: list[SlideRecord], result: dict[str, Any],
          adopted: dict[str, Any] | None, run_dir: Path, round_: int, miner_name: str) -> dict[str, Any]:
     """Paper steps 4-6 behind the update gate: this round's selection, or the last adopted one when the gate
-    (mining.update_gate: best validation F1 not worse than the best so far) keeps the old pseudo labels."""
-    val_f1 = float(result.get("val_f1", float("nan")))
+    (mining.update_gate: the best validation F1 over the round's MIL epochs not worse than the best so far) keeps the
+    old pseudo labels."""
+    val_f1 = gate_f1(result)
     if config.mining.update_gate and adopted is not None and not adopt_round(val_f1, adopted["val_f1"]):
         log.info("round %d: update gate keeps round %d's pseudo labels (val F1 %.3f < %.3f)", round_,
                  adopted["round"], val_f1, adopted["val_f1"])
         return adopted
     last_epoch = (round_ + 1) * config.finetune.epochs_per_round - 1
-    max_ratio = positive_ratio(last_epoch, config.finetune.warmup_epochs, config.total_finetune_epochs,
-                               config.mining.ro, config.mining.rT)
+    # Uncertain negatives: the lowest r_t of the round's last epoch (ours); every candidate for the official loop,
+    # which keeps the lowest r_t of them afresh each epoch.
+    max_ratio = 1.0 if config.finetune.loop == "official" else positive_ratio(
+        last_epoch, config.finetune.warmup_epochs, config.total_finetune_epochs, config.mining.ro, config.mining.rT)
     selection = mine_round(config.mining, store, records, result["model_path"], run_dir, round_, miner_name, max_ratio,
                            plugin=config.mil.aggregator)
     folder = selection.save(run_dir / f"selection_round{round_}")
@@ -190,11 +213,19 @@ def mine(config: TrainConfig, store: FeatureStore, records: list[SlideRecord], r
             "positives": selection.positives.num_rows, "uncertain": selection.uncertain.num_rows}
 
 
+def gate_f1(result: dict[str, Any]) -> float:
+    """The F1 the update gate compares: the best validation F1 over all MIL epochs of the round (as officially), the
+    kept epoch's for rounds recorded before it was kept."""
+    return float(result.get("val_best_f1", result.get("val_f1", float("nan"))))
+
+
 def finetune_round(config: TrainConfig, store: FeatureStore, records: list[SlideRecord], selection: Selection,
-                   run_dir: Path, round_: int, weights: str | None, head: str | None) -> dict[str, Any]:
-    """Paper step 7: SupCon fine-tuning of the encoder on this round's hard negatives and positives."""
+                   run_dir: Path, round_: int, weights: str | None, head: str | None,
+                   uncertain_joined: bool) -> dict[str, Any]:
+    """Paper step 7: SupCon fine-tuning of the encoder on this round's hard negatives and positives (+ the uncertain
+    negatives once `uncertain_joined`: officially after the first adopted pseudo-label update)."""
     epochs = config.finetune.epochs_per_round
-    rows = round_rows(config, store, records, selection, round_)
+    rows = round_rows(config, store, records, selection, round_, uncertain_joined)
     started = time.perf_counter()
     out = fit_finetune(config, rows, weights, run_dir, name=f"finetune_round{round_}", first_epoch=round_ * epochs,
                        last_epoch=(round_ + 1) * epochs, total_epochs=config.total_finetune_epochs, head_weights=head)

@@ -56,15 +56,17 @@ def test_warm_start_pretrains_once_per_key_and_reuses_the_cache(tmp_path, monkey
 
     def fake_pretrain(config, records, run_dir, index):
         calls.append(config.encoder.name)
-        weights = tmp_path / f"w{len(calls)}.bin"
+        weights, head = tmp_path / f"w{len(calls)}.bin", tmp_path / f"h{len(calls)}.pt"
         weights.write_bytes(b"weights %d" % len(calls))
-        return str(weights)
+        head.write_bytes(b"head %d" % len(calls))
+        return str(weights), str(head)
 
     monkeypatch.setattr(pretrain, "pretrain_simclr", fake_pretrain)
     records, cache = _records(tmp_path), tmp_path / "cache"
     first = pretrain.warm_start(TrainConfig(), records, tmp_path / "run1", cache, None)
     again = pretrain.warm_start(TrainConfig(), records, tmp_path / "run2", cache, None)
     assert first == again and calls == ["small_cnn"]  # the second run does no pre-training
+    assert pretrain.warm_start_head(first).read_bytes() == b"head 1"  # the SimCLR head is cached with the weights
     other = pretrain.warm_start(cfg.from_tree(TrainConfig, {"encoder": {"name": "resnet18_in"}}), records,
                                 tmp_path / "run3", cache, None)
     assert other != first and len(calls) == 2

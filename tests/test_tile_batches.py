@@ -10,7 +10,7 @@ from hnm_ray.decode import TileReaders, decode_batch
 from hnm_ray.index import tile_index
 from hnm_ray.store.manifest import load_manifest
 from hnm_ray.training.finetune import TILE_ROW_SCHEMA
-from hnm_ray.training.tile_batches import ROW_COLUMNS, decoded_batches, epoch_order, worker_share
+from hnm_ray.training.tile_batches import ROW_COLUMNS, decoded_batches, epoch_order, fixed_batches, worker_share
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,8 @@ def rows(demo_cohort) -> pa.Table:
         parts.append(pa.table({"slide_id": grid["slide_id"], "path": grid["path"], "tile_id": grid["tile_id"],
                                "x": grid["x"], "y": grid["y"], "level": grid["level"], "size": grid["size"],
                                "label": pa.array(np.zeros(n, np.int8)), "pos_rank": pa.array(np.zeros(n, np.float32)),
-                               "kind": pa.array(np.zeros(n, np.int8))}, schema=TILE_ROW_SCHEMA))
+                               "kind": pa.array(np.zeros(n, np.int8)),
+                               "score": pa.array(np.zeros(n, np.float32))}, schema=TILE_ROW_SCHEMA))
     table = pa.concat_tables(parts)
     return table.take(np.random.default_rng(0).permutation(table.num_rows))
 
@@ -48,7 +49,7 @@ def test_decoded_batches_hold_every_row_once_with_the_pixels_a_plain_decode_read
     share = worker_share(rows, 0, 1)
     order = epoch_order(len(share["tile_id"]), 0, 0)
     readers = TileReaders()
-    batches = list(decoded_batches(share, order, 16, 224, readers))
+    batches = list(decoded_batches(share, fixed_batches(order, 16), 224, readers))
     assert [len(b["tile_id"]) for b in batches[:-1]] == [16] * (len(batches) - 1)
     # each batch holds the rows of its slice of the epoch order (grouped by slide inside the batch)
     for i, batch in enumerate(batches):

@@ -205,3 +205,7 @@ def test_paper_recipe_runs_end_to_end_on_the_demo(tmp_path, demo_cohort):
     state = json.loads((run / "state.json").read_text())
     assert state["finetune_round0"]["uncertain_negatives"] == 0  # they join after the first pseudo-label update
     assert state["mining_round1"]["round"] in (0, 1)  # adopted, or kept by the update gate
+    if state["mining_round1"]["round"] == 0:  # the gate kept round 0's labels: no update adopted yet
+        assert state["finetune_round1"]["uncertain_negatives"] == 0
+    assert (run / "mil_round0_aggregator.json").is_file() and "val_best_f1" in json.loads(
+        (run / "metrics_round0.json").read_text())  # the F1 the update gate compared

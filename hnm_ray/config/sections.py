@@ -199,17 +199,21 @@ class FinetuneConfig:
     epochs_per_round: int = knob(2, "fine-tuning epochs between re-extractions (mil_every_n_epochs)", low=1)
     warmup_epochs: int = knob(1, "epochs before positives act as anchors (step B) and r_t starts growing", low=0)
     loop: str = knob("ours", "fine-tuning loop: ours (one SupCon step per batch, step B added after warm-up) or "
-                             "official (two SGD steps per iteration, A then B, fixed batch mixes, 2N-view mean)",
+                             "official (two SGD steps per iteration from two streams, A: hard negatives + positives "
+                             "above the threshold, B: negatives + top-r_t positives; 2N-view mean)",
                      choices=["ours", "official"])
     lr: float = knob(0.01, "SGD learning rate", low=0.0, low_open=True)
     momentum: float = knob(0.9, "SGD momentum (official 0)", low=0.0, high=1.0, high_open=True)
     weight_decay: float = knob(1e-4, "SGD weight decay", low=0.0)
     schedule: str = knob("cosine", "learning-rate schedule over all fine-tuning epochs: cosine, or cosine_official "
                                    "(held for 10 epochs, then cosine)", choices=["cosine", "cosine_official"])
-    batch_size: int = knob(64, "tiles per batch per worker, two views each (official 512)", low=2)
-    step_a_positive_fraction: float = knob(0.2, "official loop: share of positives in a step-A batch (102/512)",
+    batch_size: int = knob(64, "tiles per batch, two views each: per worker in our loop; in the official loop the "
+                               "step's batch over all workers, split between them (official 512)", low=2)
+    step_a_positive_fraction: float = knob(0.2, "official loop: step A = int(B (1 - f)) hard negatives + int(B f) "
+                                                "positives (409 + 102 at B = 512)",
                                            low=0.0, high=1.0, low_open=True, high_open=True)
-    step_b_positive_fraction: float = knob(0.05, "official loop: share of positives in a step-B batch (25/512)",
+    step_b_positive_fraction: float = knob(0.05, "official loop: step B = int(B (1 - f)) negatives + int(B f) "
+                                                 "top-r_t positives (486 + 25 at B = 512)",
                                            low=0.0, high=1.0, low_open=True, high_open=True)
     temperature: float = knob(0.07, "SupCon temperature", low=0.0, low_open=True)
     proj_dim: int = knob(256, "projection head output size", low=1)

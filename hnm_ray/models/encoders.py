@@ -325,6 +325,17 @@ def official_simclr_state(checkpoint: Any) -> tuple[dict[str, torch.Tensor], dic
     return encoder, head
 
 
+def official_head_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The projection head (`resnet.fc.*`, as `0.*` / `2.*`) of an official SimCLR / fine-tuning checkpoint file, read
+    with weights_only=True; empty for any other weights file (safetensors, a plain state dict, no head)."""
+    if is_safetensors(path):
+        return {}
+    try:
+        return official_simclr_state(torch.load(path, map_location="cpu", weights_only=True))[1]
+    except Exception:  # noqa: BLE001 - unpickling/layout errors come in many types; all mean "not this layout"
+        return {}
+
+
 def load_official_simclr(model: nn.Module, path: str | Path) -> dict[str, torch.Tensor]:
     """Load an official SimCLR / fine-tuning checkpoint into `model` (resnet18_in); returns the projection head's state.
 

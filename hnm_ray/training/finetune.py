@@ -6,8 +6,10 @@ order and hands the coordinates to the Train workers; each worker decodes its sh
 with cuCIM one batch ahead of training (`tile_batches`). Each worker makes two augmented views
 per tile and trains encoder + projection head with SupCon: negatives as anchors on every batch
 (step A), positives as anchors too after the warm-up (step B); positives enter by the self-paced
-ratio r_t. An epoch iterates over the hard negatives, so its cost scales with neg_ratio. With no
-labels the same machinery is SimCLR (NT-Xent), the self-supervised warm start.
+ratio r_t. An epoch iterates over the hard negatives, so its cost scales with neg_ratio. The official
+loop (`finetune.loop official`) composes each SGD step as the official loaders do (`official_steps`: step A and
+step B as two streams, the official per-step batch split over the workers). With no labels the same machinery is
+SimCLR (NT-Xent), the self-supervised warm start.
 """
 from __future__ import annotations
 
@@ -22,19 +24,21 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hnm_ray.config import TrainConfig
+from hnm_ray.config import EncoderConfig, TrainConfig
 from hnm_ray.errors import HnmError
 from hnm_ray.progress import Progress, setup_logging
+from hnm_ray.registry import one_line
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
+from hnm_ray.training.official_steps import HARD_NEGATIVE, POSITIVE, UNCERTAIN_NEGATIVE
 
 log = logging.getLogger("hnm_ray")
 
 CHECKPOINT_FILE = "finetune.pt"
 TILE_ROW_SCHEMA = pa.schema([("slide_id", pa.string()), ("path", pa.string()), ("tile_id", pa.int32()),
                              ("x", pa.int32()), ("y", pa.int32()), ("level", pa.int8()), ("size", pa.int16()),
-                             ("label", pa.int8()), ("pos_rank", pa.float32()), ("kind", pa.int8())])
-HARD_NEGATIVE, POSITIVE, UNCERTAIN_NEGATIVE = 0, 1, 2  # row kinds; label = 1 for positives only
+                             ("label", pa.int8()), ("pos_rank", pa.float32()), ("kind", pa.int8()),
+                             ("score", pa.float32())])  # score: pseudo-label p of positives and uncertain negatives
 
 
 def sample_positives(positives: pa.Table, n: int, max_rank: float, seed: int) -> pa.Table:
@@ -49,7 +53,8 @@ def sample_positives(positives: pa.Table, n: int, max_rank: float, seed: int) ->
 
 def tile_rows(store: FeatureStore, records: list[SlideRecord], selections: list[tuple[pa.Table, int]],
               seed: int) -> pa.Table:
-    """Coordinates of selected tiles (tables of slide_id, tile_id[, pos_rank]) with their kind and label, shuffled."""
+    """Coordinates of selected tiles (tables of slide_id, tile_id[, pos_rank, score]) with their kind and label,
+    shuffled."""
     paths = {r.slide_id: r.path for r in records}
     parts = []
     for table, kind in selections:
@@ -58,36 +63,40 @@ def tile_rows(store: FeatureStore, records: list[SlideRecord], selections: list[
             coords = store.read_table(slide_id, columns=["tile_id", "x", "y", "level", "size"])
             joined = chosen.join(coords, keys="tile_id", join_type="inner")
             n = joined.num_rows
-            ranks = joined["pos_rank"] if "pos_rank" in joined.column_names else pa.array(np.zeros(n, np.float32))
+            zeros = pa.array(np.zeros(n, np.float32))
             parts.append(pa.table({"slide_id": pa.array([slide_id] * n), "path": pa.array([paths[slide_id]] * n),
                                    "tile_id": joined["tile_id"], "x": joined["x"], "y": joined["y"],
                                    "level": joined["level"], "size": joined["size"],
-                                   "label": pa.array(np.full(n, int(kind == POSITIVE), np.int8)), "pos_rank": ranks,
-                                   "kind": pa.array(np.full(n, kind, np.int8))}, schema=TILE_ROW_SCHEMA))
+                                   "label": pa.array(np.full(n, int(kind == POSITIVE), np.int8)),
+                                   "pos_rank": joined["pos_rank"] if "pos_rank" in joined.column_names else zeros,
+                                   "kind": pa.array(np.full(n, kind, np.int8)),
+                                   "score": joined["score"].cast(pa.float32()) if "score" in joined.column_names
+                                   else zeros}, schema=TILE_ROW_SCHEMA))
     rows = pa.concat_tables(parts) if parts else TILE_ROW_SCHEMA.empty_table()
     return rows.take(np.random.default_rng(seed).permutation(rows.num_rows))
 
 
-def round_rows(config: TrainConfig, store: FeatureStore, records: list[SlideRecord], selection, round_: int) -> pa.Table:
-    """A round's fine-tuning rows: every hard negative, `pos_per_neg` positives per hard negative drawn from the
-    round's top r_t (our loop) or enough for the official batch mixes, and the uncertain negatives."""
+def round_rows(config: TrainConfig, store: FeatureStore, records: list[SlideRecord], selection, round_: int,
+               uncertain_joined: bool) -> pa.Table:
+    """A round's fine-tuning rows: every hard negative; our loop: `pos_per_neg` positives per hard negative drawn
+    from the round's top r_t; the official loop: every positive above the threshold (step A cycles through them, step
+    B takes the top r_t of them each epoch). The uncertain negatives join once `uncertain_joined` (officially after
+    the first adopted pseudo-label update)."""
     from hnm_ray.mining import positive_ratio
 
     ft, seed = config.finetune, config.run.seed + round_
-    last_epoch = (round_ + 1) * ft.epochs_per_round - 1
-    max_rank = positive_ratio(last_epoch, ft.warmup_epochs, config.total_finetune_epochs, config.mining.ro,
-                              config.mining.rT)
-    n_hard = selection.hard_negatives.num_rows
-    if ft.loop == "official":  # step A takes any positive above the threshold; step B filters by r_t itself
-        per_neg, max_rank = ft.step_a_positive_fraction / (1 - ft.step_a_positive_fraction), 1.0
+    hard = selection.hard_negatives.select(["slide_id", "tile_id"])
+    if ft.loop == "official":
+        chosen = selection.positives
     else:
-        per_neg = ft.pos_per_neg
-    chosen = sample_positives(selection.positives, math.ceil(per_neg * n_hard), max_rank, seed)
-    # Uncertain negatives join after the first pseudo-label update (officially from epoch warm-up + 1), not in round 0.
-    uncertain = selection.uncertain if round_ >= 1 else selection.uncertain.slice(0, 0)
-    return tile_rows(store, records, [(selection.hard_negatives.select(["slide_id", "tile_id"]), HARD_NEGATIVE),
-                                      (chosen.select(["slide_id", "tile_id", "pos_rank"]), POSITIVE),
-                                      (uncertain.select(["slide_id", "tile_id"]), UNCERTAIN_NEGATIVE)], seed)
+        last_epoch = (round_ + 1) * ft.epochs_per_round - 1
+        max_rank = positive_ratio(last_epoch, ft.warmup_epochs, config.total_finetune_epochs, config.mining.ro,
+                                  config.mining.rT)
+        chosen = sample_positives(selection.positives, math.ceil(ft.pos_per_neg * hard.num_rows), max_rank, seed)
+    uncertain = selection.uncertain if uncertain_joined else selection.uncertain.slice(0, 0)
+    return tile_rows(store, records, [(hard, HARD_NEGATIVE),
+                                      (chosen.select(["slide_id", "tile_id", "pos_rank", "score"]), POSITIVE),
+                                      (uncertain.select(["slide_id", "tile_id", "score"]), UNCERTAIN_NEGATIVE)], seed)
 
 
 def projection_head(in_dim: int, out_dim: int):
@@ -95,6 +104,24 @@ def projection_head(in_dim: int, out_dim: int):
     import torch.nn as nn
 
     return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+
+
+def build_contrastive(encoder: EncoderConfig, weights: str | None, head_weights: str | None, proj_dim: int):
+    """Encoder (from `weights`) + projection head, the head from `head_weights` when given (the SimCLR checkpoint's
+    head in round 0, the previous round's after): HnmError naming the file when it does not fit."""
+    import torch
+
+    from hnm_ray.models.encoders import encoder_from_config
+
+    model = encoder_from_config(encoder, weights)
+    head = projection_head(model.out_dim, proj_dim)
+    if head_weights:
+        try:
+            head.load_state_dict(torch.load(head_weights, map_location="cpu", weights_only=True))
+        except RuntimeError as exc:
+            raise HnmError(f"projection head {head_weights} does not fit a {model.out_dim} -> {model.out_dim} -> "
+                           f"{proj_dim} head ({one_line(exc)}); set --finetune.proj_dim to the checkpoint's") from exc
+    return contrastive_model(model, head, encoder.precision)
 
 
 def contrastive_model(encoder, head, precision: str = "float32"):
@@ -131,13 +158,18 @@ def _views(tiles: np.ndarray, model, fc: dict[str, Any], gen, device: str, input
 
 def _usable(batch: dict[str, np.ndarray], ratio: float, supervised: bool) -> np.ndarray:
     """Rows decoded without error and, for positives and uncertain negatives, within this epoch's r_t."""
-    ok = np.asarray([not e for e in batch["error"]])
+    ok = _decoded(batch)
     keep = ok & ((batch["kind"] == HARD_NEGATIVE) | (batch["pos_rank"] <= ratio)) if supervised else ok
     return keep if keep.sum() >= 2 else ok
 
 
-def our_losses(batch: dict[str, np.ndarray], model, fc: dict[str, Any], epoch: int, ratio: float, gen, device: str,
-               supervised: bool, input_space: str) -> list:
+def _decoded(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Mask of the rows decoded without error."""
+    return np.asarray([not e for e in batch["error"]], bool)
+
+
+def our_loss(batch: dict[str, np.ndarray], model, fc: dict[str, Any], epoch: int, ratio: float, gen, device: str,
+             supervised: bool, input_space: str):
     """Our loop, one SGD step per batch: SupCon with negatives as anchors (+ positives as anchors after warm-up);
     NT-Xent (SimCLR) when not supervised."""
     import torch
@@ -147,86 +179,93 @@ def our_losses(batch: dict[str, np.ndarray], model, fc: dict[str, Any], epoch: i
     keep = _usable(batch, ratio, supervised)
     z1, z2 = _views(batch["tiles"][keep], model, fc, gen, device, input_space)
     if not supervised:
-        return [supcon_loss(z1, z2, None, fc["temperature"])]
+        return supcon_loss(z1, z2, None, fc["temperature"])
     y = torch.from_numpy(batch["label"][keep].astype(np.int64)).to(device)
     loss = supcon_loss(z1, z2, y, fc["temperature"], anchor_mask=y == 0)
     if epoch >= fc["warmup_epochs"] and bool((y == 1).any()):
         loss = loss + supcon_loss(z1, z2, y, fc["temperature"], anchor_mask=y == 1)
-    return [loss]
+    return loss
 
 
-def official_step_rows(batch: dict[str, np.ndarray], keep: np.ndarray, fc: dict[str, Any],
-                       epoch: int) -> list[np.ndarray]:
-    """Row indices of the official step A (hard negatives + positives) and, after warm-up, step B (all negatives,
-    uncertain ones included, + positives up to `step_b_positive_fraction` of the batch)."""
-    kind, ok = batch["kind"], np.asarray([not e for e in batch["error"]])
-    step_a = np.flatnonzero(ok & (kind != UNCERTAIN_NEGATIVE))  # every positive above the threshold, as officially
-    if epoch < fc["warmup_epochs"]:
-        return [step_a]
-    negatives = np.flatnonzero(keep & (kind != POSITIVE))
-    positives = np.flatnonzero(keep & (kind == POSITIVE))
-    share = fc["step_b_positive_fraction"]
-    n_pos = min(len(positives), max(1, round(share / (1 - share) * len(negatives))))
-    return [step_a, np.concatenate([negatives, positives[:n_pos]])]
+def official_step_loss(batch: dict[str, np.ndarray], step_b: bool, model, fc: dict[str, Any], gen, device: str,
+                       input_space: str, world: int):
+    """One step of the official loop (`official_steps.Step`) on its decoded tiles: step A's SupCon (negatives anchor,
+    uncertain negatives out of the contrast set) or step B's (positives anchor), averaged over all 2N views.
 
-
-def official_losses(batch: dict[str, np.ndarray], model, fc: dict[str, Any], epoch: int, ratio: float, gen,
-                    device: str, input_space: str):
-    """The official loop: step A (negatives as anchors, uncertain negatives out of the contrast set) and step B
-    (positives as anchors), each its own SGD step, SupCon averaged over all 2N views. A generator: step B's loss
-    is computed only after the caller has applied step A's update."""
+    A step with fewer than 2 tiles decoded without error is skipped (None) in one process. With several workers
+    (DDP) every rank must take the same decision, or they disagree on the number of gradient all-reduces and NCCL
+    hangs: a rank's decode errors are its own, so there the step is never skipped; such a rank contributes a zero
+    loss through a forward and backward of all its tiles (zero gradients, the same all-reduces)."""
     import torch
 
     from hnm_ray.losses import supcon_step_a, supcon_step_b
 
-    keep = _usable(batch, ratio, True)
-    for step, rows in enumerate(official_step_rows(batch, keep, fc, epoch)):
-        if len(rows) < 2:
-            continue
-        z1, z2 = _views(batch["tiles"][rows], model, fc, gen, device, input_space)
-        y = torch.from_numpy(batch["label"][rows].astype(np.int64)).to(device)
-        if step == 0:
-            bag = torch.from_numpy((batch["kind"][rows] != HARD_NEGATIVE).astype(np.int64)).to(device)
-            yield supcon_step_a(z1, z2, y, bag, fc["temperature"])
-        else:
-            yield supcon_step_b(z1, z2, y, fc["temperature"])  # computed after step A's update, as officially
+    rows = np.flatnonzero(_decoded(batch))
+    if len(rows) < 2:
+        if world == 1:
+            return None
+        z1, z2 = _views(batch["tiles"], model, fc, gen, device, input_space)
+        return 0.0 * (z1.sum() + z2.sum())
+    z1, z2 = _views(batch["tiles"][rows], model, fc, gen, device, input_space)
+    y = torch.from_numpy(batch["label"][rows].astype(np.int64)).to(device)
+    if step_b:
+        return supcon_step_b(z1, z2, y, fc["temperature"])
+    bag = torch.from_numpy((batch["kind"][rows] != HARD_NEGATIVE).astype(np.int64)).to(device)
+    return supcon_step_a(z1, z2, y, bag, fc["temperature"])
+
+
+def epoch_batches(loop: dict[str, Any], rows: dict[str, np.ndarray], epoch: int, rank: int,
+                  world: int) -> tuple[list[np.ndarray], list[bool | None], float]:
+    """This rank's batches of an epoch (row indices into `rows`), whether each is an official step B (None: our
+    loop), and the epoch's r_t. Ours: the rank's share in a seeded order, `batch_size` a batch; the official loop:
+    its part of every official step (`official_steps.epoch_steps`): N workers train on the official per-step batch."""
+    from hnm_ray.mining import positive_ratio
+    from hnm_ray.training.official_steps import epoch_steps, official_ratio, step_sizes
+    from hnm_ray.training.tile_batches import epoch_order, fixed_batches
+
+    fc, total = loop["ft"], loop["total_epochs"]
+    if loop["supervised"] and fc["loop"] == "official":
+        ratio = official_ratio(epoch, fc["warmup_epochs"], total, loop["ro"], loop["rT"])
+        sizes = step_sizes(fc["batch_size"], fc["step_a_positive_fraction"], fc["step_b_positive_fraction"])
+        steps = epoch_steps(rows["kind"], rows["score"], sizes, epoch, fc["warmup_epochs"], ratio, loop["seed"])
+        return [step.rows(rank, world) for step in steps], [step.b for step in steps], ratio
+    ratio = positive_ratio(epoch, fc["warmup_epochs"], total, loop["ro"], loop["rT"]) if loop["supervised"] else 1.0
+    batches = fixed_batches(epoch_order(len(rows["tile_id"]), loop["seed"], epoch), fc["batch_size"])
+    return batches, [None] * len(batches), ratio
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Ray Train body: stream decoded tiles, two views each, SupCon step; checkpoint every epoch."""
     import torch
 
-    from hnm_ray.config import EncoderConfig
     from hnm_ray.decode import TileReaders
-    from hnm_ray.mining import positive_ratio
-    from hnm_ray.models.encoders import encoder_from_config
     from hnm_ray.training.checkpointing import latest_checkpoint, load_state, report
     from hnm_ray.training.runner import loop_device, place_and_restore, rank_and_world
     from hnm_ray.training.schedules import scheduler as lr_scheduler
-    from hnm_ray.training.tile_batches import decoded_batches, epoch_order, worker_share
+    from hnm_ray.training.tile_batches import decoded_batches, worker_share
 
     fc = loop["ft"]
     rank, world = rank_and_world(loop)
     device = loop_device(loop, fc["use_gpu"], "finetune.use_gpu")
     torch.set_num_threads(max(1, int(fc["cpus_per_worker"])))
     torch.manual_seed(loop["seed"])
-    encoder = encoder_from_config(EncoderConfig(**loop["encoder"]), loop["weights"])
     input_space = loop["encoder"]["input_space"]
-    head = projection_head(encoder.out_dim, fc["proj_dim"])
-    if loop.get("head_weights"):
-        head.load_state_dict(torch.load(loop["head_weights"], map_location="cpu", weights_only=True))
+    model = build_contrastive(EncoderConfig(**loop["encoder"]), loop["weights"], loop.get("head_weights"),
+                              fc["proj_dim"])
     total, start = loop["total_epochs"], loop["first_epoch"]
     checkpoint = latest_checkpoint(loop["driver_checkpoints"], CHECKPOINT_FILE)
     state = load_state(checkpoint, CHECKPOINT_FILE) if checkpoint else None
     ddp, optimizer, scheduler = place_and_restore(
-        contrastive_model(encoder, head, loop["encoder"]["precision"]), world, device,
+        model, world, device,
         lambda params: torch.optim.SGD(params, lr=fc["lr"], momentum=fc["momentum"], weight_decay=fc["weight_decay"]),
         # One schedule over all rounds' epochs; this fit starts at `first_epoch` of it.
         lambda optimizer: lr_scheduler(optimizer, fc["schedule"], total, loop["first_epoch"]), state)
     if state is not None:
         start = state["epoch"] + 1
     plain = getattr(ddp, "module", ddp)
-    share = worker_share(loop["rows"], rank, world)
+    official = loop["supervised"] and fc["loop"] == "official"
+    # The official loop: every rank holds every row and trains on its part of each step; ours: a share of the rows.
+    share = worker_share(loop["rows"], 0, 1) if official else worker_share(loop["rows"], rank, world)
     readers = TileReaders(device="cpu")
     supervised = loop["supervised"]
     if rank == 0:
@@ -237,23 +276,24 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         ddp.train()
         epoch_started = time.perf_counter()
         gen = torch.Generator().manual_seed(loop["seed"] * 100003 + epoch * 101 + rank)
-        ratio = positive_ratio(epoch, fc["warmup_epochs"], total, loop["ro"], loop["rT"]) if supervised else 1.0
         losses, tiles_seen = [], 0
-        # The order and the augmentations depend only on (seed, epoch, rank): the same batches on a rerun or a resume.
-        order = epoch_order(len(share["tile_id"]), loop["seed"], epoch)
-        for batch in decoded_batches(share, order, fc["batch_size"], loop["tile_size"], readers, fc["decode_threads"]):
-            if supervised and fc["loop"] == "official":
-                steps = official_losses(batch, ddp, fc, epoch, ratio, gen, device, input_space)
+        # The batches and the augmentations depend only on (seed, epoch, rank): the same on a rerun or a resume.
+        batches, step_b, ratio = epoch_batches(loop, share, epoch, rank, world)
+        decoded = decoded_batches(share, batches, loop["tile_size"], readers, fc["decode_threads"])
+        for batch, is_b in zip(decoded, step_b):  # the official loop: step A, then (after warm-up) step B
+            if is_b is None:
+                loss = our_loss(batch, ddp, fc, epoch, ratio, gen, device, supervised, input_space)
             else:
-                steps = our_losses(batch, ddp, fc, epoch, ratio, gen, device, supervised, input_space)
-            for loss in steps:  # the official loop: two SGD steps per batch (A, then B)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
+                loss = official_step_loss(batch, is_b, ddp, fc, gen, device, input_space, world)
             tiles_seen += len(batch["tile_id"])
             if rank == 0:
                 progress.update(len(batch["tile_id"]))
+            if loss is None:
+                continue
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
         scheduler.step()
         metrics = {"epoch": epoch, "ft_loss": float(np.mean(losses)) if losses else float("nan"),
                    "tiles": tiles_seen, "positive_ratio": ratio, "lr": scheduler.get_last_lr()[0],
@@ -299,6 +339,18 @@ def worker_cpus(asked: float | None, workers: int, reserved: float = 0.0, use_gp
     return float(max(1, math.floor(share + 1e-9)))
 
 
+def check_official_rows(rows: pa.Table, ft, world: int, name: str) -> None:
+    """The official loop's per-step batch splits into parts of >= 2 tiles on every worker, and every worker gets
+    hard negatives: ConfigError / HnmError naming the knobs otherwise (before any worker starts)."""
+    from hnm_ray.training.official_steps import check_split, step_sizes
+
+    check_split(step_sizes(ft.batch_size, ft.step_a_positive_fraction, ft.step_b_positive_fraction), world)
+    n_hard = int(np.sum(rows["kind"].to_numpy() == HARD_NEGATIVE))
+    if n_hard < 2 * world:
+        raise HnmError(f"fine-tuning {name!r} (official loop) has {n_hard} hard negatives for {world} worker(s); it "
+                       "needs 2 a worker. Raise --mining.neg_ratio or lower --finetune.workers.")
+
+
 @dataclass
 class FinetuneResult:
     """Where the fine-tuned encoder and head weights were written, and the per-epoch metrics."""
@@ -325,6 +377,8 @@ def fit_finetune(config: TrainConfig, rows: pa.Table, weights: str | None, run_d
         raise HnmError(f"fine-tuning {name!r} needs at least 2 tiles; the selection has {rows.num_rows}. "
                        "Raise --mining.neg_ratio or lower --mining.threshold.")
     workers = finetune_workers(ft.workers, ft.use_gpu)
+    if supervised and ft.loop == "official":
+        check_official_rows(rows, ft, max(1, workers), name)
     ft = dataclasses.replace(ft, workers=workers,
                              cpus_per_worker=worker_cpus(ft.cpus_per_worker, workers, use_gpu=ft.use_gpu))
     run_dir = Path(run_dir).resolve()

@@ -98,6 +98,13 @@ def _is_better(metrics: dict[str, float], best: dict[str, Any] | None) -> bool:
     return auc > best_auc or (auc == best_auc and metrics.get("val_loss", 0.0) < best.get("val_loss", math.inf))
 
 
+def best_val_f1(history: list[dict[str, Any]]) -> float:
+    """The best validation F1 over all MIL epochs (0 at least), the update gate's input as officially (trainer.py
+    309-312: `optimal_ac_val` starts at 0 and takes every better epoch); nan without validation slides."""
+    scores = [h["val_f1"] for h in history if not math.isnan(h.get("val_f1", math.nan))]
+    return max([0.0, *scores]) if any("val_f1" in h for h in history) else math.nan
+
+
 def _hard_negative_bag(store: FeatureStore, loop: dict[str, Any], epoch: int) -> Bag | None:
     """Features of a sample of the miner's global hard negatives (global ranking form), or None if no queue."""
     import ray
@@ -123,8 +130,8 @@ def _pair_step(model, pos: Bag, neg: Bag, hard_x, loss_kw: dict[str, Any], devic
 
     pos_out, neg_out = model(_tensor(pos, device)), model(_tensor(neg, device))
     pair_form = loss_kw["ranking"] == "pair"
-    loss = loss_kw["scale"] * pair_loss(pos_out, neg_out, loss_kw["pos_weight"], loss_kw["w_bag"], loss_kw["w_ins"],
-                                        loss_kw["w_rank"] if pair_form else 0.0, loss_kw["margin"], loss_kw["rank_k"])
+    loss = pair_loss(pos_out, neg_out, loss_kw["pos_weight"], loss_kw["w_bag"], loss_kw["w_ins"],
+                     loss_kw["w_rank"] if pair_form else 0.0, loss_kw["margin"], loss_kw["rank_k"], loss_kw["scale"])
     if loss_kw["w_rank"] > 0 and loss_kw["ranking"] == "global" and hard_x is not None:
         hard_inst, _ = model(hard_x)
         loss = loss + loss_kw["w_rank"] * global_ranking_loss([pos_out[0]], hard_inst, loss_kw["margin"], loss_kw["rank_k"])
@@ -134,7 +141,8 @@ def _pair_step(model, pos: Bag, neg: Bag, hard_x, loss_kw: dict[str, Any], devic
 
 def bce_weighting(mode: str, n_pos: int, n_neg: int) -> tuple[float | None, float]:
     """(pos_weight, uniform scale) of the BCE terms: pos_weight = #neg/#pos on positive bags, or, as the official
-    code's `BCEWithLogitsLoss(ratio)` does (the ratio lands in `weight`), every term scaled by #neg/#pos."""
+    code's `BCEWithLogitsLoss(ratio)` does (the ratio lands in `weight`), every BCE term scaled by #neg/#pos
+    (the ranking term is not: `losses.pair_loss` bce_scale)."""
     ratio = n_neg / max(1, n_pos)
     return (ratio, 1.0) if mode == "pos_weight" else (None, ratio)
 
@@ -282,6 +290,7 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
             "threshold": best.get("val_threshold", 0.5), "epoch": best["epoch"], "encoder_tag": store.encoder_tag}
     model_path = save_aggregator(run_dir / f"{name}_aggregator", best["model"], meta)
     metrics = {k: v for k, v in best.items() if k != "model"}
+    metrics["val_best_f1"] = best_val_f1(state.get("history", []))
     return MILResult(str(model_path), int(best["epoch"]), float(best.get("val_threshold", 0.5)), metrics,
                      state.get("history", []), state.get("official_protocol"))
 

@@ -44,20 +44,29 @@ def warm_start(config: TrainConfig, records: list[SlideRecord], run_dir: Path, c
         return str(cached)
     log.info("warm start: SimCLR pre-training of %s for %d epochs on %d tiles (cached as %s)", config.encoder.name,
              config.pretrain.epochs, config.pretrain.tiles, cached)
-    weights = pretrain_simclr(config, records, run_dir, index)
-    storage.write_bytes(Path(weights).read_bytes(), cached)
+    weights, head = pretrain_simclr(config, records, run_dir, index)
+    for source, target in ((head, warm_start_head(cached)), (weights, cached)):  # the weights last: they mark it done
+        storage.write_bytes(Path(source).read_bytes(), target)
     return str(cached)
 
 
-def pretrain_simclr(config: TrainConfig, records: list[SlideRecord], run_dir: Path, index: TileIndex) -> str:
-    """SimCLR on `pretrain.tiles` random training tiles for `pretrain.epochs`; returns the encoder weights file."""
+def warm_start_head(weights: str | Path) -> Path:
+    """Where the projection head of warm-start weights is cached: beside them (absent for caches of older versions)."""
+    weights = Path(weights)
+    return weights.with_name(weights.name.removesuffix(".safetensors") + ".head.pt")
+
+
+def pretrain_simclr(config: TrainConfig, records: list[SlideRecord], run_dir: Path,
+                    index: TileIndex) -> tuple[str, str]:
+    """SimCLR on `pretrain.tiles` random training tiles for `pretrain.epochs`; returns the encoder weights file and
+    the projection head's."""
     train = [r for r in records if r.split == "train"]
     errors = FeatureStore(Path(run_dir) / "features", "pretrain", round=0)  # where slides that fail tiling are noted
     tables = slide_indexes(train, index, errors, config.extract.cpus_per_decoder)
     rows = sample_tile_rows(tables, config.pretrain.tiles, config.run.seed)
     out = fit_finetune(config, rows, config.encoder.weights, run_dir, name="pretrain_simclr", first_epoch=0,
                        last_epoch=config.pretrain.epochs, total_epochs=config.pretrain.epochs, supervised=False)
-    return out.encoder_weights
+    return out.encoder_weights, out.head_weights
 
 
 def sample_tile_rows(index: dict[str, pa.Table], n: int, seed: int) -> pa.Table:
@@ -68,4 +77,5 @@ def sample_tile_rows(index: dict[str, pa.Table], n: int, seed: int) -> pa.Table:
     zeros = np.zeros(chosen.num_rows)
     return (chosen.append_column("label", pa.array(zeros.astype(np.int8)))
             .append_column("pos_rank", pa.array(zeros.astype(np.float32)))
-            .append_column("kind", pa.array(zeros.astype(np.int8))).cast(TILE_ROW_SCHEMA))
+            .append_column("kind", pa.array(zeros.astype(np.int8)))
+            .append_column("score", pa.array(zeros.astype(np.float32))).cast(TILE_ROW_SCHEMA))

@@ -1,8 +1,9 @@
 """Decoded tile batches for fine-tuning, read inside each Ray Train worker.
 
-Each worker takes an equal share of the round's tile rows (rank::world, cut to the same length on every worker so
-DDP steps stay in lockstep), visits them in an order seeded by (seed, epoch), and decodes the next batch with cuCIM
-in a background thread while the current one trains. Nothing is started per epoch (no Ray Data pipeline, no actor
+Each worker of our loop takes an equal share of the round's tile rows (rank::world, cut to the same length on every
+worker so DDP steps stay in lockstep) and visits them in an order seeded by (seed, epoch); the official loop's
+workers take their part of each official step (`official_steps`). The next batch is decoded with cuCIM in a
+background thread while the current one trains. Nothing is started per epoch (no Ray Data pipeline, no actor
 pool): an epoch costs its decode + augment + forward/backward, and a rerun or a resume sees the same batches.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pyarrow as pa
 
 from hnm_ray.decode import TileReaders, decode_batch
 
-ROW_COLUMNS = ("slide_id", "path", "tile_id", "x", "y", "level", "size", "label", "pos_rank", "kind")
+ROW_COLUMNS = ("slide_id", "path", "tile_id", "x", "y", "level", "size", "label", "pos_rank", "kind", "score")
 
 
 def worker_share(rows: pa.Table, rank: int, world: int) -> dict[str, np.ndarray]:
@@ -31,26 +32,27 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def decoded_batches(share: dict[str, np.ndarray], order: np.ndarray, batch_size: int, tile_size: int,
-                    readers: TileReaders, decode_workers: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of `share` in `order`, each with `tiles` (B, S, S, 3) uint8 and per-row `error`; the next batch is
-    decoded in a thread while the caller trains on the current one."""
+def fixed_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """`order` cut into batches of `batch_size` rows (the last one shorter)."""
+    return [order[start: start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def decoded_batches(share: dict[str, np.ndarray], batches: list[np.ndarray], tile_size: int, readers: TileReaders,
+                    decode_workers: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """The batches of `share` (each an array of row indices), each with `tiles` (B, S, S, 3) uint8 and per-row
+    `error`; the next batch is decoded in a thread while the caller trains on the current one."""
     # Rows of one slide next to each other inside a batch: one reader call per slide (the batch's content and
     # the epoch's order of batches are unchanged by this).
-    starts = range(0, len(order), batch_size)
-
-    def load(start: int) -> dict[str, np.ndarray]:
-        rows = order[start: start + batch_size]
-        rows = rows[np.argsort(share["path"][rows], kind="stable")]
+    def load(i: int) -> dict[str, np.ndarray]:
+        rows = batches[i][np.argsort(share["path"][batches[i]], kind="stable")]
         batch = {k: v[rows] for k, v in share.items()}
         batch["tiles"], batch["error"] = decode_batch(readers, batch, tile_size, decode_workers)
         return batch
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-decode") as pool:
         pending = None
-        for start in starts:
-            pending = pending or pool.submit(load, start)
+        for i in range(len(batches)):
+            pending = pending or pool.submit(load, i)
             batch = pending.result()
-            following = start + batch_size
-            pending = pool.submit(load, following) if following < len(order) else None
+            pending = pool.submit(load, i + 1) if i + 1 < len(batches) else None
             yield batch
