@@ -78,7 +78,8 @@ def cohort_base(cohort: str, pretrain_epochs: int | None) -> dict:
     from benchmarks.cohorts import cached_cohort
 
     folder = cached_cohort(cohort)
-    base = {"run": {"manifest": str(folder / "manifest.csv")}, "tiling": {"tile_size": 64}, "pretrain": {"method": "simclr"}}
+    base = {"run": {"manifest": str(folder / "manifest.csv")}, "tiling": {"tile_size": 64},
+            "pretrain": {"method": "simclr"}}
     if cohort == "digits":
         base = merge(base, {"pretrain": {"epochs": 20, "tiles": 4096}, "finetune": {"batch_size": 128}})
     return merge(base, {"pretrain": {"epochs": pretrain_epochs}}) if pretrain_epochs else base

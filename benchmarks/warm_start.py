@@ -8,7 +8,8 @@ labels, SGD + the fine-tuning schedule as in `pretrain.method simclr`) train on 
 digit vs the rest, tile labels) is scored on every test-slide tile: instance AUC. Baseline in the same run: the same
 probe on the same tiles' raw pixels (grey, 28x28).
 
-    python -m benchmarks.warm_start --recipes default: crop08:crop=0.8/1 --seeds 0 1 2 --out benchmarks/results/warm_start.json
+    python -m benchmarks.warm_start --recipes default: crop08:crop=0.8/1 --seeds 0 1 2 --jobs 6 \
+        --out benchmarks/results/warm_start.json
 """
 from __future__ import annotations
 

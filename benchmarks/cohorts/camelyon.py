@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (created if absent)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same files")
-    parser.add_argument("--cache", help="folder of the cached MNIST digits (default: $HNM_RAY_CACHE or ~/.cache/hnm_ray)")
+    parser.add_argument("--cache",
+                        help="folder of the cached MNIST digits (default: $HNM_RAY_CACHE or ~/.cache/hnm_ray)")
     args = parser.parse_args(argv)
     config = camelyon_config(args.seed)
     stats = plan_stats(config, cohort_plan(config, load_mnist(args.cache)[1]))
