@@ -198,7 +198,7 @@ class FinetuneConfig:
                                            low=0.0, high=1.0, low_open=True, high_open=True)
     temperature: float = knob(0.07, "SupCon temperature", low=0.0, low_open=True)
     proj_dim: int = knob(256, "projection head output size", low=1)
-    augment: str = knob("ours", "augmentations: ours (crop 0.5-1, flips/rot90, jitter +-60 %) or official (crop "
+    augment: str = knob("ours", "augmentations: ours (crop 0.5-1, flips/rot90, colour jitter 0.6) or official (crop "
                                 "0.08-1, flip, strong jitter, grayscale, blur; kornia)", choices=["ours", "official"])
     pos_per_neg: float = knob(1.0, "our loop: positives streamed per hard negative in an epoch (an epoch iterates over "
                                    "the hard negatives, so its cost scales with neg_ratio)", low=0.0, low_open=True)
