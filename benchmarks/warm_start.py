@@ -1,18 +1,23 @@
-"""How many SimCLR epochs make a useful warm start? Measured on the digits cohort, in one process (prints one JSON line).
+"""Is the SimCLR warm start's feature space more separable than the tiles' raw pixels? One process, one JSON line.
 
 The pipeline's own pieces (small_cnn encoder, projection head, our augmentations, NT-Xent = `supcon_loss` without
-labels, SGD + cosine as in `pretrain.method simclr`) train on random training tiles; after each checkpoint epoch a
-linear probe (logistic regression on the frozen 128-d features of training tiles, tumour digit vs the rest) is
-scored on test-slide tiles: instance AUC, against the same probe on the random-init encoder (epoch 0) in this run.
+labels, SGD + the fine-tuning schedule as in `pretrain.method simclr`) train on random training tiles of a cohort
+(default: the Camelyon16-regime cohort, benchmarks/cohorts/camelyon.py, 64 px tiles) with one or more recipes
+(`default:` = today's product defaults, others override them). After the last epoch (and each --checkpoints epoch,
+0 = random init) a linear probe (logistic regression on the frozen, standardised features of training tiles, tumour
+digit vs the rest, tile labels) is scored on every test-slide tile: instance AUC. Baseline in the same run: the same
+probe on the same tiles' raw pixels (grey, 28x28).
 
-    python -m benchmarks.warm_start --epochs 0 2 5 10 20 --seeds 0 1 2 --out benchmarks/results/warm_start.json
+    python -m benchmarks.warm_start --recipes default: crop08:crop=0.8/1 --seeds 0 1 2 --jobs 6 \
+        --out benchmarks/results/warm_start.json
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import multiprocessing
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +27,19 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
+from benchmarks.cohorts import COHORTS, cached_cohort
 from hnm_ray.augment import AugmentConfig, two_views
+from hnm_ray.config import FinetuneConfig, PretrainConfig
 from hnm_ray.losses import supcon_loss
-from hnm_ray.models.encoders import build_encoder, to_model_input
-from hnm_ray.run_folder import cache_dir
+from hnm_ray.models.encoders import SMALL_CNN_WIDTHS, SmallCNN, to_model_input
 from hnm_ray.slides.reader import open_slide
 from hnm_ray.store.manifest import load_manifest
 from hnm_ray.training.finetune import contrastive_model, projection_head
+from hnm_ray.training.schedules import scheduler
 
 
 def cohort_tiles(folder: Path, tile: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{split: (uint8 tiles (N, tile, tile, 3), is-tumour (N,))} of every tissue tile of the digits cohort."""
+    """{split: (uint8 tiles (N, tile, tile, 3), is-tumour (N,))} of every tissue tile of a digits-rendered cohort."""
     meta = json.loads(pq.read_schema(folder / "tiles.parquet").metadata[b"config"])
     table = pq.read_table(folder / "tiles.parquet")
     split_of = {r.slide_id: r.split for r in load_manifest(folder / "manifest.csv")}
@@ -56,79 +63,143 @@ def features(encoder, tiles: np.ndarray, batch: int = 512) -> np.ndarray:
                                for i in range(0, len(tiles), batch)])
 
 
-def probe_auc(encoder, data: dict, n_train: int, seed: int) -> float:
-    """Test AUC of a logistic-regression probe (tumour vs rest) trained on `n_train` training tiles' features."""
+def probe_auc(featurise, data: dict, n_train: int, seed: int) -> float:
+    """Test AUC of a logistic-regression probe (tumour vs rest) trained on `n_train` training tiles' features
+    (`featurise`: uint8 tiles -> features), standardised per feature."""
     rng = np.random.default_rng(seed)
     train_x, train_y = data["train"]
     pick = rng.choice(len(train_x), min(n_train, len(train_x)), replace=False)
-    scale = features(encoder, train_x[pick])
+    scale = featurise(train_x[pick])
     mean, std = scale.mean(0), scale.std(0) + 1e-6
     probe = LogisticRegression(max_iter=2000, class_weight="balanced").fit((scale - mean) / std, train_y[pick])
     test_x, test_y = data["test"]
-    return float(roc_auc_score(test_y, probe.decision_function((features(encoder, test_x) - mean) / std)))
+    return float(roc_auc_score(test_y, probe.decision_function((featurise(test_x) - mean) / std)))
 
 
-def simclr(data: dict, epochs: list[int], seed: int, n_tiles: int, batch: int, lr: float, n_probe: int) -> dict:
-    """Probe AUC after each epoch in `epochs` (0 = random init) of SimCLR on `n_tiles` random training tiles."""
+@dataclass(frozen=True)
+class Recipe:
+    """One warm-start recipe: the product's defaults (pretrain, finetune, augment, small_cnn) unless overridden."""
+
+    epochs: int = PretrainConfig().epochs
+    tiles: int = PretrainConfig().tiles
+    batch: int = FinetuneConfig().batch_size
+    lr: float = FinetuneConfig().lr
+    temperature: float = FinetuneConfig().temperature
+    crop: tuple[float, float] = AugmentConfig().crop_scale
+    jitter: float = AugmentConfig().brightness
+    widths: tuple[int, ...] = SMALL_CNN_WIDTHS
+
+    @classmethod
+    def parse(cls, spec: str) -> tuple[str, Recipe]:
+        """"name:key=v,key=v1/v2" (e.g. "crop08:crop=0.8/1,epochs=5") -> (name, recipe); "default:" = the defaults."""
+        name, _, knobs = spec.partition(":")
+        kwargs: dict = {}
+        for item in filter(None, knobs.split(",")):
+            key, value = item.split("=")
+            default = getattr(cls(), key)
+            kwargs[key] = tuple(type(default[0])(v) for v in value.split("/")) if isinstance(default, tuple) \
+                else type(default)(value)
+        return name, cls(**kwargs)
+
+
+def raw_pixels(tiles: np.ndarray) -> np.ndarray:
+    """The tiles' raw pixels as the probe's features: grey, area-resized to 28x28 (MNIST's own size), 784-d."""
+    grey = torch.from_numpy(tiles).float().mul_(torch.tensor([0.299, 0.587, 0.114])).sum(-1)[:, None]
+    return torch.nn.functional.adaptive_avg_pool2d(grey, 28).flatten(1).numpy() / 255.0
+
+
+def simclr(data: dict, recipe: Recipe, checkpoints: list[int], seed: int, n_probe: int) -> dict:
+    """Probe AUC after each checkpoint epoch (0 = random init) of SimCLR with `recipe` on random training tiles."""
     torch.manual_seed(seed)
-    encoder = build_encoder("small_cnn")
-    model = contrastive_model(encoder, projection_head(encoder.out_dim, 256))
-    last = max(epochs)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / max(1, last))))
+    encoder = SmallCNN(recipe.widths)
+    model = contrastive_model(encoder, projection_head(encoder.out_dim, FinetuneConfig().proj_dim))
+    last = recipe.epochs
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=FinetuneConfig().momentum,
+                                weight_decay=FinetuneConfig().weight_decay)
+    schedule = scheduler(optimizer, FinetuneConfig().schedule, last, 0)
     rng = np.random.default_rng(seed)
     train_x = data["train"][0]
-    sample = train_x[rng.choice(len(train_x), min(n_tiles, len(train_x)), replace=False)]
+    sample = train_x[rng.choice(len(train_x), min(recipe.tiles, len(train_x)), replace=False)]
+    augment = AugmentConfig(crop_scale=recipe.crop, brightness=recipe.jitter, contrast=recipe.jitter,
+                            saturation=recipe.jitter)
     gen = torch.Generator().manual_seed(seed)
-    out = {0: {"probe_auc": probe_auc(encoder, data, n_probe, seed), "loss": float("nan")}} if 0 in epochs else {}
+    probe = lambda tiles: features(encoder, tiles)  # noqa: E731
+    out = {0: {"probe_auc": probe_auc(probe, data, n_probe, seed), "loss": float("nan")}} if 0 in checkpoints else {}
+    started = time.perf_counter()
     for epoch in range(1, last + 1):
         model.train()
         losses = []
-        for i in rng.permutation(len(sample) // batch):
-            tiles = torch.from_numpy(sample[i * batch:(i + 1) * batch])
-            v1, v2 = two_views(tiles, AugmentConfig(), gen)
-            loss = supcon_loss(model(to_model_input(v1)), model(to_model_input(v2)), None, 0.07)
+        for i in rng.permutation(len(sample) // recipe.batch):
+            tiles = torch.from_numpy(sample[i * recipe.batch:(i + 1) * recipe.batch])
+            v1, v2 = two_views(tiles, augment, gen)
+            loss = supcon_loss(model(to_model_input(v1)), model(to_model_input(v2)), None, recipe.temperature)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
         schedule.step()
-        if epoch in epochs:
-            out[epoch] = {"probe_auc": probe_auc(encoder, data, n_probe, seed), "loss": float(np.mean(losses))}
+        if epoch in checkpoints or epoch == last:
+            out[epoch] = {"probe_auc": probe_auc(probe, data, n_probe, seed), "loss": float(np.mean(losses)),
+                          "train_seconds": time.perf_counter() - started}
     return out
+
+
+def stats(values: list[float]) -> dict:
+    """Mean and sample sd (0 for one value)."""
+    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+
+
+_DATA: dict = {}  # the cohort's tiles, set once by main() before the worker processes fork
+
+
+def _task(task: tuple) -> float | dict:
+    """One seed's raw-pixel probe AUC (recipe None) or SimCLR run, on the tiles in _DATA."""
+    name, recipe, seed, args = task
+    if recipe is None:
+        return probe_auc(raw_pixels, _DATA, args.probe_tiles, seed)
+    return simclr(_DATA, recipe, args.checkpoints, seed, args.probe_tiles)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cohort", default="", help="digits cohort folder (default: generate 160 slides, 64 px)")
-    parser.add_argument("--epochs", type=int, nargs="+", default=[0, 2, 5, 10, 20])
+    parser.add_argument("--cohort", default="camelyon", help="camelyon (default), digits, or a cohort folder")
+    parser.add_argument("--recipes", nargs="+", default=["default:"],
+                        help='recipes "name:key=value,..." over the product defaults (keys: Recipe fields; tuples '
+                             'as a/b); "default:" is today\'s product warm start')
+    parser.add_argument("--checkpoints", type=int, nargs="+", default=[0], help="extra epochs to probe (0 = init)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--tiles", type=int, default=4096, help="SimCLR training tiles (pretrain.tiles)")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--probe-tiles", type=int, default=4000)
+    parser.add_argument("--probe-tiles", type=int, default=8000, help="training tiles the probe is fitted on")
+    parser.add_argument("--jobs", type=int, default=1, help="processes running the seeds' runs side by side")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    folder = Path(args.cohort) if args.cohort else cache_dir(__import__("hnm_ray.config", fromlist=["JobConfig"]).JobConfig()) / "digits-n160-px64-seed0"
-    if not (folder / "manifest.csv").exists():
-        from benchmarks.cohorts.digits import DigitsConfig, make_digits_cohort
-
-        make_digits_cohort(folder, DigitsConfig(tile_px=64))
+    folder = cached_cohort(args.cohort) if args.cohort in COHORTS else Path(args.cohort)
     started = time.perf_counter()
-    data = cohort_tiles(folder, 64)
-    runs = {seed: simclr(data, args.epochs, seed, args.tiles, args.batch, args.lr, args.probe_tiles)
-            for seed in args.seeds}
+    global _DATA
+    _DATA = cohort_tiles(folder, 64)
+    recipes = dict(Recipe.parse(spec) for spec in args.recipes)
+    tasks = [(None, None, seed, args) for seed in args.seeds]
+    tasks += [(name, recipe, seed, args) for name, recipe in recipes.items() for seed in args.seeds]
+    torch.set_num_threads(max(1, 2 // args.jobs))
+    if args.jobs > 1:  # forked workers share the tiles copy-on-write
+        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+            results = pool.map(_task, tasks, chunksize=1)
+    else:
+        results = [_task(task) for task in tasks]
+    raw = results[:len(args.seeds)]
     table = {}
-    for epoch in args.epochs:
-        aucs = [runs[s][epoch]["probe_auc"] for s in args.seeds]
-        table[epoch] = {"probe_auc_mean": float(np.mean(aucs)), "probe_auc_sd": float(np.std(aucs, ddof=1)),
-                        "loss_mean": float(np.nanmean([runs[s][epoch]["loss"] for s in args.seeds]))}
-    base = table[min(args.epochs)]["probe_auc_mean"]
-    line = {"benchmark": "warm_start", "cohort": str(folder.name), "seeds": args.seeds, "tiles": args.tiles,
-            "batch": args.batch, "lr": args.lr, "table": table,
-            "ratio_vs_random_init": {e: t["probe_auc_mean"] / base for e, t in table.items()},
-            "tiles_by_split": {k: int(len(v[1])) for k, v in data.items()}, "seconds": time.perf_counter() - started}
+    for k, (name, recipe) in enumerate(recipes.items()):
+        runs = dict(zip(args.seeds, results[len(args.seeds) * (k + 1):len(args.seeds) * (k + 2)]))
+        table[name] = {"recipe": asdict(recipe), "by_epoch": {
+            e: {"probe_auc": stats([runs[s][e]["probe_auc"] for s in args.seeds]),
+                "per_seed": [round(runs[s][e]["probe_auc"], 4) for s in args.seeds],
+                "loss_mean": float(np.mean([runs[s][e]["loss"] for s in args.seeds])) if e else None,
+                "train_seconds_mean": float(np.mean([runs[s][e]["train_seconds"] for s in args.seeds])) if e else None}
+            for e in sorted(runs[args.seeds[0]])}}
+    line = {"benchmark": "warm_start", "cohort": folder.name, "seeds": args.seeds, "probe_tiles": args.probe_tiles,
+            "raw_pixels": {"probe_auc": stats(raw), "per_seed": [round(v, 4) for v in raw]}, "recipes": table,
+            "tiles_by_split": {k: int(len(v[1])) for k, v in _DATA.items()},
+            "positives_by_split": {k: int(v[1].sum()) for k, v in _DATA.items()},
+            "seconds": time.perf_counter() - started}
     print(json.dumps(line))
     if args.out:
         Path(args.out).write_text(json.dumps(line, indent=1) + "\n")

@@ -1,10 +1,14 @@
 """The SimCLR warm start: its tile sample, and the cache keyed by cohort + encoder + tiling + knobs (no Ray)."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 
 from hnm_ray import config as cfg
+from hnm_ray import augment
+from hnm_ray.augment import AugmentConfig
 from hnm_ray.config import TrainConfig
 from hnm_ray.store.manifest import SlideRecord
 from hnm_ray.training import pretrain
@@ -49,6 +53,15 @@ def test_warm_start_key_changes_with_cohort_encoder_tiling_and_seed(tmp_path):
                    {"pretrain": {"epochs": 9}}, {"finetune": {"augment": "official"}}):
         assert key != pretrain.warm_start_key(cfg.from_tree(TrainConfig, change), records), change
     assert key == pretrain.warm_start_key(cfg.from_tree(TrainConfig, {"mining": {"neg_ratio": 0.5}}), records)
+
+
+def test_warm_start_key_changes_with_the_augmentation_defaults(tmp_path, monkeypatch):
+    """Weights cached with the old augmentation strengths (colour jitter 0.3) are not reused under the new default."""
+    records = _records(tmp_path)
+    key = pretrain.warm_start_key(TrainConfig(), records)
+    old = dataclasses.replace(AugmentConfig(), brightness=0.3, contrast=0.3, saturation=0.3)
+    monkeypatch.setattr(augment, "AugmentConfig", lambda: old)
+    assert pretrain.warm_start_key(TrainConfig(), records) != key
 
 
 def test_warm_start_pretrains_once_per_key_and_reuses_the_cache(tmp_path, monkeypatch):

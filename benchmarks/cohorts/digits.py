@@ -59,6 +59,7 @@ class DigitsConfig:
     lookalikes: tuple[int, ...] = (4, 7)
     lookalike_share: float = 0.4          # share of every slide's tiles that are look-alike digits
     tumour_share: tuple[float, float] = (0.05, 0.15)  # tumour tile share of a positive slide
+    witness: str = "uniform"              # tumour share drawn uniform, or loguniform (>= 1 tile: many small, few large)
     tiles: tuple[int, int] = (96, 144)    # tissue tiles per slide (uniform)
     positive_share: float = 0.4           # share of positive slides (Camelyon16 train: 111 / 270)
     test_digit_share: float = 0.25        # share of each digit's MNIST samples reserved for test slides
@@ -76,7 +77,11 @@ class DigitsConfig:
         if not 0 < low <= high or high + self.lookalike_share >= 1 or not 0 <= self.lookalike_share:
             raise ValueError(f"need 0 < tumour_share[0] <= tumour_share[1] and tumour + look-alike shares < 1 "
                              f"(got {self.tumour_share}, {self.lookalike_share})")
-        if not 1 <= self.tiles[0] <= self.tiles[1] or np.ceil(low * self.tiles[0]) > np.floor(high * self.tiles[0]):
+        if self.witness not in ("uniform", "loguniform"):
+            raise ValueError(f"witness must be uniform or loguniform (got {self.witness!r})")
+        fits = np.ceil(low * self.tiles[0]) <= np.floor(high * self.tiles[0]) if self.witness == "uniform" \
+            else high * self.tiles[0] >= 1
+        if not 1 <= self.tiles[0] <= self.tiles[1] or not fits:
             raise ValueError(f"tiles {self.tiles} too few for a tumour share in {self.tumour_share}")
         if not 0 < self.positive_share < 1 or not 0 < self.test_digit_share < 1 or self.tile_px < DIGIT_PX:
             raise ValueError("positive_share and test_digit_share must be in (0, 1) and tile_px >= 28")
@@ -155,7 +160,13 @@ def slide_digits(config: DigitsConfig, positive: bool, pools: list[np.ndarray],
     """(digit, MNIST sample index) of every tissue tile of one slide, in random order."""
     n = int(rng.integers(config.tiles[0], config.tiles[1] + 1))
     low, high = config.tumour_share
-    n_tumour = int(rng.integers(np.ceil(low * n), np.floor(high * n) + 1)) if positive else 0
+    if not positive:
+        n_tumour = 0
+    elif config.witness == "uniform":
+        n_tumour = int(rng.integers(np.ceil(low * n), np.floor(high * n) + 1))
+    else:
+        share = np.exp(rng.uniform(np.log(low), np.log(high)))
+        n_tumour = int(np.clip(np.rint(share * n), 1, np.floor(high * n)))
     n_lookalike = int(round(config.lookalike_share * n))
     others = [d for d in range(10) if d != config.tumour and d not in config.lookalikes]
     digits = rng.permutation(np.concatenate([
@@ -255,6 +266,33 @@ def render_slide(images: np.ndarray, digits: np.ndarray, samples: np.ndarray, tu
     return canvas, mask, cols * tile_px, rows * tile_px
 
 
+@dataclass(frozen=True)
+class PlannedSlide:
+    """What one slide of a cohort will hold, before rendering; `rng` is the slide's generator, to render it with."""
+
+    slide_id: str
+    label: int
+    split: str
+    digits: np.ndarray
+    samples: np.ndarray
+    rng: np.random.Generator
+
+
+def cohort_plan(config: DigitsConfig, labels: np.ndarray) -> list[PlannedSlide]:
+    """Labels, splits and the (digit, MNIST sample) of every tile of every slide of a cohort (MNIST `labels`)."""
+    rng = np.random.default_rng(config.seed)
+    n_pos = int(round(config.positive_share * config.n_slides))
+    slide_labels = rng.permutation((np.arange(config.n_slides) < n_pos).astype(np.int64))
+    splits = _splits(slide_labels, rng)
+    pools = digit_pools(labels, config.test_digit_share, rng)
+    plan = []
+    for i, (label, split) in enumerate(zip(slide_labels, splits)):
+        slide_rng = np.random.default_rng([config.seed, i])
+        digits, samples = slide_digits(config, bool(label), pools[split == "test"], slide_rng)
+        plan.append(PlannedSlide(f"digits_{i:03d}", int(label), split, digits, samples, slide_rng))
+    return plan
+
+
 def _write_manifest(out: Path, rows: list[dict]) -> Path:
     """manifest.csv, written last and atomically: its presence means the cohort is complete."""
     manifest, partial = out / "manifest.csv", out / "manifest.csv.partial"
@@ -279,17 +317,10 @@ def make_digits_cohort(out: str | Path, config: DigitsConfig | None = None,
     images, labels = load_mnist(cache)
     out = Path(out)
     (out / "slides").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(config.seed)
-    n_pos = int(round(config.positive_share * config.n_slides))
-    slide_labels = rng.permutation((np.arange(config.n_slides) < n_pos).astype(np.int64))
-    splits = _splits(slide_labels, rng)
-    pools = digit_pools(labels, config.test_digit_share, rng)
     rows, tiles = [], []
-    for i, (label, split) in enumerate(zip(slide_labels, splits)):
-        slide_id = f"digits_{i:03d}"
-        slide_rng = np.random.default_rng([config.seed, i])
-        digits, samples = slide_digits(config, bool(label), pools[split == "test"], slide_rng)
-        image, mask, x, y = render_slide(images, digits, samples, config.tumour, config.tile_px, slide_rng)
+    for slide in cohort_plan(config, labels):
+        slide_id, label, split, digits, samples = slide.slide_id, slide.label, slide.split, slide.digits, slide.samples
+        image, mask, x, y = render_slide(images, digits, samples, config.tumour, config.tile_px, slide.rng)
         path = write_pyramid(out / "slides" / f"{slide_id}.svs", image, mpp=MPP)
         annotation = f"slides/{slide_id}_mask.png"
         Image.fromarray(mask.astype(np.uint8) * 255).save(out / annotation)

@@ -103,6 +103,9 @@ class ResNetIN(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
 
+SMALL_CNN_WIDTHS = (16, 32, 64, 128)  # channels of small_cnn's four stride-2 blocks; the last is its feature size
+
+
 class SmallCNN(nn.Module):
     """A small fast CNN for CPU demos: stride-2 3x3 conv + instance norm + ReLU blocks, global average pool.
 
@@ -111,7 +114,7 @@ class SmallCNN(nn.Module):
     the same for every tile (features "from noise" at init, and SimCLR collapsing to chance loss).
     """
 
-    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128)) -> None:
+    def __init__(self, widths: tuple[int, ...] = SMALL_CNN_WIDTHS) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         in_channels = 3

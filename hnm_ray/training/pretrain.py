@@ -24,13 +24,17 @@ log = logging.getLogger("hnm_ray")
 
 def warm_start_key(config: TrainConfig, records: list[SlideRecord]) -> str:
     """A digest of what the warm-start weights depend on: the training slides (id, path, size), the encoder, the
-    tiling, the pre-training and augmentation knobs and the seed."""
+    tiling, the pre-training and augmentation knobs, the augmentations' strengths (a new default must not reuse
+    weights cached with the old one) and the seed."""
+    from hnm_ray.augment import AugmentConfig  # torch, only when a warm start is keyed
+
     slides = sorted((r.slide_id, str(r.path), os.path.getsize(r.path) if os.path.exists(r.path) else -1)
                     for r in records if r.split == "train")
     ft = config.finetune
     parts = {"slides": slides, "encoder": dataclasses.asdict(config.encoder), "tiling": dataclasses.asdict(config.tiling),
              "pretrain": dataclasses.asdict(config.pretrain), "seed": config.run.seed,
-             "finetune": [ft.lr, ft.momentum, ft.weight_decay, ft.batch_size, ft.temperature, ft.proj_dim, ft.augment]}
+             "finetune": [ft.lr, ft.momentum, ft.weight_decay, ft.batch_size, ft.temperature, ft.proj_dim, ft.augment],
+             "augment": dataclasses.asdict(AugmentConfig())}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
