@@ -84,19 +84,20 @@ def replay(store, records, config: MILConfig, seed: int, world: int) -> dict[str
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_epoch_pairs_balanced_and_sharded(n_pos, n_neg, world):
     pos, neg = [f"p{i}" for i in range(n_pos)], [f"n{i}" for i in range(n_neg)]
-    steps = math.ceil(min(n_pos, n_neg) / world)
+    steps = math.ceil(max(n_pos, n_neg) / world)
     for rank in range(world):
         pairs = epoch_pairs(pos, neg, epoch=3, seed=11, rank=rank, world=world)
         assert len(pairs) == steps, "every worker must take the same number of DDP steps"
         own_pos, own_neg = pos[rank::world] or pos, neg[rank::world] or neg
         assert all(p in own_pos and n in own_neg for p, n in pairs), "a worker pairs only bags of its own shards"
-        counts = [sum(q == p for q, _ in pairs) for p in own_pos]
-        assert max(counts) - min(counts) <= 1, "a short shard is cycled evenly"
+        for own, side in ((own_pos, 0), (own_neg, 1)):
+            counts = [sum(pair[side] == b for pair in pairs) for b in own]
+            assert min(counts) >= 1, "an epoch uses every bag of the worker's shards (none of the larger class dropped)"
+            assert max(counts) - min(counts) <= 1, "a short shard is cycled evenly"
     if world == 1:
         pairs = epoch_pairs(pos, neg, 0, 11, 0, 1)
-        smaller = pos if n_pos <= n_neg else neg
-        side = 0 if n_pos <= n_neg else 1
-        assert sorted(p[side] for p in pairs) == sorted(smaller), "one epoch visits every bag of the smaller class once"
+        larger, side = (neg, 1) if n_pos <= n_neg else (pos, 0)
+        assert sorted(p[side] for p in pairs) == sorted(larger), "one epoch visits every bag of the larger class once"
 
 
 def test_epoch_pairs_shards_are_disjoint_and_cover_the_bags():

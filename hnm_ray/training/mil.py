@@ -1,6 +1,7 @@
 """MIL aggregator training on Ray Train: DDP over paired bags + ranking loss.
 
-Each epoch pairs one positive with one negative bag (shuffled, min(#pos, #neg) pairs in all).
+Each epoch pairs one positive with one negative bag (shuffled, max(#pos, #neg) pairs in all: every bag once, the
+smaller class cycled).
 Every worker owns a fixed shard of the positive and of the negative bags and pairs within it, so a
 worker only ever loads its shard; DDP averages the gradients of the `world` pairs of a step.
 Validation slide metrics are computed every epoch inside the worker; the best epoch (validation
@@ -53,9 +54,10 @@ class MILResult:
 def epoch_pairs(pos: list[str], neg: list[str], epoch: int, seed: int, rank: int, world: int) -> list[tuple[str, str]]:
     """This worker's (positive, negative) bag pairs for an epoch: its fixed shards, reshuffled each epoch.
 
-    All workers return the same number of pairs, ceil(min(#pos, #neg) / world), cycling a shard when short.
+    All workers return the same number of pairs, ceil(max(#pos, #neg) / world): every bag of a worker's shards is
+    used, the shorter shard cycled (min(#pos, #neg) pairs left up to half of an unbalanced cohort's bags out).
     """
-    steps = math.ceil(min(len(pos), len(neg)) / world)
+    steps = math.ceil(max(len(pos), len(neg)) / world) if pos and neg else 0
     my_pos, my_neg = pos[rank::world] or pos, neg[rank::world] or neg
     rng = np.random.default_rng([seed, epoch, rank])
     pos_order = [my_pos[i % len(my_pos)] for i in rng.permutation(max(steps, len(my_pos)))[:steps]] if steps else []
