@@ -286,7 +286,8 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
     loop = {"mil": asdict(config), "feature_mean": mean.tolist(), "feature_std": std.tolist(),
             "store_root": str(store.root), "tag": store.encoder_tag, "round": store.round,
             "dim": int(store.metadata()["dim"]), "train": train, "val": val, "test": test, "miner_name": miner_name,
-            "val_selects": selects, "seed": seed, "driver_checkpoints": driver_checkpoint_dir(config.workers, storage, name)}
+            "val_selects": selects, "seed": seed,
+            "driver_checkpoints": driver_checkpoint_dir(config.workers, storage, name)}
     checkpoint = run_loop(train_loop_per_worker, loop, workers=config.workers, use_gpu=config.use_gpu,
                           cpus_per_worker=config.cpus_per_worker, max_failures=config.max_failures, run_dir=run_dir,
                           name=name, checkpoint_file=CHECKPOINT_FILE, what="MIL training").checkpoint
