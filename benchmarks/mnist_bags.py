@@ -53,7 +53,8 @@ class HeadKnobs:
     lr: float = 1e-3
     epochs: int = 40
     weight_decay: float = 1e-4
-    pairing: str = "pairs"      # pairs: epoch_pairs, min(#pos, #neg) pairs an epoch; all: every bag once an epoch
+    pairing: str = "pairs"      # pairs: epoch_pairs (min(#pos, #neg) pairs an epoch when results/mnist_bags*.json were
+                                # measured, max(#pos, #neg) since: the same as all); all: every bag once an epoch
     standardize: str = "ours"   # (x - mean) / std per feature; std: ours max(std, 1e-6) as Standardized, unit: 1 where
                                 # std <= 1e-6 (scikit-learn's StandardScaler), floor: max(std, 0.1 * mean std),
                                 # global: one scale for all features, sqrt(mean variance); off: raw features

@@ -70,7 +70,9 @@ def finish(run_dir: Path, history: list[dict[str, Any]], records: list[SlideReco
     ours = {k: v for k, v in last.items() if k not in ("model_path", "encoder_weights", "official_protocol")}
     final = {"final": ours, "official_protocol": last.get("official_protocol"), "rounds": history,
              "finetune": finetune, "tile_threshold": thresholds.tile,
-             "protocols": {"final": "ours: MIL epoch and Youden threshold picked on validation, applied to test",
+             "protocols": {"final": "ours: MIL epoch and Youden threshold picked on validation (the fixed epoch "
+                                    "and 0.5 with fewer than mil.min_val_bags validation slides of a class), applied "
+                                    "to test",
                            "official_protocol": "the official code's: best test slide AUC over MIL epochs, Youden "
                                                 "threshold on test (optimistic; for comparison with the paper only)",
                            "intervals": INTERVALS}}

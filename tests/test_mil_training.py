@@ -7,12 +7,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from hnm_ray.losses import pair_loss
 from hnm_ray.models.aggregators import build_standardized
-from hnm_ray.store.manifest import load_manifest
+from hnm_ray.store.features import FeatureStore
+from hnm_ray.store.manifest import SlideRecord, load_manifest
 from hnm_ray.config import MILConfig
 from hnm_ray.inference import evaluate_split, load_aggregator
 from hnm_ray.training.mil import epoch_pairs, feature_statistics, fit_mil, standardisation
@@ -84,19 +86,20 @@ def replay(store, records, config: MILConfig, seed: int, world: int) -> dict[str
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_epoch_pairs_balanced_and_sharded(n_pos, n_neg, world):
     pos, neg = [f"p{i}" for i in range(n_pos)], [f"n{i}" for i in range(n_neg)]
-    steps = math.ceil(min(n_pos, n_neg) / world)
+    steps = math.ceil(max(n_pos, n_neg) / world)
     for rank in range(world):
         pairs = epoch_pairs(pos, neg, epoch=3, seed=11, rank=rank, world=world)
         assert len(pairs) == steps, "every worker must take the same number of DDP steps"
         own_pos, own_neg = pos[rank::world] or pos, neg[rank::world] or neg
         assert all(p in own_pos and n in own_neg for p, n in pairs), "a worker pairs only bags of its own shards"
-        counts = [sum(q == p for q, _ in pairs) for p in own_pos]
-        assert max(counts) - min(counts) <= 1, "a short shard is cycled evenly"
+        for own, side in ((own_pos, 0), (own_neg, 1)):
+            counts = [sum(pair[side] == b for pair in pairs) for b in own]
+            assert min(counts) >= 1, "an epoch uses every bag of the worker's shards (none of the larger class dropped)"
+            assert max(counts) - min(counts) <= 1, "a short shard is cycled evenly"
     if world == 1:
         pairs = epoch_pairs(pos, neg, 0, 11, 0, 1)
-        smaller = pos if n_pos <= n_neg else neg
-        side = 0 if n_pos <= n_neg else 1
-        assert sorted(p[side] for p in pairs) == sorted(smaller), "one epoch visits every bag of the smaller class once"
+        larger, side = (neg, 1) if n_pos <= n_neg else (pos, 0)
+        assert sorted(p[side] for p in pairs) == sorted(larger), "one epoch visits every bag of the larger class once"
 
 
 def test_epoch_pairs_shards_are_disjoint_and_cover_the_bags():
@@ -293,3 +296,44 @@ def test_standardisation_modes(mil_store, records):
     np.testing.assert_allclose(s_std, np.full_like(std, np.sqrt(np.mean(std ** 2))))
     n_mean, n_std = standardisation(mil_store, ids, "none")
     assert n_mean.tolist() == [0.0] and n_std.tolist() == [1.0]
+
+
+# -- model selection on a small validation split ------------------------------------------------------------
+
+def array_store(root: Path, bags: dict[str, np.ndarray]) -> FeatureStore:
+    """A feature store holding these (n_i, D) float32 bags as slides (tile ids 0..n_i-1)."""
+    store = FeatureStore(root, "arrays")
+    for slide_id, features in bags.items():
+        n = len(features)
+        zeros = np.zeros(n, np.int32)
+        store.write_slide(slide_id, pa.table({"tile_id": np.arange(n, dtype=np.int32), "x": zeros, "y": zeros,
+                                              "level": zeros, "size": zeros}), features)
+    return store
+
+
+@pytest.fixture(scope="module")
+def small_val_cohort(tmp_path_factory):
+    """16 training and 4 validation bags (half positive: one shifted instance), 8-d features, no Ray."""
+    rng = np.random.default_rng(0)
+    bags, records = {}, []
+    for i in range(20):
+        label, split = i % 2, "train" if i < 16 else "val"
+        features = rng.normal(0, 1, (6, 8)).astype(np.float32)
+        features[0, 0] += 3.0 * label
+        bags[f"b{i:02d}"] = features
+        records.append(SlideRecord(f"b{i:02d}", "", label, split))
+    return array_store(tmp_path_factory.mktemp("small_val"), bags), records
+
+
+def test_small_validation_split_keeps_the_fixed_epoch_and_threshold_half(small_val_cohort, tmp_path):
+    """2 validation bags a class cannot pick an epoch or a threshold: the last epoch and 0.5 are kept, and the
+    reported validation metrics are those at 0.5 (what the job's outputs and update gate read)."""
+    store, records = small_val_cohort
+    config = MILConfig(epochs=6, checkpoint_every=100, workers=0)
+    fallback = fit_mil(config, store, records, tmp_path / "fallback", seed=0)
+    assert fallback.best_epoch == config.epochs - 1
+    assert fallback.threshold == 0.5 and fallback.metrics["val_threshold"] == 0.5
+    assert load_aggregator(fallback.model_path)[1]["threshold"] == 0.5
+    chosen = fit_mil(replace(config, min_val_bags=2), store, records, tmp_path / "chosen", seed=0)
+    assert chosen.threshold != 0.5, "with enough validation bags the Youden threshold on validation is kept"
+    assert chosen.metrics["val_threshold"] == chosen.threshold

@@ -157,6 +157,9 @@ class MILConfig:
                                          "validation AUC) or fixed (fixed_epoch, as the official code)",
                              choices=["best_val", "fixed"])
     fixed_epoch: int = knob(-1, "the epoch kept with select_epoch fixed (-1: the last)", low=-1)
+    min_val_bags: int = knob(10, "the fewest validation bags of each class to pick the epoch (best_val) and the "
+                                 "threshold (Youden) on; with fewer, fixed_epoch and threshold 0.5 are used (on ~15 "
+                                 "validation bags both were noise: benchmarks/results/classic_mil.json)", low=0)
     workers: int = knob(0, "Ray Train workers; 0 (default): in the driver process, without Ray Train: the "
                            "aggregator is small, and a worker group costs ~15 s to start per round on 2 CPUs "
                            "(benchmarks/results/job.json); N: DDP workers, restarted by FailureConfig on a lost node",

@@ -1,11 +1,13 @@
 """MIL aggregator training on Ray Train: DDP over paired bags + ranking loss.
 
-Each epoch pairs one positive with one negative bag (shuffled, min(#pos, #neg) pairs in all).
+Each epoch pairs one positive with one negative bag (shuffled, max(#pos, #neg) pairs in all: every bag once, the
+smaller class cycled).
 Every worker owns a fixed shard of the positive and of the negative bags and pairs within it, so a
 worker only ever loads its shard; DDP averages the gradients of the `world` pairs of a step.
 Validation slide metrics are computed every epoch inside the worker; the best epoch (validation
-AUC, then loss) is the model kept. Reports and checkpoints reach Ray Train every `checkpoint_every`
-epochs and at the last. Re-running with the same run folder resumes from the last
+AUC, then loss) is the model kept, with the Youden threshold on validation; with fewer than `mil.min_val_bags`
+validation bags of a class, the fixed epoch and threshold 0.5 instead. Reports and checkpoints reach Ray
+Train every `checkpoint_every` epochs and at the last. Re-running with the same run folder resumes from the last
 checkpoint.
 
     python -m hnm_ray.training.mil --store STORE --tag TAG --manifest M --out RUN [--mil.epochs 40 ...]
@@ -32,6 +34,7 @@ from hnm_ray.cli import parser as cli_parser
 from hnm_ray.errors import ConfigError, HnmError, StoreError
 from hnm_ray.store.features import Bag, FeatureStore
 from hnm_ray.inference import _tensor, evaluate_bags, evaluate_split, save_aggregator
+from hnm_ray.metrics import FALLBACK_THRESHOLD
 from hnm_ray.store.manifest import SlideRecord, load_manifest
 
 log = logging.getLogger("hnm_ray")
@@ -54,9 +57,10 @@ class MILResult:
 def epoch_pairs(pos: list[str], neg: list[str], epoch: int, seed: int, rank: int, world: int) -> list[tuple[str, str]]:
     """This worker's (positive, negative) bag pairs for an epoch: its fixed shards, reshuffled each epoch.
 
-    All workers return the same number of pairs, ceil(min(#pos, #neg) / world), cycling a shard when short.
+    All workers return the same number of pairs, ceil(max(#pos, #neg) / world): every bag of a worker's shards is
+    used, the shorter shard cycled (min(#pos, #neg) pairs left up to half of an unbalanced cohort's bags out).
     """
-    steps = math.ceil(min(len(pos), len(neg)) / world)
+    steps = math.ceil(max(len(pos), len(neg)) / world) if pos and neg else 0
     my_pos, my_neg = pos[rank::world] or pos, neg[rank::world] or neg
     rng = np.random.default_rng([seed, epoch, rank])
     pos_order = [my_pos[i % len(my_pos)] for i in rng.permutation(max(steps, len(my_pos)))[:steps]] if steps else []
@@ -64,9 +68,10 @@ def epoch_pairs(pos: list[str], neg: list[str], epoch: int, seed: int, rank: int
     return list(zip(pos_order, neg_order))
 
 
-def validation_metrics(model, bags: list[Bag], loss_fn, device: str = "cpu") -> dict[str, float]:
-    """Slide metrics (Youden threshold on these bags) and mean loss on validation bags; `loss_fn(bag_logits,
-    max_instance_logits, labels)` gives one loss per bag (`losses.bags_bce`)."""
+def validation_metrics(model, bags: list[Bag], loss_fn, device: str = "cpu",
+                       threshold: float | None = None) -> dict[str, float]:
+    """Slide metrics (at `threshold`; None: the Youden threshold on these bags) and mean loss on validation bags;
+    `loss_fn(bag_logits, max_instance_logits, labels)` gives one loss per bag (`losses.bags_bce`)."""
     import torch
 
     from hnm_ray.metrics import slide_metrics
@@ -84,7 +89,7 @@ def validation_metrics(model, bags: list[Bag], loss_fn, device: str = "cpu") -> 
         labels = np.asarray([b.label for b in bags])
         losses = loss_fn(bag_logits, max_logits, torch.as_tensor(labels, dtype=bag_logits.dtype, device=device))
         probs = torch.sigmoid(bag_logits).double().cpu().numpy()
-    metrics = {f"val_{k}": v for k, v in slide_metrics(labels, probs).items()}
+    metrics = {f"val_{k}": v for k, v in slide_metrics(labels, probs, threshold).items()}
     metrics["val_loss"] = float(np.mean(losses.cpu().tolist()))
     return metrics
 
@@ -147,9 +152,15 @@ def bce_weighting(mode: str, n_pos: int, n_neg: int) -> tuple[float | None, floa
     return (ratio, 1.0) if mode == "pos_weight" else (None, ratio)
 
 
-def _keeps(metrics: dict[str, Any], best: dict[str, Any] | None, mc: dict[str, Any]) -> bool:
-    """Whether this epoch's model replaces the kept one: best validation AUC, or the fixed epoch (-1: the last)."""
-    if mc["select_epoch"] == "fixed":
+def validation_selects(val: list[tuple[str, int]], min_bags: int) -> bool:
+    """Whether the validation split is large enough to pick the epoch and threshold on: >= min_bags of each class."""
+    return all(sum(y == label for _, y in val) >= min_bags for label in (0, 1))
+
+
+def _keeps(metrics: dict[str, Any], best: dict[str, Any] | None, mc: dict[str, Any], selects: bool) -> bool:
+    """Whether this epoch's model replaces the kept one: best validation AUC (when the validation split `selects`),
+    or the fixed epoch (-1: the last)."""
+    if mc["select_epoch"] == "fixed" or not selects:
         fixed = mc["fixed_epoch"] if mc["fixed_epoch"] >= 0 else mc["epochs"] - 1
         return metrics["epoch"] <= fixed
     return _is_better(metrics, best)
@@ -239,8 +250,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                                    "train_pairs": len(pairs) * world, "reported_at": time.time()}
         last_epoch = epoch == mc["epochs"] - 1
         if rank == 0:
-            metrics.update(validation_metrics(plain_model, val_bags, bce, device))
-            if _keeps(metrics, best, mc):
+            metrics.update(validation_metrics(plain_model, val_bags, bce, device,
+                                              None if loop["val_selects"] else FALLBACK_THRESHOLD))
+            if _keeps(metrics, best, mc, loop["val_selects"]):
                 best = {**metrics, "model": copy.deepcopy({k: v.cpu() for k, v in plain_model.state_dict().items()})}
             official = official_protocol_update(official, plain_model, test_bags, epoch, device)
             metrics["best_epoch"] = best["epoch"]
@@ -274,11 +286,17 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
         raise StoreError(f"MIL training needs positive and negative training slides in {store.directory}; "
                          f"found {len(train)} training slides with features. Check the manifest's labels/splits.")
     mean, std = standardisation(store, [s for s, _ in train], config.standardize)
+    selects = validation_selects(val, config.min_val_bags)
+    if val and not selects:
+        log.warning("MIL: %d validation slides (%d positive) are too few to pick the epoch and threshold on (mil."
+                    "min_val_bags %d of each class): keeping the fixed epoch (mil.fixed_epoch %d) and threshold 0.5",
+                    len(val), sum(y for _, y in val), config.min_val_bags, config.fixed_epoch)
     storage = run_dir / "ray_train"
     loop = {"mil": asdict(config), "feature_mean": mean.tolist(), "feature_std": std.tolist(),
             "store_root": str(store.root), "tag": store.encoder_tag, "round": store.round,
             "dim": int(store.metadata()["dim"]), "train": train, "val": val, "test": test, "miner_name": miner_name,
-            "seed": seed, "driver_checkpoints": driver_checkpoint_dir(config.workers, storage, name)}
+            "val_selects": selects, "seed": seed,
+            "driver_checkpoints": driver_checkpoint_dir(config.workers, storage, name)}
     checkpoint = run_loop(train_loop_per_worker, loop, workers=config.workers, use_gpu=config.use_gpu,
                           cpus_per_worker=config.cpus_per_worker, max_failures=config.max_failures, run_dir=run_dir,
                           name=name, checkpoint_file=CHECKPOINT_FILE, what="MIL training").checkpoint
@@ -286,12 +304,13 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
         raise HnmError(f"MIL run {name!r} in {storage} reported no checkpoint; delete {storage / name} to start afresh")
     state = load_state(checkpoint, CHECKPOINT_FILE)
     best = state["best"]
+    threshold = float(best.get("val_threshold", FALLBACK_THRESHOLD))
     meta = {"aggregator": config.aggregator, "hidden": config.hidden, "dropout": config.dropout, "dim": loop["dim"],
-            "threshold": best.get("val_threshold", 0.5), "epoch": best["epoch"], "encoder_tag": store.encoder_tag}
+            "threshold": threshold, "epoch": best["epoch"], "encoder_tag": store.encoder_tag}
     model_path = save_aggregator(run_dir / f"{name}_aggregator", best["model"], meta)
     metrics = {k: v for k, v in best.items() if k != "model"}
     metrics["val_best_f1"] = best_val_f1(state.get("history", []))
-    return MILResult(str(model_path), int(best["epoch"]), float(best.get("val_threshold", 0.5)), metrics,
+    return MILResult(str(model_path), int(best["epoch"]), threshold, metrics,
                      state.get("history", []), state.get("official_protocol"))
 
 

