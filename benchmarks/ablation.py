@@ -57,7 +57,8 @@ def run_variant(base: dict, variant: str, overrides: dict, seed: int, root: Path
     final = run_job(config, root / name)
     ft = final["finetune"]["finetune_round0"]
     return {"w_rank": config.mil.w_rank, "round0": {k: final["rounds"][0].get(k) for k in METRICS},
-            "final": {k: final["final"].get(k) for k in METRICS},
+            # the last round, what the variant's fine-tuning made (not the job's kept round, run.final_round)
+            "final": {k: final["rounds"][-1].get(k) for k in METRICS},
             "epoch_seconds": ft["last"].get("epoch_seconds"), "tiles_per_epoch": ft["tiles_per_epoch"],
             "hard_negatives": ft["hard_negatives"], "positives_streamed": ft.get("positives_streamed")}
 

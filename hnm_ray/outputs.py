@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,26 @@ AGGREGATOR = "aggregator"
 ENCODER = "encoder.safetensors"
 
 
+def kept_round(history: list[dict[str, Any]], rule: str) -> tuple[int, str]:
+    """The index in `history` of the round that is the run's final model (`run.final_round`), and why: `last`, or
+    `best_val`: the best validation slide AUC (ties to the later round; a NaN AUC loses to any number; all NaN: the
+    last round). Test metrics never take part."""
+    last = len(history) - 1
+    if rule == "last":
+        return last, "the last round (run.final_round last)"
+    aucs = [float(r.get("val_auc", math.nan)) for r in history]
+    scored = [i for i, auc in enumerate(aucs) if not math.isnan(auc)]
+    if not scored:
+        return last, "the last round: no round has a validation slide AUC (run.final_round best_val)"
+    best = max(scored, key=lambda i: (aucs[i], i))
+    listed = ", ".join(f"{history[i]['round']}: {auc:.3f}" for i, auc in enumerate(aucs))
+    return best, f"the best validation slide AUC, ties to the later round (run.final_round best_val; rounds {listed})"
+
+
 def write_checkpoint(run_dir: Path, last: dict[str, Any], config: TrainConfig, tile_threshold: float) -> Path:
-    """checkpoint/: aggregator (safetensors + JSON), encoder weights (safetensors, our key layout whatever file the
-    round's encoder came from), the run's config tree and meta.json (the slide and tile thresholds). No file in it
-    runs code when loaded."""
+    """checkpoint/: the kept round's (`last`) aggregator (safetensors + JSON) and encoder weights (safetensors, our
+    key layout whatever file that round's encoder came from), the run's config tree and meta.json (the slide and tile
+    thresholds, the round). No file in it runs code when loaded."""
     from hnm_ray.models.encoders import encoder_from_config, save_weights
 
     checkpoint = run_dir / "checkpoint"
@@ -41,19 +58,22 @@ def write_checkpoint(run_dir: Path, last: dict[str, Any], config: TrainConfig, t
     return checkpoint
 
 
-def finish(run_dir: Path, history: list[dict[str, Any]], records: list[SlideRecord], store: FeatureStore,
+def finish(run_dir: Path, history: list[dict[str, Any]], records: list[SlideRecord], stores: list[FeatureStore],
            finetune: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
-    """Final checkpoint folder (with the run's slide and tile thresholds); ROC plot; heatmaps of `run.heatmaps` test
+    """The run's final model is the round `kept_round` picks (`stores[i]`: round i's features, the ones its encoder
+    made): its checkpoint folder (with the run's slide and tile thresholds); ROC plot; heatmaps of `run.heatmaps` test
     slides (tumour and normal in turn) and of as many negative training slides with the most mined hard negatives
     (heatmaps/hard_negatives/); QuPath GeoJSON of every slide; report.html; the MLflow run's final metrics and
-    artifacts. Returns the metrics summary (both protocols, intervals, the tile threshold)."""
+    artifacts. Returns the metrics summary ("final": the kept round, its "kept" saying why; both protocols,
+    intervals, the tile threshold)."""
     from hnm_ray.inference import split_probabilities, tile_threshold
     from hnm_ray.report import plot_roc
     from hnm_ray.report.html import write_run_report
     from hnm_ray.report.slides import (Thresholds, mined_hard_negatives, most_mined, tumour_and_normal,
                                        write_slide_outputs)
 
-    last = history[-1]
+    index, why = kept_round(history, config.run.final_round)
+    last, store = history[index], stores[index]
     thresholds = Thresholds(last.get("val_threshold", 0.5), tile_threshold(last["model_path"], store, records,
                                                                           plugin=config.mil.aggregator))
     checkpoint = write_checkpoint(run_dir, last, config, thresholds.tile)
@@ -67,7 +87,8 @@ def finish(run_dir: Path, history: list[dict[str, Any]], records: list[SlideReco
                      for s in most_mined(records, hard_negatives, config.run.heatmaps)})
     write_slide_outputs(model, store, records, run_dir / "qupath", pictures, thresholds, hard_negatives,
                         plugin=config.mil.aggregator)
-    ours = {k: v for k, v in last.items() if k not in ("model_path", "encoder_weights", "official_protocol")}
+    ours = {**{k: v for k, v in last.items() if k not in ("model_path", "encoder_weights", "official_protocol")},
+            "kept": why}
     final = {"final": ours, "official_protocol": last.get("official_protocol"), "rounds": history,
              "finetune": finetune, "tile_threshold": thresholds.tile,
              "protocols": {"final": "ours: MIL epoch and Youden threshold picked on validation (the fixed epoch "
@@ -83,7 +104,7 @@ def finish(run_dir: Path, history: list[dict[str, Any]], records: list[SlideReco
 
 
 def skipped_slides(records: list[SlideRecord], store: FeatureStore) -> dict[str, Any]:
-    """What a job left out: the slides of `records` without features in `store` (the last round's), each with its
+    """What a job left out: the slides of `records` without features in `store` (the kept round's), each with its
     last recorded cause, and the errors.jsonl that holds the causes (metrics.json "skipped", report.html, console)."""
     done = store.completed()
     causes = {e["slide_id"]: e["cause"] for e in store.errors()}

@@ -10,7 +10,8 @@ Round r: features with the encoder of round r (round 0: the initial or warm-star
 aggregator (DSMIL + ranking loss) on Ray Train -> pseudo labels for every tile of the mining pool -> the
 HardNegativeMiner keeps the global top `mining.neg_ratio` of negative-slide tiles, positives by the
 self-paced r_t -> the encoder is fine-tuned with SupCon for `finetune.epochs_per_round` epochs. The
-last round only trains and evaluates the aggregator. Outputs in runs/<name>/: report.html, config.yaml,
+last round only trains and evaluates the aggregator. The run's final model is the round with the best validation
+slide AUC (`run.final_round`; `last` for the last round). Outputs in runs/<name>/: report.html, config.yaml,
 metrics.json (both reporting protocols, stage seconds), metrics_round<r>.json, checkpoint/, roc.png,
 heatmaps/, qupath/ (README "What the job does").
 """
@@ -69,9 +70,10 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
     # form of round >= 1 reads the queue that round - 1's mining left in it (restored from the snapshot on resume).
     _miner = get_miner(miner_name, snapshot_path=str(run_dir / MINER_SNAPSHOT))
     weights = initial_encoder(config, records, run_dir, state)
-    head, adopted, history = initial_head(weights, run_dir), None, []
+    head, adopted, history, stores = initial_head(weights, run_dir), None, [], []
     for round_ in range(config.run.rounds + 1):
         store = round_store(config, run_dir, round_, weights)
+        stores.append(store)
         state.timed(f"extract_round{round_}", lambda: extract_features(                       # f(x) for every tile
             records, store, with_weights(config, weights), index_root(config, run_dir)))
         result = state.once(f"mil_round{round_}", lambda: train_aggregator(                   # MIL + ranking loss
@@ -89,14 +91,15 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
             weights, head, uncertain_joined=adopted["round"] >= 1))
         weights, head = finetuned["encoder_weights"], finetuned["head_weights"]
     finetune = {k: v for k, v in state.data.items() if k.startswith("finetune_round")}
-    final = finish(run_dir, history, records, store, finetune, config)
+    final = finish(run_dir, history, records, stores, finetune, config)  # the kept round's model (run.final_round)
     final["seconds"] = time.perf_counter() - started
     final["stage_seconds"] = state.get("seconds")
     storage.write_bytes(json.dumps(final, indent=2, default=float), run_dir / "metrics.json")
     sync(run_dir)  # a run folder on object storage gets the last outputs
     log_skipped(final["skipped"], len(records))
-    log.info("done: %s (test %s; official protocol AUC %.3f)", run_dir / "metrics.json",
-             describe(final["final"], "test_"), (final["official_protocol"] or {}).get("test_auc", np.nan))
+    log.info("done: %s (final model: round %d, %s; test %s; official protocol AUC %.3f)", run_dir / "metrics.json",
+             final["final"]["round"], final["final"]["kept"], describe(final["final"], "test_"),
+             (final["official_protocol"] or {}).get("test_auc", np.nan))
     return final
 
 

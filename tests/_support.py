@@ -25,6 +25,19 @@ def store_for(root: str | Path, config: TrainConfig, round: int = 0) -> FeatureS
     return FeatureStore(root, config_tag(config.encoder), round=round)
 
 
+def kept_store(run: Path) -> FeatureStore:
+    """The features of the round a finished run kept as its final model (metrics.json "final"): where the job put
+    them (hnm_ray.train.round_store, with that round's encoder weights)."""
+    import json
+
+    from hnm_ray.train import round_store
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    kept = metrics["final"]["round"]
+    config = cfg.from_tree(TrainConfig, cfg.load_yaml(run / "config.yaml"))
+    return round_store(config, run, kept, metrics["rounds"][kept]["encoder_weights"])
+
+
 # The tiny job of the end-to-end tests: one fine-tuning round on the 8-slide demo cohort, in seconds per stage.
 TINY_JOB = ["--rounds", "1", "--epochs-per-round", "2", "--warmup-epochs", "1", "--mil.epochs", "6",
             "--mil.workers", "0", "--finetune.workers", "0", "--finetune.batch_size", "32", "--heatmaps", "2",

@@ -18,10 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from _support import kept_store
+
 from hnm_ray.predict import main as predict_main
 from hnm_ray.inference import split_probabilities
 from hnm_ray.report.slides import mined_hard_negatives
-from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import load_manifest
 
 TILE_COLUMNS = ["tile_id", "x", "y", "level", "size", "logit", "score"]
@@ -128,7 +129,7 @@ def test_test_split_reproduces_the_run_and_a_missing_slide_is_reported(ray_sessi
     assert metrics["n"] == len(test)
     assert metrics["auc"] == pytest.approx(final["test_auc"], abs=0.005)
     # Same encoder, same seed, same tiles: the run's own test probabilities, slide by slide.
-    store = FeatureStore(run / "features", f"{run.name}-finetuned", round=meta["round"])  # the final round's store
+    store = kept_store(run)  # the features of the round the run kept
     labels, probs, ids = split_probabilities(run / "checkpoint" / "aggregator", store, records, "test")
     assert sorted(ids) == sorted(r.slide_id for r in test)
     for slide_id, prob in zip(ids, probs):

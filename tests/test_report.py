@@ -20,6 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from _support import kept_store
+
 from hnm_ray import config as cfg
 from hnm_ray.config import TrainConfig
 from hnm_ray.report.html import write_run_report
@@ -166,11 +168,10 @@ def test_qupath_geojson_is_detections_whose_squares_are_the_tile_grid(run):
     from hnm_ray.config import TilingConfig
     from hnm_ray.slides.grid import tile_grid
     from hnm_ray.slides.reader import open_slide
-    from hnm_ray.store.features import FeatureStore
     from hnm_ray.store.manifest import load_manifest
 
     hard = pq.read_table(run / "selection_round0" / "hard_negatives.parquet").to_pydict()
-    store = FeatureStore(run / "features", "tiny-finetuned", round=1)
+    store = kept_store(run)
     for record in load_manifest(_manifest(run)):
         collection = json.loads((run / "qupath" / f"{record.slide_id}.geojson").read_text())
         assert collection["type"] == "FeatureCollection"
@@ -201,12 +202,11 @@ def test_qupath_classes_and_heatmaps_use_the_runs_tile_threshold(run):
     now starts at the run's tile threshold, which meta.json records and which is the validation Youden threshold of
     the slides' top tile scores under the final aggregator."""
     from hnm_ray.inference import tile_threshold
-    from hnm_ray.store.features import FeatureStore
     from hnm_ray.store.manifest import load_manifest
 
     meta = json.loads((run / "checkpoint" / "meta.json").read_text())
     records = load_manifest(_manifest(run))
-    store = FeatureStore(run / "features", "tiny-finetuned", round=1)
+    store = kept_store(run)
     threshold = meta["tile_threshold"]
     assert threshold == tile_threshold(run / "checkpoint" / "aggregator", store, records)
     assert json.loads((run / "metrics.json").read_text())["tile_threshold"] == threshold

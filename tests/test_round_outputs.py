@@ -1,10 +1,13 @@
-"""A round's saved selection (pseudo_labels) and a run's checkpoint folder (outputs), without Ray."""
+"""A round's saved selection (pseudo_labels), a run's checkpoint folder and the round a run keeps as its final model
+(outputs; the last test reads the shared demo features)."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pyarrow as pa
+import pytest
 import torch
 
 from hnm_ray import config as cfg
@@ -12,7 +15,7 @@ from hnm_ray.config import TrainConfig
 from hnm_ray.inference import load_aggregator, save_aggregator
 from hnm_ray.models.aggregators import build_standardized
 from hnm_ray.models.encoders import build_encoder, save_weights
-from hnm_ray.outputs import AGGREGATOR, write_checkpoint
+from hnm_ray.outputs import AGGREGATOR, finish, kept_round, write_checkpoint
 from hnm_ray.pseudo_labels import Selection, with_rank
 
 
@@ -57,3 +60,65 @@ def test_checkpoint_folder_holds_model_files_that_load_and_the_config_tree(tmp_p
     again = build_encoder("small_cnn", folder / json.loads((folder / "meta.json").read_text())["encoder_weights"])
     for key, value in encoder.state_dict().items():
         torch.testing.assert_close(again.state_dict()[key], value)
+
+
+def _round(index: int, val_auc: float) -> dict:
+    return {"round": index, "val_auc": val_auc}
+
+
+def test_the_kept_round_is_the_best_validation_auc_ties_to_the_later_nan_losing_or_the_last_by_the_knob():
+    history = [_round(0, 0.9), _round(1, 0.8), _round(2, 0.7)]
+    assert kept_round(history, "best_val")[0] == 0
+    assert "validation slide AUC" in kept_round(history, "best_val")[1]
+    assert kept_round(history, "last") == (2, "the last round (run.final_round last)")
+    assert kept_round([_round(0, 0.8), _round(1, 0.9), _round(2, 0.9)], "best_val")[0] == 2  # tie: the later round
+    assert kept_round([_round(0, 0.6), _round(1, math.nan), _round(2, 0.5)], "best_val")[0] == 0  # NaN loses
+    assert kept_round([_round(0, math.nan), {"round": 1}], "best_val")[0] == 1  # no AUC anywhere: the last
+    # test metrics never take part
+    assert kept_round([{**_round(0, 0.7), "test_auc": 0.2}, {**_round(1, 0.6), "test_auc": 0.99}], "best_val")[0] == 0
+    assert cfg.from_tree(TrainConfig, {}).run.final_round == "best_val"
+
+
+@pytest.mark.timeout(300)
+def test_finish_writes_the_best_validation_rounds_aggregator_encoder_and_outputs_from_its_store(mil_store, mil_cohort,
+                                                                                               tmp_path):
+    """A run whose round 0 has the best validation AUC: checkpoint/ holds round 0's aggregator and encoder, metrics
+    "final" is round 0 saying why, and the outputs are made from round 0's store (round 1's here holds nothing)."""
+    from _support import small_config
+
+    from hnm_ray.store.features import FeatureStore
+    from hnm_ray.store.manifest import load_manifest
+
+    config = small_config({"run": {"heatmaps": 1}})
+    cfg.save_yaml(config, tmp_path / "config.yaml")
+    records = load_manifest(mil_cohort)
+    dim = mil_store.read_bag(records[0].slide_id).features.shape[1]
+    history, models, encoders = [], [], []
+    for index, val_auc in enumerate((0.9, 0.7)):
+        torch.manual_seed(index)
+        model = build_standardized("dsmil", dim, hidden=8, dropout=0.0)
+        meta = {"aggregator": "dsmil", "hidden": 8, "dropout": 0.0, "dim": dim, "threshold": 0.5, "epoch": 1,
+                "encoder_tag": "small_cnn"}
+        path = save_aggregator(tmp_path / f"mil_round{index}_aggregator", model.state_dict(), meta)
+        encoder = build_encoder("small_cnn")
+        weights = save_weights(encoder.state_dict(), tmp_path / f"round{index}_encoder.safetensors")
+        models.append(model.eval())
+        encoders.append(encoder)
+        history.append({"round": index, "val_auc": val_auc, "val_threshold": 0.4 + index / 10, "test_auc": 0.5 + index,
+                        "model_path": str(path), "encoder_weights": str(weights), "official_protocol": {"round": index}})
+    stores = [mil_store, FeatureStore(tmp_path / "round1_features", "finetuned", round=1)]
+    final = finish(tmp_path, history, records, stores, {}, config)
+
+    assert final["final"]["round"] == 0 and "best validation slide AUC" in final["final"]["kept"]
+    assert final["official_protocol"] == {"round": 0} and final["skipped"]["count"] == 0
+    meta = json.loads((tmp_path / "checkpoint" / "meta.json").read_text())
+    assert meta["round"] == 0 and meta["threshold"] == 0.4
+    loaded, _ = load_aggregator(tmp_path / "checkpoint" / AGGREGATOR)
+    bag = torch.randn(5, dim)
+    for a, b in zip(loaded(bag), models[0](bag)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    again = build_encoder("small_cnn", tmp_path / "checkpoint" / meta["encoder_weights"])
+    for key, value in encoders[0].state_dict().items():
+        torch.testing.assert_close(again.state_dict()[key], value, rtol=0, atol=0)
+    assert len(list((tmp_path / "qupath").glob("*.geojson"))) == len(records)
+    assert "Final model: round 0, the best validation slide AUC" in (tmp_path / "report.html").read_text()

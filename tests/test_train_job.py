@@ -59,6 +59,9 @@ def test_train_cli_end_to_end_writes_metrics_checkpoint_and_pictures(tiny_run):
     # go to ray.log).
     console = done.stdout + done.stderr
     assert "hnm_ray INFO round 1:" in console
+    # the done line names the round the run kept, and the checkpoint is that round's
+    assert f"final model: round {final['round']}, {final['kept']}" in console
+    assert json.loads((run / "checkpoint" / "meta.json").read_text())["round"] == final["round"]
     assert "Reported metrics" not in console and "Reporting training result" not in console
     assert "Starting execution of Dataset" not in console
     assert "Starting execution of Dataset" in (run / "ray.log").read_text()

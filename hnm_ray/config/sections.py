@@ -255,6 +255,10 @@ class JobConfig:
                           "shareable between runs")
     rounds: int = knob(2, "fine-tuning rounds (the aggregator is trained rounds + 1 times)", low=0)
     heatmaps: int = knob(4, "test slides to draw tile-score heatmaps for (tumour and normal in turn)", low=0)
+    final_round: str = knob("best_val", "the round whose aggregator and encoder are the run's final model "
+                                        "(checkpoint, metrics.json final, heatmaps, QuPath, predict): best_val (the "
+                                        "best validation slide AUC, ties to the later round; never test) or last",
+                            choices=["best_val", "last"])
     tracking: str = knob("none", "experiment tracking: none, or mlflow (config as params, per-round metrics with the "
                                  "round as step, report/ROC/heatmaps as artifacts; install hnm-ray[tracking])",
                          choices=["none", "mlflow"])

@@ -77,7 +77,7 @@ def write_run_report(run_dir: Path, final: dict[str, Any] | None = None) -> Path
     official = final.get("official_protocol") if final else (rounds[-1].get("official_protocol") if rounds else None)
     sections = [
         _section("Run", f"<p><b>{_e(run_dir.name)}</b>: {_e(status)}. Written {_e(time.strftime('%Y-%m-%d %H:%M:%S'))}."
-                        "</p>" + _skipped((final or {}).get("skipped"), run_dir)),
+                        f"{_kept(last) if final else ''}</p>" + _skipped((final or {}).get("skipped"), run_dir)),
         _section("Test metrics, both protocols", _protocol_table(last, official)
                  + f"<p class='note'>{_e(PROTOCOLS_IN_ONE_SENTENCE)} {_e(_sample_size(last))} {_e(INTERVALS)}; "
                    f"a difference smaller than the intervals is not a difference these slides can show.{_point(last)}"
@@ -158,6 +158,11 @@ def _sample_size(metrics: dict[str, Any]) -> str:
     parts = [f"{name}: {metrics[f'{key}_n']} slides ({metrics.get(f'{key}_n_positive', '?')} tumour)"
              for key, name in (("test", "Test split"), ("val", "validation")) if f"{key}_n" in metrics]
     return "; ".join(parts) + "." if parts else ""
+
+
+def _kept(final: dict[str, Any]) -> str:
+    """The sentence naming the round a finished run kept as its final model (checkpoint, heatmaps, QuPath) and why."""
+    return f" <span id='kept'>Final model: round {final.get('round')}, {_e(final.get('kept', 'the last round'))}.</span>"
 
 
 def _point(metrics: dict[str, Any]) -> str:
