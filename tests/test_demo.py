@@ -10,7 +10,7 @@ import pytest
 
 from hnm_ray.demo import main
 from hnm_ray.slides import SlideReader
-from hnm_ray.config import JobConfig
+from hnm_ray.config import JobConfig, MILConfig
 from hnm_ray.slides.synthetic import MASK_DOWNSAMPLE, cohort_plan, make_demo_cohort
 
 
@@ -40,12 +40,16 @@ def test_manifest_and_stratified_splits(demo_cohort):
 def test_the_default_demo_cohort_has_enough_test_slides_for_its_auc_to_mean_something():
     """The built-in demo had 4 test slides: its AUC moved 0.5 <-> 1.0 on one slide. The default cohort (what
     `python -m hnm_ray.train` makes without a manifest, planned here without rendering) has >= 16 test slides, half
-    tumour, and as many validation slides, where the epoch and threshold are picked."""
+    tumour, and as many validation slides, where the epoch and threshold are picked: at least mil.min_val_bags of
+    each class, so the demo job picks them on validation as a real run does (64 slides gave 8 of each: the MIL
+    stage's small-validation fallback, and its warning, in every round of the demo)."""
     job = JobConfig()
     labels, mimics, splits = cohort_plan(job.demo_slides, job.seed)
     splits = np.asarray(splits)
     for split in ("test", "val"):
         assert np.sum((splits == split) & (labels == 1)) >= 8 and np.sum((splits == split) & (labels == 0)) >= 8
+    fewest_val = min(np.sum((splits == "val") & (labels == label)) for label in (0, 1))
+    assert fewest_val >= MILConfig().min_val_bags
     assert mimics[labels == 0].sum() == np.sum(labels == 0) // 2  # tumour mimics in half of the normal slides
 
 

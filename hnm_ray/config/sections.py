@@ -248,7 +248,7 @@ class JobConfig:
     manifest: str = knob("", "slide manifest (CSV/Parquet: slide_id, path, label[, split, annotation]); empty: the "
                              "built-in demo cohort")
     demo_dir: str = knob("", "where the demo cohort is cached (default: $HNM_RAY_CACHE or ~/.cache/hnm_ray)")
-    demo_slides: int = knob(64, "slides in the demo cohort (a quarter of them test slides, half of those tumour)",
+    demo_slides: int = knob(80, "slides in the demo cohort (a quarter of them test slides, half of those tumour)",
                             low=4)
     demo_size: int = knob(2048, "level-0 side of demo slides in pixels", low=512)
     store: str = knob("", "feature store root of round 0, a folder or s3:// / gs:// URI (default: <run>/features); "
