@@ -24,7 +24,6 @@ import argparse
 import io
 import json
 import logging
-import platform
 import subprocess
 import sys
 import tarfile
@@ -38,7 +37,7 @@ import pyarrow as pa
 import torch
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from benchmarks.mnist_bags import baselines
+from benchmarks.mnist_bags import baselines, emit
 from hnm_ray.config import MILConfig
 from hnm_ray.inference import evaluate_split
 from hnm_ray.store.features import FeatureStore
@@ -200,19 +199,12 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.datasets:
             results[name] = run_dataset(package, name, protocols, args.aggregators, overrides, Path(work) / name)
             results[name]["published_accuracy"] = PUBLISHED[name]
-    line = json.dumps({
+    emit({
         "benchmark": "classic_mil", "data": f"{PACKAGE} {CSV_DIR}", "protocols": PROTOCOLS, "repeats": protocols,
         "mil_overrides": {k: v for k, v in overrides.items() if k != "checkpoint_every"},
         "mil_config": {k: getattr(MILConfig(**overrides), k) for k in ("epochs", "lr", "weight_decay", "standardize",
                                                                       "select_epoch", "hidden", "dropout")},
-        "results": results, "seconds": round(time.perf_counter() - started, 1),
-        "machine": {"arch": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
-                    "threads": 1},
-    })
-    print(line)
-    if args.out:
-        Path(args.out).write_text(line + "\n")
-
+        "results": results, "seconds": round(time.perf_counter() - started, 1)}, args.out)
 
 if __name__ == "__main__":
     main()

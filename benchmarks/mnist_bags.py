@@ -305,17 +305,19 @@ def main(argv: list[str] | None = None) -> None:
         per_seed = [run_seed(digits, table, seed, n_bags, heads) for seed in args.seeds]
         results[str(n_bags)] = {**summarise(per_seed), "train_positive_share": round(float(np.mean(
             [s["_data"]["train_positive_share"] for s in per_seed])), 3)}
-    line = json.dumps({
-        "benchmark": "mnist_bags", "features": args.features, "target": TARGET, "bag_size": "round(N(10, 2))",
-        "test_bags": TEST_BAGS, "seeds": args.seeds, "defaults": asdict(HeadKnobs()),
-        "variants": {v: VARIANTS[v] for v in args.variants}, "results": results,
-        "seconds": round(time.perf_counter() - started, 1),
-        "machine": {"arch": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
-                    "threads": 1},
-    })
+    emit({"benchmark": "mnist_bags", "features": args.features, "target": TARGET, "bag_size": "round(N(10, 2))",
+          "test_bags": TEST_BAGS, "seeds": args.seeds, "defaults": asdict(HeadKnobs()),
+          "variants": {v: VARIANTS[v] for v in args.variants}, "results": results,
+          "seconds": round(time.perf_counter() - started, 1)}, args.out)
+
+
+def emit(record: dict, out: str | None) -> None:
+    """Print `record` + this machine (1 torch thread) as one JSON line; also write it to `out` when given."""
+    line = json.dumps({**record, "machine": {"arch": platform.machine(), "python": platform.python_version(),
+                                             "torch": torch.__version__, "threads": 1}})
     print(line)
-    if args.out:
-        Path(args.out).write_text(line + "\n")
+    if out:
+        Path(out).write_text(line + "\n")
 
 
 if __name__ == "__main__":
