@@ -1,0 +1,140 @@
+"""Importing TRIDENT / CLAM / STAMP h5 feature files into the store, exporting it as TRIDENT h5, and MIL on them."""
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from hnm_ray.config import MILConfig
+from hnm_ray.errors import StoreError
+from hnm_ray.import_features import export_trident, import_h5, main
+from hnm_ray.store.features import FeatureStore
+from hnm_ray.store.manifest import SlideRecord
+from hnm_ray.training.mil import fit_mil
+
+N_TILES, DIM, PATCH = 20, 16, 256
+
+
+def slide_arrays(i: int, positive: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Features (N, D) float32 (positive slides: a shifted cluster of tiles) and level-0 corners on a 5-wide grid."""
+    rng = np.random.default_rng(i)
+    features = rng.normal(size=(N_TILES, DIM)).astype(np.float32)
+    if positive:
+        features[:5] += 3.0
+    grid = np.arange(N_TILES)
+    coords = np.stack([grid % 5, grid // 5], axis=1) * PATCH + 1000 * i
+    return features, coords.astype(np.int64)
+
+
+def write_h5(path, fmt: str, features: np.ndarray, coords: np.ndarray, mpp: float = 0.5) -> None:
+    """One slide in the layout `fmt`'s own extraction code writes."""
+    with h5py.File(path, "w") as h5:
+        if fmt == "trident":  # trident/IO.py save_h5: coords attrs from the patcher
+            h5["features"], h5["coords"] = features, coords
+            h5["coords"].attrs.update({"patch_size": PATCH, "patch_size_level0": PATCH, "level0_magnification": 20,
+                                       "target_magnification": 20, "overlap": 0, "name": path.stem})
+        elif fmt == "clam":  # CLAM extract_features_fp: features + coords with the patching attrs
+            h5["features"], h5["coords"] = features, coords
+            h5["coords"].attrs.update({"patch_size": PATCH, "patch_level": 0})
+        else:  # STAMP preprocessing: feats float16, coords float micrometres, file attrs
+            h5["feats"], h5["coords"] = features.astype(np.float16), coords * mpp
+            h5.attrs.update({"extractor": "uni", "unit": "um", "tile_size_um": PATCH * mpp, "tile_size_px": 224,
+                             "feat_type": "tile"})
+
+
+@pytest.mark.parametrize("fmt", ["trident", "clam", "stamp"])
+def test_import_reads_back_the_same_bags(fmt, tmp_path):
+    folder = tmp_path / "h5"
+    folder.mkdir()
+    expected = {}
+    for i in range(3):
+        expected[f"slide_{i}"] = slide_arrays(i)
+        write_h5(folder / f"slide_{i}.h5", fmt, *expected[f"slide_{i}"])
+    store = FeatureStore(tmp_path / "store", "uni_v1")
+    summary = import_h5(sorted(folder.glob("*.h5")), store, fmt, mpp=0.5 if fmt == "stamp" else None)
+
+    assert summary.written == sorted(expected) and not summary.failed
+    for slide_id, (features, coords) in expected.items():
+        bag = store.read_bag(slide_id)
+        want = features.astype(np.float16).astype(np.float32) if fmt == "stamp" else features
+        np.testing.assert_array_equal(bag.features, want)
+        np.testing.assert_array_equal(bag.coords, coords)
+        np.testing.assert_array_equal(bag.tile_ids, np.arange(N_TILES))
+        assert (bag.truth == -1).all()
+    meta = store.metadata()
+    assert meta["source_format"] == fmt and meta["tile_size"] == PATCH and meta["level"] == 0 and meta["dim"] == DIM
+    assert meta["encoder"] == ("uni" if fmt == "stamp" else "")
+    assert import_h5(sorted(folder.glob("*.h5")), store, fmt, mpp=0.5).skipped == sorted(expected)
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda h5: h5.__delitem__("coords"), ["bad.h5", "'coords'"]),
+    (lambda h5: (h5.__delitem__("coords"), h5.create_dataset("coords", data=np.zeros((7, 2)))), ["bad.h5", "(20, 2)"]),
+    (lambda h5: h5["features"].__setitem__((3, 4), np.nan), ["bad.h5", "'features'", "NaN"]),
+])
+def test_a_malformed_file_is_named_recorded_and_skipped(damage, words, tmp_path):
+    folder = tmp_path / "h5"
+    folder.mkdir()
+    for name in ("good", "bad"):
+        write_h5(folder / f"{name}.h5", "trident", *slide_arrays(1))
+    with h5py.File(folder / "bad.h5", "a") as h5:
+        damage(h5)
+    store = FeatureStore(tmp_path / "store", "t")
+    summary = import_h5(sorted(folder.glob("*.h5")), store, "trident")
+
+    assert summary.written == ["good"] and list(summary.failed) == ["bad"]
+    assert all(w in summary.failed["bad"] for w in words), summary.failed["bad"]
+    assert [(e["slide_id"], e["stage"]) for e in store.errors()] == [("bad", "import")]
+    assert store.completed() == {"good"}
+
+
+def test_stamp_without_mpp_and_a_bad_file_name_are_clear_errors(tmp_path):
+    folder = tmp_path / "h5"
+    folder.mkdir()
+    write_h5(folder / "ok.h5", "stamp", *slide_arrays(0))
+    write_h5(folder / "has space.h5", "stamp", *slide_arrays(1))
+    store = FeatureStore(tmp_path / "store", "t")
+    failed = import_h5(sorted(folder.glob("*.h5")), store, "stamp").failed
+
+    assert "--mpp" in failed["ok"] and "rename the file" in failed["has space"]
+
+
+def test_store_to_trident_h5_and_back_gives_the_same_features(tmp_path):
+    store = FeatureStore(tmp_path / "store", "ours")
+    for i in range(2):
+        features, coords = slide_arrays(i)
+        tiles = pa.table({"tile_id": np.arange(N_TILES, dtype=np.int32) * 3, "x": coords[:, 0], "y": coords[:, 1],
+                          "level": np.zeros(N_TILES, np.int8), "size": np.full(N_TILES, PATCH, np.int16)})
+        store.write_slide(f"s{i}", tiles, features.astype(np.float16))
+    assert main(["--store", str(tmp_path / "store"), "--tag", "ours", "--export", str(tmp_path / "out")]) == 0
+    with h5py.File(tmp_path / "out" / "s0.h5") as h5:
+        assert h5["coords"].attrs["patch_size_level0"] == PATCH and h5["features"].dtype == np.float16
+
+    assert main(["--store", str(tmp_path / "back"), "--tag", "ours", "--format", "trident",
+                 "--h5-dir", str(tmp_path / "out")]) == 0
+    back = FeatureStore(tmp_path / "back", "ours")
+    for slide_id in ("s0", "s1"):
+        mine, theirs = store.read_bag(slide_id), back.read_bag(slide_id)
+        np.testing.assert_array_equal(theirs.features, mine.features)
+        np.testing.assert_array_equal(theirs.coords, mine.coords)
+
+
+def test_mil_trains_on_an_imported_store(tmp_path):
+    """The README's recipe: import into <root>/<tag>/round=0, then the aggregator trains on those bags."""
+    folder = tmp_path / "h5"
+    folder.mkdir()
+    records = []
+    for i in range(8):
+        label = i % 2
+        write_h5(folder / f"s{i}.h5", "trident", *slide_arrays(i, positive=bool(label)))
+        records.append(SlideRecord(f"s{i}", str(folder / f"s{i}.h5"), label, "train" if i < 6 else "val"))
+    store = FeatureStore(tmp_path / "store", "uni_v1", round=0)
+    import_h5(sorted(folder.glob("*.h5")), store, "trident")
+
+    result = fit_mil(MILConfig(workers=0, epochs=3, checkpoint_every=3), store, records, tmp_path / "run", seed=0)
+    meta = json.loads((tmp_path / "run" / "mil_aggregator.json").read_text())
+    assert [h["epoch"] for h in result.history] == [0, 1, 2] and meta["dim"] == DIM
+    assert np.isfinite([h["train_loss"] for h in result.history]).all()
