@@ -36,9 +36,8 @@ def write_h5(path, fmt: str, features: np.ndarray, coords: np.ndarray, mpp: floa
             h5["features"], h5["coords"] = features, coords
             h5["coords"].attrs.update({"patch_size": PATCH, "patch_size_level0": PATCH, "level0_magnification": 20,
                                        "target_magnification": 20, "overlap": 0, "name": path.stem})
-        elif fmt == "clam":  # CLAM extract_features_fp: features + coords with the patching attrs
-            h5["features"], h5["coords"] = features, coords
-            h5["coords"].attrs.update({"patch_size": PATCH, "patch_level": 0})
+        elif fmt == "clam":  # CLAM extract_features_fp compute_w_loader: save_hdf5(attr_dict=None), int32 coords
+            h5["features"], h5["coords"] = features, coords.astype(np.int32)
         else:  # STAMP preprocessing: feats float16, coords float micrometres, file attrs
             h5["feats"], h5["coords"] = features.astype(np.float16), coords * mpp
             h5.attrs.update({"extractor": "uni", "unit": "um", "tile_size_um": PATCH * mpp, "tile_size_px": 224,
@@ -54,7 +53,8 @@ def test_import_reads_back_the_same_bags(fmt, tmp_path):
         expected[f"slide_{i}"] = slide_arrays(i)
         write_h5(folder / f"slide_{i}.h5", fmt, *expected[f"slide_{i}"])
     store = FeatureStore(tmp_path / "store", "uni_v1")
-    summary = import_h5(sorted(folder.glob("*.h5")), store, fmt, mpp=0.5 if fmt == "stamp" else None)
+    summary = import_h5(sorted(folder.glob("*.h5")), store, fmt, mpp=0.5 if fmt == "stamp" else None,
+                        patch_size=PATCH if fmt == "clam" else None)  # CLAM's feature files record no patch size
 
     assert summary.written == sorted(expected) and not summary.failed
     for slide_id, (features, coords) in expected.items():
@@ -91,15 +91,17 @@ def test_a_malformed_file_is_named_recorded_and_skipped(damage, words, tmp_path)
     assert store.completed() == {"good"}
 
 
-def test_stamp_without_mpp_and_a_bad_file_name_are_clear_errors(tmp_path):
+def test_missing_mpp_or_patch_size_and_a_bad_file_name_are_clear_errors(tmp_path):
     folder = tmp_path / "h5"
     folder.mkdir()
     write_h5(folder / "ok.h5", "stamp", *slide_arrays(0))
     write_h5(folder / "has space.h5", "stamp", *slide_arrays(1))
-    store = FeatureStore(tmp_path / "store", "t")
-    failed = import_h5(sorted(folder.glob("*.h5")), store, "stamp").failed
-
+    failed = import_h5(sorted(folder.glob("*.h5")), FeatureStore(tmp_path / "store", "t"), "stamp").failed
     assert "--mpp" in failed["ok"] and "rename the file" in failed["has space"]
+
+    write_h5(folder / "clam.h5", "clam", *slide_arrays(2))
+    failed = import_h5([folder / "clam.h5"], FeatureStore(tmp_path / "store", "c"), "clam").failed
+    assert "--patch-size" in failed["clam"]
 
 
 def test_store_to_trident_h5_and_back_gives_the_same_features(tmp_path):
