@@ -12,7 +12,7 @@ from hnm_ray.config import MILConfig
 from hnm_ray.errors import StoreError
 from hnm_ray.import_features import export_trident, import_h5, main
 from hnm_ray.store.features import FeatureStore
-from hnm_ray.store.manifest import SlideRecord
+from hnm_ray.store.manifest import load_manifest
 from hnm_ray.training.mil import fit_mil
 
 N_TILES, DIM, PATCH = 20, 16, 256
@@ -128,11 +128,12 @@ def test_mil_trains_on_an_imported_store(tmp_path):
     """The README's recipe: import into <root>/<tag>/round=0, then the aggregator trains on those bags."""
     folder = tmp_path / "h5"
     folder.mkdir()
-    records = []
+    rows = ["slide_id,path,label,split"]
     for i in range(8):
-        label = i % 2
-        write_h5(folder / f"s{i}.h5", "trident", *slide_arrays(i, positive=bool(label)))
-        records.append(SlideRecord(f"s{i}", str(folder / f"s{i}.h5"), label, "train" if i < 6 else "val"))
+        write_h5(folder / f"s{i}.h5", "trident", *slide_arrays(i, positive=bool(i % 2)))
+        rows.append(f"s{i},h5/s{i}.h5,{i % 2},{'train' if i < 6 else 'val'}")  # no slides: paths name the h5 files
+    (tmp_path / "slides.csv").write_text("\n".join(rows) + "\n")
+    records = load_manifest(tmp_path / "slides.csv")
     store = FeatureStore(tmp_path / "store", "uni_v1", round=0)
     import_h5(sorted(folder.glob("*.h5")), store, "trident")
 
