@@ -109,7 +109,11 @@ def read_h5(path: str | Path, fmt: str, mpp: float | None = None, patch_size: in
     if len(features) == 0:
         raise StoreError(f"{path}: dataset {layout.features!r} has no tiles; remove the file (no tissue found?)")
     attrs = {**file_attrs, **coord_attrs}
-    level, size, coords_px = _geometry(path, layout, attrs, coords, mpp, patch_size)
+    try:
+        level, size, coords_px = _geometry(path, layout, attrs, coords, mpp, patch_size)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"{path}: a patch size / level attribute is not a number ({exc}); pass --patch-size, or "
+                         "fix the file's attributes") from exc
     metadata = {"source_format": fmt, "source_file": path.name, "encoder": str(attrs.get("extractor", attrs.get(
         "encoder", ""))), "tile_size": size, "level": level, "mpp": mpp, "source_attrs": attrs}
     return ImportedSlide(features if features.dtype in (np.float16, np.float32) else features.astype(np.float32),

@@ -74,6 +74,7 @@ def test_import_reads_back_the_same_bags(fmt, tmp_path):
     (lambda h5: h5.__delitem__("coords"), ["bad.h5", "'coords'"]),
     (lambda h5: (h5.__delitem__("coords"), h5.create_dataset("coords", data=np.zeros((7, 2)))), ["bad.h5", "(20, 2)"]),
     (lambda h5: h5["features"].__setitem__((3, 4), np.nan), ["bad.h5", "'features'", "NaN"]),
+    (lambda h5: h5["coords"].attrs.__setitem__("patch_size_level0", "big"), ["bad.h5", "not a number"]),
 ])
 def test_a_malformed_file_is_named_recorded_and_skipped(damage, words, tmp_path):
     folder = tmp_path / "h5"
