@@ -146,6 +146,9 @@ def import_h5(files: list[Path], store: FeatureStore, fmt: str, mpp: float | Non
     """Import slide h5 files into `store`; a bad file is recorded in errors.jsonl and skipped, imported ones skipped."""
     if fmt not in FORMATS:
         raise StoreError(f"unknown format {fmt!r}; use one of {sorted(FORMATS)}")
+    if FORMATS[fmt].unit == "um" and not (mpp and mpp > 0):
+        raise StoreError(f"{fmt} coordinates are in micrometres; pass --mpp (the slides' level-0 microns per pixel, "
+                         "e.g. 0.25 at 40x) to turn them into level-0 pixels")
     summary, done = ImportSummary(), store.completed()
     store.ensure_writable()
     for path in sorted(files):
@@ -162,7 +165,7 @@ def import_h5(files: list[Path], store: FeatureStore, fmt: str, mpp: float | Non
                               "level": np.full(n, slide.level, np.int8), "size": np.full(n, slide.size, np.int16)})
             store.write_slide(slide_id, tiles, slide.features, metadata=slide.metadata)
         except StoreError as exc:
-            log.warning("import: skipped %s: %s", path, exc)
+            log.warning("import: skipped %s", exc)
             store.record_error(slide_id, "import", str(exc))
             summary.failed[slide_id] = str(exc)
             continue

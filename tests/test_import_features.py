@@ -97,8 +97,10 @@ def test_missing_mpp_or_patch_size_and_a_bad_file_name_are_clear_errors(tmp_path
     folder.mkdir()
     write_h5(folder / "ok.h5", "stamp", *slide_arrays(0))
     write_h5(folder / "has space.h5", "stamp", *slide_arrays(1))
-    failed = import_h5(sorted(folder.glob("*.h5")), FeatureStore(tmp_path / "store", "t"), "stamp").failed
-    assert "--mpp" in failed["ok"] and "rename the file" in failed["has space"]
+    with pytest.raises(StoreError, match="--mpp"):  # before any file is read
+        import_h5(sorted(folder.glob("*.h5")), FeatureStore(tmp_path / "store", "t"), "stamp")
+    failed = import_h5(sorted(folder.glob("*.h5")), FeatureStore(tmp_path / "store", "t"), "stamp", mpp=0.5).failed
+    assert list(failed) == ["has space"] and "rename the file" in failed["has space"]
 
     write_h5(folder / "clam.h5", "clam", *slide_arrays(2))
     failed = import_h5([folder / "clam.h5"], FeatureStore(tmp_path / "store", "c"), "clam").failed
