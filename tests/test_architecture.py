@@ -37,7 +37,7 @@ def test_every_train_flag_the_readme_names_parses():
 
 
 @pytest.mark.parametrize("module", ["hnm_ray.train", "hnm_ray.tune", "hnm_ray.extract", "hnm_ray.training.mil",
-                                    "hnm_ray.predict", "hnm_ray.demo"])
+                                    "hnm_ray.predict", "hnm_ray.demo", "hnm_ray.import_features"])
 def test_every_cli_prints_its_help(module, capsys):
     main = importlib.import_module(module).main
     with pytest.raises(SystemExit) as info:
