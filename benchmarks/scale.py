@@ -4,17 +4,19 @@ Writes a seeded synthetic store through the product's FeatureStore: `--slides` s
 log-normal (median `--median-tiles`, sigma 0.54 so the largest of 400 draws is ~5x the median, as Camelyon16's
 ~8k median and ~40k largest bag; clipped to [median/20, `--max-tiles`]), 512-d float16, the Camelyon16 split
 (129/399 test, 10 % of the rest validation, the rest training; half of each split tumour). Tumour slides carry a
-planted signal: a log-normal fraction (median 5 %, 0.5-50 %) of their tiles is shifted by +0.5 in 16 of the 512 features.
+planted signal: a log-normal fraction (median 5 %, 0.5-50 %) of their tiles is shifted by +0.5 in 16 of the 512
+features.
 Then it times the real stages, each with seconds, rows/s and peak RSS and private memory (RSS - shared) of the driver
 and of the Ray workers below it by role (`extract.RssSampler`: psutil over the process tree, every 0.1 s in a thread):
 
 - `mil`: `fit_mil` in-process (`mil.workers 0`, the default), `--epochs` epochs; epoch seconds are the loop's own
   (validation, test and checkpoints excluded); the stage's RSS is that of the whole call (it reads every bag).
-- `evaluate`: `evaluate_split` on validation and on test (the largest bags are in them).
+- `evaluate`: `evaluate_split` on validation and on test, each bag through the model whole (the JSON names the largest).
 - `score_topk`: `score_tiles` in-process (the one-node path) pushing negative-slide logits to the real
   `HardNegativeMiner` actor, then its exact global top-k (k = ceil(neg_ratio x negative tiles)).
 
-    PYTHONPATH=. python benchmarks/scale.py --slides 400 --median-tiles 2000 --max-tiles 10000 --out benchmarks/results/scale.json
+    PYTHONPATH=. python benchmarks/scale.py --slides 400 --median-tiles 2000 --max-tiles 10000 \
+        --out benchmarks/results/scale.json
     PYTHONPATH=. python benchmarks/scale.py   # full scale: 400 x 8,000 (~3 M tiles, ~3 GiB of store)
 """
 from __future__ import annotations
@@ -62,7 +64,8 @@ def tile_counts(slides: int, median: int, largest: int, rng: np.random.Generator
                    largest).astype(int)
 
 
-def write_store(root: Path, slides: int, median: int, largest: int, seed: int) -> tuple[FeatureStore, list[SlideRecord]]:
+def write_store(root: Path, slides: int, median: int, largest: int,
+                seed: int) -> tuple[FeatureStore, list[SlideRecord]]:
     """The synthetic store and its manifest records (see the module doc)."""
     rng = np.random.default_rng(seed)
     store = FeatureStore(root, "scale_synthetic", round=0)
