@@ -7,6 +7,7 @@ Bag and tile probabilities and split evaluation live here, used by training, sco
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,9 @@ def _tensor(bag: Bag, device: str) -> torch.Tensor:
     return torch.from_numpy(bag.features).to(device)
 
 
-def evaluate_bags(model, bags: list[Bag], device: str = "cpu") -> tuple[np.ndarray, list[np.ndarray]]:
-    """Bag probabilities and per-bag instance logits of `bags` under `model` (eval mode, no grad)."""
+def evaluate_bags(model, bags: Iterable[Bag], device: str = "cpu") -> tuple[np.ndarray, list[np.ndarray]]:
+    """Bag probabilities and per-bag instance logits of `bags` under `model` (eval mode, no grad); an iterator of
+    bags is consumed one bag at a time (only the logits are kept)."""
     model.eval()
     probs, instance_logits = [], []
     with torch.no_grad():
@@ -98,11 +100,17 @@ def instance_logits(model, features: torch.Tensor) -> torch.Tensor:
         return model.instance_logits(features).float()
 
 
-def split_bags(store: FeatureStore, records: list[SlideRecord], split: str | None, labelled: bool = True) -> list[Bag]:
-    """Bags of the records of `split` (None: all) that are in the store (and labelled, when asked)."""
+def split_records(store: FeatureStore, records: list[SlideRecord], split: str | None,
+                  labelled: bool = True) -> list[SlideRecord]:
+    """The records of `split` (None: all) that are in the store (and labelled, when asked)."""
     done = store.completed()
-    return [store.read_bag(r.slide_id, label=r.label) for r in records
+    return [r for r in records
             if (split is None or r.split == split) and r.slide_id in done and (r.label is not None or not labelled)]
+
+
+def read_bags(store: FeatureStore, records: list[SlideRecord]) -> Iterator[Bag]:
+    """The bags of `records`, read one at a time as they are iterated: a split of any size is never held whole."""
+    return (store.read_bag(r.slide_id, label=r.label) for r in records)
 
 
 def evaluate_split(model_path: str | Path, store: FeatureStore, records: list[SlideRecord], split: str,
@@ -112,13 +120,14 @@ def evaluate_split(model_path: str | Path, store: FeatureStore, records: list[Sl
     from hnm_ray.metrics import instance_metrics, with_intervals
 
     model, meta = load_aggregator(model_path, plugin)
-    bags = split_bags(store, records, split)
-    if not bags:
+    chosen = split_records(store, records, split)
+    if not chosen:
         return {}
-    probs, inst = evaluate_bags(model, bags)
-    labels = np.asarray([b.label for b in bags])
+    probs, inst = evaluate_bags(model, read_bags(store, chosen))
+    labels = np.asarray([r.label for r in chosen])
     out = with_intervals(labels, probs, threshold if threshold is not None else meta["threshold"])
-    truth = np.concatenate([b.truth for b, y in zip(bags, labels) if y == 1] or [np.zeros(0, np.int8)])
+    truth = np.concatenate([store.read_table(r.slide_id, columns=["truth"]).column("truth").to_numpy().astype(np.int8)
+                            for r in chosen if r.label == 1] or [np.zeros(0, np.int8)])
     scores = np.concatenate([s for s, y in zip(inst, labels) if y == 1] or [np.zeros(0)])
     instance = instance_metrics(truth, scores)
     out.update(instance_auc=instance["instance_auc"], instance_auprc=instance["instance_auprc"], instance_n=instance["n"])
@@ -133,22 +142,22 @@ def tile_threshold(model_path: str | Path, store: FeatureStore, records: list[Sl
     from hnm_ray.metrics import FALLBACK_THRESHOLD, youden_threshold
 
     model, _ = load_aggregator(model_path, plugin)
-    bags = split_bags(store, records, split)
-    if not bags:
+    chosen = split_records(store, records, split)
+    if not chosen:
         return FALLBACK_THRESHOLD
-    _, logits = evaluate_bags(model, bags)
+    _, logits = evaluate_bags(model, read_bags(store, chosen))
     top = np.asarray([float(tile_probabilities(s).max()) if s.size else 0.0 for s in logits])
-    return youden_threshold(np.asarray([b.label for b in bags]), top)
+    return youden_threshold(np.asarray([r.label for r in chosen]), top)
 
 
 def split_probabilities(model_path: str | Path, store: FeatureStore, records: list[SlideRecord],
                         split: str | None, plugin: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(labels (-1 unknown), slide probabilities, slide ids) of the records of `split` (None: all) in the store."""
     model, _ = load_aggregator(model_path, plugin)
-    bags = split_bags(store, records, split, labelled=False)
-    probs, _ = evaluate_bags(model, bags)
-    labels = np.asarray([-1 if b.label is None else b.label for b in bags])
-    return labels, probs, [b.slide_id for b in bags]
+    chosen = split_records(store, records, split, labelled=False)
+    probs, _ = evaluate_bags(model, read_bags(store, chosen))
+    labels = np.asarray([-1 if r.label is None else r.label for r in chosen])
+    return labels, probs, [r.slide_id for r in chosen]
 
 
 def tile_scores(model, store: FeatureStore, slide_id: str) -> tuple[pa.Table, float]:

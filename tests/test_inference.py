@@ -69,3 +69,44 @@ def test_instance_logits_of_mixed_slides_equal_each_bags_own(name):
     _, per_bag = evaluate_bags(model, bags)
     mixed = instance_logits(model, torch.from_numpy(np.concatenate([b.features for b in bags])))
     np.testing.assert_allclose(mixed.numpy(), np.concatenate(per_bag), rtol=0, atol=1e-5)
+
+
+def test_evaluating_a_split_reads_its_bags_one_at_a_time(tmp_path, monkeypatch):
+    """evaluate_split, tile_threshold and split_probabilities stream the split: at most two bags are alive at a time
+    (a split held whole as a list of bags is 129 x ~8k x 512 float32 = ~2 GiB at Camelyon16 scale)."""
+    import gc
+    import weakref
+
+    import pyarrow as pa
+
+    from hnm_ray.inference import evaluate_split, split_probabilities, tile_threshold
+    from hnm_ray.store.features import FeatureStore
+    from hnm_ray.store.manifest import SlideRecord
+
+    store = FeatureStore(tmp_path / "store", "small_cnn")
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(8):
+        grid = pa.table({"tile_id": np.arange(6, dtype=np.int32), "x": np.zeros(6, np.int32),
+                         "y": np.zeros(6, np.int32), "level": np.zeros(6, np.int8), "size": np.full(6, 8, np.int16)})
+        store.write_slide(f"s{i}", grid, rng.normal(size=(6, 12)).astype(np.float16), np.full(6, i % 2, np.int8))
+        records.append(SlideRecord(f"s{i}", f"/slides/s{i}.svs", i % 2, "test"))
+    model_path = save_aggregator(tmp_path / "agg", _model().state_dict(), _meta())
+    alive, most = [0], [0]
+    read_bag = FeatureStore.read_bag
+
+    def counted(self, slide_id, label=None):
+        gc.collect()  # a bag nothing refers to any more is gone before the next is read
+        bag = read_bag(self, slide_id, label)
+        alive[0] += 1
+        most[0] = max(most[0], alive[0])
+        weakref.finalize(bag, lambda: alive.__setitem__(0, alive[0] - 1))
+        return bag
+
+    monkeypatch.setattr(FeatureStore, "read_bag", counted)
+    metrics = evaluate_split(model_path, store, records, "test")
+    assert metrics["test_n"] == 8 and metrics["test_instance_n"] == 24
+    tile_threshold(model_path, store, records, "test")
+    labels, probs, ids = split_probabilities(model_path, store, records, None)
+    assert ids == [f"s{i}" for i in range(8)] and labels.tolist() == [i % 2 for i in range(8)] and len(probs) == 8
+    assert most[0] <= 2, f"{most[0]} of 8 bags were held at once"  # the one in use and the one being read

@@ -1,0 +1,183 @@
+"""Camelyon16-scale stages after extraction on one node (issue 25, first piece); prints one JSON line.
+
+Writes a seeded synthetic store through the product's FeatureStore: `--slides` slides whose tile counts are
+log-normal (median `--median-tiles`, sigma 0.54 so the largest of 400 draws is ~5x the median, as Camelyon16's
+~8k median and ~40k largest bag; clipped to [median/20, `--max-tiles`]), 512-d float16, the Camelyon16 split
+(129/399 test, 10 % of the rest validation, the rest training; half of each split tumour). Tumour slides carry a
+planted signal: a log-normal fraction (median 5 %, 0.5-50 %) of their tiles is shifted by +0.5 in 16 of the 512
+features.
+Then it times the real stages, each with seconds, rows/s and peak RSS and private memory (RSS - shared) of the driver
+and of the Ray workers below it by role (`extract.RssSampler`: psutil over the process tree, every 0.1 s in a thread):
+
+- `mil`: `fit_mil` in-process (`mil.workers 0`, the default), `--epochs` epochs; epoch seconds are the loop's own
+  (validation, test and checkpoints excluded); the stage's RSS is that of the whole call (it reads every bag).
+- `evaluate`: `evaluate_split` on validation and on test, each bag through the model whole (the JSON names the largest).
+- `score_topk`: `score_tiles` in-process (the one-node path) pushing negative-slide logits to the real
+  `HardNegativeMiner` actor, then its exact global top-k (k = ceil(neg_ratio x negative tiles)).
+
+    PYTHONPATH=. python benchmarks/scale.py --slides 400 --median-tiles 2000 --max-tiles 10000 \
+        --out benchmarks/results/scale.json
+    PYTHONPATH=. python benchmarks/scale.py   # full scale: 400 x 8,000 (~3 M tiles, ~3 GiB of store)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from benchmarks.extract import RssSampler
+from hnm_ray.config import MILConfig
+from hnm_ray.store.features import FeatureStore
+from hnm_ray.store.manifest import SlideRecord
+
+DIM = 512
+SIGMA = 0.54  # log-normal spread of tile counts: max of 400 draws ~ exp(2.97 * 0.54) = 5x the median
+TEST_FRACTION = 129 / 399  # Camelyon16: 270 training, 129 test slides
+NEG_RATIO = 0.2
+SIGNAL_DIMS = 16  # tumour tiles: +0.5 in these features (a shift of 2 sd in norm: learnable, not trivial)
+GIB = 2 ** 30
+
+
+@contextmanager
+def stage(results: dict, name: str, rows: int):
+    """Time the block; record seconds, rows/s and peak RSS / private MiB of the driver and of each Ray worker role."""
+    record: dict = results.setdefault(name, {})
+    with RssSampler() as rss:
+        started = time.perf_counter()
+        yield record
+        seconds = time.perf_counter() - started
+    record.update(seconds=round(seconds, 2), rows=rows, rows_per_s=round(rows / seconds), **rss.result())
+
+
+def tile_counts(slides: int, median: int, largest: int, rng: np.random.Generator) -> np.ndarray:
+    """Long-tailed tile counts (log-normal around `median`, clipped to [median/20, largest])."""
+    return np.clip(np.round(median * np.exp(SIGMA * rng.standard_normal(slides))), max(median // 20, 1),
+                   largest).astype(int)
+
+
+def write_store(root: Path, slides: int, median: int, largest: int,
+                seed: int) -> tuple[FeatureStore, list[SlideRecord]]:
+    """The synthetic store and its manifest records (see the module doc)."""
+    rng = np.random.default_rng(seed)
+    store = FeatureStore(root, "scale_synthetic", round=0)
+    counts = tile_counts(slides, median, largest, rng)
+    n_test = round(slides * TEST_FRACTION)
+    n_val = round((slides - n_test) * 0.1)
+    splits = ["test"] * n_test + ["val"] * n_val + ["train"] * (slides - n_test - n_val)
+    records = []
+    for i, (n, split) in enumerate(zip(counts, splits)):
+        label = i % 2
+        side = int(np.ceil(np.sqrt(n)))
+        grid = pa.table({"tile_id": np.arange(n, dtype=np.int32), "x": (np.arange(n) % side * 224).astype(np.int32),
+                         "y": (np.arange(n) // side * 224).astype(np.int32), "level": np.zeros(n, np.int8),
+                         "size": np.full(n, 224, np.int16)})
+        features = rng.standard_normal((n, DIM), dtype=np.float32)
+        truth = np.zeros(n, np.int8)
+        if label:
+            fraction = float(np.clip(0.05 * np.exp(rng.standard_normal()), 0.005, 0.5))
+            truth[rng.choice(n, max(1, round(n * fraction)), replace=False)] = 1
+            features[np.ix_(truth == 1, np.arange(SIGNAL_DIMS))] += 0.5
+        slide_id = f"scale_{i:04d}"
+        store.write_slide(slide_id, grid, features.astype(np.float16), truth, {"tile_size": 224, "mpp": 0.5})
+        records.append(SlideRecord(slide_id, str(root / f"{slide_id}.svs"), label, split))
+    return store, records
+
+
+def disk_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    import ray
+    import torch
+
+    from hnm_ray.inference import evaluate_split
+    from hnm_ray.mining import get_miner
+    from hnm_ray.scoring import count_tiles, score_tiles
+    from hnm_ray.training.mil import fit_mil
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slides", type=int, default=400)
+    parser.add_argument("--median-tiles", type=int, default=8000)
+    parser.add_argument("--max-tiles", type=int, default=40000)
+    parser.add_argument("--epochs", type=int, default=2, help="MIL epochs (the first is a warm-up)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default=None, help="folder for the store and runs (default: a temp folder)")
+    parser.add_argument("--out", default=None, help="also write the JSON line to this file")
+    args = parser.parse_args()
+
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="hnm_scale_", dir=args.workdir) as tmp:
+        root = Path(tmp)
+        with stage(results, "write_store", 0):
+            store, records = write_store(root / "store", args.slides, args.median_tiles, args.max_tiles, args.seed)
+        counts = {r.slide_id: count_tiles(store, [r.slide_id]) for r in records}
+        by_split = {s: [r for r in records if r.split == s] for s in ("train", "val", "test")}
+        n_tiles = sum(counts.values())
+        results["write_store"].update(rows=n_tiles, rows_per_s=round(n_tiles / results["write_store"]["seconds"]))
+        store_bytes = disk_bytes(root / "store")
+        train_tiles = sum(counts[r.slide_id] for r in by_split["train"])
+
+        config = MILConfig(workers=0, epochs=args.epochs, checkpoint_every=args.epochs)
+        with stage(results, "mil", train_tiles * args.epochs) as rec:
+            mil = fit_mil(config, store, records, root / "mil", name="scale")
+        seconds = [h["epoch_seconds"] for h in mil.history]
+        results["mil"].update(train_bags=len(by_split["train"]), epoch_seconds=[round(s, 2) for s in seconds],
+                              epoch_tiles_per_s=round(train_tiles / seconds[-1]),
+                              val_auc=mil.metrics.get("val_auc"))
+
+        for split in ("val", "test"):
+            split_tiles = sum(counts[r.slide_id] for r in by_split[split])
+            with stage(results, f"evaluate_{split}", split_tiles) as rec:
+                metrics = evaluate_split(mil.model_path, store, records, split)
+            rec.update(bags=len(by_split[split]), largest_bag=max(counts[r.slide_id] for r in by_split[split]),
+                       slide_auc=round(metrics[f"{split}_auc"], 3),
+                       instance_auc=round(metrics[f"{split}_instance_auc"], 3))
+
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, namespace="hnm_ray",
+                 configure_logging=False)
+        try:
+            train = by_split["train"]
+            negatives = [r.slide_id for r in train if r.label == 0]
+            miner = get_miner("scale_miner")
+            k = ray.get(miner.begin_round.remote(count_tiles(store, negatives), NEG_RATIO))
+            with stage(results, "score_topk", train_tiles) as rec:
+                table = score_tiles(mil.model_path, store, train, root / "scores.parquet", miner_name="scale_miner",
+                                    in_process=True)
+                threshold = ray.get(miner.threshold.remote())
+            rec.update(k=k, scored_rows=table.num_rows, miner_state_bytes=ray.get(miner.stats.remote())["memory_bytes"])
+            neg_logits = np.sort(table.filter(pc.is_in(table["slide_id"], pa.array(negatives)))["logit"]
+                                 .to_numpy())
+            assert threshold == float(neg_logits[len(neg_logits) - k]), "miner threshold is not the exact k-th logit"
+            ray.kill(miner)
+        finally:
+            ray.shutdown()
+
+    sizes = np.asarray(list(counts.values()))
+    print_line = {
+        "benchmark": "scale", "slides": args.slides, "median_tiles_arg": args.median_tiles,
+        "max_tiles_arg": args.max_tiles, "dim": DIM, "dtype": "float16", "seed": args.seed, "tiles": int(n_tiles),
+        "bag_tiles": {"median": int(np.median(sizes)), "max": int(sizes.max()), "min": int(sizes.min())},
+        "splits": {s: len(v) for s, v in by_split.items()}, "store_bytes": store_bytes,
+        "store_gib": round(store_bytes / GIB, 3), "stages": results,
+        "machine": {"cpus": os.cpu_count(), "arch": platform.machine(), "python": platform.python_version(),
+                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "ray": ray.__version__,
+                    "gpu": False, "load_avg_1m_end": round(os.getloadavg()[0], 1)},
+    }
+    line = json.dumps(print_line)
+    print(line)
+    if args.out:
+        Path(args.out).write_text(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
