@@ -20,6 +20,13 @@ def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    """--store ROOT --tag TAG [--round R]: one round of an existing feature store (`FeatureStore(root, tag, round)`)."""
+    parser.add_argument("--store", required=True, help="feature store root (a folder or s3:// / gs:// URI)")
+    parser.add_argument("--tag", required=True, help="encoder tag folder inside the store (e.g. uni_v1)")
+    parser.add_argument("--round", type=int, default=0, help="store round (0: what MIL and mining start from)")
+
+
 def entry_point(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """Wrap a CLI main: set up logging; an HnmError becomes one log line and exit code 2, an error Ray could not
     recover from one line and exit code 3, not a traceback."""

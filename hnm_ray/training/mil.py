@@ -29,7 +29,7 @@ import numpy as np
 from hnm_ray import config as cfg
 from hnm_ray import storage
 from hnm_ray.config import MILConfig, TrainConfig
-from hnm_ray.cli import entry_point
+from hnm_ray.cli import add_store_arguments, entry_point
 from hnm_ray.cli import parser as cli_parser
 from hnm_ray.errors import ConfigError, HnmError, StoreError
 from hnm_ray.store.features import Bag, FeatureStore
@@ -345,9 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     from hnm_ray.cluster import init_ray
 
     parser = cli_parser("python -m hnm_ray.training.mil", __doc__)
-    parser.add_argument("--store", required=True, help="feature store root")
-    parser.add_argument("--tag", required=True, help="encoder tag folder inside the store")
-    parser.add_argument("--round", type=int, default=0, help="store round")
+    add_store_arguments(parser)
     parser.add_argument("--out", required=True, help="run folder (resumes when it exists)")
     cfg.add_source_arguments(parser)
     cfg.add_arguments(parser, TrainConfig)
