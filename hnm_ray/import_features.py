@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hnm_ray.cli import entry_point
+from hnm_ray import storage
+from hnm_ray.cli import add_store_arguments, entry_point
 from hnm_ray.cli import parser as cli_parser
 from hnm_ray.errors import StoreError
 from hnm_ray.store.features import FeatureStore
@@ -180,6 +181,7 @@ def export_trident(store: FeatureStore, out_dir: str | Path) -> list[Path]:
     import h5py
 
     out_dir = Path(out_dir)
+    storage.refuse_links_out(out_dir, "--export")  # h5py writes through a path: no link may lead it elsewhere
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for slide_id in sorted(store.completed()):
@@ -208,9 +210,7 @@ def export_trident(store: FeatureStore, out_dir: str | Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     """CLI: import a folder of h5 feature files into the store, or export the store as TRIDENT-style h5."""
     parser = cli_parser("python -m hnm_ray.import_features", __doc__)
-    parser.add_argument("--store", required=True, help="feature store root")
-    parser.add_argument("--tag", required=True, help="encoder tag folder inside the store (e.g. uni_v1)")
-    parser.add_argument("--round", type=int, default=0, help="store round (0: what MIL and mining start from)")
+    add_store_arguments(parser)
     parser.add_argument("--format", choices=sorted(FORMATS), help="layout of the h5 files to import")
     parser.add_argument("--h5-dir", help="folder of per-slide h5 files to import (<slide_id>.h5)")
     parser.add_argument("--mpp", type=float, help="level-0 microns per pixel of the slides (stamp: required)")

@@ -127,6 +127,22 @@ def test_store_to_trident_h5_and_back_gives_the_same_features(tmp_path):
         np.testing.assert_array_equal(theirs.coords, mine.coords)
 
 
+
+def test_export_never_writes_through_a_link_out_of_its_folder(tmp_path):
+    """A planted `.s0.h5.tmp` link in the export folder pointing elsewhere: refused before any h5 is written (h5py
+    would truncate and fill the link's target)."""
+    store = FeatureStore(tmp_path / "store", "ours")
+    features, coords = slide_arrays(0)
+    tiles = pa.table({"tile_id": np.arange(N_TILES, dtype=np.int32), "x": coords[:, 0], "y": coords[:, 1],
+                      "level": np.zeros(N_TILES, np.int8), "size": np.full(N_TILES, PATCH, np.int16)})
+    store.write_slide("s0", tiles, features)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".s0.h5.tmp").symlink_to(victim)
+    assert main(["--store", str(tmp_path / "store"), "--tag", "ours", "--export", str(tmp_path / "out")]) == 2
+    assert victim.read_text() == "keep me"
+
 def test_mil_trains_on_an_imported_store(tmp_path):
     """The README's recipe: import into <root>/<tag>/round=0, then the aggregator trains on those bags."""
     folder = tmp_path / "h5"
