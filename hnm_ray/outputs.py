@@ -86,7 +86,7 @@ def finish(run_dir: Path, history: list[dict[str, Any]], records: list[SlideReco
     pictures.update({s: run_dir / "heatmaps" / "hard_negatives" / f"{s}.png"
                      for s in most_mined(records, hard_negatives, config.run.heatmaps)})
     write_slide_outputs(model, store, records, run_dir / "qupath", pictures, thresholds, hard_negatives,
-                        plugin=config.mil.aggregator)
+                        plugin=config.mil.aggregator, max_pixels=config.tiling.tissue.max_decoded_pixels)
     ours = {**{k: v for k, v in last.items() if k not in ("model_path", "encoder_weights", "official_protocol")},
             "kept": why}
     final = {"final": ours, "official_protocol": last.get("official_protocol"), "rounds": history,

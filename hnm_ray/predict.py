@@ -91,7 +91,7 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
                         {r.slide_id: out / "heatmaps" / f"{r.slide_id}.png" for r in records} if heatmaps else {},
                         thresholds,
                         on_same_slides(mined_hard_negatives(ckpt.parent), records, _training_records(config)),
-                        plugin=config.mil.aggregator)
+                        plugin=config.mil.aggregator, max_pixels=config.tiling.tissue.max_decoded_pixels)
     summary_csv = io.StringIO(newline="")
     writer = csv.DictWriter(summary_csv, fieldnames=list(rows[0]) if rows else ["slide_id"])
     writer.writeheader()

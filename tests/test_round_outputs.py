@@ -122,3 +122,23 @@ def test_finish_writes_the_best_validation_rounds_aggregator_encoder_and_outputs
         torch.testing.assert_close(again.state_dict()[key], value, rtol=0, atol=0)
     assert len(list((tmp_path / "qupath").glob("*.geojson"))) == len(records)
     assert "Final model: round 0, the best validation slide AUC" in (tmp_path / "report.html").read_text()
+
+
+def test_heatmap_thumbnails_decode_within_the_runs_pixel_budget(mil_store, mil_cohort, tmp_path):
+    """Heatmaps read their thumbnail under the run's tiling.tissue.max_decoded_pixels (as tissue detection does), not
+    the default: a budget no level fits refuses the heatmap and keeps the QuPath file; the default draws it."""
+    from hnm_ray.report.slides import Thresholds, write_slide_outputs
+    from hnm_ray.store.manifest import load_manifest
+
+    record = load_manifest(mil_cohort)[0]
+    dim = mil_store.read_bag(record.slide_id).features.shape[1]
+    model = build_standardized("dsmil", dim, hidden=8, dropout=0.0)
+    path = save_aggregator(tmp_path / "aggregator", model.state_dict(), {
+        "aggregator": "dsmil", "hidden": 8, "dropout": 0.0, "dim": dim, "threshold": 0.5, "epoch": 1,
+        "encoder_tag": "small_cnn"})
+    for budget, drawn in ((1, False), (None, True)):
+        picture = tmp_path / f"heatmap-{budget}.png"
+        write_slide_outputs(path, mil_store, [record], tmp_path / f"qupath-{budget}", {record.slide_id: picture},
+                            Thresholds(0.5, 0.5), max_pixels=budget)
+        assert picture.exists() == drawn
+        assert (tmp_path / f"qupath-{budget}" / f"{record.slide_id}.geojson").exists()

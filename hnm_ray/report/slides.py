@@ -96,11 +96,13 @@ def score_slide(model, store: FeatureStore, record: SlideRecord, level_downsampl
 
 def write_slide_outputs(model_path: str | Path, store: FeatureStore, records: list[SlideRecord], qupath_dir: Path | None,
                         heatmaps: dict[str, Path], thresholds: Thresholds, hard_negatives: pa.Table | None = None,
-                        thumbnail_size: int = 1024, plugin: str | None = None) -> list[ScoredSlide]:
+                        thumbnail_size: int = 1024, plugin: str | None = None,
+                        max_pixels: int | None = None) -> list[ScoredSlide]:
     """For each record in the store: `<qupath_dir>/<slide_id>.geojson` (QuPath detections classified at the tile
     threshold; skipped when None) and a heatmap PNG where `heatmaps` maps its slide id to a path, every heatmap on one
     scale (tile threshold to the highest tile score of these slides). A slide that cannot be opened is logged and
-    skipped. `plugin`: see `inference.load_aggregator`."""
+    skipped. `plugin`: see `inference.load_aggregator`; `max_pixels`: the run's tiling.tissue.max_decoded_pixels, the
+    most a thumbnail may decode (as in tissue detection)."""
     from hnm_ray.slides.annotation import load_annotation
     from hnm_ray.slides.reader import open_slide
 
@@ -127,7 +129,7 @@ def write_slide_outputs(model_path: str | Path, store: FeatureStore, records: li
         try:
             with open_slide(record.path, slide_id=record.slide_id, device="cpu") as reader:
                 mask = load_annotation(record.annotation) if record.annotation else None
-                heatmap(reader.thumbnail(thumbnail_size), reader.info.level_dimensions[0], slide.x, slide.y,
+                heatmap(reader.thumbnail(thumbnail_size, max_pixels), reader.info.level_dimensions[0], slide.x, slide.y,
                         slide.extent, slide.score, heatmaps[record.slide_id], scale,
                         title=slide.title(thresholds.slide), tumour_mask=mask, marked=slide.hard_negative)
         except HnmError as exc:
