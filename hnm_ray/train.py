@@ -18,6 +18,7 @@ heatmaps/, qupath/ (README "What the job does").
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -151,7 +152,9 @@ def initial_head(weights: str | None, run_dir: Path) -> str | None:
     state = official_head_state(weights)
     if not state:
         return None
-    torch.save(state, run_dir / "initial_head.pt")
+    buffer = io.BytesIO()  # through storage.write_bytes like every file we write: atomic, never through a link
+    torch.save(state, buffer)
+    storage.write_bytes(buffer.getvalue(), run_dir / "initial_head.pt")
     return str(run_dir / "initial_head.pt")
 
 
