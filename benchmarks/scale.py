@@ -6,8 +6,12 @@ log-normal (median `--median-tiles`, sigma 0.54 so the largest of 400 draws is ~
 (129/399 test, 10 % of the rest validation, the rest training; half of each split tumour). Tumour slides carry a
 planted signal: a log-normal fraction (median 5 %, 0.5-50 %) of their tiles is shifted by +0.5 in 16 of the 512
 features.
-Then it times the real stages, each with seconds, rows/s and peak RSS and private memory (RSS - shared) of the driver
-and of the Ray workers below it by role (`extract.RssSampler`: psutil over the process tree, every 0.1 s in a thread):
+Then it times the real stages, each with seconds, rows/s, the 1-minute load average at its end (other jobs on a
+shared machine) and peak RSS and private memory (RSS - shared) of the driver and of the Ray workers below it by role
+(`extract.RssSampler`: psutil over the process tree, every 0.1 s in a thread):
+
+- `read_bags`: `FeatureStore.read_bag` of every slide once, one at a time: what the MIL loop pays per epoch for the
+  bags its cache does not keep (median and largest bag's seconds).
 
 - `mil`: `fit_mil` in-process (`mil.workers 0`, the default), `--epochs` epochs, bags read through the loop's
   `BagCache` of `--bag-cache-gib` (default `mil.bag_cache_gib`); epoch seconds are the loop's own (validation, test
@@ -57,7 +61,8 @@ def stage(results: dict, name: str, rows: int):
         started = time.perf_counter()
         yield record
         seconds = time.perf_counter() - started
-    record.update(seconds=round(seconds, 2), rows=rows, rows_per_s=round(rows / seconds), **rss.result())
+    record.update(seconds=round(seconds, 2), rows=rows, rows_per_s=round(rows / seconds),
+                  load_avg_1m=round(os.getloadavg()[0], 1), **rss.result())
 
 
 def tile_counts(slides: int, median: int, largest: int, rng: np.random.Generator) -> np.ndarray:
@@ -130,6 +135,16 @@ def main() -> None:
         results["write_store"].update(rows=n_tiles, rows_per_s=round(n_tiles / results["write_store"]["seconds"]))
         store_bytes = disk_bytes(root / "store")
         train_tiles = sum(counts[r.slide_id] for r in by_split["train"])
+        with stage(results, "read_bags", n_tiles) as rec:
+            read_seconds = []
+            for r in records:
+                started = time.perf_counter()
+                store.read_bag(r.slide_id)
+                read_seconds.append(time.perf_counter() - started)
+        largest = max(records, key=lambda r: counts[r.slide_id])
+        rec.update(bags=len(records), median_bag_seconds=round(float(np.median(read_seconds)), 4),
+                   largest_bag=counts[largest.slide_id],
+                   largest_bag_seconds=round(read_seconds[records.index(largest)], 3))
 
         config = MILConfig(workers=0, epochs=args.epochs, checkpoint_every=args.epochs,
                            bag_cache_gib=args.bag_cache_gib)
