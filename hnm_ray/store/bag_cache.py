@@ -2,9 +2,9 @@
 
 Bags are kept in the order they are first asked for while they fit the budget; a bag that arrives once the budget
 is full is read from its Parquet file every time it is asked for (and freed when its caller lets go). Nothing is
-evicted: each epoch asks for every bag once in a fresh shuffled order, so an LRU would evict as often as it hits
-(and re-read the bags it dropped), while a fixed set hits the same share of reads without churn. A cohort within
-the budget is read once and then served from memory, as when every bag was loaded up front.
+evicted: each epoch asks for every bag once in a fresh shuffled order, so an LRU would hit about the same share of
+reads (the budget's share of the bags) while evicting and re-allocating on every miss. A cohort within the budget
+is read once and then served from memory, as when every bag was loaded up front.
 """
 from __future__ import annotations
 
