@@ -6,11 +6,17 @@ log-normal (median `--median-tiles`, sigma 0.54 so the largest of 400 draws is ~
 (129/399 test, 10 % of the rest validation, the rest training; half of each split tumour). Tumour slides carry a
 planted signal: a log-normal fraction (median 5 %, 0.5-50 %) of their tiles is shifted by +0.5 in 16 of the 512
 features.
-Then it times the real stages, each with seconds, rows/s and peak RSS and private memory (RSS - shared) of the driver
-and of the Ray workers below it by role (`extract.RssSampler`: psutil over the process tree, every 0.1 s in a thread):
+Then it times the real stages, each with seconds, rows/s, the 1-minute load average at its end (other jobs on a
+shared machine) and peak RSS and private memory (RSS - shared) of the driver and of the Ray workers below it by role
+(`extract.RssSampler`: psutil over the process tree, every 0.1 s in a thread):
 
-- `mil`: `fit_mil` in-process (`mil.workers 0`, the default), `--epochs` epochs; epoch seconds are the loop's own
-  (validation, test and checkpoints excluded); the stage's RSS is that of the whole call (it reads every bag).
+- `read_bags`: `FeatureStore.read_bag` of every slide once, one at a time: what the MIL loop pays per epoch for the
+  bags its cache does not keep (median and largest bag's seconds).
+
+- `mil`: `fit_mil` in-process (`mil.workers 0`, the default), `--epochs` epochs, bags read through the loop's
+  `BagCache` of `--bag-cache-gib` (default `mil.bag_cache_gib`); epoch seconds are the loop's own (validation, test
+  and checkpoints excluded; the re-reads of uncached training bags included); the stage's RSS is that of the whole
+  call.
 - `evaluate`: `evaluate_split` on validation and on test, each bag through the model whole (the JSON names the largest).
 - `score_topk`: `score_tiles` in-process (the one-node path) pushing negative-slide logits to the real
   `HardNegativeMiner` actor, then its exact global top-k (k = ceil(neg_ratio x negative tiles)).
@@ -55,7 +61,8 @@ def stage(results: dict, name: str, rows: int):
         started = time.perf_counter()
         yield record
         seconds = time.perf_counter() - started
-    record.update(seconds=round(seconds, 2), rows=rows, rows_per_s=round(rows / seconds), **rss.result())
+    record.update(seconds=round(seconds, 2), rows=rows, rows_per_s=round(rows / seconds),
+                  load_avg_1m=round(os.getloadavg()[0], 1), **rss.result())
 
 
 def tile_counts(slides: int, median: int, largest: int, rng: np.random.Generator) -> np.ndarray:
@@ -110,6 +117,8 @@ def main() -> None:
     parser.add_argument("--median-tiles", type=int, default=8000)
     parser.add_argument("--max-tiles", type=int, default=40000)
     parser.add_argument("--epochs", type=int, default=2, help="MIL epochs (the first is a warm-up)")
+    parser.add_argument("--bag-cache-gib", type=float, default=MILConfig.bag_cache_gib,
+                        help="mil.bag_cache_gib of the MIL stage")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="folder for the store and runs (default: a temp folder)")
     parser.add_argument("--out", default=None, help="also write the JSON line to this file")
@@ -126,12 +135,24 @@ def main() -> None:
         results["write_store"].update(rows=n_tiles, rows_per_s=round(n_tiles / results["write_store"]["seconds"]))
         store_bytes = disk_bytes(root / "store")
         train_tiles = sum(counts[r.slide_id] for r in by_split["train"])
+        with stage(results, "read_bags", n_tiles) as rec:
+            read_seconds = []
+            for r in records:
+                started = time.perf_counter()
+                store.read_bag(r.slide_id)
+                read_seconds.append(time.perf_counter() - started)
+        largest = max(records, key=lambda r: counts[r.slide_id])
+        rec.update(bags=len(records), median_bag_seconds=round(float(np.median(read_seconds)), 4),
+                   largest_bag=counts[largest.slide_id],
+                   largest_bag_seconds=round(read_seconds[records.index(largest)], 3))
 
-        config = MILConfig(workers=0, epochs=args.epochs, checkpoint_every=args.epochs)
+        config = MILConfig(workers=0, epochs=args.epochs, checkpoint_every=args.epochs,
+                           bag_cache_gib=args.bag_cache_gib)
         with stage(results, "mil", train_tiles * args.epochs) as rec:
             mil = fit_mil(config, store, records, root / "mil", name="scale")
         seconds = [h["epoch_seconds"] for h in mil.history]
-        results["mil"].update(train_bags=len(by_split["train"]), epoch_seconds=[round(s, 2) for s in seconds],
+        results["mil"].update(train_bags=len(by_split["train"]), bag_cache_gib=args.bag_cache_gib,
+                              float32_gib_of_all_bags=round(n_tiles * DIM * 4 / GIB, 2), epoch_seconds=[round(s, 2) for s in seconds],
                               epoch_tiles_per_s=round(train_tiles / seconds[-1]),
                               val_auc=mil.metrics.get("val_auc"))
 

@@ -152,10 +152,11 @@ def num_rows(item: Location) -> int:
         return pq.ParquetFile(source).metadata.num_rows
 
 
-def write_table(table: pa.Table, item: Location) -> Location:
-    """Write `table` as zstd Parquet, complete or absent (module docstring); OSError propagates, nothing left."""
+def write_table(table: pa.Table, item: Location, dictionary: bool | list[str] = True) -> Location:
+    """Write `table` as zstd Parquet, complete or absent (module docstring); OSError propagates, nothing left.
+    `dictionary`: dictionary-encode every column (True) or only these."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", use_dictionary=dictionary)
     return write_bytes(sink.getvalue(), item)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,3 +64,31 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: flo
             return value
         time.sleep(every)
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class LiveBags:
+    """Counts the Bag objects a store's `read_bag` returned that are still alive (weakref finalizers) and the peak of
+    their bytes: what a stage holds in memory at once. `store_class()` is a FeatureStore that reports to it."""
+
+    def __init__(self) -> None:
+        self.live_bytes = self.peak_bytes = self.reads = 0
+
+    def _release(self, size: int) -> None:
+        self.live_bytes -= size
+
+    def store_class(self) -> type[FeatureStore]:
+        from hnm_ray.store.bag_cache import bag_bytes
+
+        counter = self
+
+        class CountingStore(FeatureStore):
+            def read_bag(self, slide_id, label=None):
+                bag = super().read_bag(slide_id, label)
+                size = bag_bytes(bag)
+                counter.reads += 1
+                counter.live_bytes += size
+                counter.peak_bytes = max(counter.peak_bytes, counter.live_bytes)
+                weakref.finalize(bag, counter._release, size)
+                return bag
+
+        return CountingStore

@@ -10,9 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from _support import LiveBags
 
 from hnm_ray.losses import pair_loss
 from hnm_ray.models.aggregators import build_standardized
+from hnm_ray.store.bag_cache import GIB
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest
 from hnm_ray.config import MILConfig
@@ -337,3 +339,47 @@ def test_small_validation_split_keeps_the_fixed_epoch_and_threshold_half(small_v
     chosen = fit_mil(replace(config, min_val_bags=2), store, records, tmp_path / "chosen", seed=0)
     assert chosen.threshold != 0.5, "with enough validation bags the Youden threshold on validation is kept"
     assert chosen.metrics["val_threshold"] == chosen.threshold
+
+
+# -- bags read when needed, within mil.bag_cache_gib --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def split_cohort(tmp_path_factory):
+    """12 training, 6 validation and 6 test bags of 30 tiles (half positive: one shifted instance), 8-d, no Ray."""
+    rng = np.random.default_rng(1)
+    bags, records = {}, []
+    for i in range(24):
+        label, split = i % 2, "train" if i < 12 else "val" if i < 18 else "test"
+        features = rng.normal(0, 1, (30, 8)).astype(np.float32)
+        features[0, 0] += 3.0 * label
+        bags[f"s{i:02d}"] = features
+        records.append(SlideRecord(f"s{i:02d}", "", label, split))
+    return array_store(tmp_path_factory.mktemp("split_cohort"), bags), records
+
+
+def test_bags_are_read_when_needed_within_the_cache_budget(split_cohort, tmp_path, monkeypatch):
+    """The MIL loop holds at most mil.bag_cache_gib of bags plus the two of the step in hand (training) or of the bag
+    in hand and the next (validation, test), never the whole store; with any budget the run is the same (pairs,
+    weights, validation and official-protocol test metrics); a cohort within the budget is read once."""
+    import hnm_ray.training.mil as mil
+
+    store, records = split_cohort
+    bag = 30 * (8 * 4 + 4 + 2 * 4 + 1)  # float32 features, int32 tile ids and coords, int8 truth
+    config = MILConfig(epochs=3, checkpoint_every=100, workers=0, min_val_bags=2)
+    runs, counters = {}, {}
+    for name, budget in (("all", 1.0), ("four", 4 * bag / GIB), ("none", 0.0)):
+        counters[name] = LiveBags()
+        monkeypatch.setattr(mil, "FeatureStore", counters[name].store_class())
+        runs[name] = fit_mil(replace(config, bag_cache_gib=budget), store, records, tmp_path / name, seed=0)
+    assert counters["all"].reads == len(records), "a cohort within the budget is read once"
+    assert counters["four"].peak_bytes <= 6 * bag, counters["four"].peak_bytes / bag
+    assert counters["none"].peak_bytes <= 2 * bag, counters["none"].peak_bytes / bag
+    assert counters["none"].reads == config.epochs * len(records)  # every pair, validation and test bag, each epoch
+    strip = [{k: v for k, v in h.items() if k not in ("reported_at", "epoch_seconds")} for h in runs["all"].history]
+    weights = parameters(load_aggregator(runs["all"].model_path)[0].state_dict())
+    for name in ("four", "none"):
+        run = runs[name]
+        assert [{k: v for k, v in h.items() if k not in ("reported_at", "epoch_seconds")} for h in run.history] == strip
+        assert run.official_protocol == runs["all"].official_protocol and run.best_epoch == runs["all"].best_epoch
+        assert same_weights(parameters(load_aggregator(run.model_path)[0].state_dict()), weights, atol=0)
+    assert "val_auc" in strip[0] and runs["all"].official_protocol["test_auc"] >= 0

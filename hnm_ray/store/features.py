@@ -131,11 +131,13 @@ class FeatureStore:
 
     def write_slide(self, slide_id: str, tiles: pa.Table, embeddings: np.ndarray, truth: np.ndarray | None = None,
                     metadata: dict[str, Any] | None = None) -> Location:
-        """Write one slide's file atomically (temp name + os.replace, or one upload); returns its path."""
+        """Write one slide's file atomically (temp name + os.replace, or one upload); returns its path. Embeddings are
+        not dictionary-encoded: float features hardly repeat, and a bag of them reads ~4x faster plain (the MIL
+        loop re-reads the bags its cache does not hold every epoch)."""
         final = self.slide_path(slide_id)
         table = self._slide_table(slide_id, tiles, embeddings, truth, metadata or {})
         try:
-            storage.write_table(table, final)
+            storage.write_table(table, final, dictionary=[c for c in table.column_names if c != "embedding"])
         except OSError as exc:
             raise StoreError(f"slide {slide_id!r}: cannot write features to {final}: {exc}; nothing was kept for this "
                              "slide. Free disk space / check permissions of the store folder, then re-run (finished "

@@ -3,7 +3,9 @@
 Each epoch pairs one positive with one negative bag (shuffled, max(#pos, #neg) pairs in all: every bag once, the
 smaller class cycled).
 Every worker owns a fixed shard of the positive and of the negative bags and pairs within it, so a
-worker only ever loads its shard; DDP averages the gradients of the `world` pairs of a step.
+worker only ever reads its shard; DDP averages the gradients of the `world` pairs of a step. Bags are read from the
+store when a pair (or validation, or the test pass) needs them, through a `BagCache` that keeps the first
+`mil.bag_cache_gib` of them in memory: a worker holds at most that, plus the bags of the step in hand.
 Validation slide metrics are computed every epoch inside the worker; the best epoch (validation
 AUC, then loss) is the model kept, with the Youden threshold on validation; with fewer than `mil.min_val_bags`
 validation bags of a class, the fixed epoch and threshold 0.5 instead. Reports and checkpoints reach Ray
@@ -20,6 +22,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ from hnm_ray.config import MILConfig, TrainConfig
 from hnm_ray.cli import add_store_arguments, entry_point
 from hnm_ray.cli import parser as cli_parser
 from hnm_ray.errors import ConfigError, HnmError, StoreError
+from hnm_ray.store.bag_cache import GIB, BagCache
 from hnm_ray.store.features import Bag, FeatureStore
 from hnm_ray.inference import _tensor, evaluate_bags, evaluate_split, save_aggregator
 from hnm_ray.metrics import FALLBACK_THRESHOLD
@@ -68,25 +72,27 @@ def epoch_pairs(pos: list[str], neg: list[str], epoch: int, seed: int, rank: int
     return list(zip(pos_order, neg_order))
 
 
-def validation_metrics(model, bags: list[Bag], loss_fn, device: str = "cpu",
+def validation_metrics(model, bags: Iterable[Bag], loss_fn, device: str = "cpu",
                        threshold: float | None = None) -> dict[str, float]:
-    """Slide metrics (at `threshold`; None: the Youden threshold on these bags) and mean loss on validation bags;
-    `loss_fn(bag_logits, max_instance_logits, labels)` gives one loss per bag (`losses.bags_bce`)."""
+    """Slide metrics (at `threshold`; None: the Youden threshold on these bags) and mean loss on validation bags
+    (an iterator is consumed one bag at a time); `loss_fn(bag_logits, max_instance_logits, labels)` gives one loss
+    per bag (`losses.bags_bce`)."""
     import torch
 
     from hnm_ray.metrics import slide_metrics
 
-    if not bags:
-        return {}
     model.eval()
-    bag_logits, max_logits = [], []
+    bag_logits, max_logits, labels = [], [], []
     with torch.no_grad():
         for bag in bags:  # one forward per bag gives its probability and its loss terms
             inst, bag_logit = model(_tensor(bag, device))
             bag_logits.append(bag_logit.reshape(()))
             max_logits.append(inst.max())
+            labels.append(bag.label)
+        if not labels:
+            return {}
         bag_logits, max_logits = torch.stack(bag_logits), torch.stack(max_logits)
-        labels = np.asarray([b.label for b in bags])
+        labels = np.asarray(labels)
         losses = loss_fn(bag_logits, max_logits, torch.as_tensor(labels, dtype=bag_logits.dtype, device=device))
         probs = torch.sigmoid(bag_logits).double().cpu().numpy()
     metrics = {f"val_{k}": v for k, v in slide_metrics(labels, probs, threshold).items()}
@@ -166,17 +172,17 @@ def _keeps(metrics: dict[str, Any], best: dict[str, Any] | None, mc: dict[str, A
     return _is_better(metrics, best)
 
 
-def official_protocol_update(best: dict[str, Any] | None, model, test_bags: list[Bag], epoch: int,
-                             device: str) -> dict[str, Any] | None:
+def official_protocol_update(best: dict[str, Any] | None, model, test_bags: Iterable[Bag], labels: list[int],
+                             epoch: int, device: str) -> dict[str, Any] | None:
     """The official code's report: the epoch of best TEST slide AUC, with the Youden threshold picked on test.
     Kept apart from our protocol (epoch and threshold on validation) and labelled so; the kept epoch's metrics carry
-    their 95 % intervals."""
+    their 95 % intervals. `test_bags` (an iterator is consumed one bag at a time) carry `labels`, in order."""
     from hnm_ray.metrics import slide_intervals, slide_metrics
 
-    if not test_bags:
+    if not labels:
         return best
     probs, _ = evaluate_bags(model, test_bags, device)
-    labels = np.asarray([b.label for b in test_bags])
+    labels = np.asarray(labels)
     metrics = slide_metrics(labels, probs)
     auc = -1.0 if math.isnan(metrics["auc"]) else metrics["auc"]
     if best is None or auc > best["test_auc"]:
@@ -202,11 +208,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     store = FeatureStore(loop["store_root"], loop["tag"], round=loop["round"])
     pos_ids = [s for s, y in loop["train"] if y == 1]
     neg_ids = [s for s, y in loop["train"] if y == 0]
-    my_ids = set(pos_ids[rank::world] or pos_ids) | set(neg_ids[rank::world] or neg_ids)
-    labels = dict(loop["train"])
-    bags = {s: store.read_bag(s, label=labels[s]) for s in sorted(my_ids)}
-    val_bags = [store.read_bag(s, label=y) for s, y in loop["val"]] if rank == 0 else []
-    test_bags = [store.read_bag(s, label=y) for s, y in loop["test"]] if rank == 0 else []
+    bags = BagCache(store, round(mc["bag_cache_gib"] * GIB))  # read when needed; the first that fit are kept
     pos_weight, scale = bce_weighting(mc["bce_weight"], len(pos_ids), len(neg_ids))
     loss_kw = {**{k: mc[k] for k in ("w_bag", "w_ins", "w_rank", "margin", "rank_k", "ranking")},
                "pos_weight": None if pos_weight is None else torch.tensor(pos_weight, device=device), "scale": scale}
@@ -239,8 +241,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             # Gradients of `pairs_per_step` pairs are accumulated locally (no DDP all-reduce) before a step.
             syncs = (step + 1) % mc["pairs_per_step"] == 0 or step == len(pairs) - 1
             with contextlib.nullcontext() if syncs or world == 1 else ddp_model.no_sync():
-                losses.append(_pair_step(ddp_model, bags[pos_id], bags[neg_id], hard_x, loss_kw, device,
-                                         scale=1.0 / mc["pairs_per_step"]))
+                losses.append(_pair_step(ddp_model, bags.get(pos_id, 1), bags.get(neg_id, 0), hard_x, loss_kw,
+                                         device, scale=1.0 / mc["pairs_per_step"]))
             if syncs:
                 optimizer.step()
                 optimizer.zero_grad()
@@ -250,12 +252,17 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                                    "train_pairs": len(pairs) * world, "reported_at": time.time()}
         last_epoch = epoch == mc["epochs"] - 1
         if rank == 0:
-            metrics.update(validation_metrics(plain_model, val_bags, bce, device,
+            metrics.update(validation_metrics(plain_model, bags.iterate(loop["val"]), bce, device,
                                               None if loop["val_selects"] else FALLBACK_THRESHOLD))
             if _keeps(metrics, best, mc, loop["val_selects"]):
                 best = {**metrics, "model": copy.deepcopy({k: v.cpu() for k, v in plain_model.state_dict().items()})}
-            official = official_protocol_update(official, plain_model, test_bags, epoch, device)
+            official = official_protocol_update(official, plain_model, bags.iterate(loop["test"]),
+                                                [y for _, y in loop["test"]], epoch, device)
             metrics["best_epoch"] = best["epoch"]
+            if epoch == start_epoch:
+                log.info("MIL: %d bag reads in the first epoch; %d bags (%.2f GiB) kept in memory (mil.bag_cache_gib "
+                         "%g), the others re-read every epoch", bags.reads, len(bags), bags.held_bytes / GIB,
+                         mc["bag_cache_gib"])
             history.append(dict(metrics))
         # Validation and the kept epoch are decided here, every epoch; Ray Train hears from us (a report and a
         # checkpoint, ~1 s each) only every `checkpoint_every` epochs and at the last: the same on every rank.
