@@ -129,6 +129,27 @@ def cohort_base(cohort: str, pretrain_epochs: int | None) -> dict:
     return merge(base, {"pretrain": {"epochs": pretrain_epochs}}) if pretrain_epochs else base
 
 
+def summarise(runs: dict[str, list[dict]]) -> tuple[dict[str, dict], dict[str, float]]:
+    """Mean ± sd over seeds per variant (its last round; the dsmil row: round 0 of the variants without the ranking
+    loss) and the fine-tuning time ratio of hard negatives vs all negatives."""
+    plain = {r["seed"]: r for results in runs.values() for r in results if r["w_rank"] == 0}
+    columns = (*METRICS, "official_test_auc", *REPRESENTATION)
+    table = {"dsmil": {k: stats([r["round0"].get(k) for r in plain.values()]) for k in columns}}
+    for variant, results in runs.items():
+        table[variant] = {k: stats([r["final"].get(k) for r in results]) for k in columns}
+        # what the variant's round-0 mining chose (the tiles its fine-tuning trained on)
+        table[variant].update({k: stats([r["round0"].get(k) for r in results]) for k in MINED})
+        table[variant]["ft_seconds_per_epoch"] = stats([r["epoch_seconds"] for r in results])
+        table[variant]["ft_tiles_per_epoch"] = stats([r["tiles_per_epoch"] for r in results])
+    ratios = {}
+    if "hnm" in table and "its2clr" in table:
+        ratios = {"time_ratio_hnm_vs_all_negatives": table["hnm"]["ft_seconds_per_epoch"]["mean"]
+                  / table["its2clr"]["ft_seconds_per_epoch"]["mean"],
+                  "tiles_ratio_hnm_vs_all_negatives": table["hnm"]["ft_tiles_per_epoch"]["mean"]
+                  / table["its2clr"]["ft_tiles_per_epoch"]["mean"]}
+    return table, ratios
+
+
 def markdown(table: dict[str, dict[str, dict]]) -> str:
     """The ablation table as markdown: mean ± sd per metric and variant."""
     columns = [*METRICS, "official_test_auc", *REPRESENTATION, *MINED, "ft_seconds_per_epoch"]
@@ -153,6 +174,8 @@ def main() -> None:
                         help="a shipped recipe (hnm_ray.config.load_recipe: NAME or a YAML path) as the base of every "
                              "variant, and the variant \"NAME recipe\" (the recipe alone)")
     parser.add_argument("--variants", nargs="+", default=None, help="run only these variants")
+    parser.add_argument("--from-log", metavar="FILE", help="no runs: the table of the per-run JSON lines a (stopped) "
+                                                          "ablation printed into FILE")
     parser.add_argument("--paper-cpu", action="store_true", help="add the variant paper_cpu: --recipe paper scaled to a "
                                                                  "CPU (small_cnn, 40 MIL epochs; PAPER_CPU)")
     args = parser.parse_args()
@@ -164,29 +187,20 @@ def main() -> None:
     chosen = {k: v for k, v in variants(args.recipe, args.paper_cpu).items()
               if (k in args.variants if args.variants else k != "default")}
     started = time.perf_counter()
-    runs: dict[str, list[dict]] = {v: [] for v in chosen}
-    for seed in args.seeds:
-        store = root / f"features_seed{seed}"
-        for variant, overrides in chosen.items():
-            runs[variant].append(run_variant(base, variant, overrides, seed, root, store, size))
-            print(json.dumps({"variant": variant, "seed": seed, **runs[variant][-1]}), flush=True)
-    # DSMIL baseline: round 0 (the aggregator on the warm-start features) of the variants without the ranking loss.
-    plain = {seed: r for results in runs.values() for seed, r in zip(args.seeds, results) if r["w_rank"] == 0}
-    columns = (*METRICS, "official_test_auc", *REPRESENTATION)
-    table = {"dsmil": {k: stats([r["round0"].get(k) for r in plain.values()]) for k in columns}}
-    for variant, results in runs.items():
-        table[variant] = {k: stats([r["final"].get(k) for r in results]) for k in columns}
-        # what the variant's round-0 mining chose (the tiles its fine-tuning trained on)
-        table[variant].update({k: stats([r["round0"].get(k) for r in results]) for k in MINED})
-        table[variant]["ft_seconds_per_epoch"] = stats([r["epoch_seconds"] for r in results])
-        table[variant]["ft_tiles_per_epoch"] = stats([r["tiles_per_epoch"] for r in results])
-    ratios = {}
-    if "hnm" in table and "its2clr" in table:
-        ratios = {"time_ratio_hnm_vs_all_negatives": table["hnm"]["ft_seconds_per_epoch"]["mean"]
-                  / table["its2clr"]["ft_seconds_per_epoch"]["mean"],
-                  "tiles_ratio_hnm_vs_all_negatives": table["hnm"]["ft_tiles_per_epoch"]["mean"]
-                  / table["its2clr"]["ft_tiles_per_epoch"]["mean"]}
-    line = {"benchmark": "ablation", "cohort": args.cohort, "seeds": args.seeds, "recipe": args.recipe,
+    if args.from_log:  # the table of the runs a (stopped) ablation printed, one JSON line each
+        lines = [json.loads(x) for x in Path(args.from_log).read_text().splitlines() if x.startswith('{"variant"')]
+        seeds = sorted({x["seed"] for x in lines})
+        runs = {v: [x for s in seeds for x in lines if x["variant"] == v and x["seed"] == s]
+                for v in dict.fromkeys(x["variant"] for x in lines)}
+    else:
+        seeds, runs = args.seeds, {v: [] for v in chosen}
+        for seed in args.seeds:
+            store = root / f"features_seed{seed}"
+            for variant, overrides in chosen.items():
+                runs[variant].append({"seed": seed, **run_variant(base, variant, overrides, seed, root, store, size)})
+                print(json.dumps({"variant": variant, **runs[variant][-1]}), flush=True)
+    table, ratios = summarise(runs)
+    line = {"benchmark": "ablation", "cohort": args.cohort, "seeds": seeds, "recipe": args.recipe,
             "rounds": args.rounds, "epochs_per_round": args.epochs_per_round, "table": table, **ratios,
             "runs": runs, "markdown": markdown(table), "seconds": time.perf_counter() - started,
             "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(), "gpu": False}}
