@@ -383,3 +383,17 @@ def test_bags_are_read_when_needed_within_the_cache_budget(split_cohort, tmp_pat
         assert run.official_protocol == runs["all"].official_protocol and run.best_epoch == runs["all"].best_epoch
         assert same_weights(parameters(load_aggregator(run.model_path)[0].state_dict()), weights, atol=0)
     assert "val_auc" in strip[0] and runs["all"].official_protocol["test_auc"] >= 0
+
+
+def test_the_mil_loop_runs_on_the_torch_threads_of_its_cpus(split_cohort, tmp_path, monkeypatch):
+    """In the driver (workers 0, the default) as in a worker, the loop computes with mil.cpus_per_worker torch
+    threads, not one per core of the node (a busy node then spins them: a 40-epoch round took 559 s instead of 16-38)."""
+    import torch
+
+    store, records = split_cohort
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    for cpus in (1.0, 3.0):
+        fit_mil(MILConfig(epochs=1, workers=0, cpus_per_worker=cpus, min_val_bags=2), store, records,
+                tmp_path / str(cpus), seed=0)
+    assert threads == [1, 3]

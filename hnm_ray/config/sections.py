@@ -167,7 +167,8 @@ class MILConfig:
                            "aggregator is small, and a worker group costs ~15 s to start per round on 2 CPUs "
                            "(benchmarks/results/job.json); N: DDP workers, restarted by FailureConfig on a lost node",
                         low=0)
-    cpus_per_worker: float = knob(1.0, "CPUs per training worker", low=0.0, low_open=True)
+    cpus_per_worker: float = knob(1.0, "CPUs per training worker, and its torch threads (also of the driver with "
+                                       "workers 0)", low=0.0, low_open=True)
     use_gpu: bool = knob(False, "train on GPUs")
     pairs_per_step: int = knob(1, "bag pairs whose gradients are accumulated per optimiser step (1: the paper's; "
                                   "more cuts DDP all-reduces)", low=1)
