@@ -19,6 +19,7 @@ from hnm_ray.store.manifest import SlideRecord
 log = logging.getLogger("hnm_ray")
 AGGREGATOR = "aggregator"
 ENCODER = "encoder.safetensors"
+ADAPTER = "adapter.safetensors"
 
 
 def kept_round(history: list[dict[str, Any]], rule: str) -> tuple[int, str]:
@@ -38,9 +39,10 @@ def kept_round(history: list[dict[str, Any]], rule: str) -> tuple[int, str]:
 
 
 def write_checkpoint(run_dir: Path, last: dict[str, Any], config: TrainConfig, tile_threshold: float) -> Path:
-    """checkpoint/: the kept round's (`last`) aggregator (safetensors + JSON) and encoder weights (safetensors, our
-    key layout whatever file that round's encoder came from), the run's config tree and meta.json (the slide and tile
-    thresholds, the round). No file in it runs code when loaded."""
+    """checkpoint/: the kept round's (`last`) aggregator (safetensors + JSON), encoder weights (safetensors, our
+    key layout whatever file that round's encoder came from) and adapter (finetune.scope adapter: applied to the
+    encoder's features before the aggregator), the run's config tree and meta.json (the slide and tile thresholds,
+    the round). No file in it runs code when loaded."""
     from hnm_ray.models.encoders import encoder_from_config, save_weights
 
     checkpoint = run_dir / "checkpoint"
@@ -50,9 +52,12 @@ def write_checkpoint(run_dir: Path, last: dict[str, Any], config: TrainConfig, t
         storage.write_bytes(source.with_name(source.name + suffix).read_bytes(), checkpoint / f"{AGGREGATOR}{suffix}")
     if last.get("encoder_weights"):
         save_weights(encoder_from_config(config.encoder, last["encoder_weights"]).state_dict(), checkpoint / ENCODER)
+    if last.get("adapter_weights"):
+        storage.write_bytes(Path(last["adapter_weights"]).read_bytes(), checkpoint / ADAPTER)
     storage.write_bytes((run_dir / CONFIG_FILE).read_bytes(), checkpoint / CONFIG_FILE)
     storage.write_bytes(json.dumps({
         "encoder_weights": ENCODER if last.get("encoder_weights") else None,
+        "adapter_weights": ADAPTER if last.get("adapter_weights") else None,
         "threshold": last.get("val_threshold", 0.5), "tile_threshold": tile_threshold, "seed": config.run.seed,
         "round": last["round"]}, indent=2), checkpoint / "meta.json")
     return checkpoint
@@ -87,7 +92,8 @@ def finish(run_dir: Path, history: list[dict[str, Any]], records: list[SlideReco
                      for s in most_mined(records, hard_negatives, config.run.heatmaps)})
     write_slide_outputs(model, store, records, run_dir / "qupath", pictures, thresholds, hard_negatives,
                         plugin=config.mil.aggregator, max_pixels=config.tiling.tissue.max_decoded_pixels)
-    ours = {**{k: v for k, v in last.items() if k not in ("model_path", "encoder_weights", "official_protocol")},
+    ours = {**{k: v for k, v in last.items()
+               if k not in ("model_path", "encoder_weights", "adapter_weights", "official_protocol")},
             "kept": why}
     final = {"final": ours, "official_protocol": last.get("official_protocol"), "rounds": history,
              "finetune": finetune, "tile_threshold": thresholds.tile,

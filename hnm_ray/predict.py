@@ -70,11 +70,12 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
     # same --out with another checkpoint extracts anew instead of reusing the other encoder's features.
     store = FeatureStore(out / "features", f"predict-{config_tag(config.encoder)}-seed{meta['seed']}")
     extract_features(records, store, config)
+    extracted, store = store, adapted_store(store, ckpt, meta)
     model, _ = load_aggregator(ckpt / AGGREGATOR, config.mil.aggregator)
     threshold = float(meta["threshold"])
     # Checkpoints written before the tile threshold existed classed tiles at a fixed 0.5.
     thresholds = Thresholds(threshold, float(meta.get("tile_threshold", 0.5)))
-    errors = {e["slide_id"]: e["cause"] for e in store.errors()}
+    errors = {e["slide_id"]: e["cause"] for e in extracted.errors()}
     rows = []
     for record in records:
         row = {"slide_id": record.slide_id, "label": record.label, "probability": None, "prediction": None,
@@ -97,7 +98,7 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
     writer.writeheader()
     writer.writerows(rows)
     storage.write_bytes(summary_csv.getvalue(), _ensure(out) / "summary.csv")
-    skipped = skipped_slides(records, store)
+    skipped = skipped_slides(records, extracted)
     scored = [r for r in rows if r["probability"] is not None and r["label"] is not None]
     metrics = None
     if scored:
@@ -109,6 +110,20 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
     log_skipped(skipped, len(rows))
     log.info("predicted %d slides -> %s", len(rows) - skipped["count"], out / "summary.csv")
     return rows
+
+
+def adapted_store(store: FeatureStore, ckpt: Path, meta: dict[str, Any]) -> FeatureStore:
+    """The features the run's aggregator reads: the run's adapter (finetune.scope adapter) applied to the encoder's
+    `store`, in a folder named after the adapter file's digest; `store` itself for a run without one."""
+    from hnm_ray.models.encoders import file_digest
+    from hnm_ray.training.adapter import adapt_store
+
+    if not meta.get("adapter_weights"):
+        return store
+    adapter = ckpt / meta["adapter_weights"]
+    target = FeatureStore(store.root, f"{store.encoder_tag}-adapter-{file_digest(adapter)}")
+    adapt_store(store, target, adapter)
+    return target
 
 
 def checked_folders(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
