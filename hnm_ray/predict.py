@@ -3,7 +3,8 @@ summary and report.html.
 
     python -m hnm_ray.predict --checkpoint runs/NAME --slides manifest.csv|folder/ --out predictions/
 
-Extraction uses the run's encoder (Ray Data, cuCIM) with the run's tiling; the run's aggregator
+Extraction uses the run's encoder (Ray Data, cuCIM) with the run's tiling; a run trained with
+`--finetune.scope adapter` applies its adapter (checkpoint/adapter.safetensors) to those features; the run's aggregator
 scores each slide; the label uses the run's validation (Youden) threshold. Works on a folder of
 slides without labels; when the manifest has labels, the summary also reports slide AUC (and roc.png).
 Outputs in --out: summary.csv, tiles/<slide>.parquet, heatmaps/<slide>.png, qupath/<slide>.geojson (QuPath
@@ -57,6 +58,13 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
 
     ckpt, out = checked_folders(checkpoint, out)
     meta = json.loads((ckpt / "meta.json").read_text())
+    if meta.get("imported_features"):
+        raise ConfigError("--checkpoint", f"{ckpt} was trained on features imported from {meta['imported_features']} "
+                                          "h5 files, and predict extracts features with the run's encoder, which "
+                                          "this run never had; import the new slides' features from the same "
+                                          "extractor (python -m hnm_ray.import_features) and score them with the "
+                                          "checkpoint's adapter and aggregator (hnm_ray.training.adapter.adapt_store, "
+                                          "hnm_ray.inference.tile_scores)")
     config = _run_config(ckpt, knobs or {}, trust_plugins)
     config = with_weights(config, str(ckpt / meta["encoder_weights"]) if meta.get("encoder_weights") else None)
     slides = Path(slides)

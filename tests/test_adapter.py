@@ -20,6 +20,7 @@ from hnm_ray.errors import ConfigError
 from hnm_ray.import_features import import_h5
 from hnm_ray.inference import load_aggregator
 from hnm_ray.predict import main as predict_main
+from hnm_ray.predict import predict
 from hnm_ray.slides.reader import SlideReader
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import load_manifest
@@ -97,6 +98,11 @@ def test_full_fine_tuning_on_imported_features_is_refused_before_any_work(import
     # Round 0 of such a job: no encoder (no SimCLR warm start on slides), nothing extracted.
     assert initial_encoder(adapter, records, tmp_path, state=None) is None
     assert round_features(adapter, records, store, store, None, None, tmp_path) is None
+    # Its checkpoint says so, and predict (which extracts with the run's encoder: it has none) refuses it.
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint" / "meta.json").write_text(json.dumps({"imported_features": "trident"}))
+    with pytest.raises(ConfigError, match="imported from trident"):
+        predict(tmp_path / "run", manifest, tmp_path / "pred")
 
 
 @pytest.mark.slow
