@@ -9,7 +9,9 @@
 Round r: features with the encoder of round r (round 0: the initial or warm-started encoder) -> the MIL
 aggregator (DSMIL + ranking loss) on Ray Train -> pseudo labels for every tile of the mining pool -> the
 HardNegativeMiner keeps the global top `mining.neg_ratio` of negative-slide tiles, positives by the
-self-paced r_t -> the encoder is fine-tuned with SupCon for `finetune.epochs_per_round` epochs. The
+self-paced r_t -> the encoder is fine-tuned with SupCon for `finetune.epochs_per_round` epochs (with
+`--finetune.scope adapter` the encoder stays frozen: a small adapter is trained on the same rows' stored features,
+and round r + 1's features are adapter(round 0's), no slide read: `training.adapter`). The
 last round only trains and evaluates the aggregator. The run's final model is the round with the best validation
 slide AUC (`run.final_round`; `last` for the last round). Outputs in runs/<name>/: report.html, config.yaml,
 metrics.json (both reporting protocols, stage seconds), metrics_round<r>.json, checkpoint/, roc.png,
