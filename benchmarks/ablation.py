@@ -1,26 +1,32 @@
-"""The paper's ablation on a cohort (the synthetic demo, or the real-image digits cohort), side by side in one run,
-over seeds: mean and standard deviation of every metric (prints one JSON line and a markdown table).
+"""The paper's ablation on a cohort (the synthetic demo, the real-image digits cohort or the Camelyon16-regime cohort),
+side by side in one run, over seeds: mean and standard deviation of every metric (one JSON line and a markdown table).
 
-Variants (each averaged over seeds; all share the round-0 features of the demo cohort):
-  dsmil        MIL on the initial features (round 0 of any run: the DSMIL baseline)
-  its2clr      fine-tuning with ALL negatives (neg_ratio 1.0), no ranking loss
-  hnm          + hard negative mining (neg_ratio 0.2)
-  hnm_rank     + hard negative mining + the multiple instance ranking loss (w_rank 0.1)
-  NAME recipe  with --recipe NAME: the recipe as shipped (e.g. "paper recipe": the official values)
+Variants (each averaged over seeds; per seed all share the round-0 features and the warm start):
+  dsmil           MIL on the initial features (round 0 of any run: the DSMIL baseline)
+  its2clr         fine-tuning with ALL negatives (neg_ratio 1.0), no ranking loss
+  hnm             + hard negative mining (neg_ratio 0.2)
+  hnm_rank        + hard negative mining + the multiple instance ranking loss (w_rank 0.1)
+  paper_cpu       --recipe paper scaled to a CPU (PAPER_CPU: small_cnn, 40 MIL epochs), with --paper-cpu
+  NAME recipe     with --recipe NAME: the recipe as shipped (e.g. "paper recipe": the official values)
+  default         the product's defaults (only when named: --variants default; --rounds 2 --epochs-per-round 2 is the
+                  default job)
 Each variant is a nested override of the config tree (`{"mining": {"neg_ratio": 1.0}, "mil": {"w_rank": 0.0}}`),
-applied over the benchmark's base: the defaults, or the recipe given with --recipe, then the benchmark's run size
-(1 fine-tuning round of --epochs-per-round epochs, warm-up 1, MIL in the driver, 1 fine-tuning worker, no heatmaps),
-which overrides the recipe's so that every variant fits the demo cohort.
-Reported: test slide AUC / accuracy / F1, test instance AUC / AUPRC, fine-tuning seconds per epoch
-(measured inside the Train loop, start-up excluded) and the time ratio hnm / its2clr.
+applied over the benchmark's base (the defaults, or the recipe given with --recipe), then the benchmark's run size
+(--rounds fine-tuning rounds of --epochs-per-round epochs, warm-up 1, MIL in the driver, no heatmaps), which
+overrides the variant's so that every variant fits the cohort.
+Reported per round: test slide AUC / accuracy / F1, the official protocol's test AUC, test instance AUC / AUPRC;
+on the real-image cohorts also the representation (benchmarks/representation.py: the tile probe AUC of the round's
+features and the slide AUC perfect tile labels give on them) and what round 0's mining chose (the look-alike share
+of the hard negatives, the precision of the positives); fine-tuning seconds per epoch (inside the training loop,
+start-up excluded) and the time ratio hnm / its2clr.
 
+    python -m benchmarks.ablation --cohort camelyon --seeds 0 1 2 3 4 --paper-cpu --out benchmarks/results/ablation.json
+    python -m benchmarks.ablation --cohort camelyon --variants default --rounds 2 --epochs-per-round 2 --seeds 0 1 2
     python -m benchmarks.ablation --cohort digits --seeds 0 1 2 3 4 --out benchmarks/results/ablation_digits.json
-    python -m benchmarks.ablation --cohort demo [--seeds 0 1 2] [--recipe paper]
 
 The digits cohort (benchmarks/cohorts/digits.py: 160 slides of real MNIST digits, 64 px tiles) and the
-Camelyon16-regime cohort (benchmarks/cohorts/camelyon.py: 540 slides, `--cohort camelyon`) are generated once into
-the cache. Every variant starts from the same warm start per seed (SimCLR, `--pretrain-epochs`,
-cached), as a user's job does by default.
+Camelyon16-regime cohort (benchmarks/cohorts/camelyon.py: 540 slides) are generated once into the cache. Every
+variant starts from the same warm start per seed (SimCLR, `--pretrain-epochs`, cached), as a user's job does.
 """
 from __future__ import annotations
 
@@ -43,25 +49,62 @@ VARIANTS = {
     "adapter_hnm_rank": {"finetune": {"scope": "adapter"}, "mining": {"neg_ratio": 0.2}, "mil": {"w_rank": 0.1}},
 }
 METRICS = ("test_auc", "test_accuracy", "test_f1", "test_instance_auc", "test_instance_auprc")
+# The representation a round hands the aggregator (benchmarks/representation.py, real-image cohorts only).
+REPRESENTATION = ("probe_auc", "ceiling_slide_auc")
+MINED = ("hard_negative_lookalike_share", "positive_precision")
 
 
-def variants(recipe: str | None) -> dict[str, dict]:
-    """The variants' nested overrides; with a recipe, also the recipe itself ("NAME recipe", no overrides)."""
-    return {**VARIANTS, f"{Path(recipe).stem} recipe": {}} if recipe else dict(VARIANTS)
+# `--recipe paper` scaled to a 2-core CPU (the variant "paper_cpu"): the official mining, update gate, uncertain
+# negatives, two-stream fine-tuning loop, augmentations and MIL losses, with small_cnn instead of the instance-norm
+# ResNet-18 (its input: RGB, ImageNet mean/std), 40 MIL epochs instead of 350 (the fixed epoch 199 -> the last) and
+# the benchmark's run size (rounds, fine-tuning epochs, warm-up 1 instead of 5).
+PAPER_CPU = {"encoder": {"name": "small_cnn", "norm": "affine", "input_space": "rgb_imagenet"},
+             "mil": {"epochs": 40, "fixed_epoch": -1}}
 
 
-def run_variant(base: dict, variant: str, overrides: dict, seed: int, root: Path, store: Path) -> dict:
-    """One full job (1 fine-tuning round) of a variant and seed; returns its metrics and timing."""
+def variants(recipe: str | None, paper_cpu: bool = False) -> dict[str, dict]:
+    """The variants' nested overrides; with a recipe, also the recipe itself ("NAME recipe", no overrides); with
+    `paper_cpu`, the paper's recipe scaled to a CPU (PAPER_CPU)."""
+    chosen = {**VARIANTS, f"{Path(recipe).stem} recipe": {}} if recipe else dict(VARIANTS)
+    chosen["default"] = {}  # the product's defaults at the run size given (run only when named in --variants)
+    return {**chosen, "paper_cpu": merge(load_recipe("paper"), PAPER_CPU)} if paper_cpu else chosen
+
+
+def run_variant(base: dict, variant: str, overrides: dict, seed: int, root: Path, store: Path, size: dict) -> dict:
+    """One full job of a variant and seed at the benchmark's run `size` (which overrides the variant's); returns its
+    metrics, per round, and timing."""
     name = f"{variant.replace(' ', '_')}_seed{seed}"
-    config = from_tree(TrainConfig, merge(merge(base, overrides),
+    config = from_tree(TrainConfig, merge(merge(merge(base, overrides), size),
                                           {"run": {"seed": seed, "name": name, "store": str(store)}}))
     final = run_job(config, root / name)
     ft = final["finetune"]["finetune_round0"]
-    return {"w_rank": config.mil.w_rank, "round0": {k: final["rounds"][0].get(k) for k in METRICS},
+    rounds = [{**{k: r.get(k) for k in METRICS}, "official_test_auc": (r.get("official_protocol") or {}).get("test_auc")}
+              for r in final["rounds"]]
+    if config.run.manifest:
+        rounds = [{**r, **representation(config, root / name, i, final["rounds"][i])} for i, r in enumerate(rounds)]
+    return {"w_rank": config.mil.w_rank, "rounds": rounds, "round0": rounds[0],
             # the last round, what the variant's fine-tuning made (not the job's kept round, run.final_round)
-            "final": {k: final["rounds"][-1].get(k) for k in METRICS},
+            "final": rounds[-1], "kept_round": final["final"]["round"], "kept": {k: final["final"].get(k) for k in METRICS},
             "epoch_seconds": ft["last"].get("epoch_seconds"), "tiles_per_epoch": ft["tiles_per_epoch"],
+            "finetune_seconds": ft.get("seconds"), "ft_loss": [final["finetune"][k]["last"].get("ft_loss")
+                                                             for k in sorted(final["finetune"])],
             "hard_negatives": ft["hard_negatives"], "positives_streamed": ft.get("positives_streamed")}
+
+
+def representation(config: TrainConfig, run_dir: Path, round_: int, result: dict) -> dict:
+    """Round `round_`'s features against tile truth: the tile probe and its slide-AUC ceiling; for the rounds that
+    mined, the look-alike share of the hard negatives and the precision of the positives."""
+    from benchmarks.representation import mined_precision, tile_probe
+    from hnm_ray.store.manifest import load_manifest
+    from hnm_ray.train import round_store
+
+    records = load_manifest(config.run.manifest, seed=config.run.seed)
+    store = round_store(config, run_dir, round_, result.get("encoder_weights"))
+    out = tile_probe(store, records, seed=config.run.seed)
+    selection, tiles = run_dir / f"selection_round{round_}", Path(config.run.manifest).parent / "tiles.parquet"
+    if selection.is_dir() and tiles.is_file():
+        out.update(mined_precision(selection, store, tiles))
+    return out
 
 
 def stats(values: list) -> dict[str, float]:
@@ -89,10 +132,10 @@ def cohort_base(cohort: str, pretrain_epochs: int | None) -> dict:
 
 def markdown(table: dict[str, dict[str, dict]]) -> str:
     """The ablation table as markdown: mean ± sd per metric and variant."""
-    columns = [*METRICS, "ft_seconds_per_epoch"]
+    columns = [*METRICS, "official_test_auc", *REPRESENTATION, *MINED, "ft_seconds_per_epoch"]
     lines = ["| variant | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
     for variant, row in table.items():
-        cells = [f"{row[c]['mean']:.3f} ± {row[c]['sd']:.3f}" if c in row else "—" for c in columns]
+        cells = [f"{row[c]['mean']:.3f} ± {row[c]['sd']:.3f}" if row.get(c, {}).get("n") else "—" for c in columns]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -111,25 +154,31 @@ def main() -> None:
                         help="a shipped recipe (hnm_ray.config.load_recipe: NAME or a YAML path) as the base of every "
                              "variant, and the variant \"NAME recipe\" (the recipe alone)")
     parser.add_argument("--variants", nargs="+", default=None, help="run only these variants")
+    parser.add_argument("--paper-cpu", action="store_true", help="add the variant paper_cpu: --recipe paper scaled to a "
+                                                                 "CPU (small_cnn, 40 MIL epochs; PAPER_CPU)")
     args = parser.parse_args()
     root = Path(args.work or tempfile.mkdtemp(prefix="hnm_ablation_"))
     size = {"run": {"rounds": args.rounds, "heatmaps": 0, "runs_dir": str(root)}, "mil": {"workers": 0},
-            "finetune": {"epochs_per_round": args.epochs_per_round, "warmup_epochs": 1, "workers": 1}}
+            "finetune": {"epochs_per_round": args.epochs_per_round, "warmup_epochs": 1}}
     base = merge(cohort_base(args.cohort, args.pretrain_epochs), size)
     base = merge(merge(load_recipe(args.recipe), base), size) if args.recipe else base
-    chosen = {k: v for k, v in variants(args.recipe).items() if not args.variants or k in args.variants}
+    chosen = {k: v for k, v in variants(args.recipe, args.paper_cpu).items()
+              if (k in args.variants if args.variants else k != "default")}
     started = time.perf_counter()
     runs: dict[str, list[dict]] = {v: [] for v in chosen}
     for seed in args.seeds:
         store = root / f"features_seed{seed}"
         for variant, overrides in chosen.items():
-            runs[variant].append(run_variant(base, variant, overrides, seed, root, store))
+            runs[variant].append(run_variant(base, variant, overrides, seed, root, store, size))
             print(json.dumps({"variant": variant, "seed": seed, **runs[variant][-1]}), flush=True)
     # DSMIL baseline: round 0 (the aggregator on the warm-start features) of the variants without the ranking loss.
     plain = {seed: r for results in runs.values() for seed, r in zip(args.seeds, results) if r["w_rank"] == 0}
-    table = {"dsmil": {k: stats([r["round0"][k] for r in plain.values()]) for k in METRICS}}
+    columns = (*METRICS, "official_test_auc", *REPRESENTATION)
+    table = {"dsmil": {k: stats([r["round0"].get(k) for r in plain.values()]) for k in columns}}
     for variant, results in runs.items():
-        table[variant] = {k: stats([r["final"][k] for r in results]) for k in METRICS}
+        table[variant] = {k: stats([r["final"].get(k) for r in results]) for k in columns}
+        # what the variant's round-0 mining chose (the tiles its fine-tuning trained on)
+        table[variant].update({k: stats([r["round0"].get(k) for r in results]) for k in MINED})
         table[variant]["ft_seconds_per_epoch"] = stats([r["epoch_seconds"] for r in results])
         table[variant]["ft_tiles_per_epoch"] = stats([r["tiles_per_epoch"] for r in results])
     ratios = {}

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -84,3 +87,26 @@ def test_warm_start_pretrains_once_per_key_and_reuses_the_cache(tmp_path, monkey
                                 tmp_path / "run3", cache, None)
     assert other != first and len(calls) == 2
     assert not list((cache / "warm_start").glob(".*tmp"))
+
+
+def test_the_warm_start_trains_with_its_own_optimiser_not_fine_tunings(tmp_path, monkeypatch):
+    """SimCLR keeps pretrain.lr/momentum (0.01, 0.9: the measured warm start) whatever fine-tuning uses (momentum 0 by
+    default: 0.9 collapsed the SupCon projection); its cache key follows what it trains with, and a default warm start
+    keeps the key it had when it read finetune's knobs (cached weights stay valid)."""
+    records = _records(tmp_path)
+    seen = []
+    monkeypatch.setattr(pretrain, "slide_indexes", lambda *a: _index())
+    monkeypatch.setattr(pretrain, "fit_finetune", lambda config, *a, **k: seen.append(config.finetune) or
+                        type("Out", (), {"encoder_weights": "w", "head_weights": "h"})())
+    config = cfg.from_tree(TrainConfig, {"finetune": {"momentum": 0.0, "lr": 0.5}})
+    pretrain.pretrain_simclr(config, records, tmp_path, None)
+    assert (seen[0].lr, seen[0].momentum) == (0.01, 0.9)
+    key = pretrain.warm_start_key(TrainConfig(), records)
+    assert key == pretrain.warm_start_key(config, records)  # fine-tuning's optimiser is not the warm start's
+    assert key != pretrain.warm_start_key(cfg.from_tree(TrainConfig, {"pretrain": {"momentum": 0.5}}), records)
+    legacy = {"slides": sorted((r.slide_id, str(r.path), os.path.getsize(r.path)) for r in records),
+              "encoder": dataclasses.asdict(TrainConfig().encoder), "tiling": dataclasses.asdict(TrainConfig().tiling),
+              "pretrain": {"epochs": 3, "method": "simclr", "tiles": 4096}, "seed": 0,
+              "finetune": [0.01, 0.9, 1e-4, 64, 0.07, 256, "ours"], "augment": dataclasses.asdict(AugmentConfig())}
+    digest = hashlib.sha256(json.dumps(legacy, sort_keys=True, default=str).encode())
+    assert key == digest.hexdigest()[:16]

@@ -30,10 +30,11 @@ def warm_start_key(config: TrainConfig, records: list[SlideRecord]) -> str:
 
     slides = sorted((r.slide_id, str(r.path), os.path.getsize(r.path) if os.path.exists(r.path) else -1)
                     for r in records if r.split == "train")
-    ft = config.finetune
+    ft, pretrain = config.finetune, dataclasses.asdict(config.pretrain)
+    optimiser = [pretrain.pop("lr"), pretrain.pop("momentum")]  # where finetune's stood: default keys are unchanged
     parts = {"slides": slides, "encoder": dataclasses.asdict(config.encoder), "tiling": dataclasses.asdict(config.tiling),
-             "pretrain": dataclasses.asdict(config.pretrain), "seed": config.run.seed,
-             "finetune": [ft.lr, ft.momentum, ft.weight_decay, ft.batch_size, ft.temperature, ft.proj_dim, ft.augment],
+             "pretrain": pretrain, "seed": config.run.seed,
+             "finetune": [*optimiser, ft.weight_decay, ft.batch_size, ft.temperature, ft.proj_dim, ft.augment],
              "augment": dataclasses.asdict(AugmentConfig())}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -68,7 +69,9 @@ def pretrain_simclr(config: TrainConfig, records: list[SlideRecord], run_dir: Pa
     errors = FeatureStore(Path(run_dir) / "features", "pretrain", round=0)  # where slides that fail tiling are noted
     tables = slide_indexes(train, index, errors, config.extract.cpus_per_decoder)
     rows = sample_tile_rows(tables, config.pretrain.tiles, config.run.seed)
-    out = fit_finetune(config, rows, config.encoder.weights, run_dir, name="pretrain_simclr", first_epoch=0,
+    simclr = dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, lr=config.pretrain.lr,
+                                                                      momentum=config.pretrain.momentum))
+    out = fit_finetune(simclr, rows, config.encoder.weights, run_dir, name="pretrain_simclr", first_epoch=0,
                        last_epoch=config.pretrain.epochs, total_epochs=config.pretrain.epochs, supervised=False)
     return out.encoder_weights, out.head_weights
 

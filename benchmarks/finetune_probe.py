@@ -1,0 +1,119 @@
+"""What one fine-tuning round does to the representation: the tile probe AUC of the encoder after a round, for
+fine-tuning settings side by side, against the round's starting features (issue 22, part 4).
+
+Takes a finished job's run folder (its config.yaml, round-0 store, state.json and selection_round0: the rows the
+product's round 0 would fine-tune on), fine-tunes the round's starting encoder with the product's `round_rows` +
+`fit_finetune` under each setting (a nested config override; `nt_xent` adds a benchmark-only NT-Xent term of that
+weight to our loop's loss), and reports the tile probe (benchmarks/representation.py: logistic regression on 8,000
+training tiles -> all test tiles) of the fine-tuned encoder, with the starting features' probe as the baseline.
+
+    python -m benchmarks.finetune_probe --run RUN --settings '{"name": "mom0", "finetune": {"momentum": 0.0}}' ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hnm_ray.config import TrainConfig, from_tree, merge
+from hnm_ray.config.tree import load_yaml
+from hnm_ray.store.features import Bag, FeatureStore
+from hnm_ray.store.manifest import load_manifest
+
+
+def with_nt_xent(weight: float):
+    """Our loop's loss + `weight` x NT-Xent on the same two views (a benchmark-only variant, not a product knob)."""
+    import torch
+
+    from hnm_ray.losses import supcon_loss
+    from hnm_ray.training import finetune
+
+    def loss(batch, model, fc, epoch, ratio, gen, device, supervised, input_space):
+        keep = finetune._usable(batch, ratio, supervised)
+        z1, z2 = finetune._views(batch["tiles"][keep], model, fc, gen, device, input_space)
+        y = torch.from_numpy(batch["label"][keep].astype(np.int64)).to(device)
+        total = supcon_loss(z1, z2, y, fc["temperature"], anchor_mask=y == 0)
+        if epoch >= fc["warmup_epochs"] and bool((y == 1).any()):
+            total = total + supcon_loss(z1, z2, y, fc["temperature"], anchor_mask=y == 1)
+        return total + weight * supcon_loss(z1, z2, None, fc["temperature"])
+
+    return loss
+
+
+class EncodedStore(FeatureStore):
+    """The round-0 store's tiles seen through another encoder: bags re-encoded from the slides on read."""
+
+    def __init__(self, store: FeatureStore, encoder, records, tile_size: int) -> None:
+        self.store, self.encoder, self.tile_size = store, encoder, tile_size
+        self.paths = {r.slide_id: r.path for r in records}
+
+    def read_bag(self, slide_id: str, label: int | None = None) -> Bag:
+        import torch
+
+        from hnm_ray.models.encoders import to_model_input
+        from hnm_ray.slides.reader import open_slide
+
+        bag = self.store.read_bag(slide_id, label)
+        with open_slide(self.paths[slide_id], slide_id=slide_id, device="cpu") as reader:
+            pixels = np.asarray(reader.read_tiles(bag.coords, self.tile_size, level=0)).copy()
+        with torch.no_grad():
+            features = self.encoder(to_model_input(torch.from_numpy(pixels))).numpy()
+        return Bag(slide_id, features, bag.tile_ids, bag.coords, bag.truth, label)
+
+
+def main() -> None:
+    from benchmarks.representation import tile_probe
+    from hnm_ray.cluster import init_ray
+    from hnm_ray.models.encoders import config_tag, encoder_from_config
+    from hnm_ray.pseudo_labels import Selection
+    from hnm_ray.training import finetune
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a finished job's run folder (round 0 mined)")
+    parser.add_argument("--settings", nargs="+", required=True,
+                        help='JSON objects: {"name": N, <config override>..., "nt_xent": W (optional)}')
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    run = Path(args.run)
+    tree = load_yaml(run / "config.yaml")
+    base = from_tree(TrainConfig, tree)
+    records = load_manifest(base.run.manifest, seed=base.run.seed)
+    state = json.loads((run / "state.json").read_text())
+    weights = json.loads((run / "metrics_round0.json").read_text())["encoder_weights"]  # round 0's encoder
+    store0 = FeatureStore(Path(base.run.store) if base.run.store else run / "features",
+                          config_tag(base.encoder, weights), round=0)
+    selection = Selection.load(run / "selection_round0", state["mining_round0"]["stats"])
+    head = str(Path(weights).with_name(Path(weights).name.removesuffix(".safetensors") + ".head.pt"))
+    init_ray()
+    started = time.perf_counter()
+    baseline = tile_probe(store0, records, seed=base.run.seed)
+    results, loss = [], finetune.our_loss
+    for setting in map(json.loads, args.settings):
+        name, nt_xent = setting.pop("name"), setting.pop("nt_xent", 0.0)
+        config = from_tree(TrainConfig, merge(tree, setting))
+        rows = finetune.round_rows(config, store0, records, selection, 0, False)
+        finetune.our_loss = with_nt_xent(nt_xent) if nt_xent else loss
+        t0 = time.perf_counter()
+        out = finetune.fit_finetune(config, rows, weights, run / "finetune_probe" / name, name="ft", first_epoch=0,
+                                    last_epoch=config.finetune.epochs_per_round,
+                                    total_epochs=config.total_finetune_epochs, head_weights=head)
+        seconds = time.perf_counter() - t0
+        finetune.our_loss = loss
+        encoder = encoder_from_config(config.encoder, out.encoder_weights).eval()
+        probe = tile_probe(EncodedStore(store0, encoder, records, config.tiling.tile_size), records, seed=config.run.seed)
+        results.append({"name": name, "override": setting, "nt_xent": nt_xent, "rows": rows.num_rows, **probe,
+                        "probe_ratio_vs_round0": probe["probe_auc"] / baseline["probe_auc"],
+                        "finetune_seconds": seconds, "ft_loss_last_epoch": out.history[-1].get("ft_loss")})
+        print(json.dumps(results[-1]), flush=True)
+    line = {"benchmark": "finetune_probe", "run": str(run), "round0": baseline, "settings": results,
+            "seconds": time.perf_counter() - started}
+    print(json.dumps(line))
+    if args.out:
+        Path(args.out).write_text(json.dumps(line, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
