@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="scratch folder for the rounds' weights and stores")
     parser.add_argument("--skip-full", action="store_true", help="time only the adapter rounds")
     parser.add_argument("--lr", type=float, help="the adapter rounds' finetune.lr (default: the run's)")
+    parser.add_argument("--momentum", type=float, help="the adapter rounds' finetune.momentum (default: the run's)")
     parser.add_argument("--epochs", type=int, help="the adapter rounds' epochs (default: the run's epochs_per_round)")
     args = parser.parse_args()
     init_ray()
@@ -82,10 +83,12 @@ def main() -> None:
                             "probe_round0": tile_probe(store0, records, seed=config.run.seed)["probe_auc"]}
     adapter_span = {**span, "last_epoch": args.epochs or epochs, "total_epochs": max(span["total_epochs"],
                                                                                    args.epochs or epochs)}
-    line.update(adapter_lr=args.lr or config.finetune.lr, adapter_epochs=adapter_span["last_epoch"])
+    momentum = config.finetune.momentum if args.momentum is None else args.momentum
+    line.update(adapter_lr=args.lr or config.finetune.lr, adapter_momentum=momentum,
+                adapter_epochs=adapter_span["last_epoch"])
     for name, (dropout, noise) in VIEWS.items():
         ft = dataclasses.replace(config.finetune, scope="adapter", adapter_dropout=dropout, adapter_noise=noise,
-                                 lr=args.lr or config.finetune.lr)
+                                 lr=args.lr or config.finetune.lr, momentum=momentum)
         store1, timing = adapter_round(dataclasses.replace(config, finetune=ft), rows, store0, weights, head, out,
                                        name, adapter_span)
         line[f"adapter_{name}"] = {**timing, "probe_round1": tile_probe(store1, records, seed=config.run.seed)["probe_auc"]}
