@@ -91,7 +91,8 @@ def main() -> None:
                                  lr=args.lr or config.finetune.lr, momentum=momentum)
         store1, timing = adapter_round(dataclasses.replace(config, finetune=ft), rows, store0, weights, head, out,
                                        name, adapter_span)
-        line[f"adapter_{name}"] = {**timing, "probe_round1": tile_probe(store1, records, seed=config.run.seed)["probe_auc"]}
+        probe = tile_probe(store1, records, seed=config.run.seed)["probe_auc"]
+        line[f"adapter_{name}"] = {**timing, "probe_round1": probe}
     if not args.skip_full:
         store1, timing = full_round(config, rows, records, weights, head, run, out, span)
         line["full"] = {**timing, "probe_round1": tile_probe(store1, records, seed=config.run.seed)["probe_auc"]}

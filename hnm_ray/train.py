@@ -153,7 +153,8 @@ def initial_encoder(config: TrainConfig, records: list[SlideRecord], run_dir: Pa
     """encoder.weights when given; else the cached SimCLR warm start (pretrain.method simclr); else random init. None
     for imported features (no encoder runs)."""
     if imported_round0(config):
-        log.info("round 0's features are imported (%s, tag %s): no encoder runs", config.run.store, config.run.store_tag)
+        log.info("round 0's features are imported (%s, tag %s): no encoder runs", config.run.store,
+                 config.run.store_tag)
         return None
     if config.encoder.weights:
         return config.encoder.weights
@@ -235,8 +236,8 @@ def train_aggregator(config: TrainConfig, store: FeatureStore, records: list[Sli
               **{k: v for k, v in fitted.metrics.items() if k.startswith("val_")},
               **{k: v for k, v in validation.items() if k.removeprefix("val_") in INTERVAL_KEYS},
               **evaluate_split(fitted.model_path, store, records, "test", fitted.threshold, config.mil.aggregator),
-              "official_protocol": fitted.official_protocol, "model_path": fitted.model_path, "encoder_weights": weights,
-              "adapter_weights": adapter}
+              "official_protocol": fitted.official_protocol, "model_path": fitted.model_path,
+              "encoder_weights": weights, "adapter_weights": adapter}
     storage.write_bytes(json.dumps(result, indent=2, default=float), run_dir / f"metrics_round{round_}.json")
     log.info("round %d: val %s; test %s; test instance AUC %.3f", round_, describe(result, "val_"),
              describe(result, "test_"), result.get("test_instance_auc", np.nan))

@@ -25,7 +25,7 @@ from hnm_ray.slides.reader import SlideReader
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import load_manifest
 from hnm_ray.train import check_inputs, initial_encoder, round_features
-from hnm_ray.training.adapter import ResidualAdapter, adapt_store, fit_adapter, load_adapter
+from hnm_ray.training.adapter import ResidualAdapter, fit_adapter, load_adapter
 from hnm_ray.training.finetune import tile_rows
 from hnm_ray.training.official_steps import HARD_NEGATIVE, POSITIVE
 

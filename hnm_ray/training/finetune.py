@@ -109,8 +109,6 @@ def projection_head(in_dim: int, out_dim: int):
 def build_contrastive(encoder: EncoderConfig, weights: str | None, head_weights: str | None, proj_dim: int):
     """Encoder (from `weights`) + projection head, the head from `head_weights` when given (the SimCLR checkpoint's
     head in round 0, the previous round's after): HnmError naming the file when it does not fit."""
-    import torch
-
     from hnm_ray.models.encoders import encoder_from_config
 
     model = encoder_from_config(encoder, weights)
