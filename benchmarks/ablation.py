@@ -46,6 +46,7 @@ VARIANTS = {
     "its2clr": {"mining": {"neg_ratio": 1.0}, "mil": {"w_rank": 0.0}},
     "hnm": {"mining": {"neg_ratio": 0.2}, "mil": {"w_rank": 0.0}},
     "hnm_rank": {"mining": {"neg_ratio": 0.2}, "mil": {"w_rank": 0.1}},
+    "adapter_hnm_rank": {"finetune": {"scope": "adapter"}, "mining": {"neg_ratio": 0.2}, "mil": {"w_rank": 0.1}},
 }
 METRICS = ("test_auc", "test_accuracy", "test_f1", "test_instance_auc", "test_instance_auprc")
 # The representation a round hands the aggregator (benchmarks/representation.py, real-image cohorts only).

@@ -19,6 +19,7 @@ from hnm_ray.store.manifest import SlideRecord
 log = logging.getLogger("hnm_ray")
 AGGREGATOR = "aggregator"
 ENCODER = "encoder.safetensors"
+ADAPTER = "adapter.safetensors"
 
 
 def kept_round(history: list[dict[str, Any]], rule: str) -> tuple[int, str]:
@@ -37,10 +38,13 @@ def kept_round(history: list[dict[str, Any]], rule: str) -> tuple[int, str]:
     return best, f"the best validation slide AUC, ties to the later round (run.final_round best_val; rounds {listed})"
 
 
-def write_checkpoint(run_dir: Path, last: dict[str, Any], config: TrainConfig, tile_threshold: float) -> Path:
-    """checkpoint/: the kept round's (`last`) aggregator (safetensors + JSON) and encoder weights (safetensors, our
-    key layout whatever file that round's encoder came from), the run's config tree and meta.json (the slide and tile
-    thresholds, the round). No file in it runs code when loaded."""
+def write_checkpoint(run_dir: Path, last: dict[str, Any], config: TrainConfig, tile_threshold: float,
+                     imported: str | None = None) -> Path:
+    """checkpoint/: the kept round's (`last`) aggregator (safetensors + JSON), encoder weights (safetensors, our
+    key layout whatever file that round's encoder came from) and adapter (finetune.scope adapter: applied to the
+    encoder's features before the aggregator), the run's config tree and meta.json (the slide and tile thresholds,
+    the round; `imported`: the h5 format round 0's features were imported from, which predict cannot extract). No
+    file in it runs code when loaded."""
     from hnm_ray.models.encoders import encoder_from_config, save_weights
 
     checkpoint = run_dir / "checkpoint"
@@ -50,11 +54,14 @@ def write_checkpoint(run_dir: Path, last: dict[str, Any], config: TrainConfig, t
         storage.write_bytes(source.with_name(source.name + suffix).read_bytes(), checkpoint / f"{AGGREGATOR}{suffix}")
     if last.get("encoder_weights"):
         save_weights(encoder_from_config(config.encoder, last["encoder_weights"]).state_dict(), checkpoint / ENCODER)
+    if last.get("adapter_weights"):
+        storage.write_bytes(Path(last["adapter_weights"]).read_bytes(), checkpoint / ADAPTER)
     storage.write_bytes((run_dir / CONFIG_FILE).read_bytes(), checkpoint / CONFIG_FILE)
     storage.write_bytes(json.dumps({
         "encoder_weights": ENCODER if last.get("encoder_weights") else None,
+        "adapter_weights": ADAPTER if last.get("adapter_weights") else None,
         "threshold": last.get("val_threshold", 0.5), "tile_threshold": tile_threshold, "seed": config.run.seed,
-        "round": last["round"]}, indent=2), checkpoint / "meta.json")
+        "round": last["round"], "imported_features": imported}, indent=2), checkpoint / "meta.json")
     return checkpoint
 
 
@@ -66,6 +73,7 @@ def finish(run_dir: Path, history: list[dict[str, Any]], records: list[SlideReco
     (heatmaps/hard_negatives/); QuPath GeoJSON of every slide; report.html; the MLflow run's final metrics and
     artifacts. Returns the metrics summary ("final": the kept round, its "kept" saying why; both protocols,
     intervals, the tile threshold)."""
+    from hnm_ray.import_features import imported_format
     from hnm_ray.inference import split_probabilities, tile_threshold
     from hnm_ray.report import plot_roc
     from hnm_ray.report.html import write_run_report
@@ -76,7 +84,7 @@ def finish(run_dir: Path, history: list[dict[str, Any]], records: list[SlideReco
     last, store = history[index], stores[index]
     thresholds = Thresholds(last.get("val_threshold", 0.5), tile_threshold(last["model_path"], store, records,
                                                                           plugin=config.mil.aggregator))
-    checkpoint = write_checkpoint(run_dir, last, config, thresholds.tile)
+    checkpoint = write_checkpoint(run_dir, last, config, thresholds.tile, imported_format(stores[0]))
     model = checkpoint / AGGREGATOR
     labels, probs, test_ids = split_probabilities(model, store, records, "test", config.mil.aggregator)
     plot_roc(labels, probs, run_dir / "roc.png", title=f"test ROC, round {last['round']}", threshold=thresholds.slide)
@@ -87,7 +95,8 @@ def finish(run_dir: Path, history: list[dict[str, Any]], records: list[SlideReco
                      for s in most_mined(records, hard_negatives, config.run.heatmaps)})
     write_slide_outputs(model, store, records, run_dir / "qupath", pictures, thresholds, hard_negatives,
                         plugin=config.mil.aggregator, max_pixels=config.tiling.tissue.max_decoded_pixels)
-    ours = {**{k: v for k, v in last.items() if k not in ("model_path", "encoder_weights", "official_protocol")},
+    ours = {**{k: v for k, v in last.items()
+               if k not in ("model_path", "encoder_weights", "adapter_weights", "official_protocol")},
             "kept": why}
     final = {"final": ours, "official_protocol": last.get("official_protocol"), "rounds": history,
              "finetune": finetune, "tile_threshold": thresholds.tile,

@@ -3,7 +3,8 @@ summary and report.html.
 
     python -m hnm_ray.predict --checkpoint runs/NAME --slides manifest.csv|folder/ --out predictions/
 
-Extraction uses the run's encoder (Ray Data, cuCIM) with the run's tiling; the run's aggregator
+Extraction uses the run's encoder (Ray Data, cuCIM) with the run's tiling; a run trained with
+`--finetune.scope adapter` applies its adapter (checkpoint/adapter.safetensors) to those features; the run's aggregator
 scores each slide; the label uses the run's validation (Youden) threshold. Works on a folder of
 slides without labels; when the manifest has labels, the summary also reports slide AUC (and roc.png).
 Outputs in --out: summary.csv, tiles/<slide>.parquet, heatmaps/<slide>.png, qupath/<slide>.geojson (QuPath
@@ -57,6 +58,13 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
 
     ckpt, out = checked_folders(checkpoint, out)
     meta = json.loads((ckpt / "meta.json").read_text())
+    if meta.get("imported_features"):
+        raise ConfigError("--checkpoint", f"{ckpt} was trained on features imported from {meta['imported_features']} "
+                                          "h5 files, and predict extracts features with the run's encoder, which "
+                                          "this run never had; import the new slides' features from the same "
+                                          "extractor (python -m hnm_ray.import_features) and score them with the "
+                                          "checkpoint's adapter and aggregator (hnm_ray.training.adapter.adapt_store, "
+                                          "hnm_ray.inference.tile_scores)")
     config = _run_config(ckpt, knobs or {}, trust_plugins)
     config = with_weights(config, str(ckpt / meta["encoder_weights"]) if meta.get("encoder_weights") else None)
     slides = Path(slides)
@@ -70,11 +78,12 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
     # same --out with another checkpoint extracts anew instead of reusing the other encoder's features.
     store = FeatureStore(out / "features", f"predict-{config_tag(config.encoder)}-seed{meta['seed']}")
     extract_features(records, store, config)
+    extracted, store = store, adapted_store(store, ckpt, meta)
     model, _ = load_aggregator(ckpt / AGGREGATOR, config.mil.aggregator)
     threshold = float(meta["threshold"])
     # Checkpoints written before the tile threshold existed classed tiles at a fixed 0.5.
     thresholds = Thresholds(threshold, float(meta.get("tile_threshold", 0.5)))
-    errors = {e["slide_id"]: e["cause"] for e in store.errors()}
+    errors = {e["slide_id"]: e["cause"] for e in extracted.errors()}
     rows = []
     for record in records:
         row = {"slide_id": record.slide_id, "label": record.label, "probability": None, "prediction": None,
@@ -97,7 +106,7 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
     writer.writeheader()
     writer.writerows(rows)
     storage.write_bytes(summary_csv.getvalue(), _ensure(out) / "summary.csv")
-    skipped = skipped_slides(records, store)
+    skipped = skipped_slides(records, extracted)
     scored = [r for r in rows if r["probability"] is not None and r["label"] is not None]
     metrics = None
     if scored:
@@ -109,6 +118,20 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
     log_skipped(skipped, len(rows))
     log.info("predicted %d slides -> %s", len(rows) - skipped["count"], out / "summary.csv")
     return rows
+
+
+def adapted_store(store: FeatureStore, ckpt: Path, meta: dict[str, Any]) -> FeatureStore:
+    """The features the run's aggregator reads: the run's adapter (finetune.scope adapter) applied to the encoder's
+    `store`, in a folder named after the adapter file's digest; `store` itself for a run without one."""
+    from hnm_ray.models.encoders import file_digest
+    from hnm_ray.training.adapter import adapt_store
+
+    if not meta.get("adapter_weights"):
+        return store
+    adapter = ckpt / meta["adapter_weights"]
+    target = FeatureStore(store.root, f"{store.encoder_tag}-adapter-{file_digest(adapter)}")
+    adapt_store(store, target, adapter)
+    return target
 
 
 def checked_folders(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:

@@ -9,7 +9,9 @@
 Round r: features with the encoder of round r (round 0: the initial or warm-started encoder) -> the MIL
 aggregator (DSMIL + ranking loss) on Ray Train -> pseudo labels for every tile of the mining pool -> the
 HardNegativeMiner keeps the global top `mining.neg_ratio` of negative-slide tiles, positives by the
-self-paced r_t -> the encoder is fine-tuned with SupCon for `finetune.epochs_per_round` epochs. The
+self-paced r_t -> the encoder is fine-tuned with SupCon for `finetune.epochs_per_round` epochs (with
+`--finetune.scope adapter` the encoder stays frozen: a small adapter is trained on the same rows' stored features,
+and round r + 1's features are adapter(round 0's), no slide read: `training.adapter`). The
 last round only trains and evaluates the aggregator. The run's final model is the round with the best validation
 slide AUC (`run.final_round`; `last` for the last round). Outputs in runs/<name>/: report.html, config.yaml,
 metrics.json (both reporting protocols, stage seconds), metrics_round<r>.json, checkpoint/, roc.png,
@@ -34,6 +36,7 @@ from hnm_ray import storage
 from hnm_ray.cli import entry_point
 from hnm_ray.cli import parser as cli_parser
 from hnm_ray.config import TrainConfig
+from hnm_ray.errors import ConfigError
 from hnm_ray.extract import extract_features
 from hnm_ray.index import TileIndex
 from hnm_ray.inference import evaluate_split
@@ -70,15 +73,15 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
     # Held for the whole job: Ray garbage-collects a named actor when its last handle goes, and the global ranking
     # form of round >= 1 reads the queue that round - 1's mining left in it (restored from the snapshot on resume).
     _miner = get_miner(miner_name, snapshot_path=str(run_dir / MINER_SNAPSHOT))
-    weights = initial_encoder(config, records, run_dir, state)
+    weights, adapter = initial_encoder(config, records, run_dir, state), None
     head, adopted, history, stores = initial_head(weights, run_dir), None, [], []
     for round_ in range(config.run.rounds + 1):
         store = round_store(config, run_dir, round_, weights)
         stores.append(store)
-        state.timed(f"extract_round{round_}", lambda: extract_features(                       # f(x) for every tile
-            records, store, with_weights(config, weights), index_root(config, run_dir)))
+        state.timed(f"extract_round{round_}", lambda: round_features(                         # f(x) for every tile
+            config, records, store, stores[0], weights, adapter, run_dir))
         result = state.once(f"mil_round{round_}", lambda: train_aggregator(                   # MIL + ranking loss
-            config, store, records, run_dir, round_, weights, miner_name))
+            config, store, records, run_dir, round_, weights, miner_name, adapter))
         history.append(result)
         round_done(run_dir, config, result)                                                     # report.html, MLflow
         if on_round is not None:
@@ -89,8 +92,9 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
             config, store, records, result, adopted, run_dir, round_, miner_name))
         finetuned = state.once(f"finetune_round{round_}", lambda: finetune_round(              # SupCon on f
             config, store, records, Selection.load(Path(adopted["folder"]), adopted["stats"]), run_dir, round_,
-            weights, head, uncertain_joined=adopted["round"] >= 1))
-        weights, head = finetuned["encoder_weights"], finetuned["head_weights"]
+            weights, head, uncertain_joined=adopted["round"] >= 1, round0=stores[0], adapter=adapter))
+        weights, head, adapter = (finetuned["encoder_weights"], finetuned["head_weights"],
+                                  finetuned.get("adapter_weights"))
     finetune = {k: v for k, v in state.data.items() if k.startswith("finetune_round")}
     final = finish(run_dir, history, records, stores, finetune, config)  # the kept round's model (run.final_round)
     final["seconds"] = time.perf_counter() - started
@@ -113,9 +117,30 @@ def check_inputs(config: TrainConfig) -> list[SlideRecord]:
     records = load_manifest(Path(config.run.manifest) if config.run.manifest else demo_manifest(config.run),
                             seed=config.run.seed)
     require_both_classes(records, config.run.manifest or "the demo cohort")
+    check_scope(config)
     encoder = encoder_from_config(config.encoder)
     build_aggregator(config.mil.aggregator, encoder.out_dim, hidden=config.mil.hidden, dropout=config.mil.dropout)
     return records
+
+
+def imported_round0(config: TrainConfig) -> str | None:
+    """The h5 format round 0's features were imported from (`import_features`: no slide to read), else None."""
+    from hnm_ray.import_features import imported_format
+
+    if not (config.run.store and config.run.store_tag):
+        return None
+    return imported_format(FeatureStore(config.run.store, config.run.store_tag, round=0))
+
+
+def check_scope(config: TrainConfig) -> None:
+    """ConfigError before any work: full fine-tuning (re-extraction from the slides) on imported features."""
+    source = imported_round0(config)
+    if source and config.finetune.scope == "full" and config.run.rounds > 0:
+        raise ConfigError("finetune.scope", f"round 0's features ({config.run.store}, tag {config.run.store_tag!r}) "
+                                            f"were imported from {source} h5 files, so there are no slides to "
+                                            "re-extract after full fine-tuning; pass --finetune.scope adapter (the "
+                                            "encoder stays frozen, an adapter trains on the stored features) or "
+                                            "--run.rounds 0 (the aggregator only)")
 
 
 def miner_name_of(state: RunState) -> str:
@@ -125,7 +150,12 @@ def miner_name_of(state: RunState) -> str:
 
 
 def initial_encoder(config: TrainConfig, records: list[SlideRecord], run_dir: Path, state: RunState) -> str | None:
-    """encoder.weights when given; else the cached SimCLR warm start (pretrain.method simclr); else random init."""
+    """encoder.weights when given; else the cached SimCLR warm start (pretrain.method simclr); else random init. None
+    for imported features (no encoder runs)."""
+    if imported_round0(config):
+        log.info("round 0's features are imported (%s, tag %s): no encoder runs", config.run.store,
+                 config.run.store_tag)
+        return None
     if config.encoder.weights:
         return config.encoder.weights
     if config.pretrain.method == "none":
@@ -170,17 +200,34 @@ def index_root(config: TrainConfig, run_dir: Path) -> storage.Location:
 
 def round_store(config: TrainConfig, run_dir: Path, round_: int, weights: str | None) -> FeatureStore:
     """Where round r's features live: round 0 in the shared store (--store, reusable by other runs and sweep
-    trials), later rounds (this run's fine-tuned encoders) inside the run folder."""
+    trials; its folder --run.store_tag when set), later rounds (this run's fine-tuned encoders or adapters) inside
+    the run folder."""
     from hnm_ray.models.encoders import config_tag
 
     if round_ == 0:
-        return FeatureStore(index_root(config, run_dir), config_tag(config.encoder, weights), round=0)
-    return FeatureStore(run_dir / "features", f"{run_dir.name}-finetuned", round=round_)
+        return FeatureStore(index_root(config, run_dir), config.run.store_tag or config_tag(config.encoder, weights),
+                            round=0)
+    kind = "adapted" if config.finetune.scope == "adapter" else "finetuned"
+    return FeatureStore(run_dir / "features", f"{run_dir.name}-{kind}", round=round_)
+
+
+def round_features(config: TrainConfig, records: list[SlideRecord], store: FeatureStore, round0: FeatureStore,
+                   weights: str | None, adapter: str | None, run_dir: Path) -> Any:
+    """Round r's features: with an adapter (adapter scope, after round 0) adapter(round 0's features), reading no
+    slide; imported features as they are; else extracted from the slides with the round's encoder."""
+    from hnm_ray.training.adapter import adapt_store
+
+    if adapter is not None:
+        return adapt_store(round0, store, adapter)
+    if imported_round0(config):
+        return None
+    return extract_features(records, store, with_weights(config, weights), index_root(config, run_dir))
 
 
 def train_aggregator(config: TrainConfig, store: FeatureStore, records: list[SlideRecord], run_dir: Path, round_: int,
-                     weights: str | None, miner_name: str) -> dict[str, Any]:
-    """Paper steps 2-3: the aggregator of this round, evaluated on test with our protocol and the official one."""
+                     weights: str | None, miner_name: str, adapter: str | None = None) -> dict[str, Any]:
+    """Paper steps 2-3: the aggregator of this round, evaluated on test with our protocol and the official one
+    (`weights`, `adapter`: the encoder and adapter the round's features came from)."""
     fitted = fit_mil(config.mil, store, records, run_dir, name=f"mil_round{round_}", miner_name=miner_name,
                      seed=config.run.seed)
     validation = evaluate_split(fitted.model_path, store, records, "val", fitted.threshold,  # + n and intervals
@@ -189,7 +236,8 @@ def train_aggregator(config: TrainConfig, store: FeatureStore, records: list[Sli
               **{k: v for k, v in fitted.metrics.items() if k.startswith("val_")},
               **{k: v for k, v in validation.items() if k.removeprefix("val_") in INTERVAL_KEYS},
               **evaluate_split(fitted.model_path, store, records, "test", fitted.threshold, config.mil.aggregator),
-              "official_protocol": fitted.official_protocol, "model_path": fitted.model_path, "encoder_weights": weights}
+              "official_protocol": fitted.official_protocol, "model_path": fitted.model_path,
+              "encoder_weights": weights, "adapter_weights": adapter}
     storage.write_bytes(json.dumps(result, indent=2, default=float), run_dir / f"metrics_round{round_}.json")
     log.info("round %d: val %s; test %s; test instance AUC %.3f", round_, describe(result, "val_"),
              describe(result, "test_"), result.get("test_instance_auc", np.nan))
@@ -227,16 +275,25 @@ def gate_f1(result: dict[str, Any]) -> float:
 
 def finetune_round(config: TrainConfig, store: FeatureStore, records: list[SlideRecord], selection: Selection,
                    run_dir: Path, round_: int, weights: str | None, head: str | None,
-                   uncertain_joined: bool) -> dict[str, Any]:
+                   uncertain_joined: bool, round0: FeatureStore | None = None,
+                   adapter: str | None = None) -> dict[str, Any]:
     """Paper step 7: SupCon fine-tuning of the encoder on this round's hard negatives and positives (+ the uncertain
-    negatives once `uncertain_joined`: officially after the first adopted pseudo-label update)."""
+    negatives once `uncertain_joined`: officially after the first adopted pseudo-label update); with
+    finetune.scope adapter, of the adapter (from `adapter`) on those rows' features in `round0`."""
+    from hnm_ray.training.adapter import fit_adapter
+
     epochs = config.finetune.epochs_per_round
     rows = round_rows(config, store, records, selection, round_, uncertain_joined)
     started = time.perf_counter()
-    out = fit_finetune(config, rows, weights, run_dir, name=f"finetune_round{round_}", first_epoch=round_ * epochs,
-                       last_epoch=(round_ + 1) * epochs, total_epochs=config.total_finetune_epochs, head_weights=head)
+    span = {"name": f"finetune_round{round_}", "first_epoch": round_ * epochs, "last_epoch": (round_ + 1) * epochs,
+            "total_epochs": config.total_finetune_epochs}
+    if config.finetune.scope == "adapter":
+        out = fit_adapter(config, rows, round0 or store, weights, adapter, head, run_dir, **span)
+    else:
+        out = fit_finetune(config, rows, weights, run_dir, head_weights=head, **span)
     seconds = time.perf_counter() - started
     return {"encoder_weights": out.encoder_weights, "head_weights": out.head_weights,
+            "adapter_weights": out.adapter_weights,
             "hard_negatives": selection.hard_negatives.num_rows, "positives": selection.positives.num_rows,
             "uncertain_negatives": int(np.sum(rows["kind"].to_numpy() == UNCERTAIN_NEGATIVE)),
             "tiles_per_epoch": rows.num_rows, "seconds": seconds,

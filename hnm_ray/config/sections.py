@@ -209,6 +209,20 @@ class MiningConfig:
 class FinetuneConfig:
     """Encoder fine-tuning with SupCon on hard negatives and self-paced positives (ItS2CLR)."""
 
+    scope: str = knob("full", "what a round fine-tunes: full (the encoder end to end, then every tile re-extracted "
+                              "from the slides: the paper's) or adapter (the encoder stays frozen and round 0's "
+                              "features are extracted once; each round trains a small adapter on the stored features "
+                              "of the same rows with the same SupCon loss, and the next round's features are "
+                              "adapter(round 0's): no slide is read after round 0. For foundation-model encoders "
+                              "and imported features; a round costs seconds)", choices=["full", "adapter"])
+    adapter_hidden: int = knob(256, "adapter scope: hidden width h of the residual adapter x + W2 relu(W1 x) "
+                                    "(D -> h -> D; W2 starts at zero, so round 1 starts from round 0's features)",
+                               low=1)
+    adapter_dropout: float = knob(0.2, "adapter scope: feature dropout of each SupCon view (the two views of a tile "
+                                       "are feature-space augmentations of its stored features)",
+                                  low=0.0, high=1.0, high_open=True)
+    adapter_noise: float = knob(0.2, "adapter scope: Gaussian noise added to each view, in units of each feature's "
+                                     "std over the round's rows", low=0.0)
     epochs_per_round: int = knob(2, "fine-tuning epochs between re-extractions (mil_every_n_epochs)", low=1)
     warmup_epochs: int = knob(1, "epochs before positives act as anchors (step B) and r_t starts growing", low=0)
     loop: str = knob("ours", "fine-tuning loop: ours (one SupCon step per batch, step B added after warm-up) or "
@@ -265,6 +279,9 @@ class JobConfig:
     demo_size: int = knob(2048, "level-0 side of demo slides in pixels", low=512)
     store: str = knob("", "feature store root of round 0, a folder or s3:// / gs:// URI (default: <run>/features); "
                           "shareable between runs")
+    store_tag: str = knob("", "round 0's folder in the store (default: derived from the encoder and its weights); "
+                              "the --tag of an `import_features` store to train on imported features (with "
+                              "--finetune.scope adapter: no slide is read)")
     rounds: int = knob(2, "fine-tuning rounds (the aggregator is trained rounds + 1 times)", low=0)
     heatmaps: int = knob(4, "test slides to draw tile-score heatmaps for (tumour and normal in turn)", low=0)
     final_round: str = knob("best_val", "the round whose aggregator and encoder are the run's final model "

@@ -109,19 +109,25 @@ def projection_head(in_dim: int, out_dim: int):
 def build_contrastive(encoder: EncoderConfig, weights: str | None, head_weights: str | None, proj_dim: int):
     """Encoder (from `weights`) + projection head, the head from `head_weights` when given (the SimCLR checkpoint's
     head in round 0, the previous round's after): HnmError naming the file when it does not fit."""
-    import torch
-
     from hnm_ray.models.encoders import encoder_from_config
 
     model = encoder_from_config(encoder, weights)
-    head = projection_head(model.out_dim, proj_dim)
+    return contrastive_model(model, load_head(model.out_dim, proj_dim, head_weights), encoder.precision)
+
+
+def load_head(dim: int, proj_dim: int, head_weights: str | None):
+    """A `projection_head(dim, proj_dim)`, from `head_weights` when given (a state dict, loaded with
+    weights_only: no code runs): HnmError naming the file when it does not fit."""
+    import torch
+
+    head = projection_head(dim, proj_dim)
     if head_weights:
         try:
             head.load_state_dict(torch.load(head_weights, map_location="cpu", weights_only=True))
         except RuntimeError as exc:
-            raise HnmError(f"projection head {head_weights} does not fit a {model.out_dim} -> {model.out_dim} -> "
-                           f"{proj_dim} head ({one_line(exc)}); set --finetune.proj_dim to the checkpoint's") from exc
-    return contrastive_model(model, head, encoder.precision)
+            raise HnmError(f"projection head {head_weights} does not fit a {dim} -> {dim} -> {proj_dim} head "
+                           f"({one_line(exc)}); set --finetune.proj_dim to the checkpoint's") from exc
+    return head
 
 
 def contrastive_model(encoder, head, precision: str = "float32"):
@@ -172,15 +178,22 @@ def our_loss(batch: dict[str, np.ndarray], model, fc: dict[str, Any], epoch: int
              supervised: bool, input_space: str):
     """Our loop, one SGD step per batch: SupCon with negatives as anchors (+ positives as anchors after warm-up);
     NT-Xent (SimCLR) when not supervised."""
-    import torch
-
     from hnm_ray.losses import supcon_loss
 
     keep = _usable(batch, ratio, supervised)
     z1, z2 = _views(batch["tiles"][keep], model, fc, gen, device, input_space)
     if not supervised:
         return supcon_loss(z1, z2, None, fc["temperature"])
-    y = torch.from_numpy(batch["label"][keep].astype(np.int64)).to(device)
+    return our_objective(z1, z2, batch["label"][keep], fc, epoch)
+
+
+def our_objective(z1, z2, labels: np.ndarray, fc: dict[str, Any], epoch: int):
+    """Our loop's SupCon on two views' projections: negatives as anchors (+ positives as anchors after warm-up)."""
+    import torch
+
+    from hnm_ray.losses import supcon_loss
+
+    y = torch.from_numpy(labels.astype(np.int64)).to(z1.device)
     loss = supcon_loss(z1, z2, y, fc["temperature"], anchor_mask=y == 0)
     if epoch >= fc["warmup_epochs"] and bool((y == 1).any()):
         loss = loss + supcon_loss(z1, z2, y, fc["temperature"], anchor_mask=y == 1)
@@ -196,10 +209,6 @@ def official_step_loss(batch: dict[str, np.ndarray], step_b: bool, model, fc: di
     (DDP) every rank must take the same decision, or they disagree on the number of gradient all-reduces and NCCL
     hangs: a rank's decode errors are its own, so there the step is never skipped; such a rank contributes a zero
     loss through a forward and backward of all its tiles (zero gradients, the same all-reduces)."""
-    import torch
-
-    from hnm_ray.losses import supcon_step_a, supcon_step_b
-
     rows = np.flatnonzero(_decoded(batch))
     if len(rows) < 2:
         if world == 1:
@@ -207,10 +216,20 @@ def official_step_loss(batch: dict[str, np.ndarray], step_b: bool, model, fc: di
         z1, z2 = _views(batch["tiles"], model, fc, gen, device, input_space)
         return 0.0 * (z1.sum() + z2.sum())
     z1, z2 = _views(batch["tiles"][rows], model, fc, gen, device, input_space)
-    y = torch.from_numpy(batch["label"][rows].astype(np.int64)).to(device)
+    return official_objective(z1, z2, batch["label"][rows], batch["kind"][rows], step_b, fc)
+
+
+def official_objective(z1, z2, labels: np.ndarray, kinds: np.ndarray, step_b: bool, fc: dict[str, Any]):
+    """The official step's SupCon on two views' projections: step B (positives anchor) or step A (negatives anchor,
+    uncertain negatives out of the contrast set)."""
+    import torch
+
+    from hnm_ray.losses import supcon_step_a, supcon_step_b
+
+    y = torch.from_numpy(labels.astype(np.int64)).to(z1.device)
     if step_b:
         return supcon_step_b(z1, z2, y, fc["temperature"])
-    bag = torch.from_numpy((batch["kind"][rows] != HARD_NEGATIVE).astype(np.int64)).to(device)
+    bag = torch.from_numpy((kinds != HARD_NEGATIVE).astype(np.int64)).to(z1.device)
     return supcon_step_a(z1, z2, y, bag, fc["temperature"])
 
 
@@ -353,11 +372,19 @@ def check_official_rows(rows: pa.Table, ft, world: int, name: str) -> None:
 
 @dataclass
 class FinetuneResult:
-    """Where the fine-tuned encoder and head weights were written, and the per-epoch metrics."""
+    """Where the fine-tuned encoder (or the frozen one's and the adapter's) and head weights were written, and the
+    per-epoch metrics."""
 
-    encoder_weights: str
+    encoder_weights: str | None
     head_weights: str
     history: list[dict[str, Any]]
+    adapter_weights: str | None = None  # adapter scope: the adapter trained on the frozen encoder's features
+
+
+def schedule(config: TrainConfig, ft, total_epochs: int, supervised: bool) -> dict[str, Any]:
+    """The loop-config keys `epoch_batches` reads: the finetune section, r_t's ro/rT, seed, schedule length."""
+    return {"ft": asdict(ft), "ro": config.mining.ro, "rT": config.mining.rT, "seed": config.run.seed,
+            "total_epochs": total_epochs, "supervised": supervised}
 
 
 def fit_finetune(config: TrainConfig, rows: pa.Table, weights: str | None, run_dir: str | Path, name: str,
@@ -383,9 +410,8 @@ def fit_finetune(config: TrainConfig, rows: pa.Table, weights: str | None, run_d
                              cpus_per_worker=worker_cpus(ft.cpus_per_worker, workers, use_gpu=ft.use_gpu))
     run_dir = Path(run_dir).resolve()
     # The coordinates travel with the loop config (a few MB for 10^5 tiles); each worker decodes its own share.
-    loop = {"ft": asdict(ft), "ro": config.mining.ro, "rT": config.mining.rT, "encoder": asdict(config.encoder),
-            "weights": weights, "head_weights": head_weights, "seed": config.run.seed, "first_epoch": first_epoch,
-            "last_epoch": last_epoch, "total_epochs": total_epochs, "supervised": supervised,
+    loop = {**schedule(config, ft, total_epochs, supervised), "encoder": asdict(config.encoder),
+            "weights": weights, "head_weights": head_weights, "first_epoch": first_epoch, "last_epoch": last_epoch,
             "rows": rows, "tile_size": config.tiling.tile_size, "name": name,
             "driver_checkpoints": driver_checkpoint_dir(ft.workers, run_dir / "ray_train", name)}
     done = run_loop(train_loop_per_worker, loop, workers=ft.workers, use_gpu=ft.use_gpu,
