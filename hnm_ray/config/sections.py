@@ -116,8 +116,9 @@ class EncoderConfig:
 class PretrainConfig:
     """Self-supervised warm start of the encoder (SimCLR, NT-Xent) on the cohort's training tiles."""
 
-    method: str = knob("simclr", "warm start before round 0 when no encoder.weights are given: simclr (cached per "
-                                 "cohort + encoder), or none (random init: features start from noise)",
+    method: str = knob("simclr", "warm start before round 0 when no encoder.weights are given and the encoder is no "
+                                 "hf-hub: model (those start pretrained): simclr (cached per cohort + encoder), or "
+                                 "none (random init: features start from noise)",
                        choices=["none", "simclr"])
     epochs: int = knob(3, "SimCLR epochs (3: tile probe AUC 0.93 on the Camelyon16-regime cohort, raw pixels 0.87: "
                           "benchmarks/results/warm_start.json; 2-10 all give 0.82-0.85 on the digits cohort)", low=1)
