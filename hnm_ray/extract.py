@@ -14,6 +14,7 @@ pixels without raising, so without it a damaged slide would be embedded silently
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import defaultdict
@@ -173,10 +174,11 @@ def extract_features(records: list[SlideRecord], store: FeatureStore, config: Tr
     """Features of `records` into `store` with the encoder, tiling and resources of `config`; resumes, and records
     and skips failed slides. The tile index is read from (or written to) `index_root` (default: the store root),
     so later rounds reuse round 0's tissue detection. Returns what was written, skipped and failed."""
-    from hnm_ray.models.encoders import encoder_from_config
+    from hnm_ray.models.encoders import encoder_out_dim, resolved
 
     init_ray()
-    tiling, encoder, extract = config.tiling, config.encoder, config.extract
+    config = dataclasses.replace(config, encoder=resolved(config.encoder))  # the actors read the same model files
+    encoder, extract = config.encoder, config.extract
     done = store.completed()
     todo = [r for r in records if r.slide_id not in done]
     log.info("extract: %d slides, %d already in %s, %d to do", len(records), len(records) - len(todo), store.directory, len(todo))
@@ -186,13 +188,9 @@ def extract_features(records: list[SlideRecord], store: FeatureStore, config: Tr
         return summary
     store.ensure_writable()  # fail in a second, not after the whole cohort was decoded and encoded
     use_gpu = (extract.gpus_per_encoder if extract.gpus_per_encoder is not None else min(1.0, cluster_gpus())) > 0
-    dim = encoder_from_config(encoder).out_dim
-    metadata = {"encoder": encoder.name, "encoder_tag": store.encoder_tag, "weights": encoder.weights or "",
-                "norm": encoder.norm, "input_space": encoder.input_space, "tile_size": tiling.tile_size,
-                "level": tiling.level, "mpp": tiling.mpp, "dim": int(dim), "dtype": extract.dtype,
-                "round": store.round, "seed": config.run.seed}
+    metadata = store_metadata(config, store, encoder_out_dim(encoder))
     _warn_if_settings_changed(store, metadata, len(records) - len(todo))
-    index = TileIndex(index_root or store.root, tiling)
+    index = TileIndex(index_root or store.root, config.tiling)
     gatherer = SlideGatherer(store, index, extract.dtype, metadata)
     progress = Progress("extract (slides)", len(todo))
     for batch in _pipeline(todo, index, config, use_gpu).iter_batches(batch_size=None, batch_format="numpy"):
@@ -213,7 +211,20 @@ def extract_features(records: list[SlideRecord], store: FeatureStore, config: Tr
     return summary
 
 
-RESUME_KEYS = ("encoder", "weights", "norm", "input_space", "seed", "tile_size", "level", "mpp", "dim", "dtype")
+def store_metadata(config: TrainConfig, store: FeatureStore, dim: int) -> dict[str, Any]:
+    """What the slide files of `store` record of the extraction that wrote them: the encoder, its weights and
+    preprocessing (input space, mean, std, input size), the tiling, the feature size and dtype."""
+    from hnm_ray.models.encoders import input_space_of
+
+    encoder, tiling = config.encoder, config.tiling
+    return {"encoder": encoder.name, "encoder_tag": store.encoder_tag, "weights": encoder.weights or "",
+            "norm": encoder.norm, **input_space_of(encoder).describe(), "tile_size": tiling.tile_size,
+            "level": tiling.level, "mpp": tiling.mpp, "dim": int(dim), "dtype": config.extract.dtype,
+            "round": store.round, "seed": config.run.seed}
+
+
+RESUME_KEYS = ("encoder", "weights", "norm", "input_space", "mean", "std", "input_size", "seed", "tile_size", "level",
+               "mpp", "dim", "dtype")
 
 
 def _warn_if_settings_changed(store: FeatureStore, metadata: dict[str, Any], n_done: int) -> None:
@@ -256,7 +267,7 @@ def _pipeline(records: list[SlideRecord], index: TileIndex, config: TrainConfig,
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point of `python -m hnm_ray.extract`."""
-    from hnm_ray.models.encoders import config_tag, encoder_from_config
+    from hnm_ray.models.encoders import config_tag, encoder_out_dim
 
     parser = cli_parser("python -m hnm_ray.extract", __doc__)
     parser.add_argument("--out", default="features", help="feature store root: a folder or s3:// / gs:// URI (default: features)")
@@ -270,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     if not config.run.manifest:
         raise ConfigError("run.manifest", "required: pass --manifest PATH (CSV/Parquet)")
     records = load_manifest(config.run.manifest, require_labels=False)[: args.limit_slides]
-    encoder_from_config(config.encoder)  # a bad encoder name, plug-in or weights file fails before Ray starts
+    encoder_out_dim(config.encoder)  # a bad encoder name, plug-in, model or weights file fails before Ray starts
     store = FeatureStore(args.out, args.tag or config_tag(config.encoder), round=args.round)
     summary = extract_features(records, store, config)
     print(summary)

@@ -10,12 +10,16 @@ from hnm_ray.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+")
+# Models named by a Hugging Face Hub repository or a timm architecture (hnm_ray.models.foundation): an architecture
+# plus weights, no code of the file's author runs.
+HUB_PREFIXES = ("hf-hub:", "hf_hub:")
+TIMM_PREFIX = "timm:"
 
 
 def names_code(spec: str) -> bool:
     """Whether a model spec names code to run (a `module:callable` plug-in or a TorchScript file) rather than a
-    registered name: registered names are plain identifiers, never looked up as files or modules."""
-    return PLAIN_NAME.fullmatch(spec) is None
+    registered name or an `hf-hub:` / `timm:` model: those are never looked up as files or modules."""
+    return PLAIN_NAME.fullmatch(spec) is None and not spec.startswith((*HUB_PREFIXES, TIMM_PREFIX))
 
 
 class Registry(Generic[F]):

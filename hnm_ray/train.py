@@ -64,6 +64,7 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
 
     started = time.perf_counter()
     records = check_inputs(config) if records is None else records  # before Ray starts and the run folder is made
+    config = with_encoder_preprocessing(config)  # an hf-hub:/timm: encoder's own mean/std/input size, recorded
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save_yaml(config, run_dir / CONFIG_FILE)
     state = RunState(run_dir)
@@ -110,16 +111,19 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
 
 def check_inputs(config: TrainConfig) -> list[SlideRecord]:
     """Every input check of a job, before Ray starts and before any folder is made: the manifest (every bad row at
-    once; both classes), the encoder (name or plug-in, weights file) and the aggregator (name or plug-in)."""
+    once; both classes), the encoder (name or plug-in, weights file; an hf-hub: model in the local cache) and the
+    aggregator (name or plug-in). An hf-hub:/timm: model's weights are not loaded here: its files are found and its
+    architecture traced on the meta device (its feature size), so a 1B-parameter model is read once, by each encoder
+    actor."""
     from hnm_ray.models.aggregators import build_aggregator
-    from hnm_ray.models.encoders import encoder_from_config
+    from hnm_ray.models.encoders import encoder_out_dim
 
     records = load_manifest(Path(config.run.manifest) if config.run.manifest else demo_manifest(config.run),
                             seed=config.run.seed)
     require_both_classes(records, config.run.manifest or "the demo cohort")
     check_scope(config)
-    encoder = encoder_from_config(config.encoder)
-    build_aggregator(config.mil.aggregator, encoder.out_dim, hidden=config.mil.hidden, dropout=config.mil.dropout)
+    dim = encoder_out_dim(config.encoder)
+    build_aggregator(config.mil.aggregator, dim, hidden=config.mil.hidden, dropout=config.mil.dropout)
     return records
 
 
@@ -150,14 +154,19 @@ def miner_name_of(state: RunState) -> str:
 
 
 def initial_encoder(config: TrainConfig, records: list[SlideRecord], run_dir: Path, state: RunState) -> str | None:
-    """encoder.weights when given; else the cached SimCLR warm start (pretrain.method simclr); else random init. None
-    for imported features (no encoder runs)."""
+    """encoder.weights when given; None for an hf-hub: model (its own pretrained weights: no warm start) and for
+    imported features (no encoder runs); else the cached SimCLR warm start (pretrain.method simclr); else random
+    init."""
+    from hnm_ray.models.encoders import is_pretrained
+
     if imported_round0(config):
         log.info("round 0's features are imported (%s, tag %s): no encoder runs", config.run.store,
                  config.run.store_tag)
         return None
     if config.encoder.weights:
         return config.encoder.weights
+    if is_pretrained(config.encoder):
+        return None
     if config.pretrain.method == "none":
         log.warning("no encoder.weights and pretrain.method none: the encoder starts from random init, so round 0 "
                     "features start from noise; pass --encoder.weights or --pretrain.method simclr")
@@ -186,6 +195,13 @@ def initial_head(weights: str | None, run_dir: Path) -> str | None:
     torch.save(state, buffer)
     storage.write_bytes(buffer.getvalue(), run_dir / "initial_head.pt")
     return str(run_dir / "initial_head.pt")
+
+
+def with_encoder_preprocessing(config: TrainConfig) -> TrainConfig:
+    """The config with its encoder section `resolved` (an hf-hub:/timm: encoder's own mean, std, input size and cache)."""
+    from hnm_ray.models.encoders import resolved
+
+    return dataclasses.replace(config, encoder=resolved(config.encoder))
 
 
 def with_weights(config: TrainConfig, weights: str | None) -> TrainConfig:

@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 GPU, CPU = REPO / "constraints" / "gpu.txt", REPO / "constraints" / "cpu.txt"
-CUDA_MAJOR = "13"  # the CUDA major we support: PyPI's torch 2.13.0 is a CUDA 13.0 build
+CUDA_MAJOR = "13"  # the CUDA major we support: PyPI's torch 2.14.1 is a CUDA 13.0 build
 
 
 def pins(path: Path) -> dict[str, str]:
@@ -28,11 +28,12 @@ def pins(path: Path) -> dict[str, str]:
 
 def test_gpu_constraints_pin_the_tested_torch_and_ray_with_one_cuda_major():
     gpu, cpu = pins(GPU), pins(CPU)
-    assert gpu["torch"] == cpu["torch"] and gpu["ray"] == cpu["ray"]  # the versions the suite runs
-    assert gpu[f"cucim-cu{CUDA_MAJOR}"] == cpu["cucim-cu12"]  # the same cuCIM release, built for our CUDA major
+    for name in ("torch", "torchvision", "timm", "ray", f"cucim-cu{CUDA_MAJOR}"):  # the versions the suite runs
+        assert gpu[name] == cpu[name], name
     assert f"cupy-cuda{CUDA_MAJOR}x" in gpu and gpu["cuda-toolkit"].startswith(f"{CUDA_MAJOR}.")
-    other = [name for name in gpu if re.search(r"cu(da)?1[0-9]", name) and CUDA_MAJOR not in name]
-    assert not other, f"packages of another CUDA major in {GPU.name}: {other}"
+    for path, pinned in ((GPU, gpu), (CPU, cpu)):  # the CPU set runs PyPI's CUDA torch too: one major in each
+        other = [name for name in pinned if re.search(r"cu(da)?1[0-9]", name) and CUDA_MAJOR not in name]
+        assert not other, f"packages of another CUDA major in {path.name}: {other}"
 
 
 def test_cucim_is_an_extra_per_cuda_major_not_a_hard_dependency():
@@ -40,7 +41,8 @@ def test_cucim_is_an_extra_per_cuda_major_not_a_hard_dependency():
     assert not [d for d in project["dependencies"] if d.startswith("cucim")]  # a hard cu12 could not meet cu13 torch
     extras = project["optional-dependencies"]
     assert extras["cu12"][0].startswith("cucim-cu12") and extras["cu13"][0].startswith("cucim-cu13")
-    assert "hnm-ray[cu12]" in extras["test"]  # CI (constraints/cpu.txt) keeps its cuCIM
+    assert f"hnm-ray[cu{CUDA_MAJOR}]" in extras["test"]  # CI (constraints/cpu.txt: a CUDA 13 torch) keeps its cuCIM
+    assert "hnm-ray[timm]" in extras["test"] and extras["timm"][0].startswith("timm")  # the timm path is tested
 
 
 @pytest.mark.parametrize("path", ["cluster/Dockerfile", "cluster/aws.yaml", "cluster/gcp.yaml"])
@@ -54,17 +56,18 @@ def test_image_and_launcher_install_the_gpu_constraints(path):
 @pytest.mark.gpu_install
 @pytest.mark.timeout(900)
 def test_gpu_install_resolves_to_the_tested_torch_and_cuda(tmp_path):
-    """pip's resolver on the image's install set: torch 2.13.0 (not a CPU wheel, not an older CUDA 12 torch) with
+    """pip's resolver on the image's install set: torch 2.14.1 (not a CPU wheel, not an older CUDA 12 torch) with
     cuCIM, cupy and the CUDA libraries of one CUDA major. Local wheel folders (find-links, a CPU torch) are off."""
     report = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_FIND_LINKS")}
     env["PIP_CONFIG_FILE"] = os.devnull
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-                           "--report", str(report), "-c", str(GPU), f"{REPO}[cu{CUDA_MAJOR},openslide]",
+                           "--report", str(report), "-c", str(GPU), f"{REPO}[cu{CUDA_MAJOR},openslide,timm]",
                            f"ray[default]=={pins(GPU)['ray']}"], env=env, capture_output=True, text=True, timeout=840)
     assert done.returncode == 0, done.stderr[-3000:]
     got = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
-    assert got["torch"] == pins(GPU)["torch"]  # no "+cpu" local wheel, no older torch picked to fit
+    for name in ("torch", "torchvision", "timm"):  # no "+cpu" local wheel, no older torch picked to fit
+        assert got[name] == pins(GPU)[name], name
     assert got[f"cucim-cu{CUDA_MAJOR}"] == pins(GPU)[f"cucim-cu{CUDA_MAJOR}"]
     assert got[f"cupy-cuda{CUDA_MAJOR}x"] == pins(GPU)[f"cupy-cuda{CUDA_MAJOR}x"]
     assert got["nvidia-cuda-runtime"].startswith(f"{CUDA_MAJOR}.") and got["cuda-toolkit"].startswith(f"{CUDA_MAJOR}.")

@@ -76,27 +76,49 @@ class TilingConfig:
 class EncoderConfig:
     """The tile encoder f: architecture, initial weights and what its input looks like."""
 
-    name: str = knob("small_cnn", "tile encoder: small_cnn, resnet18_in (the paper's), module:callable, or a "
+    name: str = knob("small_cnn", "tile encoder: small_cnn, resnet18_in (the paper's), hf-hub:ORG/NAME or timm:ARCH "
+                                  "(timm foundation models, weights from the local Hugging Face cache or "
+                                  "encoder.weights: README 'Using a foundation model'), module:callable, or a "
                                   "TorchScript .pt (these two run code: from a file only with --trust-plugins)",
                       code=True)
     weights: str | None = knob(None, "initial encoder weights (safetensors or a torch state dict, ours or the "
                                      "official ItS2CLR SimCLR layout); none: a warm start by pretrain, or random init")
     norm: str = knob("affine", "resnet18_in instance norm: affine (learnable scale/shift) or plain (official: none)",
                      choices=["affine", "plain"])
-    input_space: str = knob("rgb_imagenet", "encoder input: rgb_imagenet (RGB, ImageNet mean/std) or bgr01 "
-                                            "(official: BGR in [0, 1], no normalisation)",
+    input_space: str = knob("rgb_imagenet", "encoder input: rgb_imagenet (RGB normalised with encoder.mean/std: "
+                                            "ImageNet's unless the encoder has its own) or bgr01 (official: BGR in "
+                                            "[0, 1], no normalisation)",
                             choices=["rgb_imagenet", "bgr01"])
+    mean: list[float] | None = knob(None, "RGB mean tiles are normalised with (rgb_imagenet); unset: the encoder's own "
+                                          "(hf-hub:/timm: models: their model card's; filled into the run's config), "
+                                          "else ImageNet's; part of the feature store's tag")
+    std: list[float] | None = knob(None, "RGB std tiles are normalised with (rgb_imagenet); unset: as encoder.mean")
+    input_size: int | None = knob(None, "side in px tiles are resized to (bilinear, antialiased) before the encoder; "
+                                        "unset: the encoder's own (hf-hub:/timm: models), else no resize",
+                                  low=16, high=4096)
+    hub_cache: str | None = knob(None, "Hugging Face cache folder hf-hub: models are read from (never downloaded; "
+                                       "every node reads this path); unset: HF_HUB_CACHE, else HF_HOME/hub, else "
+                                       "~/.cache/huggingface/hub")
     precision: str = knob("float32", "encoder forward in extraction and fine-tuning: float32, or bfloat16 (torch "
                                      "autocast, AMP: faster on GPUs with bf16 tensor cores; outputs and losses stay "
                                      "float32; part of the feature store's tag)", choices=["float32", "bfloat16"])
+
+    def validate(self) -> None:
+        """mean and std: three values each, std positive."""
+        for key, values in (("mean", self.mean), ("std", self.std)):
+            if values is not None and len(values) != 3:
+                raise ConfigError(f"encoder.{key}", f"{values} must be three values (R, G, B)")
+        if self.std is not None and min(self.std) <= 0:
+            raise ConfigError("encoder.std", f"{self.std} must be positive")
 
 
 @dataclass
 class PretrainConfig:
     """Self-supervised warm start of the encoder (SimCLR, NT-Xent) on the cohort's training tiles."""
 
-    method: str = knob("simclr", "warm start before round 0 when no encoder.weights are given: simclr (cached per "
-                                 "cohort + encoder), or none (random init: features start from noise)",
+    method: str = knob("simclr", "warm start before round 0 when no encoder.weights are given and the encoder is no "
+                                 "hf-hub: model (those start pretrained): simclr (cached per cohort + encoder), or "
+                                 "none (random init: features start from noise)",
                        choices=["none", "simclr"])
     epochs: int = knob(3, "SimCLR epochs (3: tile probe AUC 0.93 on the Camelyon16-regime cohort, raw pixels 0.87: "
                           "benchmarks/results/warm_start.json; 2-10 all give 0.82-0.85 on the digits cohort)", low=1)

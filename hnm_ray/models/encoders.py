@@ -2,12 +2,15 @@
 
 Built-ins: `resnet18_in` (the paper's f: ResNet-18 with instance norm, 512-d after global average
 pooling, parameter names as in torchvision so torchvision-layout checkpoints load) and `small_cnn`
-(128-d, fast enough for CPU demos). Every encoder maps float (B, 3, H, W) tiles from
-`to_model_input` to (B, out_dim) features. Weights come from local files only.
+(128-d, fast enough for CPU demos); foundation models by `hf-hub:` / `timm:` name (hnm_ray.models.foundation).
+Every encoder maps float (B, 3, H, W) tiles from `to_model_input` (in its `InputSpace`) to (B, out_dim)
+features. Weights come from local files only.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +22,8 @@ from torch import nn
 
 from hnm_ray.config import EncoderConfig
 from hnm_ray.errors import ConfigError
+from hnm_ray.models import foundation
+from hnm_ray.models.foundation import is_timm_spec
 from hnm_ray.registry import Registry, build_plugin, names_code, one_line
 from hnm_ray.store.manifest import safe_name
 
@@ -145,9 +150,13 @@ def small_cnn() -> nn.Module:
     return SmallCNN()
 
 
-def build_encoder(spec: str, weights: str | Path | None = None, norm: str = "affine") -> nn.Module:
-    """An encoder with `.out_dim` from a registry name, a `module.path:callable` plug-in or a TorchScript file;
-    `norm` other than "affine" is passed to registry encoders that take it (resnet18_in)."""
+def build_encoder(spec: str, weights: str | Path | None = None, norm: str = "affine",
+                  hub_cache: str | None = None) -> nn.Module:
+    """An encoder with `.out_dim` from a registry name, an `hf-hub:` / `timm:` name (weights from `hub_cache`, the
+    local Hugging Face cache, or `weights`), a `module.path:callable` plug-in or a TorchScript file; `norm` other
+    than "affine" is passed to registry encoders that take it (resnet18_in)."""
+    if is_timm_spec(spec):
+        return foundation.build(foundation.recipe(spec, weights, hub_cache))
     if spec in ENCODERS:
         model = _registered(spec, norm)
     elif names_code(spec) and Path(spec).expanduser().is_file():
@@ -155,8 +164,8 @@ def build_encoder(spec: str, weights: str | Path | None = None, norm: str = "aff
     elif ":" in spec:
         model = _load_plugin(spec)
     else:
-        raise ConfigError("encoder.name", f"unknown encoder {spec!r}; use one of {list_encoders()}, "
-                                     "a plug-in 'module.path:callable', or the path of a TorchScript file")
+        raise ConfigError("encoder.name", f"unknown encoder {spec!r}; use one of {list_encoders()}, hf-hub:ORG/NAME, "
+                                     "timm:ARCH, a plug-in 'module.path:callable', or the path of a TorchScript file")
     if weights is not None:
         load_weights(model, weights)
     if getattr(model, "out_dim", None) is None:
@@ -386,20 +395,80 @@ def encoder_tag(spec: str, weights: str | Path | None = None) -> str:
     return "-".join(parts)
 
 
+@dataclasses.dataclass(frozen=True)
+class InputSpace:
+    """What an encoder's input looks like: channel order and scale (`kind`, encoder.input_space), the RGB mean/std of
+    rgb_imagenet, and the side tiles are resized to (None: as they are)."""
+
+    kind: str = "rgb_imagenet"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    size: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """The store metadata of this input space."""
+        return {"input_space": self.kind, "mean": list(self.mean), "std": list(self.std), "input_size": self.size}
+
+
+def resolved(config: EncoderConfig) -> EncoderConfig:
+    """The section with an `hf-hub:` / `timm:` encoder's own preprocessing (mean, std, input size) and the cache it is
+    read from filled in where unset, as the run's config records them (other encoders: unchanged). Reads the model's
+    config.json from the local cache: ConfigError naming the download command when it is missing."""
+    hub = foundation.hub_repo(config.name) is not None
+    if not is_timm_spec(config.name) or (config.mean and config.std and config.input_size
+                                         and (config.hub_cache or not hub)):
+        return config
+    cache = config.hub_cache or (foundation.hf_cache_dir() if hub else None)
+    plan = foundation.recipe(config.name, config.weights, cache)
+    return dataclasses.replace(config, mean=config.mean or list(plan.mean), std=config.std or list(plan.std),
+                               input_size=config.input_size or plan.input_size, hub_cache=cache)
+
+
+def input_space_of(config: EncoderConfig) -> InputSpace:
+    """The InputSpace of an `encoder` section (its own preprocessing for `hf-hub:` / `timm:` encoders)."""
+    config = resolved(config)
+    return InputSpace(config.input_space, tuple(config.mean or IMAGENET_MEAN), tuple(config.std or IMAGENET_STD),
+                      config.input_size)
+
+
+def encoder_out_dim(config: EncoderConfig) -> int:
+    """The feature size of the section's encoder, cheaply for `hf-hub:` / `timm:` models (their config and weights
+    files found, the architecture traced on the meta device: no weights loaded); other encoders are built."""
+    if is_timm_spec(config.name):
+        config = resolved(config)
+        return foundation.out_dim(foundation.recipe(config.name, config.weights, config.hub_cache))
+    return encoder_from_config(config).out_dim
+
+
 def encoder_from_config(config: EncoderConfig, weights: str | Path | None = None) -> nn.Module:
-    """The encoder of an `encoder` config section (weights: `weights` when given, else config.weights)."""
-    model = build_encoder(config.name, weights if weights is not None else config.weights, config.norm)
-    model.input_space = config.input_space
+    """The encoder of an `encoder` config section (weights: `weights` when given, else config.weights), with its
+    `input_space` (an InputSpace)."""
+    config = resolved(config if weights is None else dataclasses.replace(config, weights=str(weights)))
+    model = build_encoder(config.name, config.weights, config.norm, config.hub_cache)
+    model.input_space = input_space_of(config)
     return model
+
+
+def is_pretrained(config: EncoderConfig) -> bool:
+    """True when the encoder starts from pretrained weights: encoder.weights, or an `hf-hub:` model's own."""
+    return bool(config.weights) or foundation.hub_repo(config.name) is not None
 
 
 def config_tag(config: EncoderConfig, weights: str | Path | None = None) -> str:
     """`encoder_tag` of an `encoder` config section; non-default norm, input space and precision are part of the
-    name (features of another precision never mix with these)."""
+    name (features of another precision never mix with these), and so are a non-default mean/std/input size (a short
+    hash) and an `hf-hub:` model's cached revision."""
     defaults = EncoderConfig()
     extras = [v for v, d in ((config.norm, defaults.norm), (config.input_space, defaults.input_space),
                              (config.precision, defaults.precision)) if v != d]
-    return "-".join([encoder_tag(config.name, weights if weights is not None else config.weights), *extras])
+    weights = weights if weights is not None else config.weights
+    space = input_space_of(config)
+    if space != InputSpace(config.input_space):
+        extras.append("p" + hashlib.sha256(json.dumps(space.describe(), sort_keys=True).encode()).hexdigest()[:8])
+    repo = foundation.hub_repo(config.name)
+    if repo is not None and weights is None:
+        extras.append(foundation.hub_files(repo, resolved(config).hub_cache).revision[:10])
+    return "-".join([encoder_tag(config.name, weights), *extras])
 
 
 def autocast(device: str | torch.device, precision: str):
@@ -412,21 +481,31 @@ def autocast(device: str | torch.device, precision: str):
     return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, precision))
 
 
-def to_model_input(tiles: torch.Tensor | np.ndarray, input_space: str = "rgb_imagenet") -> torch.Tensor:
+def to_model_input(tiles: torch.Tensor | np.ndarray, input_space: InputSpace | str = "rgb_imagenet") -> torch.Tensor:
     """uint8 RGB tiles (B, H, W, 3) on any device -> float32 (B, 3, H, W) in the encoder's input space.
 
-    "rgb_imagenet" (ours): RGB normalized with ImageNet mean/std. "bgr01" (official ItS2CLR/HNM-WSI, which
-    reads tiles with cv2.imread): BGR channel order, values in [0, 1], no normalisation.
+    "rgb_imagenet" (ours): RGB normalized with the space's mean/std (ImageNet's unless the encoder has its own).
+    "bgr01" (official ItS2CLR/HNM-WSI, which reads tiles with cv2.imread): BGR channel order, values in [0, 1], no
+    normalisation. Tiles of another side than the space's `size` are resized to it (bilinear, antialiased).
     """
+    space = InputSpace(input_space) if isinstance(input_space, str) else input_space
     if isinstance(tiles, np.ndarray):
         tiles = torch.from_numpy(np.ascontiguousarray(tiles))
     if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != torch.uint8:
         raise ValueError(f"expected uint8 tiles of shape (B, H, W, 3), got {tiles.dtype} {tuple(tiles.shape)}")
-    if input_space not in INPUT_SPACES:
-        raise ConfigError("encoder.input_space", f"unknown input space {input_space!r}; choose one of {list(INPUT_SPACES)}")
+    if space.kind not in INPUT_SPACES:
+        raise ConfigError("encoder.input_space", f"unknown input space {space.kind!r}; choose one of {list(INPUT_SPACES)}")
     # Channels first while still uint8 (a quarter of the bytes to move), then float arithmetic in place.
-    if input_space == "bgr01":
-        return tiles.flip(-1).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=tiles.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(IMAGENET_STD, device=tiles.device).view(1, 3, 1, 1) * 255.0
-    return tiles.permute(0, 3, 1, 2).contiguous().float().sub_(mean).div_(std)
+    if space.kind == "bgr01":
+        return _resized(tiles.flip(-1).permute(0, 3, 1, 2).contiguous().float().div_(255.0), space.size)
+    mean = torch.tensor(space.mean, device=tiles.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(space.std, device=tiles.device).view(1, 3, 1, 1) * 255.0
+    return _resized(tiles.permute(0, 3, 1, 2).contiguous().float().sub_(mean).div_(std), space.size)
+
+
+def _resized(batch: torch.Tensor, size: int | None) -> torch.Tensor:
+    """(B, 3, H, W) resized to (B, 3, size, size) (bilinear, antialiased), or as it is when it has that side."""
+    if size is None or batch.shape[-2:] == (size, size):
+        return batch
+    return torch.nn.functional.interpolate(batch, size=(size, size), mode="bilinear", antialias=True,
+                                           align_corners=False)

@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +31,9 @@ from hnm_ray.registry import one_line
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 from hnm_ray.training.official_steps import HARD_NEGATIVE, POSITIVE, UNCERTAIN_NEGATIVE
+
+if TYPE_CHECKING:
+    from hnm_ray.models.encoders import InputSpace
 
 log = logging.getLogger("hnm_ray")
 
@@ -149,7 +152,7 @@ def contrastive_model(encoder, head, precision: str = "float32"):
     return EncoderWithHead()
 
 
-def _views(tiles: np.ndarray, model, fc: dict[str, Any], gen, device: str, input_space: str):
+def _views(tiles: np.ndarray, model, fc: dict[str, Any], gen, device: str, input_space: InputSpace):
     """Projections of two augmented views of uint8 tiles (B, H, W, 3)."""
     import torch
 
@@ -175,7 +178,7 @@ def _decoded(batch: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def our_loss(batch: dict[str, np.ndarray], model, fc: dict[str, Any], epoch: int, ratio: float, gen, device: str,
-             supervised: bool, input_space: str):
+             supervised: bool, input_space: InputSpace):
     """Our loop, one SGD step per batch: SupCon with negatives as anchors (+ positives as anchors after warm-up);
     NT-Xent (SimCLR) when not supervised."""
     from hnm_ray.losses import supcon_loss
@@ -201,7 +204,7 @@ def our_objective(z1, z2, labels: np.ndarray, fc: dict[str, Any], epoch: int):
 
 
 def official_step_loss(batch: dict[str, np.ndarray], step_b: bool, model, fc: dict[str, Any], gen, device: str,
-                       input_space: str, world: int):
+                       input_space: InputSpace, world: int):
     """One step of the official loop (`official_steps.Step`) on its decoded tiles: step A's SupCon (negatives anchor,
     uncertain negatives out of the contrast set) or step B's (positives anchor), averaged over all 2N views.
 
@@ -258,6 +261,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     import torch
 
     from hnm_ray.decode import TileReaders
+    from hnm_ray.models.encoders import input_space_of
     from hnm_ray.training.checkpointing import latest_checkpoint, load_state, report
     from hnm_ray.training.runner import loop_device, place_and_restore, rank_and_world
     from hnm_ray.training.schedules import scheduler as lr_scheduler
@@ -268,7 +272,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     device = loop_device(loop, fc["use_gpu"], "finetune.use_gpu")
     torch.set_num_threads(max(1, int(fc["cpus_per_worker"])))
     torch.manual_seed(loop["seed"])
-    input_space = loop["encoder"]["input_space"]
+    input_space = input_space_of(EncoderConfig(**loop["encoder"]))
     model = build_contrastive(EncoderConfig(**loop["encoder"]), loop["weights"], loop.get("head_weights"),
                               fc["proj_dim"])
     total, start = loop["total_epochs"], loop["first_epoch"]
