@@ -96,8 +96,9 @@ def finetune_rows(demo_cohort) -> pa.Table:
 def test_finetune_resume_keeps_optimizer_state_on_the_parameters_device(finetune_rows, tmp_path, monkeypatch):
     from hnm_ray.training.finetune import CHECKPOINT_FILE, fit_finetune
 
+    # momentum 0.9: SGD keeps a momentum buffer per parameter (with the default 0 it keeps no state to check)
     config = small_config({"tiling": {"tile_size": 64}, "finetune": {"workers": 0, "batch_size": 8,
-                                                                     "cpus_per_worker": 1}})
+                                                                     "cpus_per_worker": 1, "momentum": 0.9}})
     fit_finetune(config, finetune_rows, None, tmp_path, "ft", first_epoch=0, last_epoch=1, total_epochs=2)
     monkeypatch.setattr(runner, "wrap_model", wrap_as_float64)
     fit_finetune(config, finetune_rows, None, tmp_path, "ft", first_epoch=0, last_epoch=2, total_epochs=2)
