@@ -52,6 +52,7 @@ METRICS = ("test_auc", "test_accuracy", "test_f1", "test_instance_auc", "test_in
 # The representation a round hands the aggregator (benchmarks/representation.py, real-image cohorts only).
 REPRESENTATION = ("probe_auc", "ceiling_slide_auc")
 MINED = ("hard_negative_lookalike_share", "positive_precision")
+DELTAS = ("test_auc", "test_instance_auc", "probe_auc")
 
 
 # `--recipe paper` scaled to a 2-core CPU (the variant "paper_cpu"): the official mining, update gate, uncertain
@@ -130,16 +131,25 @@ def cohort_base(cohort: str, pretrain_epochs: int | None) -> dict:
     return merge(base, {"pretrain": {"epochs": pretrain_epochs}}) if pretrain_epochs else base
 
 
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
 def summarise(runs: dict[str, list[dict]]) -> tuple[dict[str, dict], dict[str, float]]:
     """Mean ± sd over seeds per variant (its last round; the dsmil row: round 0 of the variants without the ranking
     loss) and the fine-tuning time ratio of hard negatives vs all negatives."""
     plain = {r["seed"]: r for results in runs.values() for r in results if r["w_rank"] == 0}
     columns = (*METRICS, "official_test_auc", *REPRESENTATION)
     table = {"dsmil": {k: stats([r["round0"].get(k) for r in plain.values()]) for k in columns}}
+    if "hnm_rank" in runs:  # round 0 of the variants with the ranking loss (their MIL differs from round 0 on)
+        table["dsmil + rank (round 0)"] = {k: stats([r["round0"].get(k) for r in runs["hnm_rank"]]) for k in columns}
     for variant, results in runs.items():
         table[variant] = {k: stats([r["final"].get(k) for r in results]) for k in columns}
         # what the variant's round-0 mining chose (the tiles its fine-tuning trained on)
         table[variant].update({k: stats([r["round0"].get(k) for r in results]) for k in MINED})
+        # the paired change over the variant's own round 0, per seed (round 0 differs with the ranking loss)
+        table[variant].update({f"delta_{k}": stats([_minus(r["final"].get(k), r["round0"].get(k)) for r in results])
+                               for k in DELTAS})
         table[variant]["ft_seconds_per_epoch"] = stats([r["epoch_seconds"] for r in results])
         table[variant]["ft_tiles_per_epoch"] = stats([r["tiles_per_epoch"] for r in results])
     ratios = {}
@@ -153,7 +163,8 @@ def summarise(runs: dict[str, list[dict]]) -> tuple[dict[str, dict], dict[str, f
 
 def markdown(table: dict[str, dict[str, dict]]) -> str:
     """The ablation table as markdown: mean ± sd per metric and variant."""
-    columns = [*METRICS, "official_test_auc", *REPRESENTATION, *MINED, "ft_seconds_per_epoch"]
+    columns = [*METRICS, "official_test_auc", *REPRESENTATION, *MINED, *(f"delta_{k}" for k in DELTAS),
+               "ft_seconds_per_epoch"]
     lines = ["| variant | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
     for variant, row in table.items():
         cells = [f"{row[c]['mean']:.3f} ± {row[c]['sd']:.3f}" if row.get(c, {}).get("n") else "—" for c in columns]
