@@ -4,7 +4,7 @@ fine-tuning settings side by side, against the round's starting features (issue 
 Takes a finished job's run folder (its config.yaml, round-0 store, state.json and selection_round0: the rows the
 product's round 0 would fine-tune on), fine-tunes the round's starting encoder with the product's `round_rows` +
 `fit_finetune` under each setting (a nested config override; `nt_xent` adds a benchmark-only NT-Xent term of that
-weight to our loop's loss), and reports the tile probe (benchmarks/representation.py: logistic regression on 8,000
+weight to our loop's loss, `"negative_anchors": false` drops its negatives-as-anchors term), and reports the tile probe (benchmarks/representation.py: logistic regression on 8,000
 training tiles -> all test tiles) of the fine-tuned encoder, with the starting features' probe as the baseline.
 
     python -m benchmarks.finetune_probe --run RUN --settings '{"name": "mom0", "finetune": {"momentum": 0.0}}' ...
@@ -24,8 +24,9 @@ from hnm_ray.store.features import Bag, FeatureStore
 from hnm_ray.store.manifest import load_manifest
 
 
-def with_nt_xent(weight: float):
-    """Our loop's loss + `weight` x NT-Xent on the same two views (a benchmark-only variant, not a product knob)."""
+def with_nt_xent(weight: float, negative_anchors: bool = True):
+    """Our loop's loss + `weight` x NT-Xent on the same two views, optionally without the negatives-as-anchors term
+    (benchmark-only variants, not product knobs)."""
     import torch
 
     from hnm_ray.losses import supcon_loss
@@ -35,8 +36,8 @@ def with_nt_xent(weight: float):
         keep = finetune._usable(batch, ratio, supervised)
         z1, z2 = finetune._views(batch["tiles"][keep], model, fc, gen, device, input_space)
         y = torch.from_numpy(batch["label"][keep].astype(np.int64)).to(device)
-        total = supcon_loss(z1, z2, y, fc["temperature"], anchor_mask=y == 0)
-        if epoch >= fc["warmup_epochs"] and bool((y == 1).any()):
+        total = supcon_loss(z1, z2, y, fc["temperature"], anchor_mask=y == 0) * float(negative_anchors)
+        if (epoch >= fc["warmup_epochs"] or not negative_anchors) and bool((y == 1).any()):
             total = total + supcon_loss(z1, z2, y, fc["temperature"], anchor_mask=y == 1)
         return total + weight * supcon_loss(z1, z2, None, fc["temperature"])
 
@@ -93,9 +94,10 @@ def main() -> None:
     results, loss = [], finetune.our_loss
     for setting in map(json.loads, args.settings):
         name, nt_xent = setting.pop("name"), setting.pop("nt_xent", 0.0)
+        negative_anchors = setting.pop("negative_anchors", True)
         config = from_tree(TrainConfig, merge(tree, setting))
         rows = finetune.round_rows(config, store0, records, selection, 0, False)
-        finetune.our_loss = with_nt_xent(nt_xent) if nt_xent else loss
+        finetune.our_loss = with_nt_xent(nt_xent, negative_anchors) if nt_xent or not negative_anchors else loss
         t0 = time.perf_counter()
         out = finetune.fit_finetune(config, rows, weights, run / "finetune_probe" / name, name="ft", first_epoch=0,
                                     last_epoch=config.finetune.epochs_per_round,
@@ -104,7 +106,7 @@ def main() -> None:
         finetune.our_loss = loss
         encoder = encoder_from_config(config.encoder, out.encoder_weights).eval()
         probe = tile_probe(EncodedStore(store0, encoder, records, config.tiling.tile_size), records, seed=config.run.seed)
-        results.append({"name": name, "override": setting, "nt_xent": nt_xent, "rows": rows.num_rows, **probe,
+        results.append({"name": name, "override": setting, "nt_xent": nt_xent, "negative_anchors": negative_anchors, "rows": rows.num_rows, **probe,
                         "probe_ratio_vs_round0": probe["probe_auc"] / baseline["probe_auc"],
                         "finetune_seconds": seconds, "ft_loss_last_epoch": out.history[-1].get("ft_loss")})
         print(json.dumps(results[-1]), flush=True)
