@@ -56,7 +56,12 @@ class Registry(Generic[F]):
 
 
 def load_plugin(spec: str, key: str) -> Any:
-    """The object named by a `module.path:attr[.attr]` spec; ConfigError(key) naming the spec when it cannot load."""
+    """The object named by a `module.path:attr[.attr]` spec; ConfigError(key) naming the spec when it cannot load.
+    An `hf-hub:` / `timm:` name is never a plug-in (names_code lets it past the trust check as a model name, which
+    only encoder.name resolves): refused here, so no other knob can import and call through it."""
+    if spec.startswith((*HUB_PREFIXES, TIMM_PREFIX)):
+        raise ConfigError(key, f"{spec!r} names a Hugging Face / timm model, which only --encoder.name takes; give "
+                               f"{key} a registered name or a 'package.module:callable' plug-in")
     module_name, _, attr = spec.partition(":")
     try:
         target: Any = importlib.import_module(module_name)

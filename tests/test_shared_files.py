@@ -278,3 +278,24 @@ def test_a_sweep_refuses_a_password_in_a_uri_before_ray_writes_it_into_every_tri
         refuse_passwords(config)
     assert "S3cretPw" not in str(err.value)
     refuse_passwords(cfg.from_tree(TuneConfig, {"run": {"tracking_uri": "https://mlflow.lab"}}))
+
+
+def test_a_timm_or_hub_name_in_a_code_knob_other_than_the_encoder_runs_nothing(tmp_path, monkeypatch):
+    """`timm:` / `hf-hub:` names pass the trust check as model names (only encoder.name resolves them): a config
+    file's `mil.aggregator: timm:<attr>` must not import and call through them as a plug-in."""
+    import types
+
+    from hnm_ray.models.aggregators import build_aggregator
+    from hnm_ray.train import build_parser
+
+    marker = tmp_path / "marker"
+    fake = types.ModuleType("timm")
+    fake.build = lambda *a, **k: marker.write_text("code ran")
+    monkeypatch.setitem(sys.modules, "timm", fake)
+    for spec in ("timm:build", "hf-hub:build"):
+        config = tmp_path / "shared.yaml"
+        config.write_text(yaml.safe_dump({"mil": {"aggregator": spec}}))
+        loaded = cfg.load_config(TrainConfig, build_parser().parse_args(["--config", str(config)]))
+        with pytest.raises(ConfigError, match=r"mil\.aggregator.*only --encoder\.name"):
+            build_aggregator(loaded.mil.aggregator, 8)  # as check_inputs and the MIL loop build it
+        assert not marker.exists()
