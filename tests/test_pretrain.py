@@ -105,8 +105,10 @@ def test_the_warm_start_trains_with_its_own_optimiser_not_fine_tunings(tmp_path,
     assert key == pretrain.warm_start_key(config, records)  # fine-tuning's optimiser is not the warm start's
     assert key != pretrain.warm_start_key(cfg.from_tree(TrainConfig, {"pretrain": {"momentum": 0.5}}), records)
     legacy = {"slides": sorted((r.slide_id, str(r.path), os.path.getsize(r.path)) for r in records),
-              "encoder": dataclasses.asdict(TrainConfig().encoder), "tiling": dataclasses.asdict(TrainConfig().tiling),
+              "encoder": {"name": "small_cnn", "weights": None, "norm": "affine", "input_space": "rgb_imagenet",
+                          "precision": "float32"}, "tiling": dataclasses.asdict(TrainConfig().tiling),
               "pretrain": {"epochs": 3, "method": "simclr", "tiles": 4096}, "seed": 0,
               "finetune": [0.01, 0.9, 1e-4, 64, 0.07, 256, "ours"], "augment": dataclasses.asdict(AugmentConfig())}
     digest = hashlib.sha256(json.dumps(legacy, sort_keys=True, default=str).encode())
-    assert key == digest.hexdigest()[:16]
+    assert key == digest.hexdigest()[:16]  # the key of this stop's start (before the optimiser and encoder knobs)
+    assert key != pretrain.warm_start_key(cfg.from_tree(TrainConfig, {"encoder": {"input_size": 96}}), records)

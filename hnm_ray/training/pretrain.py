@@ -21,6 +21,8 @@ from hnm_ray.training.finetune import TILE_ROW_SCHEMA, fit_finetune
 
 log = logging.getLogger("hnm_ray")
 
+PREPROCESSING = ("mean", "std", "input_size", "hub_cache")  # encoder knobs newer than the warm-start cache key
+
 
 def warm_start_key(config: TrainConfig, records: list[SlideRecord]) -> str:
     """A digest of what the warm-start weights depend on: the training slides (id, path, size), the encoder, the
@@ -32,7 +34,9 @@ def warm_start_key(config: TrainConfig, records: list[SlideRecord]) -> str:
                     for r in records if r.split == "train")
     ft, pretrain = config.finetune, dataclasses.asdict(config.pretrain)
     optimiser = [pretrain.pop("lr"), pretrain.pop("momentum")]  # where finetune's stood: default keys are unchanged
-    parts = {"slides": slides, "encoder": dataclasses.asdict(config.encoder), "tiling": dataclasses.asdict(config.tiling),
+    # The preprocessing knobs foundation models brought enter the key only when set: a default warm start keeps its key.
+    encoder = {k: v for k, v in dataclasses.asdict(config.encoder).items() if not (k in PREPROCESSING and v is None)}
+    parts = {"slides": slides, "encoder": encoder, "tiling": dataclasses.asdict(config.tiling),
              "pretrain": pretrain, "seed": config.run.seed,
              "finetune": [*optimiser, ft.weight_decay, ft.batch_size, ft.temperature, ft.proj_dim, ft.augment],
              "augment": dataclasses.asdict(AugmentConfig())}
