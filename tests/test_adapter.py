@@ -54,6 +54,13 @@ def no_slides(monkeypatch):
     monkeypatch.setattr(SlideReader, "__init__", refuse)
 
 
+def slide_metadata(table) -> dict:
+    """The hnm-ray metadata a slide's feature file carries."""
+    from hnm_ray.store.features import METADATA_KEY
+
+    return json.loads(table.schema.metadata[METADATA_KEY])
+
+
 def test_adapter_round_on_imported_features_reads_no_slide_and_writes_adapter_of_round0(imported, no_slides, tmp_path):
     store, records, _ = imported
     config = small_config({"finetune": {"scope": "adapter", "epochs_per_round": 6, "warmup_epochs": 0,
@@ -84,6 +91,8 @@ def test_adapter_round_on_imported_features_reads_no_slide_and_writes_adapter_of
             expected = adapter(torch.from_numpy(source)).numpy()
         np.testing.assert_allclose(round1.read_bag(record.slide_id).features, expected, rtol=1e-6, atol=1e-6)
         assert not np.allclose(expected, source, atol=1e-3)  # the trained adapter is not the identity
+        # each slide keeps its own metadata (an imported slide's source file), not the first slide's
+        assert slide_metadata(after)["source_file"] == slide_metadata(before)["source_file"] == f"{record.slide_id}.h5"
     assert round1.metadata()["dim"] == store.metadata()["dim"]
 
 

@@ -13,6 +13,7 @@ through a two-layer MLP take a second or two, less than a Ray Train worker group
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ import torch.nn as nn
 
 from hnm_ray.config import TrainConfig
 from hnm_ray.errors import HnmError, ModelFileError
-from hnm_ray.store.features import GRID_TYPES, FeatureStore, bag_from_table
+from hnm_ray.store.features import GRID_TYPES, METADATA_KEY, FeatureStore, bag_from_table
 
 log = logging.getLogger("hnm_ray")
 
@@ -176,13 +177,14 @@ def adapt_store(source: FeatureStore, target: FeatureStore, adapter_path: str | 
     if not todo:
         return {"slides_written": 0, "tiles_written": 0, "seconds": 0.0}
     target.ensure_writable()
-    metadata = {**source.metadata(), "adapter": str(adapter_path), "adapted_from": str(source.directory)}
+    added = {"adapter": str(adapter_path), "adapted_from": str(source.directory)}
 
     def adapt(slide_id: str) -> int:
         table = source.read_table(slide_id)
         bag = bag_from_table(table, slide_id)
         with torch.no_grad():
             adapted = adapter(torch.from_numpy(bag.features)).numpy()
+        metadata = {**json.loads(table.schema.metadata[METADATA_KEY]), **added}  # this slide's own (its source file)
         target.write_slide(slide_id, table.select(list(GRID_TYPES)), adapted.astype(metadata.get("dtype", "float32")),
                            bag.truth, metadata)
         return len(bag)
