@@ -190,3 +190,24 @@ def test_known_models_build_in_timm_with_the_stated_feature_size(repo):
     entry = foundation.KNOWN[repo]
     plan = foundation.TimmRecipe(entry.arch, entry.kwargs, entry.output, entry.mean, entry.std, entry.input_size, None)
     assert foundation.out_dim(plan) == entry.dim
+
+
+def test_a_cached_config_cannot_point_timm_at_other_files(tmp_path, monkeypatch):
+    """A cached config.json is data: an architecture naming another source (hf-hub:, local-dir:) is refused, and
+    model_args that make timm load or fetch a file (checkpoint_path, pretrained...) are dropped."""
+    from hnm_ray.models import foundation
+
+    home = tmp_path / "hf"
+    _cache_model(home / "hub", "hnm-test/tiny-vit", 3)
+    config = next((home / "hub").glob("models--hnm-test--tiny-vit/snapshots/*/config.json"))
+    data = json.loads(config.read_text())
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config.write_text(json.dumps({**data, "model_args": {**data["model_args"], "checkpoint_path": str(tmp_path / "x"),
+                                                          "pretrained": True}}))
+    kwargs = foundation.recipe("hf-hub:hnm-test/tiny-vit").kwargs
+    assert not {"checkpoint_path", "pretrained"} & set(kwargs) and kwargs["embed_dim"] == TINY["embed_dim"]
+    for arch in ("hf-hub:someone/else", "local-dir:/tmp/elsewhere"):
+        config.write_text(json.dumps({**data, "architecture": arch}))
+        with pytest.raises(ConfigError, match="points timm at another model"):
+            foundation.recipe("hf-hub:hnm-test/tiny-vit")

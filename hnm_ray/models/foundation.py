@@ -171,6 +171,10 @@ class TimmRecipe:
     revision: str = ""
 
 
+FILE_ARGS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict",
+             "cache_dir")  # timm.create_model arguments that load or fetch weights
+
+
 def recipe(spec: str, weights: str | Path | None = None, cache_dir: str | None = None) -> TimmRecipe:
     """How to build `spec` (`hf-hub:` or `timm:`), from the KNOWN table, the cached config.json or timm's defaults;
     ConfigError naming the download command when an `hf-hub:` model is not in the local cache."""
@@ -192,7 +196,12 @@ def recipe(spec: str, weights: str | Path | None = None, cache_dir: str | None =
     if not arch:
         raise ConfigError("encoder.name", f"hf-hub:{repo}: its {files.config} names no timm 'architecture'; is it a "
                                           "timm model? (transformers models need a module:callable plug-in)")
-    kwargs = {**hub.get("model_args", {}), **(entry.kwargs if entry is not None else {})}
+    if ":" in arch:  # timm would fetch another model's config (hf-hub:) or read a folder (local-dir:): never downloaded
+        raise ConfigError("encoder.name", f"hf-hub:{repo}: its {files.config} names architecture {arch!r}, which points "
+                                          "timm at another model; a cached config must name a timm architecture")
+    # A cached config's model_args build the architecture; keys that make timm load or fetch a file are not its to set.
+    model_args = {k: v for k, v in hub.get("model_args", {}).items() if k not in FILE_ARGS}
+    kwargs = {**model_args, **(entry.kwargs if entry is not None else {})}
     kwargs.setdefault("num_classes", 0)
     mean = entry.mean if entry is not None else tuple(pretrained.get("mean", IMAGENET[0]))
     std = entry.std if entry is not None else tuple(pretrained.get("std", IMAGENET[1]))
