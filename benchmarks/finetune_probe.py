@@ -44,8 +44,9 @@ def with_nt_xent(weight: float, negative_anchors: bool = True):
     return loss
 
 
-class EncodedStore(FeatureStore):
-    """The round-0 store's tiles seen through another encoder: bags re-encoded from the slides on read."""
+class EncodedStore:
+    """The round-0 store's tiles seen through another encoder: bags re-encoded from the slides on read (the read_bag
+    that representation.tile_probe uses; not a store on disk)."""
 
     def __init__(self, store: FeatureStore, encoder, records, tile_size: int) -> None:
         self.store, self.encoder, self.tile_size = store, encoder, tile_size
