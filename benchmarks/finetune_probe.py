@@ -3,7 +3,10 @@ fine-tuning settings side by side, against the round's starting features (issue 
 
 Takes a finished job's run folder (its config.yaml, round-0 store, state.json and selection_round0: the rows the
 product's round 0 would fine-tune on), fine-tunes the round's starting encoder with the product's `round_rows` +
-`fit_finetune` under each setting (a nested config override; `nt_xent` adds a benchmark-only NT-Xent term of that
+`fit_finetune` under each setting (a nested config override; `"labels": "truth"` replaces the rows' pseudo labels by
+the tiles' truth, and `"positives": "truth"` takes every tumour tile of the training slides as the positives (beside
+the round's hard negatives): oracles that say whether label noise or the number of correct positives holds the loss
+back; `nt_xent` adds a benchmark-only NT-Xent term of that
 weight to our loop's loss, `"negative_anchors": false` drops its negatives-as-anchors term), and reports the tile probe (benchmarks/representation.py: logistic regression on 8,000
 training tiles -> all test tiles) of the fine-tuned encoder, with the starting features' probe as the baseline.
 
@@ -66,6 +69,40 @@ class EncodedStore:
         return Bag(slide_id, features, bag.tile_ids, bag.coords, bag.truth, label)
 
 
+def with_truth_labels(rows, store: FeatureStore):
+    """The rows with their pseudo label replaced by the tile's truth (an oracle setting, benchmark-only)."""
+    import pyarrow as pa
+
+    truth = {}
+    for slide_id in sorted(set(rows["slide_id"].to_pylist())):
+        table = store.read_table(slide_id, columns=["tile_id", "truth"])
+        truth.update(((slide_id, t), int(y)) for t, y in zip(table["tile_id"].to_pylist(), table["truth"].to_pylist()))
+    labels = [truth[key] for key in zip(rows["slide_id"].to_pylist(), rows["tile_id"].to_pylist())]
+    return rows.set_column(rows.schema.get_field_index("label"), "label", pa.array(labels, pa.int8()))
+
+
+def truth_positive_rows(config: TrainConfig, store: FeatureStore, records, selection):
+    """The round's hard negatives + every tumour tile (truth 1) of the training slides as positives (an oracle,
+    benchmark-only; pos_rank 0 so that every epoch's r_t keeps them)."""
+    import pyarrow as pa
+
+    from hnm_ray.training import finetune
+    from hnm_ray.training.official_steps import HARD_NEGATIVE, POSITIVE
+
+    ids, tiles = [], []
+    for record in records:
+        if record.split == "train" and record.label == 1:
+            table = store.read_table(record.slide_id, columns=["tile_id", "truth"])
+            chosen = np.asarray(table["tile_id"])[np.asarray(table["truth"]) == 1]
+            ids += [record.slide_id] * len(chosen)
+            tiles += chosen.tolist()
+    positives = pa.table({"slide_id": pa.array(ids, pa.string()), "tile_id": pa.array(tiles, pa.int32()),
+                          "pos_rank": pa.array(np.zeros(len(ids), np.float32)),
+                          "score": pa.array(np.ones(len(ids), np.float32))})
+    hard = selection.hard_negatives.select(["slide_id", "tile_id"])
+    return finetune.tile_rows(store, records, [(hard, HARD_NEGATIVE), (positives, POSITIVE)], config.run.seed)
+
+
 def main() -> None:
     from benchmarks.representation import tile_probe
     from hnm_ray.cluster import init_ray
@@ -96,8 +133,12 @@ def main() -> None:
     for setting in map(json.loads, args.settings):
         name, nt_xent = setting.pop("name"), setting.pop("nt_xent", 0.0)
         negative_anchors = setting.pop("negative_anchors", True)
+        labels, positives = setting.pop("labels", "pseudo"), setting.pop("positives", "mined")
         config = from_tree(TrainConfig, merge(tree, setting))
-        rows = finetune.round_rows(config, store0, records, selection, 0, False)
+        rows = (truth_positive_rows(config, store0, records, selection) if positives == "truth"
+                else finetune.round_rows(config, store0, records, selection, 0, False))
+        if labels == "truth":
+            rows = with_truth_labels(rows, store0)
         finetune.our_loss = with_nt_xent(nt_xent, negative_anchors) if nt_xent or not negative_anchors else loss
         t0 = time.perf_counter()
         out = finetune.fit_finetune(config, rows, weights, run / "finetune_probe" / name, name="ft", first_epoch=0,
@@ -107,7 +148,8 @@ def main() -> None:
         finetune.our_loss = loss
         encoder = encoder_from_config(config.encoder, out.encoder_weights).eval()
         probe = tile_probe(EncodedStore(store0, encoder, records, config.tiling.tile_size), records, seed=config.run.seed)
-        results.append({"name": name, "override": setting, "nt_xent": nt_xent, "negative_anchors": negative_anchors, "rows": rows.num_rows, **probe,
+        results.append({"name": name, "override": setting, "labels": labels, "positive_rows": positives, "positives": int(np.sum(rows["label"])),
+                        "nt_xent": nt_xent, "negative_anchors": negative_anchors, "rows": rows.num_rows, **probe,
                         "probe_ratio_vs_round0": probe["probe_auc"] / baseline["probe_auc"],
                         "finetune_seconds": seconds, "ft_loss_last_epoch": out.history[-1].get("ft_loss")})
         print(json.dumps(results[-1]), flush=True)
