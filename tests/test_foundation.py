@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,28 @@ def test_two_encoders_preprocessing_differs_in_the_store_tag_and_metadata(offlin
     for name, (mean, std, size) in MODELS.items():
         assert (metas[name]["mean"], metas[name]["std"], metas[name]["input_size"]) == (list(mean), list(std), size)
     assert metas["other mean"]["mean"] == [0.1, 0.1, 0.1] and metas["other mean"]["std"] == list(MODELS["hnm-test/tiny-vit"][1])
+
+
+def test_the_runs_config_names_no_cache_folder_so_resume_and_predict_read_their_own_hf_home(offline, hub, tmp_path,
+                                                                                            monkeypatch):
+    """config.yaml of an hf-hub: run, read on another machine (--resume, predict) whose cache is elsewhere: the
+    model is found in that machine's HF_HOME, not at the first machine's path."""
+    from hnm_ray import config as cfg
+    from hnm_ray.config import TrainConfig
+    from hnm_ray.train import with_encoder_preprocessing
+
+    first = tmp_path / "first_machine"
+    shutil.copytree(hub[0], first)
+    monkeypatch.setenv("HF_HOME", str(first))
+    cfg.save_yaml(with_encoder_preprocessing(_config("hf-hub:hnm-test/tiny-vit")), tmp_path / "config.yaml")
+    shutil.rmtree(first)
+    monkeypatch.setenv("HF_HOME", str(hub[0]))
+    saved = cfg.from_tree(TrainConfig, cfg.load_yaml(tmp_path / "config.yaml"))
+    assert saved.encoder.hub_cache is None and saved.encoder.input_size == MODELS["hnm-test/tiny-vit"][2]
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        np.testing.assert_allclose(encoder_from_config(saved.encoder).eval()(pixels).numpy(),
+                                   offline["hnm-test/tiny-vit"](pixels).numpy(), atol=1e-6, rtol=0)
 
 
 def test_a_model_not_in_the_cache_fails_in_check_inputs_naming_the_download_command(hub, offline, demo_cohort):

@@ -98,7 +98,8 @@ class EncoderConfig:
                                   low=16, high=4096)
     hub_cache: str | None = knob(None, "Hugging Face cache folder hf-hub: models are read from (never downloaded; "
                                        "every node reads this path); unset: HF_HUB_CACHE, else HF_HOME/hub, else "
-                                       "~/.cache/huggingface/hub")
+                                       "~/.cache/huggingface/hub, found where the run starts, resumes or predicts "
+                                       "(not recorded in its config)")
     precision: str = knob("float32", "encoder forward in extraction and fine-tuning: float32, or bfloat16 (torch "
                                      "autocast, AMP: faster on GPUs with bf16 tensor cores; outputs and losses stay "
                                      "float32; part of the feature store's tag)", choices=["float32", "bfloat16"])

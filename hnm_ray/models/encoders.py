@@ -411,17 +411,25 @@ class InputSpace:
 
 
 def resolved(config: EncoderConfig) -> EncoderConfig:
-    """The section with an `hf-hub:` / `timm:` encoder's own preprocessing (mean, std, input size) and the cache it is
-    read from filled in where unset, as the run's config records them (other encoders: unchanged). Reads the model's
-    config.json from the local cache: ConfigError naming the download command when it is missing."""
-    hub = foundation.hub_repo(config.name) is not None
-    if not is_timm_spec(config.name) or (config.mean and config.std and config.input_size
-                                         and (config.hub_cache or not hub)):
+    """The section with an `hf-hub:` / `timm:` encoder's own preprocessing (mean, std, input size) filled in where
+    unset, as the run's config records them (other encoders: unchanged). The cache folder is not filled in: each
+    machine finds its own at use (encoder.hub_cache, else HF_HUB_CACHE / HF_HOME), so a run's config resumes and
+    predicts elsewhere. Reads the model's config.json from the local cache: ConfigError naming the download command
+    when it is missing."""
+    if not is_timm_spec(config.name) or (config.mean and config.std and config.input_size):
         return config
-    cache = config.hub_cache or (foundation.hf_cache_dir() if hub else None)
-    plan = foundation.recipe(config.name, config.weights, cache)
+    plan = foundation.recipe(config.name, config.weights, config.hub_cache)
     return dataclasses.replace(config, mean=config.mean or list(plan.mean), std=config.std or list(plan.std),
-                               input_size=config.input_size or plan.input_size, hub_cache=cache)
+                               input_size=config.input_size or plan.input_size)
+
+
+def with_cache(config: EncoderConfig) -> EncoderConfig:
+    """`resolved`, with an `hf-hub:` encoder's cache folder as this process finds it filled in where unset: what
+    extraction hands its encoder actors, so they read the files the driver checked (never recorded in a config)."""
+    config = resolved(config)
+    if foundation.hub_repo(config.name) is None or config.hub_cache:
+        return config
+    return dataclasses.replace(config, hub_cache=foundation.hf_cache_dir())
 
 
 def input_space_of(config: EncoderConfig) -> InputSpace:
@@ -435,7 +443,6 @@ def encoder_out_dim(config: EncoderConfig) -> int:
     """The feature size of the section's encoder, cheaply for `hf-hub:` / `timm:` models (their config and weights
     files found, the architecture traced on the meta device: no weights loaded); other encoders are built."""
     if is_timm_spec(config.name):
-        config = resolved(config)
         return foundation.out_dim(foundation.recipe(config.name, config.weights, config.hub_cache))
     return encoder_from_config(config).out_dim
 
