@@ -100,6 +100,11 @@ class EncoderConfig:
                                        "every node reads this path); unset: HF_HUB_CACHE, else HF_HOME/hub, else "
                                        "~/.cache/huggingface/hub, found where the run starts, resumes or predicts "
                                        "(not recorded in its config)")
+    hub_revision: str | None = knob(None, "the hf-hub: model's snapshot (its commit) in the cache the weights are "
+                                          "read from; unset: the one refs/main names, filled into the run's config "
+                                          "so --resume and predict read the same weights after the cache is "
+                                          "updated (a snapshot no longer cached stops them with the command that "
+                                          "restores it)")
     precision: str = knob("float32", "encoder forward in extraction and fine-tuning: float32, or bfloat16 (torch "
                                      "autocast, AMP: faster on GPUs with bf16 tensor cores; outputs and losses stay "
                                      "float32; part of the feature store's tag)", choices=["float32", "bfloat16"])
