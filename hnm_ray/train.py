@@ -111,10 +111,10 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
 
 def check_inputs(config: TrainConfig) -> list[SlideRecord]:
     """Every input check of a job, before Ray starts and before any folder is made: the manifest (every bad row at
-    once; both classes), the encoder (name or plug-in, weights file; an hf-hub: model in the local cache) and the
-    aggregator (name or plug-in). An hf-hub:/timm: model's weights are not loaded here: its files are found and its
-    architecture traced on the meta device (its feature size), so a 1B-parameter model is read once, by each encoder
-    actor."""
+    once; both classes), the encoder (name or plug-in, weights file; an hf-hub: model in the local cache; none on
+    imported features, where no encoder runs) and the aggregator (name or plug-in). An hf-hub:/timm: model's weights
+    are not loaded here: its files are found and its architecture traced on the meta device (its feature size), so a
+    1B-parameter model is read once, by each encoder actor."""
     from hnm_ray.models.aggregators import build_aggregator
     from hnm_ray.models.encoders import encoder_out_dim
 
@@ -122,18 +122,24 @@ def check_inputs(config: TrainConfig) -> list[SlideRecord]:
                             seed=config.run.seed)
     require_both_classes(records, config.run.manifest or "the demo cohort")
     check_scope(config)
-    dim = encoder_out_dim(config.encoder)
+    dim = int(round0_of(config).metadata()["dim"]) if imported_round0(config) else encoder_out_dim(config.encoder)
     build_aggregator(config.mil.aggregator, dim, hidden=config.mil.hidden, dropout=config.mil.dropout)
     return records
+
+
+def round0_of(config: TrainConfig) -> FeatureStore | None:
+    """Round 0's store when --run.store and --run.store_tag name it (it may hold features already), else None."""
+    if not (config.run.store and config.run.store_tag):
+        return None
+    return FeatureStore(config.run.store, config.run.store_tag, round=0)
 
 
 def imported_round0(config: TrainConfig) -> str | None:
     """The h5 format round 0's features were imported from (`import_features`: no slide to read), else None."""
     from hnm_ray.import_features import imported_format
 
-    if not (config.run.store and config.run.store_tag):
-        return None
-    return imported_format(FeatureStore(config.run.store, config.run.store_tag, round=0))
+    store = round0_of(config)
+    return None if store is None else imported_format(store)
 
 
 def check_scope(config: TrainConfig) -> None:
@@ -198,9 +204,12 @@ def initial_head(weights: str | None, run_dir: Path) -> str | None:
 
 
 def with_encoder_preprocessing(config: TrainConfig) -> TrainConfig:
-    """The config with its encoder section `resolved` (an hf-hub:/timm: encoder's own mean, std, input size and cache)."""
+    """The config with its encoder section `resolved` (an hf-hub:/timm: encoder's own mean, std, input size and
+    revision); as it is on imported features (no encoder runs)."""
     from hnm_ray.models.encoders import resolved
 
+    if imported_round0(config):
+        return config
     return dataclasses.replace(config, encoder=resolved(config.encoder))
 
 

@@ -24,7 +24,7 @@ from hnm_ray.predict import predict
 from hnm_ray.slides.reader import SlideReader
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import load_manifest
-from hnm_ray.train import check_inputs, initial_encoder, round_features
+from hnm_ray.train import check_inputs, initial_encoder, round_features, with_encoder_preprocessing
 from hnm_ray.training.adapter import ResidualAdapter, fit_adapter, load_adapter
 from hnm_ray.training.finetune import tile_rows
 from hnm_ray.training.official_steps import HARD_NEGATIVE, POSITIVE
@@ -112,6 +112,16 @@ def test_full_fine_tuning_on_imported_features_is_refused_before_any_work(import
     (tmp_path / "run" / "checkpoint" / "meta.json").write_text(json.dumps({"imported_features": "trident"}))
     with pytest.raises(ConfigError, match="imported from trident"):
         predict(tmp_path / "run", manifest, tmp_path / "pred")
+
+
+def test_imported_features_never_look_up_the_encoder(imported, no_slides):
+    """No encoder runs on imported features: check_inputs takes the feature size from the store and the run's config
+    keeps its encoder section as given (an hf-hub: name that is not cached is never looked up)."""
+    store, records, manifest = imported
+    config = small_config({"run": {"manifest": str(manifest), "store": str(store.root), "store_tag": "uni_v1"},
+                           "finetune": {"scope": "adapter"}, "encoder": {"name": "hf-hub:hnm-test/not-cached"}})
+    assert [r.slide_id for r in check_inputs(config)] == [r.slide_id for r in records]
+    assert with_encoder_preprocessing(config) == config
 
 
 @pytest.mark.slow
