@@ -64,10 +64,13 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
 
     started = time.perf_counter()
     records = check_inputs(config) if records is None else records  # before Ray starts and the run folder is made
+    state = RunState(run_dir)
+    keep_scope(config, state, run_dir)  # a --resume never switches finetune.scope
     config = with_encoder_preprocessing(config)  # an hf-hub:/timm: encoder's own mean/std/input size, recorded
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save_yaml(config, run_dir / CONFIG_FILE)
-    state = RunState(run_dir)
+    if state.get("finetune_scope") is None:
+        state.done("finetune_scope", config.finetune.scope)
     route_ray_logs(run_dir / "ray.log", config.run.verbose)  # before ray.init: its auth-token notice goes there too
     init_ray()
     miner_name = miner_name_of(state)
@@ -151,6 +154,18 @@ def check_scope(config: TrainConfig) -> None:
                                             "re-extract after full fine-tuning; pass --finetune.scope adapter (the "
                                             "encoder stays frozen, an adapter trains on the stored features) or "
                                             "--run.rounds 0 (the aggregator only)")
+
+
+def keep_scope(config: TrainConfig, state: RunState, run_dir: Path) -> None:
+    """ConfigError, before anything of the run is rewritten, when a resumed run's finetune.scope differs from the one
+    its state.json recorded at its start: the rounds done so far (features, aggregators, selections) come from the
+    other scope, and the rest would mix with them."""
+    recorded, scope = state.get("finetune_scope"), config.finetune.scope
+    if recorded is not None and recorded != scope:
+        raise ConfigError("finetune.scope", f"the run in {run_dir} was started with --finetune.scope {recorded}, and "
+                                            f"its finished rounds come from it; switching to {scope} on --resume "
+                                            f"would mix the two. Resume with --finetune.scope {recorded}, or start "
+                                            f"a new run (another --run.name) with --finetune.scope {scope}")
 
 
 def miner_name_of(state: RunState) -> str:

@@ -24,6 +24,7 @@ from hnm_ray.predict import predict
 from hnm_ray.slides.reader import SlideReader
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import load_manifest
+from hnm_ray import train
 from hnm_ray.train import check_inputs, initial_encoder, round_features, with_encoder_preprocessing
 from hnm_ray.training.adapter import ResidualAdapter, fit_adapter, load_adapter
 from hnm_ray.training.finetune import tile_rows
@@ -122,6 +123,25 @@ def test_imported_features_never_look_up_the_encoder(imported, no_slides):
                            "finetune": {"scope": "adapter"}, "encoder": {"name": "hf-hub:hnm-test/not-cached"}})
     assert [r.slide_id for r in check_inputs(config)] == [r.slide_id for r in records]
     assert with_encoder_preprocessing(config) == config
+
+
+def test_resume_refuses_to_switch_the_finetune_scope(tmp_path, monkeypatch):
+    """The run's state.json records finetune.scope at its start; a --resume with the other scope is refused before
+    anything of the run is rewritten (its config.yaml kept) and before Ray starts."""
+    def stop(*args, **kwargs):
+        raise AssertionError("the job went on to start Ray")
+
+    monkeypatch.setattr(train, "route_ray_logs", stop)  # the first step of a job after its checks and records
+    run = tmp_path / "run"
+    with pytest.raises(AssertionError, match="start Ray"):
+        train.run_job(small_config({"finetune": {"scope": "full"}}), run, records=[])
+    assert json.loads((run / "state.json").read_text())["finetune_scope"] == "full"
+    saved = (run / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="started with --finetune.scope full") as error:
+        train.run_job(small_config({"finetune": {"scope": "adapter"}}), run, records=[])
+    assert "Resume with --finetune.scope full" in str(error.value) and (run / "config.yaml").read_text() == saved
+    with pytest.raises(AssertionError, match="start Ray"):  # the same scope resumes
+        train.run_job(small_config({"finetune": {"scope": "full"}}), run, records=[])
 
 
 @pytest.mark.slow
