@@ -126,6 +126,7 @@ def check_inputs(config: TrainConfig) -> list[SlideRecord]:
     require_both_classes(records, config.run.manifest or "the demo cohort")
     check_scope(config)
     dim = int(round0_of(config).metadata()["dim"]) if imported_round0(config) else encoder_out_dim(config.encoder)
+    check_store_tag(config, dim)
     build_aggregator(config.mil.aggregator, dim, hidden=config.mil.hidden, dropout=config.mil.dropout)
     return records
 
@@ -143,6 +144,26 @@ def imported_round0(config: TrainConfig) -> str | None:
 
     store = round0_of(config)
     return None if store is None else imported_format(store)
+
+
+def check_store_tag(config: TrainConfig, dim: int) -> None:
+    """ConfigError before any work when --run.store_tag names a store of features extracted with another encoder,
+    preprocessing, tiling, feature size or dtype than this run's (`dim`-d features): this run's round 0 would be
+    written beside them and both read as one cohort. An imported store (import_features) is taken as it is."""
+    from hnm_ray.extract import RESUME_KEYS, store_metadata
+
+    store = round0_of(config)
+    if store is None or not store.files() or imported_round0(config):
+        return
+    stored, ours = store.metadata(), store_metadata(with_encoder_preprocessing(config), store, dim)
+    changed = [f"{k}: {stored[k]!r} there, {ours[k]!r} here" for k in RESUME_KEYS
+               if k not in ("weights", "seed") and k in stored and stored[k] != ours[k]]
+    if changed:
+        raise ConfigError("run.store_tag", f"{store.directory} holds features extracted with other settings than "
+                                           f"this run's ({'; '.join(changed)}): they would mix in one store. Drop "
+                                           "--run.store_tag (round 0's folder is then named after this run's "
+                                           "encoder and settings), name a store of this encoder, or pass the "
+                                           "settings that store was extracted with")
 
 
 def check_scope(config: TrainConfig) -> None:

@@ -125,6 +125,29 @@ def test_imported_features_never_look_up_the_encoder(imported, no_slides):
     assert with_encoder_preprocessing(config) == config
 
 
+def test_a_store_tag_naming_another_encoders_store_is_refused_before_any_work(demo_cohort, tmp_path):
+    """--run.store_tag may name an imported store (no encoder: above) or one extracted with this run's encoder and
+    settings; a store of another encoder or preprocessing is refused, naming what differs."""
+    from hnm_ray.extract import store_metadata
+    from hnm_ray.models.encoders import encoder_out_dim
+
+    def stored_by(config, tag: str) -> None:  # one slide file as extract_features writes it with `config`
+        dim = encoder_out_dim(config.encoder)
+        store = FeatureStore(tmp_path / "store", tag)
+        tiles = pa.table({k: np.zeros(2, np.int32) for k in ("tile_id", "x", "y", "level", "size")})
+        store.write_slide("s", tiles, np.zeros((2, dim), np.float32), metadata=store_metadata(config, store, dim))
+
+    run = {"manifest": str(demo_cohort), "store": str(tmp_path / "store")}
+    stored_by(small_config({"encoder": {"name": "resnet18_in"}}), "resnet")
+    stored_by(small_config({"encoder": {"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}}), "other_mean")
+    stored_by(small_config(), "same")
+    for tag, words in (("resnet", "encoder: 'resnet18_in' there, 'small_cnn' here"), ("other_mean", "mean: ")):
+        with pytest.raises(ConfigError, match="run.store_tag") as error:
+            check_inputs(small_config({"run": {**run, "store_tag": tag}}))
+        assert words in str(error.value) and "Drop --run.store_tag" in str(error.value)
+    assert check_inputs(small_config({"run": {**run, "store_tag": "same"}}))
+
+
 def test_resume_refuses_to_switch_the_finetune_scope(tmp_path, monkeypatch):
     """The run's state.json records finetune.scope at its start; a --resume with the other scope is refused before
     anything of the run is rewritten (its config.yaml kept) and before Ray starts."""

@@ -309,7 +309,8 @@ class JobConfig:
                           "shareable between runs")
     store_tag: str = knob("", "round 0's folder in the store (default: derived from the encoder and its weights); "
                               "the --tag of an `import_features` store to train on imported features (with "
-                              "--finetune.scope adapter: no slide is read)")
+                              "--finetune.scope adapter: no slide is read); a folder holding features of another "
+                              "encoder, preprocessing or tiling is refused")
     rounds: int = knob(2, "fine-tuning rounds (the aggregator is trained rounds + 1 times)", low=0)
     heatmaps: int = knob(4, "test slides to draw tile-score heatmaps for (tumour and normal in turn)", low=0)
     final_round: str = knob("best_val", "the round whose aggregator and encoder are the run's final model "
