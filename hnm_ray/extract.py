@@ -174,10 +174,10 @@ def extract_features(records: list[SlideRecord], store: FeatureStore, config: Tr
     """Features of `records` into `store` with the encoder, tiling and resources of `config`; resumes, and records
     and skips failed slides. The tile index is read from (or written to) `index_root` (default: the store root),
     so later rounds reuse round 0's tissue detection. Returns what was written, skipped and failed."""
-    from hnm_ray.models.encoders import encoder_out_dim, resolved
+    from hnm_ray.models.encoders import encoder_out_dim, with_cache
 
     init_ray()
-    config = dataclasses.replace(config, encoder=resolved(config.encoder))  # the actors read the same model files
+    config = dataclasses.replace(config, encoder=with_cache(config.encoder))  # the actors read the same model files
     encoder, extract = config.encoder, config.extract
     done = store.completed()
     todo = [r for r in records if r.slide_id not in done]

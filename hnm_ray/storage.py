@@ -18,13 +18,15 @@ Appends (errors.jsonl) are not possible on object storage: there each record is 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Union
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -152,17 +154,25 @@ def num_rows(item: Location) -> int:
         return pq.ParquetFile(source).metadata.num_rows
 
 
-def write_table(table: pa.Table, item: Location, dictionary: bool | list[str] = True) -> Location:
-    """Write `table` as zstd Parquet, complete or absent (module docstring); OSError propagates, nothing left.
-    `dictionary`: dictionary-encode every column (True) or only these."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", use_dictionary=dictionary)
-    return write_bytes(sink.getvalue(), item)
+def write_table(table: pa.Table, item: Location, dictionary: bool | list[str] = True,
+                compression: str | dict[str, str] = "zstd", statistics: bool | list[str] = True) -> Location:
+    """Write `table` as Parquet, complete or absent (module docstring); OSError propagates, nothing left.
+    `dictionary`, `compression` (a codec, or one per column), `statistics`: pyarrow's use_dictionary,
+    compression and write_statistics. Locally the file is written straight into its temp file (no copy in memory)."""
+    options = {"use_dictionary": dictionary, "compression": compression, "write_statistics": statistics}
+    if is_uri(item):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, **options)
+        return write_bytes(sink.getvalue(), item)
+    with _atomic_local(Path(item)) as sink:
+        pq.write_table(table, sink, **options)
+    return Path(item)
 
 
 def write_bytes(data: bytes | pa.Buffer | str, item: Location) -> Location:
     """Write `data` (text as UTF-8) to `item` atomically: temp + fsync + rename locally (a symlink at `item` is
-    replaced, not followed), one upload to the final key otherwise. Every file hnm-ray writes goes through here."""
+    replaced, not followed), one upload to the final key otherwise. Every file hnm-ray writes goes through here
+    (or `write_table`)."""
     if isinstance(data, str):
         data = data.encode()
     if is_uri(item):
@@ -171,20 +181,27 @@ def write_bytes(data: bytes | pa.Buffer | str, item: Location) -> Location:
         stream.write(data)
         stream.close()
         return item
-    final = Path(item)
+    with _atomic_local(Path(item)) as sink:
+        sink.write(memoryview(data))
+    return Path(item)
+
+
+@contextlib.contextmanager
+def _atomic_local(final: Path) -> Iterator[BinaryIO]:
+    """A local file to write `final` through: a fresh hidden temp file beside it (created exclusively, never through
+    a link), fsynced and renamed over `final` when the block ends; removed when the block raises."""
     temp = final.parent / f".{final.stem}.{uuid.uuid4().hex[:12]}{final.suffix}{TEMP_SUFFIX}"
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         with open(fd, "wb") as sink:
-            sink.write(memoryview(data))
+            yield sink
             sink.flush()
             os.fsync(sink.fileno())
         os.replace(temp, final)
     except BaseException:
         unlink_quietly(temp)
         raise
-    return final
 
 
 def refuse_links_out(folder: Path, key: str) -> None:

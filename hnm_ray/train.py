@@ -64,10 +64,13 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
 
     started = time.perf_counter()
     records = check_inputs(config) if records is None else records  # before Ray starts and the run folder is made
+    state = RunState(run_dir)
+    keep_scope(config, state, run_dir)  # a --resume never switches finetune.scope
     config = with_encoder_preprocessing(config)  # an hf-hub:/timm: encoder's own mean/std/input size, recorded
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save_yaml(config, run_dir / CONFIG_FILE)
-    state = RunState(run_dir)
+    if state.get("finetune_scope") is None:
+        state.done("finetune_scope", config.finetune.scope)
     route_ray_logs(run_dir / "ray.log", config.run.verbose)  # before ray.init: its auth-token notice goes there too
     init_ray()
     miner_name = miner_name_of(state)
@@ -111,10 +114,10 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
 
 def check_inputs(config: TrainConfig) -> list[SlideRecord]:
     """Every input check of a job, before Ray starts and before any folder is made: the manifest (every bad row at
-    once; both classes), the encoder (name or plug-in, weights file; an hf-hub: model in the local cache) and the
-    aggregator (name or plug-in). An hf-hub:/timm: model's weights are not loaded here: its files are found and its
-    architecture traced on the meta device (its feature size), so a 1B-parameter model is read once, by each encoder
-    actor."""
+    once; both classes), the encoder (name or plug-in, weights file; an hf-hub: model in the local cache; none on
+    imported features, where no encoder runs) and the aggregator (name or plug-in). An hf-hub:/timm: model's weights
+    are not loaded here: its files are found and its architecture traced on the meta device (its feature size), so a
+    1B-parameter model is read once, by each encoder actor."""
     from hnm_ray.models.aggregators import build_aggregator
     from hnm_ray.models.encoders import encoder_out_dim
 
@@ -122,18 +125,45 @@ def check_inputs(config: TrainConfig) -> list[SlideRecord]:
                             seed=config.run.seed)
     require_both_classes(records, config.run.manifest or "the demo cohort")
     check_scope(config)
-    dim = encoder_out_dim(config.encoder)
+    dim = int(round0_of(config).metadata()["dim"]) if imported_round0(config) else encoder_out_dim(config.encoder)
+    check_store_tag(config, dim)
     build_aggregator(config.mil.aggregator, dim, hidden=config.mil.hidden, dropout=config.mil.dropout)
     return records
+
+
+def round0_of(config: TrainConfig) -> FeatureStore | None:
+    """Round 0's store when --run.store and --run.store_tag name it (it may hold features already), else None."""
+    if not (config.run.store and config.run.store_tag):
+        return None
+    return FeatureStore(config.run.store, config.run.store_tag, round=0)
 
 
 def imported_round0(config: TrainConfig) -> str | None:
     """The h5 format round 0's features were imported from (`import_features`: no slide to read), else None."""
     from hnm_ray.import_features import imported_format
 
-    if not (config.run.store and config.run.store_tag):
-        return None
-    return imported_format(FeatureStore(config.run.store, config.run.store_tag, round=0))
+    store = round0_of(config)
+    return None if store is None else imported_format(store)
+
+
+def check_store_tag(config: TrainConfig, dim: int) -> None:
+    """ConfigError before any work when --run.store_tag names a store of features extracted with another encoder,
+    preprocessing, tiling, feature size or dtype than this run's (`dim`-d features): this run's round 0 would be
+    written beside them and both read as one cohort. An imported store (import_features) is taken as it is."""
+    from hnm_ray.extract import RESUME_KEYS, store_metadata
+
+    store = round0_of(config)
+    if store is None or not store.files() or imported_round0(config):
+        return
+    stored, ours = store.metadata(), store_metadata(with_encoder_preprocessing(config), store, dim)
+    changed = [f"{k}: {stored[k]!r} there, {ours[k]!r} here" for k in RESUME_KEYS
+               if k not in ("weights", "seed") and k in stored and stored[k] != ours[k]]
+    if changed:
+        raise ConfigError("run.store_tag", f"{store.directory} holds features extracted with other settings than "
+                                           f"this run's ({'; '.join(changed)}): they would mix in one store. Drop "
+                                           "--run.store_tag (round 0's folder is then named after this run's "
+                                           "encoder and settings), name a store of this encoder, or pass the "
+                                           "settings that store was extracted with")
 
 
 def check_scope(config: TrainConfig) -> None:
@@ -145,6 +175,18 @@ def check_scope(config: TrainConfig) -> None:
                                             "re-extract after full fine-tuning; pass --finetune.scope adapter (the "
                                             "encoder stays frozen, an adapter trains on the stored features) or "
                                             "--run.rounds 0 (the aggregator only)")
+
+
+def keep_scope(config: TrainConfig, state: RunState, run_dir: Path) -> None:
+    """ConfigError, before anything of the run is rewritten, when a resumed run's finetune.scope differs from the one
+    its state.json recorded at its start: the rounds done so far (features, aggregators, selections) come from the
+    other scope, and the rest would mix with them."""
+    recorded, scope = state.get("finetune_scope"), config.finetune.scope
+    if recorded is not None and recorded != scope:
+        raise ConfigError("finetune.scope", f"the run in {run_dir} was started with --finetune.scope {recorded}, and "
+                                            f"its finished rounds come from it; switching to {scope} on --resume "
+                                            f"would mix the two. Resume with --finetune.scope {recorded}, or start "
+                                            f"a new run (another --run.name) with --finetune.scope {scope}")
 
 
 def miner_name_of(state: RunState) -> str:
@@ -198,9 +240,12 @@ def initial_head(weights: str | None, run_dir: Path) -> str | None:
 
 
 def with_encoder_preprocessing(config: TrainConfig) -> TrainConfig:
-    """The config with its encoder section `resolved` (an hf-hub:/timm: encoder's own mean, std, input size and cache)."""
+    """The config with its encoder section `resolved` (an hf-hub:/timm: encoder's own mean, std, input size and
+    revision); as it is on imported features (no encoder runs)."""
     from hnm_ray.models.encoders import resolved
 
+    if imported_round0(config):
+        return config
     return dataclasses.replace(config, encoder=resolved(config.encoder))
 
 

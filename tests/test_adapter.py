@@ -24,7 +24,8 @@ from hnm_ray.predict import predict
 from hnm_ray.slides.reader import SlideReader
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import load_manifest
-from hnm_ray.train import check_inputs, initial_encoder, round_features
+from hnm_ray import train
+from hnm_ray.train import check_inputs, initial_encoder, round_features, with_encoder_preprocessing
 from hnm_ray.training.adapter import ResidualAdapter, fit_adapter, load_adapter
 from hnm_ray.training.finetune import tile_rows
 from hnm_ray.training.official_steps import HARD_NEGATIVE, POSITIVE
@@ -112,6 +113,58 @@ def test_full_fine_tuning_on_imported_features_is_refused_before_any_work(import
     (tmp_path / "run" / "checkpoint" / "meta.json").write_text(json.dumps({"imported_features": "trident"}))
     with pytest.raises(ConfigError, match="imported from trident"):
         predict(tmp_path / "run", manifest, tmp_path / "pred")
+
+
+def test_imported_features_never_look_up_the_encoder(imported, no_slides):
+    """No encoder runs on imported features: check_inputs takes the feature size from the store and the run's config
+    keeps its encoder section as given (an hf-hub: name that is not cached is never looked up)."""
+    store, records, manifest = imported
+    config = small_config({"run": {"manifest": str(manifest), "store": str(store.root), "store_tag": "uni_v1"},
+                           "finetune": {"scope": "adapter"}, "encoder": {"name": "hf-hub:hnm-test/not-cached"}})
+    assert [r.slide_id for r in check_inputs(config)] == [r.slide_id for r in records]
+    assert with_encoder_preprocessing(config) == config
+
+
+def test_a_store_tag_naming_another_encoders_store_is_refused_before_any_work(demo_cohort, tmp_path):
+    """--run.store_tag may name an imported store (no encoder: above) or one extracted with this run's encoder and
+    settings; a store of another encoder or preprocessing is refused, naming what differs."""
+    from hnm_ray.extract import store_metadata
+    from hnm_ray.models.encoders import encoder_out_dim
+
+    def stored_by(config, tag: str) -> None:  # one slide file as extract_features writes it with `config`
+        dim = encoder_out_dim(config.encoder)
+        store = FeatureStore(tmp_path / "store", tag)
+        tiles = pa.table({k: np.zeros(2, np.int32) for k in ("tile_id", "x", "y", "level", "size")})
+        store.write_slide("s", tiles, np.zeros((2, dim), np.float32), metadata=store_metadata(config, store, dim))
+
+    run = {"manifest": str(demo_cohort), "store": str(tmp_path / "store")}
+    stored_by(small_config({"encoder": {"name": "resnet18_in"}}), "resnet")
+    stored_by(small_config({"encoder": {"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}}), "other_mean")
+    stored_by(small_config(), "same")
+    for tag, words in (("resnet", "encoder: 'resnet18_in' there, 'small_cnn' here"), ("other_mean", "mean: ")):
+        with pytest.raises(ConfigError, match="run.store_tag") as error:
+            check_inputs(small_config({"run": {**run, "store_tag": tag}}))
+        assert words in str(error.value) and "Drop --run.store_tag" in str(error.value)
+    assert check_inputs(small_config({"run": {**run, "store_tag": "same"}}))
+
+
+def test_resume_refuses_to_switch_the_finetune_scope(tmp_path, monkeypatch):
+    """The run's state.json records finetune.scope at its start; a --resume with the other scope is refused before
+    anything of the run is rewritten (its config.yaml kept) and before Ray starts."""
+    def stop(*args, **kwargs):
+        raise AssertionError("the job went on to start Ray")
+
+    monkeypatch.setattr(train, "route_ray_logs", stop)  # the first step of a job after its checks and records
+    run = tmp_path / "run"
+    with pytest.raises(AssertionError, match="start Ray"):
+        train.run_job(small_config({"finetune": {"scope": "full"}}), run, records=[])
+    assert json.loads((run / "state.json").read_text())["finetune_scope"] == "full"
+    saved = (run / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="started with --finetune.scope full") as error:
+        train.run_job(small_config({"finetune": {"scope": "adapter"}}), run, records=[])
+    assert "Resume with --finetune.scope full" in str(error.value) and (run / "config.yaml").read_text() == saved
+    with pytest.raises(AssertionError, match="start Ray"):  # the same scope resumes
+        train.run_job(small_config({"finetune": {"scope": "full"}}), run, records=[])
 
 
 @pytest.mark.slow

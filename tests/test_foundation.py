@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,61 @@ def test_two_encoders_preprocessing_differs_in_the_store_tag_and_metadata(offlin
     for name, (mean, std, size) in MODELS.items():
         assert (metas[name]["mean"], metas[name]["std"], metas[name]["input_size"]) == (list(mean), list(std), size)
     assert metas["other mean"]["mean"] == [0.1, 0.1, 0.1] and metas["other mean"]["std"] == list(MODELS["hnm-test/tiny-vit"][1])
+
+
+def test_the_runs_config_names_no_cache_folder_so_resume_and_predict_read_their_own_hf_home(offline, hub, tmp_path,
+                                                                                            monkeypatch):
+    """config.yaml of an hf-hub: run, read on another machine (--resume, predict) whose cache is elsewhere: the
+    model is found in that machine's HF_HOME, not at the first machine's path."""
+    from hnm_ray import config as cfg
+    from hnm_ray.config import TrainConfig
+    from hnm_ray.train import with_encoder_preprocessing
+
+    first = tmp_path / "first_machine"
+    shutil.copytree(hub[0], first)
+    monkeypatch.setenv("HF_HOME", str(first))
+    cfg.save_yaml(with_encoder_preprocessing(_config("hf-hub:hnm-test/tiny-vit")), tmp_path / "config.yaml")
+    shutil.rmtree(first)
+    monkeypatch.setenv("HF_HOME", str(hub[0]))
+    saved = cfg.from_tree(TrainConfig, cfg.load_yaml(tmp_path / "config.yaml"))
+    assert saved.encoder.hub_cache is None and saved.encoder.input_size == MODELS["hnm-test/tiny-vit"][2]
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        np.testing.assert_allclose(encoder_from_config(saved.encoder).eval()(pixels).numpy(),
+                                   offline["hnm-test/tiny-vit"](pixels).numpy(), atol=1e-6, rtol=0)
+
+
+def test_a_run_reads_its_recorded_hub_revision_after_the_cache_is_updated(offline, demo_cohort, tmp_path, monkeypatch):
+    """The cache gets a new snapshot between a run and its --resume / predict (refs/main moves): the run's config
+    names its revision, so the old snapshot's weights are read while cached, and one clear error names the command
+    that restores it once it is gone; a new run takes the new snapshot."""
+    from hnm_ray import config as cfg
+    from hnm_ray.config import TrainConfig
+    from hnm_ray.train import check_inputs, with_encoder_preprocessing
+
+    repo, home = "hnm-test/tiny-vit", tmp_path / "hf_home"
+    before = _cache_model(home / "hub", repo, seed=1)
+    monkeypatch.setenv("HF_HOME", str(home))
+    run = with_encoder_preprocessing(_config(f"hf-hub:{repo}", demo_cohort))
+    cfg.save_yaml(run, tmp_path / "config.yaml")
+    _cache_model(tmp_path / "update" / "hub", repo, seed=5)  # `hf download` of a newer commit: a new snapshot
+    cached = home / "hub" / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(tmp_path / "update" / "hub" / cached.name / "snapshots" / f"{5:040x}",
+                    cached / "snapshots" / f"{5:040x}")
+    (cached / "refs" / "main").write_text(f"{5:040x}")
+
+    saved = cfg.from_tree(TrainConfig, cfg.load_yaml(tmp_path / "config.yaml"))
+    assert saved.encoder.hub_revision == f"{1:040x}"
+    assert config_tag(saved.encoder) == config_tag(run.encoder)  # round 0's store of the run
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        np.testing.assert_allclose(encoder_from_config(saved.encoder).eval()(pixels).numpy(), before(pixels).numpy(),
+                                   atol=1e-6, rtol=0)
+    assert with_encoder_preprocessing(_config(f"hf-hub:{repo}")).encoder.hub_revision == f"{5:040x}"
+    shutil.rmtree(cached / "snapshots" / f"{1:040x}")
+    with pytest.raises(ConfigError, match=f"hf download {repo} --revision {1:040x}") as error:
+        check_inputs(saved)
+    assert f"{5:040x} as main now" in str(error.value) and "start a new run" in str(error.value)
 
 
 def test_a_model_not_in_the_cache_fails_in_check_inputs_naming_the_download_command(hub, offline, demo_cohort):

@@ -98,7 +98,13 @@ class EncoderConfig:
                                   low=16, high=4096)
     hub_cache: str | None = knob(None, "Hugging Face cache folder hf-hub: models are read from (never downloaded; "
                                        "every node reads this path); unset: HF_HUB_CACHE, else HF_HOME/hub, else "
-                                       "~/.cache/huggingface/hub")
+                                       "~/.cache/huggingface/hub, found where the run starts, resumes or predicts "
+                                       "(not recorded in its config)")
+    hub_revision: str | None = knob(None, "the hf-hub: model's snapshot (its commit) in the cache the weights are "
+                                          "read from; unset: the one refs/main names, filled into the run's config "
+                                          "so --resume and predict read the same weights after the cache is "
+                                          "updated (a snapshot no longer cached stops them with the command that "
+                                          "restores it)")
     precision: str = knob("float32", "encoder forward in extraction and fine-tuning: float32, or bfloat16 (torch "
                                      "autocast, AMP: faster on GPUs with bf16 tensor cores; outputs and losses stay "
                                      "float32; part of the feature store's tag)", choices=["float32", "bfloat16"])
@@ -303,7 +309,8 @@ class JobConfig:
                           "shareable between runs")
     store_tag: str = knob("", "round 0's folder in the store (default: derived from the encoder and its weights); "
                               "the --tag of an `import_features` store to train on imported features (with "
-                              "--finetune.scope adapter: no slide is read)")
+                              "--finetune.scope adapter: no slide is read); a folder holding features of another "
+                              "encoder, preprocessing or tiling is refused")
     rounds: int = knob(2, "fine-tuning rounds (the aggregator is trained rounds + 1 times)", low=0)
     heatmaps: int = knob(4, "test slides to draw tile-score heatmaps for (tumour and normal in turn)", low=0)
     final_round: str = knob("best_val", "the round whose aggregator and encoder are the run's final model "

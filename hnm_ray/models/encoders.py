@@ -151,12 +151,12 @@ def small_cnn() -> nn.Module:
 
 
 def build_encoder(spec: str, weights: str | Path | None = None, norm: str = "affine",
-                  hub_cache: str | None = None) -> nn.Module:
+                  hub_cache: str | None = None, hub_revision: str | None = None) -> nn.Module:
     """An encoder with `.out_dim` from a registry name, an `hf-hub:` / `timm:` name (weights from `hub_cache`, the
-    local Hugging Face cache, or `weights`), a `module.path:callable` plug-in or a TorchScript file; `norm` other
-    than "affine" is passed to registry encoders that take it (resnet18_in)."""
+    local Hugging Face cache, at `hub_revision`, or `weights`), a `module.path:callable` plug-in or a TorchScript
+    file; `norm` other than "affine" is passed to registry encoders that take it (resnet18_in)."""
     if is_timm_spec(spec):
-        return foundation.build(foundation.recipe(spec, weights, hub_cache))
+        return foundation.build(foundation.recipe(spec, weights, hub_cache, hub_revision))
     if spec in ENCODERS:
         model = _registered(spec, norm)
     elif names_code(spec) and Path(spec).expanduser().is_file():
@@ -411,17 +411,29 @@ class InputSpace:
 
 
 def resolved(config: EncoderConfig) -> EncoderConfig:
-    """The section with an `hf-hub:` / `timm:` encoder's own preprocessing (mean, std, input size) and the cache it is
-    read from filled in where unset, as the run's config records them (other encoders: unchanged). Reads the model's
-    config.json from the local cache: ConfigError naming the download command when it is missing."""
-    hub = foundation.hub_repo(config.name) is not None
+    """The section with an `hf-hub:` / `timm:` encoder's own preprocessing (mean, std, input size) and an `hf-hub:`
+    model's cached revision (the snapshot its weights come from) filled in where unset, as the run's config records
+    them (other encoders: unchanged), so --resume and predict read the same weights after the cache is updated. The
+    cache folder is not filled in: each machine finds its own at use (encoder.hub_cache, else HF_HUB_CACHE /
+    HF_HOME), so a run's config resumes and predicts elsewhere. Reads the model's config.json from the local cache:
+    ConfigError naming the download command when it is missing."""
+    from_hub = foundation.hub_repo(config.name) is not None and not config.weights
     if not is_timm_spec(config.name) or (config.mean and config.std and config.input_size
-                                         and (config.hub_cache or not hub)):
+                                         and (config.hub_revision or not from_hub)):
         return config
-    cache = config.hub_cache or (foundation.hf_cache_dir() if hub else None)
-    plan = foundation.recipe(config.name, config.weights, cache)
+    plan = foundation.recipe(config.name, config.weights, config.hub_cache, config.hub_revision)
     return dataclasses.replace(config, mean=config.mean or list(plan.mean), std=config.std or list(plan.std),
-                               input_size=config.input_size or plan.input_size, hub_cache=cache)
+                               input_size=config.input_size or plan.input_size,
+                               hub_revision=config.hub_revision or plan.revision or None)
+
+
+def with_cache(config: EncoderConfig) -> EncoderConfig:
+    """`resolved`, with an `hf-hub:` encoder's cache folder as this process finds it filled in where unset: what
+    extraction hands its encoder actors, so they read the files the driver checked (never recorded in a config)."""
+    config = resolved(config)
+    if foundation.hub_repo(config.name) is None or config.hub_cache:
+        return config
+    return dataclasses.replace(config, hub_cache=foundation.hf_cache_dir())
 
 
 def input_space_of(config: EncoderConfig) -> InputSpace:
@@ -435,8 +447,8 @@ def encoder_out_dim(config: EncoderConfig) -> int:
     """The feature size of the section's encoder, cheaply for `hf-hub:` / `timm:` models (their config and weights
     files found, the architecture traced on the meta device: no weights loaded); other encoders are built."""
     if is_timm_spec(config.name):
-        config = resolved(config)
-        return foundation.out_dim(foundation.recipe(config.name, config.weights, config.hub_cache))
+        return foundation.out_dim(foundation.recipe(config.name, config.weights, config.hub_cache,
+                                                    config.hub_revision))
     return encoder_from_config(config).out_dim
 
 
@@ -444,7 +456,7 @@ def encoder_from_config(config: EncoderConfig, weights: str | Path | None = None
     """The encoder of an `encoder` config section (weights: `weights` when given, else config.weights), with its
     `input_space` (an InputSpace)."""
     config = resolved(config if weights is None else dataclasses.replace(config, weights=str(weights)))
-    model = build_encoder(config.name, config.weights, config.norm, config.hub_cache)
+    model = build_encoder(config.name, config.weights, config.norm, config.hub_cache, config.hub_revision)
     model.input_space = input_space_of(config)
     return model
 
@@ -467,7 +479,7 @@ def config_tag(config: EncoderConfig, weights: str | Path | None = None) -> str:
         extras.append("p" + hashlib.sha256(json.dumps(space.describe(), sort_keys=True).encode()).hexdigest()[:8])
     repo = foundation.hub_repo(config.name)
     if repo is not None and weights is None:
-        extras.append(foundation.hub_files(repo, resolved(config).hub_cache).revision[:10])
+        extras.append((resolved(config).hub_revision or "")[:10])
     return "-".join([encoder_tag(config.name, weights), *extras])
 
 

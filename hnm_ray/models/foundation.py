@@ -135,21 +135,32 @@ class HubFiles:
         return found.parent.name if found else ""
 
 
-def hub_files(repo: str, cache_dir: str | None) -> HubFiles:
-    """config.json and weights of `repo` in the local cache (`refs/main`'s snapshot); never asks the network."""
+def hub_files(repo: str, cache_dir: str | None, revision: str | None = None) -> HubFiles:
+    """config.json and weights of `repo` in the local cache: the snapshot of commit `revision`, else `refs/main`'s;
+    never asks the network."""
     from huggingface_hub import try_to_load_from_cache
 
     def cached(filename: str) -> Path | None:
-        found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir or hf_cache_dir())
+        found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir or hf_cache_dir(), revision=revision)
         return Path(found) if isinstance(found, str) else None
 
     return HubFiles(cached(HUB_CONFIG), next(filter(None, (cached(name) for name in HUB_WEIGHTS)), None))
 
 
-def missing_model_error(repo: str, cache_dir: str | None, what: str) -> ConfigError:
-    """The one error for a gated or not-downloaded model: where we looked and how to get it there."""
+def missing_model_error(repo: str, cache_dir: str | None, what: str, revision: str | None = None) -> ConfigError:
+    """The one error for a gated or not-downloaded model (or a run's recorded `revision` of it that the cache no
+    longer holds): where we looked and how to get it there."""
+    cache = cache_dir or hf_cache_dir()
+    if revision:
+        now = hub_files(repo, cache_dir).revision or "no snapshot"
+        return ConfigError("encoder.hub_revision", (
+            f"hf-hub:{repo}: {what} of revision {revision} not in the local Hugging Face cache {cache}, which holds "
+            f"{now} as main now. The run's config records revision {revision} (its features and checkpoint came "
+            f"from those weights): on a machine with internet run `hf download {repo} --revision {revision}` (or "
+            f"`huggingface-cli download {repo} --revision {revision}`) and copy the cache folder here (HF_HOME, "
+            f"HF_HUB_CACHE or --encoder.hub_cache); or start a new run to use the new weights"))
     return ConfigError("encoder.name", (
-        f"hf-hub:{repo}: {what} not in the local Hugging Face cache {cache_dir or hf_cache_dir()} (hnm-ray never "
+        f"hf-hub:{repo}: {what} not in the local Hugging Face cache {cache} (hnm-ray never "
         f"downloads weights). On a machine with internet (a gated model: accept its terms on "
         f"https://huggingface.co/{repo} and log in with `hf auth login` first) run `hf download {repo}` (or "
         f"`huggingface-cli download {repo}`), copy the cache folder to this machine and point HF_HOME (or "
@@ -175,9 +186,11 @@ FILE_ARGS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_
              "cache_dir")  # timm.create_model arguments that load or fetch weights
 
 
-def recipe(spec: str, weights: str | Path | None = None, cache_dir: str | None = None) -> TimmRecipe:
+def recipe(spec: str, weights: str | Path | None = None, cache_dir: str | None = None,
+           revision: str | None = None) -> TimmRecipe:
     """How to build `spec` (`hf-hub:` or `timm:`), from the KNOWN table, the cached config.json or timm's defaults;
-    ConfigError naming the download command when an `hf-hub:` model is not in the local cache."""
+    an `hf-hub:` model from the cached snapshot of commit `revision` (None: refs/main's). ConfigError naming the
+    download command when that is not in the local cache."""
     file = Path(weights).expanduser() if weights is not None else None
     repo = hub_repo(spec)
     if repo is None:
@@ -185,11 +198,11 @@ def recipe(spec: str, weights: str | Path | None = None, cache_dir: str | None =
     entry = KNOWN.get(repo.lower())
     if entry is not None and entry.arch is None:
         raise ConfigError("encoder.name", f"hf-hub:{repo}: {entry.not_timm}")
-    files = hub_files(repo, cache_dir)
+    files = hub_files(repo, cache_dir, revision)
     if files.config is None and not (entry is not None and file is not None):
-        raise missing_model_error(repo, cache_dir, HUB_CONFIG)
+        raise missing_model_error(repo, cache_dir, HUB_CONFIG, revision)
     if file is None and files.weights is None:
-        raise missing_model_error(repo, cache_dir, f"its weights ({' or '.join(HUB_WEIGHTS)})")
+        raise missing_model_error(repo, cache_dir, f"its weights ({' or '.join(HUB_WEIGHTS)})", revision)
     hub = _read_config(files.config) if files.config is not None else {}
     pretrained = hub.get("pretrained_cfg", {})
     arch = entry.arch if entry is not None else hub.get("architecture")

@@ -1,12 +1,13 @@
 """The feature store: one Parquet file per slide per round, written atomically.
 
-Layout: `<root>/<encoder_tag>/round=<r>/<slide_id>.parquet` (zstd) with the columns of
-`feature_schema`, and the extraction settings (encoder tag, tile size, mpp, dim, dtype) as JSON
-in the file's schema metadata. The root is a folder or an object-storage URI (`s3://bucket/features`,
-see `hnm_ray.storage`). A slide file is written atomically (locally: a hidden temp name in the same
-folder, renamed; on object storage: one upload that becomes visible when complete), so a slide is
-either complete or absent and a killed job resumes by skipping `completed()` slides. Failures go to
-`errors.jsonl` in the same folder, one JSON object a line (on object storage: one object a record).
+Layout: `<root>/<encoder_tag>/round=<r>/<slide_id>.parquet` with the columns of `feature_schema` (the embedding
+column plain and uncompressed, the others zstd; stores written before, with the embedding zstd too, read the same),
+and the extraction settings (encoder tag, tile size, mpp, dim, dtype) as JSON in the file's schema metadata. The
+root is a folder or an object-storage URI (`s3://bucket/features`, see `hnm_ray.storage`). A slide file is written
+atomically (locally: a hidden temp name in the same folder, renamed; on object storage: one upload that becomes
+visible when complete), so a slide is either complete or absent and a killed job resumes by skipping `completed()`
+slides. Failures go to `errors.jsonl` in the same folder, one JSON object a line (on object storage: one object a
+record).
 """
 from __future__ import annotations
 
@@ -132,12 +133,15 @@ class FeatureStore:
     def write_slide(self, slide_id: str, tiles: pa.Table, embeddings: np.ndarray, truth: np.ndarray | None = None,
                     metadata: dict[str, Any] | None = None) -> Location:
         """Write one slide's file atomically (temp name + os.replace, or one upload); returns its path. Embeddings are
-        not dictionary-encoded: float features hardly repeat, and a bag of them reads ~4x faster plain (the MIL
-        loop re-reads the bags its cache does not hold every epoch)."""
+        not dictionary-encoded (float features hardly repeat, and a bag of them reads ~4x faster plain: the MIL loop
+        re-reads the bags its cache does not hold every epoch), not compressed (zstd saves ~6 % of float32 features
+        at a third of the disk's write speed: benchmarks/import_h5.py) and carry no min/max statistics."""
         final = self.slide_path(slide_id)
         table = self._slide_table(slide_id, tiles, embeddings, truth, metadata or {})
+        others = [c for c in table.column_names if c != "embedding"]
         try:
-            storage.write_table(table, final, dictionary=[c for c in table.column_names if c != "embedding"])
+            storage.write_table(table, final, dictionary=others, statistics=others,
+                                compression={**dict.fromkeys(others, "zstd"), "embedding": "none"})
         except OSError as exc:
             raise StoreError(f"slide {slide_id!r}: cannot write features to {final}: {exc}; nothing was kept for this "
                              "slide. Free disk space / check permissions of the store folder, then re-run (finished "

@@ -21,7 +21,8 @@ from hnm_ray.training.finetune import TILE_ROW_SCHEMA, fit_finetune
 
 log = logging.getLogger("hnm_ray")
 
-PREPROCESSING = ("mean", "std", "input_size", "hub_cache")  # encoder knobs newer than the warm-start cache key
+# Encoder knobs newer than the warm-start cache key (they enter it only when set).
+PREPROCESSING = ("mean", "std", "input_size", "hub_cache", "hub_revision")
 
 
 def warm_start_key(config: TrainConfig, records: list[SlideRecord]) -> str:
