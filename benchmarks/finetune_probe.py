@@ -139,6 +139,7 @@ def main() -> None:
                 else finetune.round_rows(config, store0, records, selection, 0, False))
         if labels == "truth":
             rows = with_truth_labels(rows, store0)
+        positive_count = int(np.sum(np.asarray(rows["label"]) == 1))
         finetune.our_loss = with_nt_xent(nt_xent, negative_anchors) if nt_xent or not negative_anchors else loss
         t0 = time.perf_counter()
         out = finetune.fit_finetune(config, rows, weights, run / "finetune_probe" / name, name="ft", first_epoch=0,
@@ -148,7 +149,7 @@ def main() -> None:
         finetune.our_loss = loss
         encoder = encoder_from_config(config.encoder, out.encoder_weights).eval()
         probe = tile_probe(EncodedStore(store0, encoder, records, config.tiling.tile_size), records, seed=config.run.seed)
-        results.append({"name": name, "override": setting, "labels": labels, "positive_rows": positives, "positives": int(np.sum(rows["label"])),
+        results.append({"name": name, "override": setting, "labels": labels, "positive_rows": positives, "positives": positive_count,
                         "nt_xent": nt_xent, "negative_anchors": negative_anchors, "rows": rows.num_rows, **probe,
                         "probe_ratio_vs_round0": probe["probe_auc"] / baseline["probe_auc"],
                         "finetune_seconds": seconds, "ft_loss_last_epoch": out.history[-1].get("ft_loss")})

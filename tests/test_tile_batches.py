@@ -24,7 +24,8 @@ def rows(demo_cohort) -> pa.Table:
                                "x": grid["x"], "y": grid["y"], "level": grid["level"], "size": grid["size"],
                                "label": pa.array(np.zeros(n, np.int8)), "pos_rank": pa.array(np.zeros(n, np.float32)),
                                "kind": pa.array(np.zeros(n, np.int8)),
-                               "score": pa.array(np.zeros(n, np.float32))}, schema=TILE_ROW_SCHEMA))
+                               "score": pa.array(np.zeros(n, np.float32)),
+                               "supcon_class": pa.array(np.zeros(n, np.int16))}, schema=TILE_ROW_SCHEMA))
     table = pa.concat_tables(parts)
     return table.take(np.random.default_rng(0).permutation(table.num_rows))
 

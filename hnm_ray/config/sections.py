@@ -273,6 +273,11 @@ class FinetuneConfig:
                                                  "top-r_t positives (486 + 25 at B = 512)",
                                            low=0.0, high=1.0, low_open=True, high_open=True)
     temperature: float = knob(0.07, "SupCon temperature", low=0.0, low_open=True)
+    negative_classes: int = knob(1, "our loop: SupCon classes of the negatives: 1 (the paper: every negative is a "
+                                    "positive of every other) or K > 1, the negatives split into K k-means clusters "
+                                    "of their current features, so that SupCon does not pull all normal tissue into "
+                                    "one point (it collapsed the projection on the Camelyon16-regime cohort: "
+                                    "benchmarks/README)", low=1)
     proj_dim: int = knob(256, "projection head output size", low=1)
     augment: str = knob("ours", "augmentations: ours (crop 0.5-1, flips/rot90, colour jitter 0.6) or official (crop "
                                 "0.08-1, flip, strong jitter, grayscale, blur; kornia)", choices=["ours", "official"])
@@ -289,6 +294,12 @@ class FinetuneConfig:
     use_gpu: bool = knob(False, "fine-tune on GPUs")
     decode_threads: int = knob(1, "cuCIM decode threads in each worker (the next batch is decoded while one trains)", low=1)
     max_failures: int = knob(2, "Ray Train restarts from the last checkpoint after a worker failure", low=0)
+
+    def validate(self) -> None:
+        """Negative classes are a rule of our loop's loss; the official loop's steps have their own."""
+        if self.negative_classes > 1 and self.loop != "ours":
+            raise ConfigError("finetune.negative_classes", f"{self.negative_classes} applies to --finetune.loop ours; "
+                                                           f"with loop {self.loop} set it to 1")
 
 
 @dataclass

@@ -140,7 +140,7 @@ def _fit(config: TrainConfig, rows: pa.Table, round0: FeatureStore, weights: str
         gen = torch.Generator().manual_seed(config.run.seed * 100003 + epoch * 101)
         batches, step_b, ratio = epoch_batches(loop, share, epoch, 0, 1)
         for index, is_b in zip(batches, step_b):
-            batch = {k: share[k][index] for k in ("label", "kind", "pos_rank")}
+            batch = {k: share[k][index] for k in ("label", "kind", "pos_rank", "supcon_class")}
             batch["error"] = np.zeros(len(index), bool)  # stored features: nothing to decode, nothing fails
             keep = _usable(batch, ratio, True) if is_b is None else np.ones(len(index), bool)
             if keep.sum() < 2:
@@ -148,7 +148,7 @@ def _fit(config: TrainConfig, rows: pa.Table, round0: FeatureStore, weights: str
             v1, v2 = feature_views(features[index[keep]], std, ft.adapter_dropout, ft.adapter_noise, gen)
             z1, z2 = model(v1.to(device)), model(v2.to(device))
             labels = batch["label"][keep]
-            loss = (our_objective(z1, z2, labels, fc, epoch) if is_b is None
+            loss = (our_objective(z1, z2, labels, fc, epoch, batch["supcon_class"][keep]) if is_b is None
                     else official_objective(z1, z2, labels, batch["kind"][keep], is_b, fc))
             optimizer.zero_grad()
             loss.backward()

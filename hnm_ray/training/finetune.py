@@ -41,7 +41,9 @@ CHECKPOINT_FILE = "finetune.pt"
 TILE_ROW_SCHEMA = pa.schema([("slide_id", pa.string()), ("path", pa.string()), ("tile_id", pa.int32()),
                              ("x", pa.int32()), ("y", pa.int32()), ("level", pa.int8()), ("size", pa.int16()),
                              ("label", pa.int8()), ("pos_rank", pa.float32()), ("kind", pa.int8()),
-                             ("score", pa.float32())])  # score: pseudo-label p of positives and uncertain negatives
+                             ("score", pa.float32()), ("supcon_class", pa.int16())])
+# score: pseudo-label p of positives and uncertain negatives; supcon_class: the row's SupCon class (our loop): the label
+# (0 negative, 1 positive), or with finetune.negative_classes K > 1 the negatives' k-means cluster 0..K-1, K positives
 
 
 def sample_positives(positives: pa.Table, n: int, max_rank: float, seed: int) -> pa.Table:
@@ -74,7 +76,9 @@ def tile_rows(store: FeatureStore, records: list[SlideRecord], selections: list[
                                    "pos_rank": joined["pos_rank"] if "pos_rank" in joined.column_names else zeros,
                                    "kind": pa.array(np.full(n, kind, np.int8)),
                                    "score": joined["score"].cast(pa.float32()) if "score" in joined.column_names
-                                   else zeros}, schema=TILE_ROW_SCHEMA))
+                                   else zeros,
+                                   "supcon_class": pa.array(np.full(n, int(kind == POSITIVE), np.int16))},
+                                  schema=TILE_ROW_SCHEMA))
     rows = pa.concat_tables(parts) if parts else TILE_ROW_SCHEMA.empty_table()
     return rows.take(np.random.default_rng(seed).permutation(rows.num_rows))
 
@@ -97,9 +101,25 @@ def round_rows(config: TrainConfig, store: FeatureStore, records: list[SlideReco
                                   config.mining.rT)
         chosen = sample_positives(selection.positives, math.ceil(ft.pos_per_neg * hard.num_rows), max_rank, seed)
     uncertain = selection.uncertain if uncertain_joined else selection.uncertain.slice(0, 0)
-    return tile_rows(store, records, [(hard, HARD_NEGATIVE),
+    rows = tile_rows(store, records, [(hard, HARD_NEGATIVE),
                                       (chosen.select(["slide_id", "tile_id", "pos_rank", "score"]), POSITIVE),
                                       (uncertain.select(["slide_id", "tile_id", "score"]), UNCERTAIN_NEGATIVE)], seed)
+    return negative_classes(rows, store, ft.negative_classes, seed) if ft.negative_classes > 1 else rows
+
+
+def negative_classes(rows: pa.Table, store: FeatureStore, k: int, seed: int) -> pa.Table:
+    """The rows with `supcon_class` = the k-means cluster (0..k-1) of each negative's features in `store` (the
+    round's starting features) and k for the positives (finetune.negative_classes)."""
+    from sklearn.cluster import KMeans
+
+    negative = np.flatnonzero(np.asarray(rows["label"]) == 0)
+    classes = np.full(rows.num_rows, k, np.int16)
+    if len(negative) >= k:
+        features = store.select_tiles(rows.take(negative).select(["slide_id", "tile_id"]), "negatives").features
+        classes[negative] = KMeans(k, n_init=4, random_state=seed).fit(features).labels_
+    else:
+        classes[negative] = 0
+    return rows.set_column(rows.schema.get_field_index("supcon_class"), "supcon_class", pa.array(classes))
 
 
 def projection_head(in_dim: int, out_dim: int):
@@ -187,19 +207,21 @@ def our_loss(batch: dict[str, np.ndarray], model, fc: dict[str, Any], epoch: int
     z1, z2 = _views(batch["tiles"][keep], model, fc, gen, device, input_space)
     if not supervised:
         return supcon_loss(z1, z2, None, fc["temperature"])
-    return our_objective(z1, z2, batch["label"][keep], fc, epoch)
+    return our_objective(z1, z2, batch["label"][keep], fc, epoch, batch["supcon_class"][keep])
 
 
-def our_objective(z1, z2, labels: np.ndarray, fc: dict[str, Any], epoch: int):
-    """Our loop's SupCon on two views' projections: negatives as anchors (+ positives as anchors after warm-up)."""
+def our_objective(z1, z2, labels: np.ndarray, fc: dict[str, Any], epoch: int, classes: np.ndarray | None = None):
+    """Our loop's SupCon on two views' projections: negatives as anchors (+ positives as anchors after warm-up); a
+    view's positives are the views of its SupCon class (`classes`, default: the labels)."""
     import torch
 
     from hnm_ray.losses import supcon_loss
 
     y = torch.from_numpy(labels.astype(np.int64)).to(z1.device)
-    loss = supcon_loss(z1, z2, y, fc["temperature"], anchor_mask=y == 0)
+    same = y if classes is None else torch.from_numpy(classes.astype(np.int64)).to(z1.device)
+    loss = supcon_loss(z1, z2, same, fc["temperature"], anchor_mask=y == 0)
     if epoch >= fc["warmup_epochs"] and bool((y == 1).any()):
-        loss = loss + supcon_loss(z1, z2, y, fc["temperature"], anchor_mask=y == 1)
+        loss = loss + supcon_loss(z1, z2, same, fc["temperature"], anchor_mask=y == 1)
     return loss
 
 

@@ -90,4 +90,5 @@ def sample_tile_rows(index: dict[str, pa.Table], n: int, seed: int) -> pa.Table:
     return (chosen.append_column("label", pa.array(zeros.astype(np.int8)))
             .append_column("pos_rank", pa.array(zeros.astype(np.float32)))
             .append_column("kind", pa.array(zeros.astype(np.int8)))
-            .append_column("score", pa.array(zeros.astype(np.float32))).cast(TILE_ROW_SCHEMA))
+            .append_column("score", pa.array(zeros.astype(np.float32)))
+            .append_column("supcon_class", pa.array(zeros.astype(np.int16))).cast(TILE_ROW_SCHEMA))

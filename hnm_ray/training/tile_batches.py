@@ -16,7 +16,8 @@ import pyarrow as pa
 
 from hnm_ray.decode import TileReaders, decode_batch
 
-ROW_COLUMNS = ("slide_id", "path", "tile_id", "x", "y", "level", "size", "label", "pos_rank", "kind", "score")
+ROW_COLUMNS = ("slide_id", "path", "tile_id", "x", "y", "level", "size", "label", "pos_rank", "kind", "score",
+               "supcon_class")
 
 
 def worker_share(rows: pa.Table, rank: int, world: int) -> dict[str, np.ndarray]:
