@@ -200,6 +200,9 @@ class MILConfig:
                                      "bag, benchmarks/README); a cohort within it is read once. 0: read every bag "
                                      "every time",
                                 low=0.0)
+    read_ahead: int = knob(2, "bags each MIL worker reads ahead in a background thread while it computes on the "
+                              "ones in hand (2: the next pair; the read overlaps the step on a second core); each "
+                              "costs one more bag of memory. 0: read in the loop", low=0)
     checkpoint_every: int = knob(5, "checkpoint every N epochs (and at the last epoch)", low=1)
     max_failures: int = knob(2, "Ray Train restarts from the last checkpoint after a worker failure", low=0)
 

@@ -5,10 +5,16 @@ is full is read from its Parquet file every time it is asked for (and freed when
 evicted: each epoch asks for every bag once in a fresh shuffled order, so an LRU would hit about the same share of
 reads (the budget's share of the bags) while evicting and re-allocating on every miss. A cohort within the budget
 is read once and then served from memory, as when every bag was loaded up front.
+
+`iterate(..., ahead=n)` reads the next n bags of a sequence in one background thread while the caller computes on
+the one in hand: Parquet decoding, the float16 -> float32 widening and torch all leave the interpreter lock, so on
+two cores a read overlaps a training step instead of adding to it.
 """
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from hnm_ray.store.features import Bag, FeatureStore
 
@@ -46,6 +52,20 @@ class BagCache:
             self.held_bytes += size
         return bag
 
-    def iterate(self, slides: Iterable[tuple[str, int]]) -> Iterator[Bag]:
-        """The bags of (slide_id, label) pairs one at a time, as `get` gives them (an evaluation pass)."""
-        return (self.get(slide_id, label) for slide_id, label in slides)
+    def iterate(self, slides: Iterable[tuple[str, int | None]], ahead: int = 0) -> Iterator[Bag]:
+        """The bags of (slide_id, label) pairs one at a time, in order, as `get` gives them. With `ahead` > 0 the next
+        `ahead` bags are read in a background thread meanwhile (the same `get` calls in the same order, so the cache
+        keeps the same bags): besides the cache, the bags the caller holds plus at most `ahead` more are in memory.
+        A read's error is raised when its bag is due."""
+        if ahead <= 0:
+            yield from (self.get(slide_id, label) for slide_id, label in slides)
+            return
+        keys = iter(slides)
+        with ThreadPoolExecutor(1, thread_name_prefix="bag-read") as reader:
+            pending: deque[Future[Bag]] = deque(reader.submit(self.get, *key) for _, key in zip(range(ahead), keys))
+            while pending:
+                bag = pending.popleft().result()
+                if (key := next(keys, None)) is not None:
+                    pending.append(reader.submit(self.get, *key))
+                yield bag
+                del bag  # not held while the caller asks for the next one
