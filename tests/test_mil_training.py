@@ -413,6 +413,26 @@ def test_bag_cache_reads_ahead_in_a_background_thread_within_its_bound(split_coh
     assert readers and all(name.startswith("bag-read") for name in readers), readers
 
 
+def test_a_bag_past_max_bag_gib_stops_mil_before_any_bag_is_read(tmp_path, monkeypatch):
+    """A bag larger than mil.max_bag_gib (float32 tiles x dim) is one StoreError naming the slide, its size and the
+    knob, raised before a bag is read (not a worker killed for memory mid-epoch); a test bag counts (held whole)."""
+    import hnm_ray.training.mil as mil
+
+    from hnm_ray.errors import StoreError
+
+    sizes = {"a": 30, "b": 30, "c": 30, "d": 30, "big": 60}
+    store = array_store(tmp_path / "store", {s: np.ones((n, 8), np.float32) for s, n in sizes.items()})
+    records = [SlideRecord(s, "", i % 2, "test" if s == "big" else "train") for i, s in enumerate(sizes)]
+    counter = LiveBags()
+    monkeypatch.setattr(mil, "FeatureStore", counter.store_class())
+    config = MILConfig(epochs=1, workers=0, max_bag_gib=45 * 8 * 4 / GIB)
+    with pytest.raises(StoreError, match=r"slide 'big': its bag of 60 tiles x 8 .*mil.max_bag_gib"):
+        fit_mil(config, store, records, tmp_path / "run", seed=0)
+    assert counter.reads == 0
+    fit_mil(config, store, records[:4], tmp_path / "run", seed=0)  # bags within the bound train
+    assert counter.reads > 0
+
+
 def test_the_mil_loop_runs_on_the_torch_threads_of_its_cpus(split_cohort, tmp_path, monkeypatch):
     """In the driver (workers 0, the default) as in a worker, the loop computes with mil.cpus_per_worker torch
     threads, not one per core of the node (a busy node then spins them: a 40-epoch round took 559 s instead of 16-38)."""

@@ -200,6 +200,12 @@ class MILConfig:
                                      "bag, benchmarks/README); a cohort within it is read once. 0: read every bag "
                                      "every time",
                                 low=0.0)
+    max_bag_gib: float = knob(0.25, "largest bag (float32 features: tiles x dim x 4 bytes) MIL training takes: a bag "
+                                     "is held whole (attention is over all its tiles) and a training pair peaks at "
+                                     "~7-13x one bag's size (benchmarks/README), so a larger bag stops the stage "
+                                     "before training with an error naming it instead of a worker killed for memory "
+                                     "(0.25: 128k x 512 or 64k x 1,024 tiles, 3x Camelyon16's largest)",
+                              low=0.0, low_open=True)
     read_ahead: int = knob(2, "bags each MIL worker reads ahead in a background thread while it computes on the "
                               "ones in hand (2: the next pair; the read overlaps the step on a second core); each "
                               "costs one more bag of memory. 0: read in the loop", low=0)

@@ -16,6 +16,8 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from hnm_ray import storage
+from hnm_ray.errors import StoreError
 from hnm_ray.store.features import Bag, FeatureStore
 
 GIB = 2 ** 30
@@ -24,6 +26,20 @@ GIB = 2 ** 30
 def bag_bytes(bag: Bag) -> int:
     """Bytes a Bag holds in memory (features float32, tile ids, coords, truth)."""
     return sum(a.nbytes for a in (bag.features, bag.tile_ids, bag.coords, bag.truth))
+
+
+def check_bag_sizes(store: FeatureStore, slide_ids: Iterable[str], max_gib: float) -> None:
+    """StoreError naming the first slide whose float32 features exceed `max_gib` (`mil.max_bag_gib`) and the fix,
+    from the Parquet footers, before any bag is read."""
+    dim = int(store.metadata()["dim"])
+    for slide_id in slide_ids:
+        tiles = storage.num_rows(store.slide_path(slide_id))
+        if (gib := tiles * dim * 4 / GIB) > max_gib:
+            raise StoreError(
+                f"slide {slide_id!r}: its bag of {tiles:,} tiles x {dim} features is {gib:.2f} GiB as float32, above "
+                f"mil.max_bag_gib {max_gib:g}; MIL holds a bag whole and a training pair of such bags would peak at "
+                f"~{7 * gib:.1f}-{13 * gib:.1f} GiB. Raise --mil.max_bag_gib where a worker has that memory, or "
+                "extract the slide at a lower magnification / larger tiles, or leave it out of the manifest")
 
 
 class BagCache:

@@ -36,7 +36,7 @@ from hnm_ray.config import MILConfig, TrainConfig
 from hnm_ray.cli import add_store_arguments, entry_point
 from hnm_ray.cli import parser as cli_parser
 from hnm_ray.errors import ConfigError, HnmError, StoreError
-from hnm_ray.store.bag_cache import GIB, BagCache
+from hnm_ray.store.bag_cache import GIB, BagCache, check_bag_sizes
 from hnm_ray.store.features import Bag, FeatureStore
 from hnm_ray.inference import _tensor, evaluate_bags, evaluate_split, save_aggregator
 from hnm_ray.metrics import FALLBACK_THRESHOLD
@@ -298,6 +298,7 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
     if not any(y == 1 for _, y in train) or not any(y == 0 for _, y in train):
         raise StoreError(f"MIL training needs positive and negative training slides in {store.directory}; "
                          f"found {len(train)} training slides with features. Check the manifest's labels/splits.")
+    check_bag_sizes(store, [s for s, _ in train + val + test], config.max_bag_gib)  # before any bag is read
     mean, std = standardisation(store, [s for s, _ in train], config.standardize)
     selects = validation_selects(val, config.min_val_bags)
     if val and not selects:
