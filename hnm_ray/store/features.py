@@ -195,7 +195,10 @@ class FeatureStore:
             raise StoreError(f"slide {slide_id!r}: features {where}; run `python -m hnm_ray.extract --out {self.root}` "
                              f"with this encoder (tag {self.encoder_tag!r}) and round {self.round} first")
         try:
-            table = storage.read_table(path, columns=columns)
+            # One thread: a slide file's time is its one embedding column, so Arrow's pool only adds hand-offs (an 8k
+            # x 512 bag read in 0.034 s instead of 0.073 s on a busy 2-core node, the same on a quiet one), and the
+            # MIL loop's reader thread leaves the other core to the training step.
+            table = storage.read_table(path, columns=columns, use_threads=False)
         except (pa.ArrowException, OSError) as exc:
             raise StoreError(f"slide {slide_id!r}: cannot read {path}: {exc}; delete the file and re-run extraction "
                              "to rewrite it") from exc
