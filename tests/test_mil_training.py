@@ -396,9 +396,9 @@ def test_bag_cache_reads_ahead_in_a_background_thread_within_its_bound(split_coh
     counter, readers = LiveBags(), []
 
     class ThreadNoting(counter.store_class()):
-        def read_bag(self, slide_id, label=None):
+        def read_bag(self, slide_id, label=None, as_stored=False):
             readers.append(threading.current_thread().name)
-            return super().read_bag(slide_id, label)
+            return super().read_bag(slide_id, label, as_stored)
 
     keys = [(r.slide_id, r.label) for r in records[:8]]
     size = bag_bytes(store.read_bag(keys[0][0]))
@@ -411,6 +411,21 @@ def test_bag_cache_reads_ahead_in_a_background_thread_within_its_bound(split_coh
         got.append(bag.slide_id)
     assert got == [k for k, _ in keys]
     assert readers and all(name.startswith("bag-read") for name in readers), readers
+
+
+def test_bag_cache_keeps_float16_bags_as_stored_and_hands_out_float32(tmp_path):
+    """A float16 store's bags are kept at float16 (twice the bags of float32 fit a budget) and handed out float32,
+    equal to FeatureStore.read_bag's, from memory as after a read."""
+    rng = np.random.default_rng(0)
+    store = array_store(tmp_path, {f"s{i}": rng.normal(size=(30, 8)).astype(np.float16) for i in range(4)})
+    half, full = bag_bytes(store.read_bag("s0", as_stored=True)), bag_bytes(store.read_bag("s0"))
+    assert full <= 2 * half < 2 * full  # the budget holds two float16 bags, one float32 bag
+    cache = BagCache(store, 2 * half)
+    for rounds in range(2):
+        for slide in ("s0", "s1", "s2"):
+            bag = cache.get(slide, 1)
+            assert bag.features.dtype == np.float32 and np.array_equal(bag.features, store.read_bag(slide).features)
+    assert len(cache) == 2 and cache.reads == 4  # s0, s1 kept; s2 read twice
 
 
 def test_a_bag_past_max_bag_gib_stops_mil_before_any_bag_is_read(tmp_path, monkeypatch):

@@ -194,7 +194,8 @@ class MILConfig:
     use_gpu: bool = knob(False, "train on GPUs")
     pairs_per_step: int = knob(1, "bag pairs whose gradients are accumulated per optimiser step (1: the paper's; "
                                   "more cuts DDP all-reduces)", low=1)
-    bag_cache_gib: float = knob(0.5, "GiB of bags (float32 features) each MIL worker keeps in memory between reads: "
+    bag_cache_gib: float = knob(0.5, "GiB of bags (features as stored: float16 for a float16 store, widened per use) "
+                                     "each MIL worker keeps in memory between reads: "
                                      "bags are read from the store when a pair, validation or test needs them, the "
                                      "first that fit are kept, the rest re-read each epoch (~0.03 s per 2k x 512 "
                                      "bag, benchmarks/README); a cohort within it is read once. 0: read every bag "

@@ -345,7 +345,7 @@ def feature_statistics(store: FeatureStore, slide_ids: list[str]) -> tuple[np.nd
     """Per-feature mean and std over all tiles of these slides, in one streaming pass over the store."""
     total, total_sq, count = 0.0, 0.0, 0
     for slide_id in slide_ids:
-        features = store.read_bag(slide_id).features.astype(np.float64)
+        features = store.read_bag(slide_id, as_stored=True).features.astype(np.float64)
         total = total + features.sum(0)
         total_sq = total_sq + (features ** 2).sum(0)
         count += len(features)
