@@ -213,7 +213,7 @@ def main() -> None:
             mil = fit_mil(config, store, records, root / "mil", name="scale")
         seconds = [h["epoch_seconds"] for h in mil.history]
         results["mil"].update(train_bags=len(by_split["train"]), bag_cache_gib=args.bag_cache_gib,
-                              float32_gib_of_all_bags=round(n_tiles * DIM * 4 / GIB, 2), epoch_seconds=[round(s, 2) for s in seconds],
+                              float16_gib_of_train_bags=round(train_tiles * DIM * 2 / GIB, 2), epoch_seconds=[round(s, 2) for s in seconds],
                               epoch_tiles_per_s=round(train_tiles / seconds[-1]),
                               val_auc=mil.metrics.get("val_auc"))
 
