@@ -31,8 +31,8 @@ shared machine) and peak RSS and private memory (RSS - shared) of the driver and
 full-scale store takes 10+ minutes to write on a shared machine).
 
     PYTHONPATH=. python benchmarks/scale.py --slides 400 --median-tiles 2000 --max-tiles 10000 \
-        --out benchmarks/results/scale.json
-    PYTHONPATH=. python benchmarks/scale.py --store /tmp/scale_store  # full scale: 400 x 8,000 (~3 M tiles, ~3 GiB)
+        --out benchmarks/results/scale_905k.json
+    PYTHONPATH=. python benchmarks/scale.py --store /tmp/scale_store --out benchmarks/results/scale.json  # full scale
 """
 from __future__ import annotations
 
