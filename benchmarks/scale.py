@@ -213,7 +213,8 @@ def main() -> None:
             mil = fit_mil(config, store, records, root / "mil", name="scale")
         seconds = [h["epoch_seconds"] for h in mil.history]
         results["mil"].update(train_bags=len(by_split["train"]), bag_cache_gib=args.bag_cache_gib,
-                              float16_gib_of_train_bags=round(train_tiles * DIM * 2 / GIB, 2), epoch_seconds=[round(s, 2) for s in seconds],
+                              float16_gib_of_train_bags=round(train_tiles * DIM * 2 / GIB, 2),
+                              epoch_seconds=[round(s, 2) for s in seconds],
                               epoch_tiles_per_s=round(train_tiles / seconds[-1]),
                               val_auc=mil.metrics.get("val_auc"))
 
@@ -261,7 +262,8 @@ def main() -> None:
                 with stage(results, f"mil_{args.mil_workers}_workers", train_tiles * args.epochs) as rec:
                     mil2 = fit_mil(config, store, records, root / "mil_workers", name="scale_workers")
                 seconds = [h["epoch_seconds"] for h in mil2.history]
-                rec.update(epoch_seconds=[round(s, 2) for s in seconds], epoch_tiles_per_s=round(train_tiles / seconds[-1]),
+                rec.update(epoch_seconds=[round(s, 2) for s in seconds],
+                           epoch_tiles_per_s=round(train_tiles / seconds[-1]),
                            val_auc=mil2.metrics.get("val_auc"))
         finally:
             ray.shutdown()
