@@ -5,8 +5,8 @@ Takes the first `--bags` training bags of the `scale.py` store (median ~8k tiles
 2 epochs each time (the first a warm-up, the second's training-step seconds kept: the loop's own `epoch_seconds`),
 with `mil.bag_cache_gib` scaled so the cache keeps the share of the training bags it keeps at full scale
 (0.5 GiB of the 270 training bags' ~2.1 GiB of float16 features, as `BagCache` keeps them). Variants run
-round-robin, `--reps` times, in the same process, so the machine's load moves them alike; the JSON has every epoch's seconds, the median per variant and its ratio to
-the baseline (the first variant).
+round-robin, `--reps` times, in the same process, so the machine's load moves them alike; the JSON has every
+epoch's seconds, the median per variant and its ratio to the baseline (the first variant).
 
 - `read_ahead_0` vs `read_ahead_2`: the loop reads each pair's bags when it needs them, or the next pair in a
   background thread while it trains on this one (`mil.read_ahead`).
