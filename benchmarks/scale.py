@@ -171,6 +171,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="MIL epochs (the first is a warm-up)")
     parser.add_argument("--bag-cache-gib", type=float, default=MILConfig.bag_cache_gib,
                         help="mil.bag_cache_gib of the MIL stage")
+    parser.add_argument("--read-ahead", type=int, default=MILConfig.read_ahead, help="mil.read_ahead of the MIL stages")
     parser.add_argument("--mil-workers", type=int, default=2, help="Ray Train workers of the last stage (<= 1: skip it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="folder for the store and runs (default: a temp folder)")
@@ -208,11 +209,12 @@ def main() -> None:
                    largest_bag_seconds=round(read_seconds[records.index(largest)], 3))
 
         config = MILConfig(workers=0, epochs=args.epochs, checkpoint_every=args.epochs,
-                           bag_cache_gib=args.bag_cache_gib)
+                           bag_cache_gib=args.bag_cache_gib, read_ahead=args.read_ahead)
         with stage(results, "mil", train_tiles * args.epochs) as rec:
             mil = fit_mil(config, store, records, root / "mil", name="scale")
         seconds = [h["epoch_seconds"] for h in mil.history]
         results["mil"].update(train_bags=len(by_split["train"]), bag_cache_gib=args.bag_cache_gib,
+                              read_ahead=args.read_ahead,
                               float16_gib_of_train_bags=round(train_tiles * DIM * 2 / GIB, 2),
                               epoch_seconds=[round(s, 2) for s in seconds],
                               epoch_tiles_per_s=round(train_tiles / seconds[-1]),
