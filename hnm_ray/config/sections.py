@@ -207,9 +207,10 @@ class MILConfig:
                                      "before training with an error naming it instead of a worker killed for memory "
                                      "(0.25: 128k x 512 or 64k x 1,024 tiles, 3x Camelyon16's largest)",
                               low=0.0, low_open=True)
-    read_ahead: int = knob(2, "bags each MIL worker reads ahead in a background thread while it computes on the "
-                              "ones in hand (2: the next pair; the read overlaps the step on a second core); each "
-                              "costs one more bag of memory. 0: read in the loop", low=0)
+    read_ahead: int = knob(0, "bags each MIL worker reads ahead in a background thread while it computes on the "
+                              "ones in hand (2: the next pair), for a node with a core to spare; each costs one more "
+                              "bag of memory. 0 (default): read in the loop; on a busy 2-core node 2 measured "
+                              "0.98-1.2x the epoch time (benchmarks/results/mil_epoch.json)", low=0)
     checkpoint_every: int = knob(5, "checkpoint every N epochs (and at the last epoch)", low=1)
     max_failures: int = knob(2, "Ray Train restarts from the last checkpoint after a worker failure", low=0)
 

@@ -9,8 +9,8 @@ reads (the budget's share of the bags) while evicting and re-allocating on every
 is read once and then served from memory, as when every bag was loaded up front.
 
 `iterate(..., ahead=n)` reads the next n bags of a sequence in one background thread while the caller computes on
-the one in hand: Parquet decoding, the float16 -> float32 widening and torch all leave the interpreter lock, so on
-two cores a read overlaps a training step instead of adding to it.
+the one in hand (Parquet decoding, the float16 -> float32 widening and torch leave the interpreter lock), for a
+node with a core to spare: on the busy shared 2-core node it did not pay (benchmarks/results/mil_epoch.json).
 """
 from __future__ import annotations
 

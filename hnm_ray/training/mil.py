@@ -6,7 +6,7 @@ Every worker owns a fixed shard of the positive and of the negative bags and pai
 worker only ever reads its shard; DDP averages the gradients of the `world` pairs of a step. Bags are read from the
 store when a pair (or validation, or the test pass) needs them, through a `BagCache` that keeps the first
 `mil.bag_cache_gib` of them in memory: a worker holds at most that, plus the bags of the step in hand and the
-`mil.read_ahead` bags read meanwhile in a background thread (the next pair: its read overlaps the step).
+`mil.read_ahead` bags read meanwhile in a background thread (default none).
 Validation slide metrics are computed every epoch inside the worker; the best epoch (validation
 AUC, then loss) is the model kept, with the Youden threshold on validation; with fewer than `mil.min_val_bags`
 validation bags of a class, the fixed epoch and threshold 0.5 instead. Reports and checkpoints reach Ray
@@ -241,7 +241,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         hard_x = _tensor(hard, device) if hard is not None else None
         losses, started = [], time.perf_counter()
         pairs = epoch_pairs(pos_ids, neg_ids, epoch, loop["seed"], rank, world)
-        # The next pair is read in a background thread while this one trains (mil.read_ahead bags ahead).
+        # With mil.read_ahead, the next bags are read in a background thread while this pair trains.
         stream = bags.iterate([(s, y) for pair in pairs for s, y in zip(pair, (1, 0))], ahead=mc["read_ahead"])
         for step in range(len(pairs)):
             # Gradients of `pairs_per_step` pairs are accumulated locally (no DDP all-reduce) before a step.
