@@ -100,7 +100,8 @@ CALL_LOG = os.path.join(tempfile.gettempdir(), f"hnm_extract_bench_{os.getpid()}
 
 def _role(name: str) -> str:
     """A Ray worker's job from its process title: index task, encoder actor, Ray Data internals."""
-    for key, role in (("ReadTileIndex", "index_task"), ("Encoder", "encoder")):
+    for key, role in (("ReadTileIndex", "index_task"), ("Encoder", "encoder"), ("TrainWorker", "train_worker"),
+                      ("HardNegativeMiner", "miner")):
         if key in name:
             return role
     return "other"

@@ -20,10 +20,19 @@ shared machine) and peak RSS and private memory (RSS - shared) of the driver and
 - `evaluate`: `evaluate_split` on validation and on test, each bag through the model whole (the JSON names the largest).
 - `score_topk`: `score_tiles` in-process (the one-node path) pushing negative-slide logits to the real
   `HardNegativeMiner` actor, then its exact global top-k (k = ceil(neg_ratio x negative tiles)).
+- `miner_snapshot_restore`: the miner's `save` to an .npz, the actor killed, a new one `restore`d from the file
+  (its threshold checked equal).
+- `finetune_rows`: the round's fine-tuning rows as the product selects them from the scores and the restored miner
+  (hard negatives, positives drawn from the pseudo labels; `finetune.round_rows`, default config).
+- `mil_N_workers`: `fit_mil` with `--mil-workers` Ray Train workers (DDP, 1 CPU each), the same epochs; Ray Train
+  workers' RSS as `train_worker` (the larger of the two).
+
+`--store DIR` keeps the store in DIR and reuses it when a previous run wrote it with the same parameters (the
+full-scale store takes 10+ minutes to write on a shared machine).
 
     PYTHONPATH=. python benchmarks/scale.py --slides 400 --median-tiles 2000 --max-tiles 10000 \
-        --out benchmarks/results/scale.json
-    PYTHONPATH=. python benchmarks/scale.py   # full scale: 400 x 8,000 (~3 M tiles, ~3 GiB of store)
+        --out benchmarks/results/scale_905k.json
+    PYTHONPATH=. python benchmarks/scale.py --store /tmp/scale_store --out benchmarks/results/scale.json  # full scale
 """
 from __future__ import annotations
 
@@ -34,6 +43,7 @@ import platform
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +61,7 @@ TEST_FRACTION = 129 / 399  # Camelyon16: 270 training, 129 test slides
 NEG_RATIO = 0.2
 SIGNAL_DIMS = 16  # tumour tiles: +0.5 in these features (a shift of 2 sd in norm: learnable, not trivial)
 GIB = 2 ** 30
+PARAMS_FILE = "scale_params.json"  # the parameters a kept store (--store) was written with
 
 
 @contextmanager
@@ -71,32 +82,73 @@ def tile_counts(slides: int, median: int, largest: int, rng: np.random.Generator
                    largest).astype(int)
 
 
-def write_store(root: Path, slides: int, median: int, largest: int,
-                seed: int) -> tuple[FeatureStore, list[SlideRecord]]:
-    """The synthetic store and its manifest records (see the module doc)."""
+def plan(slides: int, median: int, largest: int, seed: int) -> tuple[np.random.Generator, np.ndarray, list[str]]:
+    """The seeded generator (after drawing the tile counts), the tile counts and the split of every slide."""
     rng = np.random.default_rng(seed)
-    store = FeatureStore(root, "scale_synthetic", round=0)
     counts = tile_counts(slides, median, largest, rng)
     n_test = round(slides * TEST_FRACTION)
     n_val = round((slides - n_test) * 0.1)
-    splits = ["test"] * n_test + ["val"] * n_val + ["train"] * (slides - n_test - n_val)
-    records = []
-    for i, (n, split) in enumerate(zip(counts, splits)):
-        label = i % 2
+    return rng, counts, ["test"] * n_test + ["val"] * n_val + ["train"] * (slides - n_test - n_val)
+
+
+def slide_records(root: Path, splits: list[str]) -> list[SlideRecord]:
+    """Manifest records of the synthetic slides (label: odd index = tumour)."""
+    return [SlideRecord(f"scale_{i:04d}", str(root / f"scale_{i:04d}.svs"), i % 2, split)
+            for i, split in enumerate(splits)]
+
+
+def write_store(root: Path, slides: int, median: int, largest: int,
+                seed: int) -> tuple[FeatureStore, list[SlideRecord]]:
+    """The synthetic store and its manifest records (see the module doc)."""
+    rng, counts, splits = plan(slides, median, largest, seed)
+    store = FeatureStore(root, "scale_synthetic", round=0)
+    records = slide_records(root, splits)
+    for record, n in zip(records, counts):
         side = int(np.ceil(np.sqrt(n)))
         grid = pa.table({"tile_id": np.arange(n, dtype=np.int32), "x": (np.arange(n) % side * 224).astype(np.int32),
                          "y": (np.arange(n) // side * 224).astype(np.int32), "level": np.zeros(n, np.int8),
                          "size": np.full(n, 224, np.int16)})
         features = rng.standard_normal((n, DIM), dtype=np.float32)
         truth = np.zeros(n, np.int8)
-        if label:
+        if record.label:
             fraction = float(np.clip(0.05 * np.exp(rng.standard_normal()), 0.005, 0.5))
             truth[rng.choice(n, max(1, round(n * fraction)), replace=False)] = 1
             features[np.ix_(truth == 1, np.arange(SIGNAL_DIMS))] += 0.5
-        slide_id = f"scale_{i:04d}"
-        store.write_slide(slide_id, grid, features.astype(np.float16), truth, {"tile_size": 224, "mpp": 0.5})
-        records.append(SlideRecord(slide_id, str(root / f"{slide_id}.svs"), label, split))
+        store.write_slide(record.slide_id, grid, features.astype(np.float16), truth, {"tile_size": 224, "mpp": 0.5})
+    (root / PARAMS_FILE).write_text(json.dumps({"slides": slides, "median": median, "largest": largest, "seed": seed}))
     return store, records
+
+
+def reuse_store(root: Path, slides: int, median: int, largest: int,
+                seed: int) -> tuple[FeatureStore, list[SlideRecord]] | None:
+    """The store a previous run wrote at `root` with the same parameters (None: none, or other parameters)."""
+    params = root / PARAMS_FILE
+    if not params.is_file() or json.loads(params.read_text()) != {"slides": slides, "median": median,
+                                                                  "largest": largest, "seed": seed}:
+        return None
+    store = FeatureStore(root, "scale_synthetic", round=0)
+    records = slide_records(root, plan(slides, median, largest, seed)[2])
+    return (store, records) if store.completed() >= {r.slide_id for r in records} else None
+
+
+def finetune_rows(store: FeatureStore, records: list[SlideRecord], scores: pa.Table, miner) -> pa.Table:
+    """The round's fine-tuning rows as the product selects them (`pseudo_labels.mine_round` after scoring, then
+    `finetune.round_rows` with the default config): the miner's hard negatives and the positives drawn from the
+    positive slides' pseudo labels."""
+    import ray
+
+    from hnm_ray.config import MiningConfig, TrainConfig
+    from hnm_ray.mining import select_positives
+    from hnm_ray.pseudo_labels import Selection, with_rank
+    from hnm_ray.training.finetune import round_rows
+
+    hard = ray.get(miner.hard_negatives.remote())
+    positive_ids = [r.slide_id for r in records if r.split == "train" and r.label == 1]
+    on_positive = scores.filter(pc.is_in(scores["slide_id"], pa.array(positive_ids))).select(
+        ["slide_id", "tile_id", "score"])
+    positives = with_rank(select_positives(on_positive, MiningConfig.threshold, ratio=1.0))
+    selection = Selection(hard, positives, on_positive.slice(0, 0), {})
+    return round_rows(TrainConfig(), store, records, selection, 0, uncertain_joined=False)
 
 
 def disk_bytes(folder: Path) -> int:
@@ -119,21 +171,31 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="MIL epochs (the first is a warm-up)")
     parser.add_argument("--bag-cache-gib", type=float, default=MILConfig.bag_cache_gib,
                         help="mil.bag_cache_gib of the MIL stage")
+    parser.add_argument("--read-ahead", type=int, default=MILConfig.read_ahead, help="mil.read_ahead of the MIL stages")
+    parser.add_argument("--mil-workers", type=int, default=2, help="Ray Train workers of the last stage (<= 1: skip it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="folder for the store and runs (default: a temp folder)")
+    parser.add_argument("--store", default=None, help="keep the store in this folder and reuse it when a previous run "
+                                                      "wrote it with the same --slides/--median-tiles/--max-tiles/--seed "
+                                                      "(write_store is then not timed)")
     parser.add_argument("--out", default=None, help="also write the JSON line to this file")
     args = parser.parse_args()
 
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="hnm_scale_", dir=args.workdir) as tmp:
         root = Path(tmp)
+        store_root = Path(args.store) if args.store else root / "store"
+        kept = reuse_store(store_root, args.slides, args.median_tiles, args.max_tiles, args.seed)
         with stage(results, "write_store", 0):
-            store, records = write_store(root / "store", args.slides, args.median_tiles, args.max_tiles, args.seed)
+            store, records = kept or write_store(store_root, args.slides, args.median_tiles, args.max_tiles, args.seed)
+        if kept:
+            results["write_store"] = {"reused": str(store_root)}
         counts = {r.slide_id: count_tiles(store, [r.slide_id]) for r in records}
         by_split = {s: [r for r in records if r.split == s] for s in ("train", "val", "test")}
         n_tiles = sum(counts.values())
-        results["write_store"].update(rows=n_tiles, rows_per_s=round(n_tiles / results["write_store"]["seconds"]))
-        store_bytes = disk_bytes(root / "store")
+        if not kept:
+            results["write_store"].update(rows=n_tiles, rows_per_s=round(n_tiles / results["write_store"]["seconds"]))
+        store_bytes = disk_bytes(FeatureStore(store_root, "scale_synthetic").directory)
         train_tiles = sum(counts[r.slide_id] for r in by_split["train"])
         with stage(results, "read_bags", n_tiles) as rec:
             read_seconds = []
@@ -147,12 +209,14 @@ def main() -> None:
                    largest_bag_seconds=round(read_seconds[records.index(largest)], 3))
 
         config = MILConfig(workers=0, epochs=args.epochs, checkpoint_every=args.epochs,
-                           bag_cache_gib=args.bag_cache_gib)
+                           bag_cache_gib=args.bag_cache_gib, read_ahead=args.read_ahead)
         with stage(results, "mil", train_tiles * args.epochs) as rec:
             mil = fit_mil(config, store, records, root / "mil", name="scale")
         seconds = [h["epoch_seconds"] for h in mil.history]
         results["mil"].update(train_bags=len(by_split["train"]), bag_cache_gib=args.bag_cache_gib,
-                              float32_gib_of_all_bags=round(n_tiles * DIM * 4 / GIB, 2), epoch_seconds=[round(s, 2) for s in seconds],
+                              read_ahead=args.read_ahead,
+                              float16_gib_of_train_bags=round(train_tiles * DIM * 2 / GIB, 2),
+                              epoch_seconds=[round(s, 2) for s in seconds],
                               epoch_tiles_per_s=round(train_tiles / seconds[-1]),
                               val_auc=mil.metrics.get("val_auc"))
 
@@ -164,7 +228,7 @@ def main() -> None:
                        slide_auc=round(metrics[f"{split}_auc"], 3),
                        instance_auc=round(metrics[f"{split}_instance_auc"], 3))
 
-        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, namespace="hnm_ray",
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="hnm_ray",
                  configure_logging=False)
         try:
             train = by_split["train"]
@@ -179,7 +243,30 @@ def main() -> None:
             neg_logits = np.sort(table.filter(pc.is_in(table["slide_id"], pa.array(negatives)))["logit"]
                                  .to_numpy())
             assert threshold == float(neg_logits[len(neg_logits) - k]), "miner threshold is not the exact k-th logit"
-            ray.kill(miner)
+
+            snapshot = root / "miner_snapshot.npz"
+            with stage(results, "miner_snapshot_restore", k) as rec:
+                ray.get(miner.save.remote(str(snapshot)))
+                ray.kill(miner)
+                restored = get_miner("scale_miner_restored")
+                restored_stats = ray.get(restored.restore.remote(str(snapshot)))
+            assert ray.get(restored.threshold.remote()) == threshold, "the restored miner lost its threshold"
+            rec.update(snapshot_bytes=snapshot.stat().st_size, restored_size=restored_stats["size"])
+
+            with stage(results, "finetune_rows", 0) as rec:
+                rows = finetune_rows(store, records, table, restored)
+            rec.update(rows=rows.num_rows, rows_per_s=round(rows.num_rows / rec["seconds"]),
+                       hard_negatives=k, positives=int(pc.sum(pc.equal(rows["label"], 1)).as_py()))
+            ray.kill(restored)
+
+            if args.mil_workers > 1:
+                config = replace(config, workers=args.mil_workers, epochs=args.epochs, checkpoint_every=args.epochs)
+                with stage(results, f"mil_{args.mil_workers}_workers", train_tiles * args.epochs) as rec:
+                    mil2 = fit_mil(config, store, records, root / "mil_workers", name="scale_workers")
+                seconds = [h["epoch_seconds"] for h in mil2.history]
+                rec.update(epoch_seconds=[round(s, 2) for s in seconds],
+                           epoch_tiles_per_s=round(train_tiles / seconds[-1]),
+                           val_auc=mil2.metrics.get("val_auc"))
         finally:
             ray.shutdown()
 

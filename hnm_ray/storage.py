@@ -129,15 +129,16 @@ def read_bytes(item: Location) -> bytes:
         return source.read()
 
 
-def read_table(item: Location, columns: list[str] | None = None) -> pa.Table:
-    """A Parquet file as an Arrow table (one file: ParquetFile, ~2x faster than pq.read_table's dataset layer)."""
+def read_table(item: Location, columns: list[str] | None = None, use_threads: bool = True) -> pa.Table:
+    """A Parquet file as an Arrow table (one file: ParquetFile, ~2x faster than pq.read_table's dataset layer);
+    `use_threads`: decode columns on Arrow's thread pool."""
     fs, path = filesystem(item)
     with fs.open_input_file(path) as source:
         parquet = pq.ParquetFile(source)
         missing = [c for c in columns or [] if c not in parquet.schema_arrow.names]
         if missing:  # ParquetFile.read would leave them out silently; pq.read_table raised this
             raise pa.ArrowInvalid(f"no column(s) {missing} in {item}")
-        return parquet.read(columns=columns)
+        return parquet.read(columns=columns, use_threads=use_threads)
 
 
 def read_schema(item: Location) -> pa.Schema:

@@ -82,8 +82,8 @@ class LiveBags:
         counter = self
 
         class CountingStore(FeatureStore):
-            def read_bag(self, slide_id, label=None):
-                bag = super().read_bag(slide_id, label)
+            def read_bag(self, slide_id, label=None, as_stored=False):
+                bag = super().read_bag(slide_id, label, as_stored)
                 size = bag_bytes(bag)
                 counter.reads += 1
                 counter.live_bytes += size

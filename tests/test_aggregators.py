@@ -108,3 +108,33 @@ def test_learns_toy_mil_problem(name, seed=0):
     for (inst, _), (_, label, truth) in zip(outputs, test):
         if label:
             assert truth[int(inst.argmax())] == 1, "the top-scoring tile of a positive bag is a shifted one"
+
+
+
+def test_its2clr_bag_vector_pooled_before_the_value_layer_equals_the_official_order(monkeypatch):
+    """dsmil_its2clr computes W (sum_i A_i drop(h_i)) + b, not sum_i A_i (W drop(h_i) + b): its value layer sees one
+    vector per bag, not every tile, and gives the same bag logit and the same gradients of every parameter as the
+    official order, with dropout on (the same draws: same seed), on bags of 1 and 300 tiles."""
+    torch.manual_seed(0)
+    model = build_aggregator("dsmil_its2clr", 32, hidden=8, dropout=0.3).train()
+    seen = []
+    model.value[1].register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+
+    def run(x: torch.Tensor, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        torch.manual_seed(seed)
+        inst, bag, _ = model.bag_output(x)
+        (bag + inst.logsumexp(0)).backward()
+        return bag.detach(), [p.grad.clone() for p in model.parameters()]
+
+    for n in (1, 300):
+        x = torch.randn(n, 32) * 2
+        ours, ours_grads = run(x, n)
+        assert seen[-1] == (32,), "the d x d value layer runs once per bag"
+        with monkeypatch.context() as patch:
+            patch.setattr(model, "pool", lambda attention, h: attention @ model.value(h))  # official: per tile
+            official, official_grads = run(x, n)
+        assert seen[-1] == (n, 32)
+        assert torch.allclose(ours, official, atol=1e-5, rtol=1e-5), (ours, official)
+        assert all(torch.allclose(g, h, atol=1e-5, rtol=1e-4) for g, h in zip(ours_grads, official_grads))
+        assert all(g.abs().sum() > 0 for g in official_grads[6:8])  # the value layer's weight and bias learn

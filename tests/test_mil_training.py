@@ -10,11 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from _support import LiveBags
+from _support import LiveBags, wait_for
 
 from hnm_ray.losses import pair_loss
 from hnm_ray.models.aggregators import build_standardized
-from hnm_ray.store.bag_cache import GIB
+from hnm_ray.store.bag_cache import GIB, BagCache, bag_bytes
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest
 from hnm_ray.config import MILConfig
@@ -359,21 +359,23 @@ def split_cohort(tmp_path_factory):
 
 def test_bags_are_read_when_needed_within_the_cache_budget(split_cohort, tmp_path, monkeypatch):
     """The MIL loop holds at most mil.bag_cache_gib of bags plus the two of the step in hand (training) or of the bag
-    in hand and the next (validation, test), never the whole store; with any budget the run is the same (pairs,
-    weights, validation and official-protocol test metrics); a cohort within the budget is read once."""
+    in hand and the next (validation, test), and the mil.read_ahead bags read meanwhile, never the whole store; with
+    any budget and read-ahead the run is the same (pairs, weights, validation and official-protocol test metrics);
+    a cohort within the budget is read once."""
     import hnm_ray.training.mil as mil
 
     store, records = split_cohort
     bag = 30 * (8 * 4 + 4 + 2 * 4 + 1)  # float32 features, int32 tile ids and coords, int8 truth
     config = MILConfig(epochs=3, checkpoint_every=100, workers=0, min_val_bags=2)
     runs, counters = {}, {}
-    for name, budget in (("all", 1.0), ("four", 4 * bag / GIB), ("none", 0.0)):
+    for name, budget, ahead in (("all", 1.0, 2), ("four", 4 * bag / GIB, 0), ("none", 0.0, 2)):
         counters[name] = LiveBags()
         monkeypatch.setattr(mil, "FeatureStore", counters[name].store_class())
-        runs[name] = fit_mil(replace(config, bag_cache_gib=budget), store, records, tmp_path / name, seed=0)
+        runs[name] = fit_mil(replace(config, bag_cache_gib=budget, read_ahead=ahead), store, records, tmp_path / name,
+                             seed=0)
     assert counters["all"].reads == len(records), "a cohort within the budget is read once"
     assert counters["four"].peak_bytes <= 6 * bag, counters["four"].peak_bytes / bag
-    assert counters["none"].peak_bytes <= 2 * bag, counters["none"].peak_bytes / bag
+    assert counters["none"].peak_bytes <= 4 * bag, counters["none"].peak_bytes / bag
     assert counters["none"].reads == config.epochs * len(records)  # every pair, validation and test bag, each epoch
     strip = [{k: v for k, v in h.items() if k not in ("reported_at", "epoch_seconds")} for h in runs["all"].history]
     weights = parameters(load_aggregator(runs["all"].model_path)[0].state_dict())
@@ -383,6 +385,67 @@ def test_bags_are_read_when_needed_within_the_cache_budget(split_cohort, tmp_pat
         assert run.official_protocol == runs["all"].official_protocol and run.best_epoch == runs["all"].best_epoch
         assert same_weights(parameters(load_aggregator(run.model_path)[0].state_dict()), weights, atol=0)
     assert "val_auc" in strip[0] and runs["all"].official_protocol["test_auc"] >= 0
+
+
+def test_bag_cache_reads_ahead_in_a_background_thread_within_its_bound(split_cohort):
+    """iterate(ahead=2) reads the next two bags in another thread while the caller holds one (so a read overlaps the
+    caller's step), never more than two ahead; bags come in order; alive at once: the one in hand + 2."""
+    import threading
+
+    store, records = split_cohort
+    counter, readers = LiveBags(), []
+
+    class ThreadNoting(counter.store_class()):
+        def read_bag(self, slide_id, label=None, as_stored=False):
+            readers.append(threading.current_thread().name)
+            return super().read_bag(slide_id, label, as_stored)
+
+    keys = [(r.slide_id, r.label) for r in records[:8]]
+    size = bag_bytes(store.read_bag(keys[0][0]))
+    got = []
+    for bag in BagCache(ThreadNoting(store.root, store.encoder_tag), 0).iterate(keys, ahead=2):
+        due = min(len(got) + 3, len(keys))  # the bag in hand and the next two, read without being asked
+        wait_for(lambda: counter.reads >= due, 10, f"{due} reads")
+        time.sleep(0.05)
+        assert counter.reads == due and counter.live_bytes <= 3 * size, (counter.reads, counter.live_bytes / size)
+        got.append(bag.slide_id)
+    assert got == [k for k, _ in keys]
+    assert readers and all(name.startswith("bag-read") for name in readers), readers
+
+
+def test_bag_cache_keeps_float16_bags_as_stored_and_hands_out_float32(tmp_path):
+    """A float16 store's bags are kept at float16 (twice the bags of float32 fit a budget) and handed out float32,
+    equal to FeatureStore.read_bag's, from memory as after a read."""
+    rng = np.random.default_rng(0)
+    store = array_store(tmp_path, {f"s{i}": rng.normal(size=(30, 8)).astype(np.float16) for i in range(4)})
+    half, full = bag_bytes(store.read_bag("s0", as_stored=True)), bag_bytes(store.read_bag("s0"))
+    assert full <= 2 * half < 2 * full  # the budget holds two float16 bags, one float32 bag
+    cache = BagCache(store, 2 * half)
+    for rounds in range(2):
+        for slide in ("s0", "s1", "s2"):
+            bag = cache.get(slide, 1)
+            assert bag.features.dtype == np.float32 and np.array_equal(bag.features, store.read_bag(slide).features)
+    assert len(cache) == 2 and cache.reads == 4  # s0, s1 kept; s2 read twice
+
+
+def test_a_bag_past_max_bag_gib_stops_mil_before_any_bag_is_read(tmp_path, monkeypatch):
+    """A bag larger than mil.max_bag_gib (float32 tiles x dim) is one StoreError naming the slide, its size and the
+    knob, raised before a bag is read (not a worker killed for memory mid-epoch); a test bag counts (held whole)."""
+    import hnm_ray.training.mil as mil
+
+    from hnm_ray.errors import StoreError
+
+    sizes = {"a": 30, "b": 30, "c": 30, "d": 30, "big": 60}
+    store = array_store(tmp_path / "store", {s: np.ones((n, 8), np.float32) for s, n in sizes.items()})
+    records = [SlideRecord(s, "", i % 2, "test" if s == "big" else "train") for i, s in enumerate(sizes)]
+    counter = LiveBags()
+    monkeypatch.setattr(mil, "FeatureStore", counter.store_class())
+    config = MILConfig(epochs=1, workers=0, max_bag_gib=45 * 8 * 4 / GIB)
+    with pytest.raises(StoreError, match=r"slide 'big': its bag of 60 tiles x 8 .*mil.max_bag_gib"):
+        fit_mil(config, store, records, tmp_path / "run", seed=0)
+    assert counter.reads == 0
+    fit_mil(config, store, records[:4], tmp_path / "run", seed=0)  # bags within the bound train
+    assert counter.reads > 0
 
 
 def test_the_mil_loop_runs_on_the_torch_threads_of_its_cpus(split_cohort, tmp_path, monkeypatch):

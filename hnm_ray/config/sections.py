@@ -200,12 +200,23 @@ class MILConfig:
     use_gpu: bool = knob(False, "train on GPUs")
     pairs_per_step: int = knob(1, "bag pairs whose gradients are accumulated per optimiser step (1: the paper's; "
                                   "more cuts DDP all-reduces)", low=1)
-    bag_cache_gib: float = knob(0.5, "GiB of bags (float32 features) each MIL worker keeps in memory between reads: "
+    bag_cache_gib: float = knob(0.5, "GiB of bags (features as stored: float16 for a float16 store, widened per use) "
+                                     "each MIL worker keeps in memory between reads: "
                                      "bags are read from the store when a pair, validation or test needs them, the "
                                      "first that fit are kept, the rest re-read each epoch (~0.03 s per 2k x 512 "
                                      "bag, benchmarks/README); a cohort within it is read once. 0: read every bag "
                                      "every time",
                                 low=0.0)
+    max_bag_gib: float = knob(0.25, "largest bag (float32 features: tiles x dim x 4 bytes) MIL training takes: a bag "
+                                     "is held whole (attention is over all its tiles) and a training pair peaks at "
+                                     "~7-13x one bag's size (benchmarks/README), so a larger bag stops the stage "
+                                     "before training with an error naming it instead of a worker killed for memory "
+                                     "(0.25: 128k x 512 or 64k x 1,024 tiles, 3x Camelyon16's largest)",
+                              low=0.0, low_open=True)
+    read_ahead: int = knob(0, "bags each MIL worker reads ahead in a background thread while it computes on the "
+                              "ones in hand (2: the next pair), for a node with a core to spare; each costs one more "
+                              "bag of memory. 0 (default): read in the loop; on a busy 2-core node 2 measured "
+                              "0.98-1.2x the epoch time (benchmarks/results/mil_epoch.json)", low=0)
     checkpoint_every: int = knob(5, "checkpoint every N epochs (and at the last epoch)", low=1)
     max_failures: int = knob(2, "Ray Train restarts from the last checkpoint after a worker failure", low=0)
 

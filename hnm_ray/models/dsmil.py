@@ -37,6 +37,10 @@ class DSMIL(MILAggregator):
         self.check_bag(features)
         return self.instance_classifier(features).squeeze(1)
 
+    def pool(self, attention: torch.Tensor, transformed: torch.Tensor) -> torch.Tensor:
+        """The bag vector B = sum_i A_i v(h_i) (D,) of attention weights (N,) over the tiles' transformed features."""
+        return attention @ self.value(transformed)
+
     def bag_output(self, features: torch.Tensor) -> MILOutput:
         """Instance logits, bag logit and the attention over tiles relative to the critical tile."""
         instance_logits = self.instance_logits(features)
@@ -44,6 +48,6 @@ class DSMIL(MILAggregator):
         queries = self.query(transformed)
         critical = torch.argmax(instance_logits.detach())
         attention = torch.softmax(queries @ queries[critical] * self.scale, dim=0)
-        bag_embedding = attention @ self.value(transformed)
+        bag_embedding = self.pool(attention, transformed)
         bag_logit = self.bag_classifier(bag_embedding).squeeze(0)
         return MILOutput(instance_logits, bag_logit, attention)

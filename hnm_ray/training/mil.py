@@ -5,7 +5,8 @@ smaller class cycled).
 Every worker owns a fixed shard of the positive and of the negative bags and pairs within it, so a
 worker only ever reads its shard; DDP averages the gradients of the `world` pairs of a step. Bags are read from the
 store when a pair (or validation, or the test pass) needs them, through a `BagCache` that keeps the first
-`mil.bag_cache_gib` of them in memory: a worker holds at most that, plus the bags of the step in hand.
+`mil.bag_cache_gib` of them in memory: a worker holds at most that, plus the bags of the step in hand and the
+`mil.read_ahead` bags read meanwhile in a background thread (default none).
 Validation slide metrics are computed every epoch inside the worker; the best epoch (validation
 AUC, then loss) is the model kept, with the Youden threshold on validation; with fewer than `mil.min_val_bags`
 validation bags of a class, the fixed epoch and threshold 0.5 instead. Reports and checkpoints reach Ray
@@ -35,7 +36,7 @@ from hnm_ray.config import MILConfig, TrainConfig
 from hnm_ray.cli import add_store_arguments, entry_point
 from hnm_ray.cli import parser as cli_parser
 from hnm_ray.errors import ConfigError, HnmError, StoreError
-from hnm_ray.store.bag_cache import GIB, BagCache
+from hnm_ray.store.bag_cache import GIB, BagCache, check_bag_sizes
 from hnm_ray.store.features import Bag, FeatureStore
 from hnm_ray.inference import _tensor, evaluate_bags, evaluate_split, save_aggregator
 from hnm_ray.metrics import FALLBACK_THRESHOLD
@@ -240,12 +241,14 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         hard_x = _tensor(hard, device) if hard is not None else None
         losses, started = [], time.perf_counter()
         pairs = epoch_pairs(pos_ids, neg_ids, epoch, loop["seed"], rank, world)
-        for step, (pos_id, neg_id) in enumerate(pairs):
+        # With mil.read_ahead, the next bags are read in a background thread while this pair trains.
+        stream = bags.iterate([(s, y) for pair in pairs for s, y in zip(pair, (1, 0))], ahead=mc["read_ahead"])
+        for step in range(len(pairs)):
             # Gradients of `pairs_per_step` pairs are accumulated locally (no DDP all-reduce) before a step.
             syncs = (step + 1) % mc["pairs_per_step"] == 0 or step == len(pairs) - 1
             with contextlib.nullcontext() if syncs or world == 1 else ddp_model.no_sync():
-                losses.append(_pair_step(ddp_model, bags.get(pos_id, 1), bags.get(neg_id, 0), hard_x, loss_kw,
-                                         device, scale=1.0 / mc["pairs_per_step"]))
+                losses.append(_pair_step(ddp_model, next(stream), next(stream), hard_x, loss_kw, device,
+                                         scale=1.0 / mc["pairs_per_step"]))
             if syncs:
                 optimizer.step()
                 optimizer.zero_grad()
@@ -255,11 +258,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                                    "train_pairs": len(pairs) * world, "reported_at": time.time()}
         last_epoch = epoch == mc["epochs"] - 1
         if rank == 0:
-            metrics.update(validation_metrics(plain_model, bags.iterate(loop["val"]), bce, device,
+            metrics.update(validation_metrics(plain_model, bags.iterate(loop["val"], mc["read_ahead"]), bce, device,
                                               None if loop["val_selects"] else FALLBACK_THRESHOLD))
             if _keeps(metrics, best, mc, loop["val_selects"]):
                 best = {**metrics, "model": copy.deepcopy({k: v.cpu() for k, v in plain_model.state_dict().items()})}
-            official = official_protocol_update(official, plain_model, bags.iterate(loop["test"]),
+            official = official_protocol_update(official, plain_model, bags.iterate(loop["test"], mc["read_ahead"]),
                                                 [y for _, y in loop["test"]], epoch, device)
             metrics["best_epoch"] = best["epoch"]
             if epoch == start_epoch:
@@ -295,6 +298,7 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
     if not any(y == 1 for _, y in train) or not any(y == 0 for _, y in train):
         raise StoreError(f"MIL training needs positive and negative training slides in {store.directory}; "
                          f"found {len(train)} training slides with features. Check the manifest's labels/splits.")
+    check_bag_sizes(store, [s for s, _ in train + val + test], config.max_bag_gib)  # before any bag is read
     mean, std = standardisation(store, [s for s, _ in train], config.standardize)
     selects = validation_selects(val, config.min_val_bags)
     if val and not selects:
@@ -341,7 +345,7 @@ def feature_statistics(store: FeatureStore, slide_ids: list[str]) -> tuple[np.nd
     """Per-feature mean and std over all tiles of these slides, in one streaming pass over the store."""
     total, total_sq, count = 0.0, 0.0, 0
     for slide_id in slide_ids:
-        features = store.read_bag(slide_id).features.astype(np.float64)
+        features = store.read_bag(slide_id, as_stored=True).features.astype(np.float64)
         total = total + features.sum(0)
         total_sq = total_sq + (features ** 2).sum(0)
         count += len(features)
