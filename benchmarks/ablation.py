@@ -47,6 +47,9 @@ VARIANTS = {
     "hnm": {"mining": {"neg_ratio": 0.2}, "mil": {"w_rank": 0.0}},
     "hnm_rank": {"mining": {"neg_ratio": 0.2}, "mil": {"w_rank": 0.1}},
     "adapter_hnm_rank": {"finetune": {"scope": "adapter"}, "mining": {"neg_ratio": 0.2}, "mil": {"w_rank": 0.1}},
+    # hnm_rank with the negatives as 8 SupCon classes (finetune.negative_classes; benchmarks/README)
+    "hnm_rank_negative_classes_8": {"mining": {"neg_ratio": 0.2}, "mil": {"w_rank": 0.1},
+                                    "finetune": {"negative_classes": 8}},
 }
 METRICS = ("test_auc", "test_accuracy", "test_f1", "test_instance_auc", "test_instance_auprc")
 # The representation a round hands the aggregator (benchmarks/representation.py, real-image cohorts only).
