@@ -428,6 +428,17 @@ def test_bag_cache_keeps_float16_bags_as_stored_and_hands_out_float32(tmp_path):
     assert len(cache) == 2 and cache.reads == 4  # s0, s1 kept; s2 read twice
 
 
+def test_bag_cache_hands_out_float32_bags_of_their_own_never_a_view_of_the_cached_buffer(tmp_path):
+    """A float32 store's bag as stored can be a read-only view of Arrow's buffer: what the cache hands out (to torch,
+    which may write into it) is writable and writing into it leaves the cached bag as read."""
+    store = array_store(tmp_path, {"s0": np.arange(240, dtype=np.float32).reshape(30, 8)})
+    cache = BagCache(store, 1 << 20)
+    bag = cache.get("s0", 1)
+    assert bag.features.dtype == np.float32 and bag.features.flags.writeable
+    bag.features[:] = -1.0
+    assert np.array_equal(cache.get("s0", 1).features, store.read_bag("s0").features)
+
+
 def test_a_bag_past_max_bag_gib_stops_mil_before_any_bag_is_read(tmp_path, monkeypatch):
     """A bag larger than mil.max_bag_gib (float32 tiles x dim) is one StoreError naming the slide, its size and the
     knob, raised before a bag is read (not a worker killed for memory mid-epoch); a test bag counts (held whole)."""

@@ -66,8 +66,11 @@ class Bag:
         return int(self.features.shape[0])
 
     def widened(self) -> Bag:
-        """This bag with float32 features (itself when they are)."""
-        return self if self.features.dtype == np.float32 else replace(self, features=self.features.astype(np.float32))
+        """This bag with float32 features of its own (itself when they are float32 and writable: a bag as stored may
+        be a read-only view of Arrow's buffer, which a torch tensor must not share)."""
+        if self.features.dtype == np.float32 and self.features.flags.writeable:
+            return self
+        return replace(self, features=self.features.astype(np.float32))
 
 
 def bag_from_table(table: pa.Table, slide_id: str, label: int | None = None, as_stored: bool = False) -> Bag:
