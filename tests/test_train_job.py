@@ -69,9 +69,13 @@ def test_train_cli_end_to_end_writes_metrics_checkpoint_and_pictures(tiny_run):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_run_killed_during_finetuning_resumes_to_the_uninterrupted_runs_metrics(tiny_run, demo_cohort, tmp_path):
-    """kill -9 after the first fine-tuning epoch's checkpoint; --resume keeps round 0 and the finished epoch and
-    ends with exactly the metrics of the uninterrupted run with the same seed (a reproducible job)."""
+def test_run_killed_during_finetuning_resumes_to_the_uninterrupted_runs_metrics(ray_session, tiny_run, demo_cohort,
+                                                                                  tmp_path, monkeypatch):
+    """kill -9 after the first fine-tuning epoch's checkpoint; --resume (in this process, on the session's Ray) keeps
+    round 0 and the finished epoch and ends with exactly the metrics of the uninterrupted run with the same seed (a
+    reproducible job)."""
+    from hnm_ray.train import main as train_main
+
     assert tiny_run.done.returncode == 0, tiny_run.done.stderr[-3000:]
     run = tmp_path / "runs" / "killed"
     shutil.copytree(tiny_run.folder / "cache", tmp_path / "cache")  # the same warm start, not pre-trained again
@@ -93,9 +97,8 @@ def test_run_killed_during_finetuning_resumes_to_the_uninterrupted_runs_metrics(
     feature_stamps = [p.stat().st_mtime_ns for p in features]
     assert features
 
-    done = subprocess.run([sys.executable, "-m", "hnm_ray.train", "--resume", str(run)], env=_env(tmp_path),
-                          capture_output=True, text=True, timeout=500)
-    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.setenv("HNM_RAY_CACHE", str(tmp_path / "cache"))
+    assert train_main(["--resume", str(run)]) == 0
     assert round0.stat().st_mtime_ns == stamp, "round 0 was trained again instead of resumed"
     assert [p.stat().st_mtime_ns for p in features] == feature_stamps, "round-0 features were re-extracted"
     metrics = json.loads((run / "metrics.json").read_text())
@@ -188,16 +191,18 @@ def _processes_under(folder: str) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_paper_recipe_runs_end_to_end_on_the_demo(tmp_path, demo_cohort):
+def test_paper_recipe_runs_end_to_end_on_the_demo(ray_session, tmp_path, demo_cohort, monkeypatch):
     """`--recipe paper` through the same code path, sized down: dsmil_its2clr, fixed MIL epoch, StepLR, uniform BCE
-    weight, mining over train+val with uncertain negatives and the update gate, the official two-step loop."""
+    weight, mining over train+val with uncertain negatives and the update gate, the official two-step loop. The job
+    runs in this process on the session's Ray (the CLI's own process and Ray start are the tiny run's to test)."""
+    from hnm_ray.train import main as train_main
+
     small = ["--recipe", "paper", "--run.name", "paper", "--manifest", str(demo_cohort), "--rounds", "2",
              "--epochs-per-round", "1", "--warmup-epochs", "1", "--mil.epochs", "12", "--mil.fixed_epoch", "8",
              "--mil.workers", "0", "--finetune.workers", "0", "--finetune.batch_size", "48", "--heatmaps", "0",
              "--encoder.name", "small_cnn", "--encoder.norm", "affine", "--pretrain.method", "none"]
-    done = subprocess.run([sys.executable, "-m", "hnm_ray.train", "--runs-dir", str(tmp_path / "runs"), *small],
-                          env=_env(tmp_path), capture_output=True, text=True, timeout=1100)
-    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.setenv("HNM_RAY_CACHE", str(tmp_path / "cache"))
+    assert train_main(["--runs-dir", str(tmp_path / "runs"), *small]) == 0
     run = tmp_path / "runs" / "paper"
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["mil"]["aggregator"] == "dsmil_its2clr" and saved["finetune"]["loop"] == "official"

@@ -63,17 +63,19 @@ def _interrupt_after_first_result(proc: subprocess.Popen, state: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_interrupted_grid_sweep_with_a_finetuning_round_restores_and_writes_table_and_best_config(tmp_path,
-                                                                                                demo_cohort):
-    """One sweep (two trials, each with a fine-tuning round) SIGKILLed after its first trial result, then resumed:
-    the restored sweep finishes every trial and writes the table and a best config that `train --config` takes."""
+def test_interrupted_grid_sweep_with_a_finetuning_round_restores_and_writes_table_and_best_config(
+        ray_session, tmp_path, demo_cohort, monkeypatch):
+    """One sweep (two trials, each with a fine-tuning round) SIGKILLed after its first trial result, then resumed
+    (in this process, on the session's Ray): the restored sweep finishes every trial and writes the table and a best
+    config that `train --config` takes."""
+    from hnm_ray.tune import main as tune_main
+
     proc = subprocess.Popen(_sweep(tmp_path, demo_cohort), env=_env(tmp_path), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     folder = tmp_path / "tune" / "s"
     _interrupt_after_first_result(proc, folder)
-    done = subprocess.run(_sweep(tmp_path, demo_cohort, "--resume"), env=_env(tmp_path), capture_output=True,
-                          text=True, timeout=850)
-    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.setenv("HNM_RAY_CACHE", str(tmp_path / "cache"))
+    assert tune_main(_sweep(tmp_path, demo_cohort, "--resume")[3:]) == 0  # the arguments after `python -m hnm_ray.tune`
     table = (folder / "results.csv").read_text().strip().splitlines()
     assert len(table) == 1 + 2, table
     header = table[0].split(",")
