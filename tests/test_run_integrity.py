@@ -80,7 +80,7 @@ def _fake_run(run: Path, manifest: Path) -> None:
     """A finished run's folder as far as the name check sees it: config.yaml, state.json and metrics.json."""
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({"run": {"manifest": str(manifest), "rounds": 2}}))
-    (run / "state.json").write_text("{}")
+    (run / "state.json").write_text('{"extract_round0": "the old run"}')
     (run / "metrics.json").write_text('{"final": {"test_auc": 1.0}}')
 
 
@@ -95,7 +95,8 @@ def test_overwrite_starts_afresh_only_after_the_input_checks(demo_cohort, tmp_pa
     assert (run / "metrics.json").is_file()
     with pytest.raises(RayStarted):
         hnm_ray.train.main([*common, "--manifest", str(demo_cohort)])
-    assert not (run / "metrics.json").exists() and not (run / "state.json").exists()  # the old run is gone
+    assert not (run / "metrics.json").exists()  # the old run is gone; the new one records its scope at its start
+    assert json.loads((run / "state.json").read_text()) == {"finetune_scope": "full"}
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["mining"]["neg_ratio"] == 0.05 and saved["run"]["overwrite"] is False  # a resume never deletes it
     assert hnm_ray.train.main(["--resume", str(run), "--run.overwrite", "true"]) == 2
