@@ -123,7 +123,7 @@ def check_inputs(config: TrainConfig) -> list[SlideRecord]:
     require_both_classes(records, config.run.manifest or "the demo cohort")
     check_scope(config)
     dim = encoder_out_dim(config.encoder)
-    build_aggregator(config.mil.aggregator, dim, hidden=config.mil.hidden, dropout=config.mil.dropout)
+    build_aggregator(config.mil.aggregator, config.mil.embed or dim, hidden=config.mil.hidden, dropout=config.mil.dropout)
     return records
 
 
