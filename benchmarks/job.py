@@ -70,7 +70,8 @@ def plain_mil_seconds(run: Path) -> dict[str, float]:
     pos = [s for s, y in train if y == 1]
     neg = [s for s, y in train if y == 0]
     torch.manual_seed(config.run.seed)
-    model = build_standardized(mc.aggregator, next(iter(bags.values())).shape[1], hidden=mc.hidden, dropout=mc.dropout)
+    model = build_standardized(mc.aggregator, next(iter(bags.values())).shape[1], embed=mc.embed, hidden=mc.hidden,
+                               dropout=mc.dropout)
     model.set_statistics(*standardisation(store, [s for s, _ in train], mc.standardize))
     optimizer = torch.optim.Adam(model.parameters(), lr=mc.lr, weight_decay=mc.weight_decay)
     pos_weight, scale = bce_weighting(mc.bce_weight, len(pos), len(neg))

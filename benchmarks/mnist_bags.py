@@ -65,6 +65,7 @@ class HeadKnobs:
     rank_k: int = 10
     val_share: float = 0.2
     score: str = "bag"          # bag: sigmoid(bag logit); mean_max: mean of it and sigmoid(max instance logit) (DSMIL's)
+    embed: int = 0              # mil.embed: width of the learnt Linear + ReLU instance embedding (0: none)
 
 
 VARIANTS: dict[str, dict] = {
@@ -81,6 +82,7 @@ VARIANTS: dict[str, dict] = {
     "no_std_thr_half": {"standardize": "off", "threshold": "half"},
     "no_std_no_val": {"standardize": "off", "select": "last", "threshold": "half"},
     "std_global_no_val": {"standardize": "global", "select": "last", "threshold": "half"},
+    "std_global_no_val_embed_128": {"standardize": "global", "select": "last", "threshold": "half", "embed": 128},
     "thr_half": {"threshold": "half"},
     "no_val": {"select": "last", "threshold": "half"},
     "no_pos_weight": {"pos_weight": False},
@@ -196,7 +198,7 @@ def train_head(aggregator: str, bags: list[np.ndarray], labels: np.ndarray, knob
                 else (np.arange(len(labels)), np.zeros(0, int)))
     tensors = [torch.from_numpy(b) for b in bags]
     torch.manual_seed(seed)
-    model = build_standardized(aggregator, bags[0].shape[1])
+    model = build_standardized(aggregator, bags[0].shape[1], embed=knobs.embed)
     if knobs.standardize != "off":
         instances = np.concatenate([bags[i] for i in fit]).astype(np.float64)
         model.set_statistics(instances.mean(0), feature_scale(instances, knobs.standardize))

@@ -72,7 +72,8 @@ def load_aggregator(path: str | Path, plugin: str | None = None) -> tuple[torch.
                              f"and the config names {plugin or 'no plug-in'}: name it on the command line "
                              f"(--mil.aggregator {meta['aggregator']}) or add {TRUST_PLUGINS_FLAG} if you trust "
                              f"the folder")
-    model = build_standardized(meta["aggregator"], meta["dim"], hidden=meta["hidden"], dropout=meta["dropout"])
+    model = build_standardized(meta["aggregator"], meta["dim"], embed=meta.get("embed", 0), hidden=meta["hidden"],
+                               dropout=meta["dropout"])
     model.load_state_dict(state)
     return model.eval(), meta
 

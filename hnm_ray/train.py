@@ -127,7 +127,8 @@ def check_inputs(config: TrainConfig) -> list[SlideRecord]:
     check_scope(config)
     dim = int(round0_of(config).metadata()["dim"]) if imported_round0(config) else encoder_out_dim(config.encoder)
     check_store_tag(config, dim)
-    build_aggregator(config.mil.aggregator, dim, hidden=config.mil.hidden, dropout=config.mil.dropout)
+    build_aggregator(config.mil.aggregator, config.mil.embed or dim, hidden=config.mil.hidden,
+                     dropout=config.mil.dropout)
     return records
 
 

@@ -341,6 +341,31 @@ def test_small_validation_split_keeps_the_fixed_epoch_and_threshold_half(small_v
     assert chosen.metrics["val_threshold"] == chosen.threshold
 
 
+def test_instance_embedding_learns_a_concept_that_is_not_linear_in_the_features(tmp_path):
+    """A positive bag holds one instance with feature 0 near 0, every other instance sits near -3 or +3 (a band,
+    as MUSK's concept is a region of its features): no linear instance score nor a linear map of a pooled bag finds
+    it (mil.embed 0: test AUC ~0.5), a learnt Linear + ReLU embedding (mil.embed 16) does, and is saved and reloaded
+    with the model."""
+    rng = np.random.default_rng(0)
+    bags, records = {}, []
+    for i in range(80):
+        label, split = i % 2, "train" if i < 60 else "test"
+        features = rng.normal(0, 0.3, (6, 4)).astype(np.float32)
+        features[:, 0] = 3.0 * rng.choice([-1, 1], 6) + rng.normal(0, 0.3, 6)
+        if label:
+            features[0, 0] = rng.normal(0, 0.3)
+        bags[f"b{i:02d}"] = features
+        records.append(SlideRecord(f"b{i:02d}", "", label, split))
+    store = array_store(tmp_path / "store", bags)
+    auc = {}
+    for embed in (0, 16):
+        config = MILConfig(epochs=15, embed=embed, checkpoint_every=100, workers=0)
+        result = fit_mil(config, store, records, tmp_path / f"embed{embed}", seed=0)
+        auc[embed] = evaluate_split(result.model_path, store, records, "test")["test_auc"]
+    assert load_aggregator(result.model_path)[1]["embed"] == 16
+    assert auc[16] >= 0.9 and auc[0] <= 0.75, auc
+
+
 # -- bags read when needed, within mil.bag_cache_gib --------------------------------------------------------------
 
 @pytest.fixture(scope="module")

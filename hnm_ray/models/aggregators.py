@@ -89,11 +89,13 @@ def build_aggregator(name: str, in_dim: int, **kwargs) -> nn.Module:
 
 
 class Standardized(nn.Module):
-    """An aggregator behind per-feature standardisation with training-set statistics (kept as buffers)."""
+    """An aggregator behind per-feature standardisation with training-set statistics (kept as buffers) and, with
+    `embed` > 0, a Linear(in_dim, embed) + ReLU instance embedding (`mil.embed`) between the two."""
 
-    def __init__(self, aggregator: nn.Module, in_dim: int) -> None:
+    def __init__(self, aggregator: nn.Module, in_dim: int, embed: int = 0) -> None:
         super().__init__()
         self.aggregator = aggregator
+        self.embed = nn.Sequential(nn.Linear(in_dim, embed), nn.ReLU()) if embed else nn.Identity()
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
 
@@ -103,16 +105,17 @@ class Standardized(nn.Module):
         self.std.copy_(torch.as_tensor(std, dtype=self.std.dtype).clamp_min(1e-6))
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.aggregator((features - self.mean) / self.std)
+        return self.aggregator(self.embed((features - self.mean) / self.std))
 
     def instance_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Instance logits (N,) of tiles from any slides: the instance classifier alone, no bag branch."""
         if not hasattr(self.aggregator, "instance_logits"):
             raise ConfigError("mil.aggregator", f"{type(self.aggregator).__name__} has no instance_logits(features) "
                                                 "method; subclass hnm_ray.models.aggregators.MILAggregator")
-        return self.aggregator.instance_logits((features - self.mean) / self.std)
+        return self.aggregator.instance_logits(self.embed((features - self.mean) / self.std))
 
 
-def build_standardized(name: str, in_dim: int, **kwargs) -> Standardized:
-    """`build_aggregator` wrapped in feature standardisation (statistics set by the trainer)."""
-    return Standardized(build_aggregator(name, in_dim, **kwargs), in_dim)
+def build_standardized(name: str, in_dim: int, embed: int = 0, **kwargs) -> Standardized:
+    """`build_aggregator` (on `embed` features when > 0) wrapped in feature standardisation (statistics set by the
+    trainer) and the instance embedding."""
+    return Standardized(build_aggregator(name, embed or in_dim, **kwargs), in_dim, embed)
