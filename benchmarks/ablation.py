@@ -47,6 +47,9 @@ VARIANTS = {
     "hnm": {"mining": {"neg_ratio": 0.2}, "mil": {"w_rank": 0.0}},
     "hnm_rank": {"mining": {"neg_ratio": 0.2}, "mil": {"w_rank": 0.1}},
     "adapter_hnm_rank": {"finetune": {"scope": "adapter"}, "mining": {"neg_ratio": 0.2}, "mil": {"w_rank": 0.1}},
+    # the aggregator with a learnt instance embedding (mil.embed; classic_mil.py), without and with the ranking loss
+    "dsmil_embed_128": {"mining": {"neg_ratio": 0.2}, "mil": {"w_rank": 0.0, "embed": 128}},
+    "dsmil_rank_embed_128": {"mining": {"neg_ratio": 0.2}, "mil": {"w_rank": 0.1, "embed": 128}},
     # hnm_rank with the negatives as 8 SupCon classes (finetune.negative_classes; benchmarks/README)
     "hnm_rank_negative_classes_8": {"mining": {"neg_ratio": 0.2}, "mil": {"w_rank": 0.1},
                                     "finetune": {"negative_classes": 8}},
@@ -81,7 +84,7 @@ def run_variant(base: dict, variant: str, overrides: dict, seed: int, root: Path
     config = from_tree(TrainConfig, merge(merge(merge(base, overrides), size),
                                           {"run": {"seed": seed, "name": name, "store": str(store)}}))
     final = run_job(config, root / name)
-    ft = final["finetune"]["finetune_round0"]
+    ft = final["finetune"].get("finetune_round0", {"last": {}})  # none with --rounds 0 (the aggregator alone)
     rounds = [{**{k: r.get(k) for k in METRICS}, "official_test_auc": (r.get("official_protocol") or {}).get("test_auc")}
               for r in final["rounds"]]
     if config.run.manifest:
@@ -89,10 +92,10 @@ def run_variant(base: dict, variant: str, overrides: dict, seed: int, root: Path
     return {"w_rank": config.mil.w_rank, "rounds": rounds, "round0": rounds[0],
             # the last round, what the variant's fine-tuning made (not the job's kept round, run.final_round)
             "final": rounds[-1], "kept_round": final["final"]["round"], "kept": {k: final["final"].get(k) for k in METRICS},
-            "epoch_seconds": ft["last"].get("epoch_seconds"), "tiles_per_epoch": ft["tiles_per_epoch"],
+            "epoch_seconds": ft["last"].get("epoch_seconds"), "tiles_per_epoch": ft.get("tiles_per_epoch"),
             "finetune_seconds": ft.get("seconds"), "ft_loss": [final["finetune"][k]["last"].get("ft_loss")
                                                              for k in sorted(final["finetune"])],
-            "hard_negatives": ft["hard_negatives"], "positives_streamed": ft.get("positives_streamed")}
+            "hard_negatives": ft.get("hard_negatives"), "positives_streamed": ft.get("positives_streamed")}
 
 
 def representation(config: TrainConfig, run_dir: Path, round_: int, result: dict) -> dict:
