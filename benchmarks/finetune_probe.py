@@ -38,10 +38,13 @@ def with_nt_xent(weight: float, negative_anchors: bool = True):
     def loss(batch, model, fc, epoch, ratio, gen, device, supervised, input_space):
         keep = finetune._usable(batch, ratio, supervised)
         z1, z2 = finetune._views(batch["tiles"][keep], model, fc, gen, device, input_space)
-        y = torch.from_numpy(batch["label"][keep].astype(np.int64)).to(device)
-        total = supcon_loss(z1, z2, y, fc["temperature"], anchor_mask=y == 0) * float(negative_anchors)
-        if (epoch >= fc["warmup_epochs"] or not negative_anchors) and bool((y == 1).any()):
-            total = total + supcon_loss(z1, z2, y, fc["temperature"], anchor_mask=y == 1)
+        labels, classes = batch["label"][keep], batch["supcon_class"][keep]
+        if negative_anchors:
+            total = finetune.our_objective(z1, z2, labels, fc, epoch, classes)
+        else:  # positives as the only anchors, from the first epoch
+            y = torch.from_numpy(labels.astype(np.int64)).to(device)
+            same = torch.from_numpy(classes.astype(np.int64)).to(device)
+            total = supcon_loss(z1, z2, same, fc["temperature"], anchor_mask=y == 1)
         return total + weight * supcon_loss(z1, z2, None, fc["temperature"])
 
     return loss

@@ -11,8 +11,8 @@ loss terms of the step's batch and, on a fixed evaluation set (512 of the rows, 
 - mean over spread: |mean projection| / mean |projection - mean| (large: every projection is the same vector
   plus a little, the collapsed state whose loss is log(2B - 1)).
 Settings: {"name": N, "head": "warm"|"fresh", "lr": 0.01, "clip": max grad norm (0: none), "negative_classes": K
-(0: one negative class; K: the negatives split into K k-means classes of their round-0 features, a benchmark-only
-variant of the loss), "steps": 150}.
+(0: one negative class; K: the negatives split into K k-means classes of their round-0 features, the product's
+finetune.negative_classes), "steps": 150}.
 
     python -m benchmarks.supcon_geometry --run RUN --settings '{"name": "default"}' ... [--out FILE]
 """
@@ -64,23 +64,7 @@ def geometry(z, labels) -> dict[str, float]:
     return {"tumour_margin": float(margin), "mean_over_spread": float(mean.norm() / (z - mean).norm(dim=1).mean())}
 
 
-def negative_classes(model, tiles: np.ndarray, labels: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """SupCon classes: k-means cluster (0..k-1) of each negative's encoder features, k for the positives."""
-    import torch
-    from sklearn.cluster import KMeans
-
-    from hnm_ray.models.encoders import to_model_input
-
-    with torch.no_grad():
-        features = np.concatenate([model.encoder(to_model_input(torch.from_numpy(tiles[i:i + 256]))).numpy()
-                                   for i in range(0, len(tiles), 256)])
-    classes = np.full(len(labels), k, np.int64)
-    negative = labels == 0
-    classes[negative] = KMeans(k, n_init=4, random_state=seed).fit(features[negative]).labels_
-    return classes
-
-
-def trajectory(config: TrainConfig, weights: str, head: str, tiles: np.ndarray, labels: np.ndarray,
+def trajectory(config: TrainConfig, weights: str, head: str, tiles: np.ndarray, rows, store: FeatureStore,
                setting: dict) -> list[dict]:
     """One setting's steps (see the module docstring)."""
     import torch
@@ -88,14 +72,16 @@ def trajectory(config: TrainConfig, weights: str, head: str, tiles: np.ndarray, 
     from hnm_ray.augment import AugmentConfig, two_views
     from hnm_ray.losses import supcon_loss
     from hnm_ray.models.encoders import to_model_input
-    from hnm_ray.training.finetune import build_contrastive
+    from hnm_ray.training.finetune import build_contrastive, negative_classes
 
     seed = config.run.seed
     torch.manual_seed(seed)
     model = build_contrastive(config.encoder, weights, head if setting.get("head", "warm") == "warm" else None,
                               config.finetune.proj_dim)
     k = int(setting.get("negative_classes", 0))
-    classes = negative_classes(model, tiles, labels, k, seed) if k else labels.astype(np.int64)
+    labels = np.asarray(rows["label"])
+    # finetune.negative_classes: k-means of the negatives' round-0 features (the warm-start encoder's)
+    classes = np.asarray((negative_classes(rows, store, k, seed) if k > 1 else rows)["supcon_class"]).astype(np.int64)
     optimiser = torch.optim.SGD(model.parameters(), lr=float(setting.get("lr", 0.01)), momentum=0.0,
                                 weight_decay=config.finetune.weight_decay)
     gen, rng, out = torch.Generator().manual_seed(seed), np.random.default_rng(seed), []
@@ -144,7 +130,7 @@ def main() -> None:
     tiles, labels = decode_rows(rows, records, config.tiling.tile_size), np.asarray(rows["label"])
     results = []
     for setting in map(json.loads, args.settings):
-        steps = trajectory(config, weights, head, tiles, labels, setting)
+        steps = trajectory(config, weights, head, tiles, rows, store0, setting)
         results.append({**setting, "start": steps[0], "end": steps[-1], "steps": steps})
         print(json.dumps({k: v for k, v in results[-1].items() if k != "steps"}), flush=True)
     line = {"benchmark": "supcon_geometry", "run": str(run), "rows": len(labels), "positives": int(labels.sum()),

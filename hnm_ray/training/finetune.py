@@ -113,12 +113,10 @@ def negative_classes(rows: pa.Table, store: FeatureStore, k: int, seed: int) -> 
     from sklearn.cluster import KMeans
 
     negative = np.flatnonzero(np.asarray(rows["label"]) == 0)
-    classes = np.full(rows.num_rows, k, np.int16)
+    classes = np.where(np.asarray(rows["label"]) == 0, 0, k).astype(np.int16)  # one class when too few negatives
     if len(negative) >= k:
         features = store.select_tiles(rows.take(negative).select(["slide_id", "tile_id"]), "negatives").features
         classes[negative] = KMeans(k, n_init=4, random_state=seed).fit(features).labels_
-    else:
-        classes[negative] = 0
     return rows.set_column(rows.schema.get_field_index("supcon_class"), "supcon_class", pa.array(classes))
 
 
