@@ -35,4 +35,5 @@ def run_rank(rank: int, world: int, init_file: str, outs: list[str]) -> None:
         loss.backward()
         optimizer.step()
     torch.save({k: v.detach() for k, v in model.module.state_dict().items()}, outs[rank])
+    dist.barrier()  # neither rank tears gloo down while its peer still talks (a rank once aborted at exit, SIGABRT)
     dist.destroy_process_group()
