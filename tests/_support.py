@@ -92,3 +92,9 @@ class LiveBags:
                 return bag
 
         return CountingStore
+
+
+def last_json_line(stdout: str) -> str:
+    """The job's summary: its last stdout line that is a JSON object (a Ray worker's forwarded output, e.g. cuFile's
+    "initialization failed" notice on a CPU machine, can be flushed after it when Ray shuts down)."""
+    return [line for line in stdout.splitlines() if line.startswith("{")][-1]

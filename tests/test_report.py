@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from _support import kept_store
+from _support import kept_store, last_json_line
 
 from hnm_ray import config as cfg
 from hnm_ray.config import TrainConfig
@@ -254,7 +254,7 @@ def test_every_slide_auc_and_accuracy_carries_n_and_a_95_percent_interval(tiny_r
     assert "the official protocol picks both on the test slides themselves" in text and INTERVALS in text
     assert f"Test split: {final['test_n']} slides ({final['test_n_positive']} tumour)" in text
     assert f"test {describe(final, 'test_')}" in tiny_run.done.stdout + tiny_run.done.stderr  # the console's done line
-    printed = json.loads(tiny_run.done.stdout.strip().splitlines()[-1])
+    printed = json.loads(last_json_line(tiny_run.done.stdout))
     assert printed["test_n"] == final["test_n"] and printed["test_auc_low"] == final["test_auc_low"]
 
 

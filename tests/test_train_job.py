@@ -17,7 +17,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from _support import TINY_JOB, job_env, wait_for
+from _support import TINY_JOB, job_env, last_json_line, wait_for
 
 def _env(tmp_path: Path) -> dict[str, str]:
     return job_env(tmp_path / "cache")
@@ -53,7 +53,7 @@ def test_train_cli_end_to_end_writes_metrics_checkpoint_and_pictures(tiny_run):
     assert len(heatmaps) == 2
     with Image.open(heatmaps[0]) as picture:
         assert min(picture.size) > 32
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    summary = json.loads(last_json_line(done.stdout))
     assert summary["run"] == str(run)
     # A quiet console: our progress lines, none of Ray's own (Train's per-report lines, Data's executor lines: those
     # go to ray.log).
