@@ -33,6 +33,8 @@ def saved_embed(run) -> int | None:
 
 
 def test_the_job_resolves_auto_from_its_training_split_and_a_resume_keeps_the_width(tmp_path, monkeypatch, caplog):
+    """run_job (stopped where Ray would start): one slide below the threshold no embedding, at it 128, logged and
+    written into config.yaml; --resume of the 128 run reads 128 back and keeps it on a split now below the threshold."""
     def stop(*args, **kwargs):
         raise AssertionError("the job went on to start Ray")
 
@@ -54,6 +56,7 @@ def test_the_job_resolves_auto_from_its_training_split_and_a_resume_keeps_the_wi
 
 
 def test_a_set_width_and_the_paper_recipe_are_kept_whatever_the_cohort():
+    """Only an unset mil.embed is resolved: the paper recipe's 0 on a large cohort, 16 on a small one."""
     large = cohort(3 * EMBED_AUTO_MIN_BAGS)
     paper = cfg.from_tree(TrainConfig, cfg.load_recipe("paper"))
     assert train.with_mil_embed(paper, large).mil.embed == 0
