@@ -186,6 +186,9 @@ def main() -> None:
     parser.add_argument("--epochs-per-round", type=int, default=3)
     parser.add_argument("--pretrain-epochs", type=int, default=None,
                         help="SimCLR warm-start epochs (default: 20 on digits, the product's on camelyon)")
+    parser.add_argument("--mil-embed", type=int, default=None,
+                        help="mil.embed of every variant's base (default: the product's, auto; the tables measured "
+                             "before auto, e.g. results/ablation_camelyon.json, had 0: pass 0 to rerun them)")
     parser.add_argument("--out", default="")
     parser.add_argument("--work", default="", help="folder for runs (default: a temp folder)")
     parser.add_argument("--recipe", metavar="NAME", default=None,
@@ -201,6 +204,8 @@ def main() -> None:
     size = {"run": {"rounds": args.rounds, "heatmaps": 0, "runs_dir": str(root)}, "mil": {"workers": 0},
             "finetune": {"epochs_per_round": args.epochs_per_round, "warmup_epochs": 1}}
     base = merge(cohort_base(args.cohort, args.pretrain_epochs), size)
+    if args.mil_embed is not None:
+        base = merge(base, {"mil": {"embed": args.mil_embed}})
     base = merge(merge(load_recipe(args.recipe), base), size) if args.recipe else base
     chosen = {k: v for k, v in variants(args.recipe, args.paper_cpu).items()
               if (k in args.variants if args.variants else k != "default")}

@@ -37,7 +37,7 @@ import torch
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from benchmarks.mnist_bags import baselines, emit
-from hnm_ray.config import MILConfig
+from hnm_ray.config import MILConfig, from_tree
 from hnm_ray.inference import evaluate_split
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
@@ -186,8 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.getLogger("hnm_ray").setLevel(logging.WARNING)
     torch.set_num_threads(1)
-    defaults = MILConfig()
-    overrides = {k: type(getattr(defaults, k))(v) for k, v in (item.split("=", 1) for item in args.set)}
+    given = dict(item.split("=", 1) for item in args.set)
+    parsed = from_tree(MILConfig, given)  # typed and checked as the product's config (embed: unset or an int)
+    overrides = {k: getattr(parsed, k) for k in given}
     overrides["checkpoint_every"] = 10 ** 6  # one checkpoint, at the last epoch: speed only, same training
     package = package_file(args.data, Path(args.cache))
     repeats = {"ours": args.repeats_ours, "published": args.repeats_published}

@@ -36,6 +36,7 @@ from hnm_ray import storage
 from hnm_ray.cli import entry_point
 from hnm_ray.cli import parser as cli_parser
 from hnm_ray.config import TrainConfig
+from hnm_ray.config.sections import EMBED_AUTO_MIN_BAGS
 from hnm_ray.errors import ConfigError
 from hnm_ray.extract import extract_features
 from hnm_ray.index import TileIndex
@@ -67,6 +68,7 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
     state = RunState(run_dir)
     keep_scope(config, state, run_dir)  # a --resume never switches finetune.scope
     config = with_encoder_preprocessing(config)  # an hf-hub:/timm: encoder's own mean/std/input size, recorded
+    config = with_mil_embed(config, records)  # mil.embed unset: from the training split's size, recorded
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save_yaml(config, run_dir / CONFIG_FILE)
     if state.get("finetune_scope") is None:
@@ -127,8 +129,8 @@ def check_inputs(config: TrainConfig) -> list[SlideRecord]:
     check_scope(config)
     dim = int(round0_of(config).metadata()["dim"]) if imported_round0(config) else encoder_out_dim(config.encoder)
     check_store_tag(config, dim)
-    build_aggregator(config.mil.aggregator, config.mil.embed or dim, hidden=config.mil.hidden,
-                     dropout=config.mil.dropout)
+    build_aggregator(config.mil.aggregator, config.mil.resolved_embed(labelled_training_slides(records)) or dim,
+                     hidden=config.mil.hidden, dropout=config.mil.dropout)
     return records
 
 
@@ -248,6 +250,23 @@ def with_encoder_preprocessing(config: TrainConfig) -> TrainConfig:
     if imported_round0(config):
         return config
     return dataclasses.replace(config, encoder=resolved(config.encoder))
+
+
+def with_mil_embed(config: TrainConfig, records: list[SlideRecord]) -> TrainConfig:
+    """The config with mil.embed resolved (`MILConfig.resolved_embed`): unset (auto), from the number of labelled
+    training slides of `records`; as it is when set (a resumed run's config.yaml holds the width its start chose)."""
+    if config.mil.embed is not None:
+        return config
+    slides = labelled_training_slides(records)
+    embed = config.mil.resolved_embed(slides)
+    log.info("mil.embed unset (auto): %d, for %d labelled training slides (%s %d; recorded in config.yaml)", embed,
+             slides, ">=" if embed else "<", EMBED_AUTO_MIN_BAGS)
+    return dataclasses.replace(config, mil=dataclasses.replace(config.mil, embed=embed))
+
+
+def labelled_training_slides(records: list[SlideRecord]) -> int:
+    """How many slides of `records` MIL trains on: the labelled ones of the train split."""
+    return sum(1 for r in records if r.split == "train" and r.label is not None)
 
 
 def with_weights(config: TrainConfig, weights: str | None) -> TrainConfig:

@@ -155,6 +155,11 @@ class ExtractConfig:
     dtype: str = knob("float32", "embedding storage dtype", choices=["float16", "float32"])
 
 
+# mil.embed unset (auto): this width from this many labelled training slides on, else none (benchmarks/README).
+EMBED_AUTO_WIDTH = 128
+EMBED_AUTO_MIN_BAGS = 100
+
+
 @dataclass
 class MILConfig:
     """MIL aggregator: model, losses (bag/instance BCE + ranking loss), optimiser, Ray Train resources."""
@@ -162,9 +167,12 @@ class MILConfig:
     aggregator: str = knob("dsmil", "aggregator: dsmil, dsmil_its2clr (the official variant), abmil, or "
                                     "module:callable (from a file only with --trust-plugins)", code=True)
     hidden: int = knob(128, "aggregator hidden (query) size", low=1)
-    embed: int = knob(0, "width of a Linear + ReLU instance embedding learnt in front of the aggregator (0: none, "
-                         "the standardised features go in as they are); for hand-crafted features whose concept is "
-                         "not linear in them (MUSK: benchmarks/results/classic_mil.json)", low=0)
+    embed: int | None = knob(None, "width of a Linear + ReLU instance embedding learnt in front of the aggregator "
+                                   "(0: none, the standardised features go in as they are). Unset (auto): "
+                                   f"{EMBED_AUTO_WIDTH} when the training split has at least {EMBED_AUTO_MIN_BAGS} "
+                                   "labelled slides, else 0, resolved at the job's start and recorded in its "
+                                   "config.yaml (measured: better on cohorts of hundreds of slides, worse on tens: "
+                                   "benchmarks/README 'mil.embed auto')", low=0)
     dropout: float = knob(0.0, "aggregator dropout", low=0.0, high=1.0, high_open=True)
     epochs: int = knob(40, "aggregator training epochs per round", low=1)
     lr: float = knob(1e-3, "Adam learning rate (official 2e-4; 1e-3 measured better on small cohorts)",
@@ -222,6 +230,13 @@ class MILConfig:
                               "0.98-1.2x the epoch time (benchmarks/results/mil_epoch.json)", low=0)
     checkpoint_every: int = knob(5, "checkpoint every N epochs (and at the last epoch)", low=1)
     max_failures: int = knob(2, "Ray Train restarts from the last checkpoint after a worker failure", low=0)
+
+    def resolved_embed(self, train_bags: int) -> int:
+        """mil.embed as given, or unset (auto) EMBED_AUTO_WIDTH from EMBED_AUTO_MIN_BAGS labelled training slides
+        (`train_bags`) on, else 0."""
+        if self.embed is not None:
+            return self.embed
+        return EMBED_AUTO_WIDTH if train_bags >= EMBED_AUTO_MIN_BAGS else 0
 
 
 @dataclass

@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -300,6 +300,8 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
         raise StoreError(f"MIL training needs positive and negative training slides in {store.directory}; "
                          f"found {len(train)} training slides with features. Check the manifest's labels/splits.")
     check_bag_sizes(store, [s for s, _ in train + val + test], config.max_bag_gib)  # before any bag is read
+    # mil.embed unset (auto) by a direct caller: from these training bags (a job passes the width its start resolved)
+    config = replace(config, embed=config.resolved_embed(len(train)))
     mean, std = standardisation(store, [s for s, _ in train], config.standardize)
     selects = validation_selects(val, config.min_val_bags)
     if val and not selects:
