@@ -136,9 +136,10 @@ def write_slide_outputs(model_path: str | Path, store: FeatureStore, records: li
             write_geojson(features, qupath_dir / f"{record.slide_id}.geojson")
         scored.append(slide)
     if no_image:
-        first = next(iter(no_image.items()))
+        named = ", ".join(list(no_image)[:5]) + (f" and {len(no_image) - 5} more" if len(no_image) > 5 else "")
         log.warning("%d slide(s) without a slide image (%s): QuPath files and heatmaps from the store's tile "
-                    "coordinates, heatmaps on a blank background (%s: %s)", len(no_image), ", ".join(no_image), *first)
+                    "coordinates, heatmaps on a blank background (%s: %s)", len(no_image), named,
+                    *next(iter(no_image.items())))
     scale = ScoreScale(thresholds.tile, max((float(s.score.max()) for s in scored if s.score.size), default=1.0))
     for slide in (s for s in scored if s.record.slide_id in heatmaps):
         record = slide.record
