@@ -192,3 +192,18 @@ def test_heatmaps_and_qupath_files_of_an_imported_store_need_no_slide_image(impo
         with Image.open(path) as picture:
             assert picture.size[0] > 200
     assert "8 slide(s) without a slide image" in caplog.text
+
+
+def test_mil_eval_chunk_tiles_is_saved_with_the_model_and_chunked_evaluation_equals_whole_bags(imported_mil):
+    """The knob reaches every scoring path through the model file: fit_mil saves mil.eval_chunk_tiles in its JSON,
+    load_aggregator sets it, and the store's bags evaluated 6 tiles at a time give the whole bags' probabilities."""
+    from hnm_ray.inference import evaluate_bags, load_aggregator, read_bags
+
+    _, records, store, result = imported_mil
+    model, meta = load_aggregator(result.model_path)
+    assert meta["eval_chunk_tiles"] == model.eval_chunk == MILConfig.eval_chunk_tiles
+    whole_probs, whole_logits = evaluate_bags(model, read_bags(store, records))
+    model.eval_chunk = 6  # 20-tile bags: 4 chunks
+    probs, logits = evaluate_bags(model, read_bags(store, records))
+    np.testing.assert_allclose(probs, whole_probs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate(logits), np.concatenate(whole_logits), rtol=1e-5, atol=1e-5)
