@@ -62,6 +62,7 @@ OVERLAY_ALPHA = 0.6
 H_AND_E_PINK = (0.93, 0.66, 0.80)
 OUTLINE_COLOUR = "#00e000"
 HARD_NEGATIVE_COLOUR = "#ff00ff"
+TISSUE_GREY = 215  # the tiles' footprint on a heatmap without a slide image
 
 
 @dataclass(frozen=True)
@@ -128,12 +129,17 @@ def _pixel_span(start: np.ndarray, extent: float, scale: float, size: int) -> tu
     return first, np.clip(last, first, size)
 
 
-def blank_thumbnail(level0_dims: tuple[int, int], size: int = 1024) -> np.ndarray:
-    """A white RGB canvas (uint8) of the slide's aspect ratio, `size` pixels on its long side: the background of a
-    heatmap where no slide image is at hand (features imported without their slides)."""
+def blank_thumbnail(level0_dims: tuple[int, int], x: np.ndarray, y: np.ndarray, extent: float,
+                    size: int = 1024) -> np.ndarray:
+    """The background of a heatmap where no slide image is at hand (features imported without their slides): an RGB
+    canvas (uint8) of the slide's aspect ratio, `size` pixels on its long side, white, with the tiles' footprint
+    (where the tissue is) in light grey."""
     width, height = level0_dims
     scale = size / max(width, height, 1)
-    return np.full((max(1, round(height * scale)), max(1, round(width * scale)), 3), 255, np.uint8)
+    shape = (max(1, round(height * scale)), max(1, round(width * scale)))
+    canvas = np.full((*shape, 3), 255, np.uint8)
+    canvas[tile_owners(shape, level0_dims, x, y, extent) >= 0] = TISSUE_GREY
+    return canvas
 
 
 def score_colours():

@@ -115,7 +115,7 @@ def write_slide_outputs(model_path: str | Path, store: FeatureStore, records: li
     threshold; skipped when None) and a heatmap PNG where `heatmaps` maps its slide id to a path, every heatmap on one
     scale (tile threshold to the highest tile score of these slides). A slide whose image cannot be opened (features
     imported without their slides) gets both from the store alone when its tiles are level-0 ones, the heatmap on a
-    blank background (one warning lists these slides); else it is logged and skipped. `plugin`: see
+    canvas showing its tiles in grey (one warning lists these slides); else it is logged and skipped. `plugin`: see
     `inference.load_aggregator`; `max_pixels`: the run's tiling.tissue.max_decoded_pixels, the most a thumbnail may
     decode (as in tissue detection)."""
     model, _ = load_aggregator(model_path, plugin)
@@ -138,7 +138,7 @@ def write_slide_outputs(model_path: str | Path, store: FeatureStore, records: li
     if no_image:
         named = ", ".join(list(no_image)[:5]) + (f" and {len(no_image) - 5} more" if len(no_image) > 5 else "")
         log.warning("%d slide(s) without a slide image (%s): QuPath files and heatmaps from the store's tile "
-                    "coordinates, heatmaps on a blank background (%s: %s)", len(no_image), named,
+                    "coordinates, heatmaps over the tiles' footprint in grey (%s: %s)", len(no_image), named,
                     *next(iter(no_image.items())))
     scale = ScoreScale(thresholds.tile, max((float(s.score.max()) for s in scored if s.score.size), default=1.0))
     for slide in (s for s in scored if s.record.slide_id in heatmaps):
@@ -168,7 +168,7 @@ def _opened(record: SlideRecord, no_image: dict[str, str]) -> Iterator[SlideRead
 
 def _draw(slide: ScoredSlide, path: Path, scale: ScoreScale, thresholds: Thresholds, thumbnail_size: int,
           max_pixels: int | None, no_image: bool) -> None:
-    """One heatmap: over the slide's thumbnail, or (`no_image`) over a blank canvas spanning its tiles."""
+    """One heatmap: over the slide's thumbnail, or (`no_image`) over a white canvas with its tiles in grey."""
     from hnm_ray.slides.annotation import load_annotation
     from hnm_ray.slides.reader import open_slide
 
@@ -177,9 +177,9 @@ def _draw(slide: ScoredSlide, path: Path, scale: ScoreScale, thresholds: Thresho
     title = slide.title(thresholds.slide)
     if no_image:
         dims = (int(slide.x.max() + slide.extent), int(slide.y.max() + slide.extent)) if slide.x.size else (1, 1)
-        heatmap(blank_thumbnail(dims, thumbnail_size), dims, slide.x, slide.y, slide.extent, slide.score, path, scale,
-                title=title + "\n(no slide image: tiles on a blank background)", tumour_mask=mask,
-                marked=slide.hard_negative)
+        heatmap(blank_thumbnail(dims, slide.x, slide.y, slide.extent, thumbnail_size), dims, slide.x, slide.y,
+                slide.extent, slide.score, path, scale, title=title + "\n(no slide image: its tiles in grey)",
+                tumour_mask=mask, marked=slide.hard_negative)
         return
     with open_slide(record.path, slide_id=record.slide_id, device="cpu") as reader:
         heatmap(reader.thumbnail(thumbnail_size, max_pixels), reader.info.level_dimensions[0], slide.x, slide.y,
