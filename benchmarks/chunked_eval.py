@@ -3,9 +3,9 @@
 Each (aggregator, chunk) runs in a fresh process: the store's largest bag is read (float32, as evaluation reads it),
 an aggregator of the store's dim is built (random weights: memory does not depend on them), run once on 64 tiles
 (torch's one-time set-up), then `model(features)` runs under `torch.no_grad()`, as `inference.evaluate_bags` calls
-it. Peak RSS is sampled every millisecond in a
-thread (psutil), glibc told to hand blocks above 64 KiB back to the system when freed (MALLOC_MMAP_THRESHOLD_); the JSON gives the peak above the RSS before the call (the bag and the model already held), the
-seconds, and the largest difference of the chunked logits from the whole bag's.
+it. Peak RSS is sampled every millisecond in a thread (psutil), with glibc told to hand blocks above 64 KiB back to
+the system when freed (MALLOC_MMAP_THRESHOLD_); the JSON gives the peak above the RSS before the call (the bag and
+the model already held), the seconds, and the largest difference of the chunked logits from the whole bag's.
 
     PYTHONPATH=. python benchmarks/chunked_eval.py --store /tmp/scale_store --tag scale_synthetic \
         --out benchmarks/results/chunked_eval.json
