@@ -2,9 +2,9 @@
 
 Writes a seeded synthetic store through the product's FeatureStore: `--slides` slides whose tile counts are
 log-normal (median `--median-tiles`, sigma 0.54 so the largest of 400 draws is ~5x the median, as Camelyon16's
-~8k median and ~40k largest bag; clipped to [median/20, `--max-tiles`]), 512-d float16, the Camelyon16 split
+~8k median and ~40k largest bag; clipped to [median/20, `--max-tiles`]), `--dim` (512) float16, the Camelyon16 split
 (129/399 test, 10 % of the rest validation, the rest training; half of each split tumour). Tumour slides carry a
-planted signal: a log-normal fraction (median 5 %, 0.5-50 %) of their tiles is shifted by +0.5 in 16 of the 512
+planted signal: a log-normal fraction (median 5 %, 0.5-50 %) of their tiles is shifted by +0.5 in 16 of the
 features.
 Then it times the real stages, each with seconds, rows/s, the 1-minute load average at its end (other jobs on a
 shared machine) and peak RSS and private memory (RSS - shared) of the driver and of the Ray workers below it by role
@@ -17,7 +17,8 @@ shared machine) and peak RSS and private memory (RSS - shared) of the driver and
   `BagCache` of `--bag-cache-gib` (default `mil.bag_cache_gib`); epoch seconds are the loop's own (validation, test
   and checkpoints excluded; the re-reads of uncached training bags included); the stage's RSS is that of the whole
   call.
-- `evaluate`: `evaluate_split` on validation and on test, each bag through the model whole (the JSON names the largest).
+- `evaluate`: `evaluate_split` on validation and on test (bags above `mil.eval_chunk_tiles` scored in chunks; the JSON
+  names the largest).
 - `score_topk`: `score_tiles` in-process (the one-node path) pushing negative-slide logits to the real
   `HardNegativeMiner` actor, then its exact global top-k (k = ceil(neg_ratio x negative tiles)).
 - `miner_snapshot_restore`: the miner's `save` to an .npz, the actor killed, a new one `restore`d from the file
@@ -26,6 +27,15 @@ shared machine) and peak RSS and private memory (RSS - shared) of the driver and
   (hard negatives, positives drawn from the pseudo labels; `finetune.round_rows`, default config).
 - `mil_N_workers`: `fit_mil` with `--mil-workers` Ray Train workers (DDP, 1 CPU each), the same epochs; Ray Train
   workers' RSS as `train_worker` (the larger of the two).
+- `report`: the end of a job (`outputs.finish`) on the validation and test slides: tile threshold, test ROC, a heatmap
+  of every test slide and a QuPath file of every slide (the store has no slide images: drawn from its coordinates),
+  report.html.
+- `tune`: the product's sweep (`hnm_ray.tune.run_sweep`) of 2 trials (`mil.w_rank` 0 vs 0.1, `run.rounds` 0,
+  `--tune-epochs`) on the store as the shared round-0 store; per trial its seconds and peak RSS, and whether the
+  store's files are unchanged (nothing copied or rewritten).
+
+`--stages` runs a subset (the stages that need an aggregator without `mil` train one, not timed, or reuse
+`--aggregator`); `--out` is rewritten after every stage.
 
 `--store DIR` keeps the store in DIR and reuses it when a previous run wrote it with the same parameters (the
 full-scale store takes 10+ minutes to write on a shared machine).
@@ -33,6 +43,8 @@ full-scale store takes 10+ minutes to write on a shared machine).
     PYTHONPATH=. python benchmarks/scale.py --slides 400 --median-tiles 2000 --max-tiles 10000 \
         --out benchmarks/results/scale_905k.json
     PYTHONPATH=. python benchmarks/scale.py --store /tmp/scale_store --out benchmarks/results/scale.json  # full scale
+    PYTHONPATH=. python benchmarks/scale.py --store /tmp/scale_store --stages report --aggregator /tmp/agg.safetensors \
+        --out benchmarks/results/scale_report.json
 """
 from __future__ import annotations
 
@@ -44,8 +56,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from functools import partial
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -267,7 +279,6 @@ NEEDS = {"miner_snapshot_restore": "score_topk", "finetune_rows": "miner_snapsho
 
 def main() -> None:
     import ray
-    import torch
 
     from hnm_ray.inference import evaluate_split
     from hnm_ray.mining import get_miner
