@@ -71,7 +71,8 @@ class RssSampler:
             try:
                 name = proc.name()
                 if name.startswith("ray::") and "IDLE" not in name:
-                    self._note(_role(name), proc.memory_info())
+                    role = _role(name)  # a Tune trial's process by its pid: trials are told apart
+                    self._note(f"{role}_pid{proc.pid}" if role == "tune_trial" else role, proc.memory_info())
             except self.psutil.Error:
                 continue
 
@@ -101,7 +102,7 @@ CALL_LOG = os.path.join(tempfile.gettempdir(), f"hnm_extract_bench_{os.getpid()}
 def _role(name: str) -> str:
     """A Ray worker's job from its process title: index task, encoder actor, Ray Data internals."""
     for key, role in (("ReadTileIndex", "index_task"), ("Encoder", "encoder"), ("TrainWorker", "train_worker"),
-                      ("HardNegativeMiner", "miner")):
+                      ("HardNegativeMiner", "miner"), ("ImplicitFunc", "tune_trial")):
         if key in name:
             return role
     return "other"

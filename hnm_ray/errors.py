@@ -18,6 +18,9 @@ class SlideError(HnmError):
         message = f"slide {self.slide!r}: {cause}"
         super().__init__(f"{message}. {fix}" if fix else message)
 
+    def __reduce__(self):  # copy/pickle (Ray Tune copies a trial's error) rebuild it from its own arguments
+        return type(self), (self.slide, self.cause, self.fix)
+
 
 class NoTissueError(SlideError):
     """Tissue detection found no tissue on the slide."""
@@ -32,6 +35,9 @@ class ManifestError(HnmError):
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"manifest {self.manifest!r} has {len(self.problems)} problem(s):\n{lines}")
 
+    def __reduce__(self):
+        return type(self), (self.manifest, self.problems)
+
 
 class ConfigError(HnmError):
     """A configuration key is unknown or its value is out of range."""
@@ -40,6 +46,9 @@ class ConfigError(HnmError):
         self.key = key
         self.problem = problem
         super().__init__(f"config key {key!r}: {problem}")
+
+    def __reduce__(self):
+        return type(self), (self.key, self.problem)
 
 
 class StoreError(HnmError):

@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 
 from hnm_ray import storage
-from hnm_ray.config.sections import TRUST_PLUGINS_FLAG
+from hnm_ray.config.sections import TRUST_PLUGINS_FLAG, MILConfig
 from hnm_ray.errors import ModelFileError
 from hnm_ray.registry import names_code
 from hnm_ray.store.features import Bag, FeatureStore
@@ -72,8 +72,9 @@ def load_aggregator(path: str | Path, plugin: str | None = None) -> tuple[torch.
                              f"and the config names {plugin or 'no plug-in'}: name it on the command line "
                              f"(--mil.aggregator {meta['aggregator']}) or add {TRUST_PLUGINS_FLAG} if you trust "
                              f"the folder")
-    model = build_standardized(meta["aggregator"], meta["dim"], embed=meta.get("embed", 0), hidden=meta["hidden"],
-                               dropout=meta["dropout"])
+    model = build_standardized(meta["aggregator"], meta["dim"], embed=meta.get("embed", 0),
+                               eval_chunk=meta.get("eval_chunk_tiles", MILConfig.eval_chunk_tiles),
+                               hidden=meta["hidden"], dropout=meta["dropout"])
     model.load_state_dict(state)
     return model.eval(), meta
 

@@ -138,3 +138,31 @@ def test_its2clr_bag_vector_pooled_before_the_value_layer_equals_the_official_or
         assert torch.allclose(ours, official, atol=1e-5, rtol=1e-5), (ours, official)
         assert all(torch.allclose(g, h, atol=1e-5, rtol=1e-4) for g, h in zip(ours_grads, official_grads))
         assert all(g.abs().sum() > 0 for g in official_grads[6:8])  # the value layer's weight and bias learn
+
+
+@pytest.mark.parametrize("name", ["dsmil", "dsmil_its2clr", "abmil"])
+def test_a_large_bag_scored_in_chunks_gives_the_whole_bags_logits_holding_one_chunk(name):
+    """Issue 25: evaluation put a whole bag through the aggregator (a 40,000-tile bag's standardised features and
+    every layer's output at once). Above mil.eval_chunk_tiles a bag is scored in chunks without gradients: the
+    instance and bag logits equal the whole bag's (float rounding of the softmax sums), no layer sees more than a
+    chunk, and training still sees the whole bag."""
+    from hnm_ray.models.aggregators import build_standardized
+
+    torch.manual_seed(0)
+    features = torch.randn(1000, 24) * 2 + 1
+    model = build_standardized(name, 24, eval_chunk=128, hidden=16).eval()
+    model.set_statistics(features.mean(0), features.std(0))
+    whole = build_standardized(name, 24, eval_chunk=0, hidden=16).eval()
+    whole.load_state_dict(model.state_dict())
+    rows = []
+    model.aggregator.instance_classifier.register_forward_hook(lambda module, args, out: rows.append(len(args[0])))
+    with torch.no_grad():
+        (inst, bag), (inst_whole, bag_whole) = model(features), whole(features)
+        torch.testing.assert_close(inst, inst_whole, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bag, bag_whole, rtol=1e-5, atol=1e-5)
+        assert max(rows) <= 128 and sum(rows) >= 1000  # 8 chunks, never the whole bag
+        torch.testing.assert_close(model.instance_logits(features), inst_whole, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(features.half())[1], whole(features.half())[1], rtol=1e-5, atol=1e-5)
+    rows.clear()
+    model(features)  # with gradients (training): the whole bag in one pass
+    assert rows == [1000]

@@ -90,3 +90,18 @@ def test_the_job_refuses_a_one_class_cohort_before_any_extraction(tmp_path, monk
     config = cfg.from_tree(TrainConfig, {"run": {"manifest": str(manifest)}, "pretrain": {"method": "none"}})
     with pytest.raises(ManifestError, match="training needs both classes"):
         hnm_ray.train.run_job(config, tmp_path / "run")
+
+
+def test_our_errors_survive_copy_and_pickle_so_a_tune_trial_shows_them():
+    """A sweep trial's ConfigError (e.g. --run.store_tag naming a store of another dim) reached the user as 'TypeError:
+    ConfigError.__init__() missing 1 required positional argument': Ray Tune copies a trial's error, and the
+    exceptions with more than one argument could not be rebuilt from their message."""
+    import copy
+    import pickle
+
+    from hnm_ray.errors import NoTissueError, SlideError
+
+    for error in (ConfigError("run.store_tag", "dim 64 there, 512 here"), ManifestError("m.csv", ["row 1: bad"]),
+                  SlideError("s1", "file not found", "check the path"), NoTissueError("s2", "no tissue")):
+        for again in (copy.copy(error), pickle.loads(pickle.dumps(error))):
+            assert type(again) is type(error) and str(again) == str(error) and vars(again) == vars(error)

@@ -143,8 +143,11 @@ def test_export_never_writes_through_a_link_out_of_its_folder(tmp_path):
     assert main(["--store", str(tmp_path / "store"), "--tag", "ours", "--export", str(tmp_path / "out")]) == 2
     assert victim.read_text() == "keep me"
 
-def test_mil_trains_on_an_imported_store(tmp_path):
-    """The README's recipe: import into <root>/<tag>/round=0, then the aggregator trains on those bags."""
+@pytest.fixture(scope="module")
+def imported_mil(tmp_path_factory):
+    """The README's recipe: import into <root>/<tag>/round=0 (the manifest's paths name the h5 files: no slide
+    images), then the aggregator trains on those bags. (folder, records, store, MILResult)"""
+    tmp_path = tmp_path_factory.mktemp("imported")
     folder = tmp_path / "h5"
     folder.mkdir()
     rows = ["slide_id,path,label,split"]
@@ -155,8 +158,52 @@ def test_mil_trains_on_an_imported_store(tmp_path):
     records = load_manifest(tmp_path / "slides.csv")
     store = FeatureStore(tmp_path / "store", "uni_v1", round=0)
     import_h5(sorted(folder.glob("*.h5")), store, "trident")
-
     result = fit_mil(MILConfig(workers=0, epochs=3, checkpoint_every=3), store, records, tmp_path / "run", seed=0)
+    return tmp_path, records, store, result
+
+
+def test_mil_trains_on_an_imported_store(imported_mil):
+    tmp_path, _, _, result = imported_mil
     meta = json.loads((tmp_path / "run" / "mil_aggregator.json").read_text())
     assert [h["epoch"] for h in result.history] == [0, 1, 2] and meta["dim"] == DIM
     assert np.isfinite([h["train_loss"] for h in result.history]).all()
+
+
+def test_heatmaps_and_qupath_files_of_an_imported_store_need_no_slide_image(imported_mil, caplog):
+    """Issue 23/25: imported features without their slides got no QuPath file and no heatmap (each slide was skipped
+    with a warning, the slide could not be opened). Level-0 tiles need no slide: the QuPath squares come from the
+    store's coordinates and tile size, the heatmap is drawn on a blank canvas; one warning names the slides."""
+    from PIL import Image
+
+    from hnm_ray.report.slides import Thresholds, write_slide_outputs
+
+    tmp_path, records, store, result = imported_mil
+    out = tmp_path / "outputs"
+    pictures = {"s1": out / "heatmaps" / "s1.png", "s2": out / "heatmaps" / "s2.png"}
+    scored = write_slide_outputs(result.model_path, store, records, out / "qupath", pictures, Thresholds(0.5, 0.5))
+    assert sorted(s.record.slide_id for s in scored) == [f"s{i}" for i in range(8)]
+    for i in range(8):
+        features = json.loads((out / "qupath" / f"s{i}.geojson").read_text())["features"]
+        _, coords = slide_arrays(i)
+        corners = [f["geometry"]["coordinates"][0] for f in features]
+        assert [c[0] for c in corners] == coords.astype(float).tolist()  # tile i's top-left corner, level 0
+        assert all(c[2] == [c[0][0] + PATCH, c[0][1] + PATCH] for c in corners)  # the tile's level-0 square
+    for path in pictures.values():
+        with Image.open(path) as picture:
+            assert picture.size[0] > 200
+    assert "8 slide(s) without a slide image" in caplog.text
+
+
+def test_mil_eval_chunk_tiles_is_saved_with_the_model_and_chunked_evaluation_equals_whole_bags(imported_mil):
+    """The knob reaches every scoring path through the model file: fit_mil saves mil.eval_chunk_tiles in its JSON,
+    load_aggregator sets it, and the store's bags evaluated 6 tiles at a time give the whole bags' probabilities."""
+    from hnm_ray.inference import evaluate_bags, load_aggregator, read_bags
+
+    _, records, store, result = imported_mil
+    model, meta = load_aggregator(result.model_path)
+    assert meta["eval_chunk_tiles"] == model.eval_chunk == MILConfig.eval_chunk_tiles
+    whole_probs, whole_logits = evaluate_bags(model, read_bags(store, records))
+    model.eval_chunk = 6  # 20-tile bags: 4 chunks
+    probs, logits = evaluate_bags(model, read_bags(store, records))
+    np.testing.assert_allclose(probs, whole_probs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate(logits), np.concatenate(whole_logits), rtol=1e-5, atol=1e-5)

@@ -71,15 +71,15 @@ def test_instance_logits_of_mixed_slides_equal_each_bags_own(name):
     np.testing.assert_allclose(mixed.numpy(), np.concatenate(per_bag), rtol=0, atol=1e-5)
 
 
-def test_evaluating_a_split_reads_its_bags_one_at_a_time(tmp_path, monkeypatch):
-    """evaluate_split, tile_threshold and split_probabilities stream the split: at most two bags are alive at a time
-    (a split held whole as a list of bags is 129 x ~8k x 512 float32 = ~2 GiB at Camelyon16 scale)."""
+def _many_bags(tmp_path, monkeypatch):
+    """A store of 8 small bags (test split, half tumour), a saved aggregator, and the most bags alive at once since
+    (a list, read after the stage): FeatureStore.read_bag counts the bags whose features are still referenced (by the
+    bag, a batch or a tensor)."""
     import gc
     import weakref
 
     import pyarrow as pa
 
-    from hnm_ray.inference import evaluate_split, split_probabilities, tile_threshold
     from hnm_ray.store.features import FeatureStore
     from hnm_ray.store.manifest import SlideRecord
 
@@ -87,26 +87,53 @@ def test_evaluating_a_split_reads_its_bags_one_at_a_time(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     records = []
     for i in range(8):
-        grid = pa.table({"tile_id": np.arange(6, dtype=np.int32), "x": np.zeros(6, np.int32),
+        grid = pa.table({"tile_id": np.arange(6, dtype=np.int32), "x": np.arange(6, dtype=np.int32) * 8,
                          "y": np.zeros(6, np.int32), "level": np.zeros(6, np.int8), "size": np.full(6, 8, np.int16)})
         store.write_slide(f"s{i}", grid, rng.normal(size=(6, 12)).astype(np.float16), np.full(6, i % 2, np.int8))
-        records.append(SlideRecord(f"s{i}", f"/slides/s{i}.svs", i % 2, "test"))
+        records.append(SlideRecord(f"s{i}", str(tmp_path / f"s{i}.svs"), i % 2, "test"))
     model_path = save_aggregator(tmp_path / "agg", _model().state_dict(), _meta())
     alive, most = [0], [0]
     read_bag = FeatureStore.read_bag
 
-    def counted(self, slide_id, label=None):
+    def counted(self, slide_id, label=None, as_stored=False):
         gc.collect()  # a bag nothing refers to any more is gone before the next is read
-        bag = read_bag(self, slide_id, label)
+        bag = read_bag(self, slide_id, label, as_stored)
         alive[0] += 1
         most[0] = max(most[0], alive[0])
-        weakref.finalize(bag, lambda: alive.__setitem__(0, alive[0] - 1))
+        weakref.finalize(bag.features, lambda: alive.__setitem__(0, alive[0] - 1))
         return bag
 
     monkeypatch.setattr(FeatureStore, "read_bag", counted)
+    return store, records, model_path, most
+
+
+def test_evaluating_a_split_reads_its_bags_one_at_a_time(tmp_path, monkeypatch):
+    """evaluate_split, tile_threshold and split_probabilities stream the split: at most two bags are alive at a time
+    (a split held whole as a list of bags is 129 x ~8k x 512 float32 = ~2 GiB at Camelyon16 scale)."""
+    from hnm_ray.inference import evaluate_split, split_probabilities, tile_threshold
+
+    store, records, model_path, most = _many_bags(tmp_path, monkeypatch)
     metrics = evaluate_split(model_path, store, records, "test")
     assert metrics["test_n"] == 8 and metrics["test_instance_n"] == 24
     tile_threshold(model_path, store, records, "test")
     labels, probs, ids = split_probabilities(model_path, store, records, None)
     assert ids == [f"s{i}" for i in range(8)] and labels.tolist() == [i % 2 for i in range(8)] and len(probs) == 8
     assert most[0] <= 2, f"{most[0]} of 8 bags were held at once"  # the one in use and the one being read
+
+
+def test_scoring_every_tile_and_the_reports_slide_outputs_read_bags_one_at_a_time(tmp_path, monkeypatch):
+    """Issue 25 item 4, the streaming paths without a test: scoring every tile in the driver (score_tiles in process,
+    what mining runs on one node) and the report's heatmaps + QuPath files (write_slide_outputs, here without slide
+    images) hold one bag at a time plus the one being read, never the split."""
+    from hnm_ray.report.slides import Thresholds, write_slide_outputs
+    from hnm_ray.scoring import score_tiles
+
+    store, records, model_path, most = _many_bags(tmp_path, monkeypatch)
+    table = score_tiles(model_path, store, records, tmp_path / "scores.parquet", in_process=True)
+    assert table.num_rows == 48
+    assert most[0] <= 2, f"scoring held {most[0]} of 8 bags at once"
+    most[0] = 0
+    pictures = {r.slide_id: tmp_path / "heatmaps" / f"{r.slide_id}.png" for r in records[:2]}
+    scored = write_slide_outputs(model_path, store, records, tmp_path / "qupath", pictures, Thresholds(0.5, 0.5))
+    assert len(scored) == 8 and len(list((tmp_path / "qupath").glob("*.geojson"))) == 8
+    assert most[0] <= 2, f"the report held {most[0]} of 8 bags at once"

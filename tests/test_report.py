@@ -312,9 +312,9 @@ def test_an_unfinished_run_gets_a_report_in_progress(tmp_path):
 
 
 def test_qupath_features_are_level0_squares_with_measurements():
-    collection = tile_features(np.array([0, 1, 2]), np.array([0, 448, 896]), np.array([224, 224, 224]), 448.0,
-                               np.array([0.9, 0.1, 0.6]), np.array([False, True, False]), np.array([1, -1, 0]),
-                               threshold=0.62)
+    text = tile_features(np.array([0, 1, 2]), np.array([0, 448, 896]), np.array([224, 224, 224]), 448.0,
+                         np.array([0.9, 0.1, 0.6]), np.array([False, True, False]), np.array([1, -1, 0]), threshold=0.62)
+    collection = json.loads(text)
     first, second, third = collection["features"]
     assert first["geometry"]["coordinates"][0] == [[0, 224], [448, 224], [448, 672], [0, 672], [0, 224]]
     assert first["properties"]["measurements"] == {"tile score": 0.9, "hard negative": 0, "tile truth": 1}

@@ -108,6 +108,23 @@ def test_heatmap_overlay_is_transparent_below_the_runs_tile_threshold_and_scaled
     assert "0.620" in scale.label() and "0.800" in scale.label()
 
 
+def test_heatmap_overlay_rasterised_without_a_tile_loop_paints_what_drawing_each_tile_paints():
+    """score_overlay painted tile by tile in Python (0.5 s for a 40,000-tile bag, 129 test slides a report): now
+    rasterised in numpy. Against a plain per-tile reference: tiles smaller than a pixel cover one, the later of
+    overlapping tiles shows, tiles past the edge are clipped."""
+    from hnm_ray.report.plots import tile_owners
+
+    rng = np.random.default_rng(3)
+    n, dims, shape, extent = 300, (3000, 2000), (37, 61), 90.0
+    x, y = rng.integers(0, 3200, n), rng.integers(0, 2200, n)
+    expected = np.full(shape, -1)
+    sx, sy = shape[1] / dims[0], shape[0] / dims[1]
+    for i in range(n):
+        x0, y0 = int(x[i] * sx), int(y[i] * sy)
+        expected[y0:max(y0 + 1, int((y[i] + extent) * sy)), x0:max(x0 + 1, int((x[i] + extent) * sx))] = i
+    np.testing.assert_array_equal(tile_owners(shape, dims, x, y, extent), expected)
+
+
 def test_heatmap_title_states_the_runs_threshold_and_the_verdict():
     """'predicted P(tumour) = 0.021' said neither the threshold (0.807) nor that the tumour slide was missed."""
     def title(label, probability):

@@ -224,6 +224,11 @@ class MILConfig:
                                      "before training with an error naming it instead of a worker killed for memory "
                                      "(0.25: 128k x 512 or 64k x 1,024 tiles, 3x Camelyon16's largest)",
                               low=0.0, low_open=True)
+    eval_chunk_tiles: int = knob(8192, "scoring without gradients (validation, test, tile scores, heatmaps, mining), "
+                                       "a bag of more tiles goes through the aggregator this many tiles at a time, "
+                                       "so its intermediates are held for one chunk (the logits equal the whole "
+                                       "bag's to float rounding; saved with the model, used by predict). 0: whole "
+                                       "bags", low=0)
     read_ahead: int = knob(0, "bags each MIL worker reads ahead in a background thread while it computes on the "
                               "ones in hand (2: the next pair), for a node with a core to spare; each costs one more "
                               "bag of memory. 0 (default): read in the loop; on a busy 2-core node 2 measured "

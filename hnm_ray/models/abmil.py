@@ -1,10 +1,12 @@
 """Gated attention MIL aggregator (Ilse, Tomczak & Welling, ICML 2018) with an instance head."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from hnm_ray.models.aggregators import MILAggregator, MILOutput, register_aggregator
+from hnm_ray.models.aggregators import MILAggregator, MILOutput, register_aggregator, softmax_pool
 
 
 @register_aggregator("abmil")
@@ -30,7 +32,26 @@ class GatedABMIL(MILAggregator):
         self.check_bag(features)
         instance_logits = self.instance_classifier(features).squeeze(1)
         hidden = self.dropout(features)
-        scores = self.attention_w(self.attention_v(hidden) * self.attention_u(hidden)).squeeze(1)
-        attention = torch.softmax(scores, dim=0)
+        attention = torch.softmax(self.attention_scores(hidden), dim=0)
         bag_logit = self.bag_classifier(attention @ hidden).squeeze(0)
         return MILOutput(instance_logits, bag_logit, attention)
+
+    def attention_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The gated attention's scores (N,) before the softmax over the bag."""
+        return self.attention_w(self.attention_v(hidden) * self.attention_u(hidden)).squeeze(1)
+
+    def chunked_output(self, features: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor],
+                       chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(instance logits, bag logit) of `bag_output(prepare(features))`, holding `chunk` tiles' intermediates at a
+        time (no grad): the gated attention pooled by `softmax_pool`."""
+        instance_logits = []
+
+        def scored(part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            tiles = prepare(part)
+            self.check_bag(tiles)
+            instance_logits.append(self.instance_classifier(tiles).squeeze(1))
+            hidden = self.dropout(tiles)
+            return self.attention_scores(hidden), hidden
+
+        pooled = softmax_pool(scored(part) for part in features.split(chunk))
+        return torch.cat(instance_logits), self.bag_classifier(pooled).squeeze(0)

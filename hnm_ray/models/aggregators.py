@@ -6,7 +6,7 @@ bag logit (). The instance logits are what hard-negative mining and the ranking 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
@@ -62,6 +62,23 @@ class MILAggregator(nn.Module):
         return self.bag_output(features).attention
 
 
+def softmax_pool(parts: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """sum_i softmax(s)_i v_i over a bag given in chunks of scores s (n,) and values v (n, D), one chunk at a time (a
+    running maximum keeps exp from overflowing, the running sums are rescaled to it): `softmax(s) @ v` of the whole
+    bag, to float rounding, holding one chunk."""
+    top = total = pooled = None
+    for scores, values in parts:
+        new_top = scores.max() if top is None else torch.maximum(top, scores.max())
+        weights = torch.exp(scores - new_top)
+        if top is None:
+            total, pooled = weights.sum(), weights @ values
+        else:
+            rescale = torch.exp(top - new_top)
+            total, pooled = total * rescale + weights.sum(), pooled * rescale + weights @ values
+        top = new_top
+    return pooled / total
+
+
 AGGREGATORS: Registry[AggregatorFactory] = Registry("aggregator")
 register_aggregator = AGGREGATORS.register
 
@@ -90,12 +107,18 @@ def build_aggregator(name: str, in_dim: int, **kwargs) -> nn.Module:
 
 class Standardized(nn.Module):
     """An aggregator behind per-feature standardisation with training-set statistics (kept as buffers) and, with
-    `embed` > 0, a Linear(in_dim, embed) + ReLU instance embedding (`mil.embed`) between the two."""
+    `embed` > 0, a Linear(in_dim, embed) + ReLU instance embedding (`mil.embed`) between the two.
 
-    def __init__(self, aggregator: nn.Module, in_dim: int, embed: int = 0) -> None:
+    Scoring without gradients (evaluation, scoring, heatmaps: `torch.no_grad()` in eval mode), a bag of more than
+    `eval_chunk` tiles (`mil.eval_chunk_tiles`; 0: never) goes through in chunks of that many tiles when the aggregator
+    has `chunked_output` (the built-ins), so the standardised features and the layers' outputs are held for one chunk
+    at a time; the logits equal the whole bag's to float rounding. Training always sees the whole bag."""
+
+    def __init__(self, aggregator: nn.Module, in_dim: int, embed: int = 0, eval_chunk: int = 0) -> None:
         super().__init__()
         self.aggregator = aggregator
         self.embed = nn.Sequential(nn.Linear(in_dim, embed), nn.ReLU()) if embed else nn.Identity()
+        self.eval_chunk = eval_chunk
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
 
@@ -104,18 +127,31 @@ class Standardized(nn.Module):
         self.mean.copy_(torch.as_tensor(mean, dtype=self.mean.dtype))
         self.std.copy_(torch.as_tensor(std, dtype=self.std.dtype).clamp_min(1e-6))
 
+    def prepare(self, features: torch.Tensor) -> torch.Tensor:
+        """What the aggregator sees of tiles (n, in_dim), float16 or float32: standardised (float32), embedded."""
+        return self.embed((features.float() - self.mean) / self.std)
+
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.aggregator(self.embed((features - self.mean) / self.std))
+        if self.chunked(features) and hasattr(self.aggregator, "chunked_output"):
+            return self.aggregator.chunked_output(features, self.prepare, self.eval_chunk)
+        return self.aggregator(self.prepare(features))
 
     def instance_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Instance logits (N,) of tiles from any slides: the instance classifier alone, no bag branch."""
         if not hasattr(self.aggregator, "instance_logits"):
             raise ConfigError("mil.aggregator", f"{type(self.aggregator).__name__} has no instance_logits(features) "
                                                 "method; subclass hnm_ray.models.aggregators.MILAggregator")
-        return self.aggregator.instance_logits(self.embed((features - self.mean) / self.std))
+        if self.chunked(features):
+            return torch.cat([self.aggregator.instance_logits(self.prepare(part))
+                              for part in features.split(self.eval_chunk)])
+        return self.aggregator.instance_logits(self.prepare(features))
+
+    def chunked(self, features: torch.Tensor) -> bool:
+        """Whether this bag is scored in chunks: more than eval_chunk tiles, eval mode, no gradients."""
+        return 0 < self.eval_chunk < features.shape[0] and not self.training and not torch.is_grad_enabled()
 
 
-def build_standardized(name: str, in_dim: int, embed: int = 0, **kwargs) -> Standardized:
+def build_standardized(name: str, in_dim: int, embed: int = 0, eval_chunk: int = 0, **kwargs) -> Standardized:
     """`build_aggregator` (on `embed` features when > 0) wrapped in feature standardisation (statistics set by the
-    trainer) and the instance embedding."""
-    return Standardized(build_aggregator(name, embed or in_dim, **kwargs), in_dim, embed)
+    trainer), the instance embedding and chunked scoring of bags above `eval_chunk` tiles (0: none)."""
+    return Standardized(build_aggregator(name, embed or in_dim, **kwargs), in_dim, embed, eval_chunk)

@@ -32,9 +32,12 @@ class DSMILIts2CLR(DSMIL):
         self.bag_classifier = nn.Linear(in_dim, 1)
         self.scale = hidden ** -0.5
 
-    def pool(self, attention: torch.Tensor, transformed: torch.Tensor) -> torch.Tensor:
+    def tile_values(self, transformed: torch.Tensor) -> torch.Tensor:
+        """drop(h_i): the value layer's Linear is applied once per bag (`bag_vector`)."""
+        return self.value[0](transformed)
+
+    def bag_vector(self, pooled: torch.Tensor) -> torch.Tensor:
         """B = sum_i A_i (W drop(h_i) + b) = W (sum_i A_i drop(h_i)) + b, the softmax weights summing to 1: the
         official value layer's bag vector (equal to float rounding, same dropout draws) with one d x d product per
         bag instead of one per tile (the per-tile product was ~1/2 of this aggregator's training step)."""
-        dropout, linear = self.value
-        return linear(attention @ dropout(transformed))
+        return self.value[1](pooled)

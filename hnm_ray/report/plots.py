@@ -62,6 +62,7 @@ OVERLAY_ALPHA = 0.6
 H_AND_E_PINK = (0.93, 0.66, 0.80)
 OUTLINE_COLOUR = "#00e000"
 HARD_NEGATIVE_COLOUR = "#ff00ff"
+TISSUE_GREY = 215  # the tiles' footprint on a heatmap without a slide image
 
 
 @dataclass(frozen=True)
@@ -88,19 +89,57 @@ def score_overlay(shape: tuple[int, int], level0_dims: tuple[int, int], x: np.nd
                   scores: np.ndarray, scale: ScoreScale, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
     """RGBA (h, w, 4) floats in 0..1 of tile scores painted at thumbnail size: tiles scoring at or above
     `scale.threshold` in the colour map's colour (scaled from the threshold to `scale.top`) at opacity `alpha`;
-    tiles below it and untiled areas transparent, so the tissue stays visible."""
-    import matplotlib
-
+    tiles below it and untiled areas transparent, so the tissue stays visible. Each tile covers at least one pixel;
+    where tiles overlap the later one shows. Rasterised in numpy, with no loop over tiles: O(tiles + painted
+    pixels), so a 40,000-tile bag costs milliseconds."""
     h, w = shape
-    sx, sy = w / level0_dims[0], h / level0_dims[1]
     values = np.asarray(scores, np.float64)
     colours = score_colours()(scale.norm()(values).filled(0.0))
     colours[:, 3] = np.where(values >= scale.threshold, alpha, 0.0)
+    owner = tile_owners(shape, level0_dims, x, y, extent)
     overlay = np.zeros((h, w, 4), np.float64)
-    for xi, yi, colour in zip(x, y, colours):
-        x0, y0 = int(xi * sx), int(yi * sy)
-        overlay[y0:max(y0 + 1, int((yi + extent) * sy)), x0:max(x0 + 1, int((xi + extent) * sx))] = colour
+    painted = owner >= 0
+    overlay[painted] = colours[owner[painted]]
     return overlay
+
+
+def tile_owners(shape: tuple[int, int], level0_dims: tuple[int, int], x: np.ndarray, y: np.ndarray,
+                extent: float) -> np.ndarray:
+    """(h, w) int: per thumbnail pixel the index of the last tile (level-0 squares at `x`, `y` of side `extent`)
+    covering it, -1 where none does; a tile covers pixels [floor(x sx), max(that + 1, floor((x + extent) sx))) in
+    each axis (sx = thumbnail / level-0 size)."""
+    h, w = shape
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    x0, x1 = _pixel_span(x, extent, w / level0_dims[0], w)
+    y0, y1 = _pixel_span(y, extent, h / level0_dims[1], h)
+    widths, heights = x1 - x0, y1 - y0
+    area = widths * heights
+    tile = np.repeat(np.arange(len(x)), area)
+    offset = np.arange(int(area.sum())) - np.repeat(np.cumsum(area) - area, area)
+    owner = np.full((h, w), -1, np.int64)
+    np.maximum.at(owner, (y0[tile] + offset // widths[tile], x0[tile] + offset % widths[tile]), tile)
+    return owner
+
+
+def _pixel_span(start: np.ndarray, extent: float, scale: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and past-the-end pixel of each tile along one axis, clipped to [0, size] (empty when outside)."""
+    first = np.floor(start * scale).astype(np.int64)
+    last = np.maximum(first + 1, np.floor((start + extent) * scale).astype(np.int64))
+    first = np.clip(first, 0, size)
+    return first, np.clip(last, first, size)
+
+
+def blank_thumbnail(level0_dims: tuple[int, int], x: np.ndarray, y: np.ndarray, extent: float,
+                    size: int = 1024) -> np.ndarray:
+    """The background of a heatmap where no slide image is at hand (features imported without their slides): an RGB
+    canvas (uint8) of the slide's aspect ratio, `size` pixels on its long side, white, with the tiles' footprint
+    (where the tissue is) in light grey."""
+    width, height = level0_dims
+    scale = size / max(width, height, 1)
+    shape = (max(1, round(height * scale)), max(1, round(width * scale)))
+    canvas = np.full((*shape, 3), 255, np.uint8)
+    canvas[tile_owners(shape, level0_dims, x, y, extent) >= 0] = TISSUE_GREY
+    return canvas
 
 
 def score_colours():
@@ -139,9 +178,15 @@ def heatmap(thumbnail: np.ndarray, level0_dims: tuple[int, int], x: np.ndarray, 
     width, height = level0_dims
     h, w = thumbnail.shape[:2]
     fig, ax = plt.subplots(figsize=(8, max(3.0, 7.0 * h / w) + 1.0), dpi=120)
-    bounds = (0, width, height, 0)
-    ax.imshow(thumbnail, extent=bounds, interpolation="bilinear")
-    ax.imshow(score_overlay((h, w), level0_dims, x, y, extent, scores, scale), extent=bounds, interpolation="nearest")
+    overlay = score_overlay((h, w), level0_dims, x, y, extent, scores, scale).astype(np.float32)
+    thumbnail = np.asarray(thumbnail)[..., :3]
+    background = thumbnail.astype(np.float32) / (255 if thumbnail.dtype == np.uint8 else 1)
+    opacity = overlay[..., 3:]
+    # One uint8 image, the overlay composited over the thumbnail: matplotlib resamples each image at every draw
+    # (twice a save), and uint8 fastest.
+    composite = (background * (1 - opacity) + overlay[..., :3] * opacity) * 255
+    ax.imshow(np.clip(np.rint(composite), 0, 255).astype(np.uint8), extent=(0, width, height, 0),
+              interpolation="bilinear")
     above = int(np.sum(np.asarray(scores) >= scale.threshold))
     legend = [Patch(facecolor=_colours_on_tissue()(0.75), label=f"tile score >= {scale.threshold:.3f} "
                                                                   f"({above} of {len(scores)} tiles)")]

@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hnm_ray.errors import HnmError
+from hnm_ray.errors import HnmError, SlideError
 from hnm_ray.inference import load_aggregator, tile_scores
-from hnm_ray.report.plots import ScoreScale, heatmap
+from hnm_ray.registry import one_line
+from hnm_ray.report.plots import ScoreScale, blank_thumbnail, heatmap
 from hnm_ray.report.qupath import tile_features, write_geojson
 from hnm_ray.run_folder import RunState
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
+
+if TYPE_CHECKING:
+    from hnm_ray.slides.reader import SlideReader
 
 log = logging.getLogger("hnm_ray")
 LABEL_NAMES = {0: "normal (0)", 1: "tumour (1)", None: "unknown"}
@@ -83,13 +90,19 @@ def on_same_slides(hard_negatives: pa.Table | None, records: list[SlideRecord],
     return hard_negatives.filter(pc.is_in(hard_negatives["slide_id"], value_set=pa.array(same, pa.string())))
 
 
-def score_slide(model, store: FeatureStore, record: SlideRecord, level_downsamples: tuple[float, ...],
+def score_slide(model, store: FeatureStore, record: SlideRecord, level_downsamples: tuple[float, ...] | None,
                 hard_negative_ids: np.ndarray) -> ScoredSlide:
-    """A slide's tile scores (sigmoid of instance logits), level-0 geometry, truth and hard-negative flags."""
+    """A slide's tile scores (sigmoid of instance logits), level-0 geometry, truth and hard-negative flags.
+    `level_downsamples`: the slide's (None: no slide image, tiles must be level-0 ones, e.g. imported features)."""
     table, probability = tile_scores(model, store, record.slide_id)
     truth = store.read_table(record.slide_id, columns=["truth"])["truth"].to_numpy()
     tile_id = table["tile_id"].to_numpy()
-    extent = float(table["size"][0].as_py() * level_downsamples[table["level"][0].as_py()])
+    level = table["level"][0].as_py() if table.num_rows else 0
+    if level_downsamples is None and level != 0:
+        raise SlideError(record.slide_id, f"its tiles are level-{level} tiles and the slide image cannot be opened, so "
+                                          "their level-0 footprint is unknown", f"make {record.path} the slide file")
+    downsample = 1.0 if level_downsamples is None else level_downsamples[level]
+    extent = float(table["size"][0].as_py() * downsample) if table.num_rows else 0.0
     return ScoredSlide(record, probability, tile_id, table["x"].to_numpy(), table["y"].to_numpy(), extent,
                        table["score"].to_numpy(), truth, np.isin(tile_id, hard_negative_ids))
 
@@ -100,20 +113,19 @@ def write_slide_outputs(model_path: str | Path, store: FeatureStore, records: li
                         max_pixels: int | None = None) -> list[ScoredSlide]:
     """For each record in the store: `<qupath_dir>/<slide_id>.geojson` (QuPath detections classified at the tile
     threshold; skipped when None) and a heatmap PNG where `heatmaps` maps its slide id to a path, every heatmap on one
-    scale (tile threshold to the highest tile score of these slides). A slide that cannot be opened is logged and
-    skipped. `plugin`: see `inference.load_aggregator`; `max_pixels`: the run's tiling.tissue.max_decoded_pixels, the
-    most a thumbnail may decode (as in tissue detection)."""
-    from hnm_ray.slides.annotation import load_annotation
-    from hnm_ray.slides.reader import open_slide
-
+    scale (tile threshold to the highest tile score of these slides). A slide whose image cannot be opened (features
+    imported without their slides) gets both from the store alone when its tiles are level-0 ones, the heatmap on a
+    canvas showing its tiles in grey (one warning lists these slides); else it is logged and skipped. `plugin`: see
+    `inference.load_aggregator`; `max_pixels`: the run's tiling.tissue.max_decoded_pixels, the most a thumbnail may
+    decode (as in tissue detection)."""
     model, _ = load_aggregator(model_path, plugin)
     done = store.completed()
     mined = _by_slide(hard_negatives)
-    scored = []
+    scored, no_image = [], {}
     for record in (r for r in records if r.slide_id in done and (qupath_dir is not None or r.slide_id in heatmaps)):
         try:
-            with open_slide(record.path, slide_id=record.slide_id, device="cpu") as reader:
-                slide = score_slide(model, store, record, reader.info.level_downsamples,
+            with _opened(record, no_image) as reader:
+                slide = score_slide(model, store, record, reader.info.level_downsamples if reader else None,
                                     mined.get(record.slide_id, np.zeros(0, np.int32)))
         except HnmError as exc:
             log.warning("no heatmap / QuPath export for slide %r: %s", record.slide_id, exc)
@@ -123,18 +135,55 @@ def write_slide_outputs(model_path: str | Path, store: FeatureStore, records: li
                                      slide.truth, threshold=thresholds.tile)
             write_geojson(features, qupath_dir / f"{record.slide_id}.geojson")
         scored.append(slide)
+    if no_image:
+        named = ", ".join(list(no_image)[:5]) + (f" and {len(no_image) - 5} more" if len(no_image) > 5 else "")
+        log.warning("%d slide(s) without a slide image (%s): QuPath files and heatmaps from the store's tile "
+                    "coordinates, heatmaps over the tiles' footprint in grey (%s: %s)", len(no_image), named,
+                    *next(iter(no_image.items())))
     scale = ScoreScale(thresholds.tile, max((float(s.score.max()) for s in scored if s.score.size), default=1.0))
     for slide in (s for s in scored if s.record.slide_id in heatmaps):
         record = slide.record
         try:
-            with open_slide(record.path, slide_id=record.slide_id, device="cpu") as reader:
-                mask = load_annotation(record.annotation) if record.annotation else None
-                heatmap(reader.thumbnail(thumbnail_size, max_pixels), reader.info.level_dimensions[0], slide.x, slide.y,
-                        slide.extent, slide.score, heatmaps[record.slide_id], scale,
-                        title=slide.title(thresholds.slide), tumour_mask=mask, marked=slide.hard_negative)
+            _draw(slide, heatmaps[record.slide_id], scale, thresholds, thumbnail_size, max_pixels,
+                  record.slide_id in no_image)
         except HnmError as exc:
             log.warning("no heatmap for slide %r: %s", record.slide_id, exc)
     return scored
+
+
+@contextmanager
+def _opened(record: SlideRecord, no_image: dict[str, str]) -> Iterator[SlideReader | None]:
+    """The slide's reader, or None (its cause noted in `no_image`) when its image cannot be opened."""
+    from hnm_ray.slides.reader import open_slide
+
+    try:
+        reader = open_slide(record.path, slide_id=record.slide_id, device="cpu")
+    except HnmError as exc:
+        no_image[record.slide_id] = one_line(exc)
+        yield None
+        return
+    with reader:
+        yield reader
+
+
+def _draw(slide: ScoredSlide, path: Path, scale: ScoreScale, thresholds: Thresholds, thumbnail_size: int,
+          max_pixels: int | None, no_image: bool) -> None:
+    """One heatmap: over the slide's thumbnail, or (`no_image`) over a white canvas with its tiles in grey."""
+    from hnm_ray.slides.annotation import load_annotation
+    from hnm_ray.slides.reader import open_slide
+
+    record = slide.record
+    mask = load_annotation(record.annotation) if record.annotation else None
+    title = slide.title(thresholds.slide)
+    if no_image:
+        dims = (int(slide.x.max() + slide.extent), int(slide.y.max() + slide.extent)) if slide.x.size else (1, 1)
+        heatmap(blank_thumbnail(dims, slide.x, slide.y, slide.extent, thumbnail_size), dims, slide.x, slide.y,
+                slide.extent, slide.score, path, scale, title=title + "\n(no slide image: its tiles in grey)",
+                tumour_mask=mask, marked=slide.hard_negative)
+        return
+    with open_slide(record.path, slide_id=record.slide_id, device="cpu") as reader:
+        heatmap(reader.thumbnail(thumbnail_size, max_pixels), reader.info.level_dimensions[0], slide.x, slide.y,
+                slide.extent, slide.score, path, scale, title=title, tumour_mask=mask, marked=slide.hard_negative)
 
 
 def tumour_and_normal(records: list[SlideRecord], slide_ids: list[str], n: int) -> list[str]:

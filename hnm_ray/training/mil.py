@@ -217,8 +217,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     loss_kw = {**{k: mc[k] for k in ("w_bag", "w_ins", "w_rank", "margin", "rank_k", "ranking")},
                "pos_weight": None if pos_weight is None else torch.tensor(pos_weight, device=device), "scale": scale}
 
-    model = build_standardized(mc["aggregator"], loop["dim"], embed=mc["embed"], hidden=mc["hidden"],
-                               dropout=mc["dropout"])
+    model = build_standardized(mc["aggregator"], loop["dim"], embed=mc["embed"], eval_chunk=mc["eval_chunk_tiles"],
+                               hidden=mc["hidden"], dropout=mc["dropout"])
     model.set_statistics(loop["feature_mean"], loop["feature_std"])
     start_epoch, best, official, history = 0, None, None, []
     checkpoint = latest_checkpoint(loop["driver_checkpoints"], CHECKPOINT_FILE)
@@ -323,7 +323,8 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
     best = state["best"]
     threshold = float(best.get("val_threshold", FALLBACK_THRESHOLD))
     meta = {"aggregator": config.aggregator, "embed": config.embed, "hidden": config.hidden, "dropout": config.dropout,
-            "dim": loop["dim"], "threshold": threshold, "epoch": best["epoch"], "encoder_tag": store.encoder_tag}
+            "dim": loop["dim"], "threshold": threshold, "epoch": best["epoch"], "encoder_tag": store.encoder_tag,
+            "eval_chunk_tiles": config.eval_chunk_tiles}
     model_path = save_aggregator(run_dir / f"{name}_aggregator", best["model"], meta)
     metrics = {k: v for k, v in best.items() if k != "model"}
     metrics["val_best_f1"] = best_val_f1(state.get("history", []))
