@@ -15,10 +15,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from hnm_ray import storage
+from hnm_ray.core import storage
 from hnm_ray.config.sections import TRUST_PLUGINS_FLAG
-from hnm_ray.errors import ModelFileError
-from hnm_ray.registry import names_code
+from hnm_ray.core.errors import ModelFileError
+from hnm_ray.core.registry import names_code
 from hnm_ray.store.features import Bag, FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hnm_ray.config import check_range
-from hnm_ray.errors import ConfigError, HnmError, StoreError
+from hnm_ray.core.errors import ConfigError, HnmError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ class TopKQueue:
 
 def save_snapshot(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
     """Write arrays to `path` (.npz) atomically: temp file in the same folder, fsync, rename (`storage.write_bytes`)."""
-    from hnm_ray.storage import write_bytes
+    from hnm_ray.core.storage import write_bytes
 
     path = Path(path)
     buffer = io.BytesIO()

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 
 from hnm_ray import config as cfg
-from hnm_ray import storage
+from hnm_ray.core import storage
 from hnm_ray.cli import entry_point
 from hnm_ray.cli import parser as cli_parser
 from hnm_ray.config import TrainConfig
-from hnm_ray.errors import ConfigError, HnmError
+from hnm_ray.core.errors import ConfigError, HnmError
 from hnm_ray.extract import extract_features
 from hnm_ray.inference import load_aggregator, tile_scores
 from hnm_ray.outputs import AGGREGATOR

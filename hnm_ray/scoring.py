@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from hnm_ray import storage
+from hnm_ray.core import storage
 from hnm_ray.progress import Progress
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord

@@ -32,11 +32,11 @@ from typing import Any, Callable
 import numpy as np
 
 from hnm_ray import config as cfg
-from hnm_ray import storage
+from hnm_ray.core import storage
 from hnm_ray.cli import entry_point
 from hnm_ray.cli import parser as cli_parser
 from hnm_ray.config import TrainConfig
-from hnm_ray.errors import ConfigError
+from hnm_ray.core.errors import ConfigError
 from hnm_ray.extract import extract_features
 from hnm_ray.index import TileIndex
 from hnm_ray.inference import evaluate_split

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from _support import kept_store, small_config
 from test_import_features import slide_arrays, write_h5
 
-from hnm_ray.errors import ConfigError
+from hnm_ray.core.errors import ConfigError
 from hnm_ray.import_features import import_h5
 from hnm_ray.inference import load_aggregator
 from hnm_ray.predict import main as predict_main

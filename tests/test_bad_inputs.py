@@ -21,7 +21,7 @@ from _support import small_config, store_for
 
 from hnm_ray import config as cfg
 from hnm_ray.config import TrainConfig
-from hnm_ray.errors import ConfigError, HnmError, ManifestError, NoTissueError, SlideError, StoreError
+from hnm_ray.core.errors import ConfigError, HnmError, ManifestError, NoTissueError, SlideError, StoreError
 from hnm_ray.decode import TileReaders, decode_batch
 from hnm_ray.extract import extract_features
 from hnm_ray.index import tile_index

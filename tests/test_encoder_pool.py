@@ -82,7 +82,7 @@ def test_more_than_one_gpu_per_encoder_is_refused():
     """An encoder actor encodes on one GPU: `gpus_per_encoder 2` would hold a second GPU it never uses."""
     from hnm_ray import config as cfg
     from hnm_ray.config import TrainConfig
-    from hnm_ray.errors import ConfigError
+    from hnm_ray.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="extract.gpus_per_encoder"):
         cfg.from_tree(TrainConfig, {"extract": {"gpus_per_encoder": 2}})

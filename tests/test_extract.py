@@ -27,7 +27,7 @@ from _support import small_config, store_for
 
 from hnm_ray import config as cfg
 from hnm_ray.config import TilingConfig, TrainConfig
-from hnm_ray.errors import ConfigError
+from hnm_ray.core.errors import ConfigError
 from hnm_ray.decode import TileReaders, decode_batch
 from hnm_ray.extract import SlideGatherer, extract_features, main
 from hnm_ray.index import INDEX_FAILED, TileIndex

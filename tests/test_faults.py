@@ -25,7 +25,7 @@ import pytest
 from _support import small_config, store_for
 from _support import wait_for as _wait
 
-from hnm_ray.errors import StoreError
+from hnm_ray.core.errors import StoreError
 from hnm_ray.extract import extract_features
 from hnm_ray.index import tile_index
 from hnm_ray.store.manifest import load_manifest

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from _support import small_config, store_for
-from hnm_ray.errors import ConfigError
+from hnm_ray.core.errors import ConfigError
 from hnm_ray.models import foundation
 from hnm_ray.models.encoders import build_encoder, config_tag, encoder_from_config
 from hnm_ray.store.manifest import load_manifest

@@ -134,7 +134,7 @@ def test_gpu_encoder_actor_without_a_gpu_for_torch_refuses():
     """An encoder actor given a GPU by Ray where torch sees none (a CPU torch wheel, a driver mismatch) refuses,
     instead of holding its GPU and encoding on one CPU thread."""
     from hnm_ray.config import EncoderConfig
-    from hnm_ray.errors import ConfigError
+    from hnm_ray.core.errors import ConfigError
     from hnm_ray.extract import TileEncoder
 
     if torch.cuda.is_available():
@@ -147,7 +147,7 @@ def test_gpu_encoder_actor_without_a_gpu_for_torch_refuses():
 @pytest.mark.timeout(300)
 def test_mil_on_gpu_in_the_driver_without_a_gpu_refuses(mil_store, mil_cohort, tmp_path):
     """`--mil.use_gpu` with `mil.workers 0` on a GPU-less head: a clear error naming the knob, not a CUDA trace."""
-    from hnm_ray.errors import ConfigError
+    from hnm_ray.core.errors import ConfigError
     from hnm_ray.training.mil import fit_mil
 
     if torch.cuda.is_available():

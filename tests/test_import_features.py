@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from hnm_ray.config import MILConfig
-from hnm_ray.errors import StoreError
+from hnm_ray.core.errors import StoreError
 from hnm_ray.import_features import export_trident, import_h5, main
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import load_manifest

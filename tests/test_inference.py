@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hnm_ray.errors import HnmError, ModelFileError
+from hnm_ray.core.errors import HnmError, ModelFileError
 from hnm_ray.inference import evaluate_bags, instance_logits, load_aggregator, save_aggregator
 from hnm_ray.models.aggregators import build_standardized
 from hnm_ray.store.features import Bag

@@ -469,7 +469,7 @@ def test_a_bag_past_max_bag_gib_stops_mil_before_any_bag_is_read(tmp_path, monke
     knob, raised before a bag is read (not a worker killed for memory mid-epoch); a test bag counts (held whole)."""
     import hnm_ray.training.mil as mil
 
-    from hnm_ray.errors import StoreError
+    from hnm_ray.core.errors import StoreError
 
     sizes = {"a": 30, "b": 30, "c": 30, "d": 30, "big": 60}
     store = array_store(tmp_path / "store", {s: np.ones((n, 8), np.float32) for s, n in sizes.items()})

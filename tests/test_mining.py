@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from hnm_ray.errors import ConfigError, HnmError
+from hnm_ray.core.errors import ConfigError, HnmError
 from hnm_ray.mining import (
     HardNegativeMiner, TopKQueue, get_miner, n_hard_negatives, positive_ratio, select_hard_negatives_local,
     select_positives,

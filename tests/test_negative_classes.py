@@ -11,7 +11,7 @@ from torch import nn
 
 from _support import small_config
 
-from hnm_ray.errors import ConfigError
+from hnm_ray.core.errors import ConfigError
 from hnm_ray.losses import supcon_loss
 from hnm_ray.mining import select_positives
 from hnm_ray.pseudo_labels import Selection, with_rank

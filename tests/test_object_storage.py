@@ -20,8 +20,8 @@ boto3 = pytest.importorskip("boto3")
 
 from _support import small_config, store_for  # noqa: E402
 
-from hnm_ray import storage  # noqa: E402
-from hnm_ray.errors import ConfigError, StoreError  # noqa: E402
+from hnm_ray.core import storage  # noqa: E402
+from hnm_ray.core.errors import ConfigError, StoreError  # noqa: E402
 from hnm_ray.store.features import FeatureStore  # noqa: E402
 
 BUCKET = "hnm"

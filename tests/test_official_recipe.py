@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hnm_ray.augment import AugmentConfig, augment, official_pipeline, two_views
-from hnm_ray.errors import ConfigError
+from hnm_ray.core.errors import ConfigError
 from hnm_ray.losses import supcon_loss, supcon_official, supcon_step_a, supcon_step_b
 from hnm_ray.mining import adopt_round, select_positives, uncertain_negatives
 from hnm_ray.models.aggregators import available_aggregators, build_aggregator

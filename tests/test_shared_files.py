@@ -16,9 +16,9 @@ import torch
 import yaml
 
 from hnm_ray import config as cfg
-from hnm_ray import storage
+from hnm_ray.core import storage
 from hnm_ray.config import TrainConfig
-from hnm_ray.errors import ConfigError, ModelFileError
+from hnm_ray.core.errors import ConfigError, ModelFileError
 
 PAYLOAD = """
 from pathlib import Path

@@ -10,7 +10,7 @@ import pytest
 from hnm_ray import config as cfg
 from hnm_ray import tracking
 from hnm_ray.config import TrainConfig
-from hnm_ray.errors import ConfigError
+from hnm_ray.core.errors import ConfigError
 
 mlflow = pytest.importorskip("mlflow", reason="mlflow-skinny is in the test extra; install hnm-ray[tracking]")
 

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from hnm_ray.config import EncoderConfig
-from hnm_ray.errors import ConfigError
+from hnm_ray.core.errors import ConfigError
 from hnm_ray.models import foundation
 from hnm_ray.models.foundation import is_timm_spec
-from hnm_ray.registry import Registry, build_plugin, names_code, one_line
+from hnm_ray.core.registry import Registry, build_plugin, names_code, one_line
 from hnm_ray.store.manifest import safe_name
 
 log = logging.getLogger("hnm_ray")
@@ -269,7 +269,7 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> Path:
     """Write a state dict as safetensors (atomically: temp file + rename); loading it back runs no code."""
     from safetensors.torch import save
 
-    from hnm_ray.storage import write_bytes
+    from hnm_ray.core.storage import write_bytes
 
     path = Path(path)
     write_bytes(save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}), path)

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hnm_ray.errors import ConfigError
-from hnm_ray.registry import HUB_PREFIXES, TIMM_PREFIX, one_line
+from hnm_ray.core.errors import ConfigError
+from hnm_ray.core.registry import HUB_PREFIXES, TIMM_PREFIX, one_line
 
 HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what timm pushes to the Hub, in timm's order of preference
 HUB_CONFIG = "config.json"

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from hnm_ray.storage import write_bytes
+from hnm_ray.core.storage import write_bytes
 
 
 def save_png(fig: Any, path: str | Path, **kwargs: Any) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from hnm_ray.storage import write_bytes
+from hnm_ray.core.storage import write_bytes
 
 TUMOUR_COLOUR, OTHER_COLOUR = [220, 30, 30], [40, 90, 220]
 HARD_NEGATIVE = {"name": "Hard negative (mined)", "color": [255, 0, 255]}

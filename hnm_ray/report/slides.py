@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hnm_ray.errors import HnmError
+from hnm_ray.core.errors import HnmError
 from hnm_ray.inference import load_aggregator, tile_scores
 from hnm_ray.report.plots import ScoreScale, heatmap
 from hnm_ray.report.qupath import tile_features, write_geojson

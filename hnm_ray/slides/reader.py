@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from hnm_ray.config import TissueConfig
-from hnm_ray.errors import ConfigError, SlideError
+from hnm_ray.core.errors import ConfigError, SlideError
 
 log = logging.getLogger(__name__)
 

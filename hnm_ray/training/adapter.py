@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from hnm_ray.config import TrainConfig
-from hnm_ray.errors import HnmError, ModelFileError
+from hnm_ray.core.errors import HnmError, ModelFileError
 from hnm_ray.store.features import GRID_TYPES, METADATA_KEY, FeatureStore, bag_from_table
 
 log = logging.getLogger("hnm_ray")

@@ -25,9 +25,9 @@ import numpy as np
 import pyarrow as pa
 
 from hnm_ray.config import EncoderConfig, TrainConfig
-from hnm_ray.errors import HnmError
+from hnm_ray.core.errors import HnmError
 from hnm_ray.progress import Progress, setup_logging
-from hnm_ray.registry import one_line
+from hnm_ray.core.registry import one_line
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 from hnm_ray.training.official_steps import HARD_NEGATIVE, POSITIVE, UNCERTAIN_NEGATIVE

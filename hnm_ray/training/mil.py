@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 
 from hnm_ray import config as cfg
-from hnm_ray import storage
+from hnm_ray.core import storage
 from hnm_ray.config import MILConfig, TrainConfig
 from hnm_ray.cli import add_store_arguments, entry_point
 from hnm_ray.cli import parser as cli_parser
-from hnm_ray.errors import ConfigError, HnmError, StoreError
+from hnm_ray.core.errors import ConfigError, HnmError, StoreError
 from hnm_ray.store.bag_cache import GIB, BagCache, check_bag_sizes
 from hnm_ray.store.features import Bag, FeatureStore
 from hnm_ray.inference import _tensor, evaluate_bags, evaluate_split, save_aggregator

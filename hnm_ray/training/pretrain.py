@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from hnm_ray import storage
+from hnm_ray.core import storage
 from hnm_ray.config import TrainConfig
 from hnm_ray.index import TileIndex, slide_indexes
 from hnm_ray.store.features import FeatureStore
