@@ -21,7 +21,7 @@ from typing import Any
 
 from benchmarks.representation import tile_probe
 from hnm_ray import config as cfg
-from hnm_ray.cluster import init_ray
+from hnm_ray.run.cluster import init_ray
 from hnm_ray.config import TrainConfig
 from hnm_ray.pseudo_labels import Selection
 from hnm_ray.store.features import FeatureStore

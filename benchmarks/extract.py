@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 import hnm_ray.extract as extract
-from hnm_ray.cluster import live_nodes
+from hnm_ray.run.cluster import live_nodes
 from hnm_ray.encoder_pool import plan_encoder_pool
 from hnm_ray.config import TrainConfig, from_tree
 from hnm_ray.decode import TileReaders, decode_batch

@@ -108,7 +108,7 @@ def truth_positive_rows(config: TrainConfig, store: FeatureStore, records, selec
 
 def main() -> None:
     from benchmarks.representation import tile_probe
-    from hnm_ray.cluster import init_ray
+    from hnm_ray.run.cluster import init_ray
     from hnm_ray.models.encoders import config_tag, encoder_from_config
     from hnm_ray.pseudo_labels import Selection
     from hnm_ray.training import finetune

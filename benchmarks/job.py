@@ -104,7 +104,7 @@ def _mean_later_mil(stages: dict[str, float]) -> float:
 
 
 def _demo_manifest(config) -> Path:
-    from hnm_ray.run_folder import demo_manifest
+    from hnm_ray.run.run_folder import demo_manifest
 
     return demo_manifest(config.run)  # the cohort the job made (HNM_RAY_CACHE of this process points at it)
 

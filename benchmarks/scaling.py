@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hnm_ray.cluster import init_ray
+from hnm_ray.run.cluster import init_ray
 from hnm_ray.config import JobConfig, TrainConfig, from_tree
 from hnm_ray.extract import extract_features
 from hnm_ray.models.encoders import config_tag
-from hnm_ray.run_folder import demo_manifest
+from hnm_ray.run.run_folder import demo_manifest
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest
 from hnm_ray.training.finetune import HARD_NEGATIVE, POSITIVE, fit_finetune, tile_rows

@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 
 from hnm_ray.core import storage
-from hnm_ray.cli import add_store_arguments, entry_point
-from hnm_ray.cli import parser as cli_parser
+from hnm_ray.run.cli import add_store_arguments, entry_point
+from hnm_ray.run.cli import parser as cli_parser
 from hnm_ray.core.errors import StoreError
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import name_problem

@@ -8,12 +8,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from hnm_ray import tracking
+from hnm_ray.run import tracking
 from hnm_ray.core import storage
 from hnm_ray.config import TrainConfig
 from hnm_ray.metrics import INTERVALS
 from hnm_ray.core.registry import one_line
-from hnm_ray.run_folder import CONFIG_FILE
+from hnm_ray.run.run_folder import CONFIG_FILE
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 

@@ -26,15 +26,15 @@ import numpy as np
 
 from hnm_ray import config as cfg
 from hnm_ray.core import storage
-from hnm_ray.cli import entry_point
-from hnm_ray.cli import parser as cli_parser
+from hnm_ray.run.cli import entry_point
+from hnm_ray.run.cli import parser as cli_parser
 from hnm_ray.config import TrainConfig
 from hnm_ray.core.errors import ConfigError, HnmError
 from hnm_ray.extract import extract_features
 from hnm_ray.inference import load_aggregator, tile_scores
 from hnm_ray.outputs import AGGREGATOR
-from hnm_ray.progress import native_stderr_to, route_ray_logs
-from hnm_ray.run_folder import CONFIG_FILE, demo_manifest_path, holds_run
+from hnm_ray.run.progress import native_stderr_to, route_ray_logs
+from hnm_ray.run.run_folder import CONFIG_FILE, demo_manifest_path, holds_run
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest, records_from_folder
 
@@ -47,7 +47,7 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
     """Extract, score and summarise `slides` (manifest or folder) with the run at `checkpoint`; `knobs` (a nested
     mapping, e.g. {"extract": {"batch_size": 32}}) override the run's config. A checkpoint naming a plug-in or
     TorchScript encoder/aggregator (code) that `knobs` do not name is refused unless `trust_plugins` (--trust-plugins)."""
-    from hnm_ray.cluster import init_ray
+    from hnm_ray.run.cluster import init_ray
     from hnm_ray.metrics import with_intervals
     from hnm_ray.models.encoders import config_tag
     from hnm_ray.outputs import log_skipped, skipped_slides

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from hnm_ray.core import storage
-from hnm_ray.progress import Progress
+from hnm_ray.run.progress import Progress
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 
@@ -81,7 +81,7 @@ def score_tiles(model_path: str | Path, store: FeatureStore, records: list[Slide
     with `num_scorers` actors reads the store where the cluster's nodes are. The scorer is a linear layer: an
     actor's start (a process importing torch, ~2-3 s on 2 CPUs) was most of a round's mining on one machine.
     """
-    from hnm_ray.cluster import single_node
+    from hnm_ray.run.cluster import single_node
 
     wanted = sorted({r.slide_id for r in records} & store.completed())
     negatives = [r.slide_id for r in records if r.label == 0 and r.slide_id in wanted]

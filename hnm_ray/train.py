@@ -33,8 +33,8 @@ import numpy as np
 
 from hnm_ray import config as cfg
 from hnm_ray.core import storage
-from hnm_ray.cli import entry_point
-from hnm_ray.cli import parser as cli_parser
+from hnm_ray.run.cli import entry_point
+from hnm_ray.run.cli import parser as cli_parser
 from hnm_ray.config import TrainConfig
 from hnm_ray.core.errors import ConfigError
 from hnm_ray.extract import extract_features
@@ -43,10 +43,10 @@ from hnm_ray.inference import evaluate_split
 from hnm_ray.metrics import INTERVAL_KEYS, describe
 from hnm_ray.mining import adopt_round, get_miner, positive_ratio
 from hnm_ray.outputs import finish, log_skipped, round_done
-from hnm_ray.progress import native_stderr_to, route_ray_logs
+from hnm_ray.run.progress import native_stderr_to, route_ray_logs
 from hnm_ray.pseudo_labels import MINER_SNAPSHOT, Selection, mine_round
-from hnm_ray.run_folder import (CONFIG_FILE, RunState, cache_dir, demo_manifest, remote_of, resolve_run, saved_config,
-                                 staged, start_afresh, sync)
+from hnm_ray.run.run_folder import (CONFIG_FILE, RunState, cache_dir, demo_manifest, remote_of, resolve_run,
+                                    saved_config, staged, start_afresh, sync)
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest, require_both_classes
 from hnm_ray.training.finetune import UNCERTAIN_NEGATIVE, fit_finetune, round_rows
@@ -60,7 +60,7 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
             records: list[SlideRecord] | None = None) -> dict[str, Any]:
     """Run (or resume) Algorithm 1 in `run_dir`; returns the final metrics. `on_round` gets each round's metrics;
     `records`: the cohort `check_inputs` returned (checked here when not given)."""
-    from hnm_ray.cluster import init_ray
+    from hnm_ray.run.cluster import init_ray
 
     started = time.perf_counter()
     records = check_inputs(config) if records is None else records  # before Ray starts and the run folder is made

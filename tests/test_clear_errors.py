@@ -75,7 +75,7 @@ def test_a_training_split_of_one_class_is_refused_naming_the_counts():
 
 
 def test_the_job_refuses_a_one_class_cohort_before_any_extraction(tmp_path, monkeypatch, demo_cohort):
-    import hnm_ray.cluster
+    import hnm_ray.run.cluster
     import hnm_ray.train
 
     rows = list(csv.DictReader(demo_cohort.open()))
@@ -85,7 +85,7 @@ def test_the_job_refuses_a_one_class_cohort_before_any_extraction(tmp_path, monk
         writer.writeheader()
         writer.writerows({"slide_id": r["slide_id"], "path": str(demo_cohort.parent / r["path"]), "label": 0}
                          for r in rows)
-    monkeypatch.setattr(hnm_ray.cluster, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(hnm_ray.run.cluster, "init_ray", lambda *a, **k: None)
     monkeypatch.setattr(hnm_ray.train, "extract_features", lambda *a, **k: pytest.fail("extraction started"))
     config = cfg.from_tree(TrainConfig, {"run": {"manifest": str(manifest)}, "pretrain": {"method": "none"}})
     with pytest.raises(ManifestError, match="training needs both classes"):

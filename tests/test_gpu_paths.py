@@ -164,7 +164,7 @@ MIXED_CLUSTER = [{"CPU": 4.0}, {"CPU": 64.0}, {"CPU": 12.0, "GPU": 1.0}, {"CPU":
 def test_gpu_fine_tuning_workers_are_sized_from_the_gpu_nodes(finetune_rows, tmp_path, monkeypatch):
     """A head, a 64-CPU CPU node and two GPU nodes: one worker per GPU, each asking for a GPU node's CPUs per GPU
     (12), not the largest node's 64 (a worker no node can hold never schedules)."""
-    from hnm_ray import cluster
+    from hnm_ray.run import cluster
     from hnm_ray.training.finetune import fit_finetune, worker_cpus
 
     monkeypatch.setattr(cluster, "live_nodes", lambda: MIXED_CLUSTER)

@@ -218,7 +218,7 @@ def test_train_job_with_runs_and_store_on_s3_finishes_and_resumes_on_a_fresh_mac
 
 
 def test_a_sync_cut_short_keeps_the_previous_state_json(s3, tmp_path, monkeypatch):
-    from hnm_ray import run_folder
+    from hnm_ray.run import run_folder
 
     monkeypatch.setenv("HNM_RAY_CACHE", str(tmp_path / "cache"))
     uri = f"s3://{BUCKET}/cut/run"

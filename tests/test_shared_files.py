@@ -129,7 +129,7 @@ def test_torch_is_at_least_2_6_and_every_torch_load_passes_weights_only():
 
 
 def test_writes_replace_symlinks_instead_of_following_them(tmp_path):
-    from hnm_ray.run_folder import RunState
+    from hnm_ray.run.run_folder import RunState
 
     outside = tmp_path / "victim"
     outside.write_text("precious")
@@ -180,8 +180,8 @@ def test_yaml_anchors_and_aliases_are_refused_before_expansion(tmp_path):
 def test_passwords_in_uris_are_masked_in_config_files_and_logs(tmp_path, caplog):
     import logging
 
-    from hnm_ray.progress import MaskingFormatter
-    from hnm_ray.tracking import flat_params
+    from hnm_ray.run.progress import MaskingFormatter
+    from hnm_ray.run.tracking import flat_params
 
     config = cfg.from_tree(TrainConfig, {"run": {"tracking_uri": "https://alice:S3cretPw@mlflow.lab:5000"}})
     cfg.save_yaml(config, tmp_path / "config.yaml")
@@ -259,7 +259,7 @@ def test_the_report_links_only_files_with_safe_names_and_shows_no_password(tmp_p
 
 
 def test_the_miner_actor_name_is_unique_per_run_and_kept_for_resume(tmp_path):
-    from hnm_ray.run_folder import RunState
+    from hnm_ray.run.run_folder import RunState
     from hnm_ray.train import miner_name_of
 
     first, other = tmp_path / "a" / "run", tmp_path / "b" / "run"  # same folder name: sweep trials, two users

@@ -17,7 +17,7 @@ from hnm_ray.core.errors import HnmError
 from hnm_ray.inference import load_aggregator, tile_scores
 from hnm_ray.report.plots import ScoreScale, heatmap
 from hnm_ray.report.qupath import tile_features, write_geojson
-from hnm_ray.run_folder import RunState
+from hnm_ray.run.run_folder import RunState
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 

@@ -83,7 +83,7 @@ def fit_adapter(config: TrainConfig, rows: pa.Table, round0: FeatureStore, weigh
     `total_epochs` schedule, features read from `round0`; from `adapter_weights` (None: the identity adapter) and
     `head_weights`. Returns a FinetuneResult: the frozen encoder's `weights`, the new adapter and head files, and the
     per-epoch metrics."""
-    from hnm_ray.cluster import torch_device
+    from hnm_ray.run.cluster import torch_device
     from hnm_ray.training.finetune import check_official_rows
 
     ft = config.finetune

@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from hnm_ray.config import EncoderConfig, TrainConfig
 from hnm_ray.core.errors import HnmError
-from hnm_ray.progress import Progress, setup_logging
+from hnm_ray.run.progress import Progress, setup_logging
 from hnm_ray.core.registry import one_line
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
@@ -350,7 +350,7 @@ def finetune_workers(asked: int | None, use_gpu: bool, concurrent: int = 1) -> i
     """Fine-tuning workers: `asked`; else on GPUs one per GPU of the cluster (shared by `concurrent` sweep trials;
     at least 1, for GPU nodes an autoscaler has yet to start); else 0 (this process) on a one-node cluster, where a
     worker group adds only its start-up (~10 s a stage on 2 CPUs, benchmarks/results/job.json), else 1."""
-    from hnm_ray.cluster import cluster_gpus, single_node
+    from hnm_ray.run.cluster import cluster_gpus, single_node
 
     if asked is not None:
         return asked
@@ -365,7 +365,7 @@ def worker_cpus(asked: float | None, workers: int, reserved: float = 0.0, use_gp
     node is up yet); else the cluster's CPUs (less `reserved`) split over the workers, at most one node's and at
     least 1. Fixed by the cluster's size (not by what is free now), so a rerun or a resume on the same cluster
     computes with the same number of threads."""
-    from hnm_ray.cluster import live_nodes
+    from hnm_ray.run.cluster import live_nodes
 
     if asked is not None:
         return asked

@@ -33,8 +33,8 @@ import numpy as np
 from hnm_ray import config as cfg
 from hnm_ray.core import storage
 from hnm_ray.config import MILConfig, TrainConfig
-from hnm_ray.cli import add_store_arguments, entry_point
-from hnm_ray.cli import parser as cli_parser
+from hnm_ray.run.cli import add_store_arguments, entry_point
+from hnm_ray.run.cli import parser as cli_parser
 from hnm_ray.core.errors import ConfigError, HnmError, StoreError
 from hnm_ray.store.bag_cache import GIB, BagCache, check_bag_sizes
 from hnm_ray.store.features import Bag, FeatureStore
@@ -357,7 +357,7 @@ def feature_statistics(store: FeatureStore, slide_ids: list[str]) -> tuple[np.nd
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     """CLI: train the aggregator on an existing feature store and write RUN/metrics.json."""
-    from hnm_ray.cluster import init_ray
+    from hnm_ray.run.cluster import init_ray
 
     parser = cli_parser("python -m hnm_ray.training.mil", __doc__)
     add_store_arguments(parser)

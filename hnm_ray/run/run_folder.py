@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hnm_ray import config as cfg
-from hnm_ray import tracking
+from hnm_ray.run import tracking
 from hnm_ray.core import storage
 from hnm_ray.config import JobConfig, TrainConfig
 from hnm_ray.core.errors import ConfigError, StoreError
