@@ -149,8 +149,8 @@ def _mixed_batch(record: Any, work: Path) -> dict[str, Any]:
     import cupy
 
     from hnm_ray.config import TilingConfig
-    from hnm_ray.decode import TileReaders, decode_batch
-    from hnm_ray.index import tile_index
+    from hnm_ray.extraction.decode import TileReaders, decode_batch
+    from hnm_ray.extraction.index import tile_index
 
     ndpi = work / f"{record.slide_id}.ndpi"
     shutil.copy(record.path, ndpi)
@@ -211,7 +211,7 @@ def share(work: Path) -> dict[str, Any]:
     """Two encoder actors sharing one GPU (gpus_per_encoder 0.5): both run and the slides complete."""
     from hnm_ray.run.cluster import init_ray, live_nodes
     from hnm_ray.config import TrainConfig, from_tree
-    from hnm_ray.encoder_pool import plan_encoder_pool
+    from hnm_ray.extraction.encoder_pool import plan_encoder_pool
 
     init_ray()
     config = from_tree(TrainConfig, {"extract": {"gpus_per_encoder": 0.5}})
@@ -228,7 +228,7 @@ def train(work: Path) -> dict[str, Any]:
 
     from hnm_ray.run.cluster import init_ray
     from hnm_ray.config import MILConfig, TrainConfig, from_tree
-    from hnm_ray.index import tile_index
+    from hnm_ray.extraction.index import tile_index
     from hnm_ray.models.encoders import config_tag
     from hnm_ray.store.features import FeatureStore
     from hnm_ray.store.manifest import load_manifest

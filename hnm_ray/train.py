@@ -38,7 +38,7 @@ from hnm_ray.run.cli import parser as cli_parser
 from hnm_ray.config import TrainConfig
 from hnm_ray.core.errors import ConfigError
 from hnm_ray.extract import extract_features
-from hnm_ray.index import TileIndex
+from hnm_ray.extraction.index import TileIndex
 from hnm_ray.inference import evaluate_split
 from hnm_ray.metrics import INTERVAL_KEYS, describe
 from hnm_ray.mining import adopt_round, get_miner, positive_ratio

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from _support import small_config
 
-from hnm_ray.encoder_pool import READ_RESERVE, actor_cpus, actors_per_node, plan_encoder_pool
+from hnm_ray.extraction.encoder_pool import READ_RESERVE, actor_cpus, actors_per_node, plan_encoder_pool
 
 GIB = 1024**3
 

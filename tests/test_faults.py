@@ -27,7 +27,7 @@ from _support import wait_for as _wait
 
 from hnm_ray.core.errors import StoreError
 from hnm_ray.extract import extract_features
-from hnm_ray.index import tile_index
+from hnm_ray.extraction.index import tile_index
 from hnm_ray.store.manifest import load_manifest
 
 

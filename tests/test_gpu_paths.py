@@ -80,7 +80,7 @@ def test_mil_resume_keeps_optimizer_state_on_the_parameters_device(mil_store, mi
 @pytest.fixture(scope="module")
 def finetune_rows(demo_cohort) -> pa.Table:
     """16 tiles of one demo slide as fine-tuning rows."""
-    from hnm_ray.index import tile_index
+    from hnm_ray.extraction.index import tile_index
     from hnm_ray.training.finetune import TILE_ROW_SCHEMA
 
     grid = tile_index(load_manifest(demo_cohort, require_labels=False)[0], TilingConfig(tile_size=64)).slice(0, 16)
@@ -114,8 +114,8 @@ def test_gpu_readers_decode_openslide_only_formats_on_the_cpu(demo_cohort, tmp_p
     the pixels a CPU actor reads, instead of failing as "'cuda' needs the cucim backend"."""
     import shutil
 
-    from hnm_ray.decode import TileReaders, decode_batch
-    from hnm_ray.index import tile_index
+    from hnm_ray.extraction.decode import TileReaders, decode_batch
+    from hnm_ray.extraction.index import tile_index
 
     record = load_manifest(demo_cohort, require_labels=False)[0]
     ndpi = tmp_path / f"{record.slide_id}.ndpi"  # a tiled TIFF: OpenSlide opens it (generic-tiff) by content

@@ -86,7 +86,7 @@ def test_feature_store_and_tile_index_round_trip_on_s3(s3):
     assert len([k for k in keys if "/errors.jsonl.d/" in k]) == 2 and len(keys) == 4
 
     from hnm_ray.config import TilingConfig
-    from hnm_ray.index import TileIndex
+    from hnm_ray.extraction.index import TileIndex
 
     index = TileIndex(f"s3://{BUCKET}/roundtrip/features", TilingConfig())
     assert not index.has("a")

@@ -209,8 +209,8 @@ def _bomb(path: Path, side: int = 12000, tile: int = 512) -> Path:
 
 def test_a_decompression_bomb_slide_is_refused_by_the_pixel_budget_and_the_others_go_on(tmp_path, demo_cohort):
     from hnm_ray.config import TilingConfig
-    from hnm_ray.index import INDEX_FAILED, TileIndex
-    from hnm_ray.index_stream import index_rows
+    from hnm_ray.extraction.index import INDEX_FAILED, TileIndex
+    from hnm_ray.extraction.index_stream import index_rows
     from hnm_ray.store.manifest import SlideRecord, load_manifest
 
     good = load_manifest(demo_cohort)[0]
@@ -226,7 +226,7 @@ def test_a_decompression_bomb_slide_is_refused_by_the_pixel_budget_and_the_other
 
 CRASH = """
 import os, signal, sys
-from hnm_ray import index
+from hnm_ray.extraction import index
 from hnm_ray.config import TilingConfig
 from hnm_ray.store.manifest import SlideRecord
 

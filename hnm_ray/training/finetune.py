@@ -280,7 +280,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Ray Train body: stream decoded tiles, two views each, SupCon step; checkpoint every epoch."""
     import torch
 
-    from hnm_ray.decode import TileReaders
+    from hnm_ray.extraction.decode import TileReaders
     from hnm_ray.models.encoders import input_space_of
     from hnm_ray.training.checkpointing import latest_checkpoint, load_state, report
     from hnm_ray.training.runner import loop_device, place_and_restore, rank_and_world

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from hnm_ray.core import storage
 from hnm_ray.config import TrainConfig
-from hnm_ray.index import TileIndex, slide_indexes
+from hnm_ray.extraction.index import TileIndex, slide_indexes
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 from hnm_ray.training.finetune import TILE_ROW_SCHEMA, fit_finetune
