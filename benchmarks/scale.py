@@ -159,7 +159,7 @@ def main() -> None:
     import ray
     import torch
 
-    from hnm_ray.inference import evaluate_split
+    from hnm_ray.models.inference import evaluate_split
     from hnm_ray.mining import get_miner
     from hnm_ray.scoring import count_tiles, score_tiles
     from hnm_ray.training.mil import fit_mil

@@ -11,7 +11,7 @@ from typing import Any
 from hnm_ray.run import tracking
 from hnm_ray.core import storage
 from hnm_ray.config import TrainConfig
-from hnm_ray.metrics import INTERVALS
+from hnm_ray.models.metrics import INTERVALS
 from hnm_ray.core.registry import one_line
 from hnm_ray.run.run_folder import CONFIG_FILE
 from hnm_ray.store.features import FeatureStore
@@ -75,7 +75,7 @@ def finish(run_dir: Path, history: list[dict[str, Any]], records: list[SlideReco
     artifacts. Returns the metrics summary ("final": the kept round, its "kept" saying why; both protocols,
     intervals, the tile threshold)."""
     from hnm_ray.import_features import imported_format
-    from hnm_ray.inference import split_probabilities, tile_threshold
+    from hnm_ray.models.inference import split_probabilities, tile_threshold
     from hnm_ray.report import plot_roc
     from hnm_ray.report.html import write_run_report
     from hnm_ray.report.slides import (Thresholds, mined_hard_negatives, most_mined, tumour_and_normal,

@@ -31,7 +31,7 @@ from hnm_ray.run.cli import parser as cli_parser
 from hnm_ray.config import TrainConfig
 from hnm_ray.core.errors import ConfigError, HnmError
 from hnm_ray.extract import extract_features
-from hnm_ray.inference import load_aggregator, tile_scores
+from hnm_ray.models.inference import load_aggregator, tile_scores
 from hnm_ray.outputs import AGGREGATOR
 from hnm_ray.run.progress import native_stderr_to, route_ray_logs
 from hnm_ray.run.run_folder import CONFIG_FILE, demo_manifest_path, holds_run
@@ -48,7 +48,7 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
     mapping, e.g. {"extract": {"batch_size": 32}}) override the run's config. A checkpoint naming a plug-in or
     TorchScript encoder/aggregator (code) that `knobs` do not name is refused unless `trust_plugins` (--trust-plugins)."""
     from hnm_ray.run.cluster import init_ray
-    from hnm_ray.metrics import with_intervals
+    from hnm_ray.models.metrics import with_intervals
     from hnm_ray.models.encoders import config_tag
     from hnm_ray.outputs import log_skipped, skipped_slides
     from hnm_ray.report import plot_roc
@@ -64,7 +64,7 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
                                           "this run never had; import the new slides' features from the same "
                                           "extractor (python -m hnm_ray.import_features) and score them with the "
                                           "checkpoint's adapter and aggregator (hnm_ray.training.adapter.adapt_store, "
-                                          "hnm_ray.inference.tile_scores)")
+                                          "hnm_ray.models.inference.tile_scores)")
     config = _run_config(ckpt, knobs or {}, trust_plugins)
     config = with_weights(config, str(ckpt / meta["encoder_weights"]) if meta.get("encoder_weights") else None)
     slides = Path(slides)

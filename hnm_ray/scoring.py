@@ -37,7 +37,7 @@ class InstanceScorer:
                  torch_threads: int | None = 1, plugin: str | None = None) -> None:
         import torch
 
-        from hnm_ray.inference import load_aggregator
+        from hnm_ray.models.inference import load_aggregator
 
         if torch_threads:  # an actor of its own; in the driver's process (torch_threads None) leave its threads be
             torch.set_num_threads(torch_threads)
@@ -52,7 +52,7 @@ class InstanceScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from hnm_ray.inference import instance_logits
+        from hnm_ray.models.inference import instance_logits
         from hnm_ray.mining import push_scores
 
         embedding = batch["embedding"]  # (N, D), or N row arrays from a Ray Data batch of list values

@@ -18,7 +18,7 @@ from test_import_features import slide_arrays, write_h5
 
 from hnm_ray.core.errors import ConfigError
 from hnm_ray.import_features import import_h5
-from hnm_ray.inference import load_aggregator
+from hnm_ray.models.inference import load_aggregator
 from hnm_ray.predict import main as predict_main
 from hnm_ray.predict import predict
 from hnm_ray.slides.reader import SlideReader

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hnm_ray.core.errors import HnmError, ModelFileError
-from hnm_ray.inference import evaluate_bags, instance_logits, load_aggregator, save_aggregator
+from hnm_ray.models.inference import evaluate_bags, instance_logits, load_aggregator, save_aggregator
 from hnm_ray.models.aggregators import build_standardized
 from hnm_ray.store.features import Bag
 
@@ -79,7 +79,7 @@ def test_evaluating_a_split_reads_its_bags_one_at_a_time(tmp_path, monkeypatch):
 
     import pyarrow as pa
 
-    from hnm_ray.inference import evaluate_split, split_probabilities, tile_threshold
+    from hnm_ray.models.inference import evaluate_split, split_probabilities, tile_threshold
     from hnm_ray.store.features import FeatureStore
     from hnm_ray.store.manifest import SlideRecord
 

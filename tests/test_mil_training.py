@@ -18,7 +18,7 @@ from hnm_ray.store.bag_cache import GIB, BagCache, bag_bytes
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest
 from hnm_ray.config import MILConfig
-from hnm_ray.inference import evaluate_split, load_aggregator
+from hnm_ray.models.inference import evaluate_split, load_aggregator
 from hnm_ray.training.mil import epoch_pairs, feature_statistics, fit_mil, standardisation
 
 # 40 epochs of the demo's 4 pairs are 160 Adam steps: at the official lr 2e-4 the model is under-trained (test

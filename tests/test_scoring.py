@@ -11,7 +11,7 @@ import torch
 from hnm_ray.scoring import SCORES_SCHEMA, InstanceScorer, count_tiles, score_tiles
 from hnm_ray.store.manifest import load_manifest
 from hnm_ray.config import MILConfig
-from hnm_ray.inference import load_aggregator, save_aggregator
+from hnm_ray.models.inference import load_aggregator, save_aggregator
 from hnm_ray.training.mil import fit_mil
 
 NEG_RATIO = 0.2

@@ -92,7 +92,7 @@ def test_predict_refuses_a_checkpoint_naming_a_plugin_encoder(tmp_path, labplug,
 
 
 def test_an_aggregator_json_naming_a_plugin_runs_it_only_when_the_config_names_it(tmp_path, labplug):
-    from hnm_ray.inference import load_aggregator, save_aggregator
+    from hnm_ray.models.inference import load_aggregator, save_aggregator
     from hnm_ray.models.aggregators import build_standardized
 
     spec, marker = labplug

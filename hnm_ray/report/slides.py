@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hnm_ray.core.errors import HnmError
-from hnm_ray.inference import load_aggregator, tile_scores
+from hnm_ray.models.inference import load_aggregator, tile_scores
 from hnm_ray.report.plots import ScoreScale, heatmap
 from hnm_ray.report.qupath import tile_features, write_geojson
 from hnm_ray.run.run_folder import RunState

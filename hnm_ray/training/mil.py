@@ -38,8 +38,8 @@ from hnm_ray.run.cli import parser as cli_parser
 from hnm_ray.core.errors import ConfigError, HnmError, StoreError
 from hnm_ray.store.bag_cache import GIB, BagCache, check_bag_sizes
 from hnm_ray.store.features import Bag, FeatureStore
-from hnm_ray.inference import _tensor, evaluate_bags, evaluate_split, save_aggregator
-from hnm_ray.metrics import FALLBACK_THRESHOLD
+from hnm_ray.models.inference import _tensor, evaluate_bags, evaluate_split, save_aggregator
+from hnm_ray.models.metrics import FALLBACK_THRESHOLD
 from hnm_ray.store.manifest import SlideRecord, load_manifest
 
 log = logging.getLogger("hnm_ray")
@@ -80,7 +80,7 @@ def validation_metrics(model, bags: Iterable[Bag], loss_fn, device: str = "cpu",
     per bag (`losses.bags_bce`)."""
     import torch
 
-    from hnm_ray.metrics import slide_metrics
+    from hnm_ray.models.metrics import slide_metrics
 
     model.eval()
     bag_logits, max_logits, labels = [], [], []
@@ -178,7 +178,7 @@ def official_protocol_update(best: dict[str, Any] | None, model, test_bags: Iter
     """The official code's report: the epoch of best TEST slide AUC, with the Youden threshold picked on test.
     Kept apart from our protocol (epoch and threshold on validation) and labelled so; the kept epoch's metrics carry
     their 95 % intervals. `test_bags` (an iterator is consumed one bag at a time) carry `labels`, in order."""
-    from hnm_ray.metrics import slide_intervals, slide_metrics
+    from hnm_ray.models.metrics import slide_intervals, slide_metrics
 
     if not labels:
         return best
