@@ -46,7 +46,8 @@ def write_checkpoint(run_dir: Path, last: dict[str, Any], config: TrainConfig, t
     encoder's features before the aggregator), the run's config tree and meta.json (the slide and tile thresholds,
     the round; `imported`: the h5 format round 0's features were imported from, which predict cannot extract). No
     file in it runs code when loaded."""
-    from hnm_ray.models.encoders import encoder_from_config, save_weights
+    from hnm_ray.models.encoders import encoder_from_config
+    from hnm_ray.models.weights import save_weights
 
     checkpoint = run_dir / "checkpoint"
     checkpoint.mkdir(exist_ok=True)

@@ -123,7 +123,7 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
 def adapted_store(store: FeatureStore, ckpt: Path, meta: dict[str, Any]) -> FeatureStore:
     """The features the run's aggregator reads: the run's adapter (finetune.scope adapter) applied to the encoder's
     `store`, in a folder named after the adapter file's digest; `store` itself for a run without one."""
-    from hnm_ray.models.encoders import file_digest
+    from hnm_ray.models.weights import file_digest
     from hnm_ray.training.adapter import adapt_store
 
     if not meta.get("adapter_weights"):

@@ -224,7 +224,7 @@ def initial_head(weights: str | None, run_dir: Path) -> str | None:
     (a random head)."""
     import torch
 
-    from hnm_ray.models.encoders import official_head_state
+    from hnm_ray.models.weights import official_head_state
     from hnm_ray.training.pretrain import warm_start_head
 
     if weights is None:

@@ -11,7 +11,8 @@ from hnm_ray import config as cfg
 from hnm_ray.config import TrainConfig
 from hnm_ray.core.errors import ConfigError, ManifestError
 from hnm_ray.models.aggregators import build_aggregator
-from hnm_ray.models.encoders import build_encoder, read_weights, save_weights
+from hnm_ray.models.encoders import build_encoder
+from hnm_ray.models.weights import read_weights, save_weights
 from hnm_ray.store.manifest import SlideRecord, require_both_classes
 
 

@@ -19,7 +19,8 @@ from hnm_ray.core.errors import ConfigError
 from hnm_ray.losses import supcon_loss, supcon_official, supcon_step_a, supcon_step_b
 from hnm_ray.mining import adopt_round, select_positives, uncertain_negatives
 from hnm_ray.models.aggregators import available_aggregators, build_aggregator
-from hnm_ray.models.encoders import load_official_simclr, official_simclr_state, resnet18_in, to_model_input
+from hnm_ray.models.encoders import resnet18_in, to_model_input
+from hnm_ray.models.weights import load_official_simclr, official_simclr_state
 from hnm_ray.training.schedules import lr_at, scheduler
 
 TOL = 1e-9

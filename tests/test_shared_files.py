@@ -24,7 +24,7 @@ PAYLOAD = """
 from pathlib import Path
 
 from hnm_ray.models.dsmil import DSMIL
-from hnm_ray.models.encoders import SmallCNN
+from hnm_ray.models.cnn import SmallCNN
 
 
 def build(*args, **kwargs):

@@ -292,7 +292,7 @@ def out_dim(plan: TimmRecipe) -> int:
 
 def build(plan: TimmRecipe) -> nn.Module:
     """The timm encoder of `plan` with its weights (safetensors, or a state dict read with weights_only=True)."""
-    from hnm_ray.models.encoders import load_weights
+    from hnm_ray.models.weights import load_weights
 
     model = create(plan)
     if plan.weights is not None:

@@ -114,7 +114,7 @@ def _fit(config: TrainConfig, rows: pa.Table, round0: FeatureStore, weights: str
          head_weights: str | None, run_dir: Path, name: str, first_epoch: int, last_epoch: int, total_epochs: int,
          device: str):
     """`fit_adapter`'s training, on `device`."""
-    from hnm_ray.models.encoders import save_weights
+    from hnm_ray.models.weights import save_weights
     from hnm_ray.training.finetune import (FinetuneResult, _usable, contrastive_model, epoch_batches, load_head,
                                            official_objective, our_objective, schedule)
     from hnm_ray.training.schedules import scheduler as lr_scheduler

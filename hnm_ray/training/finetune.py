@@ -419,7 +419,7 @@ def fit_finetune(config: TrainConfig, rows: pa.Table, weights: str | None, run_d
     `finetune.workers` Ray Train workers."""
     import torch
 
-    from hnm_ray.models.encoders import save_weights
+    from hnm_ray.models.weights import save_weights
     from hnm_ray.training.checkpointing import driver_checkpoint_dir, load_state
     from hnm_ray.training.runner import run_loop
 
