@@ -32,7 +32,7 @@ def with_nt_xent(weight: float, negative_anchors: bool = True):
     (benchmark-only variants, not product knobs)."""
     import torch
 
-    from hnm_ray.losses import supcon_loss
+    from hnm_ray.training.losses import supcon_loss
     from hnm_ray.training import finetune
 
     def loss(batch, model, fc, epoch, ratio, gen, device, supervised, input_space):

@@ -52,7 +52,7 @@ def plain_mil_seconds(run: Path) -> dict[str, float]:
 
     from hnm_ray import config as cfg
     from hnm_ray.config import TrainConfig
-    from hnm_ray.losses import pair_loss
+    from hnm_ray.training.losses import pair_loss
     from hnm_ray.models.metrics import slide_metrics
     from hnm_ray.models.aggregators import build_standardized
     from hnm_ray.store.features import FeatureStore

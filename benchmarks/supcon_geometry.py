@@ -69,8 +69,8 @@ def trajectory(config: TrainConfig, weights: str, head: str, tiles: np.ndarray, 
     """One setting's steps (see the module docstring)."""
     import torch
 
-    from hnm_ray.augment import AugmentConfig, two_views
-    from hnm_ray.losses import supcon_loss
+    from hnm_ray.training.augment import AugmentConfig, two_views
+    from hnm_ray.training.losses import supcon_loss
     from hnm_ray.models.encoders import to_model_input
     from hnm_ray.training.finetune import build_contrastive, negative_classes
 

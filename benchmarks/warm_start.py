@@ -28,9 +28,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from benchmarks.cohorts import COHORTS, cached_cohort
-from hnm_ray.augment import AugmentConfig, two_views
+from hnm_ray.training.augment import AugmentConfig, two_views
 from hnm_ray.config import FinetuneConfig, PretrainConfig
-from hnm_ray.losses import supcon_loss
+from hnm_ray.training.losses import supcon_loss
 from hnm_ray.models.cnn import SMALL_CNN_WIDTHS, SmallCNN
 from hnm_ray.models.encoders import to_model_input
 from hnm_ray.slides.reader import open_slide

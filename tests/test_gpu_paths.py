@@ -215,7 +215,7 @@ def test_bfloat16_encoding_runs_the_encoder_in_bfloat16_and_stores_float32_close
 
 
 def test_bfloat16_fine_tuning_forward_returns_float32_and_trains_float32_weights():
-    from hnm_ray.losses import supcon_loss
+    from hnm_ray.training.losses import supcon_loss
     from hnm_ray.models.encoders import small_cnn
     from hnm_ray.training.finetune import contrastive_model, projection_head
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from _support import LiveBags, wait_for
 
-from hnm_ray.losses import pair_loss
+from hnm_ray.training.losses import pair_loss
 from hnm_ray.models.aggregators import build_standardized
 from hnm_ray.store.bag_cache import GIB, BagCache, bag_bytes
 from hnm_ray.store.features import FeatureStore

@@ -17,7 +17,7 @@ from torch import nn
 from _support import small_config
 from test_official_recipe import _official_checkpoint, _reference_supcon
 
-from hnm_ray import losses
+from hnm_ray.training import losses
 from hnm_ray.config import EncoderConfig
 from hnm_ray.mining import select_positives, uncertain_negatives
 from hnm_ray.pseudo_labels import Selection, with_rank

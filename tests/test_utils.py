@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hnm_ray.augment import AugmentConfig, augment, two_views
+from hnm_ray.training.augment import AugmentConfig, augment, two_views
 from hnm_ray.run.cli import entry_point
 from hnm_ray.run.cluster import torch_device
 from hnm_ray.core.errors import ConfigError, HnmError

@@ -174,7 +174,7 @@ def _views(tiles: np.ndarray, model, fc: dict[str, Any], gen, device: str, input
     """Projections of two augmented views of uint8 tiles (B, H, W, 3)."""
     import torch
 
-    from hnm_ray.augment import AugmentConfig, two_views
+    from hnm_ray.training.augment import AugmentConfig, two_views
     from hnm_ray.models.encoders import to_model_input
 
     # Augmented on the training device (uint8 crosses to it, a quarter of the float bytes): on a GPU worker the CPU
@@ -199,7 +199,7 @@ def our_loss(batch: dict[str, np.ndarray], model, fc: dict[str, Any], epoch: int
              supervised: bool, input_space: InputSpace):
     """Our loop, one SGD step per batch: SupCon with negatives as anchors (+ positives as anchors after warm-up);
     NT-Xent (SimCLR) when not supervised."""
-    from hnm_ray.losses import supcon_loss
+    from hnm_ray.training.losses import supcon_loss
 
     keep = _usable(batch, ratio, supervised)
     z1, z2 = _views(batch["tiles"][keep], model, fc, gen, device, input_space)
@@ -213,7 +213,7 @@ def our_objective(z1, z2, labels: np.ndarray, fc: dict[str, Any], epoch: int, cl
     view's positives are the views of its SupCon class (`classes`, default: the labels)."""
     import torch
 
-    from hnm_ray.losses import supcon_loss
+    from hnm_ray.training.losses import supcon_loss
 
     y = torch.from_numpy(labels.astype(np.int64)).to(z1.device)
     same = y if classes is None else torch.from_numpy(classes.astype(np.int64)).to(z1.device)
@@ -247,7 +247,7 @@ def official_objective(z1, z2, labels: np.ndarray, kinds: np.ndarray, step_b: bo
     uncertain negatives out of the contrast set)."""
     import torch
 
-    from hnm_ray.losses import supcon_step_a, supcon_step_b
+    from hnm_ray.training.losses import supcon_step_a, supcon_step_b
 
     y = torch.from_numpy(labels.astype(np.int64)).to(z1.device)
     if step_b:

@@ -138,7 +138,7 @@ def _hard_negative_bag(store: FeatureStore, loop: dict[str, Any], epoch: int) ->
 
 def _pair_step(model, pos: Bag, neg: Bag, hard_x, loss_kw: dict[str, Any], device: str, scale: float) -> float:
     """Forward and backward of one (positive, negative) bag pair: `losses.pair_loss` (+ the global ranking form)."""
-    from hnm_ray.losses import global_ranking_loss, pair_loss
+    from hnm_ray.training.losses import global_ranking_loss, pair_loss
 
     pos_out, neg_out = model(_tensor(pos, device)), model(_tensor(neg, device))
     pair_form = loss_kw["ranking"] == "pair"
@@ -196,7 +196,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Ray Train body: plain PyTorch on this worker's shard of bags, reporting metrics + checkpoints."""
     import torch
 
-    from hnm_ray.losses import bags_bce
+    from hnm_ray.training.losses import bags_bce
     from hnm_ray.models.aggregators import build_standardized
     from hnm_ray.training.checkpointing import latest_checkpoint, load_state, report
     from hnm_ray.training.runner import loop_device, place_and_restore, rank_and_world
