@@ -232,7 +232,8 @@ def train(work: Path) -> dict[str, Any]:
     from hnm_ray.models.encoders import config_tag
     from hnm_ray.store.features import FeatureStore
     from hnm_ray.store.manifest import load_manifest
-    from hnm_ray.training.finetune import CHECKPOINT_FILE as FT_FILE, TILE_ROW_SCHEMA, fit_finetune
+    from hnm_ray.training.finetune import CHECKPOINT_FILE as FT_FILE, fit_finetune
+    from hnm_ray.training.finetune_rows import TILE_ROW_SCHEMA
     from hnm_ray.training.mil import CHECKPOINT_FILE as MIL_FILE, fit_mil
 
     init_ray()

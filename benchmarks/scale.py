@@ -23,7 +23,7 @@ shared machine) and peak RSS and private memory (RSS - shared) of the driver and
 - `miner_snapshot_restore`: the miner's `save` to an .npz, the actor killed, a new one `restore`d from the file
   (its threshold checked equal).
 - `finetune_rows`: the round's fine-tuning rows as the product selects them from the scores and the restored miner
-  (hard negatives, positives drawn from the pseudo labels; `finetune.round_rows`, default config).
+  (hard negatives, positives drawn from the pseudo labels; `finetune_rows.round_rows`, default config).
 - `mil_N_workers`: `fit_mil` with `--mil-workers` Ray Train workers (DDP, 1 CPU each), the same epochs; Ray Train
   workers' RSS as `train_worker` (the larger of the two).
 
@@ -133,14 +133,14 @@ def reuse_store(root: Path, slides: int, median: int, largest: int,
 
 def finetune_rows(store: FeatureStore, records: list[SlideRecord], scores: pa.Table, miner) -> pa.Table:
     """The round's fine-tuning rows as the product selects them (`pseudo_labels.mine_round` after scoring, then
-    `finetune.round_rows` with the default config): the miner's hard negatives and the positives drawn from the
+    `finetune_rows.round_rows` with the default config): the miner's hard negatives and the positives drawn from the
     positive slides' pseudo labels."""
     import ray
 
     from hnm_ray.config import MiningConfig, TrainConfig
     from hnm_ray.mining import select_positives
     from hnm_ray.pseudo_labels import Selection, with_rank
-    from hnm_ray.training.finetune import round_rows
+    from hnm_ray.training.finetune_rows import round_rows
 
     hard = ray.get(miner.hard_negatives.remote())
     positive_ids = [r.slide_id for r in records if r.split == "train" and r.label == 1]

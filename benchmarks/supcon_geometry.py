@@ -72,7 +72,8 @@ def trajectory(config: TrainConfig, weights: str, head: str, tiles: np.ndarray, 
     from hnm_ray.training.augment import AugmentConfig, two_views
     from hnm_ray.training.losses import supcon_loss
     from hnm_ray.models.encoders import to_model_input
-    from hnm_ray.training.finetune import build_contrastive, negative_classes
+    from hnm_ray.training.contrastive import build_contrastive
+    from hnm_ray.training.finetune_rows import negative_classes
 
     seed = config.run.seed
     torch.manual_seed(seed)

@@ -35,7 +35,7 @@ from hnm_ray.models.cnn import SMALL_CNN_WIDTHS, SmallCNN
 from hnm_ray.models.encoders import to_model_input
 from hnm_ray.slides.reader import open_slide
 from hnm_ray.store.manifest import load_manifest
-from hnm_ray.training.finetune import contrastive_model, projection_head
+from hnm_ray.training.contrastive import contrastive_model, projection_head
 from hnm_ray.training.schedules import scheduler
 
 

@@ -49,7 +49,9 @@ from hnm_ray.run.run_folder import (CONFIG_FILE, RunState, cache_dir, demo_manif
                                     saved_config, staged, start_afresh, sync)
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest, require_both_classes
-from hnm_ray.training.finetune import UNCERTAIN_NEGATIVE, fit_finetune, round_rows
+from hnm_ray.training.finetune import fit_finetune
+from hnm_ray.training.finetune_rows import round_rows
+from hnm_ray.training.official_steps import UNCERTAIN_NEGATIVE
 from hnm_ray.training.mil import fit_mil
 from hnm_ray.training.pretrain import warm_start
 

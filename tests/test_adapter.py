@@ -27,7 +27,7 @@ from hnm_ray.store.manifest import load_manifest
 from hnm_ray import train
 from hnm_ray.train import check_inputs, initial_encoder, round_features, with_encoder_preprocessing
 from hnm_ray.training.adapter import ResidualAdapter, fit_adapter, load_adapter
-from hnm_ray.training.finetune import tile_rows
+from hnm_ray.training.finetune_rows import tile_rows
 from hnm_ray.training.official_steps import HARD_NEGATIVE, POSITIVE
 
 

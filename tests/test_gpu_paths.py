@@ -81,7 +81,7 @@ def test_mil_resume_keeps_optimizer_state_on_the_parameters_device(mil_store, mi
 def finetune_rows(demo_cohort) -> pa.Table:
     """16 tiles of one demo slide as fine-tuning rows."""
     from hnm_ray.extraction.index import tile_index
-    from hnm_ray.training.finetune import TILE_ROW_SCHEMA
+    from hnm_ray.training.finetune_rows import TILE_ROW_SCHEMA
 
     grid = tile_index(load_manifest(demo_cohort, require_labels=False)[0], TilingConfig(tile_size=64)).slice(0, 16)
     n = grid.num_rows
@@ -217,7 +217,7 @@ def test_bfloat16_encoding_runs_the_encoder_in_bfloat16_and_stores_float32_close
 def test_bfloat16_fine_tuning_forward_returns_float32_and_trains_float32_weights():
     from hnm_ray.training.losses import supcon_loss
     from hnm_ray.models.encoders import small_cnn
-    from hnm_ray.training.finetune import contrastive_model, projection_head
+    from hnm_ray.training.contrastive import contrastive_model, projection_head
 
     torch.manual_seed(0)
     encoder = small_cnn()

@@ -24,7 +24,9 @@ from hnm_ray.pseudo_labels import Selection, with_rank
 from hnm_ray.store.features import Bag, FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 from hnm_ray.training import tile_batches
-from hnm_ray.training.finetune import build_contrastive, epoch_batches, official_step_loss, round_rows
+from hnm_ray.training.contrastive import build_contrastive
+from hnm_ray.training.finetune import epoch_batches, official_step_loss
+from hnm_ray.training.finetune_rows import round_rows
 from hnm_ray.training.official_steps import POSITIVE, UNCERTAIN_NEGATIVE, official_ratio
 
 THRESHOLD, BATCH, TILE = 0.3, 64, 16

@@ -15,7 +15,7 @@ from hnm_ray.training.augment import AugmentConfig
 from hnm_ray.config import TrainConfig
 from hnm_ray.store.manifest import SlideRecord
 from hnm_ray.training import pretrain
-from hnm_ray.training.finetune import TILE_ROW_SCHEMA
+from hnm_ray.training.finetune_rows import TILE_ROW_SCHEMA
 
 
 def _records(tmp_path, names=("a", "b", "c")) -> list[SlideRecord]:

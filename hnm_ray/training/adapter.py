@@ -115,8 +115,9 @@ def _fit(config: TrainConfig, rows: pa.Table, round0: FeatureStore, weights: str
          device: str):
     """`fit_adapter`'s training, on `device`."""
     from hnm_ray.models.weights import save_weights
-    from hnm_ray.training.finetune import (FinetuneResult, _usable, contrastive_model, epoch_batches, load_head,
-                                           official_objective, our_objective, schedule)
+    from hnm_ray.training.contrastive import contrastive_model, load_head
+    from hnm_ray.training.finetune import (FinetuneResult, _usable, epoch_batches, official_objective, our_objective,
+                                           schedule)
     from hnm_ray.training.schedules import scheduler as lr_scheduler
     from hnm_ray.training.tile_batches import worker_share
 

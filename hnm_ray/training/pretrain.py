@@ -17,7 +17,8 @@ from hnm_ray.config import TrainConfig
 from hnm_ray.extraction.index import TileIndex, slide_indexes
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
-from hnm_ray.training.finetune import TILE_ROW_SCHEMA, fit_finetune
+from hnm_ray.training.finetune import fit_finetune
+from hnm_ray.training.finetune_rows import TILE_ROW_SCHEMA
 
 log = logging.getLogger("hnm_ray")
 
