@@ -138,7 +138,7 @@ def finetune_rows(store: FeatureStore, records: list[SlideRecord], scores: pa.Ta
     import ray
 
     from hnm_ray.config import MiningConfig, TrainConfig
-    from hnm_ray.mining.queue import select_positives
+    from hnm_ray.mining.selection import select_positives
     from hnm_ray.pseudo_labels import Selection, with_rank
     from hnm_ray.training.finetune_rows import round_rows
 
@@ -160,7 +160,7 @@ def main() -> None:
     import torch
 
     from hnm_ray.models.inference import evaluate_split
-    from hnm_ray.mining.queue import get_miner
+    from hnm_ray.mining.miner import get_miner
     from hnm_ray.scoring import count_tiles, score_tiles
     from hnm_ray.training.mil import fit_mil
 

@@ -44,7 +44,7 @@ class InstanceScorer:
         self.model, _ = load_aggregator(model_path, plugin)
         self.miner = None
         if miner_name:
-            from hnm_ray.mining.queue import get_miner
+            from hnm_ray.mining.miner import get_miner
 
             self.miner = get_miner(miner_name, create=False)
         self.negative = set(negative_slides)
@@ -53,7 +53,7 @@ class InstanceScorer:
         import torch
 
         from hnm_ray.models.inference import instance_logits
-        from hnm_ray.mining.queue import push_scores
+        from hnm_ray.mining.miner import push_scores
 
         embedding = batch["embedding"]  # (N, D), or N row arrays from a Ray Data batch of list values
         embedding = embedding if embedding.dtype != object else np.stack(embedding)

@@ -41,7 +41,8 @@ from hnm_ray.extract import extract_features
 from hnm_ray.extraction.index import TileIndex
 from hnm_ray.models.inference import evaluate_split
 from hnm_ray.models.metrics import INTERVAL_KEYS, describe
-from hnm_ray.mining.queue import adopt_round, get_miner, positive_ratio
+from hnm_ray.mining.miner import get_miner
+from hnm_ray.mining.selection import adopt_round, positive_ratio
 from hnm_ray.outputs import finish, log_skipped, round_done
 from hnm_ray.run.progress import native_stderr_to, route_ray_logs
 from hnm_ray.pseudo_labels import MINER_SNAPSHOT, Selection, mine_round

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from hnm_ray import pseudo_labels
 from hnm_ray.run.cluster import init_ray
 from hnm_ray.config import MiningConfig
-from hnm_ray.mining.queue import get_miner
+from hnm_ray.mining.miner import get_miner
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import load_manifest
 

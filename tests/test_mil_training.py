@@ -229,7 +229,7 @@ def test_driver_mode_run_resumes_and_keeps_two_checkpoints(mil_store, records, t
 def test_ranking_forms(ray_session, mil_store, records, tmp_path):
     import ray
 
-    from hnm_ray.mining.queue import get_miner
+    from hnm_ray.mining.miner import get_miner
     from hnm_ray.scoring import count_tiles
 
     def weights(name: str, miner_name: str | None = None, **knobs) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from torch import nn
 from hnm_ray.training.augment import AugmentConfig, augment, official_pipeline, two_views
 from hnm_ray.core.errors import ConfigError
 from hnm_ray.training.losses import supcon_loss, supcon_official, supcon_step_a, supcon_step_b
-from hnm_ray.mining.queue import adopt_round, select_positives, uncertain_negatives
+from hnm_ray.mining.selection import adopt_round, select_positives, uncertain_negatives
 from hnm_ray.models.aggregators import available_aggregators, build_aggregator
 from hnm_ray.models.encoders import resnet18_in, to_model_input
 from hnm_ray.models.weights import load_official_simclr, official_simclr_state

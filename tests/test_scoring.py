@@ -55,7 +55,7 @@ def test_score_tiles_scores_every_tile_and_mines_the_exact_top_k(trained, mil_st
     scores slide by slide (one node, the default there)."""
     import ray
 
-    from hnm_ray.mining.queue import get_miner
+    from hnm_ray.mining.miner import get_miner
 
     model_path, records = trained
     wanted = [r for r in records if r.split == "train"]
@@ -104,7 +104,7 @@ def test_saturated_probabilities_still_mine_by_logit(trained, mil_store, tmp_pat
     """With confident models p = sigmoid(logit) rounds to 1.0 in float32; the miner ranks logits, so no ties."""
     import ray
 
-    from hnm_ray.mining.queue import get_miner
+    from hnm_ray.mining.miner import get_miner
 
     model_path, records = trained
     model, meta = load_aggregator(model_path)

@@ -1,8 +1,8 @@
-"""Hard negative mining (paper step 6) and self-paced positive selection (paper step 5, ItS2CLR).
+"""The exact global top-k of hard negative mining (paper step 6): `TopKQueue`.
 
 Step 6 keeps only the global top fraction `neg_ratio` of negative-slide tiles by score: an exact
 top-k with k = ceil(neg_ratio * N_neg) over the whole training set. `TopKQueue` computes it with
-O(k) memory from batches pushed in any order; `HardNegativeMiner` wraps it as a named Ray actor
+O(k) memory from batches pushed in any order; `HardNegativeMiner` (`miner.py`) wraps it as a named Ray actor
 that every scoring worker pushes to, and that survives restarts through snapshots.
 
 Ranking is by score descending, then slide_id ascending, then tile_id ascending, so the result
@@ -13,28 +13,19 @@ concurrent pushes give the same queue as any sequential order.
 Scores: the miner ranks whatever it is given (the order of p = sigmoid(logit) and of the logit
 is the same); `threshold()` is in the unit pushed. The project pushes instance logits: float32
 p saturates at 1.0 above a logit of ~17 and would tie; sigmoid(threshold()) is the paper's
-(1 - neg_ratio) quantile of p. `select_positives` needs p in [0, 1].
+(1 - neg_ratio) quantile of p. `select_positives` (`selection.py`) needs p in [0, 1].
 """
 from __future__ import annotations
 
-import io
-import logging
 import math
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from hnm_ray.config import check_range
-from hnm_ray.core.errors import ConfigError, HnmError, StoreError
+from hnm_ray.core.errors import ConfigError
 
-log = logging.getLogger(__name__)
-
-NAMESPACE = "hnm_ray"
-DEFAULT_NAME = "hnm_miner"
 HARD_NEGATIVE_SCHEMA = pa.schema([("slide_id", pa.string()), ("tile_id", pa.int32()), ("score", pa.float32())])
 RANK_ORDER = [("score", "descending"), ("slide_id", "ascending"), ("tile_id", "ascending")]
 
@@ -42,7 +33,6 @@ _TILE_BITS = 32
 _TILE_MASK = (1 << _TILE_BITS) - 1
 _MIN_PENDING = 1 << 16  # candidates buffered before a merge, at least; bounds merge cost per row
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
-_SNAPSHOT_VERSION = 1
 
 
 def n_hard_negatives(n_neg_total: int, neg_ratio: float) -> int:
@@ -285,254 +275,3 @@ class TopKQueue:
         return queue
 
 
-def save_snapshot(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
-    """Write arrays to `path` (.npz) atomically: temp file in the same folder, fsync, rename (`storage.write_bytes`)."""
-    from hnm_ray.core.storage import write_bytes
-
-    path = Path(path)
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    try:
-        write_bytes(buffer.getvalue(), path)
-    except OSError as exc:
-        raise StoreError(f"cannot write miner snapshot {str(path)!r}: {exc}; pick a writable snapshot_path") from exc
-    return path
-
-
-def load_snapshot(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a snapshot written by `save_snapshot`."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
-    except (OSError, ValueError, KeyError) as exc:
-        raise StoreError(f"cannot read miner snapshot {str(path)!r}: {exc}; delete it to start the round afresh") from exc
-
-
-class HardNegativeMiner:
-    """Global hard-negative queue of one round (paper step 6); run it as a named Ray actor via `get_miner`.
-
-    State is numpy arrays only. With `snapshot_path`, `__init__` restores the last snapshot (a
-    restarted actor re-runs `__init__` with no state), `begin_round` writes one, and so does every
-    `autosave_every_n_pushes`-th push (0 = only on `save()`). Pushes after the last snapshot are
-    lost on a crash: re-push them (pushes are idempotent) or watch `stats()["restored_from"]`.
-    """
-
-    def __init__(self, snapshot_path: str | None = None, autosave_every_n_pushes: int = 0) -> None:
-        self.snapshot_path = Path(snapshot_path) if snapshot_path else None
-        self.autosave_every_n_pushes = int(autosave_every_n_pushes)
-        self.round: int | None = None
-        self.n_neg_total = 0
-        self.neg_ratio = 0.0
-        self.push_calls = 0
-        self.restored_from: str | None = None
-        self._queue: TopKQueue | None = None
-        if self.snapshot_path is not None and self.snapshot_path.is_file():
-            self.restore(self.snapshot_path)
-
-    def begin_round(self, n_neg_total: int, neg_ratio: float, round: int = 0) -> int:
-        """Start a round over `n_neg_total` negative tiles; returns k = ceil(neg_ratio * n_neg_total)."""
-        check_range("neg_ratio", neg_ratio, 0.0, 1.0, low_open=True)
-        if int(n_neg_total) < 1:
-            raise ConfigError("n_neg_total", f"{n_neg_total!r}: a round needs at least one negative tile; "
-                              "check that the training split holds negative slides with tissue")
-        self.round, self.n_neg_total, self.neg_ratio = int(round), int(n_neg_total), float(neg_ratio)
-        self.push_calls = 0
-        self._queue = TopKQueue(n_hard_negatives(self.n_neg_total, self.neg_ratio))
-        if self.snapshot_path is not None:
-            self.save()
-        return self._queue.k
-
-    def _require_round(self) -> TopKQueue:
-        if self._queue is None:
-            raise HnmError("the miner has no round: call begin_round(n_neg_total, neg_ratio, round) first")
-        return self._queue
-
-    def push(self, slide_ids: Any, tile_ids: Any, scores: Any, round: int | None = None) -> int:
-        """Offer scores of negative tiles; returns the rows that passed the k-th score (0 for a stale round)."""
-        queue = self._require_round()
-        if round is not None and int(round) != self.round:
-            log.warning("ignored a push for round %s during round %s", round, self.round)
-            return 0
-        accepted = queue.push(slide_ids, tile_ids, scores)
-        self.push_calls += 1
-        if self.snapshot_path is not None and self.autosave_every_n_pushes > 0 \
-                and self.push_calls % self.autosave_every_n_pushes == 0:
-            self.save()
-        return accepted
-
-    def hard_negatives(self) -> pa.Table:
-        """The exact global top-k (slide_id, tile_id, score), by score desc then slide_id, tile_id."""
-        return self._require_round().table()
-
-    def threshold(self) -> float | None:
-        """The k-th score; None while fewer than k distinct tiles were pushed."""
-        return self._require_round().threshold
-
-    def sample(self, n: int, seed: int = 0, replace: bool | None = None) -> pa.Table:
-        """A seeded sample of n hard negatives; replace=None samples with replacement only when n > size."""
-        table = self.hard_negatives()
-        size = table.num_rows
-        replace = n > size if replace is None else replace
-        if n < 0 or (size == 0 and n > 0) or (n > size and not replace):
-            raise HnmError(f"cannot sample {n} rows {'with' if replace else 'without'} replacement from "
-                           f"{size} hard negatives; push scores first or ask for at most {size}")
-        rows = np.random.default_rng(seed).choice(size, size=n, replace=replace)
-        return table.take(pa.array(rows))
-
-    def save(self, path: str | None = None) -> str:
-        """Write the miner state atomically to `path` (default: snapshot_path); returns the path."""
-        target = Path(path) if path else self.snapshot_path
-        if target is None:
-            raise HnmError("save() needs a path: pass one or create the miner with snapshot_path")
-        arrays = {"version": np.int64(_SNAPSHOT_VERSION), "has_round": np.bool_(self._queue is not None),
-                  "round": np.int64(self.round or 0), "n_neg_total": np.int64(self.n_neg_total),
-                  "neg_ratio": np.float64(self.neg_ratio), "push_calls": np.int64(self.push_calls)}
-        if self._queue is not None:
-            arrays.update({f"queue_{key}": value for key, value in self._queue.state().items()})
-        return str(save_snapshot(target, arrays))
-
-    def restore(self, path: str) -> dict[str, Any]:
-        """Replace the state with the snapshot at `path`; returns `stats()`."""
-        data = load_snapshot(path)
-        if int(data.get("version", -1)) != _SNAPSHOT_VERSION:
-            raise StoreError(f"miner snapshot {str(path)!r} has version {data.get('version')}, expected "
-                             f"{_SNAPSHOT_VERSION}; delete it and re-mine the round")
-        has_round = bool(data["has_round"])
-        self.round = int(data["round"]) if has_round else None
-        self.n_neg_total, self.neg_ratio = int(data["n_neg_total"]), float(data["neg_ratio"])
-        self.push_calls = int(data["push_calls"])
-        prefix = "queue_"
-        self._queue = TopKQueue.from_state({k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}) \
-            if has_round else None
-        self.restored_from = str(path)
-        return self.stats()
-
-    def stats(self) -> dict[str, Any]:
-        """Round, k, rows pushed, distinct tiles seen, size, threshold, memory bytes and snapshot facts."""
-        queue = self._queue
-        return {
-            "round": self.round, "k": queue.k if queue else 0, "n_neg_total": self.n_neg_total,
-            "neg_ratio": self.neg_ratio, "push_calls": self.push_calls,
-            "pushed": queue.pushed if queue else 0, "seen": queue.seen if queue else 0,
-            "duplicates": queue.duplicates if queue else 0, "size": queue.size if queue else 0,
-            "threshold": queue.threshold if queue else None, "memory_bytes": queue.nbytes if queue else 0,
-            "snapshot_path": str(self.snapshot_path) if self.snapshot_path else None,
-            "restored_from": self.restored_from,
-        }
-
-
-def get_miner(name: str = DEFAULT_NAME, snapshot_path: str | Path | None = None, create: bool = True, *,
-              lifetime: str | None = None, max_restarts: int = 3, max_task_retries: int = 3,
-              num_cpus: float = 0.0, autosave_every_n_pushes: int = 0, resources: dict[str, float] | None = None) -> Any:
-    """The named miner actor in namespace "hnm_ray"; created (get_if_exists) when absent and `create`.
-
-    The options apply only when this call creates the actor. num_cpus defaults to 0 so the miner
-    never takes a CPU from Train workers or Data actors; lifetime="detached" outlives the driver;
-    `resources` (Ray custom resources) places it on the nodes that have them.
-    """
-    import ray
-
-    try:
-        return ray.get_actor(name, namespace=NAMESPACE)
-    except ValueError:
-        if not create:
-            raise HnmError(f"no miner actor {name!r} in namespace {NAMESPACE!r}: the driver must create it "
-                           "with get_miner(name, create=True) before workers push") from None
-    return ray.remote(HardNegativeMiner).options(
-        name=name, namespace=NAMESPACE, get_if_exists=True, lifetime=lifetime, max_restarts=max_restarts,
-        max_task_retries=max_task_retries, num_cpus=num_cpus, resources=resources,
-    ).remote(str(snapshot_path) if snapshot_path else None, autosave_every_n_pushes)
-
-
-def push_scores(miner: Any, slide_ids: np.ndarray, tile_ids: np.ndarray, scores: np.ndarray,
-                patience_s: float = 120.0, first_wait_s: float = 0.5) -> None:
-    """`miner.push` of one batch, pushed again while the actor is temporarily unavailable (its node died and Ray is
-    restarting it elsewhere) for up to `patience_s`. Pushes are idempotent (keyed by slide + tile, the greatest score
-    kept), so a push that did reach the old actor does no harm; what the restart lost is pushed again at the end
-    of scoring (`pseudo_labels.repush_lost_scores`)."""
-    import time
-
-    import ray
-
-    deadline, wait = time.monotonic() + patience_s, first_wait_s
-    while True:
-        try:
-            ray.get(miner.push.remote(slide_ids, tile_ids, scores))
-            return
-        except ray.exceptions.ActorUnavailableError:
-            if time.monotonic() + wait > deadline:
-                raise
-            time.sleep(wait)
-            wait = min(2 * wait, 5.0)
-
-
-def positive_ratio(epoch: int, warmup: int, total_epochs: int, ro: float = 0.2, rT: float = 0.8) -> float:
-    """Self-paced fraction r_t of positives kept: ro up to the warm-up epoch, linear to rT at the last epoch.
-
-    Epochs count from 0; epoch `warmup` gives ro and epoch `total_epochs - 1` gives rT (ro throughout
-    when the warm-up ends at the last epoch).
-    """
-    check_range("ro", ro, 0.0, 1.0, low_open=True)
-    check_range("rT", rT, ro, 1.0)
-    if not 0 <= warmup < total_epochs:
-        raise ConfigError("warmup", f"{warmup!r} must lie in [0, total_epochs={total_epochs}); shorten the warm-up")
-    span = total_epochs - 1 - warmup
-    if span == 0:
-        return float(ro)
-    return float(ro + (rT - ro) * min(max(epoch - warmup, 0), span) / span)
-
-
-def _ranked(table: pa.Table) -> pa.Table:
-    return table.take(pc.sort_indices(table, sort_keys=RANK_ORDER))
-
-
-def select_positives(table: pa.Table, threshold: float = 0.3, *, ratio: float) -> pa.Table:
-    """Paper step 5: among positive-slide tiles with p > threshold, the top fraction `ratio` by p.
-
-    `table` has slide_id, tile_id and score = p = sigmoid(instance logit) in [0, 1] (other columns
-    are kept). Returns ceil(ratio * n_above) rows by score desc, then slide_id, tile_id.
-    """
-    check_range("ratio", ratio, 0.0, 1.0, low_open=True)
-    check_range("threshold", threshold, 0.0, 1.0, high_open=True)
-    scores = table["score"]
-    if table.num_rows and (pc.min(scores).as_py() < 0 or pc.max(scores).as_py() > 1):
-        raise HnmError(f"select_positives needs probabilities in [0, 1], got scores in [{pc.min(scores).as_py()}, "
-                       f"{pc.max(scores).as_py()}]: pass p = sigmoid(logit), not logits")
-    above = _ranked(table.filter(pc.greater(scores, pa.scalar(threshold, type=scores.type))))  # 0.3 as float32 too
-    return above.slice(0, math.ceil(Fraction(str(ratio)) * above.num_rows))
-
-
-def select_hard_negatives_local(table: pa.Table, neg_ratio: float) -> pa.Table:
-    """Reference for the miner on one machine: dedupe (greatest score), full sort, top ceil(neg_ratio * N)."""
-    check_range("neg_ratio", neg_ratio, 0.0, 1.0, low_open=True)
-    distinct = table.group_by(["slide_id", "tile_id"]).aggregate([("score", "max")])
-    distinct = pa.table([distinct["slide_id"].cast(pa.string()), distinct["tile_id"].cast(pa.int32()),
-                         distinct["score_max"].cast(pa.float32())], schema=HARD_NEGATIVE_SCHEMA)
-    return _ranked(distinct).slice(0, n_hard_negatives(distinct.num_rows, neg_ratio))
-
-
-def uncertain_negatives(table: pa.Table, threshold: float = 0.3, *, ratio: float) -> pa.Table:
-    """ItS2CLR's uncertain negatives: positive-slide tiles with p <= threshold, the lowest fraction `ratio` by p.
-
-    As the official code selects them (InssepSPLDataset.init_bag): q = np.quantile(p of those tiles,
-    ratio) with linear interpolation, keep every tile with p <= q (ties included), i.e.
-    floor(ratio * (n - 1)) + 1 tiles without ties. `table` holds positive-slide tiles with slide_id,
-    tile_id and score = p in [0, 1]; returned by score ascending, then slide_id, tile_id. They are
-    label 0 in the official step B (after the first adopted pseudo-label update).
-    """
-    check_range("ratio", ratio, 0.0, 1.0, low_open=True)
-    check_range("threshold", threshold, 0.0, 1.0, high_open=True)
-    scores = table["score"]
-    # The complement of select_positives' candidates (p > threshold, threshold cast to the score type).
-    below = table.filter(pc.less_equal(scores, pa.scalar(threshold, type=scores.type)))
-    if below.num_rows == 0:
-        return below
-    values = below["score"].to_numpy().astype(np.float64)  # the official code compares Python floats
-    kept = below.filter(pa.array(values <= np.quantile(values, ratio)))
-    return kept.take(pc.sort_indices(kept, sort_keys=[("score", "ascending"), ("slide_id", "ascending"),
-                                                      ("tile_id", "ascending")]))
-
-
-def adopt_round(new_best_val_f1: float, best_so_far: float) -> bool:
-    """Official update gate: adopt a round's pseudo labels and hard negatives iff its best val F1 >= the best so far."""
-    return bool(new_best_val_f1 >= best_so_far)

@@ -129,7 +129,7 @@ def epoch_batches(loop: dict[str, Any], rows: dict[str, np.ndarray], epoch: int,
     """This rank's batches of an epoch (row indices into `rows`), whether each is an official step B (None: our
     loop), and the epoch's r_t. Ours: the rank's share in a seeded order, `batch_size` a batch; the official loop:
     its part of every official step (`official_steps.epoch_steps`): N workers train on the official per-step batch."""
-    from hnm_ray.mining.queue import positive_ratio
+    from hnm_ray.mining.selection import positive_ratio
     from hnm_ray.training.official_steps import epoch_steps, official_ratio, step_sizes
     from hnm_ray.training.tile_batches import epoch_order, fixed_batches
 

@@ -65,7 +65,7 @@ def round_rows(config: TrainConfig, store: FeatureStore, records: list[SlideReco
     from the round's top r_t; the official loop: every positive above the threshold (step A cycles through them, step
     B takes the top r_t of them each epoch). The uncertain negatives join once `uncertain_joined` (officially after
     the first adopted pseudo-label update)."""
-    from hnm_ray.mining.queue import positive_ratio
+    from hnm_ray.mining.selection import positive_ratio
 
     ft, seed = config.finetune, config.run.seed + round_
     hard = selection.hard_negatives.select(["slide_id", "tile_id"])

@@ -121,7 +121,7 @@ def _hard_negative_bag(store: FeatureStore, loop: dict[str, Any], epoch: int) ->
     """Features of a sample of the miner's global hard negatives (global ranking form), or None if no queue."""
     import ray
 
-    from hnm_ray.mining.queue import get_miner
+    from hnm_ray.mining.miner import get_miner
 
     if not loop["miner_name"]:
         return None
