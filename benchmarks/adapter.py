@@ -23,7 +23,7 @@ from benchmarks.representation import tile_probe
 from hnm_ray import config as cfg
 from hnm_ray.run.cluster import init_ray
 from hnm_ray.config import TrainConfig
-from hnm_ray.pseudo_labels import Selection
+from hnm_ray.mining.pseudo_labels import Selection
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import load_manifest
 from hnm_ray.train import index_root, initial_head, round_store, with_weights

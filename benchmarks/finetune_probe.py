@@ -110,7 +110,7 @@ def main() -> None:
     from benchmarks.representation import tile_probe
     from hnm_ray.run.cluster import init_ray
     from hnm_ray.models.encoders import config_tag, encoder_from_config
-    from hnm_ray.pseudo_labels import Selection
+    from hnm_ray.mining.pseudo_labels import Selection
     from hnm_ray.training import finetune, finetune_rows
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

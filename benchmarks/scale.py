@@ -139,7 +139,7 @@ def finetune_rows(store: FeatureStore, records: list[SlideRecord], scores: pa.Ta
 
     from hnm_ray.config import MiningConfig, TrainConfig
     from hnm_ray.mining.selection import select_positives
-    from hnm_ray.pseudo_labels import Selection, with_rank
+    from hnm_ray.mining.pseudo_labels import Selection, with_rank
     from hnm_ray.training.finetune_rows import round_rows
 
     hard = ray.get(miner.hard_negatives.remote())
@@ -161,7 +161,7 @@ def main() -> None:
 
     from hnm_ray.models.inference import evaluate_split
     from hnm_ray.mining.miner import get_miner
-    from hnm_ray.scoring import count_tiles, score_tiles
+    from hnm_ray.mining.scoring import count_tiles, score_tiles
     from hnm_ray.training.mil import fit_mil
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -110,7 +110,7 @@ def trajectory(config: TrainConfig, weights: str, head: str, tiles: np.ndarray, 
 
 def main() -> None:
     from hnm_ray.models.encoders import config_tag
-    from hnm_ray.pseudo_labels import Selection
+    from hnm_ray.mining.pseudo_labels import Selection
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a finished job's run folder (round 0 mined)")

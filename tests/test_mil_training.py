@@ -230,7 +230,7 @@ def test_ranking_forms(ray_session, mil_store, records, tmp_path):
     import ray
 
     from hnm_ray.mining.miner import get_miner
-    from hnm_ray.scoring import count_tiles
+    from hnm_ray.mining.scoring import count_tiles
 
     def weights(name: str, miner_name: str | None = None, **knobs) -> dict[str, torch.Tensor]:
         config = MILConfig(workers=0, epochs=6, lr=3e-3, **knobs)

@@ -14,7 +14,7 @@ from _support import small_config
 from hnm_ray.core.errors import ConfigError
 from hnm_ray.training.losses import supcon_loss
 from hnm_ray.mining.selection import select_positives
-from hnm_ray.pseudo_labels import Selection, with_rank
+from hnm_ray.mining.pseudo_labels import Selection, with_rank
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 from hnm_ray.training import finetune, finetune_rows, tile_batches

@@ -20,7 +20,7 @@ from test_official_recipe import _official_checkpoint, _reference_supcon
 from hnm_ray.training import losses
 from hnm_ray.config import EncoderConfig
 from hnm_ray.mining.selection import select_positives, uncertain_negatives
-from hnm_ray.pseudo_labels import Selection, with_rank
+from hnm_ray.mining.pseudo_labels import Selection, with_rank
 from hnm_ray.store.features import Bag, FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 from hnm_ray.training import tile_batches

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from hnm_ray.scoring import SCORES_SCHEMA, InstanceScorer, count_tiles, score_tiles
+from hnm_ray.mining.scoring import SCORES_SCHEMA, InstanceScorer, count_tiles, score_tiles
 from hnm_ray.store.manifest import load_manifest
 from hnm_ray.config import MILConfig
 from hnm_ray.models.inference import load_aggregator, save_aggregator
