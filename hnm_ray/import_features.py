@@ -176,14 +176,6 @@ def import_h5(files: list[Path], store: FeatureStore, fmt: str, mpp: float | Non
     return summary
 
 
-def imported_format(store: FeatureStore) -> str | None:
-    """The h5 format a store's features were imported from (its metadata's `source_format`), None for features
-    extracted from slides or an empty store."""
-    if not store.files():
-        return None
-    return store.metadata().get("source_format")
-
-
 def export_trident(store: FeatureStore, out_dir: str | Path) -> list[Path]:
     """Write every slide of `store` as a TRIDENT-style h5 (`features`, `coords` level-0 px with patch attributes)."""
     import h5py

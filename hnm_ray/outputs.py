@@ -75,7 +75,7 @@ def finish(run_dir: Path, history: list[dict[str, Any]], records: list[SlideReco
     (heatmaps/hard_negatives/); QuPath GeoJSON of every slide; report.html; the MLflow run's final metrics and
     artifacts. Returns the metrics summary ("final": the kept round, its "kept" saying why; both protocols,
     intervals, the tile threshold)."""
-    from hnm_ray.import_features import imported_format
+    from hnm_ray.store.features import imported_format
     from hnm_ray.models.inference import split_probabilities, tile_threshold
     from hnm_ray.report import plot_roc
     from hnm_ray.report.html import write_run_report

@@ -144,7 +144,7 @@ def round0_of(config: TrainConfig) -> FeatureStore | None:
 
 def imported_round0(config: TrainConfig) -> str | None:
     """The h5 format round 0's features were imported from (`import_features`: no slide to read), else None."""
-    from hnm_ray.import_features import imported_format
+    from hnm_ray.store.features import imported_format
 
     store = round0_of(config)
     return None if store is None else imported_format(store)

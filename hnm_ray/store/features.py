@@ -301,3 +301,11 @@ def write_table_atomically(table: pa.Table, final: Location) -> Location:
     """Write `table` as zstd Parquet, complete or absent (temp + fsync + rename locally, one upload on object
     storage). OSError (disk full, read-only) propagates with no temp file left behind."""
     return storage.write_table(table, final)
+
+
+def imported_format(store: FeatureStore) -> str | None:
+    """The h5 format a store's features were imported from (its metadata's `source_format`), None for features
+    extracted from slides or an empty store."""
+    if not store.files():
+        return None
+    return store.metadata().get("source_format")
