@@ -32,7 +32,7 @@ from hnm_ray.config import TrainConfig
 from hnm_ray.core.errors import ConfigError, HnmError
 from hnm_ray.extract import extract_features
 from hnm_ray.models.inference import load_aggregator, tile_scores
-from hnm_ray.outputs import AGGREGATOR
+from hnm_ray.report.outputs import AGGREGATOR
 from hnm_ray.run.progress import native_stderr_to, route_ray_logs
 from hnm_ray.run.run_folder import CONFIG_FILE, demo_manifest_path, holds_run
 from hnm_ray.store.features import FeatureStore
@@ -50,7 +50,7 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
     from hnm_ray.run.cluster import init_ray
     from hnm_ray.models.metrics import with_intervals
     from hnm_ray.models.encoders import config_tag
-    from hnm_ray.outputs import log_skipped, skipped_slides
+    from hnm_ray.report.outputs import log_skipped, skipped_slides
     from hnm_ray.report import plot_roc
     from hnm_ray.report.html import write_predict_report
     from hnm_ray.report.slides import Thresholds, mined_hard_negatives, on_same_slides, write_slide_outputs

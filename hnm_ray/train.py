@@ -43,7 +43,7 @@ from hnm_ray.models.inference import evaluate_split
 from hnm_ray.models.metrics import INTERVAL_KEYS, describe
 from hnm_ray.mining.miner import get_miner
 from hnm_ray.mining.selection import adopt_round, positive_ratio
-from hnm_ray.outputs import finish, log_skipped, round_done
+from hnm_ray.report.outputs import finish, log_skipped, round_done
 from hnm_ray.run.progress import native_stderr_to, route_ray_logs
 from hnm_ray.mining.pseudo_labels import MINER_SNAPSHOT, Selection, mine_round
 from hnm_ray.run.run_folder import (CONFIG_FILE, RunState, cache_dir, demo_manifest, remote_of, resolve_run,

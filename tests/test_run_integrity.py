@@ -204,7 +204,7 @@ def test_hard_negatives_are_marked_only_on_the_same_slide_file(tmp_path):
 
 
 def test_the_end_of_a_job_states_what_it_skipped(tmp_path, console):
-    from hnm_ray.outputs import log_skipped, skipped_slides
+    from hnm_ray.report.outputs import log_skipped, skipped_slides
     from hnm_ray.report.html import write_run_report
 
     store = FeatureStore(tmp_path / "store", "small_cnn")
