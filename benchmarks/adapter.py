@@ -21,14 +21,15 @@ from typing import Any
 
 from benchmarks.representation import tile_probe
 from hnm_ray import config as cfg
-from hnm_ray.cluster import init_ray
+from hnm_ray.run.cluster import init_ray
 from hnm_ray.config import TrainConfig
-from hnm_ray.pseudo_labels import Selection
+from hnm_ray.mining.pseudo_labels import Selection
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import load_manifest
 from hnm_ray.train import index_root, initial_head, round_store, with_weights
 from hnm_ray.training.adapter import adapt_store, fit_adapter
-from hnm_ray.training.finetune import fit_finetune, round_rows
+from hnm_ray.training.finetune import fit_finetune
+from hnm_ray.training.finetune_rows import round_rows
 
 VIEWS = {"feature_dropout0.2_noise0.2": (0.2, 0.2), "identical_views": (0.0, 0.0)}
 

@@ -36,7 +36,7 @@ def measure(store_root: str, tag: str, aggregator: str, chunk: int, out: str) ->
     import psutil
 
     from hnm_ray.models.aggregators import build_standardized
-    from hnm_ray.scoring import count_tiles
+    from hnm_ray.mining.scoring import count_tiles
     from hnm_ray.store.features import FeatureStore
 
     torch.set_num_threads(1)

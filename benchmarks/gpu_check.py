@@ -149,8 +149,8 @@ def _mixed_batch(record: Any, work: Path) -> dict[str, Any]:
     import cupy
 
     from hnm_ray.config import TilingConfig
-    from hnm_ray.decode import TileReaders, decode_batch
-    from hnm_ray.index import tile_index
+    from hnm_ray.extraction.decode import TileReaders, decode_batch
+    from hnm_ray.extraction.index import tile_index
 
     ndpi = work / f"{record.slide_id}.ndpi"
     shutil.copy(record.path, ndpi)
@@ -195,7 +195,7 @@ def _cosine(a_store: Any, b_store: Any) -> dict[str, float]:
 def extract(work: Path) -> dict[str, Any]:
     """End-to-end extraction with resnet18_in on the GPU (1 actor a GPU) and on the CPU, and bf16 autocast on the
     GPU: tiles/s, GPU utilisation, cosine of GPU (and bf16) embeddings to the CPU's."""
-    from hnm_ray.cluster import init_ray
+    from hnm_ray.run.cluster import init_ray
 
     init_ray()
     gpu, gpu_store = _extract(work, "gpu", {"extract": {"gpus_per_encoder": 1}})
@@ -209,9 +209,9 @@ def extract(work: Path) -> dict[str, Any]:
 @step
 def share(work: Path) -> dict[str, Any]:
     """Two encoder actors sharing one GPU (gpus_per_encoder 0.5): both run and the slides complete."""
-    from hnm_ray.cluster import init_ray, live_nodes
+    from hnm_ray.run.cluster import init_ray, live_nodes
     from hnm_ray.config import TrainConfig, from_tree
-    from hnm_ray.encoder_pool import plan_encoder_pool
+    from hnm_ray.extraction.encoder_pool import plan_encoder_pool
 
     init_ray()
     config = from_tree(TrainConfig, {"extract": {"gpus_per_encoder": 0.5}})
@@ -226,13 +226,14 @@ def train(work: Path) -> dict[str, Any]:
     forced resume for one more epoch: a step after the resume runs and the optimizer state sits on the GPU."""
     import torch
 
-    from hnm_ray.cluster import init_ray
+    from hnm_ray.run.cluster import init_ray
     from hnm_ray.config import MILConfig, TrainConfig, from_tree
-    from hnm_ray.index import tile_index
+    from hnm_ray.extraction.index import tile_index
     from hnm_ray.models.encoders import config_tag
     from hnm_ray.store.features import FeatureStore
     from hnm_ray.store.manifest import load_manifest
-    from hnm_ray.training.finetune import CHECKPOINT_FILE as FT_FILE, TILE_ROW_SCHEMA, fit_finetune
+    from hnm_ray.training.finetune import CHECKPOINT_FILE as FT_FILE, fit_finetune
+    from hnm_ray.training.finetune_rows import TILE_ROW_SCHEMA
     from hnm_ray.training.mil import CHECKPOINT_FILE as MIL_FILE, fit_mil
 
     init_ray()

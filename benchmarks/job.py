@@ -52,8 +52,8 @@ def plain_mil_seconds(run: Path) -> dict[str, float]:
 
     from hnm_ray import config as cfg
     from hnm_ray.config import TrainConfig
-    from hnm_ray.losses import pair_loss
-    from hnm_ray.metrics import slide_metrics
+    from hnm_ray.training.losses import pair_loss
+    from hnm_ray.models.metrics import slide_metrics
     from hnm_ray.models.aggregators import build_standardized
     from hnm_ray.store.features import FeatureStore
     from hnm_ray.store.manifest import load_manifest
@@ -104,7 +104,7 @@ def _mean_later_mil(stages: dict[str, float]) -> float:
 
 
 def _demo_manifest(config) -> Path:
-    from hnm_ray.run_folder import demo_manifest
+    from hnm_ray.run.run_folder import demo_manifest
 
     return demo_manifest(config.run)  # the cohort the job made (HNM_RAY_CACHE of this process points at it)
 

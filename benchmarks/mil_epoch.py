@@ -29,7 +29,7 @@ from pathlib import Path
 
 from benchmarks.scale import reuse_store, write_store
 from hnm_ray.config import MILConfig
-from hnm_ray.scoring import count_tiles
+from hnm_ray.mining.scoring import count_tiles
 from hnm_ray.training.mil import fit_mil
 
 FULL_TRAIN_GIB = 2.15  # float16 features of the 270 training bags of the full-scale store

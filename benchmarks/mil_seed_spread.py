@@ -26,7 +26,7 @@ import numpy as np
 
 from benchmarks.ablation import stats
 from hnm_ray.config import TrainConfig, from_tree, load_yaml
-from hnm_ray.inference import evaluate_split
+from hnm_ray.models.inference import evaluate_split
 from hnm_ray.store.manifest import load_manifest
 from hnm_ray.train import round_store
 from hnm_ray.training.mil import fit_mil

@@ -16,7 +16,8 @@ import tracemalloc
 
 import numpy as np
 
-from hnm_ray.mining import TopKQueue, get_miner, n_hard_negatives
+from hnm_ray.mining.miner import get_miner
+from hnm_ray.mining.queue import TopKQueue, n_hard_negatives
 
 NEG_RATIO = 0.2
 BATCH = 65_536

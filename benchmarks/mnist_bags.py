@@ -37,8 +37,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from benchmarks.cohorts.digits import load_mnist
-from hnm_ray.losses import bag_bce, pair_loss
-from hnm_ray.metrics import youden_threshold
+from hnm_ray.training.losses import bag_bce, pair_loss
+from hnm_ray.models.metrics import youden_threshold
 from hnm_ray.models.aggregators import build_standardized
 from hnm_ray.training.mil import epoch_pairs
 

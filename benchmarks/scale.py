@@ -24,7 +24,7 @@ shared machine) and peak RSS and private memory (RSS - shared) of the driver and
 - `miner_snapshot_restore`: the miner's `save` to an .npz, the actor killed, a new one `restore`d from the file
   (its threshold checked equal).
 - `finetune_rows`: the round's fine-tuning rows as the product selects them from the scores and the restored miner
-  (hard negatives, positives drawn from the pseudo labels; `finetune.round_rows`, default config).
+  (hard negatives, positives drawn from the pseudo labels; `finetune_rows.round_rows`, default config).
 - `mil_N_workers`: `fit_mil` with `--mil-workers` Ray Train workers (DDP, 1 CPU each), the same epochs; Ray Train
   workers' RSS as `train_worker` (the larger of the two).
 - `report`: the end of a job (`outputs.finish`) on the validation and test slides: tile threshold, test ROC, a heatmap
@@ -153,14 +153,14 @@ def reuse_store(root: Path, slides: int, median: int, largest: int, seed: int,
 
 def finetune_rows(store: FeatureStore, records: list[SlideRecord], scores: pa.Table, miner) -> pa.Table:
     """The round's fine-tuning rows as the product selects them (`pseudo_labels.mine_round` after scoring, then
-    `finetune.round_rows` with the default config): the miner's hard negatives and the positives drawn from the
+    `finetune_rows.round_rows` with the default config): the miner's hard negatives and the positives drawn from the
     positive slides' pseudo labels."""
     import ray
 
     from hnm_ray.config import MiningConfig, TrainConfig
-    from hnm_ray.mining import select_positives
-    from hnm_ray.pseudo_labels import Selection, with_rank
-    from hnm_ray.training.finetune import round_rows
+    from hnm_ray.mining.selection import select_positives
+    from hnm_ray.mining.pseudo_labels import Selection, with_rank
+    from hnm_ray.training.finetune_rows import round_rows
 
     hard = ray.get(miner.hard_negatives.remote())
     positive_ids = [r.slide_id for r in records if r.split == "train" and r.label == 1]
@@ -195,8 +195,8 @@ def write_report(run_dir: Path, store: FeatureStore, records: list[SlideRecord],
     file of every slide given, report.html. `mil`: the fitted aggregator; `metrics`: its evaluation (may be empty)."""
     from hnm_ray import config as cfg
     from hnm_ray.config import TrainConfig
-    from hnm_ray.outputs import finish
-    from hnm_ray.run_folder import CONFIG_FILE
+    from hnm_ray.report.outputs import finish
+    from hnm_ray.run.run_folder import CONFIG_FILE
 
     chosen = [r for r in records if r.split in ("val", "test")]
     config = TrainConfig()
@@ -233,7 +233,7 @@ def trained_aggregator(path: str | None, config: MILConfig, store: FeatureStore,
     with `path`, copied there for the next run. Returns it and the record of where it came from."""
     import shutil
 
-    from hnm_ray.inference import load_aggregator
+    from hnm_ray.models.inference import load_aggregator
     from hnm_ray.training.mil import MILResult, fit_mil
 
     if path and Path(path).is_file():
@@ -280,9 +280,9 @@ NEEDS = {"miner_snapshot_restore": "score_topk", "finetune_rows": "miner_snapsho
 def main() -> None:
     import ray
 
-    from hnm_ray.inference import evaluate_split
-    from hnm_ray.mining import get_miner
-    from hnm_ray.scoring import count_tiles, score_tiles
+    from hnm_ray.models.inference import evaluate_split
+    from hnm_ray.mining.miner import get_miner
+    from hnm_ray.mining.scoring import count_tiles, score_tiles
     from hnm_ray.training.mil import fit_mil
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

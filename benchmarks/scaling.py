@@ -18,14 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from hnm_ray.cluster import init_ray
+from hnm_ray.run.cluster import init_ray
 from hnm_ray.config import JobConfig, TrainConfig, from_tree
 from hnm_ray.extract import extract_features
 from hnm_ray.models.encoders import config_tag
-from hnm_ray.run_folder import demo_manifest
+from hnm_ray.run.run_folder import demo_manifest
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest
-from hnm_ray.training.finetune import HARD_NEGATIVE, POSITIVE, fit_finetune, tile_rows
+from hnm_ray.training.finetune import fit_finetune
+from hnm_ray.training.finetune_rows import tile_rows
+from hnm_ray.training.official_steps import HARD_NEGATIVE, POSITIVE
 from mil import run as mil_run  # benchmarks/mil.py, beside this script
 from mil import synthetic_store
 

@@ -69,10 +69,11 @@ def trajectory(config: TrainConfig, weights: str, head: str, tiles: np.ndarray, 
     """One setting's steps (see the module docstring)."""
     import torch
 
-    from hnm_ray.augment import AugmentConfig, two_views
-    from hnm_ray.losses import supcon_loss
+    from hnm_ray.training.augment import AugmentConfig, two_views
+    from hnm_ray.training.losses import supcon_loss
     from hnm_ray.models.encoders import to_model_input
-    from hnm_ray.training.finetune import build_contrastive, negative_classes
+    from hnm_ray.training.contrastive import build_contrastive
+    from hnm_ray.training.finetune_rows import negative_classes
 
     seed = config.run.seed
     torch.manual_seed(seed)
@@ -109,7 +110,7 @@ def trajectory(config: TrainConfig, weights: str, head: str, tiles: np.ndarray, 
 
 def main() -> None:
     from hnm_ray.models.encoders import config_tag
-    from hnm_ray.pseudo_labels import Selection
+    from hnm_ray.mining.pseudo_labels import Selection
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a finished job's run folder (round 0 mined)")

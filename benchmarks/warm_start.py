@@ -28,13 +28,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from benchmarks.cohorts import COHORTS, cached_cohort
-from hnm_ray.augment import AugmentConfig, two_views
+from hnm_ray.training.augment import AugmentConfig, two_views
 from hnm_ray.config import FinetuneConfig, PretrainConfig
-from hnm_ray.losses import supcon_loss
-from hnm_ray.models.encoders import SMALL_CNN_WIDTHS, SmallCNN, to_model_input
+from hnm_ray.training.losses import supcon_loss
+from hnm_ray.models.cnn import SMALL_CNN_WIDTHS, SmallCNN
+from hnm_ray.models.encoders import to_model_input
 from hnm_ray.slides.reader import open_slide
 from hnm_ray.store.manifest import load_manifest
-from hnm_ray.training.finetune import contrastive_model, projection_head
+from hnm_ray.training.contrastive import contrastive_model, projection_head
 from hnm_ray.training.schedules import scheduler
 
 

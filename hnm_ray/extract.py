@@ -26,14 +26,14 @@ import numpy as np
 
 from hnm_ray import config as cfg
 from hnm_ray.config import EncoderConfig, TrainConfig
-from hnm_ray.cli import entry_point
-from hnm_ray.cli import parser as cli_parser
-from hnm_ray.cluster import cluster_gpus, init_ray, live_nodes, torch_device
-from hnm_ray.decode import TileReaders, decode_batch
-from hnm_ray.encoder_pool import plan_encoder_pool
-from hnm_ray.errors import ConfigError, HnmError
-from hnm_ray.index import INDEX_FAILED, TileIndex
-from hnm_ray.progress import Progress
+from hnm_ray.run.cli import entry_point
+from hnm_ray.run.cli import parser as cli_parser
+from hnm_ray.run.cluster import cluster_gpus, init_ray, live_nodes, torch_device
+from hnm_ray.extraction.decode import TileReaders, decode_batch
+from hnm_ray.extraction.encoder_pool import plan_encoder_pool
+from hnm_ray.core.errors import ConfigError, HnmError
+from hnm_ray.extraction.index import INDEX_FAILED, TileIndex
+from hnm_ray.run.progress import Progress
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest
 
@@ -251,7 +251,7 @@ def _pipeline(records: list[SlideRecord], index: TileIndex, config: TrainConfig,
     each actor's resources: `encoder_pool.plan_encoder_pool`. A separate decode actor pool cost a second process
     start (~1-2 s of importing on the critical path) and a hop through the object store for every batch of pixels.
     """
-    from hnm_ray.index_stream import tile_stream
+    from hnm_ray.extraction.index_stream import tile_stream
 
     extract = config.extract
     pool = plan_encoder_pool(extract, use_gpu, live_nodes())

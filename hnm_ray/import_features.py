@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hnm_ray import storage
-from hnm_ray.cli import add_store_arguments, entry_point
-from hnm_ray.cli import parser as cli_parser
-from hnm_ray.errors import StoreError
+from hnm_ray.core import storage
+from hnm_ray.run.cli import add_store_arguments, entry_point
+from hnm_ray.run.cli import parser as cli_parser
+from hnm_ray.core.errors import StoreError
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import name_problem
 
@@ -174,14 +174,6 @@ def import_h5(files: list[Path], store: FeatureStore, fmt: str, mpp: float | Non
     log.info("import: %d slides written, %d already imported, %d failed%s", len(summary.written), len(summary.skipped),
              len(summary.failed), f" (see {store.errors_path})" if summary.failed else "")
     return summary
-
-
-def imported_format(store: FeatureStore) -> str | None:
-    """The h5 format a store's features were imported from (its metadata's `source_format`), None for features
-    extracted from slides or an empty store."""
-    if not store.files():
-        return None
-    return store.metadata().get("source_format")
 
 
 def export_trident(store: FeatureStore, out_dir: str | Path) -> list[Path]:

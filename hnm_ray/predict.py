@@ -25,16 +25,16 @@ from typing import Any
 import numpy as np
 
 from hnm_ray import config as cfg
-from hnm_ray import storage
-from hnm_ray.cli import entry_point
-from hnm_ray.cli import parser as cli_parser
+from hnm_ray.core import storage
+from hnm_ray.run.cli import entry_point
+from hnm_ray.run.cli import parser as cli_parser
 from hnm_ray.config import TrainConfig
-from hnm_ray.errors import ConfigError, HnmError
+from hnm_ray.core.errors import ConfigError, HnmError
 from hnm_ray.extract import extract_features
-from hnm_ray.inference import load_aggregator, tile_scores
-from hnm_ray.outputs import AGGREGATOR
-from hnm_ray.progress import native_stderr_to, route_ray_logs
-from hnm_ray.run_folder import CONFIG_FILE, demo_manifest_path, holds_run
+from hnm_ray.models.inference import load_aggregator, tile_scores
+from hnm_ray.report.outputs import AGGREGATOR
+from hnm_ray.run.progress import native_stderr_to, route_ray_logs
+from hnm_ray.run.run_folder import CONFIG_FILE, demo_manifest_path, holds_run
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest, records_from_folder
 
@@ -47,10 +47,10 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
     """Extract, score and summarise `slides` (manifest or folder) with the run at `checkpoint`; `knobs` (a nested
     mapping, e.g. {"extract": {"batch_size": 32}}) override the run's config. A checkpoint naming a plug-in or
     TorchScript encoder/aggregator (code) that `knobs` do not name is refused unless `trust_plugins` (--trust-plugins)."""
-    from hnm_ray.cluster import init_ray
-    from hnm_ray.metrics import with_intervals
+    from hnm_ray.run.cluster import init_ray
+    from hnm_ray.models.metrics import with_intervals
     from hnm_ray.models.encoders import config_tag
-    from hnm_ray.outputs import log_skipped, skipped_slides
+    from hnm_ray.report.outputs import log_skipped, skipped_slides
     from hnm_ray.report import plot_roc
     from hnm_ray.report.html import write_predict_report
     from hnm_ray.report.slides import Thresholds, mined_hard_negatives, on_same_slides, write_slide_outputs
@@ -64,7 +64,7 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
                                           "this run never had; import the new slides' features from the same "
                                           "extractor (python -m hnm_ray.import_features) and score them with the "
                                           "checkpoint's adapter and aggregator (hnm_ray.training.adapter.adapt_store, "
-                                          "hnm_ray.inference.tile_scores)")
+                                          "hnm_ray.models.inference.tile_scores)")
     config = _run_config(ckpt, knobs or {}, trust_plugins)
     config = with_weights(config, str(ckpt / meta["encoder_weights"]) if meta.get("encoder_weights") else None)
     slides = Path(slides)
@@ -123,7 +123,7 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
 def adapted_store(store: FeatureStore, ckpt: Path, meta: dict[str, Any]) -> FeatureStore:
     """The features the run's aggregator reads: the run's adapter (finetune.scope adapter) applied to the encoder's
     `store`, in a folder named after the adapter file's digest; `store` itself for a run without one."""
-    from hnm_ray.models.encoders import file_digest
+    from hnm_ray.models.weights import file_digest
     from hnm_ray.training.adapter import adapt_store
 
     if not meta.get("adapter_weights"):

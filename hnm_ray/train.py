@@ -32,25 +32,28 @@ from typing import Any, Callable
 import numpy as np
 
 from hnm_ray import config as cfg
-from hnm_ray import storage
-from hnm_ray.cli import entry_point
-from hnm_ray.cli import parser as cli_parser
+from hnm_ray.core import storage
+from hnm_ray.run.cli import entry_point
+from hnm_ray.run.cli import parser as cli_parser
 from hnm_ray.config import TrainConfig
 from hnm_ray.config.sections import EMBED_AUTO_MIN_BAGS
-from hnm_ray.errors import ConfigError
+from hnm_ray.core.errors import ConfigError
 from hnm_ray.extract import extract_features
-from hnm_ray.index import TileIndex
-from hnm_ray.inference import evaluate_split
-from hnm_ray.metrics import INTERVAL_KEYS, describe
-from hnm_ray.mining import adopt_round, get_miner, positive_ratio
-from hnm_ray.outputs import finish, log_skipped, round_done
-from hnm_ray.progress import native_stderr_to, route_ray_logs
-from hnm_ray.pseudo_labels import MINER_SNAPSHOT, Selection, mine_round
-from hnm_ray.run_folder import (CONFIG_FILE, RunState, cache_dir, demo_manifest, remote_of, resolve_run, saved_config,
-                                 staged, start_afresh, sync)
+from hnm_ray.extraction.index import TileIndex
+from hnm_ray.models.inference import evaluate_split
+from hnm_ray.models.metrics import INTERVAL_KEYS, describe
+from hnm_ray.mining.miner import get_miner
+from hnm_ray.mining.selection import adopt_round, positive_ratio
+from hnm_ray.report.outputs import finish, log_skipped, round_done
+from hnm_ray.run.progress import native_stderr_to, route_ray_logs
+from hnm_ray.mining.pseudo_labels import MINER_SNAPSHOT, Selection, mine_round
+from hnm_ray.run.run_folder import (CONFIG_FILE, RunState, cache_dir, demo_manifest, remote_of, resolve_run,
+                                    saved_config, staged, start_afresh, sync)
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest, require_both_classes
-from hnm_ray.training.finetune import UNCERTAIN_NEGATIVE, fit_finetune, round_rows
+from hnm_ray.training.finetune import fit_finetune
+from hnm_ray.training.finetune_rows import round_rows
+from hnm_ray.training.official_steps import UNCERTAIN_NEGATIVE
 from hnm_ray.training.mil import fit_mil
 from hnm_ray.training.pretrain import warm_start
 
@@ -61,7 +64,7 @@ def run_job(config: TrainConfig, run_dir: Path, on_round: Callable[[dict[str, An
             records: list[SlideRecord] | None = None) -> dict[str, Any]:
     """Run (or resume) Algorithm 1 in `run_dir`; returns the final metrics. `on_round` gets each round's metrics;
     `records`: the cohort `check_inputs` returned (checked here when not given)."""
-    from hnm_ray.cluster import init_ray
+    from hnm_ray.run.cluster import init_ray
 
     started = time.perf_counter()
     records = check_inputs(config) if records is None else records  # before Ray starts and the run folder is made
@@ -143,7 +146,7 @@ def round0_of(config: TrainConfig) -> FeatureStore | None:
 
 def imported_round0(config: TrainConfig) -> str | None:
     """The h5 format round 0's features were imported from (`import_features`: no slide to read), else None."""
-    from hnm_ray.import_features import imported_format
+    from hnm_ray.store.features import imported_format
 
     store = round0_of(config)
     return None if store is None else imported_format(store)
@@ -226,7 +229,7 @@ def initial_head(weights: str | None, run_dir: Path) -> str | None:
     (a random head)."""
     import torch
 
-    from hnm_ray.models.encoders import official_head_state
+    from hnm_ray.models.weights import official_head_state
     from hnm_ray.training.pretrain import warm_start_head
 
     if weights is None:

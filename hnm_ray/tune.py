@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from hnm_ray import config as cfg
-from hnm_ray import storage, tracking
-from hnm_ray.cli import entry_point
-from hnm_ray.cli import parser as cli_parser
+from hnm_ray.run import tracking
+from hnm_ray.core import storage
+from hnm_ray.run.cli import entry_point
+from hnm_ray.run.cli import parser as cli_parser
 from hnm_ray.config import TrainConfig
-from hnm_ray.errors import ConfigError, HnmError
+from hnm_ray.core.errors import ConfigError, HnmError
 from hnm_ray.extract import extract_features
-from hnm_ray.run_folder import RunState, demo_manifest, staged, sync
+from hnm_ray.run.run_folder import RunState, demo_manifest, staged, sync
 from hnm_ray.train import index_root, initial_encoder, round_store, run_job, with_weights
 
 log = logging.getLogger("hnm_ray")
@@ -145,7 +146,7 @@ def run_sweep(config: TuneConfig, resume: bool = False):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from hnm_ray.cluster import init_ray
+    from hnm_ray.run.cluster import init_ray
     from hnm_ray.training.finetune import finetune_workers, worker_cpus
 
     refuse_passwords(config)

@@ -16,10 +16,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hnm_ray import pseudo_labels
-from hnm_ray.cluster import init_ray
+from hnm_ray.mining import pseudo_labels
+from hnm_ray.run.cluster import init_ray
 from hnm_ray.config import MiningConfig
-from hnm_ray.mining import get_miner
+from hnm_ray.mining.miner import get_miner
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import load_manifest
 

@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 from _support import kept_store, small_config
 from test_import_features import slide_arrays, write_h5
 
-from hnm_ray.errors import ConfigError
+from hnm_ray.core.errors import ConfigError
 from hnm_ray.import_features import import_h5
-from hnm_ray.inference import load_aggregator
+from hnm_ray.models.inference import load_aggregator
 from hnm_ray.predict import main as predict_main
 from hnm_ray.predict import predict
 from hnm_ray.slides.reader import SlideReader
@@ -27,7 +27,7 @@ from hnm_ray.store.manifest import load_manifest
 from hnm_ray import train
 from hnm_ray.train import check_inputs, initial_encoder, round_features, with_encoder_preprocessing
 from hnm_ray.training.adapter import ResidualAdapter, fit_adapter, load_adapter
-from hnm_ray.training.finetune import tile_rows
+from hnm_ray.training.finetune_rows import tile_rows
 from hnm_ray.training.official_steps import HARD_NEGATIVE, POSITIVE
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from hnm_ray.errors import ConfigError
-from hnm_ray.losses import class_pos_weight, pair_loss
+from hnm_ray.core.errors import ConfigError
+from hnm_ray.training.losses import class_pos_weight, pair_loss
 from hnm_ray.models.aggregators import available_aggregators, build_aggregator, register_aggregator
 
 NAMES = ["dsmil", "abmil"]

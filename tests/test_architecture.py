@@ -25,6 +25,17 @@ def test_every_module_in_the_architecture_table_exists():
     assert len(paths) >= 15, paths
     for path in paths:
         assert (REPO / path).exists(), path
+    for line in table:  # a folder's row names its files: each of them exists in that folder
+        folder = re.findall(r"`(hnm_ray/[^`]+/)`", line.split("|")[1])
+        for name in re.findall(r"`([a-z_0-9]+\.py)`", line.split("|")[2]) if folder else []:
+            assert (REPO / folder[0] / name).exists(), (folder[0], name)
+
+
+def test_the_top_of_the_package_holds_only_what_the_table_names():
+    """hnm_ray/ holds the entry points and the stage folders, each a row of the table: a new top-level module fails."""
+    named = set(re.findall(r"`hnm_ray/([^`/]+)/?`", _section("Architecture")))
+    top = {p.name for p in (REPO / "hnm_ray").iterdir() if p.name not in ("__init__.py", "__pycache__")}
+    assert sorted(top - named) == []
 
 
 def test_every_train_flag_the_readme_names_parses():

@@ -21,10 +21,10 @@ from _support import small_config, store_for
 
 from hnm_ray import config as cfg
 from hnm_ray.config import TrainConfig
-from hnm_ray.errors import ConfigError, HnmError, ManifestError, NoTissueError, SlideError, StoreError
-from hnm_ray.decode import TileReaders, decode_batch
+from hnm_ray.core.errors import ConfigError, HnmError, ManifestError, NoTissueError, SlideError, StoreError
+from hnm_ray.extraction.decode import TileReaders, decode_batch
 from hnm_ray.extract import extract_features
-from hnm_ray.index import tile_index
+from hnm_ray.extraction.index import tile_index
 from hnm_ray.slides.integrity import jpeg_tile_problem
 from hnm_ray.slides.reader import open_slide
 from hnm_ray.slides.synthetic import damage_jpeg_tiles, write_pyramid

@@ -9,9 +9,10 @@ import torch
 
 from hnm_ray import config as cfg
 from hnm_ray.config import TrainConfig
-from hnm_ray.errors import ConfigError, ManifestError
+from hnm_ray.core.errors import ConfigError, ManifestError
 from hnm_ray.models.aggregators import build_aggregator
-from hnm_ray.models.encoders import build_encoder, read_weights, save_weights
+from hnm_ray.models.encoders import build_encoder
+from hnm_ray.models.weights import read_weights, save_weights
 from hnm_ray.store.manifest import SlideRecord, require_both_classes
 
 
@@ -75,7 +76,7 @@ def test_a_training_split_of_one_class_is_refused_naming_the_counts():
 
 
 def test_the_job_refuses_a_one_class_cohort_before_any_extraction(tmp_path, monkeypatch, demo_cohort):
-    import hnm_ray.cluster
+    import hnm_ray.run.cluster
     import hnm_ray.train
 
     rows = list(csv.DictReader(demo_cohort.open()))
@@ -85,7 +86,7 @@ def test_the_job_refuses_a_one_class_cohort_before_any_extraction(tmp_path, monk
         writer.writeheader()
         writer.writerows({"slide_id": r["slide_id"], "path": str(demo_cohort.parent / r["path"]), "label": 0}
                          for r in rows)
-    monkeypatch.setattr(hnm_ray.cluster, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(hnm_ray.run.cluster, "init_ray", lambda *a, **k: None)
     monkeypatch.setattr(hnm_ray.train, "extract_features", lambda *a, **k: pytest.fail("extraction started"))
     config = cfg.from_tree(TrainConfig, {"run": {"manifest": str(manifest)}, "pretrain": {"method": "none"}})
     with pytest.raises(ManifestError, match="training needs both classes"):
@@ -99,7 +100,7 @@ def test_our_errors_survive_copy_and_pickle_so_a_tune_trial_shows_them():
     import copy
     import pickle
 
-    from hnm_ray.errors import NoTissueError, SlideError
+    from hnm_ray.core.errors import NoTissueError, SlideError
 
     for error in (ConfigError("run.store_tag", "dim 64 there, 512 here"), ManifestError("m.csv", ["row 1: bad"]),
                   SlideError("s1", "file not found", "check the path"), NoTissueError("s2", "no tissue")):

@@ -8,7 +8,7 @@ import yaml
 
 from hnm_ray import config as cfg
 from hnm_ray.config import TrainConfig
-from hnm_ray.errors import ConfigError
+from hnm_ray.core.errors import ConfigError
 from hnm_ray.train import parse_args
 
 

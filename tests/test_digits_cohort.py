@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` lives beside the package, not in it
 
 from benchmarks.cohorts.digits import DigitsConfig, cache_folder, load_mnist, make_digits_cohort, read_digits  # noqa: E402
-from hnm_ray.errors import HnmError  # noqa: E402
+from hnm_ray.core.errors import HnmError  # noqa: E402
 from hnm_ray.slides.annotation import load_annotation, tile_truth  # noqa: E402
 from hnm_ray.slides.grid import tile_grid  # noqa: E402
 from hnm_ray.slides.reader import open_slide  # noqa: E402

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from _support import small_config
 
-from hnm_ray.encoder_pool import READ_RESERVE, actor_cpus, actors_per_node, plan_encoder_pool
+from hnm_ray.extraction.encoder_pool import READ_RESERVE, actor_cpus, actors_per_node, plan_encoder_pool
 
 GIB = 1024**3
 
@@ -82,7 +82,7 @@ def test_more_than_one_gpu_per_encoder_is_refused():
     """An encoder actor encodes on one GPU: `gpus_per_encoder 2` would hold a second GPU it never uses."""
     from hnm_ray import config as cfg
     from hnm_ray.config import TrainConfig
-    from hnm_ray.errors import ConfigError
+    from hnm_ray.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="extract.gpus_per_encoder"):
         cfg.from_tree(TrainConfig, {"extract": {"gpus_per_encoder": 2}})

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from hnm_ray.errors import ConfigError
+from hnm_ray.core.errors import ConfigError
 from hnm_ray.models import encoders
 from hnm_ray.models.encoders import (IMAGENET_MEAN, IMAGENET_STD, build_encoder, encoder_tag, list_encoders,
                                      register_encoder, to_model_input)

@@ -27,10 +27,10 @@ from _support import small_config, store_for
 
 from hnm_ray import config as cfg
 from hnm_ray.config import TilingConfig, TrainConfig
-from hnm_ray.errors import ConfigError
-from hnm_ray.decode import TileReaders, decode_batch
+from hnm_ray.core.errors import ConfigError
+from hnm_ray.extraction.decode import TileReaders, decode_batch
 from hnm_ray.extract import SlideGatherer, extract_features, main
-from hnm_ray.index import INDEX_FAILED, TileIndex
+from hnm_ray.extraction.index import INDEX_FAILED, TileIndex
 from hnm_ray.slides.synthetic import MASK_DOWNSAMPLE, damage_jpeg_tiles
 from hnm_ray.store.features import FeatureStore, feature_schema
 from hnm_ray.store.manifest import load_manifest

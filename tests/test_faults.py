@@ -25,9 +25,9 @@ import pytest
 from _support import small_config, store_for
 from _support import wait_for as _wait
 
-from hnm_ray.errors import StoreError
+from hnm_ray.core.errors import StoreError
 from hnm_ray.extract import extract_features
-from hnm_ray.index import tile_index
+from hnm_ray.extraction.index import tile_index
 from hnm_ray.store.manifest import load_manifest
 
 
@@ -111,7 +111,7 @@ def test_killed_train_worker_resumes_from_the_last_checkpoint(ray_session, mil_s
 def test_killed_miner_restores_its_queue_and_the_round_completes_exactly(ray_session, tmp_path):
     import ray
 
-    from hnm_ray.mining import get_miner
+    from hnm_ray.mining.miner import get_miner
 
     n, neg_ratio = 3000, 0.1
     k = int(np.ceil(n * neg_ratio))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from _support import small_config, store_for
-from hnm_ray.errors import ConfigError
+from hnm_ray.core.errors import ConfigError
 from hnm_ray.models import foundation
 from hnm_ray.models.encoders import build_encoder, config_tag, encoder_from_config
 from hnm_ray.store.manifest import load_manifest
@@ -191,13 +191,12 @@ def test_a_model_not_in_the_cache_fails_in_check_inputs_naming_the_download_comm
 def test_check_inputs_does_not_load_the_weights(offline, demo_cohort, monkeypatch):
     """check_inputs finds the files and traces the architecture on the meta device: the weights are read once, by
     each encoder actor, never by the driver (a 1B-parameter model would cost seconds and GBs twice)."""
-    from hnm_ray.models import encoders
     from hnm_ray.train import check_inputs
 
     def refuse(*args, **kwargs):
         raise AssertionError("weights read in check_inputs")
 
-    monkeypatch.setattr(encoders, "read_weights", refuse)
+    monkeypatch.setattr("hnm_ray.models.weights.read_weights", refuse)
     config = _config("hf-hub:hnm-test/tiny-vit", demo_cohort)
     assert len(check_inputs(config)) == 8
 

@@ -80,8 +80,8 @@ def test_mil_resume_keeps_optimizer_state_on_the_parameters_device(mil_store, mi
 @pytest.fixture(scope="module")
 def finetune_rows(demo_cohort) -> pa.Table:
     """16 tiles of one demo slide as fine-tuning rows."""
-    from hnm_ray.index import tile_index
-    from hnm_ray.training.finetune import TILE_ROW_SCHEMA
+    from hnm_ray.extraction.index import tile_index
+    from hnm_ray.training.finetune_rows import TILE_ROW_SCHEMA
 
     grid = tile_index(load_manifest(demo_cohort, require_labels=False)[0], TilingConfig(tile_size=64)).slice(0, 16)
     n = grid.num_rows
@@ -114,8 +114,8 @@ def test_gpu_readers_decode_openslide_only_formats_on_the_cpu(demo_cohort, tmp_p
     the pixels a CPU actor reads, instead of failing as "'cuda' needs the cucim backend"."""
     import shutil
 
-    from hnm_ray.decode import TileReaders, decode_batch
-    from hnm_ray.index import tile_index
+    from hnm_ray.extraction.decode import TileReaders, decode_batch
+    from hnm_ray.extraction.index import tile_index
 
     record = load_manifest(demo_cohort, require_labels=False)[0]
     ndpi = tmp_path / f"{record.slide_id}.ndpi"  # a tiled TIFF: OpenSlide opens it (generic-tiff) by content
@@ -134,7 +134,7 @@ def test_gpu_encoder_actor_without_a_gpu_for_torch_refuses():
     """An encoder actor given a GPU by Ray where torch sees none (a CPU torch wheel, a driver mismatch) refuses,
     instead of holding its GPU and encoding on one CPU thread."""
     from hnm_ray.config import EncoderConfig
-    from hnm_ray.errors import ConfigError
+    from hnm_ray.core.errors import ConfigError
     from hnm_ray.extract import TileEncoder
 
     if torch.cuda.is_available():
@@ -147,7 +147,7 @@ def test_gpu_encoder_actor_without_a_gpu_for_torch_refuses():
 @pytest.mark.timeout(300)
 def test_mil_on_gpu_in_the_driver_without_a_gpu_refuses(mil_store, mil_cohort, tmp_path):
     """`--mil.use_gpu` with `mil.workers 0` on a GPU-less head: a clear error naming the knob, not a CUDA trace."""
-    from hnm_ray.errors import ConfigError
+    from hnm_ray.core.errors import ConfigError
     from hnm_ray.training.mil import fit_mil
 
     if torch.cuda.is_available():
@@ -164,7 +164,7 @@ MIXED_CLUSTER = [{"CPU": 4.0}, {"CPU": 64.0}, {"CPU": 12.0, "GPU": 1.0}, {"CPU":
 def test_gpu_fine_tuning_workers_are_sized_from_the_gpu_nodes(finetune_rows, tmp_path, monkeypatch):
     """A head, a 64-CPU CPU node and two GPU nodes: one worker per GPU, each asking for a GPU node's CPUs per GPU
     (12), not the largest node's 64 (a worker no node can hold never schedules)."""
-    from hnm_ray import cluster
+    from hnm_ray.run import cluster
     from hnm_ray.training.finetune import fit_finetune, worker_cpus
 
     monkeypatch.setattr(cluster, "live_nodes", lambda: MIXED_CLUSTER)
@@ -215,9 +215,9 @@ def test_bfloat16_encoding_runs_the_encoder_in_bfloat16_and_stores_float32_close
 
 
 def test_bfloat16_fine_tuning_forward_returns_float32_and_trains_float32_weights():
-    from hnm_ray.losses import supcon_loss
+    from hnm_ray.training.losses import supcon_loss
     from hnm_ray.models.encoders import small_cnn
-    from hnm_ray.training.finetune import contrastive_model, projection_head
+    from hnm_ray.training.contrastive import contrastive_model, projection_head
 
     torch.manual_seed(0)
     encoder = small_cnn()

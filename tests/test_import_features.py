@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from hnm_ray.config import MILConfig
-from hnm_ray.errors import StoreError
+from hnm_ray.core.errors import StoreError
 from hnm_ray.import_features import export_trident, import_h5, main
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import load_manifest
@@ -197,7 +197,7 @@ def test_heatmaps_and_qupath_files_of_an_imported_store_need_no_slide_image(impo
 def test_mil_eval_chunk_tiles_is_saved_with_the_model_and_chunked_evaluation_equals_whole_bags(imported_mil):
     """The knob reaches every scoring path through the model file: fit_mil saves mil.eval_chunk_tiles in its JSON,
     load_aggregator sets it, and the store's bags evaluated 6 tiles at a time give the whole bags' probabilities."""
-    from hnm_ray.inference import evaluate_bags, load_aggregator, read_bags
+    from hnm_ray.models.inference import evaluate_bags, load_aggregator, read_bags
 
     _, records, store, result = imported_mil
     model, meta = load_aggregator(result.model_path)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from hnm_ray import index as index_stage
+from hnm_ray.extraction import index as index_stage
 from hnm_ray.config import TilingConfig
-from hnm_ray.index import TileIndex, slide_indexes, tiling_tag
+from hnm_ray.extraction.index import TileIndex, slide_indexes, tiling_tag
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 
@@ -58,8 +58,8 @@ def test_only_missing_slides_are_computed_and_then_stored(tmp_path, monkeypatch)
 
 def test_the_extraction_stream_reads_stored_indexes_computes_missing_ones_and_carries_failures(tmp_path, monkeypatch,
                                                                                              demo_cohort):
-    from hnm_ray import index_stream
-    from hnm_ray.index import INDEX_FAILED
+    from hnm_ray.extraction import index_stream
+    from hnm_ray.extraction.index import INDEX_FAILED
     from hnm_ray.store.manifest import load_manifest
 
     index = TileIndex(tmp_path, TilingConfig())

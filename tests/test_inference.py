@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from hnm_ray.errors import HnmError, ModelFileError
-from hnm_ray.inference import evaluate_bags, instance_logits, load_aggregator, save_aggregator
+from hnm_ray.core.errors import HnmError, ModelFileError
+from hnm_ray.models.inference import evaluate_bags, instance_logits, load_aggregator, save_aggregator
 from hnm_ray.models.aggregators import build_standardized
 from hnm_ray.store.features import Bag
 
@@ -110,7 +110,7 @@ def _many_bags(tmp_path, monkeypatch):
 def test_evaluating_a_split_reads_its_bags_one_at_a_time(tmp_path, monkeypatch):
     """evaluate_split, tile_threshold and split_probabilities stream the split: at most two bags are alive at a time
     (a split held whole as a list of bags is 129 x ~8k x 512 float32 = ~2 GiB at Camelyon16 scale)."""
-    from hnm_ray.inference import evaluate_split, split_probabilities, tile_threshold
+    from hnm_ray.models.inference import evaluate_split, split_probabilities, tile_threshold
 
     store, records, model_path, most = _many_bags(tmp_path, monkeypatch)
     metrics = evaluate_split(model_path, store, records, "test")
@@ -126,7 +126,7 @@ def test_scoring_every_tile_and_the_reports_slide_outputs_read_bags_one_at_a_tim
     what mining runs on one node) and the report's heatmaps + QuPath files (write_slide_outputs, here without slide
     images) hold one bag at a time plus the one being read, never the split."""
     from hnm_ray.report.slides import Thresholds, write_slide_outputs
-    from hnm_ray.scoring import score_tiles
+    from hnm_ray.mining.scoring import score_tiles
 
     store, records, model_path, most = _many_bags(tmp_path, monkeypatch)
     table = score_tiles(model_path, store, records, tmp_path / "scores.parquet", in_process=True)

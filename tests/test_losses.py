@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hnm_ray.losses import (bag_bce, bags_bce, class_pos_weight, global_ranking_loss, pair_loss, ranking_loss, supcon_loss,
-                            topk_mean)
+from hnm_ray.training.losses import (bag_bce, bags_bce, class_pos_weight, global_ranking_loss, pair_loss, ranking_loss,
+                                     supcon_loss, topk_mean)
 
 S_POS = [3.0, 1.0, -2.0, 0.5]
 S_NEG = [0.0, 2.0, -1.0]

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hnm_ray.errors import ConfigError, ManifestError
+from hnm_ray.core.errors import ConfigError, ManifestError
 from hnm_ray.store.manifest import load_manifest, records_from_folder, split_counts
 
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from hnm_ray.metrics import (bootstrap_auc_interval, describe, instance_metrics, roc_auc, slide_metrics,
-                             wilson_interval, with_intervals, youden_threshold)
+from hnm_ray.models.metrics import (bootstrap_auc_interval, describe, instance_metrics, roc_auc, slide_metrics,
+                                    wilson_interval, with_intervals, youden_threshold)
 
 # 4 negatives, 3 positives. Youden's J = tpr - fpr at each threshold (predict positive when p >= t):
 #   t=0.9: 1/3 - 0 = .333   t=0.7: 2/3 - 0 = .667   t=0.65: 2/3 - 1/4 = .417
@@ -100,7 +100,7 @@ def test_numpy_metrics_equal_scikit_learn_with_ties(seed):
     from sklearn.metrics import (average_precision_score, f1_score, precision_score, recall_score, roc_auc_score,
                                  roc_curve)
 
-    from hnm_ray.metrics import roc_points
+    from hnm_ray.models.metrics import roc_points
 
     rng = np.random.default_rng(seed)
     n = int(rng.integers(2, 60))

@@ -17,7 +17,7 @@ from hnm_ray import config as cfg
 from hnm_ray import train
 from hnm_ray.config import MILConfig, TrainConfig
 from hnm_ray.config.sections import EMBED_AUTO_MIN_BAGS, EMBED_AUTO_WIDTH
-from hnm_ray.inference import load_aggregator
+from hnm_ray.models.inference import load_aggregator
 from hnm_ray.store.manifest import SlideRecord
 from hnm_ray.training.mil import fit_mil
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 from _support import LiveBags, wait_for
 
-from hnm_ray.losses import pair_loss
+from hnm_ray.training.losses import pair_loss
 from hnm_ray.models.aggregators import build_standardized
 from hnm_ray.store.bag_cache import GIB, BagCache, bag_bytes
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord, load_manifest
 from hnm_ray.config import MILConfig
-from hnm_ray.inference import evaluate_split, load_aggregator
+from hnm_ray.models.inference import evaluate_split, load_aggregator
 from hnm_ray.training.mil import epoch_pairs, feature_statistics, fit_mil, standardisation
 
 # 40 epochs of the demo's 4 pairs are 160 Adam steps: at the official lr 2e-4 the model is under-trained (test
@@ -229,8 +229,8 @@ def test_driver_mode_run_resumes_and_keeps_two_checkpoints(mil_store, records, t
 def test_ranking_forms(ray_session, mil_store, records, tmp_path):
     import ray
 
-    from hnm_ray.mining import get_miner
-    from hnm_ray.scoring import count_tiles
+    from hnm_ray.mining.miner import get_miner
+    from hnm_ray.mining.scoring import count_tiles
 
     def weights(name: str, miner_name: str | None = None, **knobs) -> dict[str, torch.Tensor]:
         config = MILConfig(workers=0, epochs=6, lr=3e-3, **knobs)
@@ -469,7 +469,7 @@ def test_a_bag_past_max_bag_gib_stops_mil_before_any_bag_is_read(tmp_path, monke
     knob, raised before a bag is read (not a worker killed for memory mid-epoch); a test bag counts (held whole)."""
     import hnm_ray.training.mil as mil
 
-    from hnm_ray.errors import StoreError
+    from hnm_ray.core.errors import StoreError
 
     sizes = {"a": 30, "b": 30, "c": 30, "d": 30, "big": 60}
     store = array_store(tmp_path / "store", {s: np.ones((n, 8), np.float32) for s, n in sizes.items()})

@@ -5,11 +5,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from hnm_ray.errors import ConfigError, HnmError
-from hnm_ray.mining import (
-    HardNegativeMiner, TopKQueue, get_miner, n_hard_negatives, positive_ratio, select_hard_negatives_local,
-    select_positives,
-)
+from hnm_ray.core.errors import ConfigError, HnmError
+from hnm_ray.mining.miner import HardNegativeMiner, get_miner
+from hnm_ray.mining.queue import TopKQueue, n_hard_negatives
+from hnm_ray.mining.selection import positive_ratio, select_hard_negatives_local, select_positives
 
 
 def random_rows(n: int, n_slides: int, seed: int, decimals: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -264,7 +263,7 @@ def test_a_push_waits_for_a_restarting_miner_and_gives_up_after_its_patience(mon
     patience the error reaches the caller."""
     import ray
 
-    from hnm_ray.mining import HardNegativeMiner, push_scores
+    from hnm_ray.mining.miner import HardNegativeMiner, push_scores
 
     miner, failures = HardNegativeMiner(), {"left": 2}
     miner.begin_round(n_neg_total=3, neg_ratio=0.5, round=0)

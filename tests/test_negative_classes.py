@@ -11,13 +11,13 @@ from torch import nn
 
 from _support import small_config
 
-from hnm_ray.errors import ConfigError
-from hnm_ray.losses import supcon_loss
-from hnm_ray.mining import select_positives
-from hnm_ray.pseudo_labels import Selection, with_rank
+from hnm_ray.core.errors import ConfigError
+from hnm_ray.training.losses import supcon_loss
+from hnm_ray.mining.selection import select_positives
+from hnm_ray.mining.pseudo_labels import Selection, with_rank
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
-from hnm_ray.training import finetune, tile_batches
+from hnm_ray.training import finetune, finetune_rows, tile_batches
 
 CENTRES = np.array([[8.0, 0, 0, 0], [0, 8.0, 0, 0], [0, 0, 8.0, 0]], np.float32)  # three kinds of normal tissue
 TILES = 12
@@ -52,7 +52,7 @@ def cohort(tmp_path_factory):
 
 def _rows(cohort, k: int) -> pa.Table:
     config = small_config({"finetune": {"negative_classes": k, "warmup_epochs": 0}})
-    return finetune.round_rows(config, cohort["store"], cohort["records"], cohort["selection"], 0, False)
+    return finetune_rows.round_rows(config, cohort["store"], cohort["records"], cohort["selection"], 0, False)
 
 
 def test_round_rows_give_each_negative_the_class_of_its_feature_cluster_and_the_positives_their_own(cohort):

@@ -392,7 +392,7 @@ def test_an_error_ray_cannot_recover_from_is_one_line_and_exit_code_3(capsys):
     command continues the job, and exit code 3; other exceptions still propagate."""
     import ray.exceptions
 
-    from hnm_ray.cli import entry_point
+    from hnm_ray.run.cli import entry_point
 
     @entry_point
     def lost(argv=None) -> int:

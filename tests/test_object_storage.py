@@ -20,8 +20,8 @@ boto3 = pytest.importorskip("boto3")
 
 from _support import small_config, store_for  # noqa: E402
 
-from hnm_ray import storage  # noqa: E402
-from hnm_ray.errors import ConfigError, StoreError  # noqa: E402
+from hnm_ray.core import storage  # noqa: E402
+from hnm_ray.core.errors import ConfigError, StoreError  # noqa: E402
 from hnm_ray.store.features import FeatureStore  # noqa: E402
 
 BUCKET = "hnm"
@@ -86,7 +86,7 @@ def test_feature_store_and_tile_index_round_trip_on_s3(s3):
     assert len([k for k in keys if "/errors.jsonl.d/" in k]) == 2 and len(keys) == 4
 
     from hnm_ray.config import TilingConfig
-    from hnm_ray.index import TileIndex
+    from hnm_ray.extraction.index import TileIndex
 
     index = TileIndex(f"s3://{BUCKET}/roundtrip/features", TilingConfig())
     assert not index.has("a")
@@ -218,7 +218,7 @@ def test_train_job_with_runs_and_store_on_s3_finishes_and_resumes_on_a_fresh_mac
 
 
 def test_a_sync_cut_short_keeps_the_previous_state_json(s3, tmp_path, monkeypatch):
-    from hnm_ray import run_folder
+    from hnm_ray.run import run_folder
 
     monkeypatch.setenv("HNM_RAY_CACHE", str(tmp_path / "cache"))
     uri = f"s3://{BUCKET}/cut/run"

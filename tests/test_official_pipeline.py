@@ -17,14 +17,16 @@ from torch import nn
 from _support import small_config
 from test_official_recipe import _official_checkpoint, _reference_supcon
 
-from hnm_ray import losses
+from hnm_ray.training import losses
 from hnm_ray.config import EncoderConfig
-from hnm_ray.mining import select_positives, uncertain_negatives
-from hnm_ray.pseudo_labels import Selection, with_rank
+from hnm_ray.mining.selection import select_positives, uncertain_negatives
+from hnm_ray.mining.pseudo_labels import Selection, with_rank
 from hnm_ray.store.features import Bag, FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 from hnm_ray.training import tile_batches
-from hnm_ray.training.finetune import build_contrastive, epoch_batches, official_step_loss, round_rows
+from hnm_ray.training.contrastive import build_contrastive
+from hnm_ray.training.finetune import epoch_batches, official_step_loss
+from hnm_ray.training.finetune_rows import round_rows
 from hnm_ray.training.official_steps import POSITIVE, UNCERTAIN_NEGATIVE, official_ratio
 
 THRESHOLD, BATCH, TILE = 0.3, 64, 16

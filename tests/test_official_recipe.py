@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hnm_ray.augment import AugmentConfig, augment, official_pipeline, two_views
-from hnm_ray.errors import ConfigError
-from hnm_ray.losses import supcon_loss, supcon_official, supcon_step_a, supcon_step_b
-from hnm_ray.mining import adopt_round, select_positives, uncertain_negatives
+from hnm_ray.training.augment import AugmentConfig, augment, official_pipeline, two_views
+from hnm_ray.core.errors import ConfigError
+from hnm_ray.training.losses import supcon_loss, supcon_official, supcon_step_a, supcon_step_b
+from hnm_ray.mining.selection import adopt_round, select_positives, uncertain_negatives
 from hnm_ray.models.aggregators import available_aggregators, build_aggregator
-from hnm_ray.models.encoders import load_official_simclr, official_simclr_state, resnet18_in, to_model_input
+from hnm_ray.models.encoders import resnet18_in, to_model_input
+from hnm_ray.models.weights import load_official_simclr, official_simclr_state
 from hnm_ray.training.schedules import lr_at, scheduler
 
 TOL = 1e-9
@@ -268,7 +269,7 @@ def test_official_colour_steps_see_bgr(monkeypatch):
     """As in the official code (cv2 BGR into RGB transforms): grayscale weighs B by 0.299 and R by 0.114."""
     import kornia.augmentation as K
 
-    monkeypatch.setattr("hnm_ray.augment.official_pipeline", lambda out: nn.Sequential(K.RandomGrayscale(p=1.0)))
+    monkeypatch.setattr("hnm_ray.training.augment.official_pipeline", lambda out: nn.Sequential(K.RandomGrayscale(p=1.0)))
     tiles = _tiles(1)
     out = two_views(tiles, AugmentConfig(), torch.Generator().manual_seed(0), "official")[0]
     rgb = tiles.double() / 255.0

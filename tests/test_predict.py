@@ -21,7 +21,7 @@ from PIL import Image
 from _support import kept_store
 
 from hnm_ray.predict import main as predict_main
-from hnm_ray.inference import split_probabilities
+from hnm_ray.models.inference import split_probabilities
 from hnm_ray.report.slides import mined_hard_negatives
 from hnm_ray.store.manifest import load_manifest
 

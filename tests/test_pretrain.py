@@ -10,12 +10,12 @@ import numpy as np
 import pyarrow as pa
 
 from hnm_ray import config as cfg
-from hnm_ray import augment
-from hnm_ray.augment import AugmentConfig
+from hnm_ray.training import augment
+from hnm_ray.training.augment import AugmentConfig
 from hnm_ray.config import TrainConfig
 from hnm_ray.store.manifest import SlideRecord
 from hnm_ray.training import pretrain
-from hnm_ray.training.finetune import TILE_ROW_SCHEMA
+from hnm_ray.training.finetune_rows import TILE_ROW_SCHEMA
 
 
 def _records(tmp_path, names=("a", "b", "c")) -> list[SlideRecord]:

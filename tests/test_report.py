@@ -201,7 +201,7 @@ def test_qupath_classes_and_heatmaps_use_the_runs_tile_threshold(run):
     """QuPath classed tiles at a fixed 0.5 (a normal slide had as many 'tumour' tiles as a tumour slide): the class
     now starts at the run's tile threshold, which meta.json records and which is the validation Youden threshold of
     the slides' top tile scores under the final aggregator."""
-    from hnm_ray.inference import tile_threshold
+    from hnm_ray.models.inference import tile_threshold
     from hnm_ray.store.manifest import load_manifest
 
     meta = json.loads((run / "checkpoint" / "meta.json").read_text())
@@ -232,7 +232,7 @@ def test_every_slide_auc_and_accuracy_carries_n_and_a_95_percent_interval(tiny_r
     """The demo page said 'slide AUC 0.500' beside '1.000' with no sample size: metrics.json, report.html and the
     console now give n (slides, tumour) and a 95 % interval with every slide AUC and accuracy, and the page says in
     one sentence how the two protocols differ and how the intervals are made."""
-    from hnm_ray.metrics import INTERVALS, describe
+    from hnm_ray.models.metrics import INTERVALS, describe
     from hnm_ray.store.manifest import load_manifest
 
     records = load_manifest(_manifest(run))

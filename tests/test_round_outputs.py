@@ -12,11 +12,12 @@ import torch
 
 from hnm_ray import config as cfg
 from hnm_ray.config import TrainConfig
-from hnm_ray.inference import load_aggregator, save_aggregator
+from hnm_ray.models.inference import load_aggregator, save_aggregator
 from hnm_ray.models.aggregators import build_standardized
-from hnm_ray.models.encoders import build_encoder, save_weights
-from hnm_ray.outputs import AGGREGATOR, finish, kept_round, write_checkpoint
-from hnm_ray.pseudo_labels import Selection, with_rank
+from hnm_ray.models.encoders import build_encoder
+from hnm_ray.models.weights import save_weights
+from hnm_ray.report.outputs import AGGREGATOR, finish, kept_round, write_checkpoint
+from hnm_ray.mining.pseudo_labels import Selection, with_rank
 
 
 def _scores(n: int, seed: int) -> pa.Table:

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-import hnm_ray.cluster
+import hnm_ray.run.cluster
 import hnm_ray.extract
 import hnm_ray.train
 from hnm_ray.store.features import FeatureStore
@@ -32,7 +32,7 @@ def no_ray(monkeypatch):
     """Starting Ray fails the test (a refusal must come before it) by raising RayStarted."""
     def start(*args, **kwargs):
         raise RayStarted
-    monkeypatch.setattr(hnm_ray.cluster, "init_ray", start)
+    monkeypatch.setattr(hnm_ray.run.cluster, "init_ray", start)
     monkeypatch.setattr(hnm_ray.extract, "init_ray", start)
 
 
@@ -204,7 +204,7 @@ def test_hard_negatives_are_marked_only_on_the_same_slide_file(tmp_path):
 
 
 def test_the_end_of_a_job_states_what_it_skipped(tmp_path, console):
-    from hnm_ray.outputs import log_skipped, skipped_slides
+    from hnm_ray.report.outputs import log_skipped, skipped_slides
     from hnm_ray.report.html import write_run_report
 
     store = FeatureStore(tmp_path / "store", "small_cnn")
@@ -241,11 +241,11 @@ def test_the_tiny_run_records_what_it_skipped_and_its_console_is_quiet(tiny_run)
 
 
 def test_ctrl_c_ends_like_sigterm_with_one_line_and_the_resume_hint(tmp_path):
-    from hnm_ray.cli import entry_point
+    from hnm_ray.run.cli import entry_point
 
     # Before Ray: the entry point turns KeyboardInterrupt into one line and 130.
     code = subprocess.run([sys.executable, "-c", (
-        "from hnm_ray.cli import entry_point\n"
+        "from hnm_ray.run.cli import entry_point\n"
         "def main(argv):\n    raise KeyboardInterrupt\n"
         "raise SystemExit(entry_point(main)([]))")], capture_output=True, text=True, timeout=60)
     assert code.returncode == 130 and "Traceback" not in code.stderr
@@ -253,8 +253,8 @@ def test_ctrl_c_ends_like_sigterm_with_one_line_and_the_resume_hint(tmp_path):
     # After ray.init (whose handlers `stop_cleanly_on_signals` replaces): SIGINT ends the process at once, one line.
     code = subprocess.run([sys.executable, "-c", (
         "import os, signal, time\n"
-        "from hnm_ray.progress import setup_logging\n"
-        "from hnm_ray.cluster import stop_cleanly_on_signals\n"
+        "from hnm_ray.run.progress import setup_logging\n"
+        "from hnm_ray.run.cluster import stop_cleanly_on_signals\n"
         "setup_logging(); stop_cleanly_on_signals(); os.kill(os.getpid(), signal.SIGINT); time.sleep(30)")],
         capture_output=True, text=True, timeout=60)
     assert code.returncode == 130 and "Traceback" not in code.stderr

@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from hnm_ray.scoring import SCORES_SCHEMA, InstanceScorer, count_tiles, score_tiles
+from hnm_ray.mining.scoring import SCORES_SCHEMA, InstanceScorer, count_tiles, score_tiles
 from hnm_ray.store.manifest import load_manifest
 from hnm_ray.config import MILConfig
-from hnm_ray.inference import load_aggregator, save_aggregator
+from hnm_ray.models.inference import load_aggregator, save_aggregator
 from hnm_ray.training.mil import fit_mil
 
 NEG_RATIO = 0.2
@@ -55,7 +55,7 @@ def test_score_tiles_scores_every_tile_and_mines_the_exact_top_k(trained, mil_st
     scores slide by slide (one node, the default there)."""
     import ray
 
-    from hnm_ray.mining import get_miner
+    from hnm_ray.mining.miner import get_miner
 
     model_path, records = trained
     wanted = [r for r in records if r.split == "train"]
@@ -104,7 +104,7 @@ def test_saturated_probabilities_still_mine_by_logit(trained, mil_store, tmp_pat
     """With confident models p = sigmoid(logit) rounds to 1.0 in float32; the miner ranks logits, so no ties."""
     import ray
 
-    from hnm_ray.mining import get_miner
+    from hnm_ray.mining.miner import get_miner
 
     model_path, records = trained
     model, meta = load_aggregator(model_path)

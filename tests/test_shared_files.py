@@ -16,15 +16,15 @@ import torch
 import yaml
 
 from hnm_ray import config as cfg
-from hnm_ray import storage
+from hnm_ray.core import storage
 from hnm_ray.config import TrainConfig
-from hnm_ray.errors import ConfigError, ModelFileError
+from hnm_ray.core.errors import ConfigError, ModelFileError
 
 PAYLOAD = """
 from pathlib import Path
 
 from hnm_ray.models.dsmil import DSMIL
-from hnm_ray.models.encoders import SmallCNN
+from hnm_ray.models.cnn import SmallCNN
 
 
 def build(*args, **kwargs):
@@ -92,7 +92,7 @@ def test_predict_refuses_a_checkpoint_naming_a_plugin_encoder(tmp_path, labplug,
 
 
 def test_an_aggregator_json_naming_a_plugin_runs_it_only_when_the_config_names_it(tmp_path, labplug):
-    from hnm_ray.inference import load_aggregator, save_aggregator
+    from hnm_ray.models.inference import load_aggregator, save_aggregator
     from hnm_ray.models.aggregators import build_standardized
 
     spec, marker = labplug
@@ -129,7 +129,7 @@ def test_torch_is_at_least_2_6_and_every_torch_load_passes_weights_only():
 
 
 def test_writes_replace_symlinks_instead_of_following_them(tmp_path):
-    from hnm_ray.run_folder import RunState
+    from hnm_ray.run.run_folder import RunState
 
     outside = tmp_path / "victim"
     outside.write_text("precious")
@@ -180,8 +180,8 @@ def test_yaml_anchors_and_aliases_are_refused_before_expansion(tmp_path):
 def test_passwords_in_uris_are_masked_in_config_files_and_logs(tmp_path, caplog):
     import logging
 
-    from hnm_ray.progress import MaskingFormatter
-    from hnm_ray.tracking import flat_params
+    from hnm_ray.run.progress import MaskingFormatter
+    from hnm_ray.run.tracking import flat_params
 
     config = cfg.from_tree(TrainConfig, {"run": {"tracking_uri": "https://alice:S3cretPw@mlflow.lab:5000"}})
     cfg.save_yaml(config, tmp_path / "config.yaml")
@@ -209,8 +209,8 @@ def _bomb(path: Path, side: int = 12000, tile: int = 512) -> Path:
 
 def test_a_decompression_bomb_slide_is_refused_by_the_pixel_budget_and_the_others_go_on(tmp_path, demo_cohort):
     from hnm_ray.config import TilingConfig
-    from hnm_ray.index import INDEX_FAILED, TileIndex
-    from hnm_ray.index_stream import index_rows
+    from hnm_ray.extraction.index import INDEX_FAILED, TileIndex
+    from hnm_ray.extraction.index_stream import index_rows
     from hnm_ray.store.manifest import SlideRecord, load_manifest
 
     good = load_manifest(demo_cohort)[0]
@@ -226,7 +226,7 @@ def test_a_decompression_bomb_slide_is_refused_by_the_pixel_budget_and_the_other
 
 CRASH = """
 import os, signal, sys
-from hnm_ray import index
+from hnm_ray.extraction import index
 from hnm_ray.config import TilingConfig
 from hnm_ray.store.manifest import SlideRecord
 
@@ -259,7 +259,7 @@ def test_the_report_links_only_files_with_safe_names_and_shows_no_password(tmp_p
 
 
 def test_the_miner_actor_name_is_unique_per_run_and_kept_for_resume(tmp_path):
-    from hnm_ray.run_folder import RunState
+    from hnm_ray.run.run_folder import RunState
     from hnm_ray.train import miner_name_of
 
     first, other = tmp_path / "a" / "run", tmp_path / "b" / "run"  # same folder name: sweep trials, two users

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from hnm_ray.errors import NoTissueError, SlideError
+from hnm_ray.core.errors import NoTissueError, SlideError
 from hnm_ray.slides import (TilingConfig, TissueConfig, load_annotation, open_slide, tile_geometry, tile_grid,
                             tile_truth, tissue_mask)
 from hnm_ray.slides import reader as reader_module

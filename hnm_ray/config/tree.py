@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from hnm_ray.errors import ConfigError
+from hnm_ray.core.errors import ConfigError
 
 C = TypeVar("C")
 RECIPES_PACKAGE = "hnm_ray.config.recipes"
@@ -293,7 +293,7 @@ def to_tree(config: Any) -> dict[str, Any]:
 def save_yaml(values: Any, path: str | Path) -> Path:
     """Write a config tree (dataclass or nested mapping) as YAML that `--config` accepts (atomically, never through
     a symlink; passwords in URIs masked)."""
-    from hnm_ray.storage import write_bytes
+    from hnm_ray.core.storage import write_bytes
 
     path = Path(path)
     data = to_tree(values) if dataclasses.is_dataclass(values) else dict(values)
@@ -351,7 +351,7 @@ def refuse_code(cls: type, values: Mapping[str, Any], source: str, flags: Mappin
     """ConfigError when `values` (read from the file `source`) set a code knob to a plug-in or TorchScript file that
     the command line (`flags`) does not name itself: files are data, and a shared file must not run code."""
     from hnm_ray.config.sections import TRUST_PLUGINS_FLAG
-    from hnm_ray.registry import names_code
+    from hnm_ray.core.registry import names_code
 
     for key, field, _ in leaves(cls):
         value = get_dotted(values, key)

@@ -12,8 +12,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from hnm_ray.errors import ConfigError
-from hnm_ray.registry import Registry, build_plugin
+from hnm_ray.core.errors import ConfigError
+from hnm_ray.core.registry import Registry, build_plugin
 
 AggregatorFactory = Callable[..., nn.Module]
 

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hnm_ray.errors import ConfigError
-from hnm_ray.registry import HUB_PREFIXES, TIMM_PREFIX, one_line
+from hnm_ray.core.errors import ConfigError
+from hnm_ray.core.registry import HUB_PREFIXES, TIMM_PREFIX, one_line
 
 HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what timm pushes to the Hub, in timm's order of preference
 HUB_CONFIG = "config.json"
@@ -292,7 +292,7 @@ def out_dim(plan: TimmRecipe) -> int:
 
 def build(plan: TimmRecipe) -> nn.Module:
     """The timm encoder of `plan` with its weights (safetensors, or a state dict read with weights_only=True)."""
-    from hnm_ray.models.encoders import load_weights
+    from hnm_ray.models.weights import load_weights
 
     model = create(plan)
     if plan.weights is not None:

@@ -4,6 +4,7 @@
     slides.py   per-slide scores -> heatmap PNGs and QuPath files, with the mined hard negatives marked
     qupath.py   a slide's tiles as QuPath detections (GeoJSON)
     html.py     report.html of a run folder or a predict output
+    outputs.py  what a training run leaves, after each round and at the end: checkpoint/, metrics.json, the above
 """
 from hnm_ray.report.plots import ScoreScale, heatmap, plot_roc, score_overlay
 

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from hnm_ray.metrics import INTERVALS
-from hnm_ray.run_folder import CONFIG_FILE, RunState
-from hnm_ray.storage import write_bytes
+from hnm_ray.models.metrics import INTERVALS
+from hnm_ray.run.run_folder import CONFIG_FILE, RunState
+from hnm_ray.core.storage import write_bytes
 from hnm_ray.store.manifest import name_problem
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from hnm_ray.storage import write_bytes
+from hnm_ray.core.storage import write_bytes
 
 
 def save_png(fig: Any, path: str | Path, **kwargs: Any) -> None:
@@ -27,7 +27,7 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, path: str | Path, title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hnm_ray.metrics import bootstrap_auc_interval, roc_auc, roc_points
+    from hnm_ray.models.metrics import bootstrap_auc_interval, roc_auc, roc_points
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 import numpy as np
 
-from hnm_ray.storage import write_bytes
+from hnm_ray.core.storage import write_bytes
 
 TUMOUR_COLOUR, OTHER_COLOUR = [220, 30, 30], [40, 90, 220]
 HARD_NEGATIVE = {"name": "Hard negative (mined)", "color": [255, 0, 255]}

@@ -16,12 +16,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hnm_ray.errors import HnmError, SlideError
-from hnm_ray.inference import load_aggregator, tile_scores
-from hnm_ray.registry import one_line
+from hnm_ray.core.errors import HnmError, SlideError
+from hnm_ray.models.inference import load_aggregator, tile_scores
+from hnm_ray.core.registry import one_line
 from hnm_ray.report.plots import ScoreScale, blank_thumbnail, heatmap
 from hnm_ray.report.qupath import tile_features, write_geojson
-from hnm_ray.run_folder import RunState
+from hnm_ray.run.run_folder import RunState
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 

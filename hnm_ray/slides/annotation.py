@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hnm_ray.errors import SlideError
+from hnm_ray.core.errors import SlideError
 from hnm_ray.slides.tissue import mask_fraction
 
 

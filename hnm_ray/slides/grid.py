@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 
 from hnm_ray.config import TilingConfig
-from hnm_ray.errors import NoTissueError, SlideError
+from hnm_ray.core.errors import NoTissueError, SlideError
 from hnm_ray.slides.reader import SlideReader, SlideInfo
 from hnm_ray.slides.tissue import mask_fraction, tissue_mask
 

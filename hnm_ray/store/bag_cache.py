@@ -18,8 +18,8 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from hnm_ray import storage
-from hnm_ray.errors import StoreError
+from hnm_ray.core import storage
+from hnm_ray.core.errors import StoreError
 from hnm_ray.store.features import Bag, FeatureStore
 
 GIB = 2 ** 30

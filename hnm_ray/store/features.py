@@ -3,7 +3,7 @@
 Layout: `<root>/<encoder_tag>/round=<r>/<slide_id>.parquet` with the columns of `feature_schema` (the embedding
 column plain and uncompressed, the others zstd; stores written before, with the embedding zstd too, read the same),
 and the extraction settings (encoder tag, tile size, mpp, dim, dtype) as JSON in the file's schema metadata. The
-root is a folder or an object-storage URI (`s3://bucket/features`, see `hnm_ray.storage`). A slide file is written
+root is a folder or an object-storage URI (`s3://bucket/features`, see `hnm_ray.core.storage`). A slide file is written
 atomically (locally: a hidden temp name in the same folder, renamed; on object storage: one upload that becomes
 visible when complete), so a slide is either complete or absent and a killed job resumes by skipping `completed()`
 slides. Failures go to `errors.jsonl` in the same folder, one JSON object a line (on object storage: one object a
@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hnm_ray import storage
-from hnm_ray.errors import StoreError
-from hnm_ray.storage import Location
+from hnm_ray.core import storage
+from hnm_ray.core.errors import StoreError
+from hnm_ray.core.storage import Location
 from hnm_ray.store.manifest import SlideRecord, name_problem
 
 log = logging.getLogger("hnm_ray")
@@ -301,3 +301,11 @@ def write_table_atomically(table: pa.Table, final: Location) -> Location:
     """Write `table` as zstd Parquet, complete or absent (temp + fsync + rename locally, one upload on object
     storage). OSError (disk full, read-only) propagates with no temp file left behind."""
     return storage.write_table(table, final)
+
+
+def imported_format(store: FeatureStore) -> str | None:
+    """The h5 format a store's features were imported from (its metadata's `source_format`), None for features
+    extracted from slides or an empty store."""
+    if not store.files():
+        return None
+    return store.metadata().get("source_format")

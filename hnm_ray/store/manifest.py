@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hnm_ray.errors import ConfigError, ManifestError
+from hnm_ray.core.errors import ConfigError, ManifestError
 
 SPLITS = ("train", "val", "test")
 PREDICT = "predict"

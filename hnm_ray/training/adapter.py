@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from hnm_ray.config import TrainConfig
-from hnm_ray.errors import HnmError, ModelFileError
+from hnm_ray.core.errors import HnmError, ModelFileError
 from hnm_ray.store.features import GRID_TYPES, METADATA_KEY, FeatureStore, bag_from_table
 
 log = logging.getLogger("hnm_ray")
@@ -83,7 +83,7 @@ def fit_adapter(config: TrainConfig, rows: pa.Table, round0: FeatureStore, weigh
     `total_epochs` schedule, features read from `round0`; from `adapter_weights` (None: the identity adapter) and
     `head_weights`. Returns a FinetuneResult: the frozen encoder's `weights`, the new adapter and head files, and the
     per-epoch metrics."""
-    from hnm_ray.cluster import torch_device
+    from hnm_ray.run.cluster import torch_device
     from hnm_ray.training.finetune import check_official_rows
 
     ft = config.finetune
@@ -114,9 +114,10 @@ def _fit(config: TrainConfig, rows: pa.Table, round0: FeatureStore, weights: str
          head_weights: str | None, run_dir: Path, name: str, first_epoch: int, last_epoch: int, total_epochs: int,
          device: str):
     """`fit_adapter`'s training, on `device`."""
-    from hnm_ray.models.encoders import save_weights
-    from hnm_ray.training.finetune import (FinetuneResult, _usable, contrastive_model, epoch_batches, load_head,
-                                           official_objective, our_objective, schedule)
+    from hnm_ray.models.weights import save_weights
+    from hnm_ray.training.contrastive import contrastive_model, load_head
+    from hnm_ray.training.finetune import (FinetuneResult, _usable, epoch_batches, official_objective, our_objective,
+                                           schedule)
     from hnm_ray.training.schedules import scheduler as lr_scheduler
     from hnm_ray.training.tile_batches import worker_share
 

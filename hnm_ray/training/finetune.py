@@ -1,10 +1,10 @@
 """Encoder fine-tuning on Ray Train: SupCon on hard negatives + self-paced positives.
 
-The driver builds a table of the round's tiles (the miner's hard negatives, label 0, and the
+The driver builds a table of the round's tiles (`finetune_rows`: the miner's hard negatives, label 0, and the
 positive-slide tiles above the threshold, label 1, each with its rank among positives) in a seeded
 order and hands the coordinates to the Train workers; each worker decodes its share of the tiles
 with cuCIM one batch ahead of training (`tile_batches`). Each worker makes two augmented views
-per tile and trains encoder + projection head with SupCon: negatives as anchors on every batch
+per tile and trains encoder + projection head (`contrastive`) with SupCon: negatives as anchors on every batch
 (step A), positives as anchors too after the warm-up (step B); positives enter by the self-paced
 ratio r_t. An epoch iterates over the hard negatives, so its cost scales with neg_ratio. The official
 loop (`finetune.loop official`) composes each SGD step as the official loaders do (`official_steps`: step A and
@@ -25,12 +25,10 @@ import numpy as np
 import pyarrow as pa
 
 from hnm_ray.config import EncoderConfig, TrainConfig
-from hnm_ray.errors import HnmError
-from hnm_ray.progress import Progress, setup_logging
-from hnm_ray.registry import one_line
-from hnm_ray.store.features import FeatureStore
-from hnm_ray.store.manifest import SlideRecord
-from hnm_ray.training.official_steps import HARD_NEGATIVE, POSITIVE, UNCERTAIN_NEGATIVE
+from hnm_ray.core.errors import HnmError
+from hnm_ray.run.progress import Progress, setup_logging
+from hnm_ray.training.contrastive import build_contrastive
+from hnm_ray.training.official_steps import HARD_NEGATIVE
 
 if TYPE_CHECKING:
     from hnm_ray.models.encoders import InputSpace
@@ -38,143 +36,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("hnm_ray")
 
 CHECKPOINT_FILE = "finetune.pt"
-TILE_ROW_SCHEMA = pa.schema([("slide_id", pa.string()), ("path", pa.string()), ("tile_id", pa.int32()),
-                             ("x", pa.int32()), ("y", pa.int32()), ("level", pa.int8()), ("size", pa.int16()),
-                             ("label", pa.int8()), ("pos_rank", pa.float32()), ("kind", pa.int8()),
-                             ("score", pa.float32()), ("supcon_class", pa.int16())])
-# score: pseudo-label p of positives and uncertain negatives; supcon_class: the row's SupCon class (our loop): the label
-# (0 negative, 1 positive), or with finetune.negative_classes K > 1 the negatives' k-means cluster 0..K-1, K positives
-
-
-def sample_positives(positives: pa.Table, n: int, max_rank: float, seed: int) -> pa.Table:
-    """`n` positives for one round's epochs, drawn from those with pos_rank <= max_rank (the round's largest r_t);
-    with replacement only when fewer exist. Workers drop those above each epoch's own r_t."""
-    pool = positives.filter(pa.compute.less_equal(positives["pos_rank"], max_rank))
-    if pool.num_rows == 0 or n <= 0:
-        return pool.slice(0, 0)
-    rng = np.random.default_rng(seed)
-    return pool.take(np.sort(rng.choice(pool.num_rows, n, replace=pool.num_rows < n)))
-
-
-def tile_rows(store: FeatureStore, records: list[SlideRecord], selections: list[tuple[pa.Table, int]],
-              seed: int) -> pa.Table:
-    """Coordinates of selected tiles (tables of slide_id, tile_id[, pos_rank, score]) with their kind and label,
-    shuffled."""
-    paths = {r.slide_id: r.path for r in records}
-    parts = []
-    for table, kind in selections:
-        for slide_id in sorted(set(table["slide_id"].to_pylist())):
-            chosen = table.filter(pa.compute.equal(table["slide_id"], slide_id))
-            coords = store.read_table(slide_id, columns=["tile_id", "x", "y", "level", "size"])
-            joined = chosen.join(coords, keys="tile_id", join_type="inner")
-            n = joined.num_rows
-            zeros = pa.array(np.zeros(n, np.float32))
-            parts.append(pa.table({"slide_id": pa.array([slide_id] * n), "path": pa.array([paths[slide_id]] * n),
-                                   "tile_id": joined["tile_id"], "x": joined["x"], "y": joined["y"],
-                                   "level": joined["level"], "size": joined["size"],
-                                   "label": pa.array(np.full(n, int(kind == POSITIVE), np.int8)),
-                                   "pos_rank": joined["pos_rank"] if "pos_rank" in joined.column_names else zeros,
-                                   "kind": pa.array(np.full(n, kind, np.int8)),
-                                   "score": joined["score"].cast(pa.float32()) if "score" in joined.column_names
-                                   else zeros,
-                                   "supcon_class": pa.array(np.full(n, int(kind == POSITIVE), np.int16))},
-                                  schema=TILE_ROW_SCHEMA))
-    rows = pa.concat_tables(parts) if parts else TILE_ROW_SCHEMA.empty_table()
-    return rows.take(np.random.default_rng(seed).permutation(rows.num_rows))
-
-
-def round_rows(config: TrainConfig, store: FeatureStore, records: list[SlideRecord], selection, round_: int,
-               uncertain_joined: bool) -> pa.Table:
-    """A round's fine-tuning rows: every hard negative; our loop: `pos_per_neg` positives per hard negative drawn
-    from the round's top r_t; the official loop: every positive above the threshold (step A cycles through them, step
-    B takes the top r_t of them each epoch). The uncertain negatives join once `uncertain_joined` (officially after
-    the first adopted pseudo-label update)."""
-    from hnm_ray.mining import positive_ratio
-
-    ft, seed = config.finetune, config.run.seed + round_
-    hard = selection.hard_negatives.select(["slide_id", "tile_id"])
-    if ft.loop == "official":
-        chosen = selection.positives
-    else:
-        last_epoch = (round_ + 1) * ft.epochs_per_round - 1
-        max_rank = positive_ratio(last_epoch, ft.warmup_epochs, config.total_finetune_epochs, config.mining.ro,
-                                  config.mining.rT)
-        chosen = sample_positives(selection.positives, math.ceil(ft.pos_per_neg * hard.num_rows), max_rank, seed)
-    uncertain = selection.uncertain if uncertain_joined else selection.uncertain.slice(0, 0)
-    rows = tile_rows(store, records, [(hard, HARD_NEGATIVE),
-                                      (chosen.select(["slide_id", "tile_id", "pos_rank", "score"]), POSITIVE),
-                                      (uncertain.select(["slide_id", "tile_id", "score"]), UNCERTAIN_NEGATIVE)], seed)
-    return negative_classes(rows, store, ft.negative_classes, seed) if ft.negative_classes > 1 else rows
-
-
-def negative_classes(rows: pa.Table, store: FeatureStore, k: int, seed: int) -> pa.Table:
-    """The rows with `supcon_class` = the k-means cluster (0..k-1) of each negative's features in `store` (the
-    round's starting features) and k for the positives (finetune.negative_classes)."""
-    from sklearn.cluster import KMeans
-
-    negative = np.flatnonzero(np.asarray(rows["label"]) == 0)
-    classes = np.where(np.asarray(rows["label"]) == 0, 0, k).astype(np.int16)  # one class when too few negatives
-    if len(negative) >= k:
-        features = store.select_tiles(rows.take(negative).select(["slide_id", "tile_id"]), "negatives").features
-        classes[negative] = KMeans(k, n_init=4, random_state=seed).fit(features).labels_
-    return rows.set_column(rows.schema.get_field_index("supcon_class"), "supcon_class", pa.array(classes))
-
-
-def projection_head(in_dim: int, out_dim: int):
-    """The SupCon projection head of ItS2CLR: in -> in -> out with a ReLU."""
-    import torch.nn as nn
-
-    return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
-
-
-def build_contrastive(encoder: EncoderConfig, weights: str | None, head_weights: str | None, proj_dim: int):
-    """Encoder (from `weights`) + projection head, the head from `head_weights` when given (the SimCLR checkpoint's
-    head in round 0, the previous round's after): HnmError naming the file when it does not fit."""
-    from hnm_ray.models.encoders import encoder_from_config
-
-    model = encoder_from_config(encoder, weights)
-    return contrastive_model(model, load_head(model.out_dim, proj_dim, head_weights), encoder.precision)
-
-
-def load_head(dim: int, proj_dim: int, head_weights: str | None):
-    """A `projection_head(dim, proj_dim)`, from `head_weights` when given (a state dict, loaded with
-    weights_only: no code runs): HnmError naming the file when it does not fit."""
-    import torch
-
-    head = projection_head(dim, proj_dim)
-    if head_weights:
-        try:
-            head.load_state_dict(torch.load(head_weights, map_location="cpu", weights_only=True))
-        except RuntimeError as exc:
-            raise HnmError(f"projection head {head_weights} does not fit a {dim} -> {dim} -> {proj_dim} head "
-                           f"({one_line(exc)}); set --finetune.proj_dim to the checkpoint's") from exc
-    return head
-
-
-def contrastive_model(encoder, head, precision: str = "float32"):
-    """Encoder + projection head as one module (one forward, so DDP can wrap it); the forward runs in `precision`
-    (`encoder.precision`: bfloat16 = autocast) and returns float32 projections, so the loss is computed in float32."""
-    import torch.nn as nn
-
-    from hnm_ray.models.encoders import autocast
-
-    class EncoderWithHead(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.encoder, self.head = encoder, head
-
-        def forward(self, x):
-            with autocast(x.device, precision):
-                return self.head(self.encoder(x)).float()
-
-    return EncoderWithHead()
 
 
 def _views(tiles: np.ndarray, model, fc: dict[str, Any], gen, device: str, input_space: InputSpace):
     """Projections of two augmented views of uint8 tiles (B, H, W, 3)."""
     import torch
 
-    from hnm_ray.augment import AugmentConfig, two_views
+    from hnm_ray.training.augment import AugmentConfig, two_views
     from hnm_ray.models.encoders import to_model_input
 
     # Augmented on the training device (uint8 crosses to it, a quarter of the float bytes): on a GPU worker the CPU
@@ -199,7 +67,7 @@ def our_loss(batch: dict[str, np.ndarray], model, fc: dict[str, Any], epoch: int
              supervised: bool, input_space: InputSpace):
     """Our loop, one SGD step per batch: SupCon with negatives as anchors (+ positives as anchors after warm-up);
     NT-Xent (SimCLR) when not supervised."""
-    from hnm_ray.losses import supcon_loss
+    from hnm_ray.training.losses import supcon_loss
 
     keep = _usable(batch, ratio, supervised)
     z1, z2 = _views(batch["tiles"][keep], model, fc, gen, device, input_space)
@@ -213,7 +81,7 @@ def our_objective(z1, z2, labels: np.ndarray, fc: dict[str, Any], epoch: int, cl
     view's positives are the views of its SupCon class (`classes`, default: the labels)."""
     import torch
 
-    from hnm_ray.losses import supcon_loss
+    from hnm_ray.training.losses import supcon_loss
 
     y = torch.from_numpy(labels.astype(np.int64)).to(z1.device)
     same = y if classes is None else torch.from_numpy(classes.astype(np.int64)).to(z1.device)
@@ -247,7 +115,7 @@ def official_objective(z1, z2, labels: np.ndarray, kinds: np.ndarray, step_b: bo
     uncertain negatives out of the contrast set)."""
     import torch
 
-    from hnm_ray.losses import supcon_step_a, supcon_step_b
+    from hnm_ray.training.losses import supcon_step_a, supcon_step_b
 
     y = torch.from_numpy(labels.astype(np.int64)).to(z1.device)
     if step_b:
@@ -261,7 +129,7 @@ def epoch_batches(loop: dict[str, Any], rows: dict[str, np.ndarray], epoch: int,
     """This rank's batches of an epoch (row indices into `rows`), whether each is an official step B (None: our
     loop), and the epoch's r_t. Ours: the rank's share in a seeded order, `batch_size` a batch; the official loop:
     its part of every official step (`official_steps.epoch_steps`): N workers train on the official per-step batch."""
-    from hnm_ray.mining import positive_ratio
+    from hnm_ray.mining.selection import positive_ratio
     from hnm_ray.training.official_steps import epoch_steps, official_ratio, step_sizes
     from hnm_ray.training.tile_batches import epoch_order, fixed_batches
 
@@ -280,7 +148,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Ray Train body: stream decoded tiles, two views each, SupCon step; checkpoint every epoch."""
     import torch
 
-    from hnm_ray.decode import TileReaders
+    from hnm_ray.extraction.decode import TileReaders
     from hnm_ray.models.encoders import input_space_of
     from hnm_ray.training.checkpointing import latest_checkpoint, load_state, report
     from hnm_ray.training.runner import loop_device, place_and_restore, rank_and_world
@@ -350,7 +218,7 @@ def finetune_workers(asked: int | None, use_gpu: bool, concurrent: int = 1) -> i
     """Fine-tuning workers: `asked`; else on GPUs one per GPU of the cluster (shared by `concurrent` sweep trials;
     at least 1, for GPU nodes an autoscaler has yet to start); else 0 (this process) on a one-node cluster, where a
     worker group adds only its start-up (~10 s a stage on 2 CPUs, benchmarks/results/job.json), else 1."""
-    from hnm_ray.cluster import cluster_gpus, single_node
+    from hnm_ray.run.cluster import cluster_gpus, single_node
 
     if asked is not None:
         return asked
@@ -365,7 +233,7 @@ def worker_cpus(asked: float | None, workers: int, reserved: float = 0.0, use_gp
     node is up yet); else the cluster's CPUs (less `reserved`) split over the workers, at most one node's and at
     least 1. Fixed by the cluster's size (not by what is free now), so a rerun or a resume on the same cluster
     computes with the same number of threads."""
-    from hnm_ray.cluster import live_nodes
+    from hnm_ray.run.cluster import live_nodes
 
     if asked is not None:
         return asked
@@ -419,7 +287,7 @@ def fit_finetune(config: TrainConfig, rows: pa.Table, weights: str | None, run_d
     `finetune.workers` Ray Train workers."""
     import torch
 
-    from hnm_ray.models.encoders import save_weights
+    from hnm_ray.models.weights import save_weights
     from hnm_ray.training.checkpointing import driver_checkpoint_dir, load_state
     from hnm_ray.training.runner import run_loop
 

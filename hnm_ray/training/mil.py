@@ -31,15 +31,15 @@ from typing import Any
 import numpy as np
 
 from hnm_ray import config as cfg
-from hnm_ray import storage
+from hnm_ray.core import storage
 from hnm_ray.config import MILConfig, TrainConfig
-from hnm_ray.cli import add_store_arguments, entry_point
-from hnm_ray.cli import parser as cli_parser
-from hnm_ray.errors import ConfigError, HnmError, StoreError
+from hnm_ray.run.cli import add_store_arguments, entry_point
+from hnm_ray.run.cli import parser as cli_parser
+from hnm_ray.core.errors import ConfigError, HnmError, StoreError
 from hnm_ray.store.bag_cache import GIB, BagCache, check_bag_sizes
 from hnm_ray.store.features import Bag, FeatureStore
-from hnm_ray.inference import _tensor, evaluate_bags, evaluate_split, save_aggregator
-from hnm_ray.metrics import FALLBACK_THRESHOLD
+from hnm_ray.models.inference import _tensor, evaluate_bags, evaluate_split, save_aggregator
+from hnm_ray.models.metrics import FALLBACK_THRESHOLD
 from hnm_ray.store.manifest import SlideRecord, load_manifest
 
 log = logging.getLogger("hnm_ray")
@@ -80,7 +80,7 @@ def validation_metrics(model, bags: Iterable[Bag], loss_fn, device: str = "cpu",
     per bag (`losses.bags_bce`)."""
     import torch
 
-    from hnm_ray.metrics import slide_metrics
+    from hnm_ray.models.metrics import slide_metrics
 
     model.eval()
     bag_logits, max_logits, labels = [], [], []
@@ -121,7 +121,7 @@ def _hard_negative_bag(store: FeatureStore, loop: dict[str, Any], epoch: int) ->
     """Features of a sample of the miner's global hard negatives (global ranking form), or None if no queue."""
     import ray
 
-    from hnm_ray.mining import get_miner
+    from hnm_ray.mining.miner import get_miner
 
     if not loop["miner_name"]:
         return None
@@ -138,7 +138,7 @@ def _hard_negative_bag(store: FeatureStore, loop: dict[str, Any], epoch: int) ->
 
 def _pair_step(model, pos: Bag, neg: Bag, hard_x, loss_kw: dict[str, Any], device: str, scale: float) -> float:
     """Forward and backward of one (positive, negative) bag pair: `losses.pair_loss` (+ the global ranking form)."""
-    from hnm_ray.losses import global_ranking_loss, pair_loss
+    from hnm_ray.training.losses import global_ranking_loss, pair_loss
 
     pos_out, neg_out = model(_tensor(pos, device)), model(_tensor(neg, device))
     pair_form = loss_kw["ranking"] == "pair"
@@ -178,7 +178,7 @@ def official_protocol_update(best: dict[str, Any] | None, model, test_bags: Iter
     """The official code's report: the epoch of best TEST slide AUC, with the Youden threshold picked on test.
     Kept apart from our protocol (epoch and threshold on validation) and labelled so; the kept epoch's metrics carry
     their 95 % intervals. `test_bags` (an iterator is consumed one bag at a time) carry `labels`, in order."""
-    from hnm_ray.metrics import slide_intervals, slide_metrics
+    from hnm_ray.models.metrics import slide_intervals, slide_metrics
 
     if not labels:
         return best
@@ -196,7 +196,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Ray Train body: plain PyTorch on this worker's shard of bags, reporting metrics + checkpoints."""
     import torch
 
-    from hnm_ray.losses import bags_bce
+    from hnm_ray.training.losses import bags_bce
     from hnm_ray.models.aggregators import build_standardized
     from hnm_ray.training.checkpointing import latest_checkpoint, load_state, report
     from hnm_ray.training.runner import loop_device, place_and_restore, rank_and_world
@@ -360,7 +360,7 @@ def feature_statistics(store: FeatureStore, slide_ids: list[str]) -> tuple[np.nd
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     """CLI: train the aggregator on an existing feature store and write RUN/metrics.json."""
-    from hnm_ray.cluster import init_ray
+    from hnm_ray.run.cluster import init_ray
 
     parser = cli_parser("python -m hnm_ray.training.mil", __doc__)
     add_store_arguments(parser)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hnm_ray.errors import ConfigError
+from hnm_ray.core.errors import ConfigError
 
 HARD_NEGATIVE, POSITIVE, UNCERTAIN_NEGATIVE = 0, 1, 2  # row kinds; label = 1 for positives only
 

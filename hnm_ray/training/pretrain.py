@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from hnm_ray import storage
+from hnm_ray.core import storage
 from hnm_ray.config import TrainConfig
-from hnm_ray.index import TileIndex, slide_indexes
+from hnm_ray.extraction.index import TileIndex, slide_indexes
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
-from hnm_ray.training.finetune import TILE_ROW_SCHEMA, fit_finetune
+from hnm_ray.training.finetune import fit_finetune
+from hnm_ray.training.finetune_rows import TILE_ROW_SCHEMA
 
 log = logging.getLogger("hnm_ray")
 
@@ -29,7 +30,7 @@ def warm_start_key(config: TrainConfig, records: list[SlideRecord]) -> str:
     """A digest of what the warm-start weights depend on: the training slides (id, path, size), the encoder, the
     tiling, the pre-training and augmentation knobs, the augmentations' strengths (a new default must not reuse
     weights cached with the old one) and the seed."""
-    from hnm_ray.augment import AugmentConfig  # torch, only when a warm start is keyed
+    from hnm_ray.training.augment import AugmentConfig  # torch, only when a warm start is keyed
 
     slides = sorted((r.slide_id, str(r.path), os.path.getsize(r.path) if os.path.exists(r.path) else -1)
                     for r in records if r.split == "train")

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hnm_ray.cluster import torch_device
-from hnm_ray.errors import HnmError
-from hnm_ray.run_folder import ray_train_storage
+from hnm_ray.run.cluster import torch_device
+from hnm_ray.core.errors import HnmError
+from hnm_ray.run.run_folder import ray_train_storage
 from hnm_ray.training.checkpointing import newest_driver_checkpoint
 
 

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from hnm_ray.decode import TileReaders, decode_batch
+from hnm_ray.extraction.decode import TileReaders, decode_batch
 
 ROW_COLUMNS = ("slide_id", "path", "tile_id", "x", "y", "level", "size", "label", "pos_rank", "kind", "score",
                "supcon_class")

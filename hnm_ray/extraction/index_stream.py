@@ -15,8 +15,8 @@ import pyarrow as pa
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
-from hnm_ray.encoder_pool import INDEX_TASK_CPUS
-from hnm_ray.index import INDEX_FAILED, TileIndex, index_or_error
+from hnm_ray.extraction.encoder_pool import INDEX_TASK_CPUS
+from hnm_ray.extraction.index import INDEX_FAILED, TileIndex, index_or_error
 from hnm_ray.store.manifest import SlideRecord
 
 STREAM_COLUMNS = ("slide_id", "path", "tile_id", "x", "y", "level", "size", "n_tiles", "error")

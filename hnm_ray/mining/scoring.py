@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from hnm_ray import storage
-from hnm_ray.progress import Progress
+from hnm_ray.core import storage
+from hnm_ray.run.progress import Progress
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 
@@ -37,14 +37,14 @@ class InstanceScorer:
                  torch_threads: int | None = 1, plugin: str | None = None) -> None:
         import torch
 
-        from hnm_ray.inference import load_aggregator
+        from hnm_ray.models.inference import load_aggregator
 
         if torch_threads:  # an actor of its own; in the driver's process (torch_threads None) leave its threads be
             torch.set_num_threads(torch_threads)
         self.model, _ = load_aggregator(model_path, plugin)
         self.miner = None
         if miner_name:
-            from hnm_ray.mining import get_miner
+            from hnm_ray.mining.miner import get_miner
 
             self.miner = get_miner(miner_name, create=False)
         self.negative = set(negative_slides)
@@ -52,8 +52,8 @@ class InstanceScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from hnm_ray.inference import instance_logits
-        from hnm_ray.mining import push_scores
+        from hnm_ray.models.inference import instance_logits
+        from hnm_ray.mining.miner import push_scores
 
         embedding = batch["embedding"]  # (N, D), or N row arrays from a Ray Data batch of list values
         embedding = embedding if embedding.dtype != object else np.stack(embedding)
@@ -81,7 +81,7 @@ def score_tiles(model_path: str | Path, store: FeatureStore, records: list[Slide
     with `num_scorers` actors reads the store where the cluster's nodes are. The scorer is a linear layer: an
     actor's start (a process importing torch, ~2-3 s on 2 CPUs) was most of a round's mining on one machine.
     """
-    from hnm_ray.cluster import single_node
+    from hnm_ray.run.cluster import single_node
 
     wanted = sorted({r.slide_id for r in records} & store.completed())
     negatives = [r.slide_id for r in records if r.label == 0 and r.slide_id in wanted]

@@ -15,10 +15,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from hnm_ray import storage
+from hnm_ray.core import storage
 from hnm_ray.config.sections import TRUST_PLUGINS_FLAG, MILConfig
-from hnm_ray.errors import ModelFileError
-from hnm_ray.registry import names_code
+from hnm_ray.core.errors import ModelFileError
+from hnm_ray.core.registry import names_code
 from hnm_ray.store.features import Bag, FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 
@@ -119,7 +119,7 @@ def evaluate_split(model_path: str | Path, store: FeatureStore, records: list[Sl
                    threshold: float | None = None, plugin: str | None = None) -> dict[str, float]:
     """Slide metrics (at `threshold`, default the saved validation threshold) with n and 95 % intervals, and instance
     metrics on a split (`plugin`: see `load_aggregator`)."""
-    from hnm_ray.metrics import instance_metrics, with_intervals
+    from hnm_ray.models.metrics import instance_metrics, with_intervals
 
     model, meta = load_aggregator(model_path, plugin)
     chosen = split_records(store, records, split)
@@ -141,7 +141,7 @@ def tile_threshold(model_path: str | Path, store: FeatureStore, records: list[Sl
     """The tile score from which a tile counts as tumour: the Youden threshold, over the slides of `split`, of each
     slide's top tile score (sigmoid of its largest instance logit, the instance branch's slide call), so a tile at or
     above it would by itself call its slide tumour. 0.5 when the split lacks a class."""
-    from hnm_ray.metrics import FALLBACK_THRESHOLD, youden_threshold
+    from hnm_ray.models.metrics import FALLBACK_THRESHOLD, youden_threshold
 
     model, _ = load_aggregator(model_path, plugin)
     chosen = split_records(store, records, split)

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from hnm_ray.errors import ConfigError, StoreError
+from hnm_ray.core.errors import ConfigError, StoreError
 
 Location = Union[Path, str]
 TEMP_SUFFIX = ".tmp"

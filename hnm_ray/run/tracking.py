@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from hnm_ray import config as cfg
-from hnm_ray import storage
+from hnm_ray.core import storage
 from hnm_ray.config import JobConfig, TrainConfig
-from hnm_ray.errors import ConfigError
-from hnm_ray.registry import one_line
+from hnm_ray.core.errors import ConfigError
+from hnm_ray.core.registry import one_line
 
 log = logging.getLogger("hnm_ray")
 

@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 
-from hnm_ray.errors import ConfigError
+from hnm_ray.core.errors import ConfigError
 
 log = logging.getLogger("hnm_ray")
 

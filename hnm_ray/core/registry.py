@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from hnm_ray.errors import ConfigError
+from hnm_ray.core.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+")

@@ -8,9 +8,9 @@ import logging
 import signal
 from collections.abc import Callable
 
-from hnm_ray.cluster import STOP_HINT, STOPPED_BY
-from hnm_ray.errors import HnmError
-from hnm_ray.progress import setup_logging
+from hnm_ray.run.cluster import STOP_HINT, STOPPED_BY
+from hnm_ray.core.errors import HnmError
+from hnm_ray.run.progress import setup_logging
 
 log = logging.getLogger("hnm_ray")
 

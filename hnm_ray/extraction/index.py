@@ -16,10 +16,10 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
-from hnm_ray import storage
+from hnm_ray.core import storage
 from hnm_ray.config import TilingConfig
-from hnm_ray.errors import HnmError
-from hnm_ray.progress import Progress
+from hnm_ray.core.errors import HnmError
+from hnm_ray.run.progress import Progress
 from hnm_ray.store.features import FeatureStore, write_table_atomically
 from hnm_ray.store.manifest import SlideRecord
 

@@ -12,11 +12,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hnm_ray import storage
+from hnm_ray.core import storage
 from hnm_ray.config import MiningConfig
-from hnm_ray.errors import HnmError
-from hnm_ray.mining import get_miner, push_scores, select_positives, uncertain_negatives
-from hnm_ray.scoring import count_tiles, score_tiles
+from hnm_ray.core.errors import HnmError
+from hnm_ray.mining.miner import get_miner, push_scores
+from hnm_ray.mining.selection import select_positives, uncertain_negatives
+from hnm_ray.mining.scoring import count_tiles, score_tiles
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 

@@ -17,10 +17,10 @@ from hnm_ray.config import ExtractConfig
 
 log = logging.getLogger("hnm_ray")
 
-# What one slide's tile-index read task (hnm_ray.index_stream) asks for. Its work is a Parquet read (rounds >= 1) or
-# one thumbnail's tissue detection (round 0): light next to the encoder actors it feeds. Asking for a decoder's half
-# CPU made the stage need every CPU of a 2-core machine, so inside a sweep trial (whose driver holds 0.01 CPU) the
-# read task never got scheduled and the stage waited forever.
+# What one slide's tile-index read task (hnm_ray.extraction.index_stream) asks for. Its work is a Parquet read
+# (rounds >= 1) or one thumbnail's tissue detection (round 0): light next to the encoder actors it feeds. Asking for
+# a decoder's half CPU made the stage need every CPU of a 2-core machine, so inside a sweep trial (whose driver holds
+# 0.01 CPU) the read task never got scheduled and the stage waited forever.
 INDEX_TASK_CPUS = 0.25
 READ_RESERVE = 2 * INDEX_TASK_CPUS  # two read tasks at a time, and room for a sweep trial's 0.01-CPU driver
 CPU_ENCODER_MEMORY = 2 * 1024**3  # bytes a CPU encoder actor may reach: ~0.7 GiB private with small_cnn

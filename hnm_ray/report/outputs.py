@@ -8,11 +8,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from hnm_ray import storage, tracking
+from hnm_ray.run import tracking
+from hnm_ray.core import storage
 from hnm_ray.config import TrainConfig
-from hnm_ray.metrics import INTERVALS
-from hnm_ray.registry import one_line
-from hnm_ray.run_folder import CONFIG_FILE
+from hnm_ray.models.metrics import INTERVALS
+from hnm_ray.core.registry import one_line
+from hnm_ray.run.run_folder import CONFIG_FILE
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 
@@ -45,7 +46,8 @@ def write_checkpoint(run_dir: Path, last: dict[str, Any], config: TrainConfig, t
     encoder's features before the aggregator), the run's config tree and meta.json (the slide and tile thresholds,
     the round; `imported`: the h5 format round 0's features were imported from, which predict cannot extract). No
     file in it runs code when loaded."""
-    from hnm_ray.models.encoders import encoder_from_config, save_weights
+    from hnm_ray.models.encoders import encoder_from_config
+    from hnm_ray.models.weights import save_weights
 
     checkpoint = run_dir / "checkpoint"
     checkpoint.mkdir(exist_ok=True)
@@ -73,8 +75,8 @@ def finish(run_dir: Path, history: list[dict[str, Any]], records: list[SlideReco
     (heatmaps/hard_negatives/); QuPath GeoJSON of every slide; report.html; the MLflow run's final metrics and
     artifacts. Returns the metrics summary ("final": the kept round, its "kept" saying why; both protocols,
     intervals, the tile threshold)."""
-    from hnm_ray.import_features import imported_format
-    from hnm_ray.inference import split_probabilities, tile_threshold
+    from hnm_ray.store.features import imported_format
+    from hnm_ray.models.inference import split_probabilities, tile_threshold
     from hnm_ray.report import plot_roc
     from hnm_ray.report.html import write_run_report
     from hnm_ray.report.slides import (Thresholds, mined_hard_negatives, most_mined, tumour_and_normal,

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hnm_ray import config as cfg
-from hnm_ray import storage, tracking
+from hnm_ray.run import tracking
+from hnm_ray.core import storage
 from hnm_ray.config import JobConfig, TrainConfig
-from hnm_ray.errors import ConfigError, StoreError
+from hnm_ray.core.errors import ConfigError, StoreError
 
 log = logging.getLogger("hnm_ray")
 CONFIG_FILE = "config.yaml"

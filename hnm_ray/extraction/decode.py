@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from hnm_ray.errors import SlideError
+from hnm_ray.core.errors import SlideError
 from hnm_ray.slides.integrity import FIX_CORRUPT_TILE, TileIntegrity, tile_integrity
 
 log = logging.getLogger("hnm_ray")
