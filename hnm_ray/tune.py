@@ -176,7 +176,9 @@ def run_sweep(config: TuneConfig, resume: bool = False):
         ft.cpus_per_worker = worker_cpus(ft.cpus_per_worker, max(1, ft.workers) * sweep.max_concurrent_trials,
                                          reserved=sweep.cpus_per_trial * sweep.max_concurrent_trials,
                                          use_gpu=ft.use_gpu)
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=config.run.rounds + 1,
+        # A job reports rounds + 1 times; max_t one past that, so that ASHA never stops a trial at its last report
+        # (before the job writes its final metrics, checkpoint and report); its rungs still stop weak trials early.
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=config.run.rounds + 2,
                                   grace_period=sweep.grace_rounds, reduction_factor=2)
         tuner = tune.Tuner(
             trainable, param_space={"base": config.train_tree(), **search_space(sweep)},

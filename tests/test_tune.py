@@ -99,6 +99,10 @@ def test_interrupted_grid_sweep_with_a_finetuning_round_restores_and_writes_tabl
         mined.setdefault(config["mining"]["neg_ratio"], set()).add(data["finetune_round0"]["hard_negatives"])
     assert set(mined) == {0.1, 0.5}, mined
     assert max(mined[0.1]) < min(mined[0.5]), mined
+    # Every trial's job ran to its end (ASHA's max_t once stopped each trial at its last round's report, before the
+    # job wrote its final metrics and report).
+    runs = sorted(folder.glob("*/run"))
+    assert len(runs) == 2 and all((run / "metrics.json").is_file() for run in runs), runs
     # Trials shared the round-0 store extracted once before the sweep.
     stores = list((tmp_path / "tune" / "features").rglob("round=0"))
     assert len(stores) == 1 and len(list(stores[0].glob("*.parquet"))) == 8
