@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from hnm_ray.config import TrainConfig, from_tree, merge
-from hnm_ray.config.tree import load_yaml
+from hnm_ray.config.files import load_yaml
 from hnm_ray.store.features import Bag, FeatureStore
 from hnm_ray.store.manifest import load_manifest
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from benchmarks.finetune_probe import truth_positive_rows
 from hnm_ray.config import TrainConfig, from_tree
-from hnm_ray.config.tree import load_yaml
+from hnm_ray.config.files import load_yaml
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import load_manifest
 

@@ -87,7 +87,7 @@ def trial_config(params: dict[str, Any]) -> TrainConfig:
     """A trial's train config: the base tree with the trial's swept knobs."""
     tree: dict[str, Any] = {}
     for key in SWEPT:
-        cfg.tree.set_dotted(tree, key, params[key])
+        cfg.files.set_dotted(tree, key, params[key])
     return cfg.from_tree(TrainConfig, cfg.merge(params["base"], tree))
 
 

@@ -332,7 +332,7 @@ def test_update_gate_gets_the_best_validation_f1_over_all_mil_epochs(mil_store, 
     """trainer.py 309-336: optimal_ac_val starts at 0 and takes every better epoch's validation F1; the gate compares
     it, whatever epoch the pseudo labels come from (fixed epoch 199 in the paper's recipe)."""
     from hnm_ray.store.manifest import load_manifest
-    from hnm_ray.train import gate_f1, train_aggregator
+    from hnm_ray.training.rounds import gate_f1, train_aggregator
 
     records = load_manifest(mil_cohort)
     # min_val_bags 1: F1 at each epoch's own validation threshold (the 16-slide cohort would take the fallback at 0.5)

@@ -17,7 +17,7 @@ class MaskingFormatter(logging.Formatter):
     """A formatter that masks passwords in URIs (`scheme://user:***@host`) in every line it writes."""
 
     def format(self, record: logging.LogRecord) -> str:
-        from hnm_ray.config.tree import mask_secrets
+        from hnm_ray.config.files import mask_secrets
 
         return mask_secrets(super().format(record))
 
