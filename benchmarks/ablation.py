@@ -114,6 +114,14 @@ def representation(config: TrainConfig, run_dir: Path, round_: int, result: dict
     return out
 
 
+def emit(line: dict, out: str = "") -> None:
+    """Print `line` + this machine as one JSON line; also write it (indented) to `out` when given."""
+    line["machine"] = {"platform": platform.platform(), "cpus": __import__("os").cpu_count(), "gpu": False}
+    print(json.dumps(line))
+    if out:
+        Path(out).write_text(json.dumps(line, indent=1) + "\n")
+
+
 def stats(values: list) -> dict[str, float]:
     """Mean and sample standard deviation ignoring None/nan, with the count."""
     clean = [v for v in values if v is not None and not np.isnan(v)]

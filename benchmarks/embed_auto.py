@@ -19,14 +19,13 @@ import argparse
 import dataclasses
 import json
 import logging
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.ablation import cohort_base, stats
+from benchmarks.ablation import cohort_base, emit, stats
 from hnm_ray.config import TrainConfig, from_tree, merge
 from hnm_ray.extraction.index import TileIndex
 from hnm_ray.models.inference import evaluate_split
@@ -109,11 +108,8 @@ def main() -> None:
         rows = [row for seed in args.seeds for row in run_seed(Path(args.features), seed, args.sizes, Path(work))]
     line = {"benchmark": "embed_auto", "cohort": "camelyon", "sizes": args.sizes, "seeds": args.seeds,
             "widths": list(WIDTHS), "table": summarise(rows, args.sizes), "runs": rows,
-            "seconds": time.perf_counter() - started,
-            "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(), "gpu": False}}
-    print(json.dumps(line))
-    if args.out:
-        Path(args.out).write_text(json.dumps(line, indent=1) + "\n")
+            "seconds": time.perf_counter() - started}
+    emit(line, args.out)
 
 
 if __name__ == "__main__":

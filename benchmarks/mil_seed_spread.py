@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.ablation import stats
+from benchmarks.ablation import emit, stats
 from hnm_ray.config import TrainConfig, from_tree, load_yaml
 from hnm_ray.models.inference import evaluate_split
 from hnm_ray.store.manifest import load_manifest
@@ -88,11 +87,8 @@ def main() -> None:
                                                                  args.rounds, args.mil_seeds, Path(work))]
     line = {"benchmark": "mil_seed_spread", "work": args.work, "variant": args.variant, "seeds": args.seeds,
             "rounds": args.rounds, "mil_seeds": args.mil_seeds, "table": summarise(rows, args.rounds), "runs": rows,
-            "seconds": time.perf_counter() - started,
-            "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(), "gpu": False}}
-    print(json.dumps(line))
-    if args.out:
-        Path(args.out).write_text(json.dumps(line, indent=1) + "\n")
+            "seconds": time.perf_counter() - started}
+    emit(line, args.out)
 
 
 if __name__ == "__main__":
