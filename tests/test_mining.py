@@ -1,6 +1,8 @@
 """Hard negative mining: the exact global top-k queue, the Ray miner actor, positive selection."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -251,6 +253,10 @@ def test_actor_killed_after_save_restarts_with_same_queue(ray_session, tmp_path)
         ray.kill(miner, no_restart=False)
         again = get_miner("hnm_miner_restart", create=False)
         stats = ray.get(again.stats.remote())  # task retries wait for the restarted actor
+        deadline = time.monotonic() + 60
+        while stats["restored_from"] is None and time.monotonic() < deadline:  # ray.kill lands asynchronously: a call
+            time.sleep(0.2)                                                     # may still reach the old actor
+            stats = ray.get(again.stats.remote())
         assert stats["restored_from"] == str(snapshot)
         assert (stats["round"], stats["k"], stats["pushed"]) == (3, 2000, 10_000)
         assert ray.get(again.hard_negatives.remote()).equals(before)
