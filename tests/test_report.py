@@ -325,6 +325,15 @@ def test_qupath_features_are_level0_squares_with_measurements():
     json.dumps(collection, allow_nan=False)  # valid JSON: no NaN
 
 
+def test_qupath_feature_text_parses_with_a_non_finite_score():
+    """A tile whose score is NaN (e.g. an empty feature row) still gives a file json.loads reads (NaN, as json.dumps
+    writes it), not Python's `nan`."""
+    text = tile_features(np.array([0]), np.array([0]), np.array([0]), 448.0, np.array([np.nan]), np.array([False]),
+                         threshold=0.5)
+    (feature,) = json.loads(text)["features"]
+    assert np.isnan(feature["properties"]["measurements"]["tile score"])
+
+
 def _mined_pictures(run: Path) -> int:
     """Heatmaps of negative training slides with mined hard negatives: as many as there are such slides, at most 2."""
     mined = set(pq.read_table(run / "selection_round0" / "hard_negatives.parquet")["slide_id"].to_pylist())

@@ -43,7 +43,7 @@ def tile_features(tile_id: np.ndarray, x: np.ndarray, y: np.ndarray, extent: flo
             f'{{"type": "Feature", "geometry": {{"type": "Polygon", "coordinates": [[[{left!r}, {top!r}], '
             f'[{right!r}, {top!r}], [{right!r}, {bottom!r}], [{left!r}, {bottom!r}], [{left!r}, {top!r}]]]}}, '
             f'"properties": {{"objectType": "detection", "name": "tile {int(tile)}", "classification": '
-            f'{classes[kind[i]]}, "measurements": {{"tile score": {round(value, 6)!r}, '
+            f'{classes[kind[i]]}, "measurements": {{"tile score": {json.dumps(round(value, 6))}, '
             f'"hard negative": {int(flag)}{truth_text}}}}}}}')
     return '{"type": "FeatureCollection", "features": [' + ", ".join(features) + "]}"
 
