@@ -194,6 +194,27 @@ def test_heatmaps_and_qupath_files_of_an_imported_store_need_no_slide_image(impo
     assert "8 slide(s) without a slide image" in caplog.text
 
 
+def test_a_slide_skipped_while_scoring_is_not_counted_as_drawn_from_the_store(imported_mil, caplog, monkeypatch):
+    """A slide without its image whose scoring then fails (e.g. tiles not at level 0) is logged as skipped and left
+    out of the 'drawn from the store' warning: it got no QuPath file."""
+    import hnm_ray.report.slides as slides
+    from hnm_ray.core.errors import SlideError
+
+    tmp_path, records, store, result = imported_mil
+    score_slide = slides.score_slide
+
+    def failing_on_s3(model, store, record, *args):
+        if record.slide_id == "s3":
+            raise SlideError("s3", "its tiles are not at level 0")
+        return score_slide(model, store, record, *args)
+
+    monkeypatch.setattr(slides, "score_slide", failing_on_s3)
+    out = tmp_path / "outputs_skip"
+    scored = slides.write_slide_outputs(result.model_path, store, records, out / "qupath", {}, slides.Thresholds(0.5, 0.5))
+    assert "s3" not in {s.record.slide_id for s in scored} and not (out / "qupath" / "s3.geojson").exists()
+    assert "7 slide(s) without a slide image" in caplog.text
+
+
 def test_mil_eval_chunk_tiles_is_saved_with_the_model_and_chunked_evaluation_equals_whole_bags(imported_mil):
     """The knob reaches every scoring path through the model file: fit_mil saves mil.eval_chunk_tiles in its JSON,
     load_aggregator sets it, and the store's bags evaluated 6 tiles at a time give the whole bags' probabilities."""

@@ -129,6 +129,7 @@ def write_slide_outputs(model_path: str | Path, store: FeatureStore, records: li
                                     mined.get(record.slide_id, np.zeros(0, np.int32)))
         except HnmError as exc:
             log.warning("no heatmap / QuPath export for slide %r: %s", record.slide_id, exc)
+            no_image.pop(record.slide_id, None)  # skipped: not one drawn from the store either
             continue
         if qupath_dir is not None:
             features = tile_features(slide.tile_id, slide.x, slide.y, slide.extent, slide.score, slide.hard_negative,
