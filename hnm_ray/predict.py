@@ -79,7 +79,7 @@ def predict(checkpoint: str | Path, slides: str | Path, out: str | Path, heatmap
     store = FeatureStore(out / "features", f"predict-{config_tag(config.encoder)}-seed{meta['seed']}")
     extract_features(records, store, config)
     extracted, store = store, adapted_store(store, ckpt, meta)
-    model, _ = load_aggregator(ckpt / AGGREGATOR, config.mil.aggregator)
+    model, _ = load_aggregator(ckpt / AGGREGATOR, config.mil.aggregator, eval_chunk=config.mil.eval_chunk_tiles)
     threshold = float(meta["threshold"])
     # Checkpoints written before the tile threshold existed classed tiles at a fixed 0.5.
     thresholds = Thresholds(threshold, float(meta.get("tile_threshold", 0.5)))

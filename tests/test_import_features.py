@@ -223,6 +223,8 @@ def test_mil_eval_chunk_tiles_is_saved_with_the_model_and_chunked_evaluation_equ
     _, records, store, result = imported_mil
     model, meta = load_aggregator(result.model_path)
     assert meta["eval_chunk_tiles"] == model.eval_chunk == MILConfig.eval_chunk_tiles
+    # The scoring machine's own setting wins where the caller gives one (predict passes its --mil.eval_chunk_tiles).
+    assert load_aggregator(result.model_path, eval_chunk=5)[0].eval_chunk == 5
     whole_probs, whole_logits = evaluate_bags(model, read_bags(store, records))
     model.eval_chunk = 6  # 20-tile bags: 4 chunks
     probs, logits = evaluate_bags(model, read_bags(store, records))

@@ -42,8 +42,10 @@ def _stem(path: str | Path) -> Path:
     return path.with_suffix("") if path.suffix in (WEIGHTS_SUFFIX, META_SUFFIX, ".pt") else path
 
 
-def load_aggregator(path: str | Path, plugin: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The aggregator saved by `save_aggregator` (eval mode, with its feature standardisation) and its JSON fields.
+def load_aggregator(path: str | Path, plugin: str | None = None,
+                    eval_chunk: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The aggregator saved by `save_aggregator` (eval mode, with its feature standardisation) and its JSON fields;
+    `eval_chunk` (mil.eval_chunk_tiles, a memory setting of the machine that scores) replaces the saved one when given.
 
     Pickled checkpoints (`.pt`, older runs) are refused: unpickling a file from someone else can run code. A JSON
     naming a `module:callable` plug-in is refused unless it is `plugin`, the one the caller's checked config names
@@ -72,8 +74,8 @@ def load_aggregator(path: str | Path, plugin: str | None = None) -> tuple[torch.
                              f"and the config names {plugin or 'no plug-in'}: name it on the command line "
                              f"(--mil.aggregator {meta['aggregator']}) or add {TRUST_PLUGINS_FLAG} if you trust "
                              f"the folder")
-    model = build_standardized(meta["aggregator"], meta["dim"], embed=meta.get("embed", 0),
-                               eval_chunk=meta.get("eval_chunk_tiles", MILConfig.eval_chunk_tiles),
+    chunk = meta.get("eval_chunk_tiles", MILConfig.eval_chunk_tiles) if eval_chunk is None else eval_chunk
+    model = build_standardized(meta["aggregator"], meta["dim"], embed=meta.get("embed", 0), eval_chunk=chunk,
                                hidden=meta["hidden"], dropout=meta["dropout"])
     model.load_state_dict(state)
     return model.eval(), meta
