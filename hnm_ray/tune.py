@@ -176,10 +176,10 @@ def run_sweep(config: TuneConfig, resume: bool = False):
         ft.cpus_per_worker = worker_cpus(ft.cpus_per_worker, max(1, ft.workers) * sweep.max_concurrent_trials,
                                          reserved=sweep.cpus_per_trial * sweep.max_concurrent_trials,
                                          use_gpu=ft.use_gpu)
-        # A job reports rounds + 1 times; max_t one past that, so that ASHA never stops a trial at its last report
-        # (before the job writes its final metrics, checkpoint and report); its rungs still stop weak trials early.
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=config.run.rounds + 2,
-                                  grace_period=sweep.grace_rounds, reduction_factor=2)
+        # A job reports rounds + 1 times. stop_last_trials=False: a trial that reaches max_t is not stopped at that
+        # last report (before its job writes the final metrics, checkpoint and report); rungs still stop weak trials.
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=config.run.rounds + 1,
+                                  grace_period=sweep.grace_rounds, reduction_factor=2, stop_last_trials=False)
         tuner = tune.Tuner(
             trainable, param_space={"base": config.train_tree(), **search_space(sweep)},
             tune_config=tune.TuneConfig(metric=sweep.metric, mode="max", scheduler=scheduler,
