@@ -98,7 +98,7 @@ class MILConfig:
     eval_chunk_tiles: int = knob(8192, "scoring without gradients (validation, test, tile scores, heatmaps, mining), "
                                        "a bag of more tiles goes through the aggregator this many tiles at a time, "
                                        "so its intermediates are held for one chunk (the logits equal the whole "
-                                       "bag's to float rounding; saved with the model, used by predict). 0: whole "
+                                       "bag's to float rounding; saved with the model; predict takes its own). 0: whole "
                                        "bags", low=0)
     read_ahead: int = knob(0, "bags each MIL worker reads ahead in a background thread while it computes on the "
                               "ones in hand (2: the next pair), for a node with a core to spare; each costs one more "
