@@ -233,12 +233,9 @@ def main() -> None:
     table, ratios = summarise(runs)
     line = {"benchmark": "ablation", "cohort": args.cohort, "seeds": seeds, "recipe": args.recipe,
             "rounds": args.rounds, "epochs_per_round": args.epochs_per_round, "table": table, **ratios,
-            "runs": runs, "markdown": markdown(table), "seconds": time.perf_counter() - started,
-            "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(), "gpu": False}}
-    print(json.dumps(line))
+            "runs": runs, "markdown": markdown(table), "seconds": time.perf_counter() - started}
+    emit(line, args.out)
     print(line["markdown"])
-    if args.out:
-        Path(args.out).write_text(json.dumps(line, indent=1) + "\n")
 
 
 if __name__ == "__main__":
