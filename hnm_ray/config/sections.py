@@ -73,6 +73,9 @@ class MILConfig:
     min_val_bags: int = knob(10, "the fewest validation bags of each class to pick the epoch (best_val) and the "
                                  "threshold (Youden) on; with fewer, fixed_epoch and threshold 0.5 are used (on ~15 "
                                  "validation bags both were noise: benchmarks/results/classic_mil.json)", low=0)
+    ensemble: int = knob(1, "aggregators trained per round (seeds run.seed, run.seed + 1, ...) whose instance and bag "
+                            "logits are averaged into the round's model, its threshold picked on validation afresh; "
+                            "each costs one more MIL training", low=1)
     workers: int = knob(0, "Ray Train workers; 0 (default): in the driver process, without Ray Train: the "
                            "aggregator is small, and a worker group costs ~15 s to start per round on 2 CPUs "
                            "(benchmarks/results/job.json); N: DDP workers, restarted by FailureConfig on a lost node",

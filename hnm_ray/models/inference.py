@@ -47,6 +47,7 @@ def load_aggregator(path: str | Path, plugin: str | None = None,
     """The aggregator saved by `save_aggregator` (eval mode, with its feature standardisation) and its JSON fields;
     `eval_chunk` (mil.eval_chunk_tiles, a memory setting of the machine that scores) replaces the saved one when given.
 
+    A JSON with `members` (`mil.ensemble`) describes an `AggregatorEnsemble` of that many such aggregators.
     Pickled checkpoints (`.pt`, older runs) are refused: unpickling a file from someone else can run code. A JSON
     naming a `module:callable` plug-in is refused unless it is `plugin`, the one the caller's checked config names
     (a plug-in named on the command line, or trusted with --trust-plugins): a shared file must not run code.
@@ -55,6 +56,7 @@ def load_aggregator(path: str | Path, plugin: str | None = None,
     from safetensors.torch import load_file
 
     from hnm_ray.models.aggregators import build_standardized
+    from hnm_ray.models.ensemble import AggregatorEnsemble
 
     stem = _stem(path)
     weights, meta_path = stem.with_name(stem.name + WEIGHTS_SUFFIX), stem.with_name(stem.name + META_SUFFIX)
@@ -75,9 +77,17 @@ def load_aggregator(path: str | Path, plugin: str | None = None,
                              f"(--mil.aggregator {meta['aggregator']}) or add {TRUST_PLUGINS_FLAG} if you trust "
                              f"the folder")
     chunk = meta.get("eval_chunk_tiles", MILConfig.eval_chunk_tiles) if eval_chunk is None else eval_chunk
-    model = build_standardized(meta["aggregator"], meta["dim"], embed=meta.get("embed", 0), eval_chunk=chunk,
-                               hidden=meta["hidden"], dropout=meta["dropout"])
-    model.load_state_dict(state)
+    count = meta.get("members", 1)
+    if not isinstance(count, int) or count < 1:
+        raise ModelFileError(f"{meta_path}: 'members' must be a positive whole number (the ensemble's size), not "
+                             f"{count!r}")
+    members = [build_standardized(meta["aggregator"], meta["dim"], embed=meta.get("embed", 0), eval_chunk=chunk,
+                                  hidden=meta["hidden"], dropout=meta["dropout"]) for _ in range(count)]
+    model = members[0] if "members" not in meta else AggregatorEnsemble(members)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelFileError(f"{weights} does not hold the aggregator {meta_path.name} describes: {exc}") from exc
     return model.eval(), meta
 
 

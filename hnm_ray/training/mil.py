@@ -213,7 +213,20 @@ def _train_records(records: list[SlideRecord], store: FeatureStore, split: str) 
 def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], run_dir: str | Path,
             name: str = "mil", miner_name: str | None = None, seed: int = 0) -> MILResult:
     """Train the aggregator on the store's bags (in this process, or with `config.workers` Ray Train workers);
-    returns the best-validation model."""
+    returns the best-validation model, or with `mil.ensemble` K > 1 the ensemble of K of them (seeds seed .. seed +
+    K - 1, each trained and resumed as its own run `{name}_member{i}`) saved as `{name}_aggregator`."""
+    if config.ensemble == 1:
+        return fit_member(config, store, records, run_dir, name, miner_name, seed)
+    from hnm_ray.training.mil_ensemble import combine_members
+
+    members = [fit_member(config, store, records, run_dir, f"{name}_member{i}", miner_name, seed + i)
+               for i in range(config.ensemble)]
+    return combine_members(members, config, store, records, Path(run_dir).resolve() / f"{name}_aggregator")
+
+
+def fit_member(config: MILConfig, store: FeatureStore, records: list[SlideRecord], run_dir: str | Path,
+               name: str = "mil", miner_name: str | None = None, seed: int = 0) -> MILResult:
+    """One aggregator (see `fit_mil`), saved as `{name}_aggregator`."""
     from hnm_ray.training.checkpointing import driver_checkpoint_dir, load_state
     from hnm_ray.training.runner import run_loop
 
