@@ -197,6 +197,8 @@ def main() -> None:
     parser.add_argument("--mil-embed", type=int, default=None,
                         help="mil.embed of every variant's base (default: the product's, auto; the tables measured "
                              "before auto, e.g. results/ablation_camelyon.json, had 0: pass 0 to rerun them)")
+    parser.add_argument("--mil-ensemble", type=int, default=None,
+                        help="mil.ensemble of every variant (default: the product's)")
     parser.add_argument("--out", default="")
     parser.add_argument("--work", default="", help="folder for runs (default: a temp folder)")
     parser.add_argument("--recipe", metavar="NAME", default=None,
@@ -214,6 +216,8 @@ def main() -> None:
     base = merge(cohort_base(args.cohort, args.pretrain_epochs), size)
     if args.mil_embed is not None:
         base = merge(base, {"mil": {"embed": args.mil_embed}})
+    if args.mil_ensemble is not None:
+        base = merge(base, {"mil": {"ensemble": args.mil_ensemble}})
     base = merge(merge(load_recipe(args.recipe), base), size) if args.recipe else base
     chosen = {k: v for k, v in variants(args.recipe, args.paper_cpu).items()
               if (k in args.variants if args.variants else k != "default")}
