@@ -219,8 +219,10 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
         return fit_member(config, store, records, run_dir, name, miner_name, seed)
     from hnm_ray.training.mil_ensemble import combine_members
 
-    members = [fit_member(config, store, records, run_dir, f"{name}_member{i}", miner_name, seed + i)
-               for i in range(config.ensemble)]
+    members = []
+    for i in range(config.ensemble):
+        log.info("MIL: aggregator %d of %d (mil.ensemble, seed %d)", i + 1, config.ensemble, seed + i)
+        members.append(fit_member(config, store, records, run_dir, f"{name}_member{i}", miner_name, seed + i))
     return combine_members(members, config, store, records, Path(run_dir).resolve() / f"{name}_aggregator")
 
 
