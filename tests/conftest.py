@@ -1,6 +1,7 @@
 """Shared fixtures: one local Ray session for the whole suite and a small demo cohort."""
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -35,6 +36,17 @@ def ray_session():
                  namespace="hnm_ray", configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def console(caplog):
+    """hnm_ray's log lines at INFO (its logger may not propagate to the root logger that caplog watches: where it
+    does, a line is in caplog twice)."""
+    logger = logging.getLogger("hnm_ray")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="hnm_ray")
+    yield caplog
+    logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -34,16 +33,6 @@ def no_ray(monkeypatch):
         raise RayStarted
     monkeypatch.setattr(hnm_ray.run.cluster, "init_ray", start)
     monkeypatch.setattr(hnm_ray.extract, "init_ray", start)
-
-
-@pytest.fixture
-def console(caplog):
-    """hnm_ray's log lines (its logger does not propagate to the root logger that caplog watches)."""
-    logger = logging.getLogger("hnm_ray")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="hnm_ray")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def _subset_manifest(demo_cohort: Path, path: Path, keep: int) -> Path:
