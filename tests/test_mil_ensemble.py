@@ -4,23 +4,26 @@ aggregator as before."""
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import replace
 
 import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from test_mil_training import array_store
 
 from hnm_ray.config import MILConfig
-from hnm_ray.core.errors import ModelFileError
+from hnm_ray.core.errors import ModelFileError, StoreError
 from hnm_ray.mining.scoring import score_tiles
 from hnm_ray.models.ensemble import AggregatorEnsemble
 from hnm_ray.models.inference import evaluate_split, load_aggregator
 from hnm_ray.models.metrics import youden_threshold
 from hnm_ray.store.manifest import SlideRecord
-from hnm_ray.training.mil import fit_mil
+from hnm_ray.training.mil import fit_member, fit_mil
 
 CONFIG = MILConfig(epochs=3, workers=0, checkpoint_every=1, embed=0, min_val_bags=5)
 
@@ -114,3 +117,27 @@ def test_weights_of_another_ensemble_size_are_refused(fitted, tmp_path):
     (tmp_path / "bad_aggregator.json").write_text(json.dumps({**meta, "members": 2}))
     with pytest.raises(ModelFileError, match="does not hold the aggregator"):
         load_aggregator(tmp_path / "bad_aggregator")
+
+
+def test_with_ray_up_the_members_train_in_ray_tasks_and_equal_those_trained_in_process(cohort, ray_session, tmp_path,
+                                                                                       console):
+    store, records = cohort
+    config = replace(CONFIG, ensemble=2)
+    fit_mil(config, store, records, tmp_path / "tasks", name="m", seed=7)
+    finished = {m for m in console.messages if re.match(r"MIL: aggregator \d of 2 finished", m)}  # a set: see console
+    pids = {int(re.search(r"in process (\d+)", m).group(1)) for m in finished}
+    assert len(finished) == 2 and os.getpid() not in pids  # each ran in a Ray worker, not in this process
+    for i in range(2):  # the sequential path's member: fit_member in this process, same name and seed
+        alone = fit_member(config, store, records, tmp_path / "alone", f"m_member{i}", seed=7 + i)
+        expected = load_file(alone.model_path)
+        got = load_file(tmp_path / "tasks" / f"m_member{i}_aggregator.safetensors")
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_member_task_error_reaches_the_caller_as_our_own_error(cohort, ray_session, tmp_path, console):
+    store, records = cohort
+    negatives_only = [replace(r, label=0) for r in records]
+    with pytest.raises(StoreError, match="needs positive and negative training slides") as raised:
+        fit_mil(replace(CONFIG, ensemble=2), store, negatives_only, tmp_path, name="m")
+    assert type(raised.value) is StoreError  # not Ray's RayTaskError(StoreError) with a remote traceback for text
+    assert any("as Ray tasks" in m for m in console.messages)  # raised in a task

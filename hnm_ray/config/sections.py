@@ -75,7 +75,9 @@ class MILConfig:
                                  "validation bags both were noise: benchmarks/results/classic_mil.json)", low=0)
     ensemble: int = knob(1, "aggregators trained per round (seeds run.seed, run.seed + 1, ...) whose instance and bag "
                             "logits are averaged into the round's model, its threshold picked on validation afresh; "
-                            "each costs one more MIL training", low=1)
+                            "each costs one more MIL training; with workers 0 and Ray up (not in a tune trial) they "
+                            "train at once, one Ray task each (cpus_per_worker CPUs, a GPU with use_gpu), as many as "
+                            "the cluster has room for", low=1)
     workers: int = knob(0, "Ray Train workers; 0 (default): in the driver process, without Ray Train: the "
                            "aggregator is small, and a worker group costs ~15 s to start per round on 2 CPUs "
                            "(benchmarks/results/job.json); N: DDP workers, restarted by FailureConfig on a lost node",

@@ -214,15 +214,13 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
             name: str = "mil", miner_name: str | None = None, seed: int = 0) -> MILResult:
     """Train the aggregator on the store's bags (in this process, or with `config.workers` Ray Train workers);
     returns the best-validation model, or with `mil.ensemble` K > 1 the ensemble of K of them (seeds seed .. seed +
-    K - 1, each trained and resumed as its own run `{name}_member{i}`) saved as `{name}_aggregator`."""
+    K - 1, each trained and resumed as its own run `{name}_member{i}`, at once as Ray tasks where
+    `mil_ensemble.fit_members` can) saved as `{name}_aggregator`."""
     if config.ensemble == 1:
         return fit_member(config, store, records, run_dir, name, miner_name, seed)
-    from hnm_ray.training.mil_ensemble import combine_members
+    from hnm_ray.training.mil_ensemble import combine_members, fit_members
 
-    members = []
-    for i in range(config.ensemble):
-        log.info("MIL: aggregator %d of %d (mil.ensemble, seed %d)", i + 1, config.ensemble, seed + i)
-        members.append(fit_member(config, store, records, run_dir, f"{name}_member{i}", miner_name, seed + i))
+    members = fit_members(config, store, records, run_dir, name, miner_name, seed)
     return combine_members(members, config, store, records, Path(run_dir).resolve() / f"{name}_aggregator")
 
 
