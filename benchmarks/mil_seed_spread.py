@@ -7,10 +7,13 @@ the round's features allow with one draw of MIL training. Here, for each finishe
 RUN_seed{S}, e.g. the default job's), round r's aggregator is retrained on round r's stored features with the run's
 own config (config.yaml) and MIL seeds 0..K-1: per round, the spread over MIL seeds (the noise of one draw), and per
 run the difference of the MIL-seed means, round r - round 0 (what the round's features give an aggregator on
-average), then mean ± sd over runs.
+average), then mean ± sd over runs. Then the ensembles (`mil.ensemble`) of the first k of those draws, k = 2..K: their
+validation and test AUCs per round (mean ± sd over runs) and their paired change over round 0's ensemble of as many.
 
     python -m benchmarks.mil_seed_spread --work /tmp/s5/abl_def_auto --variant default --seeds 0 1 2 \
         --rounds 0 2 --mil-seeds 4 --out benchmarks/results/mil_seed_spread.json
+    python -m benchmarks.mil_seed_spread --work /tmp/s3/abl0 --variant dsmil_rank_embed_128 --seeds 0 1 2 3 4 \
+        --rounds 0 --mil-seeds 5 --out benchmarks/results/mil_ensemble_round0.json
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import json
 import logging
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +33,7 @@ from hnm_ray.models.inference import evaluate_split
 from hnm_ray.store.manifest import load_manifest
 from hnm_ray.train import round_store
 from hnm_ray.training.mil import fit_mil
+from hnm_ray.training.mil_ensemble import combine_members
 
 KEYS = ("test_auc", "test_instance_auc")
 
@@ -38,36 +43,65 @@ def run_rounds(run: Path, rounds: list[int], mil_seeds: int, work: Path) -> list
     config = from_tree(TrainConfig, load_yaml(run / "config.yaml"))
     metrics = json.loads((run / "metrics.json").read_text())
     records = load_manifest(config.run.manifest, seed=config.run.seed)
+    single = replace(config.mil, ensemble=1)
     out = []
     for r in rounds:
         store = round_store(config, run, r, metrics["rounds"][r]["encoder_weights"])
+        draws = []
         for mil_seed in range(mil_seeds):
-            fitted = fit_mil(config.mil, store, records, work / f"{run.name}_round{r}_mil{mil_seed}", seed=mil_seed)
-            test = evaluate_split(fitted.model_path, store, records, "test", fitted.threshold, config.mil.aggregator)
+            draws.append(fit_mil(single, store, records, work / f"{run.name}_round{r}_mil{mil_seed}", seed=mil_seed))
+            test = evaluate_split(draws[-1].model_path, store, records, "test", draws[-1].threshold,
+                                  config.mil.aggregator)
             row = {"run": run.name, "seed": config.run.seed, "round": r, "mil_seed": mil_seed,
-                   "job_seed_draw": mil_seed == config.run.seed, **{k: test.get(k) for k in KEYS}}
+                   "job_seed_draw": mil_seed == config.run.seed, "val_auc": draws[-1].metrics.get("val_auc"),
+                   **{k: test.get(k) for k in KEYS}}
             print(json.dumps(row), flush=True)
             out.append(row)
+        out.extend(ensembles(draws, single, store, records, work / f"{run.name}_round{r}", config.run.seed, r, run))
     return out
+
+
+def ensembles(draws: list, config, store, records, work: Path, seed: int, round_: int, run: Path) -> list[dict]:
+    """The ensemble (`mil.ensemble`) of the first k draws, k = 2..K: its validation and test AUCs."""
+    rows = []
+    for k in range(2, len(draws) + 1):
+        fitted = combine_members(draws[:k], config, store, records, work / f"ensemble{k}_aggregator")
+        test = evaluate_split(fitted.model_path, store, records, "test", fitted.threshold, config.aggregator)
+        row = {"run": run.name, "seed": seed, "round": round_, "ensemble": k, "val_auc": fitted.metrics.get("val_auc"),
+               **{key: test.get(key) for key in KEYS}}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
 
 
 def summarise(rows: list[dict], rounds: list[int]) -> dict[str, dict]:
     """Per round: the sd over MIL seeds (mean over runs) and the MIL-seed mean (over runs); per round > 0: the paired
-    difference of the MIL-seed means to round 0."""
-    runs = sorted({r["run"] for r in rows})
-    mean = {(run, r, k): float(np.mean([x[k] for x in rows if x["run"] == run and x["round"] == r])) for run in runs
+    difference of the MIL-seed means to round 0; then the same for the ensembles of the first k draws (mean over
+    runs of their AUCs, the paired difference to round 0's ensemble of as many)."""
+    single = [x for x in rows if "mil_seed" in x]
+    runs = sorted({r["run"] for r in single})
+    mean = {(run, r, k): float(np.mean([x[k] for x in single if x["run"] == run and x["round"] == r])) for run in runs
             for r in rounds for k in KEYS}
     table = {}
     for r in rounds:
         entry = {}
         for k in KEYS:
             entry[f"{k}_mil_seed_mean"] = stats([mean[run, r, k] for run in runs])
-            entry[f"{k}_sd_over_mil_seeds"] = stats([float(np.std([x[k] for x in rows if x["run"] == run
+            entry[f"{k}_sd_over_mil_seeds"] = stats([float(np.std([x[k] for x in single if x["run"] == run
                                                                    and x["round"] == r], ddof=1)) for run in runs])
             if r != rounds[0]:
                 entry[f"{k}_delta_vs_round{rounds[0]}"] = stats([mean[run, r, k] - mean[run, rounds[0], k]
                                                                  for run in runs])
         table[f"round{r}"] = entry
+    by_size = {(x["run"], x["round"], x["ensemble"]): x for x in rows if "ensemble" in x}
+    for size in sorted({key[2] for key in by_size}):
+        for r in rounds:
+            entry = {k: stats([by_size[run, r, size][k] for run in runs]) for k in ("val_auc", *KEYS)}
+            if r != rounds[0]:
+                entry.update({f"{k}_delta_vs_round{rounds[0]}": stats([by_size[run, r, size][k]
+                                                                       - by_size[run, rounds[0], size][k]
+                                                                       for run in runs]) for k in KEYS})
+            table[f"round{r}_ensemble{size}"] = entry
     return table
 
 
