@@ -11,7 +11,9 @@ from hnm_ray import config as cfg
 from hnm_ray.config import TrainConfig
 from hnm_ray.store.features import FeatureStore
 
-SMALL = {"encoder": {"name": "small_cnn"}, "extract": {"dtype": "float32", "batch_size": 32}}
+# One aggregator a round (mil.ensemble 1): the jobs of these tests are about other stages; the suite's tiny job
+# (conftest.tiny_run: the CLI's defaults) and tests/test_mil_ensemble.py run the default ensemble.
+SMALL = {"encoder": {"name": "small_cnn"}, "extract": {"dtype": "float32", "batch_size": 32}, "mil": {"ensemble": 1}}
 
 
 def small_config(tree: dict[str, Any] | None = None) -> TrainConfig:

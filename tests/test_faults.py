@@ -52,7 +52,7 @@ def test_killed_train_worker_resumes_from_the_last_checkpoint(ray_session, mil_s
     from hnm_ray.training.mil import CHECKPOINT_FILE, fit_mil
 
     epochs, kill_after = 8, 3
-    config = MILConfig(epochs=epochs, workers=1, cpus_per_worker=0.5, checkpoint_every=1, max_failures=2)
+    config = MILConfig(ensemble=1, epochs=epochs, workers=1, cpus_per_worker=0.5, checkpoint_every=1, max_failures=2)
     records = load_manifest(mil_cohort)
     storage = tmp_path / "run" / "ray_train" / "mil_fault"
     snapshot = storage / "checkpoint_manager_snapshot.json"  # Ray Train V2's controller state, one line a report

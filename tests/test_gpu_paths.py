@@ -68,7 +68,7 @@ def test_mil_resume_keeps_optimizer_state_on_the_parameters_device(mil_store, mi
     from hnm_ray.training.mil import CHECKPOINT_FILE, fit_mil
 
     records = load_manifest(mil_cohort)
-    config = MILConfig(workers=0, epochs=1, checkpoint_every=1)
+    config = MILConfig(ensemble=1, workers=0, epochs=1, checkpoint_every=1)
     fit_mil(config, mil_store, records, tmp_path, name="m", seed=0)
     monkeypatch.setattr(runner, "wrap_model", wrap_as_float64)
     fit_mil(replace(config, epochs=2), mil_store, records, tmp_path, name="m", seed=0)  # resumes at epoch 1
@@ -153,7 +153,7 @@ def test_mil_on_gpu_in_the_driver_without_a_gpu_refuses(mil_store, mil_cohort, t
     if torch.cuda.is_available():
         pytest.skip("torch sees a GPU here")
     with pytest.raises(ConfigError, match="mil.use_gpu"):
-        fit_mil(MILConfig(workers=0, epochs=1, use_gpu=True), mil_store, load_manifest(mil_cohort), tmp_path, seed=0)
+        fit_mil(MILConfig(ensemble=1, workers=0, epochs=1, use_gpu=True), mil_store, load_manifest(mil_cohort), tmp_path, seed=0)
 
 
 # -- fine-tuning workers on GPU nodes ------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ def imported_mil(tmp_path_factory):
     records = load_manifest(tmp_path / "slides.csv")
     store = FeatureStore(tmp_path / "store", "uni_v1", round=0)
     import_h5(sorted(folder.glob("*.h5")), store, "trident")
-    result = fit_mil(MILConfig(workers=0, epochs=3, checkpoint_every=3), store, records, tmp_path / "run", seed=0)
+    result = fit_mil(MILConfig(ensemble=1, workers=0, epochs=3, checkpoint_every=3), store, records, tmp_path / "run", seed=0)
     return tmp_path, records, store, result
 
 

@@ -70,7 +70,7 @@ def test_fit_mil_resolves_an_unset_width_from_the_bags_it_trains_on(tmp_path):
     records = cohort(EMBED_AUTO_MIN_BAGS)
     store = array_store(tmp_path / "store", {r.slide_id: rng.normal(r.label, 1, (2, 4)).astype(np.float32)
                                              for r in records})
-    config = MILConfig(epochs=1, workers=0, checkpoint_every=1)
+    config = MILConfig(ensemble=1, epochs=1, workers=0, checkpoint_every=1)
     for name, chosen, width in (("below", records[1:], 0), ("at", records, EMBED_AUTO_WIDTH)):
         result = fit_mil(config, store, chosen, tmp_path / name, seed=0)
         _, meta = load_aggregator(result.model_path)

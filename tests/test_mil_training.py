@@ -133,7 +133,7 @@ def test_mil_learns_demo_features(mil_store, records, tmp_path):
     carry tumour mimics (same purple as tumour) that random features hardly tell apart; over 10 model seeds with
     these knobs the test slide AUC is 1.0 for 4 seeds, 0.75 for 2 and 0.5 for 4, while instance AUC is 0.85-0.96.
     """
-    result = fit_mil(MILConfig(workers=0, **DEMO_KNOBS), mil_store, records, tmp_path, seed=0)
+    result = fit_mil(MILConfig(ensemble=1, workers=0, **DEMO_KNOBS), mil_store, records, tmp_path, seed=0)
     test = evaluate_split(result.model_path, mil_store, records, "test")
     train = evaluate_split(result.model_path, mil_store, records, "train")
 
@@ -159,7 +159,7 @@ def ddp_runs(ray_session, mil_store, records, tmp_path_factory):
     runs = {}
     for world in (1, 2):
         run_dir = tmp_path_factory.mktemp(f"mil_ddp{world}")
-        config = MILConfig(workers=world, **DDP_KNOBS)
+        config = MILConfig(ensemble=1, workers=world, **DDP_KNOBS)
         result = fit_mil(config, mil_store, records, run_dir, name=f"ddp{world}", seed=0)
         runs[world] = {"config": config, "run_dir": run_dir, "result": result,
                        "final": parameters(last_checkpoint(run_dir, f"ddp{world}")["model"]),
@@ -209,7 +209,7 @@ def test_rerun_with_more_epochs_resumes_from_storage(ddp_runs, mil_store, record
 @pytest.mark.ray
 @pytest.mark.timeout(400)
 def test_driver_mode_run_resumes_and_keeps_two_checkpoints(mil_store, records, tmp_path):
-    config = MILConfig(workers=0, epochs=4, checkpoint_every=1)
+    config = MILConfig(ensemble=1, workers=0, epochs=4, checkpoint_every=1)
     first = fit_mil(config, mil_store, records, tmp_path, name="local", seed=3)
     started = time.time()
     again = fit_mil(replace(config, epochs=7), mil_store, records, tmp_path, name="local", seed=3)
@@ -233,7 +233,7 @@ def test_ranking_forms(ray_session, mil_store, records, tmp_path):
     from hnm_ray.mining.scoring import count_tiles
 
     def weights(name: str, miner_name: str | None = None, **knobs) -> dict[str, torch.Tensor]:
-        config = MILConfig(workers=0, epochs=6, lr=3e-3, **knobs)
+        config = MILConfig(ensemble=1, workers=0, epochs=6, lr=3e-3, **knobs)
         result = fit_mil(config, mil_store, records, tmp_path, name=name, miner_name=miner_name, seed=1)
         assert all(np.isfinite(h["train_loss"]) for h in result.history)
         return parameters(load_aggregator(result.model_path)[0].state_dict())
@@ -262,12 +262,12 @@ def test_ranking_forms(ray_session, mil_store, records, tmp_path):
 @pytest.mark.timeout(400)
 def test_pairs_per_step_accumulates_gradients(ray_session, mil_store, records, tmp_path):
     """pairs_per_step=2: one optimiser step per two pairs, equal to a replay that accumulates them."""
-    config = MILConfig(workers=0, epochs=3, pairs_per_step=2, checkpoint_every=1)
+    config = MILConfig(ensemble=1, workers=0, epochs=3, pairs_per_step=2, checkpoint_every=1)
     fit_mil(config, mil_store, records, tmp_path, name="acc", seed=0)
     state = torch.load(sorted((tmp_path / "ray_train" / "acc" / "driver_checkpoints").glob("epoch_*"))[-1] / "mil.pt",
                        map_location="cpu", weights_only=True)
     assert same_weights(parameters(state["model"]), replay(mil_store, records, config, 0, 1), atol=1e-4)
-    plain = MILConfig(workers=0, epochs=3, pairs_per_step=1)
+    plain = MILConfig(ensemble=1, workers=0, epochs=3, pairs_per_step=1)
     assert not same_weights(parameters(state["model"]), replay(mil_store, records, plain, 0, 1), atol=1e-4)
 
 
@@ -276,7 +276,7 @@ def test_report_cadence_changes_nothing_but_the_number_of_reports(mil_store, rec
     every epoch gives the same best epoch, threshold, weights and per-epoch history."""
     runs = {}
     for every in (1, 7):
-        config = MILConfig(workers=0, epochs=9, lr=3e-3, checkpoint_every=every)
+        config = MILConfig(ensemble=1, workers=0, epochs=9, lr=3e-3, checkpoint_every=every)
         runs[every] = fit_mil(config, mil_store, records, tmp_path / f"every{every}", name="cadence", seed=2)
     per_epoch, sparse = runs[1], runs[7]
     assert sparse.best_epoch == per_epoch.best_epoch and sparse.threshold == per_epoch.threshold
@@ -331,7 +331,7 @@ def test_small_validation_split_keeps_the_fixed_epoch_and_threshold_half(small_v
     """2 validation bags a class cannot pick an epoch or a threshold: the last epoch and 0.5 are kept, and the
     reported validation metrics are those at 0.5 (what the job's outputs and update gate read)."""
     store, records = small_val_cohort
-    config = MILConfig(epochs=6, checkpoint_every=100, workers=0)
+    config = MILConfig(ensemble=1, epochs=6, checkpoint_every=100, workers=0)
     fallback = fit_mil(config, store, records, tmp_path / "fallback", seed=0)
     assert fallback.best_epoch == config.epochs - 1
     assert fallback.threshold == 0.5 and fallback.metrics["val_threshold"] == 0.5
@@ -359,7 +359,7 @@ def test_instance_embedding_learns_a_concept_that_is_not_linear_in_the_features(
     store = array_store(tmp_path / "store", bags)
     auc = {}
     for embed in (0, 16):
-        config = MILConfig(epochs=15, embed=embed, checkpoint_every=100, workers=0)
+        config = MILConfig(ensemble=1, epochs=15, embed=embed, checkpoint_every=100, workers=0)
         result = fit_mil(config, store, records, tmp_path / f"embed{embed}", seed=0)
         auc[embed] = evaluate_split(result.model_path, store, records, "test")["test_auc"]
     assert load_aggregator(result.model_path)[1]["embed"] == 16
@@ -391,7 +391,7 @@ def test_bags_are_read_when_needed_within_the_cache_budget(split_cohort, tmp_pat
 
     store, records = split_cohort
     bag = 30 * (8 * 4 + 4 + 2 * 4 + 1)  # float32 features, int32 tile ids and coords, int8 truth
-    config = MILConfig(epochs=3, checkpoint_every=100, workers=0, min_val_bags=2)
+    config = MILConfig(ensemble=1, epochs=3, checkpoint_every=100, workers=0, min_val_bags=2)
     runs, counters = {}, {}
     for name, budget, ahead in (("all", 1.0, 2), ("four", 4 * bag / GIB, 0), ("none", 0.0, 2)):
         counters[name] = LiveBags()
@@ -476,7 +476,7 @@ def test_a_bag_past_max_bag_gib_stops_mil_before_any_bag_is_read(tmp_path, monke
     records = [SlideRecord(s, "", i % 2, "test" if s == "big" else "train") for i, s in enumerate(sizes)]
     counter = LiveBags()
     monkeypatch.setattr(mil, "FeatureStore", counter.store_class())
-    config = MILConfig(epochs=1, workers=0, max_bag_gib=45 * 8 * 4 / GIB)
+    config = MILConfig(ensemble=1, epochs=1, workers=0, max_bag_gib=45 * 8 * 4 / GIB)
     with pytest.raises(StoreError, match=r"slide 'big': its bag of 60 tiles x 8 .*mil.max_bag_gib"):
         fit_mil(config, store, records, tmp_path / "run", seed=0)
     assert counter.reads == 0
@@ -493,6 +493,6 @@ def test_the_mil_loop_runs_on_the_torch_threads_of_its_cpus(split_cohort, tmp_pa
     threads = []
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     for cpus in (1.0, 3.0):
-        fit_mil(MILConfig(epochs=1, workers=0, cpus_per_worker=cpus, min_val_bags=2), store, records,
+        fit_mil(MILConfig(ensemble=1, epochs=1, workers=0, cpus_per_worker=cpus, min_val_bags=2), store, records,
                 tmp_path / str(cpus), seed=0)
     assert threads == [1, 3]

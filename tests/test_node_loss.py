@@ -216,7 +216,7 @@ def _mil_args(store_root: Path, manifest: Path, out: Path) -> list[str]:
     tag = next(store_root.glob("*/round=0")).parent.name
     return ["-m", "hnm_ray.training.mil", "--store", str(store_root), "--tag", tag, "--manifest", str(manifest),
             "--out", str(out), "--mil.workers", "2", "--mil.cpus_per_worker", str(NODE_CPUS), "--mil.epochs",
-            str(MIL_EPOCHS), "--mil.checkpoint_every", "1", "--mil.max_failures", "2"]
+            str(MIL_EPOCHS), "--mil.checkpoint_every", "1", "--mil.max_failures", "2", "--mil.ensemble", "1"]
 
 
 def _reports(out: Path) -> dict[str, Any]:
@@ -335,7 +335,8 @@ def test_miner_node_dies_between_pushes(nodes, features, mil_reference, demo_coh
 # ---------------------------------------------------------------------------------------- the driver (spot preemption)
 
 JOB = ["--rounds", "1", "--epochs-per-round", "1", "--warmup-epochs", "0", "--mil.epochs", "4", "--mil.workers", "0",
-       "--finetune.workers", "0", "--finetune.batch_size", "32", "--heatmaps", "0", "--pretrain.method", "none", *SMALL]
+       "--finetune.workers", "0", "--finetune.batch_size", "32", "--heatmaps", "0", "--pretrain.method", "none",
+       "--mil.ensemble", "1", *SMALL]
 
 
 def _job_args(features: Path, manifest: Path, runs: Path, name: str) -> list[str]:

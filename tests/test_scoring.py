@@ -22,7 +22,7 @@ def trained(ray_session, mil_store, mil_cohort, tmp_path_factory):
     """A briefly trained aggregator on the demo features (driver mode) and the manifest records."""
     records = load_manifest(mil_cohort)
     run_dir = tmp_path_factory.mktemp("scoring_mil")
-    result = fit_mil(MILConfig(workers=0, epochs=20, lr=3e-3), mil_store, records, run_dir, seed=0)
+    result = fit_mil(MILConfig(ensemble=1, workers=0, epochs=20, lr=3e-3), mil_store, records, run_dir, seed=0)
     return result.model_path, records
 
 

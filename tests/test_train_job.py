@@ -62,6 +62,9 @@ def test_train_cli_end_to_end_writes_metrics_checkpoint_and_pictures(tiny_run):
     # mil.embed unset (auto): no embedding on the demo's few training slides, the width recorded for --resume
     assert "mil.embed unset (auto): 0, for" in console
     assert yaml.safe_load((run / "config.yaml").read_text())["mil"]["embed"] == 0
+    # mil.ensemble's default: every round's model is 5 aggregators averaged, trained at once as Ray tasks in the job
+    assert json.loads((run / "checkpoint" / "aggregator.json").read_text())["members"] == 5
+    assert "aggregators of mil.ensemble as Ray tasks" in console
     # the done line names the round the run kept, and the checkpoint is that round's
     assert f"final model: round {final['round']}, {final['kept']}" in console
     assert json.loads((run / "checkpoint" / "meta.json").read_text())["round"] == final["round"]

@@ -20,6 +20,7 @@ from hnm_ray.train import parse_args
 
 # MIL runs in each trial's process, fine-tuning as a 1-worker Ray Train group inside the trial: both paths are tested.
 BASE = ["--rounds", "1", "--epochs-per-round", "1", "--warmup-epochs", "0", "--mil.epochs", "3", "--mil.workers", "0",
+        "--mil.ensemble", "1",
         "--finetune.workers", "1", "--finetune.batch_size", "16", "--heatmaps", "0", "--pretrain.method", "none"]
 SPACE = ["--neg-ratios", "0.1", "0.5", "--margins", "2.0", "--rank-ks", "1", "--w-ranks", "0.1"]
 
