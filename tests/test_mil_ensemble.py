@@ -25,7 +25,7 @@ from hnm_ray.models.metrics import youden_threshold
 from hnm_ray.store.manifest import SlideRecord
 from hnm_ray.training.mil import fit_member, fit_mil
 
-CONFIG = MILConfig(epochs=3, workers=0, checkpoint_every=1, embed=0, min_val_bags=5)
+CONFIG = MILConfig(ensemble=1, epochs=3, workers=0, checkpoint_every=1, embed=0, min_val_bags=5)
 
 
 @pytest.fixture(scope="module")
