@@ -4,6 +4,7 @@ aggregator as before."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import replace
@@ -141,3 +142,12 @@ def test_a_member_task_error_reaches_the_caller_as_our_own_error(cohort, ray_ses
         fit_mil(replace(CONFIG, ensemble=2), store, negatives_only, tmp_path, name="m")
     assert type(raised.value) is StoreError  # not Ray's RayTaskError(StoreError) with a remote traceback for text
     assert any("as Ray tasks" in m for m in console.messages)  # raised in a task
+
+
+def test_a_too_small_validation_split_is_said_once_not_by_every_member(cohort, tmp_path, caplog):
+    """The small-validation warning is the ensemble's, logged once by fit_mil (before: once per member, and from
+    Ray tasks each a line of Ray's on the console)."""
+    store, records = cohort
+    caplog.set_level(logging.WARNING, logger="hnm_ray")
+    fit_mil(replace(CONFIG, ensemble=2, epochs=1, min_val_bags=6), store, records, tmp_path, name="few", seed=0)
+    assert caplog.text.count("too few to pick the epoch and threshold") == 1

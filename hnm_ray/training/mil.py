@@ -216,6 +216,11 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
     returns the best-validation model, or with `mil.ensemble` K > 1 the ensemble of K of them (seeds seed .. seed +
     K - 1, each trained and resumed as its own run `{name}_member{i}`, at once as Ray tasks where
     `mil_ensemble.fit_members` can) saved as `{name}_aggregator`."""
+    val = _train_records(records, store, "val")
+    if val and not validation_selects(val, config.min_val_bags):  # said once, not by each member (or its Ray task)
+        log.warning("MIL: %d validation slides (%d positive) are too few to pick the epoch and threshold on (mil."
+                    "min_val_bags %d of each class): keeping the fixed epoch (mil.fixed_epoch %d) and threshold 0.5",
+                    len(val), sum(y for _, y in val), config.min_val_bags, config.fixed_epoch)
     if config.ensemble == 1:
         return fit_member(config, store, records, run_dir, name, miner_name, seed)
     from hnm_ray.training.mil_ensemble import combine_members, fit_members
@@ -241,10 +246,6 @@ def fit_member(config: MILConfig, store: FeatureStore, records: list[SlideRecord
     config = replace(config, embed=config.resolved_embed(len(train)))
     mean, std = standardisation(store, [s for s, _ in train], config.standardize)
     selects = validation_selects(val, config.min_val_bags)
-    if val and not selects:
-        log.warning("MIL: %d validation slides (%d positive) are too few to pick the epoch and threshold on (mil."
-                    "min_val_bags %d of each class): keeping the fixed epoch (mil.fixed_epoch %d) and threshold 0.5",
-                    len(val), sum(y for _, y in val), config.min_val_bags, config.fixed_epoch)
     storage = run_dir / "ray_train"
     loop = {"mil": asdict(config), "feature_mean": mean.tolist(), "feature_std": std.tolist(),
             "store_root": str(store.root), "tag": store.encoder_tag, "round": store.round,
