@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "classic_mil", "data": f"{PACKAGE} {CSV_DIR}", "protocols": PROTOCOLS, "repeats": protocols,
         "mil_overrides": {k: v for k, v in overrides.items() if k != "checkpoint_every"},
         "mil_config": {k: getattr(MILConfig(**overrides), k) for k in ("epochs", "lr", "weight_decay", "standardize",
-                                                                      "embed", "select_epoch", "hidden", "dropout")},
+                                                                      "embed", "select_epoch", "hidden", "dropout",
+                                                                      "ensemble")},
         "results": results, "seconds": round(time.perf_counter() - started, 1)}, args.out)
 
 if __name__ == "__main__":

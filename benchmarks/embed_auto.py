@@ -70,7 +70,7 @@ def run_seed(features: Path, seed: int, sizes: list[int], work: Path) -> list[di
     for n in sizes:
         chosen = subsample(records, n, seed)
         for width in WIDTHS:
-            mil = dataclasses.replace(config.mil, embed=width)
+            mil = dataclasses.replace(config.mil, embed=width, ensemble=1)  # one aggregator, as measured
             fitted = fit_mil(mil, store, chosen, work / f"seed{seed}_n{n}_embed{width}", seed=seed)
             test = evaluate_split(fitted.model_path, store, chosen, "test", fitted.threshold, mil.aggregator)
             row = {"seed": seed, "n_train": n, "n_val": sum(r.split == "val" for r in chosen), "embed": width,

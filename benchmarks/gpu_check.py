@@ -251,7 +251,7 @@ def train(work: Path) -> dict[str, Any]:
         return sorted({str(v.device) for s in state["optimizer"]["state"].values() for v in s.values()
                        if torch.is_tensor(v) and v.dim() > 0})
 
-    mil = MILConfig(workers=0, use_gpu=True, epochs=2, checkpoint_every=1)
+    mil = MILConfig(ensemble=1, workers=0, use_gpu=True, epochs=2, checkpoint_every=1)
     started = time.perf_counter()
     fit_mil(mil, store, records, work / "mil", name="mil", seed=0)
     resumed = fit_mil(dataclasses.replace(mil, epochs=3), store, records, work / "mil", name="mil", seed=0)

@@ -56,7 +56,7 @@ def synthetic_store(root: Path, bags: int, tiles: int, dim: int,
 def run(store: FeatureStore, records: list[SlideRecord], root: Path, workers: int, epochs: int,
         pairs_per_step: int = 1, cpus_per_worker: float = 1.0) -> dict:
     """Train with `workers` Ray Train workers; bags/s from the loop's per-epoch training time."""
-    config = MILConfig(workers=workers, cpus_per_worker=cpus_per_worker, epochs=epochs,
+    config = MILConfig(ensemble=1, workers=workers, cpus_per_worker=cpus_per_worker, epochs=epochs,
                        checkpoint_every=epochs, max_failures=0, pairs_per_step=pairs_per_step)
     started = time.perf_counter()
     name = f"bench{workers}_k{pairs_per_step}"

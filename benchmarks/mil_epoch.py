@@ -56,7 +56,7 @@ def main() -> None:
     tiles = count_tiles(store, [r.slide_id for r in train])
     float16_gib = tiles * 512 * 2 / 2 ** 30
     cache_gib = DEFAULT_CACHE_GIB * float16_gib / FULL_TRAIN_GIB
-    base = MILConfig(workers=0, epochs=2, checkpoint_every=2, bag_cache_gib=cache_gib)
+    base = MILConfig(ensemble=1, workers=0, epochs=2, checkpoint_every=2, bag_cache_gib=cache_gib)
     variants = {"read_ahead_0": replace(base, read_ahead=0), "read_ahead_2": replace(base, read_ahead=2),
                 "pure_step": replace(base, bag_cache_gib=2 * float16_gib)}
     seconds: dict[str, list[float]] = {name: [] for name in [*variants, "pure_read"]}

@@ -354,7 +354,7 @@ def main() -> None:
                        largest_bag=counts[largest.slide_id],
                        largest_bag_seconds=round(read_seconds[records.index(largest)], 3))
 
-        config = MILConfig(workers=0, epochs=args.epochs, checkpoint_every=args.epochs,
+        config = MILConfig(ensemble=1, workers=0, epochs=args.epochs, checkpoint_every=args.epochs,
                            bag_cache_gib=args.bag_cache_gib, read_ahead=args.read_ahead)
         mil = None
         if "mil" in stages:
