@@ -52,13 +52,15 @@ def main(store_root: str, tag: str, manifest: str, model: str, out: str) -> None
     mine("ref", store, manifest, model, folder)
     score_tiles = pseudo_labels.score_tiles
 
-    def two_waves(model_path, store, records, out_path, miner_name=None) -> pa.Table:
+    def two_waves(model_path, store, records, out_path, miner_name=None, plugin=None) -> pa.Table:
         half = len(records) // 2
-        first = score_tiles(model_path, store, records[:half], Path(out_path).with_suffix(".wave1"), miner_name)
+        first = score_tiles(model_path, store, records[:half], Path(out_path).with_suffix(".wave1"), miner_name,
+                            plugin=plugin)
         (folder / "pushed").write_text(str(first.num_rows))
         while not (folder / "killed").exists():
             time.sleep(0.05)
-        second = score_tiles(model_path, store, records[half:], Path(out_path).with_suffix(".wave2"), miner_name)
+        second = score_tiles(model_path, store, records[half:], Path(out_path).with_suffix(".wave2"), miner_name,
+                             plugin=plugin)
         table = pa.concat_tables([first, second]).sort_by([("slide_id", "ascending"), ("tile_id", "ascending")])
         pq.write_table(table, out_path)
         return table
