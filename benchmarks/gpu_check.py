@@ -8,7 +8,8 @@ GPU vs CPU decode of a demo slide: pixel difference, no stale buffers, tiles/s a
 a batch mixing it with an NDPI copy read by OpenSlide),
 `extract` (end-to-end extraction with resnet18_in on the GPU vs the CPU: tiles/s, sampled GPU utilisation, embedding
 cosine; bf16 autocast too), `train` (MIL and fine-tuning with use_gpu for 2 epochs, then a forced resume: the
-optimizer state must follow the parameters onto the GPU), `share` (two encoder actors on one GPU at 0.5 each).
+optimizer state must follow the parameters onto the GPU; then a 2-member mil.ensemble, its members Ray tasks asking for a
+GPU each), `share` (two encoder actors on one GPU at 0.5 each).
 Without a GPU a step prints {"step": ..., "status": "no GPU"} and exits 0 (gpu_check.sh probes once and prints those
 lines itself: the dry run the test suite runs).
 """
@@ -275,6 +276,12 @@ def train(work: Path) -> dict[str, Any]:
                                               "last": result.history[-1], "optimizer_state_devices_saved":
                                               devices(folder / "ray_train", FT_FILE)}
     out["mil"]["optimizer_state_devices_saved"] = devices(work / "mil" / "ray_train", MIL_FILE)
+    # mil.ensemble's members as Ray tasks asking for a GPU each (Ray is up, workers 0): one after another on one GPU
+    started = time.perf_counter()
+    ensemble = fit_mil(dataclasses.replace(mil, ensemble=2), store, records, work / "mil_ensemble", name="mil", seed=0)
+    out["mil_ensemble_ray_tasks"] = {"members": 2, "seconds": round(time.perf_counter() - started, 1),
+                                     "val_auc": ensemble.metrics.get("val_auc"), "optimizer_state_devices_saved":
+                                     devices(work / "mil_ensemble" / "ray_train", MIL_FILE)}
     return out
 
 
