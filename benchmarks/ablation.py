@@ -53,6 +53,8 @@ VARIANTS = {
     # hnm_rank with the negatives as 8 SupCon classes (finetune.negative_classes; benchmarks/README)
     "hnm_rank_negative_classes_8": {"mining": {"neg_ratio": 0.2}, "mil": {"w_rank": 0.1},
                                     "finetune": {"negative_classes": 8}},
+    # hnm_rank with a 10x lower fine-tuning learning rate (does a smaller step keep the perfect-label ceiling?)
+    "hnm_rank_finetune_lr_1e-3": {"mining": {"neg_ratio": 0.2}, "mil": {"w_rank": 0.1}, "finetune": {"lr": 1e-3}},
 }
 METRICS = ("test_auc", "test_accuracy", "test_f1", "test_instance_auc", "test_instance_auprc")
 # The representation a round hands the aggregator (benchmarks/representation.py, real-image cohorts only).
