@@ -10,7 +10,6 @@ ratio, and whether the members' weights agree. One JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import tempfile
@@ -22,10 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks.ablation import emit
-from hnm_ray.config import TrainConfig, from_tree, load_yaml
+from benchmarks.mil_seed_spread import finished_run
 from hnm_ray.run.cluster import init_ray
-from hnm_ray.store.manifest import load_manifest
-from hnm_ray.train import round_store
 from hnm_ray.training.mil import fit_mil
 
 
@@ -44,10 +41,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("hnm_ray").setLevel(logging.WARNING)
     run = Path(args.run)
-    config = from_tree(TrainConfig, load_yaml(run / "config.yaml"))
-    metrics = json.loads((run / "metrics.json").read_text())
-    records = load_manifest(config.run.manifest, seed=config.run.seed)
-    store = round_store(config, run, 0, metrics["rounds"][0]["encoder_weights"])
+    config, records, store_of = finished_run(run)
+    store = store_of(0)
     mil = replace(config.mil, ensemble=args.members, workers=0)
     with tempfile.TemporaryDirectory(prefix="ensemble_tasks_") as work:
         load_before = os.getloadavg()[0]

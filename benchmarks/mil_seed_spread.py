@@ -22,6 +22,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import numpy as np
 from benchmarks.ablation import emit, stats
 from hnm_ray.config import TrainConfig, from_tree, load_yaml
 from hnm_ray.models.inference import evaluate_split
+from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import load_manifest
 from hnm_ray.train import round_store
 from hnm_ray.training.mil import fit_mil
@@ -38,15 +40,21 @@ from hnm_ray.training.mil_ensemble import combine_members
 KEYS = ("test_auc", "test_instance_auc")
 
 
+def finished_run(run: Path) -> tuple[TrainConfig, list, Callable[[int], FeatureStore]]:
+    """A finished job's config, its manifest's records, and the feature store of a round of it."""
+    config = from_tree(TrainConfig, load_yaml(run / "config.yaml"))
+    rounds = json.loads((run / "metrics.json").read_text())["rounds"]
+    records = load_manifest(config.run.manifest, seed=config.run.seed)
+    return config, records, lambda r: round_store(config, run, r, rounds[r]["encoder_weights"])
+
+
 def run_rounds(run: Path, rounds: list[int], mil_seeds: int, work: Path) -> list[dict]:
     """Every (round, MIL seed) retraining of one finished run."""
-    config = from_tree(TrainConfig, load_yaml(run / "config.yaml"))
-    metrics = json.loads((run / "metrics.json").read_text())
-    records = load_manifest(config.run.manifest, seed=config.run.seed)
+    config, records, store_of = finished_run(run)
     single = replace(config.mil, ensemble=1)
     out = []
     for r in rounds:
-        store = round_store(config, run, r, metrics["rounds"][r]["encoder_weights"])
+        store = store_of(r)
         draws = []
         for mil_seed in range(mil_seeds):
             draws.append(fit_mil(single, store, records, work / f"{run.name}_round{r}_mil{mil_seed}", seed=mil_seed))
