@@ -1,7 +1,10 @@
-"""Ray Tune sweeps of the mining ratio and the ranking loss (neg_ratio, margin, rank_k, w_rank).
+"""Ray Tune sweeps of the mining ratio and the ranking loss (neg_ratio, margin, rank_k, w_rank), and when given values
+the fine-tuning epochs per round, the self-paced positive ratio r_0 and the negatives' SupCon classes.
 
     python -m hnm_ray.tune --manifest slides.csv --search random --num-samples 16 --storage-path tune/
     python -m hnm_ray.tune --config base.yaml --sweep.neg_ratios 0.05 0.2 --sweep.margins 0.5 1 --sweep.search grid
+    python -m hnm_ray.tune --config base.yaml --sweep.neg_ratios 0.05 0.2 1.0 --sweep.finetune_epochs 2 6 \
+        --sweep.margins 1 --sweep.rank_ks 10 --sweep.w_ranks 0.1 --sweep.search grid   # mining ratio x epochs
     python -m hnm_ray.tune --storage-path tune/ --sweep-name NAME --resume    # continue an interrupted sweep
 
 Each trial runs the whole job (`hnm_ray.train.run_job`) with its own knobs and reports each
@@ -33,8 +36,11 @@ log = logging.getLogger("hnm_ray")
 
 TRUST_SWEEP = ("Ray Tune unpickles the sweep folder (tuner.pkl, experiment state): a crafted file runs code, so resume "
                "only sweep folders you or someone you trust wrote")
-# The swept knobs of the train tree (dotted keys) and the sweep knob listing each one's values.
+# The swept knobs of the train tree (dotted keys) and the sweep knob listing each one's values: always swept ...
 SWEPT = {"mining.neg_ratio": "neg_ratios", "mil.margin": "margins", "mil.rank_k": "rank_ks", "mil.w_rank": "w_ranks"}
+# ... and swept only when given values (empty: every trial keeps the base config's value).
+SWEPT_IF_GIVEN = {"finetune.epochs_per_round": "finetune_epochs", "mining.ro": "positive_ratios",
+                  "finetune.negative_classes": "negative_classes"}
 
 
 @dataclass
@@ -46,6 +52,12 @@ class SweepConfig:
     margins: list[float] = cfg.knob([0.5, 1.0, 2.0], "ranking-loss margins to try (mil.margin)", low=0.0)
     rank_ks: list[int] = cfg.knob([1, 5, 10], "top-k sizes of the ranking loss to try (mil.rank_k)", low=1)
     w_ranks: list[float] = cfg.knob([0.0, 0.1, 0.5], "ranking-loss weights to try (mil.w_rank)", low=0.0)
+    finetune_epochs: list[int] = cfg.knob([], "fine-tuning epochs per round to try (finetune.epochs_per_round); "
+                                              "not given: the base config's", low=1)
+    positive_ratios: list[float] = cfg.knob([], "self-paced positive ratios r_0 to try (mining.ro); not given: the "
+                                                "base config's", low=0.0, high=1.0)
+    negative_classes: list[int] = cfg.knob([], "SupCon classes of the negatives to try (finetune.negative_classes); "
+                                               "not given: the base config's", low=1)
     search: str = cfg.knob("random", "grid (every combination) or random (num_samples draws)", choices=["grid", "random"])
     num_samples: int = cfg.knob(8, "random draws (random search) or repeats of the grid (grid search)", low=1)
     metric: str = cfg.knob("val_auc", "validation metric to maximise")
@@ -75,20 +87,37 @@ class TuneConfig(TrainConfig):
         return {k: v for k, v in cfg.to_tree(self).items() if k != "sweep"}
 
 
+def swept(sweep: SweepConfig) -> dict[str, list]:
+    """The values of each swept knob (dotted key): the always-swept ones and the optional ones given values."""
+    always = {key: list(getattr(sweep, values)) for key, values in SWEPT.items()}
+    return {**always, **{key: list(getattr(sweep, values)) for key, values in SWEPT_IF_GIVEN.items()
+                         if getattr(sweep, values)}}
+
+
 def search_space(sweep: SweepConfig) -> dict[str, Any]:
     """Ray Tune's param space over the swept knobs (dotted keys): grid_search lists or random choices."""
     from ray import tune
 
     pick = tune.grid_search if sweep.search == "grid" else tune.choice
-    return {key: pick(list(getattr(sweep, values))) for key, values in SWEPT.items()}
+    return {key: pick(values) for key, values in swept(sweep).items()}
 
 
 def trial_config(params: dict[str, Any]) -> TrainConfig:
     """A trial's train config: the base tree with the trial's swept knobs."""
     tree: dict[str, Any] = {}
-    for key in SWEPT:
-        cfg.files.set_dotted(tree, key, params[key])
+    for key in (*SWEPT, *SWEPT_IF_GIVEN):
+        if key in params:
+            cfg.files.set_dotted(tree, key, params[key])
     return cfg.from_tree(TrainConfig, cfg.merge(params["base"], tree))
+
+
+def check_swept_values(config: TuneConfig) -> None:
+    """ConfigError naming the knob when a swept value is one the train config refuses (e.g. mining.ro above
+    mining.rT), before the shared store is extracted rather than inside every trial."""
+    base = config.train_tree()
+    for key, values in swept(config.sweep).items():
+        for value in values:
+            trial_config({"base": base, key: value})
 
 
 def trial(params: dict[str, Any]) -> None:
@@ -150,6 +179,7 @@ def run_sweep(config: TuneConfig, resume: bool = False):
     from hnm_ray.training.finetune import finetune_workers, worker_cpus
 
     refuse_passwords(config)
+    check_swept_values(config)
     init_ray()
     sweep = config.sweep
     storage.check(sweep.storage_path, "sweep.storage_path")
@@ -217,7 +247,7 @@ def write_results(results, path: Path, metric: str) -> Path:
     best_config.run.name = ""
     best_file = cfg.save_yaml(best_config, path / "best_config.yaml")
     log.info("best trial: %s = %s with %s -> %s", metric, best.metrics.get(metric),
-             json.dumps({k: best.config[k] for k in SWEPT}), best_file)
+             json.dumps({k: v for k, v in best.config.items() if k != "base"}), best_file)
     return best_file
 
 

@@ -50,6 +50,38 @@ def test_grid_search_is_every_combination_of_the_swept_values():
     assert (trial.mining.neg_ratio, trial.mil.margin, trial.mil.w_rank) == (0.5, 2.0, 0.1)
 
 
+def test_fine_tuning_knobs_are_swept_only_when_given_values_and_checked_before_any_work():
+    from ray.tune.search.variant_generator import generate_variants
+
+    from hnm_ray.core.errors import ConfigError
+    from hnm_ray.tune import TuneConfig, check_swept_values, search_space, trial_config
+
+    base = cfg.to_tree(TrainConfig())
+    base["finetune"]["epochs_per_round"] = 4
+    one = dict(neg_ratios=[0.2], margins=[1.0], rank_ks=[10], w_ranks=[0.1], search="grid")
+    # not given: the base's value in every trial (the space holds only the always-swept knobs)
+    kept = [p for _, p in generate_variants(search_space(cfg.tree.from_tree(TuneConfig, {"sweep": one}).sweep))]
+    assert len(kept) == 1 and "finetune.epochs_per_round" not in kept[0]
+    assert trial_config({"base": base, **kept[0]}).finetune.epochs_per_round == 4
+    # given: mining ratio x fine-tuning epochs x r_0 x negative classes, each trial its own
+    sweep = cfg.tree.from_tree(TuneConfig, {"sweep": {**one, "neg_ratios": [0.05, 1.0], "finetune_epochs": [2, 6],
+                                                      "positive_ratios": [0.1], "negative_classes": [1, 8]}}).sweep
+    trials = [trial_config({"base": base, **p}) for _, p in generate_variants(search_space(sweep))]
+    combos = {(t.mining.neg_ratio, t.finetune.epochs_per_round, t.mining.ro, t.finetune.negative_classes) for t in trials}
+    assert len(trials) == len(combos) == 8
+    assert combos == {(n, e, 0.1, k) for n in (0.05, 1.0) for e in (2, 6) for k in (1, 8)}
+    # a value the train config refuses (r_0 above the base's rT 0.8) is named before the store is extracted
+    bad = cfg.tree.from_tree(TuneConfig, {"sweep": {**one, "positive_ratios": [0.1, 0.9]}})
+    with pytest.raises(ConfigError, match="mining.rT"):
+        check_swept_values(bad)
+    # and from the command line
+    args = ["--sweep.finetune_epochs", "2", "6", "--sweep.positive_ratios", "0.05"]
+    parser = __import__("argparse").ArgumentParser()
+    cfg.add_arguments(parser, TuneConfig)
+    parsed = cfg.load_config(TuneConfig, parser.parse_args(args))
+    assert (parsed.sweep.finetune_epochs, parsed.sweep.positive_ratios, parsed.sweep.negative_classes) == ([2, 6], [0.05], [])
+
+
 def _interrupt_after_first_result(proc: subprocess.Popen, state: Path) -> None:
     """SIGKILL the sweep's process group once a trial has reported a result (the sweep still running)."""
     deadline = time.time() + 600
