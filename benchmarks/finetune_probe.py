@@ -7,7 +7,8 @@ product's round 0 would fine-tune on), fine-tunes the round's starting encoder w
 the tiles' truth, and `"positives": "truth"` takes every tumour tile of the training slides as the positives (beside
 the round's hard negatives): oracles that say whether label noise or the number of correct positives holds the loss
 back; `nt_xent` adds a benchmark-only NT-Xent term of that
-weight to our loop's loss, `"negative_anchors": false` drops its negatives-as-anchors term), and reports the tile probe (benchmarks/representation.py: logistic regression on 8,000
+weight to our loop's loss, `"negative_anchors": false` drops its negatives-as-anchors term, `bce` adds a binary
+cross-entropy term of that weight on the projection, alone with `"supcon": false`), and reports the tile probe (benchmarks/representation.py: logistic regression on 8,000
 training tiles -> all test tiles) of the fine-tuned encoder, with the starting features' probe as the baseline.
 
     python -m benchmarks.finetune_probe --run RUN --settings '{"name": "mom0", "finetune": {"momentum": 0.0}}' ...
@@ -46,6 +47,30 @@ def with_nt_xent(weight: float, negative_anchors: bool = True):
             same = torch.from_numpy(classes.astype(np.int64)).to(device)
             total = supcon_loss(z1, z2, same, fc["temperature"], anchor_mask=y == 1)
         return total + weight * supcon_loss(z1, z2, None, fc["temperature"])
+
+    return loss
+
+
+def with_bce(weight: float, supcon: bool = True):
+    """Our loop's loss (or none of it, `supcon` False) + `weight` x binary cross-entropy of the rows' labels on the
+    projection: logit = <z, w> / temperature for one fixed unit vector w (seeded), which the trainable projection head
+    can turn towards the tumour direction (a linear classifier on the projection, with no parameter added to the
+    optimiser). Benchmark-only: does a classification loss on the same rows move the representation where SupCon
+    does not?"""
+    import torch
+    import torch.nn.functional as F
+
+    from hnm_ray.training import finetune
+
+    def loss(batch, model, fc, epoch, ratio, gen, device, supervised, input_space):
+        keep = finetune._usable(batch, ratio, supervised)
+        z1, z2 = finetune._views(batch["tiles"][keep], model, fc, gen, device, input_space)
+        labels = batch["label"][keep]
+        direction = F.normalize(torch.randn(z1.shape[1], generator=torch.Generator().manual_seed(0)), dim=0).to(z1.device)
+        y = torch.from_numpy(labels.astype(np.float32)).to(z1.device)
+        logits = torch.cat([F.normalize(z1, dim=1), F.normalize(z2, dim=1)]) @ direction / fc["temperature"]
+        total = weight * F.binary_cross_entropy_with_logits(logits, torch.cat([y, y]))
+        return total + finetune.our_objective(z1, z2, labels, fc, epoch, batch["supcon_class"][keep]) if supcon else total
 
     return loss
 
@@ -136,6 +161,7 @@ def main() -> None:
     for setting in map(json.loads, args.settings):
         name, nt_xent = setting.pop("name"), setting.pop("nt_xent", 0.0)
         negative_anchors = setting.pop("negative_anchors", True)
+        bce, supcon = setting.pop("bce", 0.0), setting.pop("supcon", True)
         labels, positives = setting.pop("labels", "pseudo"), setting.pop("positives", "mined")
         config = from_tree(TrainConfig, merge(tree, setting))
         rows = (truth_positive_rows(config, store0, records, selection) if positives == "truth"
@@ -143,7 +169,8 @@ def main() -> None:
         if labels == "truth":
             rows = with_truth_labels(rows, store0)
         positive_count = int(np.sum(np.asarray(rows["label"]) == 1))
-        finetune.our_loss = with_nt_xent(nt_xent, negative_anchors) if nt_xent or not negative_anchors else loss
+        finetune.our_loss = (with_bce(bce, supcon) if bce else
+                             with_nt_xent(nt_xent, negative_anchors) if nt_xent or not negative_anchors else loss)
         t0 = time.perf_counter()
         out = finetune.fit_finetune(config, rows, weights, run / "finetune_probe" / name, name="ft", first_epoch=0,
                                     last_epoch=config.finetune.epochs_per_round,
@@ -153,7 +180,7 @@ def main() -> None:
         encoder = encoder_from_config(config.encoder, out.encoder_weights).eval()
         probe = tile_probe(EncodedStore(store0, encoder, records, config.tiling.tile_size), records, seed=config.run.seed)
         results.append({"name": name, "override": setting, "labels": labels, "positive_rows": positives, "positives": positive_count,
-                        "nt_xent": nt_xent, "negative_anchors": negative_anchors, "rows": rows.num_rows, **probe,
+                        "nt_xent": nt_xent, "negative_anchors": negative_anchors, "bce": bce, "supcon": supcon, "rows": rows.num_rows, **probe,
                         "probe_ratio_vs_round0": probe["probe_auc"] / baseline["probe_auc"],
                         "finetune_seconds": seconds, "ft_loss_last_epoch": out.history[-1].get("ft_loss")})
         print(json.dumps(results[-1]), flush=True)

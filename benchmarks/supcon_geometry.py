@@ -93,7 +93,8 @@ def trajectory(config: TrainConfig, weights: str, head: str, tiles: np.ndarray, 
             with torch.no_grad():
                 out.append({"step": step, **geometry(model(held_tiles), held_labels)})
         pick = rng.choice(len(labels), BATCH, replace=False)
-        v1, v2 = two_views(torch.from_numpy(tiles[pick]), AugmentConfig(), gen, config.finetune.augment)
+        v1, v2 = two_views(torch.from_numpy(tiles[pick]), AugmentConfig(orientations=config.finetune.orientations), gen,
+                           config.finetune.augment)
         z1, z2 = model(to_model_input(v1)), model(to_model_input(v2))
         y, c = torch.from_numpy(labels[pick].astype(np.int64)), torch.from_numpy(classes[pick])
         negative_term = supcon_loss(z1, z2, c, TEMPERATURE, anchor_mask=y == 0)

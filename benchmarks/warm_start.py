@@ -2,7 +2,7 @@
 
 The pipeline's own pieces (small_cnn encoder, projection head, our augmentations, NT-Xent = `supcon_loss` without
 labels, SGD + the fine-tuning schedule as in `pretrain.method simclr`) train on random training tiles of a cohort
-(default: the Camelyon16-regime cohort, benchmarks/cohorts/camelyon.py, 64 px tiles) with one or more recipes
+(default: the Camelyon16-regime cohort, benchmarks/cohorts/camelyon.py, 64 px tiles, or a cohort folder) with one or more recipes
 (`default:` = today's product defaults, others override them). After the last epoch (and each --checkpoints epoch,
 0 = random init) a linear probe (logistic regression on the frozen, standardised features of training tiles, tumour
 digit vs the rest, tile labels) is scored on every test-slide tile: instance AUC. Baseline in the same run: the same
@@ -88,6 +88,7 @@ class Recipe:
     temperature: float = FinetuneConfig().temperature
     crop: tuple[float, float] = AugmentConfig().crop_scale
     jitter: float = AugmentConfig().brightness
+    orient: str = AugmentConfig().orientations  # augment.ORIENTATIONS
     widths: tuple[int, ...] = SMALL_CNN_WIDTHS
 
     @classmethod
@@ -122,7 +123,7 @@ def simclr(data: dict, recipe: Recipe, checkpoints: list[int], seed: int, n_prob
     train_x = data["train"][0]
     sample = train_x[rng.choice(len(train_x), min(recipe.tiles, len(train_x)), replace=False)]
     augment = AugmentConfig(crop_scale=recipe.crop, brightness=recipe.jitter, contrast=recipe.jitter,
-                            saturation=recipe.jitter)
+                            saturation=recipe.jitter, orientations=recipe.orient)
     gen = torch.Generator().manual_seed(seed)
     probe = lambda tiles: features(encoder, tiles)  # noqa: E731
     out = {0: {"probe_auc": probe_auc(probe, data, n_probe, seed), "loss": float("nan")}} if 0 in checkpoints else {}

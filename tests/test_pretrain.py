@@ -108,7 +108,13 @@ def test_the_warm_start_trains_with_its_own_optimiser_not_fine_tunings(tmp_path,
               "encoder": {"name": "small_cnn", "weights": None, "norm": "affine", "input_space": "rgb_imagenet",
                           "precision": "float32"}, "tiling": dataclasses.asdict(TrainConfig().tiling),
               "pretrain": {"epochs": 3, "method": "simclr", "tiles": 4096}, "seed": 0,
-              "finetune": [0.01, 0.9, 1e-4, 64, 0.07, 256, "ours"], "augment": dataclasses.asdict(AugmentConfig())}
+              "finetune": [0.01, 0.9, 1e-4, 64, 0.07, 256, "ours"],
+              "augment": {k: v for k, v in dataclasses.asdict(AugmentConfig()).items() if k != "orientations"}}
     digest = hashlib.sha256(json.dumps(legacy, sort_keys=True, default=str).encode())
     assert key == digest.hexdigest()[:16]  # the key of this stop's start (before the optimiser and encoder knobs)
     assert key != pretrain.warm_start_key(cfg.from_tree(TrainConfig, {"encoder": {"input_size": 96}}), records)
+    # the views' orientations (newer than the key) enter it only when not the dihedral set the cached ones used
+    assert key == pretrain.warm_start_key(cfg.from_tree(TrainConfig, {"finetune": {"orientations": "dihedral"}}), records)
+    others = {pretrain.warm_start_key(cfg.from_tree(TrainConfig, {"finetune": {"orientations": o}}), records)
+              for o in ("hflip", "none")}
+    assert len(others) == 2 and key not in others

@@ -32,6 +32,37 @@ def test_two_views_keep_layout_differ_and_are_seeded():
     assert augment(tiles, AugmentConfig(out_size=32), torch.Generator().manual_seed(0)).shape == (4, 32, 32, 3)
 
 
+@pytest.mark.parametrize("orientations, allowed", [("none", 1), ("hflip", 2), ("dihedral", 8)])
+def test_views_take_only_the_orientations_asked_for(orientations, allowed):
+    """finetune.orientations: with no crop or jitter a view is one of the tile's 8 flips/turns; "none" keeps the
+    tile as it lies (a 6 must not become a 9), "hflip" the tile or its mirror, "dihedral" any of the 8 (all seen)."""
+    tiles = _tiles(n=1, size=16).expand(256, -1, -1, -1).contiguous()
+    plain = AugmentConfig(crop_scale=(1.0, 1.0), brightness=0.0, contrast=0.0, saturation=0.0, orientations=orientations)
+    views = augment(tiles, plain, torch.Generator().manual_seed(0))
+    tile = tiles[0]
+    square = [torch.rot90(t, k, dims=(0, 1)) for t in (tile, tile.flip(1)) for k in range(4)]
+    seen = {next(i for i, s in enumerate(square) if torch.equal(v, s)) for v in views}  # StopIteration: not one of 8
+    assert len(seen) == allowed
+    assert seen <= ({0} if orientations == "none" else {0, 4} if orientations == "hflip" else set(range(8)))
+    with pytest.raises(ValueError, match="orientations"):
+        augment(tiles, AugmentConfig(orientations="upside_down"), torch.Generator().manual_seed(0))
+
+
+def test_fine_tuning_views_follow_the_orientations_knob(monkeypatch):
+    """The joint: the fine-tuning loop's views (and so the warm start's, which runs it) get finetune.orientations."""
+    from dataclasses import asdict
+
+    from hnm_ray.config import FinetuneConfig
+    from hnm_ray.training import augment as augment_module
+    from hnm_ray.training import finetune
+
+    seen = []
+    monkeypatch.setattr(augment_module, "two_views", lambda tiles, cfg, gen, kind: seen.append(cfg) or (tiles, tiles))
+    fc = asdict(FinetuneConfig(orientations="none"))
+    finetune._views(np.zeros((2, 8, 8, 3), np.uint8), lambda x: x, fc, None, "cpu", "rgb_imagenet")
+    assert [c.orientations for c in seen] == ["none"]
+
+
 def test_default_views_vary_brightness_like_stain_variation():
     """Default colour jitter scales a tile's brightness by up to +-60 %: at +-30 % stain and brightness still told
     tiles apart, and the warm start's tile probe was 0.912 +- 0.052 against 0.932 +- 0.025 (benchmarks/README)."""

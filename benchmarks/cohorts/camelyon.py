@@ -9,6 +9,7 @@ is another tissue: the warm start's rot90/flip augmentations stay valid). Render
 (same files, slide ids, masks and tiles.parquet).
 
     python -m benchmarks.cohorts.camelyon --out DIR [--seed 0]
+    python -m benchmarks.cohorts.camelyon --out DIR --tumour 9 --lookalikes 4 7   # a sibling: tumour 9 (6 is normal)
 """
 from __future__ import annotations
 
@@ -62,9 +63,10 @@ def missed_targets(stats: dict[str, float]) -> list[str]:
             if (low is not None and stats[name] < low) or (high is not None and stats[name] > high)]
 
 
-def make_camelyon_cohort(out: str | Path, seed: int = 0, cache: str | Path | None = None) -> Path:
+def make_camelyon_cohort(out: str | Path, seed: int = 0, cache: str | Path | None = None,
+                         config: DigitsConfig | None = None) -> Path:
     """Write the cohort (slides, masks, tiles.parquet, manifest.csv) into `out`; return the manifest path."""
-    return make_digits_cohort(out, camelyon_config(seed), cache)
+    return make_digits_cohort(out, config or camelyon_config(seed), cache)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,12 +77,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same files")
     parser.add_argument("--cache",
                         help="folder of the cached MNIST digits (default: $HNM_RAY_CACHE or ~/.cache/hnm_ray)")
+    parser.add_argument("--tumour", type=int, default=CAMELYON.tumour,
+                        help="tumour digit (a sibling cohort for held-out checks; the fixed cohort: 3)")
+    parser.add_argument("--lookalikes", type=int, nargs="+", default=list(CAMELYON.lookalikes),
+                        help="look-alike digits (the fixed cohort: 5 8)")
     args = parser.parse_args(argv)
-    config = camelyon_config(args.seed)
+    config = dataclasses.replace(camelyon_config(args.seed), tumour=args.tumour, lookalikes=tuple(args.lookalikes))
     stats = plan_stats(config, cohort_plan(config, load_mnist(args.cache)[1]))
     started = time.perf_counter()
-    manifest = make_camelyon_cohort(args.out, args.seed, args.cache)
-    print(json.dumps({"cohort": "camelyon", "seed": args.seed, **stats, "missed_targets": missed_targets(stats),
+    manifest = make_camelyon_cohort(args.out, args.seed, args.cache, config)
+    print(json.dumps({"cohort": "camelyon", "seed": args.seed, "tumour": config.tumour, "lookalikes": config.lookalikes, **stats, "missed_targets": missed_targets(stats),
                       "seconds": round(time.perf_counter() - started, 1), "manifest": str(manifest)}))
 
 

@@ -191,6 +191,11 @@ class FinetuneConfig:
                                     "one point (it collapsed the projection on the Camelyon16-regime cohort: "
                                     "benchmarks/README)", low=1)
     proj_dim: int = knob(256, "projection head output size", low=1)
+    orientations: str = knob("dihedral", "which orientations our augmentations give a view, in the warm start and "
+                                         "fine-tuning: dihedral (the 8 flips and 90-degree turns: no orientation of "
+                                         "tissue is another tissue), hflip (a horizontal flip, as the official SimCLR "
+                                         "set), or none (classes that orientation tells apart: a 6 turned twice is a "
+                                         "9)", choices=["dihedral", "hflip", "none"])
     augment: str = knob("ours", "augmentations: ours (crop 0.5-1, flips/rot90, colour jitter 0.6) or official (crop "
                                 "0.08-1, flip, strong jitter, grayscale, blur; kornia)", choices=["ours", "official"])
     pos_per_neg: float = knob(1.0, "our loop: positives streamed per hard negative in an epoch (an epoch iterates over "

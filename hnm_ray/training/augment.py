@@ -22,6 +22,13 @@ class AugmentConfig:
     contrast: float = 0.6
     saturation: float = 0.6
     out_size: int | None = None
+    orientations: str = "dihedral"  # ORIENTATIONS: which flips/rotations a view may take
+
+
+# Which orientations a view may take: the 8 of the square (flips and 90-degree turns: no orientation of tissue is
+# another tissue), a horizontal flip (the official SimCLR set's), or the tile as it lies (classes whose orientation
+# tells them apart: a 6 turned twice is a 9).
+ORIENTATIONS = ("dihedral", "hflip", "none")
 
 
 def _random_resized_crop(x: torch.Tensor, scale: tuple[float, float], out: int, gen: torch.Generator) -> torch.Tensor:
@@ -41,12 +48,19 @@ def _random_resized_crop(x: torch.Tensor, scale: tuple[float, float], out: int, 
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def _flip_rotate(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip and rotation by a multiple of 90 degrees, per square image (a new tensor)."""
+def _flip_rotate(x: torch.Tensor, gen: torch.Generator, orientations: str = "dihedral") -> torch.Tensor:
+    """Random horizontal flip and (dihedral) rotation by a multiple of 90 degrees, per square image (a new tensor);
+    "hflip": the flip alone; "none": the images as they are."""
+    if orientations not in ORIENTATIONS:
+        raise ValueError(f"unknown orientations {orientations!r}; choose one of {list(ORIENTATIONS)}")
+    if orientations == "none":
+        return x.clone()
     flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
-    turns = torch.randint(0, 4, (x.shape[0],), generator=gen).to(x.device)
     x = x.clone()
     x[flip] = x[flip].flip(-1)
+    if orientations == "hflip":
+        return x
+    turns = torch.randint(0, 4, (x.shape[0],), generator=gen).to(x.device)
     for k in (1, 2, 3):  # the images of each turn count at once: ~3x faster than a rot90 per image
         turned = turns == k
         x[turned] = torch.rot90(x[turned], k, dims=(-2, -1))
@@ -75,7 +89,7 @@ def augment(tiles: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> to
     x = tiles.permute(0, 3, 1, 2).float().div_(255.0)
     out = cfg.out_size or tiles.shape[1]
     x = _random_resized_crop(x, cfg.crop_scale, out, gen)
-    x = _flip_rotate(x, gen)
+    x = _flip_rotate(x, gen, cfg.orientations)
     x = _colour_jitter(x, cfg, gen)
     return x.mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 

@@ -47,7 +47,8 @@ def _views(tiles: np.ndarray, model, fc: dict[str, Any], gen, device: str, input
 
     # Augmented on the training device (uint8 crosses to it, a quarter of the float bytes): on a GPU worker the CPU
     # would otherwise spend ~0.3 s a batch of 64 on the two views, longer than the GPU's step.
-    v1, v2 = two_views(torch.from_numpy(np.ascontiguousarray(tiles)).to(device), AugmentConfig(), gen, fc["augment"])
+    v1, v2 = two_views(torch.from_numpy(np.ascontiguousarray(tiles)).to(device),
+                       AugmentConfig(orientations=fc["orientations"]), gen, fc["augment"])
     return model(to_model_input(v1, input_space)), model(to_model_input(v2, input_space))
 
 

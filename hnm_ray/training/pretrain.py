@@ -41,7 +41,9 @@ def warm_start_key(config: TrainConfig, records: list[SlideRecord]) -> str:
     parts = {"slides": slides, "encoder": encoder, "tiling": dataclasses.asdict(config.tiling),
              "pretrain": pretrain, "seed": config.run.seed,
              "finetune": [*optimiser, ft.weight_decay, ft.batch_size, ft.temperature, ft.proj_dim, ft.augment],
-             "augment": dataclasses.asdict(AugmentConfig())}
+             "augment": {k: v for k, v in dataclasses.asdict(AugmentConfig()).items() if k != "orientations"}}
+    if ft.orientations != "dihedral":  # newer than the key: the dihedral warm starts cached before keep theirs
+        parts["orientations"] = ft.orientations
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
