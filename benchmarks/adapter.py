@@ -85,11 +85,11 @@ def main() -> None:
     adapter_span = {**span, "last_epoch": args.epochs or epochs, "total_epochs": max(span["total_epochs"],
                                                                                    args.epochs or epochs)}
     momentum = config.finetune.momentum if args.momentum is None else args.momentum
-    line.update(adapter_lr=args.lr or config.finetune.lr, adapter_momentum=momentum,
+    line.update(adapter_lr=args.lr or config.finetune.step_lr(), adapter_momentum=momentum,
                 adapter_epochs=adapter_span["last_epoch"])
     for name, (dropout, noise) in VIEWS.items():
         ft = dataclasses.replace(config.finetune, scope="adapter", adapter_dropout=dropout, adapter_noise=noise,
-                                 lr=args.lr or config.finetune.lr, momentum=momentum)
+                                 lr=args.lr or config.finetune.step_lr(), momentum=momentum)
         store1, timing = adapter_round(dataclasses.replace(config, finetune=ft), rows, store0, weights, head, out,
                                        name, adapter_span)
         probe = tile_probe(store1, records, seed=config.run.seed)["probe_auc"]

@@ -23,7 +23,8 @@ def run_rank(rank: int, world: int, init_file: str, outs: list[str]) -> None:
     torch.manual_seed(0)
     model = DistributedDataParallel(nn.Sequential(nn.Flatten(), nn.Linear(3 * TILE * TILE, 4)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    fc, gen, n = {"augment": "ours", "temperature": 0.07}, torch.Generator().manual_seed(rank), 6
+    fc = {"augment": "ours", "orientations": "dihedral", "temperature": 0.07}
+    gen, n = torch.Generator().manual_seed(rank), 6
     for step in range(3):
         batch = {"tiles": np.full((n, TILE, TILE, 3), 40 * step + 20 * rank, np.uint8), "label": np.arange(n) % 2,
                  "kind": np.where(np.arange(n) % 2, POSITIVE, HARD_NEGATIVE),

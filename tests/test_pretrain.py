@@ -98,9 +98,9 @@ def test_the_warm_start_trains_with_its_own_optimiser_not_fine_tunings(tmp_path,
     monkeypatch.setattr(pretrain, "slide_indexes", lambda *a: _index())
     monkeypatch.setattr(pretrain, "fit_finetune", lambda config, *a, **k: seen.append(config.finetune) or
                         type("Out", (), {"encoder_weights": "w", "head_weights": "h"})())
-    config = cfg.from_tree(TrainConfig, {"finetune": {"momentum": 0.0, "lr": 0.5}})
+    config = cfg.from_tree(TrainConfig, {"finetune": {"momentum": 0.0, "lr": 0.5, "optimizer": "adam"}})
     pretrain.pretrain_simclr(config, records, tmp_path, None)
-    assert (seen[0].lr, seen[0].momentum) == (0.01, 0.9)
+    assert (seen[0].lr, seen[0].momentum, seen[0].optimizer) == (0.01, 0.9, "sgd")
     key = pretrain.warm_start_key(TrainConfig(), records)
     assert key == pretrain.warm_start_key(config, records)  # fine-tuning's optimiser is not the warm start's
     assert key != pretrain.warm_start_key(cfg.from_tree(TrainConfig, {"pretrain": {"momentum": 0.5}}), records)

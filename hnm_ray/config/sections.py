@@ -169,7 +169,12 @@ class FinetuneConfig:
                              "official (two SGD steps per iteration from two streams, A: hard negatives + positives "
                              "above the threshold, B: negatives + top-r_t positives; 2N-view mean)",
                      choices=["ours", "official"])
-    lr: float = knob(0.01, "SGD learning rate", low=0.0, low_open=True)
+    optimizer: str = knob("sgd", "fine-tuning optimiser: sgd (the official; finetune.momentum) or adam (its step "
+                                 "size adapts per weight: on the Camelyon16-regime cohort SGD at 0.01 did not fit even "
+                                 "true tile labels in a round, Adam at 1e-3 did: benchmarks/README)",
+                          choices=["sgd", "adam"])
+    lr: float | None = knob(None, "learning rate; default: 0.01 with sgd (official), 1e-3 with adam",
+                            low=0.0, low_open=True)
     momentum: float = knob(0.0, "SGD momentum (0: official; 0.9 collapsed the projection and lowered the tile probe "
                                 "0.943 -> 0.842 in a round on the Camelyon16-regime cohort: benchmarks/README)",
                            low=0.0, high=1.0, high_open=True)
@@ -184,7 +189,13 @@ class FinetuneConfig:
     step_b_positive_fraction: float = knob(0.05, "official loop: step B = int(B (1 - f)) negatives + int(B f) "
                                                  "top-r_t positives (486 + 25 at B = 512)",
                                            low=0.0, high=1.0, low_open=True, high_open=True)
-    temperature: float = knob(0.07, "SupCon temperature", low=0.0, low_open=True)
+    temperature: float = knob(0.07, "SupCon temperature (also the bce objective's: logits = cos / temperature)",
+                              low=0.0, low_open=True)
+    objective: str = knob("supcon", "our loop's loss on the rows' pseudo labels: supcon (the paper's), bce (binary "
+                                    "cross-entropy of the labels on the projection, a cosine classifier with a fixed "
+                                    "prototype: no weight added), or supcon_bce (their sum). On the Camelyon16-regime "
+                                    "cohort SupCon collapsed the projection even on true labels; bce raised the tile "
+                                    "probe in one round: benchmarks/README", choices=["supcon", "bce", "supcon_bce"])
     negative_classes: int = knob(1, "our loop: SupCon classes of the negatives: 1 (the paper: every negative is a "
                                     "positive of every other) or K > 1, the negatives split into K k-means clusters "
                                     "of their current features, so that SupCon does not pull all normal tissue into "
@@ -213,10 +224,17 @@ class FinetuneConfig:
     max_failures: int = knob(2, "Ray Train restarts from the last checkpoint after a worker failure", low=0)
 
     def validate(self) -> None:
-        """Negative classes are a rule of our loop's loss; the official loop's steps have their own."""
+        """Negative classes and the objective are rules of our loop's loss; the official loop's steps have their own."""
         if self.negative_classes > 1 and self.loop != "ours":
             raise ConfigError("finetune.negative_classes", f"{self.negative_classes} applies to --finetune.loop ours; "
                                                            f"with loop {self.loop} set it to 1")
+        if self.objective != "supcon" and self.loop != "ours":
+            raise ConfigError("finetune.objective", f"{self.objective} applies to --finetune.loop ours; the official "
+                                                    "loop's steps are SupCon: set it to supcon")
+
+    def step_lr(self) -> float:
+        """The learning rate: finetune.lr, or the optimiser's default (sgd 0.01, adam 1e-3)."""
+        return self.lr if self.lr is not None else (1e-3 if self.optimizer == "adam" else 0.01)
 
 
 @dataclass

@@ -13,6 +13,7 @@ through a two-layer MLP take a second or two, less than a Ray Train worker group
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -116,8 +117,8 @@ def _fit(config: TrainConfig, rows: pa.Table, round0: FeatureStore, weights: str
     """`fit_adapter`'s training, on `device`."""
     from hnm_ray.models.weights import save_weights
     from hnm_ray.training.contrastive import contrastive_model, load_head
-    from hnm_ray.training.finetune import (FinetuneResult, _usable, epoch_batches, official_objective, our_objective,
-                                           schedule)
+    from hnm_ray.training.finetune import (FinetuneResult, _usable, epoch_batches, official_objective, optimizer_for,
+                                           our_objective, schedule)
     from hnm_ray.training.schedules import scheduler as lr_scheduler
     from hnm_ray.training.tile_batches import worker_share
 
@@ -130,7 +131,8 @@ def _fit(config: TrainConfig, rows: pa.Table, round0: FeatureStore, weights: str
         raise ModelFileError(f"adapter {adapter_weights} maps {adapter.out_dim} features; round 0's store "
                              f"{round0.directory} holds {dim}")
     model = contrastive_model(adapter, load_head(dim, ft.proj_dim, head_weights)).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=ft.lr, momentum=ft.momentum, weight_decay=ft.weight_decay)
+    ft = dataclasses.replace(ft, lr=ft.step_lr())
+    optimizer = optimizer_for(model.parameters(), dataclasses.asdict(ft))
     lr = lr_scheduler(optimizer, ft.schedule, total_epochs, first_epoch)
     loop, share = schedule(config, ft, total_epochs, supervised=True), worker_share(rows, 0, 1)
     fc, std = loop["ft"], features.std(0)

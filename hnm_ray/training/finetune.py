@@ -78,18 +78,32 @@ def our_loss(batch: dict[str, np.ndarray], model, fc: dict[str, Any], epoch: int
 
 
 def our_objective(z1, z2, labels: np.ndarray, fc: dict[str, Any], epoch: int, classes: np.ndarray | None = None):
-    """Our loop's SupCon on two views' projections: negatives as anchors (+ positives as anchors after warm-up); a
-    view's positives are the views of its SupCon class (`classes`, default: the labels)."""
+    """Our loop's objective on two views' projections (finetune.objective): SupCon with negatives as anchors (+
+    positives as anchors after warm-up), a view's positives the views of its SupCon class (`classes`, default: the
+    labels); "bce" the labels' binary cross-entropy on the projection (`prototype_bce`); "supcon_bce" their sum."""
     import torch
 
-    from hnm_ray.training.losses import supcon_loss
+    from hnm_ray.training.losses import prototype_bce, supcon_loss
 
     y = torch.from_numpy(labels.astype(np.int64)).to(z1.device)
+    objective = fc.get("objective", "supcon")
+    bce = prototype_bce(z1, z2, y, fc["temperature"]) if objective != "supcon" else None
+    if objective == "bce":
+        return bce
     same = y if classes is None else torch.from_numpy(classes.astype(np.int64)).to(z1.device)
     loss = supcon_loss(z1, z2, same, fc["temperature"], anchor_mask=y == 0)
     if epoch >= fc["warmup_epochs"] and bool((y == 1).any()):
         loss = loss + supcon_loss(z1, z2, same, fc["temperature"], anchor_mask=y == 1)
-    return loss
+    return loss if bce is None else loss + bce
+
+
+def optimizer_for(params, fc: dict[str, Any]):
+    """The fine-tuning optimiser (finetune.optimizer): SGD with momentum (the official), or Adam; at fc["lr"]."""
+    import torch
+
+    if fc.get("optimizer", "sgd") == "adam":
+        return torch.optim.Adam(params, lr=fc["lr"], weight_decay=fc["weight_decay"])
+    return torch.optim.SGD(params, lr=fc["lr"], momentum=fc["momentum"], weight_decay=fc["weight_decay"])
 
 
 def official_step_loss(batch: dict[str, np.ndarray], step_b: bool, model, fc: dict[str, Any], gen, device: str,
@@ -169,7 +183,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     state = load_state(checkpoint, CHECKPOINT_FILE) if checkpoint else None
     ddp, optimizer, scheduler = place_and_restore(
         model, world, device,
-        lambda params: torch.optim.SGD(params, lr=fc["lr"], momentum=fc["momentum"], weight_decay=fc["weight_decay"]),
+        lambda params: optimizer_for(params, fc),
         # One schedule over all rounds' epochs; this fit starts at `first_epoch` of it.
         lambda optimizer: lr_scheduler(optimizer, fc["schedule"], total, loop["first_epoch"]), state)
     if state is not None:
@@ -299,7 +313,7 @@ def fit_finetune(config: TrainConfig, rows: pa.Table, weights: str | None, run_d
     workers = finetune_workers(ft.workers, ft.use_gpu)
     if supervised and ft.loop == "official":
         check_official_rows(rows, ft, max(1, workers), name)
-    ft = dataclasses.replace(ft, workers=workers,
+    ft = dataclasses.replace(ft, workers=workers, lr=ft.step_lr(),
                              cpus_per_worker=worker_cpus(ft.cpus_per_worker, workers, use_gpu=ft.use_gpu))
     run_dir = Path(run_dir).resolve()
     # The coordinates travel with the loop config (a few MB for 10^5 tiles); each worker decodes its own share.

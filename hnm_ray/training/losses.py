@@ -125,6 +125,21 @@ def supcon_loss(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor | None 
     return (temperature / base_temperature) * per_anchor[anchors].mean()
 
 
+def prototype_bce(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07,
+                  seed: int = 0) -> torch.Tensor:
+    """Binary cross-entropy of 0/1 `labels` on two views' projections z1, z2 (B, d), each scored cos(z, u) / temperature
+    against one fixed unit vector u (drawn from `seed`: the same on every rank, round and resume).
+
+    A cosine classifier with a fixed prototype (Hoffer et al. 2018, "Fix your classifier"): the trainable projection
+    head turns the tumour direction towards u, so the loss adds no weight to the model or its files."""
+    if z1.ndim != 2 or z1.shape != z2.shape or labels.numel() != z1.shape[0]:
+        raise ValueError(f"z1, z2 must be (B, d) with one label each, got {tuple(z1.shape)}, {tuple(z2.shape)} and "
+                         f"{labels.numel()} labels")
+    prototype = F.normalize(torch.randn(z1.shape[1], generator=torch.Generator().manual_seed(seed)), dim=0)
+    logits = F.normalize(torch.cat([z1, z2]), dim=1) @ prototype.to(z1.device, z1.dtype) / temperature
+    return F.binary_cross_entropy_with_logits(logits, labels.to(z1.device, z1.dtype).reshape(-1).repeat(2))
+
+
 def supcon_official(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor, anchor_mask: torch.Tensor,
                     contrast_mask: torch.Tensor | None = None, temperature: float = 0.07,
                     base_temperature: float = 0.07) -> torch.Tensor:

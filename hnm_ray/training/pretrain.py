@@ -77,8 +77,9 @@ def pretrain_simclr(config: TrainConfig, records: list[SlideRecord], run_dir: Pa
     errors = FeatureStore(Path(run_dir) / "features", "pretrain", round=0)  # where slides that fail tiling are noted
     tables = slide_indexes(train, index, errors, config.extract.cpus_per_decoder)
     rows = sample_tile_rows(tables, config.pretrain.tiles, config.run.seed)
+    # SimCLR keeps its measured optimiser (SGD, pretrain.lr / momentum) whatever fine-tuning uses.
     simclr = dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, lr=config.pretrain.lr,
-                                                                      momentum=config.pretrain.momentum))
+                                                                      momentum=config.pretrain.momentum, optimizer="sgd"))
     out = fit_finetune(simclr, rows, config.encoder.weights, run_dir, name="pretrain_simclr", first_epoch=0,
                        last_epoch=config.pretrain.epochs, total_epochs=config.pretrain.epochs, supervised=False)
     return out.encoder_weights, out.head_weights
