@@ -55,6 +55,9 @@ VARIANTS = {
                                     "finetune": {"negative_classes": 8}},
     # hnm_rank with a 10x lower fine-tuning learning rate (does a smaller step keep the perfect-label ceiling?)
     "hnm_rank_finetune_lr_1e-3": {"mining": {"neg_ratio": 0.2}, "mil": {"w_rank": 0.1}, "finetune": {"lr": 1e-3}},
+    # hnm_rank fine-tuned with the BCE objective and Adam, views as the tiles lie (no flips/turns, warm start too)
+    "hnm_rank_bce_adam_none": {"mining": {"neg_ratio": 0.2}, "mil": {"w_rank": 0.1},
+                               "finetune": {"objective": "bce", "optimizer": "adam", "orientations": "none"}},
 }
 METRICS = ("test_auc", "test_accuracy", "test_f1", "test_instance_auc", "test_instance_auprc")
 # The representation a round hands the aggregator (benchmarks/representation.py, real-image cohorts only).

@@ -41,11 +41,11 @@ def sweep_config(args: argparse.Namespace) -> TuneConfig:
     return from_tree(TuneConfig, merge(merge(cohort_base("camelyon", None), size), {"sweep": sweep}))
 
 
-def trial_row(result) -> dict:
-    """One trial: its swept knobs, each round's validation/test metrics and representation, round 0's mining and the
-    fine-tuning seconds per epoch."""
-    config = trial_config(result.config)
-    run_dir = Path(result.path) / "run"
+def trial_row(params: dict, trial_dir: str | Path) -> dict:
+    """One trial (its Tune params and folder): its swept knobs, each round's validation/test metrics and
+    representation, round 0's mining and the fine-tuning seconds per epoch."""
+    config = trial_config(params)
+    run_dir = Path(trial_dir) / "run"
     final = json.loads((run_dir / "metrics.json").read_text())
     rounds = [{**{k: r.get(k) for k in KEPT}, **representation(config, run_dir, i, r)}
               for i, r in enumerate(final["rounds"])]
@@ -54,7 +54,13 @@ def trial_row(result) -> dict:
             "ro": config.mining.ro, "rounds": rounds, "kept_round": final["final"]["round"],
             "delta": {k: rounds[-1][k] - rounds[0][k] for k in (*KEPT, "probe_auc", "ceiling_slide_auc")},
             "epoch_seconds": ft["last"].get("epoch_seconds"), "ft_loss": ft["last"].get("ft_loss"),
-            "trial": Path(result.path).name}
+            "trial": Path(trial_dir).name}
+
+
+def finished_trials(sweep_dir: Path) -> list[dict]:
+    """The rows of the trials of a (stopped) sweep folder whose job finished (its run's metrics.json written)."""
+    return [trial_row(json.loads((t / "params.json").read_text()), t) for t in sorted(sweep_dir.glob("trial_*"))
+            if (t / "run" / "metrics.json").is_file()]
 
 
 def main() -> None:
@@ -69,14 +75,19 @@ def main() -> None:
                                                                                        "not swept)")
     parser.add_argument("--mil-ensemble", type=int, default=None, help="mil.ensemble (default: the product's)")
     parser.add_argument("--out", default="")
+    parser.add_argument("--from-trials", metavar="SWEEP_DIR", help="no sweep: the rows of the finished trials of a "
+                                                                  "(stopped) sweep folder, <work>/tune/<sweep_name>")
     args = parser.parse_args()
     config = sweep_config(args)
     started = time.perf_counter()
-    results = run_sweep(config)
-    rows = sorted((trial_row(r) for r in results if r.error is None),
-                  key=lambda r: (r["neg_ratio"], r["epochs_per_round"], r["ro"]))
+    if args.from_trials:
+        rows = finished_trials(Path(args.from_trials))
+    else:
+        rows = [trial_row(r.config, r.path) for r in run_sweep(config) if r.error is None]
+    rows.sort(key=lambda r: (r["neg_ratio"], r["epochs_per_round"], r["ro"]))
     picked = max(rows, key=lambda r: r["rounds"][-1]["val_auc"])  # what the sweep's best_config.yaml holds
     emit({"benchmark": "sweep_camelyon", "seed": args.seed, "rounds": args.rounds, "mil_ensemble": config.mil.ensemble,
+          "grid": {"neg_ratios": args.neg_ratios, "finetune_epochs": args.finetune_epochs}, "trials_finished": len(rows),
           "trials": rows, "picked_by_validation": {k: picked[k] for k in ("neg_ratio", "epochs_per_round", "ro", "delta")},
           "seconds": time.perf_counter() - started}, args.out)
 
