@@ -100,7 +100,7 @@ def _train(objective: str, orientations: str, steps: int = 30) -> tuple[float, f
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     test, truth = _mark_tiles(64, "top_left", seed=1)
     with torch.no_grad():
         z = torch.nn.functional.normalize(model.eval()(to_model_input(torch.from_numpy(test))), dim=1)
