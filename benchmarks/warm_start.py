@@ -88,7 +88,7 @@ class Recipe:
     temperature: float = FinetuneConfig().temperature
     crop: tuple[float, float] = AugmentConfig().crop_scale
     jitter: float = AugmentConfig().brightness
-    orient: str = AugmentConfig().orientations  # augment.ORIENTATIONS
+    orient: str = FinetuneConfig().orientations  # augment.ORIENTATIONS
     widths: tuple[int, ...] = SMALL_CNN_WIDTHS
 
     @classmethod

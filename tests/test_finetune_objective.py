@@ -53,8 +53,8 @@ def test_the_objective_knob_picks_supcon_bce_or_their_sum():
 
 
 def test_the_optimiser_knob_and_its_learning_rate_defaults():
-    assert (FinetuneConfig().optimizer, FinetuneConfig().step_lr()) == ("sgd", 0.01)  # the official
-    assert FinetuneConfig(optimizer="adam").step_lr() == 1e-3
+    assert (FinetuneConfig().optimizer, FinetuneConfig().step_lr()) == ("adam", 1e-3)
+    assert FinetuneConfig(optimizer="sgd").step_lr() == 0.01  # the official
     assert FinetuneConfig(optimizer="adam", lr=0.05).step_lr() == 0.05
     params = [torch.nn.Parameter(torch.zeros(2))]
     fc = {"lr": 0.002, "momentum": 0.5, "weight_decay": 0.0}

@@ -101,9 +101,10 @@ def test_the_warm_start_trains_with_its_own_optimiser_not_fine_tunings(tmp_path,
     config = cfg.from_tree(TrainConfig, {"finetune": {"momentum": 0.0, "lr": 0.5, "optimizer": "adam"}})
     pretrain.pretrain_simclr(config, records, tmp_path, None)
     assert (seen[0].lr, seen[0].momentum, seen[0].optimizer) == (0.01, 0.9, "sgd")
-    key = pretrain.warm_start_key(TrainConfig(), records)
-    assert key == pretrain.warm_start_key(config, records)  # fine-tuning's optimiser is not the warm start's
-    assert key != pretrain.warm_start_key(cfg.from_tree(TrainConfig, {"pretrain": {"momentum": 0.5}}), records)
+    assert pretrain.warm_start_key(TrainConfig(), records) == pretrain.warm_start_key(config, records)  # not its optimiser
+    dihedral = {"finetune": {"orientations": "dihedral"}}  # the views every warm start had before the knob
+    key = pretrain.warm_start_key(cfg.from_tree(TrainConfig, dihedral), records)
+    assert key != pretrain.warm_start_key(cfg.from_tree(TrainConfig, {"pretrain": {"momentum": 0.5}, **dihedral}), records)
     legacy = {"slides": sorted((r.slide_id, str(r.path), os.path.getsize(r.path)) for r in records),
               "encoder": {"name": "small_cnn", "weights": None, "norm": "affine", "input_space": "rgb_imagenet",
                           "precision": "float32"}, "tiling": dataclasses.asdict(TrainConfig().tiling),
@@ -112,9 +113,11 @@ def test_the_warm_start_trains_with_its_own_optimiser_not_fine_tunings(tmp_path,
               "augment": {k: v for k, v in dataclasses.asdict(AugmentConfig()).items() if k != "orientations"}}
     digest = hashlib.sha256(json.dumps(legacy, sort_keys=True, default=str).encode())
     assert key == digest.hexdigest()[:16]  # the key of this stop's start (before the optimiser and encoder knobs)
-    assert key != pretrain.warm_start_key(cfg.from_tree(TrainConfig, {"encoder": {"input_size": 96}}), records)
-    # the views' orientations (newer than the key) enter it only when not the dihedral set the cached ones used
-    assert key == pretrain.warm_start_key(cfg.from_tree(TrainConfig, {"finetune": {"orientations": "dihedral"}}), records)
+    assert key != pretrain.warm_start_key(cfg.from_tree(TrainConfig, {"encoder": {"input_size": 96}, **dihedral}),
+                                          records)
+    # the views' orientations (newer than the key) enter it only when not the dihedral set the cached ones used: the
+    # default (none) is a new warm start
     others = {pretrain.warm_start_key(cfg.from_tree(TrainConfig, {"finetune": {"orientations": o}}), records)
               for o in ("hflip", "none")}
     assert len(others) == 2 and key not in others
+    assert pretrain.warm_start_key(TrainConfig(), records) in others

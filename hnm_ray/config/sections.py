@@ -169,10 +169,10 @@ class FinetuneConfig:
                              "official (two SGD steps per iteration from two streams, A: hard negatives + positives "
                              "above the threshold, B: negatives + top-r_t positives; 2N-view mean)",
                      choices=["ours", "official"])
-    optimizer: str = knob("sgd", "fine-tuning optimiser: sgd (the official; finetune.momentum) or adam (its step "
-                                 "size adapts per weight: on the Camelyon16-regime cohort SGD at 0.01 did not fit even "
-                                 "true tile labels in a round, Adam at 1e-3 did: benchmarks/README)",
-                          choices=["sgd", "adam"])
+    optimizer: str = knob("adam", "fine-tuning optimiser: adam (its step size adapts per weight: on the "
+                                  "Camelyon16-regime cohort SGD at 0.01 did not fit the rows' labels in a round, Adam "
+                                  "at 1e-3 did: benchmarks/README) or sgd (the official; finetune.momentum)",
+                          choices=["adam", "sgd"])
     lr: float | None = knob(None, "learning rate; default: 0.01 with sgd (official), 1e-3 with adam",
                             low=0.0, low_open=True)
     momentum: float = knob(0.0, "SGD momentum (0: official; 0.9 collapsed the projection and lowered the tile probe "
@@ -191,22 +191,23 @@ class FinetuneConfig:
                                            low=0.0, high=1.0, low_open=True, high_open=True)
     temperature: float = knob(0.07, "SupCon temperature (also the bce objective's: logits = cos / temperature)",
                               low=0.0, low_open=True)
-    objective: str = knob("supcon", "our loop's loss on the rows' pseudo labels: supcon (the paper's), bce (binary "
-                                    "cross-entropy of the labels on the projection, a cosine classifier with a fixed "
-                                    "prototype: no weight added), or supcon_bce (their sum). On the Camelyon16-regime "
-                                    "cohort SupCon collapsed the projection even on true labels; bce raised the tile "
-                                    "probe in one round: benchmarks/README", choices=["supcon", "bce", "supcon_bce"])
+    objective: str = knob("bce", "our loop's loss on the rows' pseudo labels: bce (binary cross-entropy of the "
+                                 "labels on the projection, a cosine classifier with a fixed prototype: no weight "
+                                 "added), supcon (the paper's) or supcon_bce (their sum). On the Camelyon16-regime "
+                                 "cohort SupCon collapsed the projection even on true labels; bce raised the tile "
+                                 "probe in one round: benchmarks/README", choices=["bce", "supcon", "supcon_bce"])
     negative_classes: int = knob(1, "our loop: SupCon classes of the negatives: 1 (the paper: every negative is a "
                                     "positive of every other) or K > 1, the negatives split into K k-means clusters "
                                     "of their current features, so that SupCon does not pull all normal tissue into "
                                     "one point (it collapsed the projection on the Camelyon16-regime cohort: "
                                     "benchmarks/README)", low=1)
     proj_dim: int = knob(256, "projection head output size", low=1)
-    orientations: str = knob("dihedral", "which orientations our augmentations give a view, in the warm start and "
-                                         "fine-tuning: dihedral (the 8 flips and 90-degree turns: no orientation of "
-                                         "tissue is another tissue), hflip (a horizontal flip, as the official SimCLR "
-                                         "set), or none (classes that orientation tells apart: a 6 turned twice is a "
-                                         "9)", choices=["dihedral", "hflip", "none"])
+    orientations: str = knob("none", "which orientations our augmentations give a view, in the warm start and "
+                                     "fine-tuning: none (the tile as it lies: on the Camelyon16-regime cohorts flips "
+                                     "and turns kept the fine-tuning from fitting its labels, and a 6 turned twice is a "
+                                     "9: benchmarks/README), hflip (a horizontal flip, as the official SimCLR set), or "
+                                     "dihedral (the 8 flips and 90-degree turns: for tissue whose orientation carries "
+                                     "no class)", choices=["none", "hflip", "dihedral"])
     augment: str = knob("ours", "augmentations: ours (crop 0.5-1, flips/rot90, colour jitter 0.6) or official (crop "
                                 "0.08-1, flip, strong jitter, grayscale, blur; kornia)", choices=["ours", "official"])
     pos_per_neg: float = knob(1.0, "our loop: positives streamed per hard negative in an epoch (an epoch iterates over "
