@@ -9,10 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from _support import small_config
-
 from hnm_ray.config import FinetuneConfig
-from hnm_ray.core.errors import ConfigError
 from hnm_ray.training.official_steps import HARD_NEGATIVE, POSITIVE
 from hnm_ray.models.cnn import SmallCNN
 from hnm_ray.models.encoders import to_model_input
@@ -62,11 +59,6 @@ def test_the_optimiser_knob_and_its_learning_rate_defaults():
     sgd = finetune.optimizer_for(params, {**fc, "optimizer": "sgd"})
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.5
     assert sgd.param_groups[0]["lr"] == 0.002
-
-
-def test_a_non_supcon_objective_with_the_official_loop_is_refused_naming_the_knob():
-    with pytest.raises(ConfigError, match="finetune.objective.*applies to --finetune.loop ours"):
-        small_config({"finetune": {"objective": "bce", "loop": "official"}})
 
 
 def _mark_tiles(n: int, corner_of_tumour: str, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -191,7 +191,8 @@ class FinetuneConfig:
                                            low=0.0, high=1.0, low_open=True, high_open=True)
     temperature: float = knob(0.07, "SupCon temperature (also the bce objective's: logits = cos / temperature)",
                               low=0.0, low_open=True)
-    objective: str = knob("bce", "our loop's loss on the rows' pseudo labels: bce (binary cross-entropy of the "
+    objective: str = knob("bce", "our loop's loss on the rows' pseudo labels (the official loop's steps are always "
+                                 "SupCon): bce (binary cross-entropy of the "
                                  "labels on the projection, a cosine classifier with a fixed prototype: no weight "
                                  "added), supcon (the paper's) or supcon_bce (their sum). On the Camelyon16-regime "
                                  "cohort SupCon collapsed the projection even on true labels; bce raised the tile "
@@ -225,13 +226,10 @@ class FinetuneConfig:
     max_failures: int = knob(2, "Ray Train restarts from the last checkpoint after a worker failure", low=0)
 
     def validate(self) -> None:
-        """Negative classes and the objective are rules of our loop's loss; the official loop's steps have their own."""
+        """Negative classes are a rule of our loop's loss; the official loop's steps have their own."""
         if self.negative_classes > 1 and self.loop != "ours":
             raise ConfigError("finetune.negative_classes", f"{self.negative_classes} applies to --finetune.loop ours; "
                                                            f"with loop {self.loop} set it to 1")
-        if self.objective != "supcon" and self.loop != "ours":
-            raise ConfigError("finetune.objective", f"{self.objective} applies to --finetune.loop ours; the official "
-                                                    "loop's steps are SupCon: set it to supcon")
 
     def step_lr(self) -> float:
         """The learning rate: finetune.lr, or the optimiser's default (sgd 0.01, adam 1e-3)."""
