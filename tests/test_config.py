@@ -115,6 +115,25 @@ def test_resume_reloads_saved_config_and_applies_new_flags(tmp_path, caplog):
     assert "mil.margin: 1.0 -> 3.0" in caplog.text
 
 
+def test_a_run_saved_before_the_fine_tuning_knobs_resumes_with_the_fine_tuning_it_started_with(tmp_path, caplog):
+    """A config.yaml written before finetune.optimizer/objective/orientations (its lr 0.01 is SGD's) resumes with
+    SGD, SupCon and dihedral views, not the new defaults (Adam at 0.01 wrecked the features: benchmarks/README)."""
+    run = tmp_path / "old"
+    tree = cfg.to_tree(cfg.from_tree(TrainConfig, {"run": {"name": "old"}, "finetune": {"lr": 0.01}}))
+    for knob in ("optimizer", "objective", "orientations"):
+        del tree["finetune"][knob]
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(tree))
+    config, _ = parse_args(["--resume", str(run)])
+    ft = config.finetune
+    assert (ft.optimizer, ft.objective, ft.orientations, ft.lr) == ("sgd", "supcon", "dihedral", 0.01)
+    assert "finetune.optimizer" not in caplog.text  # nothing changed for this run
+    new = tmp_path / "new"
+    cfg.save_yaml(cfg.from_tree(TrainConfig, {"run": {"name": "new"}}), new / "config.yaml")
+    config, _ = parse_args(["--resume", str(new)])
+    assert (config.finetune.optimizer, config.finetune.step_lr()) == ("adam", 1e-3)  # a new run keeps its own
+
+
 def test_changed_knobs_lists_dotted_keys():
     old = cfg.to_tree(TrainConfig())
     new = cfg.to_tree(dataclasses.replace(TrainConfig(), mining=dataclasses.replace(TrainConfig().mining, neg_ratio=0.5)))

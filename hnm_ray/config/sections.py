@@ -209,8 +209,9 @@ class FinetuneConfig:
                                      "9: benchmarks/README), hflip (a horizontal flip, as the official SimCLR set), or "
                                      "dihedral (the 8 flips and 90-degree turns: for tissue whose orientation carries "
                                      "no class)", choices=["none", "hflip", "dihedral"])
-    augment: str = knob("ours", "augmentations: ours (crop 0.5-1, flips/rot90, colour jitter 0.6) or official (crop "
-                                "0.08-1, flip, strong jitter, grayscale, blur; kornia)", choices=["ours", "official"])
+    augment: str = knob("ours", "augmentations: ours (crop 0.5-1, finetune.orientations, colour jitter 0.6) or "
+                                "official (crop 0.08-1, flip, strong jitter, grayscale, blur; kornia)",
+                        choices=["ours", "official"])
     pos_per_neg: float = knob(1.0, "our loop: positives streamed per hard negative in an epoch (an epoch iterates over "
                                    "the hard negatives, so its cost scales with neg_ratio)", low=0.0, low_open=True)
     workers: int | None = knob(None, "Ray Train workers; 0: in the driver process, without Ray Train (no ~10 s "

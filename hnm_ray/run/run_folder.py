@@ -126,12 +126,22 @@ def _cache_root() -> Path:
     return Path(os.environ.get("HNM_RAY_CACHE") or Path.home() / ".cache" / "hnm_ray")
 
 
+# Knobs newer than a run's config.yaml, with the value every run saved before them trained with (the defaults changed
+# when they came): a resumed run without them goes on as it started, not with Adam at its saved SGD learning rate.
+BEFORE_THE_KNOB = {("finetune", "optimizer"): "sgd", ("finetune", "objective"): "supcon",
+                   ("finetune", "orientations"): "dihedral"}
+
+
 def saved_config(run_dir: str | Path) -> dict[str, Any]:
     """The config tree a run folder was started with (for --resume and predict)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.exists():
         raise ConfigError("--resume", f"{run_dir} has no {CONFIG_FILE}: not a run folder of hnm_ray.train")
-    return cfg.load_yaml(path)
+    tree = cfg.load_yaml(path)
+    for (section, knob), value in BEFORE_THE_KNOB.items():
+        if isinstance(tree.get(section), dict) and knob not in tree[section]:
+            tree[section][knob] = value
+    return tree
 
 
 def resolve_run(config: TrainConfig, resume: str | None, saved: dict[str, Any] | None) -> Path:
