@@ -84,7 +84,7 @@ def test_our_loop_contrasts_by_the_rows_supcon_class(cohort, monkeypatch):
     finetune_objective = finetune.our_objective
     monkeypatch.setattr(finetune, "our_objective", objective)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 8))
-    fc = {"temperature": 0.1, "warmup_epochs": 0, "augment": "ours", "orientations": "dihedral"}
+    fc = {"temperature": 0.1, "warmup_epochs": 0, "augment": "ours", "orientations": "dihedral", "objective": "supcon"}
     loss = finetune.our_loss(batch, model, fc, 1, 1.0, torch.Generator().manual_seed(0), "cpu", True, "rgb_imagenet")
     assert np.array_equal(seen["classes"], share["supcon_class"]) and np.isfinite(float(loss.detach()))
     # the objective: negatives anchor and positives anchor, each view's positives the views of its class

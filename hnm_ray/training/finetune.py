@@ -86,7 +86,7 @@ def our_objective(z1, z2, labels: np.ndarray, fc: dict[str, Any], epoch: int, cl
     from hnm_ray.training.losses import prototype_bce, supcon_loss
 
     y = torch.from_numpy(labels.astype(np.int64)).to(z1.device)
-    objective = fc.get("objective", "supcon")
+    objective = fc["objective"]
     bce = prototype_bce(z1, z2, y, fc["temperature"]) if objective != "supcon" else None
     if objective == "bce":
         return bce
@@ -101,7 +101,7 @@ def optimizer_for(params, fc: dict[str, Any]):
     """The fine-tuning optimiser (finetune.optimizer): SGD with momentum (the official), or Adam; at fc["lr"]."""
     import torch
 
-    if fc.get("optimizer", "sgd") == "adam":
+    if fc["optimizer"] == "adam":
         return torch.optim.Adam(params, lr=fc["lr"], weight_decay=fc["weight_decay"])
     return torch.optim.SGD(params, lr=fc["lr"], momentum=fc["momentum"], weight_decay=fc["weight_decay"])
 

@@ -1,6 +1,8 @@
 """Losses of the method: bag/max-instance BCE, the multiple-instance ranking loss and SupCon."""
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Sequence
 
 import numpy as np
@@ -125,6 +127,12 @@ def supcon_loss(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor | None 
     return (temperature / base_temperature) * per_anchor[anchors].mean()
 
 
+@functools.lru_cache(maxsize=8)
+def _prototype(dim: int, seed: int) -> torch.Tensor:
+    """The fixed unit vector of `prototype_bce`: drawn once per (dim, seed), not on every batch."""
+    return F.normalize(torch.randn(dim, generator=torch.Generator().manual_seed(seed)), dim=0)
+
+
 def prototype_bce(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07,
                   seed: int = 0) -> torch.Tensor:
     """Binary cross-entropy of 0/1 `labels` on two views' projections z1, z2 (B, d), each scored cos(z, u) / temperature
@@ -135,8 +143,8 @@ def prototype_bce(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor, temp
     if z1.ndim != 2 or z1.shape != z2.shape or labels.numel() != z1.shape[0]:
         raise ValueError(f"z1, z2 must be (B, d) with one label each, got {tuple(z1.shape)}, {tuple(z2.shape)} and "
                          f"{labels.numel()} labels")
-    prototype = F.normalize(torch.randn(z1.shape[1], generator=torch.Generator().manual_seed(seed)), dim=0)
-    logits = F.normalize(torch.cat([z1, z2]), dim=1) @ prototype.to(z1.device, z1.dtype) / temperature
+    prototype = _prototype(z1.shape[1], seed).to(z1.device, z1.dtype)
+    logits = F.normalize(torch.cat([z1, z2]), dim=1) @ prototype / temperature
     return F.binary_cross_entropy_with_logits(logits, labels.to(z1.device, z1.dtype).reshape(-1).repeat(2))
 
 
