@@ -134,6 +134,24 @@ def test_a_run_saved_before_the_fine_tuning_knobs_resumes_with_the_fine_tuning_i
     assert (config.finetune.optimizer, config.finetune.step_lr()) == ("adam", 1e-3)  # a new run keeps its own
 
 
+def test_a_run_saved_before_the_aggregator_knobs_resumes_with_the_aggregator_it_started_with(tmp_path):
+    """A config.yaml written before mil.ensemble / mil.embed / mil.min_val_bags resumes with one aggregator, no
+    embedding and validation-picked epoch and threshold (what it trained round 0 with), not 5 members of another
+    width: its later rounds would otherwise be a different model from its first."""
+    run = tmp_path / "old"
+    tree = cfg.to_tree(cfg.from_tree(TrainConfig, {"run": {"name": "old"}}))
+    for knob in ("ensemble", "embed", "min_val_bags"):
+        del tree["mil"][knob]
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(tree))
+    config, _ = parse_args(["--resume", str(run)])
+    assert (config.mil.ensemble, config.mil.embed, config.mil.min_val_bags) == (1, 0, 0)
+    new = tmp_path / "new"
+    cfg.save_yaml(cfg.from_tree(TrainConfig, {"run": {"name": "new"}}), new / "config.yaml")
+    config, _ = parse_args(["--resume", str(new)])
+    assert (config.mil.ensemble, config.mil.min_val_bags) == (5, 10)  # a new run keeps its own
+
+
 def test_changed_knobs_lists_dotted_keys():
     old = cfg.to_tree(TrainConfig())
     new = cfg.to_tree(dataclasses.replace(TrainConfig(), mining=dataclasses.replace(TrainConfig().mining, neg_ratio=0.5)))

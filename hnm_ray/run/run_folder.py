@@ -127,9 +127,11 @@ def _cache_root() -> Path:
 
 
 # Knobs newer than a run's config.yaml, with the value every run saved before them trained with (the defaults changed
-# when they came): a resumed run without them goes on as it started, not with Adam at its saved SGD learning rate.
+# when they came): a resumed run without them goes on as it started, not with Adam at its saved SGD learning rate or
+# an ensemble of 5 embedded aggregators after a round 0 of one plain one.
 BEFORE_THE_KNOB = {("finetune", "optimizer"): "sgd", ("finetune", "objective"): "supcon",
-                   ("finetune", "orientations"): "dihedral"}
+                   ("finetune", "orientations"): "dihedral",
+                   ("mil", "ensemble"): 1, ("mil", "embed"): 0, ("mil", "min_val_bags"): 0}
 
 
 def saved_config(run_dir: str | Path) -> dict[str, Any]:
