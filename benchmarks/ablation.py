@@ -134,15 +134,16 @@ def stats(values: list) -> dict[str, float]:
             "sd": float(np.std(clean, ddof=1)) if len(clean) > 1 else float("nan"), "n": len(clean)}
 
 
-def cohort_base(cohort: str, pretrain_epochs: int | None) -> dict:
+def cohort_base(cohort: str, pretrain_epochs: int | None, folder: Path | None = None) -> dict:
     """The config of a cohort: the demo's defaults, or a real-image cohort (generated once, 64 px tiles): the
     digits cohort with its historical warm start (20 SimCLR epochs, batch 128), the Camelyon16-regime cohort with
-    the product's default warm start."""
+    the product's default warm start. `folder`: a cohort written by the cohort's generator elsewhere (a sibling, e.g.
+    `python -m benchmarks.cohorts.camelyon --out DIR --tumour 9 --lookalikes 4 7`) instead of the cached one."""
     if cohort == "demo":
         return {"pretrain": {"method": "none"}}
     from benchmarks.cohorts import cached_cohort
 
-    folder = cached_cohort(cohort)
+    folder = folder or cached_cohort(cohort)
     base = {"run": {"manifest": str(folder / "manifest.csv")}, "tiling": {"tile_size": 64},
             "pretrain": {"method": "simclr"}}
     if cohort == "digits":
@@ -204,6 +205,9 @@ def main() -> None:
                              "before auto, e.g. results/ablation_camelyon.json, had 0: pass 0 to rerun them)")
     parser.add_argument("--mil-ensemble", type=int, default=None,
                         help="mil.ensemble of every variant (default: the product's)")
+    parser.add_argument("--cohort-dir", type=Path, default=None,
+                        help="a cohort folder (manifest.csv, tiles.parquet) written by the --cohort's generator with "
+                             "other settings, e.g. a sibling with another tumour digit, instead of the cached cohort")
     parser.add_argument("--out", default="")
     parser.add_argument("--work", default="", help="folder for runs (default: a temp folder)")
     parser.add_argument("--recipe", metavar="NAME", default=None,
@@ -218,7 +222,10 @@ def main() -> None:
     root = Path(args.work or tempfile.mkdtemp(prefix="hnm_ablation_"))
     size = {"run": {"rounds": args.rounds, "heatmaps": 0, "runs_dir": str(root)}, "mil": {"workers": 0},
             "finetune": {"epochs_per_round": args.epochs_per_round, "warmup_epochs": 1}}
-    base = merge(cohort_base(args.cohort, args.pretrain_epochs), size)
+    if args.cohort_dir and not (args.cohort_dir / "manifest.csv").is_file():
+        parser.error(f"--cohort-dir {args.cohort_dir} has no manifest.csv: write the cohort there first "
+                     "(python -m benchmarks.cohorts.camelyon --out DIR ...)")
+    base = merge(cohort_base(args.cohort, args.pretrain_epochs, args.cohort_dir), size)
     if args.mil_embed is not None:
         base = merge(base, {"mil": {"embed": args.mil_embed}})
     if args.mil_ensemble is not None:
@@ -240,7 +247,7 @@ def main() -> None:
                 runs[variant].append({"seed": seed, **run_variant(base, variant, overrides, seed, root, store, size)})
                 print(json.dumps({"variant": variant, **runs[variant][-1]}), flush=True)
     table, ratios = summarise(runs)
-    line = {"benchmark": "ablation", "cohort": args.cohort, "seeds": seeds, "recipe": args.recipe,
+    line = {"benchmark": "ablation", "cohort": args.cohort, "cohort_dir": str(args.cohort_dir or ""), "seeds": seeds, "recipe": args.recipe,
             "rounds": args.rounds, "epochs_per_round": args.epochs_per_round, "table": table, **ratios,
             "runs": runs, "markdown": markdown(table), "seconds": time.perf_counter() - started}
     emit(line, args.out)
