@@ -1,7 +1,7 @@
 """Is the SimCLR warm start's feature space more separable than the tiles' raw pixels? One process, one JSON line.
 
 The pipeline's own pieces (small_cnn encoder, projection head, our augmentations, NT-Xent = `supcon_loss` without
-labels, SGD + the fine-tuning schedule as in `pretrain.method simclr`) train on random training tiles of a cohort
+labels, SGD at `pretrain.lr` / `pretrain.momentum` + the fine-tuning schedule, as `pretrain.method simclr` trains) train on random training tiles of a cohort
 (default: the Camelyon16-regime cohort, benchmarks/cohorts/camelyon.py, 64 px tiles, or a cohort folder) with one or more recipes
 (`default:` = today's product defaults, others override them). After the last epoch (and each --checkpoints epoch,
 0 = random init) a linear probe (logistic regression on the frozen, standardised features of training tiles, tumour
@@ -84,7 +84,8 @@ class Recipe:
     epochs: int = PretrainConfig().epochs
     tiles: int = PretrainConfig().tiles
     batch: int = FinetuneConfig().batch_size
-    lr: float = FinetuneConfig().lr
+    lr: float = PretrainConfig().lr
+    momentum: float = PretrainConfig().momentum
     temperature: float = FinetuneConfig().temperature
     crop: tuple[float, float] = AugmentConfig().crop_scale
     jitter: float = AugmentConfig().brightness
@@ -116,7 +117,7 @@ def simclr(data: dict, recipe: Recipe, checkpoints: list[int], seed: int, n_prob
     encoder = SmallCNN(recipe.widths)
     model = contrastive_model(encoder, projection_head(encoder.out_dim, FinetuneConfig().proj_dim))
     last = recipe.epochs
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=FinetuneConfig().momentum,
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 weight_decay=FinetuneConfig().weight_decay)
     schedule = scheduler(optimizer, FinetuneConfig().schedule, last, 0)
     rng = np.random.default_rng(seed)
