@@ -12,7 +12,7 @@ import pyarrow as pa
 from hnm_ray import config as cfg
 from hnm_ray.training import augment
 from hnm_ray.training.augment import AugmentConfig
-from hnm_ray.config import TrainConfig
+from hnm_ray.config import PretrainConfig, TrainConfig
 from hnm_ray.store.manifest import SlideRecord
 from hnm_ray.training import pretrain
 from hnm_ray.training.finetune_rows import TILE_ROW_SCHEMA
@@ -121,3 +121,12 @@ def test_the_warm_start_trains_with_its_own_optimiser_not_fine_tunings(tmp_path,
               for o in ("hflip", "none")}
     assert len(others) == 2 and key not in others
     assert pretrain.warm_start_key(TrainConfig(), records) in others
+
+
+def test_the_warm_start_benchmark_trains_with_the_products_warm_start_optimiser():
+    """benchmarks/warm_start.py measures the warm start the product runs: SGD at pretrain.lr / pretrain.momentum, not
+    the fine-tuning's (lr unset -> Adam's default, momentum 0), which it had taken before."""
+    from benchmarks.warm_start import Recipe
+
+    recipe, warm = Recipe(), PretrainConfig()
+    assert (recipe.lr, recipe.momentum) == (warm.lr, warm.momentum) == (0.01, 0.9)
