@@ -247,7 +247,8 @@ def main() -> None:
                 runs[variant].append({"seed": seed, **run_variant(base, variant, overrides, seed, root, store, size)})
                 print(json.dumps({"variant": variant, **runs[variant][-1]}), flush=True)
     table, ratios = summarise(runs)
-    line = {"benchmark": "ablation", "cohort": args.cohort, "cohort_dir": str(args.cohort_dir or ""), "seeds": seeds, "recipe": args.recipe,
+    line = {"benchmark": "ablation", "cohort": args.cohort, "cohort_dir": str(args.cohort_dir or ""), "seeds": seeds,
+            "recipe": args.recipe,
             "rounds": args.rounds, "epochs_per_round": args.epochs_per_round, "table": table, **ratios,
             "runs": runs, "markdown": markdown(table), "seconds": time.perf_counter() - started}
     emit(line, args.out)

@@ -1,7 +1,8 @@
 """Is the SimCLR warm start's feature space more separable than the tiles' raw pixels? One process, one JSON line.
 
 The pipeline's own pieces (small_cnn encoder, projection head, our augmentations, NT-Xent = `supcon_loss` without
-labels, SGD at `pretrain.lr` / `pretrain.momentum` + the fine-tuning schedule, as `pretrain.method simclr` trains) train on random training tiles of a cohort
+labels, SGD at `pretrain.lr` / `pretrain.momentum` + the fine-tuning schedule, as `pretrain.method simclr` trains)
+train on random training tiles of a cohort
 (default: the Camelyon16-regime cohort, benchmarks/cohorts/camelyon.py, 64 px tiles, or a cohort folder) with one or more recipes
 (`default:` = today's product defaults, others override them). After the last epoch (and each --checkpoints epoch,
 0 = random init) a linear probe (logistic regression on the frozen, standardised features of training tiles, tumour
