@@ -37,6 +37,7 @@ from hnm_ray.models.encoders import to_model_input
 from hnm_ray.slides.reader import open_slide
 from hnm_ray.store.manifest import load_manifest
 from hnm_ray.training.contrastive import contrastive_model, projection_head
+from hnm_ray.training.finetune import optimizer_for
 from hnm_ray.training.schedules import scheduler
 
 
@@ -118,8 +119,9 @@ def simclr(data: dict, recipe: Recipe, checkpoints: list[int], seed: int, n_prob
     encoder = SmallCNN(recipe.widths)
     model = contrastive_model(encoder, projection_head(encoder.out_dim, FinetuneConfig().proj_dim))
     last = recipe.epochs
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                weight_decay=FinetuneConfig().weight_decay)
+    # the product's optimiser builder, as pretrain_simclr calls it (SGD at the warm start's lr / momentum)
+    optimizer = optimizer_for(model.parameters(), {"optimizer": "sgd", "lr": recipe.lr, "momentum": recipe.momentum,
+                                                   "weight_decay": FinetuneConfig().weight_decay})
     schedule = scheduler(optimizer, FinetuneConfig().schedule, last, 0)
     rng = np.random.default_rng(seed)
     train_x = data["train"][0]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -115,16 +116,23 @@ def test_resume_reloads_saved_config_and_applies_new_flags(tmp_path, caplog):
     assert "mil.margin: 1.0 -> 3.0" in caplog.text
 
 
+def _run_saved_without(tmp_path, section: str, knobs: tuple[str, ...], **values) -> Path:
+    """A run folder whose config.yaml lacks `section`'s `knobs` (as one saved before they existed); `values` set other
+    knobs of that section."""
+    run = tmp_path / "old"
+    tree = cfg.to_tree(cfg.from_tree(TrainConfig, {"run": {"name": "old"}, section: values}))
+    for knob in knobs:
+        del tree[section][knob]
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(tree))
+    return run
+
+
 def test_a_run_saved_before_the_fine_tuning_knobs_resumes_with_the_fine_tuning_it_started_with(tmp_path, caplog):
     """A config.yaml written before finetune.optimizer/objective/orientations (its lr 0.01 is SGD's) resumes with
     SGD, SupCon and dihedral views, not the new defaults (Adam at 0.01 wrecked the features: benchmarks/README)."""
-    run = tmp_path / "old"
-    tree = cfg.to_tree(cfg.from_tree(TrainConfig, {"run": {"name": "old"}, "finetune": {"lr": 0.01}}))
-    for knob in ("optimizer", "objective", "orientations"):
-        del tree["finetune"][knob]
-    run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump(tree))
-    config, _ = parse_args(["--resume", str(run)])
+    config, _ = parse_args(["--resume", str(_run_saved_without(tmp_path, "finetune", ("optimizer", "objective",
+                                                                                    "orientations"), lr=0.01))])
     ft = config.finetune
     assert (ft.optimizer, ft.objective, ft.orientations, ft.lr) == ("sgd", "supcon", "dihedral", 0.01)
     assert "finetune.optimizer" not in caplog.text  # nothing changed for this run
@@ -138,13 +146,8 @@ def test_a_run_saved_before_the_aggregator_knobs_resumes_with_the_aggregator_it_
     """A config.yaml written before mil.ensemble / mil.embed / mil.min_val_bags resumes with one aggregator, no
     embedding and validation-picked epoch and threshold (what it trained round 0 with), not 5 members of another
     width: its later rounds would otherwise be a different model from its first."""
-    run = tmp_path / "old"
-    tree = cfg.to_tree(cfg.from_tree(TrainConfig, {"run": {"name": "old"}}))
-    for knob in ("ensemble", "embed", "min_val_bags"):
-        del tree["mil"][knob]
-    run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump(tree))
-    config, _ = parse_args(["--resume", str(run)])
+    old = _run_saved_without(tmp_path, "mil", ("ensemble", "embed", "min_val_bags"))
+    config, _ = parse_args(["--resume", str(old)])
     assert (config.mil.ensemble, config.mil.embed, config.mil.min_val_bags) == (1, 0, 0)
     new = tmp_path / "new"
     cfg.save_yaml(cfg.from_tree(TrainConfig, {"run": {"name": "new"}}), new / "config.yaml")
