@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from hnm_ray.config import TrainConfig, from_tree, load_recipe, merge
+from hnm_ray.config.files import set_dotted
+from hnm_ray.core.errors import ConfigError
 from hnm_ray.train import run_job
 
 VARIANTS = {
@@ -151,6 +153,21 @@ def cohort_base(cohort: str, pretrain_epochs: int | None, folder: Path | None = 
     return merge(base, {"pretrain": {"epochs": pretrain_epochs}}) if pretrain_epochs else base
 
 
+def knob_overrides(items: list[str], parser: argparse.ArgumentParser) -> dict:
+    """`SECTION.KNOB=VALUE` items as a nested override, checked against the config tree before any run starts."""
+    tree: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            parser.error(f"--set {item!r}: expected SECTION.KNOB=VALUE, e.g. pretrain.tiles=8192")
+        set_dotted(tree, key, value)
+    try:
+        from_tree(TrainConfig, tree)
+    except ConfigError as error:
+        parser.error(f"--set: {error}")
+    return tree
+
+
 def _minus(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
@@ -208,6 +225,9 @@ def main() -> None:
     parser.add_argument("--cohort-dir", type=Path, default=None,
                         help="a cohort folder (manifest.csv, tiles.parquet) written by the --cohort's generator with "
                              "other settings, e.g. a sibling with another tumour digit, instead of the cached cohort")
+    parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KNOB=VALUE",
+                        help="knobs of every variant's base, e.g. pretrain.tiles=8192 (typed and checked by the "
+                             "config tree; the variants' own overrides and the run size win over them)")
     parser.add_argument("--out", default="")
     parser.add_argument("--work", default="", help="folder for runs (default: a temp folder)")
     parser.add_argument("--recipe", metavar="NAME", default=None,
@@ -230,6 +250,7 @@ def main() -> None:
         base = merge(base, {"mil": {"embed": args.mil_embed}})
     if args.mil_ensemble is not None:
         base = merge(base, {"mil": {"ensemble": args.mil_ensemble}})
+    base = merge(base, knob_overrides(args.set, parser))
     base = merge(merge(load_recipe(args.recipe), base), size) if args.recipe else base
     chosen = {k: v for k, v in variants(args.recipe, args.paper_cpu).items()
               if (k in args.variants if args.variants else k != "default")}
@@ -248,7 +269,7 @@ def main() -> None:
                 print(json.dumps({"variant": variant, **runs[variant][-1]}), flush=True)
     table, ratios = summarise(runs)
     line = {"benchmark": "ablation", "cohort": args.cohort, "cohort_dir": str(args.cohort_dir or ""), "seeds": seeds,
-            "recipe": args.recipe,
+            "recipe": args.recipe, "set": args.set,
             "rounds": args.rounds, "epochs_per_round": args.epochs_per_round, "table": table, **ratios,
             "runs": runs, "markdown": markdown(table), "seconds": time.perf_counter() - started}
     emit(line, args.out)

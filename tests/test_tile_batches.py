@@ -73,3 +73,50 @@ def test_fine_tuning_defaults_to_this_process_on_one_cpu_node_and_splits_its_cpu
     assert finetune_workers(3, use_gpu=False) == 3
     assert worker_cpus(None, 0) == worker_cpus(None, 1) == 2.0  # the session's 2 CPUs: all of them for one process
     assert worker_cpus(None, 2) == 1.0 and worker_cpus(None, 1, reserved=0.01) == 1.0 and worker_cpus(0.5, 4) == 0.5
+
+
+@pytest.fixture(scope="module")
+def rows_of_six_slides(demo_cohort) -> pa.Table:
+    """4 tiles (64 px) of each of six demo slides as fine-tuning rows, interleaved."""
+    parts = []
+    for record in load_manifest(demo_cohort, require_labels=False)[:6]:
+        grid = tile_index(record, TilingConfig(tile_size=64)).slice(0, 4)
+        n = grid.num_rows
+        parts.append(pa.table({"slide_id": grid["slide_id"], "path": grid["path"], "tile_id": grid["tile_id"],
+                               "x": grid["x"], "y": grid["y"], "level": grid["level"], "size": grid["size"],
+                               "label": pa.array(np.arange(n) % 2, pa.int8()),
+                               "pos_rank": pa.array(np.zeros(n, np.float32)), "kind": pa.array(np.arange(n) % 2, pa.int8()),
+                               "score": pa.array(np.zeros(n, np.float32)),
+                               "supcon_class": pa.array(np.arange(n) % 2, pa.int16())}, schema=TILE_ROW_SCHEMA))
+    table = pa.concat_tables(parts)
+    return table.take(np.random.default_rng(0).permutation(table.num_rows))
+
+
+@pytest.mark.timeout(300)
+def test_fine_tuning_opens_each_slide_of_its_rows_once_however_the_batches_mix_them(rows_of_six_slides, tmp_path,
+                                                                                    monkeypatch):
+    from _support import small_config
+
+    from hnm_ray.slides import reader
+    from hnm_ray.training.finetune import fit_finetune
+
+    opened: list[str] = []
+    real_open = reader.open_slide
+    monkeypatch.setattr(reader, "open_slide", lambda path, **kw: opened.append(path) or real_open(path, **kw))
+    config = small_config({"tiling": {"tile_size": 64}, "finetune": {"workers": 0, "batch_size": 8,
+                                                                     "cpus_per_worker": 1}})
+    fit_finetune(config, rows_of_six_slides, None, tmp_path, "ft", first_epoch=0, last_epoch=2, total_epochs=2)
+    # 2 epochs of 3 batches, each from ~5 of the 6 slides: an LRU of 4 readers re-opened slides in most batches
+    assert sorted(opened) == sorted(set(rows_of_six_slides["path"].to_pylist()))
+
+
+def test_a_workers_open_slides_stay_within_the_knob_its_share_and_the_open_file_limit(rows_of_six_slides, monkeypatch):
+    import resource
+
+    from hnm_ray.training.tile_batches import share_readers
+
+    share = worker_share(rows_of_six_slides, 0, 1)
+    assert share_readers(share, 256).capacity == 6  # no more readers than the share has slides
+    assert share_readers(share, 5).capacity == 5
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (268, 4096))  # room for (268 - 256) // 3 = 4 readers
+    assert share_readers(share, 256).capacity == 4

@@ -8,6 +8,7 @@ consumer can skip the slide without losing the batch.
 from __future__ import annotations
 
 import logging
+import resource
 from collections import OrderedDict
 from typing import Any
 
@@ -17,6 +18,19 @@ from hnm_ray.core.errors import SlideError
 from hnm_ray.slides.integrity import FIX_CORRUPT_TILE, TileIntegrity, tile_integrity
 
 log = logging.getLogger("hnm_ray")
+
+
+# Files an open slide reader may hold: the reader's own and its tile-integrity check's (2 measured), one to spare.
+FILES_PER_READER = 3
+FILES_KEPT_FREE = 256  # for everything else the process opens (Ray, the store, checkpoints)
+
+
+def readers_within_file_limit() -> int:
+    """How many slide readers this process can keep open under its soft open-file limit (at least 4)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(4, (soft - FILES_KEPT_FREE) // FILES_PER_READER)
 
 
 class TileReaders:

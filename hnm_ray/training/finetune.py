@@ -163,12 +163,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Ray Train body: stream decoded tiles, two views each, SupCon step; checkpoint every epoch."""
     import torch
 
-    from hnm_ray.extraction.decode import TileReaders
     from hnm_ray.models.encoders import input_space_of
     from hnm_ray.training.checkpointing import latest_checkpoint, load_state, report
     from hnm_ray.training.runner import loop_device, place_and_restore, rank_and_world
     from hnm_ray.training.schedules import scheduler as lr_scheduler
-    from hnm_ray.training.tile_batches import decoded_batches, worker_share
+    from hnm_ray.training.tile_batches import decoded_batches, share_readers, worker_share
 
     fc = loop["ft"]
     rank, world = rank_and_world(loop)
@@ -192,7 +191,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     official = loop["supervised"] and fc["loop"] == "official"
     # The official loop: every rank holds every row and trains on its part of each step; ours: a share of the rows.
     share = worker_share(loop["rows"], 0, 1) if official else worker_share(loop["rows"], rank, world)
-    readers = TileReaders(device="cpu")
+    readers = share_readers(share, fc["open_slides"])
     supervised = loop["supervised"]
     if rank == 0:
         setup_logging()  # a Ray Train worker's lines reach the driver's console through Ray's log forwarding

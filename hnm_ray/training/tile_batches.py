@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from hnm_ray.extraction.decode import TileReaders, decode_batch
+from hnm_ray.extraction.decode import TileReaders, decode_batch, readers_within_file_limit
 
 ROW_COLUMNS = ("slide_id", "path", "tile_id", "x", "y", "level", "size", "label", "pos_rank", "kind", "score",
                "supcon_class")
@@ -26,6 +26,14 @@ def worker_share(rows: pa.Table, rank: int, world: int) -> dict[str, np.ndarray]
     indices = np.arange(rank, rows.num_rows, world)[:per_worker]
     share = rows.take(indices)
     return {k: share[k].to_numpy(zero_copy_only=False) for k in ROW_COLUMNS}
+
+
+def share_readers(share: dict[str, np.ndarray], open_slides: int) -> TileReaders:
+    """Slide readers for a worker's share (CPU decode): as many kept open as it has slides, up to `open_slides`
+    (finetune.open_slides) and the open-file limit. An epoch visits the share in random order, each batch drawing
+    from many slides; an LRU smaller than the share's slides re-opens most of them every batch."""
+    slides = len(np.unique(share["path"]))
+    return TileReaders(device="cpu", capacity=max(4, min(open_slides, slides, readers_within_file_limit())))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
