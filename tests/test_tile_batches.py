@@ -85,7 +85,8 @@ def rows_of_six_slides(demo_cohort) -> pa.Table:
         parts.append(pa.table({"slide_id": grid["slide_id"], "path": grid["path"], "tile_id": grid["tile_id"],
                                "x": grid["x"], "y": grid["y"], "level": grid["level"], "size": grid["size"],
                                "label": pa.array(np.arange(n) % 2, pa.int8()),
-                               "pos_rank": pa.array(np.zeros(n, np.float32)), "kind": pa.array(np.arange(n) % 2, pa.int8()),
+                               "pos_rank": pa.array(np.zeros(n, np.float32)),
+                               "kind": pa.array(np.arange(n) % 2, pa.int8()),
                                "score": pa.array(np.zeros(n, np.float32)),
                                "supcon_class": pa.array(np.arange(n) % 2, pa.int16())}, schema=TILE_ROW_SCHEMA))
     table = pa.concat_tables(parts)

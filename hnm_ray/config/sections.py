@@ -224,10 +224,11 @@ class FinetuneConfig:
                                          low=0.0, low_open=True)
     use_gpu: bool = knob(False, "fine-tune on GPUs")
     decode_threads: int = knob(1, "cuCIM decode threads in each worker (the next batch is decoded while one trains)", low=1)
-    open_slides: int = knob(256, "slide readers each worker keeps open (at most its share's slides and what the open-file "
-                                 "limit allows, 3 files a reader): a batch draws its tiles from many slides at random, "
-                                 "so with fewer open most batches re-open their slides (4 open on the Camelyon16-"
-                                 "regime cohort's 270 slides: decoding 6x slower, benchmarks/README)", low=1)
+    open_slides: int = knob(256, "slide readers each worker keeps open (at most its share's slides and what the "
+                                 "open-file limit allows, 3 files a reader): a batch draws its tiles from many slides "
+                                 "at random, so with fewer open most batches re-open their slides (4 open on the "
+                                 "Camelyon16-regime cohort's 270 slides: decoding 6x slower, benchmarks/README)",
+                            low=1)
     max_failures: int = knob(2, "Ray Train restarts from the last checkpoint after a worker failure", low=0)
 
     def validate(self) -> None:
