@@ -1,6 +1,8 @@
 """Fine-tuning batches decoded inside the Train worker: equal shares, seeded epoch order, prefetch = plain decode."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -106,9 +108,12 @@ def test_fine_tuning_opens_each_slide_of_its_rows_once_however_the_batches_mix_t
     monkeypatch.setattr(reader, "open_slide", lambda path, **kw: opened.append(path) or real_open(path, **kw))
     config = small_config({"tiling": {"tile_size": 64}, "finetune": {"workers": 0, "batch_size": 8,
                                                                      "cpus_per_worker": 1}})
+    files_before = len(os.listdir("/proc/self/fd"))
     fit_finetune(config, rows_of_six_slides, None, tmp_path, "ft", first_epoch=0, last_epoch=2, total_epochs=2)
     # 2 epochs of 3 batches, each from ~5 of the 6 slides: an LRU of 4 readers re-opened slides in most batches
     assert sorted(opened) == sorted(set(rows_of_six_slides["path"].to_pylist()))
+    # in this process (workers 0: a laptop's job) every round would otherwise leave its readers' files open
+    assert len(os.listdir("/proc/self/fd")) <= files_before
 
 
 def test_a_workers_open_slides_stay_within_the_knob_its_share_and_the_open_file_limit(rows_of_six_slides, monkeypatch):

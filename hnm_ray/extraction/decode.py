@@ -64,6 +64,20 @@ class TileReaders:
                 check.close()
         return reader
 
+    def close(self) -> None:
+        """Close every open reader and its tile check (their files stay open until then, even unreferenced)."""
+        while self._open:
+            path, reader = self._open.popitem()
+            reader.close()
+            if (check := self._checks.pop(path, None)) is not None:
+                check.close()
+
+    def __enter__(self) -> TileReaders:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def check(self, path: str, locations: np.ndarray, size: int, level: int) -> None:
         """Raise SlideError when a JPEG tile under these reads of the open slide `path` is corrupt."""
         check, reader = self._checks.get(path), self._open.get(path)

@@ -191,41 +191,42 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     official = loop["supervised"] and fc["loop"] == "official"
     # The official loop: every rank holds every row and trains on its part of each step; ours: a share of the rows.
     share = worker_share(loop["rows"], 0, 1) if official else worker_share(loop["rows"], rank, world)
-    readers = share_readers(share, fc["open_slides"])
     supervised = loop["supervised"]
     if rank == 0:
         setup_logging()  # a Ray Train worker's lines reach the driver's console through Ray's log forwarding
     progress = Progress(f"{loop['name']} (tiles, epochs {start}-{loop['last_epoch'] - 1})",
                         len(share["tile_id"]) * max(0, loop["last_epoch"] - start), every_s=10.0)
-    for epoch in range(start, loop["last_epoch"]):
-        ddp.train()
-        epoch_started = time.perf_counter()
-        gen = torch.Generator().manual_seed(loop["seed"] * 100003 + epoch * 101 + rank)
-        losses, tiles_seen = [], 0
-        # The batches and the augmentations depend only on (seed, epoch, rank): the same on a rerun or a resume.
-        batches, step_b, ratio = epoch_batches(loop, share, epoch, rank, world)
-        decoded = decoded_batches(share, batches, loop["tile_size"], readers, fc["decode_threads"])
-        for batch, is_b in zip(decoded, step_b):  # the official loop: step A, then (after warm-up) step B
-            if is_b is None:
-                loss = our_loss(batch, ddp, fc, epoch, ratio, gen, device, supervised, input_space)
-            else:
-                loss = official_step_loss(batch, is_b, ddp, fc, gen, device, input_space, world)
-            tiles_seen += len(batch["tile_id"])
-            if rank == 0:
-                progress.update(len(batch["tile_id"]))
-            if loss is None:
-                continue
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        scheduler.step()
-        metrics = {"epoch": epoch, "ft_loss": float(np.mean(losses)) if losses else float("nan"),
-                   "tiles": tiles_seen, "positive_ratio": ratio, "lr": scheduler.get_last_lr()[0],
-                   "epoch_seconds": time.perf_counter() - epoch_started}
-        state = {"model": plain.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "epoch": epoch, "metrics": metrics} if rank == 0 else None
-        report(metrics, state, CHECKPOINT_FILE, loop["driver_checkpoints"])
+    # Up to finetune.open_slides readers stay open through the epochs, closed (their files too) when the loop ends.
+    with share_readers(share, fc["open_slides"]) as readers:
+        for epoch in range(start, loop["last_epoch"]):
+            ddp.train()
+            epoch_started = time.perf_counter()
+            gen = torch.Generator().manual_seed(loop["seed"] * 100003 + epoch * 101 + rank)
+            losses, tiles_seen = [], 0
+            # The batches and the augmentations depend only on (seed, epoch, rank): the same on a rerun or a resume.
+            batches, step_b, ratio = epoch_batches(loop, share, epoch, rank, world)
+            decoded = decoded_batches(share, batches, loop["tile_size"], readers, fc["decode_threads"])
+            for batch, is_b in zip(decoded, step_b):  # the official loop: step A, then (after warm-up) step B
+                if is_b is None:
+                    loss = our_loss(batch, ddp, fc, epoch, ratio, gen, device, supervised, input_space)
+                else:
+                    loss = official_step_loss(batch, is_b, ddp, fc, gen, device, input_space, world)
+                tiles_seen += len(batch["tile_id"])
+                if rank == 0:
+                    progress.update(len(batch["tile_id"]))
+                if loss is None:
+                    continue
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+            scheduler.step()
+            metrics = {"epoch": epoch, "ft_loss": float(np.mean(losses)) if losses else float("nan"),
+                       "tiles": tiles_seen, "positive_ratio": ratio, "lr": scheduler.get_last_lr()[0],
+                       "epoch_seconds": time.perf_counter() - epoch_started}
+            state = {"model": plain.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch, "metrics": metrics} if rank == 0 else None
+            report(metrics, state, CHECKPOINT_FILE, loop["driver_checkpoints"])
 
 
 def finetune_workers(asked: int | None, use_gpu: bool, concurrent: int = 1) -> int:
