@@ -102,9 +102,11 @@ def test_the_warm_start_trains_with_its_own_optimiser_not_fine_tunings(tmp_path,
     pretrain.pretrain_simclr(config, records, tmp_path, None)
     assert (seen[0].lr, seen[0].momentum, seen[0].optimizer) == (0.01, 0.9, "sgd")
     assert pretrain.warm_start_key(TrainConfig(), records) == pretrain.warm_start_key(config, records)  # not its optimiser
-    dihedral = {"finetune": {"orientations": "dihedral"}}  # the views every warm start had before the knob
+    # the views every warm start had before the knob, and its epochs before pretrain.epochs became 10
+    dihedral = {"finetune": {"orientations": "dihedral"}, "pretrain": {"epochs": 3}}
     key = pretrain.warm_start_key(cfg.from_tree(TrainConfig, dihedral), records)
-    assert key != pretrain.warm_start_key(cfg.from_tree(TrainConfig, {"pretrain": {"momentum": 0.5}, **dihedral}), records)
+    assert key != pretrain.warm_start_key(cfg.from_tree(TrainConfig, {**dihedral, "pretrain": {"epochs": 3,
+                                                                                            "momentum": 0.5}}), records)
     legacy = {"slides": sorted((r.slide_id, str(r.path), os.path.getsize(r.path)) for r in records),
               "encoder": {"name": "small_cnn", "weights": None, "norm": "affine", "input_space": "rgb_imagenet",
                           "precision": "float32"}, "tiling": dataclasses.asdict(TrainConfig().tiling),

@@ -34,7 +34,7 @@ def readers_within_file_limit() -> int:
 
 
 class TileReaders:
-    """A small LRU of open slide readers (a CuImage cannot be pickled: each actor opens its own)."""
+    """An LRU of open slide readers (a CuImage cannot be pickled: each actor opens its own), closed on close()."""
 
     def __init__(self, device: str = "cpu", capacity: int = 4) -> None:
         self.device = device
@@ -58,19 +58,19 @@ class TileReaders:
         self._open[path] = reader
         self._checks[path] = tile_integrity(reader)
         if len(self._open) > self.capacity:
-            old_path, old = self._open.popitem(last=False)
-            old.close()
-            if (check := self._checks.pop(old_path, None)) is not None:
-                check.close()
+            self._close(next(iter(self._open)))  # the least recently used
         return reader
+
+    def _close(self, path: str) -> None:
+        """Close the reader of `path` and its tile check."""
+        self._open.pop(path).close()
+        if (check := self._checks.pop(path, None)) is not None:
+            check.close()
 
     def close(self) -> None:
         """Close every open reader and its tile check (their files stay open until then, even unreferenced)."""
-        while self._open:
-            path, reader = self._open.popitem()
-            reader.close()
-            if (check := self._checks.pop(path, None)) is not None:
-                check.close()
+        for path in list(self._open):
+            self._close(path)
 
     def __enter__(self) -> TileReaders:
         return self
