@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -73,7 +74,8 @@ def main() -> None:
         for name in runs:
             readers = TileReaders(device="cpu", capacity=OLD_CAPACITY) if name == "lru_4" \
                 else share_readers(share, FinetuneConfig().open_slides)
-            rates, checksum = decode_epochs(share, readers, args.tile_size, args.epochs, batch)
+            with readers:  # each setting's files closed before the next pass
+                rates, checksum = decode_epochs(share, readers, args.tile_size, args.epochs, batch)
             runs[name].append({"tiles_per_s": [round(r, 1) for r in rates], "readers": readers.capacity})
             checksums.add(checksum)
     best = {name: max(sum(r["tiles_per_s"]) / len(r["tiles_per_s"]) for r in rs) for name, rs in runs.items()}
@@ -82,7 +84,7 @@ def main() -> None:
             "same_pixels": len(checksums) == 1, "runs": runs,
             "best_mean_tiles_per_s": {k: round(v, 1) for k, v in best.items()},
             "ratio_share_readers_vs_lru_4": round(best["share_readers"] / best["lru_4"], 2),
-            "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count()}}
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
     print(json.dumps(line))
     if args.out:
         Path(args.out).write_text(json.dumps(line, indent=1) + "\n")

@@ -227,7 +227,7 @@ class FinetuneConfig:
     open_slides: int = knob(256, "slide readers each worker keeps open (at most its share's slides and what the "
                                  "open-file limit allows, 3 files a reader): a batch draws its tiles from many slides "
                                  "at random, so with fewer open most batches re-open their slides (4 open on the "
-                                 "Camelyon16-regime cohort's 270 slides: decoding 6x slower, benchmarks/README)",
+                                 "Camelyon16-regime cohort's 270 slides: decoding ~4x slower, benchmarks/README)",
                             low=1)
     max_failures: int = knob(2, "Ray Train restarts from the last checkpoint after a worker failure", low=0)
 
