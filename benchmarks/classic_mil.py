@@ -150,8 +150,9 @@ def summarise(values: list[dict[str, float]]) -> dict[str, float]:
 
 
 def run_dataset(package: Path, name: str, protocols: dict[str, int], aggregators: list[str], overrides: dict,
-                work: Path) -> dict:
-    """Every protocol's folds: the SVC baseline and each of our heads on the same folds."""
+                work: Path, init_seed: int = 0) -> dict:
+    """Every protocol's folds: the SVC baseline and each of our heads on the same folds (a head of fold k trained
+    with seed init_seed + k: its initial weights and bag order)."""
     bags, labels = load_bags(package, name)
     store = write_store(work / "store", name, bags)
     out = {"bags": len(bags), "positive_bags": int(labels.sum()), "instances": int(sum(len(b) for b in bags))}
@@ -163,7 +164,8 @@ def run_dataset(package: Path, name: str, protocols: dict[str, int], aggregators
             svc = baselines([bags[i] for i in train], labels[train], [bags[i] for i in split[2]], labels[split[2]])
             per_method.setdefault("stats_svm", []).append(svc["stats_svm"])
             for aggregator in aggregators:
-                metrics = head_metrics(store, labels, split, aggregator, overrides, k, work / f"{protocol}_{k}_{aggregator}")
+                metrics = head_metrics(store, labels, split, aggregator, overrides, init_seed + k,
+                                       work / f"{protocol}_{k}_{aggregator}")
                 per_method.setdefault(aggregator, []).append(metrics)
             print(f"{name} {protocol} fold {k}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         out[protocol] = {m: summarise(v) for m, v in per_method.items()}
@@ -188,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats_ours", type=int, default=1, help="repeats of our 5-fold protocol")
     parser.add_argument("--set", nargs="*", default=[], metavar="KNOB=VALUE",
                         help="MILConfig overrides for our heads, e.g. lr=5e-4 (default: the product's defaults)")
+    parser.add_argument("--init-seed", type=int, default=0,
+                        help="added to the fold index to seed our heads (initial weights, bag order); the folds stay")
     parser.add_argument("--out", help="also write the JSON line to this file")
     args = parser.parse_args(argv)
     logging.getLogger("hnm_ray").setLevel(logging.WARNING)
@@ -203,10 +207,12 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="classic_mil_") as work:
         for name in args.datasets:
-            results[name] = run_dataset(package, name, protocols, args.aggregators, overrides, Path(work) / name)
+            results[name] = run_dataset(package, name, protocols, args.aggregators, overrides, Path(work) / name,
+                                        args.init_seed)
             results[name]["published_accuracy"] = PUBLISHED.get(name, {})
     emit({
         "benchmark": "classic_mil", "data": f"{PACKAGE} {CSV_DIR}", "protocols": PROTOCOLS, "repeats": protocols,
+        "init_seed": args.init_seed,
         "mil_overrides": {k: v for k, v in overrides.items() if k != "checkpoint_every"},
         "mil_config": {k: getattr(MILConfig(**overrides), k) for k in ("epochs", "lr", "weight_decay", "standardize",
                                                                       "embed", "select_epoch", "hidden", "dropout",
