@@ -41,3 +41,24 @@ def test_the_published_protocol_tests_every_bag_once_a_repeat() -> None:
     for repeat in range(2):
         tested = np.concatenate([test for _, _, test in splits[10 * repeat:10 * (repeat + 1)]])
         assert sorted(tested.tolist()) == list(range(50))
+
+
+def test_init_seed_moves_every_heads_seed_and_keeps_the_folds(tmp_path: Path, monkeypatch) -> None:
+    import benchmarks.classic_mil as classic
+
+    rows = [[i % 2, i, float(i), 1.0] for i in range(20)]
+    package = package_with(tmp_path, "musk1", rows)
+    seen: dict[int, list] = {}
+
+    def fake_head(store, labels, split, aggregator, overrides, seed, run_dir):
+        seen.setdefault(seed, []).append(split[2].tolist())
+        return {"accuracy": 1.0, "auc": 1.0}
+
+    monkeypatch.setattr(classic, "head_metrics", fake_head)
+    monkeypatch.setattr(classic, "baselines", lambda *a: {"stats_svm": {"accuracy": 1.0, "auc": 1.0}})
+    classic.run_dataset(package, "musk1", {"published": 1}, ["dsmil"], {}, tmp_path / "a")
+    first = dict(seen)
+    seen.clear()
+    classic.run_dataset(package, "musk1", {"published": 1}, ["dsmil"], {}, tmp_path / "b", init_seed=1000)
+    assert sorted(first) == list(range(10)) and sorted(seen) == list(range(1000, 1010))
+    assert [first[k] for k in range(10)] == [seen[1000 + k] for k in range(10)]
