@@ -40,7 +40,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from benchmarks.mnist_bags import baselines, emit
 from hnm_ray.config import MILConfig, from_tree
-from hnm_ray.models.inference import evaluate_split
+from hnm_ray.models.inference import evaluate_split, load_aggregator
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 from hnm_ray.training.mil import fit_mil
@@ -128,15 +128,17 @@ def folds(labels: np.ndarray, protocol: str, repeats: int) -> list[tuple[np.ndar
 
 def head_metrics(store: FeatureStore, labels: np.ndarray, split: tuple[np.ndarray, np.ndarray, np.ndarray],
                  aggregator: str, overrides: dict, seed: int, run_dir: Path) -> dict[str, float]:
-    """Train our head with `fit_mil` on one fold and score its test bags (accuracy at the kept threshold)."""
+    """Train our head with `fit_mil` on one fold and score its test bags (accuracy at the kept threshold); the
+    instance embedding's width it was trained with."""
     names = {"train": split[0], "val": split[1], "test": split[2]}
     records = [SlideRecord(f"bag{i:03d}", "", int(labels[i]), part) for part, rows in names.items() for i in rows]
     config = MILConfig(aggregator=aggregator, **overrides)
     fitting = [r for r in records if r.split != "test"]
     result = fit_mil(config, store, fitting, run_dir, seed=seed)
     test = evaluate_split(result.model_path, store, records, "test")
+    width = load_aggregator(result.model_path)[1]["embed"]  # as trained: `mil.embed` auto resolved on this fold
     return {"accuracy": test["test_accuracy"], "auc": test["test_auc"], "threshold": result.threshold,
-            "kept_epoch": result.best_epoch}
+            "kept_epoch": result.best_epoch, "embed": width}
 
 
 def summarise(values: list[dict[str, float]]) -> dict[str, float]:

@@ -62,3 +62,16 @@ def test_init_seed_moves_every_heads_seed_and_keeps_the_folds(tmp_path: Path, mo
     classic.run_dataset(package, "musk1", {"published": 1}, ["dsmil"], {}, tmp_path / "b", init_seed=1000)
     assert sorted(first) == list(range(10)) and sorted(seen) == list(range(1000, 1010))
     assert [first[k] for k in range(10)] == [seen[1000 + k] for k in range(10)]
+
+
+def test_a_fold_reports_the_embedding_width_its_head_was_trained_with(tmp_path: Path) -> None:
+    from benchmarks.classic_mil import head_metrics, write_store
+
+    rng = np.random.default_rng(0)
+    bags = [rng.normal(size=(3, 4)).astype(np.float32) + (2.0 if i % 2 else 0.0) for i in range(12)]
+    labels = np.array([i % 2 for i in range(12)])
+    store = write_store(tmp_path / "store", "toy", bags)
+    split = (np.arange(8), np.zeros(0, int), np.arange(8, 12))
+    auto = head_metrics(store, labels, split, "dsmil", {"epochs": 2, "ensemble": 1}, 0, tmp_path / "auto")
+    wide = head_metrics(store, labels, split, "dsmil", {"epochs": 2, "ensemble": 1, "embed": 16}, 0, tmp_path / "w")
+    assert (auto["embed"], wide["embed"]) == (0, 16)  # auto: no embedding on 8 training bags
