@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from hnm_ray.models.metrics import (bootstrap_auc_interval, describe, instance_metrics, roc_auc, slide_metrics,
-                                    wilson_interval, with_intervals, youden_threshold)
+from hnm_ray.models.metrics import (bootstrap_auc_interval, describe, instance_metrics, paired_auc_difference, roc_auc,
+                                    slide_metrics, wilson_interval, with_intervals, youden_threshold)
 
 # 4 negatives, 3 positives. Youden's J = tpr - fpr at each threshold (predict positive when p >= t):
 #   t=0.9: 1/3 - 0 = .333   t=0.7: 2/3 - 0 = .667   t=0.65: 2/3 - 1/4 = .417
@@ -147,6 +147,35 @@ def test_bootstrap_auc_interval_equals_a_plain_resampling_reference_and_is_seede
     assert low < roc_auc(y, p) < high and bootstrap_auc_interval(y, p) == (low, high)
     assert bootstrap_auc_interval(y[:4].tolist() + [1], p[:5]) != (low, high)
     assert all(math.isnan(v) for v in bootstrap_auc_interval([0, 0], [0.1, 0.2]))
+
+
+def test_paired_auc_difference_resamples_the_same_slides_for_both_and_says_when_a_gain_is_shown():
+    """The paired interval equals resampling the slides one by one and differencing roc_auc of both score sets on the
+    same draws; the same scores twice give exactly 0; a clear gain on many slides is shown (low > 0), a small one on
+    few slides is not; one class gives nan."""
+    rng = np.random.default_rng(5)
+    y = np.r_[np.zeros(10), np.ones(8)].astype(int)
+    before, after = rng.random(18) + 0.2 * y, rng.random(18) + 0.5 * y
+    draws = np.random.default_rng(0)
+    pos_counts = draws.multinomial(8, np.full(8, 1 / 8), size=2000)
+    neg_counts = draws.multinomial(10, np.full(10, 1 / 10), size=2000)
+
+    def resampled(p, pc, nc):
+        return roc_auc(np.r_[np.ones(pc.sum()), np.zeros(nc.sum())].astype(int),
+                       np.r_[np.repeat(p[y == 1], pc), np.repeat(p[y == 0], nc)])
+
+    reference = [resampled(after, pc, nc) - resampled(before, pc, nc) for pc, nc in zip(pos_counts, neg_counts)]
+    gain = paired_auc_difference(y, before, after)
+    assert (gain["low"], gain["high"]) == pytest.approx(tuple(np.quantile(reference, [0.025, 0.975])))
+    assert gain["difference"] == pytest.approx(roc_auc(y, after) - roc_auc(y, before))
+    assert (gain["n"], gain["n_positive"]) == (18, 8)
+    assert paired_auc_difference(y, before, before) == {"difference": 0.0, "low": 0.0, "high": 0.0, "n": 18,
+                                                        "n_positive": 8}
+    many = np.r_[np.zeros(200), np.ones(200)].astype(int)
+    noise = rng.random(400)
+    assert paired_auc_difference(many, noise, noise + 0.5 * many)["low"] > 0
+    assert paired_auc_difference(y, before, before + 0.05 * y * rng.random(18))["low"] <= 0
+    assert math.isnan(paired_auc_difference([1, 1], [0.1, 0.2], [0.3, 0.4])["difference"])
 
 
 def test_with_intervals_carries_n_positives_and_intervals_and_describe_says_them():

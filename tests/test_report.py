@@ -311,6 +311,18 @@ def test_an_unfinished_run_gets_a_report_in_progress(tmp_path):
     assert page.images == []
 
 
+def test_the_report_says_the_kept_rounds_validation_gain_over_round0_and_whether_it_is_shown(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for shown, low, says in ((True, 0.02, ""), (False, -0.01, ": within what these slides can tell")):
+        gain = {"difference": 0.1, "low": low, "high": 0.19, "n": 135, "n_positive": 54, "shown": shown}
+        final = {"final": {"round": 2, "kept": "the best validation slide AUC", "val_auc_over_round0": gain},
+                 "official_protocol": None, "skipped": {"count": 0}}
+        page = write_run_report(run, final).read_text()
+        assert (f"Its validation slide AUC over round 0's: +0.100 (95 % CI {low:+.3f} to +0.190, paired, 135 "
+                f"validation slides){says}.") in page
+
+
 def test_qupath_features_are_level0_squares_with_measurements():
     text = tile_features(np.array([0, 1, 2]), np.array([0, 448, 896]), np.array([224, 224, 224]), 448.0,
                          np.array([0.9, 0.1, 0.6]), np.array([False, True, False]), np.array([1, -1, 0]), threshold=0.62)

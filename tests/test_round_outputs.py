@@ -111,6 +111,7 @@ def test_finish_writes_the_best_validation_rounds_aggregator_encoder_and_outputs
     final = finish(tmp_path, history, records, stores, {}, config)
 
     assert final["final"]["round"] == 0 and "best validation slide AUC" in final["final"]["kept"]
+    assert final["final"]["val_auc_over_round0"] is None  # round 0 kept: no gain to measure
     assert final["official_protocol"] == {"round": 0} and final["skipped"]["count"] == 0
     meta = json.loads((tmp_path / "checkpoint" / "meta.json").read_text())
     assert meta["round"] == 0 and meta["threshold"] == 0.4
@@ -123,6 +124,36 @@ def test_finish_writes_the_best_validation_rounds_aggregator_encoder_and_outputs
         torch.testing.assert_close(again.state_dict()[key], value, rtol=0, atol=0)
     assert len(list((tmp_path / "qupath").glob("*.geojson"))) == len(records)
     assert "Final model: round 0, the best validation slide AUC" in (tmp_path / "report.html").read_text()
+
+
+def test_a_later_kept_round_says_its_validation_gain_over_round0_on_the_same_slides_with_its_interval(
+        mil_store, mil_cohort, tmp_path, caplog):
+    """What finish records when round 1 is kept: round 1's validation slide AUC minus round 0's, each round's model on
+    its own store (here one store, two models), on the validation slides both scored, with a paired interval; the
+    console says whether the gain is shown."""
+    from hnm_ray.models.inference import split_probabilities
+    from hnm_ray.models.metrics import roc_auc
+    from hnm_ray.report.outputs import gain_over_round0
+    from hnm_ray.store.manifest import load_manifest
+
+    records = load_manifest(mil_cohort)
+    dim = mil_store.read_bag(records[0].slide_id).features.shape[1]
+    history = []
+    for index in range(2):
+        torch.manual_seed(10 + index)
+        model = build_standardized("dsmil", dim, hidden=8, dropout=0.0)
+        meta = {"aggregator": "dsmil", "hidden": 8, "dropout": 0.0, "dim": dim, "threshold": 0.5, "epoch": 1,
+                "encoder_tag": "small_cnn"}
+        history.append({"round": index, "model_path": str(save_aggregator(tmp_path / f"r{index}", model.state_dict(),
+                                                                          meta))})
+    with caplog.at_level("INFO", logger="hnm_ray"):
+        gain = gain_over_round0(history, [mil_store, mil_store], 1, records, "dsmil")
+    (labels, p0, _), (_, p1, _) = (split_probabilities(h["model_path"], mil_store, records, "val") for h in history)
+    assert gain["difference"] == pytest.approx(roc_auc(labels, p1) - roc_auc(labels, p0))
+    assert gain["low"] <= gain["difference"] <= gain["high"] and gain["n"] == labels.size
+    assert gain["shown"] == (gain["low"] > 0)
+    assert "validation slide AUC, round 1 over round 0" in caplog.text
+    assert gain_over_round0(history, [mil_store, mil_store], 0, records, "dsmil") is None
 
 
 def test_heatmap_thumbnails_decode_within_the_runs_pixel_budget(mil_store, mil_cohort, tmp_path):

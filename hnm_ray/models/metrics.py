@@ -127,22 +127,48 @@ def wilson_interval(successes: int, n: int) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def _bootstrap_aucs(labels: np.ndarray, scores: list[np.ndarray], resamples: int, seed: int) -> np.ndarray:
+    """(resamples, len(scores)) AUCs of each score set over one stratified bootstrap of the slides: each resample
+    draws the positives from the positives and the negatives from the negatives (with replacement), the same draw for
+    every score set (paired), so every resample has an AUC. The AUC of a resample is the count-weighted Mann-Whitney
+    sum over (positive, negative) pairs, ties 1/2. `labels` must hold both classes."""
+    rng = np.random.default_rng(seed)
+    n_pos, n_neg = int(np.sum(labels == 1)), int(np.sum(labels == 0))
+    pos_counts = rng.multinomial(n_pos, np.full(n_pos, 1 / n_pos), size=resamples).astype(np.float64)
+    neg_counts = rng.multinomial(n_neg, np.full(n_neg, 1 / n_neg), size=resamples).astype(np.float64)
+    out = np.empty((resamples, len(scores)))
+    for k, score in enumerate(scores):
+        pos, neg = score[labels == 1], score[labels == 0]
+        wins = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+        out[:, k] = np.sum((pos_counts @ wins) * neg_counts, axis=1) / (n_pos * n_neg)
+    return out
+
+
 def bootstrap_auc_interval(y, p, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile interval of the slide AUC over a stratified bootstrap of the slides: each resample draws the
-    positives from the positives and the negatives from the negatives (with replacement), so every resample has an
-    AUC. The AUC of a resample is the count-weighted Mann-Whitney sum over (positive, negative) pairs, ties 1/2.
+    """95 % percentile interval of the slide AUC over a stratified bootstrap of the slides (`_bootstrap_aucs`).
     (nan, nan) when y holds a single class."""
     labels, scores = _binary_inputs(y, p)
     if not _both_classes(labels):
         return math.nan, math.nan
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    wins = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
-    rng = np.random.default_rng(seed)
-    pos_counts = rng.multinomial(pos.size, np.full(pos.size, 1 / pos.size), size=resamples).astype(np.float64)
-    neg_counts = rng.multinomial(neg.size, np.full(neg.size, 1 / neg.size), size=resamples).astype(np.float64)
-    aucs = np.sum((pos_counts @ wins) * neg_counts, axis=1) / (pos.size * neg.size)
-    low, high = np.quantile(aucs, [0.025, 0.975])
+    low, high = np.quantile(_bootstrap_aucs(labels, [scores], resamples, seed)[:, 0], [0.025, 0.975])
     return float(low), float(high)
+
+
+def paired_auc_difference(y, p_before, p_after, resamples: int = BOOTSTRAP_RESAMPLES,
+                          seed: int = 0) -> dict[str, float]:
+    """AUC(p_after) - AUC(p_before) on the same slides and its 95 % percentile interval over a paired stratified
+    bootstrap (each resample scores both on the same slides): whether a later round's gain on validation is more than
+    these slides can tell. nan when y holds a single class."""
+    labels, before = _binary_inputs(y, p_before)
+    _, after = _binary_inputs(y, p_after)
+    out = {"difference": math.nan, "low": math.nan, "high": math.nan, "n": int(labels.size),
+           "n_positive": int(np.sum(labels == 1))}
+    if not _both_classes(labels):
+        return out
+    aucs = _bootstrap_aucs(labels, [before, after], resamples, seed)
+    low, high = np.quantile(aucs[:, 1] - aucs[:, 0], [0.025, 0.975])
+    out.update(difference=roc_auc(labels, after) - roc_auc(labels, before), low=float(low), high=float(high))
+    return out
 
 
 def slide_intervals(y, p, threshold: float) -> dict[str, float]:

@@ -162,7 +162,12 @@ def _sample_size(metrics: dict[str, Any]) -> str:
 
 def _kept(final: dict[str, Any]) -> str:
     """The sentence naming the round a finished run kept as its final model (checkpoint, heatmaps, QuPath) and why."""
-    return f" <span id='kept'>Final model: round {final.get('round')}, {_e(final.get('kept', 'the last round'))}.</span>"
+    gain = final.get("val_auc_over_round0")
+    over = ("" if not gain else f" Its validation slide AUC over round 0's: {gain['difference']:+.3f} (95 % CI "
+            f"{gain['low']:+.3f} to {gain['high']:+.3f}, paired, {gain['n']} validation slides)"
+            f"{'' if gain['shown'] else ': within what these slides can tell'}.")
+    return (f" <span id='kept'>Final model: round {final.get('round')}, {_e(final.get('kept', 'the last round'))}."
+            f"{over}</span>")
 
 
 def _point(metrics: dict[str, Any]) -> str:

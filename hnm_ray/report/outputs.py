@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from hnm_ray.run import tracking
 from hnm_ray.core import storage
 from hnm_ray.config import TrainConfig
@@ -37,6 +39,31 @@ def kept_round(history: list[dict[str, Any]], rule: str) -> tuple[int, str]:
     best = max(scored, key=lambda i: (aucs[i], i))
     listed = ", ".join(f"{history[i]['round']}: {auc:.3f}" for i, auc in enumerate(aucs))
     return best, f"the best validation slide AUC, ties to the later round (run.final_round best_val; rounds {listed})"
+
+
+def gain_over_round0(history: list[dict[str, Any]], stores: list[FeatureStore], index: int,
+                     records: list[SlideRecord], plugin: str | None) -> dict[str, float] | None:
+    """The kept round's validation slide AUC minus round 0's on the same validation slides, with its 95 % interval
+    (paired bootstrap, `paired_auc_difference`), logged: whether the rounds' gain is more than these slides can tell.
+    None when round 0 is kept or validation lacks a class."""
+    from hnm_ray.models.inference import split_probabilities
+    from hnm_ray.models.metrics import paired_auc_difference
+
+    if index == 0:
+        return None
+    scored = [dict(zip(ids, zip(labels, probs))) for labels, probs, ids in
+              (split_probabilities(history[i]["model_path"], stores[i], records, "val", plugin) for i in (0, index))]
+    common = [s for s in scored[0] if s in scored[1] and scored[0][s][0] >= 0]
+    labels = np.asarray([scored[0][s][0] for s in common])
+    if not 0 < labels.sum() < labels.size:
+        return None
+    gain = paired_auc_difference(labels, [scored[0][s][1] for s in common], [scored[1][s][1] for s in common])
+    shown = gain["low"] > 0
+    log.info("validation slide AUC, round %d over round 0: %+.3f (95 %% interval %+.3f to %+.3f, paired bootstrap over "
+             "%d validation slides, %d positive)%s", history[index]["round"], gain["difference"], gain["low"],
+             gain["high"], gain["n"], gain["n_positive"],
+             "" if shown else ": within what these slides can tell, the rounds are not shown better than round 0")
+    return {**gain, "shown": bool(shown)}
 
 
 def write_checkpoint(run_dir: Path, last: dict[str, Any], config: TrainConfig, tile_threshold: float,
@@ -99,7 +126,8 @@ def finish(run_dir: Path, history: list[dict[str, Any]], records: list[SlideReco
                         plugin=config.mil.aggregator, max_pixels=config.tiling.tissue.max_decoded_pixels)
     ours = {**{k: v for k, v in last.items()
                if k not in ("model_path", "encoder_weights", "adapter_weights", "official_protocol")},
-            "kept": why}
+            "kept": why, "val_auc_over_round0": gain_over_round0(history, stores, index, records,
+                                                                  config.mil.aggregator)}
     final = {"final": ours, "official_protocol": last.get("official_protocol"), "rounds": history,
              "finetune": finetune, "tile_threshold": thresholds.tile,
              "protocols": {"final": "ours: MIL epoch and Youden threshold picked on validation (the fixed epoch "
