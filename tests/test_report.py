@@ -311,6 +311,20 @@ def test_an_unfinished_run_gets_a_report_in_progress(tmp_path):
     assert page.images == []
 
 
+def test_the_jobs_metrics_carry_the_kept_rounds_validation_gain_over_round0(tiny_run, metrics):
+    """The suite's job: final.val_auc_over_round0 is None when round 0 is kept, else the paired gain on every
+    validation slide, as the console said it."""
+    final, rounds = metrics["final"], metrics["rounds"]
+    gain = final["val_auc_over_round0"]
+    if final["round"] == 0:
+        assert gain is None
+    else:
+        assert gain["n"] == final["val_n"] and gain["low"] <= gain["difference"] <= gain["high"]
+        assert gain["difference"] == pytest.approx(final["val_auc"] - rounds[0]["val_auc"], abs=1e-6)
+        console = tiny_run.done.stdout + tiny_run.done.stderr
+        assert f"round {final['round']} over round 0: {gain['difference']:+.3f}" in console
+
+
 def test_the_report_says_the_kept_rounds_validation_gain_over_round0_and_whether_it_is_shown(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
