@@ -100,8 +100,8 @@ def finish(run_dir: Path, history: list[dict[str, Any]], records: list[SlideReco
     made): its checkpoint folder (with the run's slide and tile thresholds); ROC plot; heatmaps of `run.heatmaps` test
     slides (tumour and normal in turn) and of as many negative training slides with the most mined hard negatives
     (heatmaps/hard_negatives/); QuPath GeoJSON of every slide; report.html; the MLflow run's final metrics and
-    artifacts. Returns the metrics summary ("final": the kept round, its "kept" saying why; both protocols,
-    intervals, the tile threshold)."""
+    artifacts. Returns the metrics summary ("final": the kept round, its "kept" saying why and "val_auc_over_round0"
+    its validation gain over round 0 (`gain_over_round0`); both protocols, intervals, the tile threshold)."""
     from hnm_ray.store.features import imported_format
     from hnm_ray.models.inference import split_probabilities, tile_threshold
     from hnm_ray.report import plot_roc
