@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import subprocess
 import sys
@@ -40,7 +41,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from benchmarks.mnist_bags import baselines, emit
 from hnm_ray.config import MILConfig, from_tree
-from hnm_ray.models.inference import evaluate_split, load_aggregator
+from hnm_ray.models.inference import evaluate_split
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 from hnm_ray.training.mil import fit_mil
@@ -136,7 +137,8 @@ def head_metrics(store: FeatureStore, labels: np.ndarray, split: tuple[np.ndarra
     fitting = [r for r in records if r.split != "test"]
     result = fit_mil(config, store, fitting, run_dir, seed=seed)
     test = evaluate_split(result.model_path, store, records, "test")
-    width = load_aggregator(result.model_path)[1]["embed"]  # as trained: `mil.embed` auto resolved on this fold
+    # as trained (`mil.embed` auto resolved on this fold): the model's JSON beside its weights (`save_aggregator`)
+    width = json.loads(Path(result.model_path).with_suffix(".json").read_text())["embed"]
     return {"accuracy": test["test_accuracy"], "auc": test["test_auc"], "threshold": result.threshold,
             "kept_epoch": result.best_epoch, "embed": width}
 
