@@ -30,6 +30,14 @@ def positive_ratio(epoch: int, warmup: int, total_epochs: int, ro: float = 0.2, 
     return float(ro + (rT - ro) * min(max(epoch - warmup, 0), span) / span)
 
 
+def positive_rank_floor(n_positives: int, min_positives: int) -> float:
+    """The smallest r_t that keeps the top `min_positives` of `n_positives` ranked positives (all when fewer; 0 when
+    `min_positives` is 0): the k-th has pos_rank k / n, half a rank more keeps float32 rounding out."""
+    if min_positives <= 0 or n_positives <= 0:
+        return 0.0
+    return min(1.0, (min_positives + 0.5) / n_positives)
+
+
 def _ranked(table: pa.Table) -> pa.Table:
     return table.take(pc.sort_indices(table, sort_keys=RANK_ORDER))
 

@@ -79,7 +79,7 @@ def feature_views(x: torch.Tensor, std: torch.Tensor, dropout: float, noise: flo
 
 def fit_adapter(config: TrainConfig, rows: pa.Table, round0: FeatureStore, weights: str | None,
                 adapter_weights: str | None, head_weights: str | None, run_dir: str | Path, name: str,
-                first_epoch: int, last_epoch: int, total_epochs: int):
+                first_epoch: int, last_epoch: int, total_epochs: int, positive_floor: float = 0.0):
     """Train adapter + projection head on `rows` (`round_rows`) for epochs [first_epoch, last_epoch) of a
     `total_epochs` schedule, features read from `round0`; from `adapter_weights` (None: the identity adapter) and
     `head_weights`. Returns a FinetuneResult: the frozen encoder's `weights`, the new adapter and head files, and the
@@ -96,7 +96,7 @@ def fit_adapter(config: TrainConfig, rows: pa.Table, round0: FeatureStore, weigh
     device = torch_device(ft.use_gpu, "finetune.use_gpu")
     with one_thread():
         return _fit(config, rows, round0, weights, adapter_weights, head_weights, Path(run_dir), name, first_epoch,
-                    last_epoch, total_epochs, device)
+                    last_epoch, total_epochs, device, positive_floor)
 
 
 @contextlib.contextmanager
@@ -113,7 +113,7 @@ def one_thread() -> Iterator[None]:
 
 def _fit(config: TrainConfig, rows: pa.Table, round0: FeatureStore, weights: str | None, adapter_weights: str | None,
          head_weights: str | None, run_dir: Path, name: str, first_epoch: int, last_epoch: int, total_epochs: int,
-         device: str):
+         device: str, positive_floor: float):
     """`fit_adapter`'s training, on `device`."""
     from hnm_ray.models.weights import save_weights
     from hnm_ray.training.contrastive import contrastive_model, load_head
@@ -134,7 +134,7 @@ def _fit(config: TrainConfig, rows: pa.Table, round0: FeatureStore, weights: str
     ft = dataclasses.replace(ft, lr=ft.step_lr())
     optimizer = optimizer_for(model.parameters(), dataclasses.asdict(ft))
     lr = lr_scheduler(optimizer, ft.schedule, total_epochs, first_epoch)
-    loop, share = schedule(config, ft, total_epochs, supervised=True), worker_share(rows, 0, 1)
+    loop, share = schedule(config, ft, total_epochs, True, positive_floor), worker_share(rows, 0, 1)
     fc, std = loop["ft"], features.std(0)
     history = []
     for epoch in range(first_epoch, last_epoch):

@@ -154,7 +154,8 @@ def epoch_batches(loop: dict[str, Any], rows: dict[str, np.ndarray], epoch: int,
         sizes = step_sizes(fc["batch_size"], fc["step_a_positive_fraction"], fc["step_b_positive_fraction"])
         steps = epoch_steps(rows["kind"], rows["score"], sizes, epoch, fc["warmup_epochs"], ratio, loop["seed"])
         return [step.rows(rank, world) for step in steps], [step.b for step in steps], ratio
-    ratio = positive_ratio(epoch, fc["warmup_epochs"], total, loop["ro"], loop["rT"]) if loop["supervised"] else 1.0
+    ratio = max(positive_ratio(epoch, fc["warmup_epochs"], total, loop["ro"], loop["rT"]),
+                loop["positive_floor"]) if loop["supervised"] else 1.0
     batches = fixed_batches(epoch_order(len(rows["tile_id"]), loop["seed"], epoch), fc["batch_size"])
     return batches, [None] * len(batches), ratio
 
@@ -288,15 +289,17 @@ class FinetuneResult:
     adapter_weights: str | None = None  # adapter scope: the adapter trained on the frozen encoder's features
 
 
-def schedule(config: TrainConfig, ft, total_epochs: int, supervised: bool) -> dict[str, Any]:
-    """The loop-config keys `epoch_batches` reads: the finetune section, r_t's ro/rT, seed, schedule length."""
-    return {"ft": asdict(ft), "ro": config.mining.ro, "rT": config.mining.rT, "seed": config.run.seed,
-            "total_epochs": total_epochs, "supervised": supervised}
+def schedule(config: TrainConfig, ft, total_epochs: int, supervised: bool,
+             positive_floor: float = 0.0) -> dict[str, Any]:
+    """The loop-config keys `epoch_batches` reads: the finetune section, r_t's ro/rT and its floor (our loop: the
+    round's `positive_rank_floor`), seed, schedule length."""
+    return {"ft": asdict(ft), "ro": config.mining.ro, "rT": config.mining.rT, "positive_floor": positive_floor,
+            "seed": config.run.seed, "total_epochs": total_epochs, "supervised": supervised}
 
 
 def fit_finetune(config: TrainConfig, rows: pa.Table, weights: str | None, run_dir: str | Path, name: str,
                  first_epoch: int, last_epoch: int, total_epochs: int, head_weights: str | None = None,
-                 supervised: bool = True) -> FinetuneResult:
+                 supervised: bool = True, positive_floor: float = 0.0) -> FinetuneResult:
     """Fine-tune the encoder on `rows` (see `tile_rows`) for epochs [first_epoch, last_epoch) of a `total_epochs`
     schedule (SupCon; SimCLR when not `supervised`), starting from `weights`: in this process, or with
     `finetune.workers` Ray Train workers."""
@@ -317,7 +320,7 @@ def fit_finetune(config: TrainConfig, rows: pa.Table, weights: str | None, run_d
                              cpus_per_worker=worker_cpus(ft.cpus_per_worker, workers, use_gpu=ft.use_gpu))
     run_dir = Path(run_dir).resolve()
     # The coordinates travel with the loop config (a few MB for 10^5 tiles); each worker decodes its own share.
-    loop = {**schedule(config, ft, total_epochs, supervised), "encoder": asdict(config.encoder),
+    loop = {**schedule(config, ft, total_epochs, supervised, positive_floor), "encoder": asdict(config.encoder),
             "weights": weights, "head_weights": head_weights, "first_epoch": first_epoch, "last_epoch": last_epoch,
             "rows": rows, "tile_size": config.tiling.tile_size, "name": name,
             "driver_checkpoints": driver_checkpoint_dir(ft.workers, run_dir / "ray_train", name)}

@@ -65,7 +65,7 @@ def round_rows(config: TrainConfig, store: FeatureStore, records: list[SlideReco
     from the round's top r_t; the official loop: every positive above the threshold (step A cycles through them, step
     B takes the top r_t of them each epoch). The uncertain negatives join once `uncertain_joined` (officially after
     the first adopted pseudo-label update)."""
-    from hnm_ray.mining.selection import positive_ratio
+    from hnm_ray.mining.selection import positive_rank_floor, positive_ratio
 
     ft, seed = config.finetune, config.run.seed + round_
     hard = selection.hard_negatives.select(["slide_id", "tile_id"])
@@ -73,8 +73,9 @@ def round_rows(config: TrainConfig, store: FeatureStore, records: list[SlideReco
         chosen = selection.positives
     else:
         last_epoch = (round_ + 1) * ft.epochs_per_round - 1
-        max_rank = positive_ratio(last_epoch, ft.warmup_epochs, config.total_finetune_epochs, config.mining.ro,
-                                  config.mining.rT)
+        max_rank = max(positive_ratio(last_epoch, ft.warmup_epochs, config.total_finetune_epochs, config.mining.ro,
+                                      config.mining.rT),
+                       positive_rank_floor(selection.positives.num_rows, config.mining.min_positives))
         chosen = sample_positives(selection.positives, math.ceil(ft.pos_per_neg * hard.num_rows), max_rank, seed)
     uncertain = selection.uncertain if uncertain_joined else selection.uncertain.slice(0, 0)
     rows = tile_rows(store, records, [(hard, HARD_NEGATIVE),

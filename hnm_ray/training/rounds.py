@@ -83,13 +83,15 @@ def finetune_round(config: TrainConfig, store: FeatureStore, records: list[Slide
     """Paper step 7: SupCon fine-tuning of the encoder on this round's hard negatives and positives (+ the uncertain
     negatives once `uncertain_joined`: officially after the first adopted pseudo-label update); with
     finetune.scope adapter, of the adapter (from `adapter`) on those rows' features in `round0`."""
+    from hnm_ray.mining.selection import positive_rank_floor
     from hnm_ray.training.adapter import fit_adapter
 
     epochs = config.finetune.epochs_per_round
     rows = round_rows(config, store, records, selection, round_, uncertain_joined)
     started = time.perf_counter()
     span = {"name": f"finetune_round{round_}", "first_epoch": round_ * epochs, "last_epoch": (round_ + 1) * epochs,
-            "total_epochs": config.total_finetune_epochs}
+            "total_epochs": config.total_finetune_epochs,
+            "positive_floor": positive_rank_floor(selection.positives.num_rows, config.mining.min_positives)}
     if config.finetune.scope == "adapter":
         out = fit_adapter(config, rows, round0 or store, weights, adapter, head, run_dir, **span)
     else:
