@@ -4,6 +4,8 @@ left ~10 tiles, each repeated ~150 times a round). The floor must reach both pla
 round_rows samples and the worker's per-epoch filter."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -72,7 +74,7 @@ def _top(selection: Selection, k: int) -> set[tuple[str, int]]:
 
 
 @pytest.mark.parametrize("min_positives, pool", [(0, 7), (20, 20), (100, 36)])
-def test_the_first_round_trains_on_the_floor_of_positives_through_the_worker_filter(cohort, monkeypatch,
+def test_the_first_round_trains_on_the_floor_of_positives_through_the_worker_filter(cohort, monkeypatch, caplog,
                                                                                       min_positives, pool):
     """finetune_round -> round_rows -> fit_finetune(positive_floor) -> epoch_batches -> the worker's filter: round
     0's rows draw from the top max(r_t 0.2 of the 36 = 7, min_positives) positives, and every positive row reaches a
@@ -85,7 +87,9 @@ def test_the_first_round_trains_on_the_floor_of_positives_through_the_worker_fil
         return finetune.FinetuneResult(None, "head", [])
 
     monkeypatch.setattr(rounds, "fit_finetune", fit)
+    caplog.set_level(logging.INFO, "hnm_ray")
     rounds.finetune_round(config, cohort["store"], cohort["records"], cohort["selection"], None, 0, None, None, False)
+    assert f"positive rows drawn from the top {pool} of 36 positives" in caplog.text  # what the user sees
     rows = captured["rows"]
     drawn = _positive_keys(rows)
     assert drawn <= _top(cohort["selection"], pool)

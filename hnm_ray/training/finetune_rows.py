@@ -3,6 +3,7 @@ positives (label 1, with their rank among positives) and, in the official loop, 
 order; with `finetune.negative_classes` K > 1 the negatives' k-means classes."""
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 from hnm_ray.training.official_steps import HARD_NEGATIVE, POSITIVE, UNCERTAIN_NEGATIVE
 
+log = logging.getLogger("hnm_ray")
 
 TILE_ROW_SCHEMA = pa.schema([("slide_id", pa.string()), ("path", pa.string()), ("tile_id", pa.int32()),
                              ("x", pa.int32()), ("y", pa.int32()), ("level", pa.int8()), ("size", pa.int16()),
@@ -77,6 +79,10 @@ def round_rows(config: TrainConfig, store: FeatureStore, records: list[SlideReco
                                       config.mining.rT),
                        positive_rank_floor(selection.positives.num_rows, config.mining.min_positives))
         chosen = sample_positives(selection.positives, math.ceil(ft.pos_per_neg * hard.num_rows), max_rank, seed)
+        distinct = int(np.sum(np.asarray(selection.positives["pos_rank"]) <= max_rank))
+        log.info("round %d fine-tuning: %d hard negatives and %d positive rows drawn from the top %d of %d positives "
+                 "(r_t %.2f, mining.min_positives %d)", round_, hard.num_rows, chosen.num_rows, distinct,
+                 selection.positives.num_rows, max_rank, config.mining.min_positives)
     uncertain = selection.uncertain if uncertain_joined else selection.uncertain.slice(0, 0)
     rows = tile_rows(store, records, [(hard, HARD_NEGATIVE),
                                       (chosen.select(["slide_id", "tile_id", "pos_rank", "score"]), POSITIVE),
