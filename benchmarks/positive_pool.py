@@ -98,7 +98,8 @@ def analyse_round(run: Path, round_: int, cross_fit: bool, work: Path) -> dict:
     def on_positive(scores: dict[str, np.ndarray]) -> np.ndarray:
         return np.concatenate([scores[r.slide_id] for r in positive])
 
-    job = slide_tile_scores(run / f"mil_round{round_}_aggregator.safetensors", store, train)
+    val_negative = [r for r in records if r.split == "val" and r.label == 0]
+    job = slide_tile_scores(run / f"mil_round{round_}_aggregator.safetensors", store, train + val_negative)
     scores = on_positive(job)
     row: dict = {"run": run.name, "seed": config.run.seed, "round": round_, "positive_slide_tiles": int(len(truth)),
                  "tumour_tiles": int(truth.sum())}
@@ -108,10 +109,8 @@ def analyse_round(run: Path, round_: int, cross_fit: bool, work: Path) -> dict:
         row[f"top_{k}_precision"] = top_k_precision(scores, truth, k)
     members = sorted(run.glob(f"mil_round{round_}_member*_aggregator.safetensors"))
     row["member_pools_0.3"] = [pool(on_positive(slide_tile_scores(m, store, positive)), truth, 0.3) for m in members]
-    val_negative = [r for r in records if r.split == "val" and r.label == 0]
-    val_scores = slide_tile_scores(run / f"mil_round{round_}_aggregator.safetensors", store, val_negative)
     negatives = {"train": np.concatenate([job[r.slide_id] for r in train if r.label == 0]),
-                 "val": np.concatenate(list(val_scores.values())) if val_scores else np.zeros(0, np.float32)}
+                 "val": np.concatenate([job[r.slide_id] for r in val_negative] or [np.zeros(0, np.float32)])}
     n_above = row["pool_0.3"]["n"]
     for name, negative_scores in negatives.items():
         row[f"estimated_precision_0.3_from_{name}_negatives"] = estimated_precision(negative_scores, len(truth), 0.3,
