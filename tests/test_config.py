@@ -155,6 +155,17 @@ def test_a_run_saved_before_the_aggregator_knobs_resumes_with_the_aggregator_it_
     assert (config.mil.ensemble, config.mil.min_val_bags) == (5, 10)  # a new run keeps its own
 
 
+def test_a_run_saved_before_the_positive_floor_resumes_with_r_t_alone(tmp_path):
+    """A config.yaml written before mining.min_positives resumes drawing positives as it started (r_t alone), not
+    from a floor of 50 its earlier rounds did not have."""
+    config, _ = parse_args(["--resume", str(_run_saved_without(tmp_path, "mining", ("min_positives",)))])
+    assert config.mining.min_positives == 0
+    new = tmp_path / "new"
+    cfg.save_yaml(cfg.from_tree(TrainConfig, {"run": {"name": "new"}}), new / "config.yaml")
+    config, _ = parse_args(["--resume", str(new)])
+    assert config.mining.min_positives == 50  # a new run keeps its own
+
+
 def test_changed_knobs_lists_dotted_keys():
     old = cfg.to_tree(TrainConfig())
     new = cfg.to_tree(dataclasses.replace(TrainConfig(), mining=dataclasses.replace(TrainConfig().mining, neg_ratio=0.5)))

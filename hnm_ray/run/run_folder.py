@@ -131,7 +131,8 @@ def _cache_root() -> Path:
 # an ensemble of 5 embedded aggregators after a round 0 of one plain one.
 BEFORE_THE_KNOB = {("finetune", "optimizer"): "sgd", ("finetune", "objective"): "supcon",
                    ("finetune", "orientations"): "dihedral",
-                   ("mil", "ensemble"): 1, ("mil", "embed"): 0, ("mil", "min_val_bags"): 0}
+                   ("mil", "ensemble"): 1, ("mil", "embed"): 0, ("mil", "min_val_bags"): 0,
+                   ("mining", "min_positives"): 0}
 
 
 def saved_config(run_dir: str | Path) -> dict[str, Any]:
