@@ -49,8 +49,9 @@ class MILConfig:
     lr: float = knob(1e-3, "Adam learning rate (official 2e-4; 1e-3 measured better on small cohorts)",
                      low=0.0, low_open=True)
     weight_decay: float = knob(1e-4, "Adam weight decay", low=0.0)
-    lr_schedule: str = knob("constant", "learning-rate schedule: constant, or mil_step_official (StepLR(75, 0.5) "
-                                        "stepped twice per epoch)", choices=["constant", "mil_step_official"])
+    lr_schedule: str = knob("constant", "learning-rate schedule: constant, cosine (to 0 at the last epoch), or "
+                                        "mil_step_official (StepLR(75, 0.5) stepped twice per epoch)",
+                            choices=["constant", "cosine", "mil_step_official"])
     standardize: str = knob("shared", "feature standardisation inside the aggregator: shared (centre each feature, "
                                       "divide all by one scale; benchmarks/results/mnist_bags.json), per_feature "
                                       "(z-score each feature), none (official)",
