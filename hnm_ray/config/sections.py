@@ -153,12 +153,12 @@ class MiningConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Encoder fine-tuning with SupCon on hard negatives and self-paced positives (ItS2CLR)."""
+    """Encoder fine-tuning on hard negatives and self-paced positives (ItS2CLR; finetune.objective: the loss)."""
 
     scope: str = knob("full", "what a round fine-tunes: full (the encoder end to end, then every tile re-extracted "
                               "from the slides: the paper's) or adapter (the encoder stays frozen and round 0's "
                               "features are extracted once; each round trains a small adapter on the stored features "
-                              "of the same rows with the same SupCon loss, and the next round's features are "
+                              "of the same rows with the same loss (finetune.objective), and the next round's features are "
                               "adapter(round 0's): no slide is read after round 0. For foundation-model encoders "
                               "and imported features; a round costs seconds)", choices=["full", "adapter"])
     adapter_hidden: int = knob(256, "adapter scope: hidden width h of the residual adapter x + W2 relu(W1 x) "
