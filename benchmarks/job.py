@@ -72,7 +72,7 @@ def plain_mil_seconds(run: Path) -> dict[str, float]:
     torch.manual_seed(config.run.seed)
     model = build_standardized(mc.aggregator, next(iter(bags.values())).shape[1], embed=mc.embed, hidden=mc.hidden,
                                dropout=mc.dropout)
-    model.set_statistics(*standardisation(store, [s for s, _ in train], mc.standardize))
+    model.set_statistics(*standardisation(store, [s for s, _ in train], mc.standardize)[:2])
     optimizer = torch.optim.Adam(model.parameters(), lr=mc.lr, weight_decay=mc.weight_decay)
     pos_weight, scale = bce_weighting(mc.bce_weight, len(pos), len(neg))
     held_out = [(torch.from_numpy(store.read_bag(r.slide_id).features), int(r.label)) for r in records

@@ -62,7 +62,7 @@ def replay(store, records, config: MILConfig, seed: int, world: int) -> dict[str
     config.lr_schedule's formula. Returns the final weights."""
     train = [r for r in records if r.split == "train"]
     pos, neg = train_ids(records, 1), train_ids(records, 0)
-    mean, std = standardisation(store, [r.slide_id for r in train], config.standardize)
+    mean, std, _ = standardisation(store, [r.slide_id for r in train], config.standardize)
     bags = {r.slide_id: torch.from_numpy(store.read_bag(r.slide_id).features) for r in train}
     torch.manual_seed(seed)
     model = build_standardized(config.aggregator, int(store.metadata()["dim"]), hidden=config.hidden,
@@ -306,13 +306,17 @@ def test_report_cadence_changes_nothing_but_the_number_of_reports(mil_store, rec
 def test_standardisation_modes(mil_store, records):
     ids = train_ids(records, 0) + train_ids(records, 1)
     mean, std = feature_statistics(mil_store, ids)
-    z_mean, z_std = standardisation(mil_store, ids, "per_feature")
+    z_mean, z_std, z_mode = standardisation(mil_store, ids, "per_feature")
     np.testing.assert_array_equal(z_std, std)
-    s_mean, s_std = standardisation(mil_store, ids, "shared")
+    s_mean, s_std, s_mode = standardisation(mil_store, ids, "shared")
     np.testing.assert_array_equal(s_mean, mean)
     np.testing.assert_allclose(s_std, np.full_like(std, np.sqrt(np.mean(std ** 2))))
-    n_mean, n_std = standardisation(mil_store, ids, "none")
+    n_mean, n_std, n_mode = standardisation(mil_store, ids, "none")
     assert n_mean.tolist() == [0.0] and n_std.tolist() == [1.0]
+    assert (z_mode, s_mode, n_mode) == ("per_feature", "shared", "none")
+    # the demo's encoder features vary in one unit: auto shares one scale, as the default did before it
+    a_mean, a_std, a_mode = standardisation(mil_store, ids, "auto")
+    assert a_mode == "shared" and np.array_equal(a_std, s_std) and np.array_equal(a_mean, mean)
 
 
 # -- model selection on a small validation split ------------------------------------------------------------

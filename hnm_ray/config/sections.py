@@ -29,6 +29,7 @@ TRUST_PLUGINS_HELP = ("run TorchScript encoders and module:callable plug-ins tha
 
 EMBED_AUTO_WIDTH = 128
 EMBED_AUTO_MIN_BAGS = 100
+STANDARDIZE_AUTO_SPREAD = 10.0  # max / median per-feature std above which mil.standardize auto z-scores each feature
 
 
 @dataclass
@@ -52,10 +53,13 @@ class MILConfig:
     lr_schedule: str = knob("constant", "learning-rate schedule: constant, cosine (to 0 at the last epoch), or "
                                         "mil_step_official (StepLR(75, 0.5) stepped twice per epoch)",
                             choices=["constant", "cosine", "mil_step_official"])
-    standardize: str = knob("shared", "feature standardisation inside the aggregator: shared (centre each feature, "
-                                      "divide all by one scale; benchmarks/results/mnist_bags.json), per_feature "
-                                      "(z-score each feature), none (official)",
-                            choices=["shared", "per_feature", "none"])
+    standardize: str = knob("auto", "feature standardisation inside the aggregator: shared (centre each feature, "
+                                    "divide all by one scale, the RMS of their stds), per_feature (z-score each "
+                                    "feature), auto (per_feature when the training features' stds spread more than "
+                                    f"{STANDARDIZE_AUTO_SPREAD:g}x, max / median, as hand-made features in different "
+                                    "units do; else shared, as encoder features and pixels: benchmarks/README "
+                                    "'mil.standardize auto'), none (official)",
+                            choices=["auto", "shared", "per_feature", "none"])
     bce_weight: str = knob("pos_weight", "class balance of the BCE terms: pos_weight (#neg/#pos on positive bags) "
                                          "or uniform (official: the ratio passed positionally scales every term)",
                            choices=["pos_weight", "uniform"])

@@ -105,6 +105,9 @@ def build_aggregator(name: str, in_dim: int, **kwargs) -> nn.Module:
     return AGGREGATORS[name](in_dim, **kwargs)
 
 
+STD_FLOOR = 1e-6  # the smallest per-feature std features are divided by (a constant feature stays 0)
+
+
 class Standardized(nn.Module):
     """An aggregator behind per-feature standardisation with training-set statistics (kept as buffers) and, with
     `embed` > 0, a Linear(in_dim, embed) + ReLU instance embedding (`mil.embed`) between the two.
@@ -125,7 +128,7 @@ class Standardized(nn.Module):
     def set_statistics(self, mean, std) -> None:
         """Use these per-feature mean and standard deviation (std floored to avoid division by ~0)."""
         self.mean.copy_(torch.as_tensor(mean, dtype=self.mean.dtype))
-        self.std.copy_(torch.as_tensor(std, dtype=self.std.dtype).clamp_min(1e-6))
+        self.std.copy_(torch.as_tensor(std, dtype=self.std.dtype).clamp_min(STD_FLOOR))
 
     def prepare(self, features: torch.Tensor) -> torch.Tensor:
         """What the aggregator sees of tiles (n, in_dim), float16 or float32: standardised (float32), embedded."""
