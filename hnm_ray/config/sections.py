@@ -163,8 +163,8 @@ class FinetuneConfig:
                               "from the slides: the paper's) or adapter (the encoder stays frozen and round 0's "
                               "features are extracted once; each round trains a small adapter on the stored features "
                               "of the same rows with the same loss (finetune.objective), and the next round's "
-                              "features are adapter(round 0's): no slide is read after round 0. For foundation-model encoders "
-                              "and imported features; a round costs seconds)", choices=["full", "adapter"])
+                              "features are adapter(round 0's): no slide is read after round 0. For foundation-model "
+                              "encoders and imported features; a round costs seconds)", choices=["full", "adapter"])
     adapter_hidden: int = knob(256, "adapter scope: hidden width h of the residual adapter x + W2 relu(W1 x) "
                                     "(D -> h -> D; W2 starts at zero, so round 1 starts from round 0's features)",
                                low=1)

@@ -275,10 +275,10 @@ def fit_member(config: MILConfig, store: FeatureStore, records: list[SlideRecord
 
 def standardisation(store: FeatureStore, slide_ids: list[str], mode: str) -> tuple[np.ndarray, np.ndarray, str]:
     """(mean, scale, the mode used) the aggregator standardises features with (`mil.standardize`): shared =
-    per-feature mean and one scale for all features (the RMS of their stds: a fresh encoder's tiny spread is undone, but a feature
-    that barely varies in training is not blown up 100-1000x at test, as per-feature z-scores do; measured on
-    MNIST-bags), per_feature = z-scores, auto = `resolved_standardize` of the stds, none = identity (the official
-    code)."""
+    per-feature mean and one scale for all features (the RMS of their stds: a fresh encoder's tiny spread is undone,
+    but a feature that barely varies in training is not blown up 100-1000x at test, as per-feature z-scores do;
+    measured on MNIST-bags), per_feature = z-scores, auto = `resolved_standardize` of the stds, none = identity (the
+    official code)."""
     if mode == "none":
         return np.zeros(1), np.ones(1), mode
     mean, std = feature_statistics(store, slide_ids)
