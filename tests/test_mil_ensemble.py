@@ -151,3 +151,23 @@ def test_a_too_small_validation_split_is_said_once_not_by_every_member(cohort, t
     caplog.set_level(logging.WARNING, logger="hnm_ray")
     fit_mil(replace(CONFIG, ensemble=2, epochs=1, min_val_bags=6), store, records, tmp_path, name="few", seed=0)
     assert caplog.text.count("too few to pick the epoch and threshold") == 1
+
+
+def test_the_members_share_one_standardisation_computed_once(cohort, tmp_path, caplog, monkeypatch):
+    """mil.standardize auto is resolved (one pass over the training bags, one log line) by fit_mil for the K
+    members, not by each (before: K passes and K identical lines a round); every member keeps those statistics."""
+    import hnm_ray.training.mil as mil
+    import hnm_ray.training.mil_ensemble as mil_ensemble
+
+    store, records = cohort
+    passes = []
+    statistics = mil.feature_statistics
+    monkeypatch.setattr(mil, "feature_statistics", lambda *a: passes.append(1) or statistics(*a))
+    monkeypatch.setattr(mil_ensemble, "in_tasks", lambda config: False)  # members in this process: passes counted
+    caplog.set_level(logging.INFO, logger="hnm_ray")
+    fit_mil(replace(CONFIG, ensemble=3, epochs=1, standardize="auto"), store, records, tmp_path, name="a", seed=0)
+    assert len(passes) == 1 and caplog.text.count("mil.standardize auto ->") == 1
+    alone = fit_member(replace(CONFIG, epochs=1, standardize="auto"), store, records, tmp_path / "alone", "a")
+    expected = load_file(alone.model_path)["std"]
+    for i in range(3):
+        assert torch.equal(load_file(tmp_path / f"a_member{i}_aggregator.safetensors")["std"], expected)

@@ -48,6 +48,7 @@ from hnm_ray.training.mil_validation import (_keeps, best_val_f1, official_proto
 log = logging.getLogger("hnm_ray")
 
 CHECKPOINT_FILE = "mil.pt"
+Standardisation = tuple[np.ndarray, np.ndarray, str]  # (mean, scale, the mode used): `standardisation`
 
 
 @dataclass
@@ -227,13 +228,26 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
         return fit_member(config, store, records, run_dir, name, miner_name, seed)
     from hnm_ray.training.mil_ensemble import combine_members, fit_members
 
-    members = fit_members(config, store, records, run_dir, name, miner_name, seed)
+    members = fit_members(config, store, records, run_dir, name, miner_name, seed,
+                          shared_standardisation(config, store, records))
     return combine_members(members, config, store, records, Path(run_dir).resolve() / f"{name}_aggregator")
 
 
+def shared_standardisation(config: MILConfig, store: FeatureStore, records: list[SlideRecord]) -> Standardisation | None:
+    """The ensemble's `standardisation`, computed (and `auto` resolved and logged) once in the driver for its K
+    members, which share the training split; None where the training split cannot train (a member says why)."""
+    train = _train_records(records, store, "train")
+    if {y for _, y in train} != {0, 1}:
+        return None
+    check_bag_sizes(store, [s for s, _ in train], config.max_bag_gib)  # before any bag is read
+    return standardisation(store, [s for s, _ in train], config.standardize)
+
+
 def fit_member(config: MILConfig, store: FeatureStore, records: list[SlideRecord], run_dir: str | Path,
-               name: str = "mil", miner_name: str | None = None, seed: int = 0) -> MILResult:
-    """One aggregator (see `fit_mil`), saved as `{name}_aggregator`."""
+               name: str = "mil", miner_name: str | None = None, seed: int = 0,
+               statistics: Standardisation | None = None) -> MILResult:
+    """One aggregator (see `fit_mil`), saved as `{name}_aggregator`; `statistics`: the training split's
+    `standardisation` when the caller has it (an ensemble's driver), else computed here."""
     from hnm_ray.training.checkpointing import driver_checkpoint_dir, load_state
     from hnm_ray.training.runner import run_loop
 
@@ -246,7 +260,7 @@ def fit_member(config: MILConfig, store: FeatureStore, records: list[SlideRecord
     check_bag_sizes(store, [s for s, _ in train + val + test], config.max_bag_gib)  # before any bag is read
     # mil.embed unset (auto) by a direct caller: from these training bags (a job passes the width its start resolved)
     config = replace(config, embed=config.resolved_embed(len(train)))
-    mean, std, standardize = standardisation(store, [s for s, _ in train], config.standardize)
+    mean, std, standardize = statistics or standardisation(store, [s for s, _ in train], config.standardize)
     selects = validation_selects(val, config.min_val_bags)
     storage = run_dir / "ray_train"
     loop = {"mil": asdict(config), "feature_mean": mean.tolist(), "feature_std": std.tolist(),
@@ -273,7 +287,7 @@ def fit_member(config: MILConfig, store: FeatureStore, records: list[SlideRecord
                      state.get("history", []), state.get("official_protocol"))
 
 
-def standardisation(store: FeatureStore, slide_ids: list[str], mode: str) -> tuple[np.ndarray, np.ndarray, str]:
+def standardisation(store: FeatureStore, slide_ids: list[str], mode: str) -> Standardisation:
     """(mean, scale, the mode used) the aggregator standardises features with (`mil.standardize`): shared =
     per-feature mean and one scale for all features (the RMS of their stds: a fresh encoder's tiny spread is undone,
     but a feature that barely varies in training is not blown up 100-1000x at test, as per-feature z-scores do;

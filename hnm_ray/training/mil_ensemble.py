@@ -17,7 +17,7 @@ from hnm_ray.models.inference import evaluate_bags, load_aggregator, read_bags, 
 from hnm_ray.models.metrics import FALLBACK_THRESHOLD, slide_metrics
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
-from hnm_ray.training.mil import MILResult, fit_member
+from hnm_ray.training.mil import MILResult, Standardisation, fit_member
 from hnm_ray.training.mil_validation import validation_selects
 
 log = logging.getLogger("hnm_ray")
@@ -36,17 +36,18 @@ def in_tasks(config: MILConfig) -> bool:
 
 
 def fit_members(config: MILConfig, store: FeatureStore, records: list[SlideRecord], run_dir: str | Path, name: str,
-                miner_name: str | None, seed: int) -> list[MILResult]:
+                miner_name: str | None, seed: int, statistics: Standardisation | None = None) -> list[MILResult]:
     """The ensemble's K members (`fit_member` runs `{name}_member{i}`, seed seed + i): one Ray task each, as many
     at once as the cluster has mil.cpus_per_worker CPUs (and a GPU each with mil.use_gpu) for (`in_tasks`), else
     one after another in this process. A member is the same either way (its seed, its code, its torch threads); a
-    task retried after a lost worker (mil.max_failures) resumes from the member's own checkpoint."""
+    task retried after a lost worker (mil.max_failures) resumes from the member's own checkpoint. `statistics`: the
+    training split's standardisation, computed once by the caller (`mil.shared_standardisation`) for every member."""
     runs = [(f"{name}_member{i}", seed + i) for i in range(config.ensemble)]
     if not in_tasks(config):
         members = []
         for i, (member, member_seed) in enumerate(runs):
             log.info("MIL: aggregator %d of %d (mil.ensemble, seed %d)", i + 1, config.ensemble, member_seed)
-            members.append(fit_member(config, store, records, run_dir, member, miner_name, member_seed))
+            members.append(fit_member(config, store, records, run_dir, member, miner_name, member_seed, statistics))
         return members
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -59,7 +60,7 @@ def fit_members(config: MILConfig, store: FeatureStore, records: list[SlideRecor
         if remote_of(run_dir) else "DEFAULT"
     task = ray.remote(_member_task).options(num_cpus=config.cpus_per_worker, num_gpus=1 if config.use_gpu else 0,
                                             max_retries=config.max_failures, scheduling_strategy=where)
-    refs = {task.remote(config, store, records, run_dir, member, miner_name, member_seed): i
+    refs = {task.remote(config, store, records, run_dir, member, miner_name, member_seed, statistics): i
             for i, (member, member_seed) in enumerate(runs)}
     log.info("MIL: started the %d aggregators of mil.ensemble as Ray tasks (seeds %d-%d, %g CPUs%s each; as many "
              "at once as the cluster has room for)", config.ensemble, seed, seed + config.ensemble - 1,
@@ -80,11 +81,11 @@ def fit_members(config: MILConfig, store: FeatureStore, records: list[SlideRecor
 
 
 def _member_task(config: MILConfig, store: FeatureStore, records: list[SlideRecord], run_dir: Path, name: str,
-                 miner_name: str | None, seed: int) -> tuple[MILResult, int, str]:
+                 miner_name: str | None, seed: int, statistics: Standardisation | None) -> tuple[MILResult, int, str]:
     """`fit_member` in a Ray task, and the process and node it ran in (the driver logs them)."""
     import ray
 
-    member = fit_member(config, store, records, run_dir, name, miner_name, seed)
+    member = fit_member(config, store, records, run_dir, name, miner_name, seed, statistics)
     return member, os.getpid(), ray.util.get_node_ip_address()
 
 
