@@ -233,7 +233,8 @@ def fit_mil(config: MILConfig, store: FeatureStore, records: list[SlideRecord], 
     return combine_members(members, config, store, records, Path(run_dir).resolve() / f"{name}_aggregator")
 
 
-def shared_standardisation(config: MILConfig, store: FeatureStore, records: list[SlideRecord]) -> Standardisation | None:
+def shared_standardisation(config: MILConfig, store: FeatureStore,
+                           records: list[SlideRecord]) -> Standardisation | None:
     """The ensemble's `standardisation`, computed (and `auto` resolved and logged) once in the driver for its K
     members, which share the training split; None where the training split cannot train (a member says why)."""
     train = _train_records(records, store, "train")
