@@ -41,7 +41,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from benchmarks.mnist_bags import baselines, emit
 from hnm_ray.config import MILConfig, from_tree
-from hnm_ray.models.inference import evaluate_split
+from hnm_ray.models.inference import evaluate_split, split_probabilities
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 from hnm_ray.training.mil import fit_mil
@@ -128,9 +128,9 @@ def folds(labels: np.ndarray, protocol: str, repeats: int) -> list[tuple[np.ndar
 
 
 def head_metrics(store: FeatureStore, labels: np.ndarray, split: tuple[np.ndarray, np.ndarray, np.ndarray],
-                 aggregator: str, overrides: dict, seed: int, run_dir: Path) -> dict[str, float]:
+                 aggregator: str, overrides: dict, seed: int, run_dir: Path) -> tuple[dict[str, float], set[int]]:
     """Train our head with `fit_mil` on one fold and score its test bags (accuracy at the kept threshold); the
-    instance embedding's width it was trained with."""
+    instance embedding's width it was trained with; and the test bags (positions) it called wrong."""
     names = {"train": split[0], "val": split[1], "test": split[2]}
     records = [SlideRecord(f"bag{i:03d}", "", int(labels[i]), part) for part, rows in names.items() for i in rows]
     config = MILConfig(aggregator=aggregator, **overrides)
@@ -139,8 +139,10 @@ def head_metrics(store: FeatureStore, labels: np.ndarray, split: tuple[np.ndarra
     test = evaluate_split(result.model_path, store, records, "test")
     # as trained (`mil.embed` auto resolved on this fold): the model's JSON beside its weights (`save_aggregator`)
     width = json.loads(Path(result.model_path).with_suffix(".json").read_text())["embed"]
+    truth, probs, ids = split_probabilities(result.model_path, store, records, "test")
+    wrong = {int(slide[3:]) for slide, y, p in zip(ids, truth, probs) if (p >= result.threshold) != (y == 1)}
     return {"accuracy": test["test_accuracy"], "auc": test["test_auc"], "threshold": result.threshold,
-            "kept_epoch": result.best_epoch, "embed": width}
+            "kept_epoch": result.best_epoch, "embed": width}, wrong
 
 
 def summarise(values: list[dict[str, float]]) -> dict[str, float]:
@@ -153,6 +155,22 @@ def summarise(values: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def error_overlap(wrong: dict[str, list[set[int]]], repeats: int, n_bags: int) -> dict[str, dict]:
+    """Which test bags each method called wrong, over the folds of every repeat (each bag is tested once a repeat):
+    its errors, the share of them the SVC made too (same bag, same fold), and the bags it called wrong in every
+    repeat (`always_wrong`, positions in bag-id order)."""
+    svm = wrong["stats_svm"]
+    out: dict[str, dict] = {}
+    for method, per_fold in wrong.items():
+        counts = np.bincount([b for fold in per_fold for b in fold], minlength=n_bags)
+        errors = sum(len(fold) for fold in per_fold)
+        shared = sum(len(fold & other) for fold, other in zip(per_fold, svm))
+        out[method] = {"errors": errors, "also_svm_errors": shared,
+                       "share_also_svm": round(shared / errors, 4) if errors else None,
+                       "always_wrong": [int(b) for b in np.flatnonzero(counts == repeats)]}
+    return out
+
+
 def run_dataset(package: Path, name: str, protocols: dict[str, int], aggregators: list[str], overrides: dict,
                 work: Path, init_seed: int = 0) -> dict:
     """Every protocol's folds: the SVC baseline and each of our heads on the same folds (a head of fold k trained
@@ -162,17 +180,24 @@ def run_dataset(package: Path, name: str, protocols: dict[str, int], aggregators
     out = {"bags": len(bags), "positive_bags": int(labels.sum()), "instances": int(sum(len(b) for b in bags))}
     for protocol, repeats in protocols.items():
         per_method: dict[str, list[dict[str, float]]] = {}
+        wrong: dict[str, list[set[int]]] = {}
         started = time.perf_counter()
         for k, split in enumerate(folds(labels, protocol, repeats)):
             train = np.concatenate(split[:2])
-            svc = baselines([bags[i] for i in train], labels[train], [bags[i] for i in split[2]], labels[split[2]])
+            predicted: dict[str, np.ndarray] = {}
+            svc = baselines([bags[i] for i in train], labels[train], [bags[i] for i in split[2]], labels[split[2]],
+                            predicted)
             per_method.setdefault("stats_svm", []).append(svc["stats_svm"])
+            wrong.setdefault("stats_svm", []).append({int(b) for b, y in zip(split[2], predicted["stats_svm"])
+                                                      if y != labels[b]})
             for aggregator in aggregators:
-                metrics = head_metrics(store, labels, split, aggregator, overrides, init_seed + k,
-                                       work / f"{protocol}_{k}_{aggregator}")
+                metrics, missed = head_metrics(store, labels, split, aggregator, overrides, init_seed + k,
+                                               work / f"{protocol}_{k}_{aggregator}")
                 per_method.setdefault(aggregator, []).append(metrics)
+                wrong.setdefault(aggregator, []).append(missed)
             print(f"{name} {protocol} fold {k}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         out[protocol] = {m: summarise(v) for m, v in per_method.items()}
+        out[protocol]["errors"] = error_overlap(wrong, repeats, len(bags))
         out[protocol]["seconds"] = round(time.perf_counter() - started, 1)
         for aggregator in aggregators:
             out[protocol][aggregator]["accuracy_minus_svm"] = round(

@@ -128,16 +128,20 @@ def bag_statistics(bags: list[np.ndarray]) -> np.ndarray:
     return np.stack([np.concatenate([b.mean(0), b.max(0), b.min(0)]) for b in bags])
 
 
-def baselines(train: list[np.ndarray], y_train: np.ndarray, test: list[np.ndarray],
-              y_test: np.ndarray) -> dict[str, dict[str, float]]:
-    """Test AUC and accuracy of bag statistics -> logistic regression and -> RBF SVM (scikit-learn defaults)."""
+def baselines(train: list[np.ndarray], y_train: np.ndarray, test: list[np.ndarray], y_test: np.ndarray,
+              predicted: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+    """Test AUC and accuracy of bag statistics -> logistic regression and -> RBF SVM (scikit-learn defaults);
+    `predicted`, when given, receives each model's predicted test labels."""
     x_train, x_test = bag_statistics(train), bag_statistics(test)
     models = {"stats_logreg": LogisticRegression(max_iter=5000), "stats_svm": SVC(kernel="rbf")}
     out = {}
     for name, model in models.items():
         fitted = make_pipeline(StandardScaler(), model).fit(x_train, y_train)
+        labels = fitted.predict(x_test)
         out[name] = {"auc": roc_auc_score(y_test, fitted.decision_function(x_test)),
-                     "accuracy": float(np.mean(fitted.predict(x_test) == y_test))}
+                     "accuracy": float(np.mean(labels == y_test))}
+        if predicted is not None:
+            predicted[name] = labels
     return out
 
 

@@ -52,10 +52,14 @@ def test_init_seed_moves_every_heads_seed_and_keeps_the_folds(tmp_path: Path, mo
 
     def fake_head(store, labels, split, aggregator, overrides, seed, run_dir):
         seen.setdefault(seed, []).append(split[2].tolist())
-        return {"accuracy": 1.0, "auc": 1.0}
+        return {"accuracy": 1.0, "auc": 1.0}, set()
+
+    def fake_baselines(train, y_train, test, y_test, predicted):
+        predicted["stats_svm"] = y_test
+        return {"stats_svm": {"accuracy": 1.0, "auc": 1.0}}
 
     monkeypatch.setattr(classic, "head_metrics", fake_head)
-    monkeypatch.setattr(classic, "baselines", lambda *a: {"stats_svm": {"accuracy": 1.0, "auc": 1.0}})
+    monkeypatch.setattr(classic, "baselines", fake_baselines)
     classic.run_dataset(package, "musk1", {"published": 1}, ["dsmil"], {}, tmp_path / "a")
     first = dict(seen)
     seen.clear()
@@ -72,6 +76,30 @@ def test_a_fold_reports_the_embedding_width_its_head_was_trained_with(tmp_path: 
     labels = np.array([i % 2 for i in range(12)])
     store = write_store(tmp_path / "store", "toy", bags)
     split = (np.arange(8), np.zeros(0, int), np.arange(8, 12))
-    auto = head_metrics(store, labels, split, "dsmil", {"epochs": 2, "ensemble": 1}, 0, tmp_path / "auto")
-    wide = head_metrics(store, labels, split, "dsmil", {"epochs": 2, "ensemble": 1, "embed": 16}, 0, tmp_path / "w")
+    auto, _ = head_metrics(store, labels, split, "dsmil", {"epochs": 2, "ensemble": 1}, 0, tmp_path / "auto")
+    wide, _ = head_metrics(store, labels, split, "dsmil", {"epochs": 2, "ensemble": 1, "embed": 16}, 0, tmp_path / "w")
     assert (auto["embed"], wide["embed"]) == (0, 16)  # auto: no embedding on 8 training bags
+
+
+def test_the_bags_a_fold_calls_wrong_are_the_errors_its_accuracy_counts(tmp_path: Path) -> None:
+    from benchmarks.classic_mil import head_metrics, write_store
+
+    rng = np.random.default_rng(1)
+    bags = [rng.normal(size=(3, 4)).astype(np.float32) + (0.6 if i % 2 else 0.0) for i in range(24)]
+    labels = np.array([i % 2 for i in range(24)])
+    store = write_store(tmp_path / "store", "toy", bags)
+    test = np.arange(12, 24)
+    metrics, wrong = head_metrics(store, labels, (np.arange(12), np.zeros(0, int), test), "dsmil",
+                                  {"epochs": 3, "ensemble": 1}, 0, tmp_path / "run")
+    assert wrong <= set(test.tolist()) and 0 < len(wrong) < len(test)  # a weak signal: some right, some wrong
+    assert metrics["accuracy"] == pytest.approx(1 - len(wrong) / len(test))
+
+
+def test_error_overlap_counts_the_errors_shared_with_the_svc_and_the_bags_wrong_every_repeat() -> None:
+    from benchmarks.classic_mil import error_overlap
+
+    # 2 repeats of 2 folds over 4 bags: bag 3 wrong for both methods in both repeats, bag 0 for ours once.
+    wrong = {"stats_svm": [{3}, set(), {3}, {1}], "dsmil": [{0, 3}, set(), {3}, set()]}
+    out = error_overlap(wrong, repeats=2, n_bags=4)
+    assert out["dsmil"] == {"errors": 3, "also_svm_errors": 2, "share_also_svm": 0.6667, "always_wrong": [3]}
+    assert out["stats_svm"]["errors"] == 3 and out["stats_svm"]["always_wrong"] == [3]
