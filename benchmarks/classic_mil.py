@@ -112,11 +112,13 @@ def write_store(root: Path, name: str, bags: list[np.ndarray]) -> FeatureStore:
     return store
 
 
-def folds(labels: np.ndarray, protocol: str, repeats: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(train, val, test) bag positions of every fold of every repeat (stratified; seeded by the repeat)."""
+def folds(labels: np.ndarray, protocol: str, repeats: int,
+          first: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(train, val, test) bag positions of every fold of repeats first .. first + repeats - 1 (stratified; seeded by
+    the repeat)."""
     spec = PROTOCOLS[protocol]
     out = []
-    for repeat in range(repeats):
+    for repeat in range(first, first + repeats):
         splitter = StratifiedKFold(spec["folds"], shuffle=True, random_state=repeat)
         for train, test in splitter.split(np.zeros(len(labels)), labels):
             val = np.zeros(0, int)
@@ -172,9 +174,10 @@ def error_overlap(wrong: dict[str, list[set[int]]], repeats: int, n_bags: int) -
 
 
 def run_dataset(package: Path, name: str, protocols: dict[str, int], aggregators: list[str], overrides: dict,
-                work: Path, init_seed: int = 0) -> dict:
-    """Every protocol's folds: the SVC baseline and each of our heads on the same folds (a head of fold k trained
-    with seed init_seed + k: its initial weights and bag order)."""
+                work: Path, init_seed: int = 0, first_repeat: int = 0) -> dict:
+    """Every protocol's folds (repeats first_repeat onwards): the SVC baseline and each of our heads on the same folds
+    (a head of fold k, counted from repeat 0's first, trained with seed init_seed + k: its initial weights and bag
+    order; so a run from repeat 5 trains folds 50-99 of the published protocol as a 10-repeat run does)."""
     bags, labels = load_bags(package, name)
     store = write_store(work / "store", name, bags)
     out = {"bags": len(bags), "positive_bags": int(labels.sum()), "instances": int(sum(len(b) for b in bags))}
@@ -182,7 +185,8 @@ def run_dataset(package: Path, name: str, protocols: dict[str, int], aggregators
         per_method: dict[str, list[dict[str, float]]] = {}
         wrong: dict[str, list[set[int]]] = {}
         started = time.perf_counter()
-        for k, split in enumerate(folds(labels, protocol, repeats)):
+        first_fold = first_repeat * PROTOCOLS[protocol]["folds"]
+        for k, split in enumerate(folds(labels, protocol, repeats, first_repeat), start=first_fold):
             train = np.concatenate(split[:2])
             predicted: dict[str, np.ndarray] = {}
             svc = baselines([bags[i] for i in train], labels[train], [bags[i] for i in split[2]], labels[split[2]],
@@ -219,6 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats_ours", type=int, default=1, help="repeats of our 5-fold protocol")
     parser.add_argument("--set", nargs="*", default=[], metavar="KNOB=VALUE",
                         help="MILConfig overrides for our heads, e.g. lr=5e-4 (default: the product's defaults)")
+    parser.add_argument("--first-repeat", type=int, default=0,
+                        help="the first repeat (its folds' seed) of each protocol: e.g. 5 with 5 repeats runs fresh "
+                             "folds, repeats 5-9, after knobs were chosen on repeats 0-4")
     parser.add_argument("--init-seed", type=int, default=0,
                         help="added to the fold index to seed our heads (initial weights, bag order); the folds stay")
     parser.add_argument("--out", help="also write the JSON line to this file")
@@ -237,11 +244,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="classic_mil_") as work:
         for name in args.datasets:
             results[name] = run_dataset(package, name, protocols, args.aggregators, overrides, Path(work) / name,
-                                        args.init_seed)
+                                        args.init_seed, args.first_repeat)
             results[name]["published_accuracy"] = PUBLISHED.get(name, {})
     emit({
         "benchmark": "classic_mil", "data": f"{PACKAGE} {CSV_DIR}", "protocols": PROTOCOLS, "repeats": protocols,
-        "init_seed": args.init_seed,
+        "init_seed": args.init_seed, "first_repeat": args.first_repeat,
         "mil_overrides": {k: v for k, v in overrides.items() if k != "checkpoint_every"},
         "mil_config": {k: getattr(MILConfig(**overrides), k) for k in ("epochs", "lr", "weight_decay", "standardize",
                                                                       "embed", "select_epoch", "hidden", "dropout",

@@ -103,3 +103,30 @@ def test_error_overlap_counts_the_errors_shared_with_the_svc_and_the_bags_wrong_
     out = error_overlap(wrong, repeats=2, n_bags=4)
     assert out["dsmil"] == {"errors": 3, "also_svm_errors": 2, "share_also_svm": 0.6667, "always_wrong": [3]}
     assert out["stats_svm"]["errors"] == 3 and out["stats_svm"]["always_wrong"] == [3]
+
+
+def test_a_run_from_a_later_repeat_trains_that_repeats_folds_with_their_seeds(tmp_path: Path, monkeypatch) -> None:
+    """--first-repeat 1 with 1 repeat: the folds and head seeds that a 2-repeat run gives its second repeat."""
+    import benchmarks.classic_mil as classic
+
+    package = package_with(tmp_path, "musk1", [[i % 2, i, float(i), 1.0] for i in range(20)])
+    seen: list[dict[int, list]] = []
+
+    def fake_head(store, labels, split, aggregator, overrides, seed, run_dir):
+        seen[-1][seed] = split[2].tolist()
+        return {"accuracy": 1.0, "auc": 1.0}, set()
+
+    def fake_baselines(train, y_train, test, y_test, predicted):
+        predicted["stats_svm"] = y_test
+        return {"stats_svm": {"accuracy": 1.0, "auc": 1.0}}
+
+    monkeypatch.setattr(classic, "head_metrics", fake_head)
+    monkeypatch.setattr(classic, "baselines", fake_baselines)
+    for repeats, first in ((2, 0), (1, 1)):
+        seen.append({})
+        classic.run_dataset(package, "musk1", {"published": repeats}, ["dsmil"], {}, tmp_path / f"r{first}",
+                            first_repeat=first)
+    both, later = seen
+    assert sorted(later) == list(range(10, 20))
+    assert later == {k: v for k, v in both.items() if k >= 10}
+    assert later != {k + 10: both[k] for k in range(10)}  # fresh folds, not repeat 0's again
