@@ -43,15 +43,15 @@ def test_the_published_protocol_tests_every_bag_once_a_repeat() -> None:
         assert sorted(tested.tolist()) == list(range(50))
 
 
-def test_init_seed_moves_every_heads_seed_and_keeps_the_folds(tmp_path: Path, monkeypatch) -> None:
+def heads_test_folds(monkeypatch, package: Path, work: Path, **run) -> dict[int, list[int]]:
+    """`run_dataset` (MUSK1's name, one published repeat, dsmil; `run` overrides) with its fits replaced by stand-ins:
+    {each head's seed: the test bag positions of its fold}."""
     import benchmarks.classic_mil as classic
 
-    rows = [[i % 2, i, float(i), 1.0] for i in range(20)]
-    package = package_with(tmp_path, "musk1", rows)
-    seen: dict[int, list] = {}
+    seen: dict[int, list[int]] = {}
 
     def fake_head(store, labels, split, aggregator, overrides, seed, run_dir):
-        seen.setdefault(seed, []).append(split[2].tolist())
+        seen[seed] = split[2].tolist()
         return {"accuracy": 1.0, "auc": 1.0}, set()
 
     def fake_baselines(train, y_train, test, y_test, predicted):
@@ -60,10 +60,14 @@ def test_init_seed_moves_every_heads_seed_and_keeps_the_folds(tmp_path: Path, mo
 
     monkeypatch.setattr(classic, "head_metrics", fake_head)
     monkeypatch.setattr(classic, "baselines", fake_baselines)
-    classic.run_dataset(package, "musk1", {"published": 1}, ["dsmil"], {}, tmp_path / "a")
-    first = dict(seen)
-    seen.clear()
-    classic.run_dataset(package, "musk1", {"published": 1}, ["dsmil"], {}, tmp_path / "b", init_seed=1000)
+    classic.run_dataset(package, "musk1", run.pop("protocols", {"published": 1}), ["dsmil"], {}, work, **run)
+    return seen
+
+
+def test_init_seed_moves_every_heads_seed_and_keeps_the_folds(tmp_path: Path, monkeypatch) -> None:
+    package = package_with(tmp_path, "musk1", [[i % 2, i, float(i), 1.0] for i in range(20)])
+    first = heads_test_folds(monkeypatch, package, tmp_path / "a")
+    seen = heads_test_folds(monkeypatch, package, tmp_path / "b", init_seed=1000)
     assert sorted(first) == list(range(10)) and sorted(seen) == list(range(1000, 1010))
     assert [first[k] for k in range(10)] == [seen[1000 + k] for k in range(10)]
 
@@ -107,26 +111,9 @@ def test_error_overlap_counts_the_errors_shared_with_the_svc_and_the_bags_wrong_
 
 def test_a_run_from_a_later_repeat_trains_that_repeats_folds_with_their_seeds(tmp_path: Path, monkeypatch) -> None:
     """--first-repeat 1 with 1 repeat: the folds and head seeds that a 2-repeat run gives its second repeat."""
-    import benchmarks.classic_mil as classic
-
     package = package_with(tmp_path, "musk1", [[i % 2, i, float(i), 1.0] for i in range(20)])
-    seen: list[dict[int, list]] = []
-
-    def fake_head(store, labels, split, aggregator, overrides, seed, run_dir):
-        seen[-1][seed] = split[2].tolist()
-        return {"accuracy": 1.0, "auc": 1.0}, set()
-
-    def fake_baselines(train, y_train, test, y_test, predicted):
-        predicted["stats_svm"] = y_test
-        return {"stats_svm": {"accuracy": 1.0, "auc": 1.0}}
-
-    monkeypatch.setattr(classic, "head_metrics", fake_head)
-    monkeypatch.setattr(classic, "baselines", fake_baselines)
-    for repeats, first in ((2, 0), (1, 1)):
-        seen.append({})
-        classic.run_dataset(package, "musk1", {"published": repeats}, ["dsmil"], {}, tmp_path / f"r{first}",
-                            first_repeat=first)
-    both, later = seen
+    both = heads_test_folds(monkeypatch, package, tmp_path / "both", protocols={"published": 2})
+    later = heads_test_folds(monkeypatch, package, tmp_path / "later", first_repeat=1)
     assert sorted(later) == list(range(10, 20))
     assert later == {k: v for k, v in both.items() if k >= 10}
     assert later != {k + 10: both[k] for k in range(10)}  # fresh folds, not repeat 0's again
