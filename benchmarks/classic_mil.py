@@ -9,7 +9,8 @@ once. One JSON line.
 
 Every bag goes into a FeatureStore (float32) as one "slide"; our heads are trained by the product itself,
 `hnm_ray.training.mil.fit_mil` (in this process, `mil.workers 0`) with `MILConfig()` defaults except the
-protocol's knobs, and scored by `hnm_ray.models.inference.evaluate_split`. Protocols, same folds for every method:
+protocol's knobs, and scored as `hnm_ray.models.inference.evaluate_split` scores a split (`split_probabilities`,
+`slide_metrics` at the model's threshold). Protocols, same folds for every method:
   published  10-fold x 5 repeats (stratified); our heads train on all 9 training folds (no validation split),
              the last of `mil.epochs` epochs kept, threshold 0.5 (Ilse et al. 2018's protocol for MUSK)
   ours       5-fold x `--repeats_ours` repeats; 20 % of each training fold (stratified) is the validation split
@@ -41,7 +42,8 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from benchmarks.mnist_bags import baselines, emit
 from hnm_ray.config import MILConfig, from_tree
-from hnm_ray.models.inference import evaluate_split, split_probabilities
+from hnm_ray.models.inference import split_probabilities
+from hnm_ray.models.metrics import slide_metrics
 from hnm_ray.store.features import FeatureStore
 from hnm_ray.store.manifest import SlideRecord
 from hnm_ray.training.mil import fit_mil
@@ -138,12 +140,12 @@ def head_metrics(store: FeatureStore, labels: np.ndarray, split: tuple[np.ndarra
     config = MILConfig(aggregator=aggregator, **overrides)
     fitting = [r for r in records if r.split != "test"]
     result = fit_mil(config, store, fitting, run_dir, seed=seed)
-    test = evaluate_split(result.model_path, store, records, "test")
     # as trained (`mil.embed` auto resolved on this fold): the model's JSON beside its weights (`save_aggregator`)
     width = json.loads(Path(result.model_path).with_suffix(".json").read_text())["embed"]
-    truth, probs, ids = split_probabilities(result.model_path, store, records, "test")
+    truth, probs, ids = split_probabilities(result.model_path, store, records, "test")  # one pass over the test bags
+    test = slide_metrics(truth, probs, result.threshold)
     wrong = {int(slide[3:]) for slide, y, p in zip(ids, truth, probs) if (p >= result.threshold) != (y == 1)}
-    return {"accuracy": test["test_accuracy"], "auc": test["test_auc"], "threshold": result.threshold,
+    return {"accuracy": test["accuracy"], "auc": test["auc"], "threshold": result.threshold,
             "kept_epoch": result.best_epoch, "embed": width}, wrong
 
 
