@@ -102,6 +102,16 @@ def load_bags(package: Path, name: str) -> tuple[list[np.ndarray], np.ndarray]:
     return bags, np.asarray(labels)
 
 
+def bag_id(position: int) -> str:
+    """The slide id of the bag at this position (bag-id order) in the script's FeatureStore."""
+    return f"bag{position:03d}"
+
+
+def bag_position(slide_id: str) -> int:
+    """The position of the bag whose slide id is `bag_id(position)`."""
+    return int(slide_id.removeprefix("bag"))
+
+
 def write_store(root: Path, name: str, bags: list[np.ndarray]) -> FeatureStore:
     """Every bag as one slide of a FeatureStore (tile ids 0..n-1, dummy grid)."""
     store = FeatureStore(root, name)
@@ -110,7 +120,7 @@ def write_store(root: Path, name: str, bags: list[np.ndarray]) -> FeatureStore:
         zeros = pa.array(np.zeros(n, np.int32))
         tiles = pa.table({"tile_id": pa.array(np.arange(n, dtype=np.int32)), "x": zeros, "y": zeros,
                           "level": zeros, "size": zeros})
-        store.write_slide(f"bag{i:03d}", tiles, features)
+        store.write_slide(bag_id(i), tiles, features)
     return store
 
 
@@ -136,7 +146,7 @@ def head_metrics(store: FeatureStore, labels: np.ndarray, split: tuple[np.ndarra
     """Train our head with `fit_mil` on one fold and score its test bags (accuracy at the kept threshold); the
     instance embedding's width it was trained with; and the test bags (positions) it called wrong."""
     names = {"train": split[0], "val": split[1], "test": split[2]}
-    records = [SlideRecord(f"bag{i:03d}", "", int(labels[i]), part) for part, rows in names.items() for i in rows]
+    records = [SlideRecord(bag_id(i), "", int(labels[i]), part) for part, rows in names.items() for i in rows]
     config = MILConfig(aggregator=aggregator, **overrides)
     fitting = [r for r in records if r.split != "test"]
     result = fit_mil(config, store, fitting, run_dir, seed=seed)
@@ -144,7 +154,7 @@ def head_metrics(store: FeatureStore, labels: np.ndarray, split: tuple[np.ndarra
     width = json.loads(Path(result.model_path).with_suffix(".json").read_text())["embed"]
     truth, probs, ids = split_probabilities(result.model_path, store, records, "test")  # one pass over the test bags
     test = slide_metrics(truth, probs, result.threshold)
-    wrong = {int(slide[3:]) for slide, y, p in zip(ids, truth, probs) if (p >= result.threshold) != (y == 1)}
+    wrong = {bag_position(slide) for slide, y, p in zip(ids, truth, probs) if (p >= result.threshold) != (y == 1)}
     return {"accuracy": test["accuracy"], "auc": test["auc"], "threshold": result.threshold,
             "kept_epoch": result.best_epoch, "embed": width}, wrong
 
