@@ -45,6 +45,11 @@ class MILConfig:
                                    "labelled slides, else 0, resolved at the job's start and recorded in its "
                                    "config.yaml (measured: better on cohorts of hundreds of slides, worse on tens: "
                                    "benchmarks/README 'mil.embed auto')", low=0)
+    instance_head: str = knob("shared", "what the instance head's losses (max-instance BCE, ranking) train with "
+                                        "mil.embed > 0: shared (the embedding too, as the bag loss does) or detached "
+                                        "(the instance head alone on the embedding detached, which then learns from "
+                                        "the bag loss only, attention MIL's; the scores are computed the same way). "
+                                        "No effect without an embedding", choices=["shared", "detached"])
     dropout: float = knob(0.0, "aggregator dropout", low=0.0, high=1.0, high_open=True)
     epochs: int = knob(40, "aggregator training epochs per round", low=1)
     lr: float = knob(1e-3, "Adam learning rate (official 2e-4; 1e-3 measured better on small cohorts)",

@@ -29,12 +29,16 @@ class GatedABMIL(MILAggregator):
 
     def bag_output(self, features: torch.Tensor) -> MILOutput:
         """Instance logits, bag logit and the gated attention weights over tiles."""
-        self.check_bag(features)
-        instance_logits = self.instance_classifier(features).squeeze(1)
+        instance_logits = self.instance_logits(features)
         hidden = self.dropout(features)
         attention = torch.softmax(self.attention_scores(hidden), dim=0)
         bag_logit = self.bag_classifier(attention @ hidden).squeeze(0)
         return MILOutput(instance_logits, bag_logit, attention)
+
+    def instance_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Instance logits (N,) of the linear instance classifier alone (no attention, no bag logit)."""
+        self.check_bag(features)
+        return self.instance_classifier(features).squeeze(1)
 
     def attention_scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """The gated attention's scores (N,) before the softmax over the bag."""

@@ -115,13 +115,24 @@ class Standardized(nn.Module):
     Scoring without gradients (evaluation, scoring, heatmaps: `torch.no_grad()` in eval mode), a bag of more than
     `eval_chunk` tiles (`mil.eval_chunk_tiles`; 0: never) goes through in chunks of that many tiles when the aggregator
     has `chunked_output` (the built-ins), so the standardised features and the layers' outputs are held for one chunk
-    at a time; the logits equal the whole bag's to float rounding. Training always sees the whole bag."""
+    at a time; the logits equal the whole bag's to float rounding. Training always sees the whole bag.
 
-    def __init__(self, aggregator: nn.Module, in_dim: int, embed: int = 0, eval_chunk: int = 0) -> None:
+    With `detach_instance_head` (`mil.instance_head detached`) the instance logits are the aggregator's
+    `instance_logits` of the embedded tiles detached: the losses on them (max-instance BCE, ranking) train the instance
+    head alone, and the embedding learns from the bag branch only (the values are the same; without an embedding there
+    is nothing upstream, and it changes nothing)."""
+
+    def __init__(self, aggregator: nn.Module, in_dim: int, embed: int = 0, eval_chunk: int = 0,
+                 detach_instance_head: bool = False) -> None:
         super().__init__()
+        if detach_instance_head and not hasattr(aggregator, "instance_logits"):
+            raise ConfigError("mil.instance_head", f"detached needs an instance_logits(features) method, which "
+                                                   f"{type(aggregator).__name__} lacks; subclass "
+                                                   "hnm_ray.models.aggregators.MILAggregator, or use shared")
         self.aggregator = aggregator
         self.embed = nn.Sequential(nn.Linear(in_dim, embed), nn.ReLU()) if embed else nn.Identity()
         self.eval_chunk = eval_chunk
+        self.detach_instance_head = detach_instance_head
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
 
@@ -137,7 +148,11 @@ class Standardized(nn.Module):
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.chunked(features) and hasattr(self.aggregator, "chunked_output"):
             return self.aggregator.chunked_output(features, self.prepare, self.eval_chunk)
-        return self.aggregator(self.prepare(features))
+        prepared = self.prepare(features)
+        instance_logits, bag_logit = self.aggregator(prepared)
+        if self.detach_instance_head and prepared.requires_grad:
+            instance_logits = self.aggregator.instance_logits(prepared.detach())
+        return instance_logits, bag_logit
 
     def instance_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Instance logits (N,) of tiles from any slides: the instance classifier alone, no bag branch."""
@@ -154,7 +169,10 @@ class Standardized(nn.Module):
         return 0 < self.eval_chunk < features.shape[0] and not self.training and not torch.is_grad_enabled()
 
 
-def build_standardized(name: str, in_dim: int, embed: int = 0, eval_chunk: int = 0, **kwargs) -> Standardized:
+def build_standardized(name: str, in_dim: int, embed: int = 0, eval_chunk: int = 0, detach_instance_head: bool = False,
+                       **kwargs) -> Standardized:
     """`build_aggregator` (on `embed` features when > 0) wrapped in feature standardisation (statistics set by the
-    trainer), the instance embedding and chunked scoring of bags above `eval_chunk` tiles (0: none)."""
-    return Standardized(build_aggregator(name, embed or in_dim, **kwargs), in_dim, embed, eval_chunk)
+    trainer), the instance embedding (its instance head detached from it with `detach_instance_head`) and chunked
+    scoring of bags above `eval_chunk` tiles (0: none)."""
+    return Standardized(build_aggregator(name, embed or in_dim, **kwargs), in_dim, embed, eval_chunk,
+                        detach_instance_head)

@@ -145,7 +145,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                "pos_weight": None if pos_weight is None else torch.tensor(pos_weight, device=device), "scale": scale}
 
     model = build_standardized(mc["aggregator"], loop["dim"], embed=mc["embed"], eval_chunk=mc["eval_chunk_tiles"],
-                               hidden=mc["hidden"], dropout=mc["dropout"])
+                               detach_instance_head=mc["instance_head"] == "detached", hidden=mc["hidden"],
+                               dropout=mc["dropout"])
     model.set_statistics(loop["feature_mean"], loop["feature_std"])
     start_epoch, best, official, history = 0, None, None, []
     checkpoint = latest_checkpoint(loop["driver_checkpoints"], CHECKPOINT_FILE)

@@ -1,0 +1,85 @@
+"""`mil.instance_head detached`: with a learnt embedding (`mil.embed`), the instance head's losses (max-instance BCE,
+ranking) train the instance head alone; the embedding and the bag branch learn from the bag loss only."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from test_mil_training import array_store
+
+from hnm_ray.config import MILConfig
+from hnm_ray.core.errors import ConfigError
+from hnm_ray.models.aggregators import MILAggregator, Standardized, build_standardized
+from hnm_ray.models.inference import load_aggregator
+from hnm_ray.store.manifest import SlideRecord
+from hnm_ray.training.mil import fit_mil
+
+
+def instance_loss_gradients(name: str, detached: bool) -> dict[str, torch.Tensor | None]:
+    """Gradients of the sum of one bag's instance logits, by parameter name."""
+    torch.manual_seed(0)
+    model = build_standardized(name, 6, embed=8, detach_instance_head=detached)
+    model.train()
+    instance_logits, _ = model(torch.randn(5, 6))
+    instance_logits.sum().backward()
+    return {key: p.grad for key, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["dsmil", "abmil", "dsmil_its2clr"])
+def test_a_detached_instance_head_keeps_its_losses_out_of_the_embedding(name):
+    """Shared: the instance logits' gradient reaches the embedding; detached: the instance classifier only. The
+    logits themselves are the same either way."""
+    shared, detached = instance_loss_gradients(name, False), instance_loss_gradients(name, True)
+    assert shared["embed.0.weight"].abs().sum() > 0
+    assert detached["embed.0.weight"] is None or detached["embed.0.weight"].abs().sum() == 0
+    head = "aggregator.instance_classifier.weight"
+    torch.testing.assert_close(detached[head], shared[head])
+    torch.manual_seed(1)
+    x = torch.randn(5, 6)
+    torch.manual_seed(0)
+    a = build_standardized(name, 6, embed=8)
+    torch.manual_seed(0)
+    b = build_standardized(name, 6, embed=8, detach_instance_head=True)
+    for got, want in zip(b(x), a(x)):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_plugin_without_instance_logits_is_refused_for_a_detached_head():
+    class BagOnly(torch.nn.Module):
+        def forward(self, features):
+            return features.sum(1), features.sum()
+
+    with pytest.raises(ConfigError, match="mil.instance_head"):
+        Standardized(BagOnly(), 4, embed=4, detach_instance_head=True)
+    assert isinstance(Standardized(MILAggregator(4), 4, detach_instance_head=True), Standardized)
+
+
+def test_training_with_a_detached_instance_head_gives_the_bag_branch_of_the_bag_loss_alone(tmp_path):
+    """The joint: fit_mil with `instance_head detached` and the product's losses trains the embedding, attention and
+    bag classifier exactly as the bag BCE alone (w_ins 0, w_rank 0) does, its instance head differently; shared, the
+    instance terms change the bag branch."""
+    rng = np.random.default_rng(0)
+    records = [SlideRecord(f"s{i:02d}", "", i % 2, "train" if i < 16 else "test") for i in range(20)]
+    bags = {}
+    for r in records:
+        x = rng.normal(0, 1, (6, 5)).astype(np.float32)
+        x[0, :2] += 2.5 * r.label
+        bags[r.slide_id] = x
+    store = array_store(tmp_path / "store", bags)
+    base = dict(aggregator="abmil", embed=8, ensemble=1, epochs=3, workers=0, checkpoint_every=3)
+
+    def trained(name: str, **knobs) -> dict[str, torch.Tensor]:
+        result = fit_mil(MILConfig(**base, **knobs), store, records, tmp_path / name, seed=0)
+        return load_aggregator(result.model_path)[0].state_dict()
+
+    detached = trained("detached", instance_head="detached")
+    bag_alone = trained("bag_alone", w_ins=0.0, w_rank=0.0)
+    shared = trained("shared")
+    bag_branch = [k for k in detached if "instance_classifier" not in k and k not in ("mean", "std")]
+    assert any(k.startswith("embed.") for k in bag_branch)
+    for key in bag_branch:
+        torch.testing.assert_close(detached[key], bag_alone[key], msg=key)
+    assert not torch.allclose(shared["embed.0.weight"], bag_alone["embed.0.weight"])
+    head = "aggregator.instance_classifier.weight"
+    assert not torch.allclose(detached[head], bag_alone[head])
