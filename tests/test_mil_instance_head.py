@@ -83,3 +83,21 @@ def test_training_with_a_detached_instance_head_gives_the_bag_branch_of_the_bag_
     assert not torch.allclose(shared["embed.0.weight"], bag_alone["embed.0.weight"])
     head = "aggregator.instance_classifier.weight"
     assert not torch.allclose(detached[head], bag_alone[head])
+
+
+def test_the_benchmark_pairs_the_two_heads_of_one_fit_and_counts_the_detached_wins():
+    """benchmarks/instance_head.py's summary: detached - shared on the same run, round and MIL seed; a fit without its
+    pair (a stopped run) is left out."""
+    from benchmarks.instance_head import summarise
+
+    def row(run, seed, mode, auc, inst):
+        return {"run": run, "round": 0, "aggregator": "dsmil", "mil_seed": seed, "instance_head": mode,
+                "test_auc": auc, "test_instance_auc": inst}
+
+    rows = [row("a", 0, "shared", 0.70, 0.80), row("a", 0, "detached", 0.75, 0.78),
+            row("b", 1, "shared", 0.80, 0.90), row("b", 1, "detached", 0.78, 0.95), row("c", 2, "shared", 0.1, 0.1)]
+    entry = summarise(rows)["dsmil_round0"]
+    assert entry["pairs"] == 2
+    assert entry["test_auc_detached_minus_shared"]["mean"] == pytest.approx(0.015)
+    assert entry["test_auc_shared"]["mean"] == pytest.approx(0.75)
+    assert (entry["test_auc_detached_wins"], entry["test_instance_auc_detached_wins"]) == (1, 1)

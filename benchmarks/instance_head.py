@@ -1,0 +1,96 @@
+"""`mil.instance_head` shared against detached on the features of finished jobs: each round's aggregator retrained
+both ways, paired (the same features, config, MIL seed), test slide and instance AUC. One JSON line.
+
+For each finished run (an ablation's --work folder: VARIANT_seed{S}), round r's aggregator is retrained on round r's
+stored features with the run's own MIL config (config.yaml: its resolved `mil.embed`), one aggregator
+(`mil.ensemble 1`), for each aggregator named and MIL seeds S + 100 d, d < --draws, once with the instance head
+sharing the embedding (`shared`, the default) and once detached from it; then, per aggregator and round, the mean ±
+sd over runs x draws of each and of the paired difference (detached - shared), with how many pairs the detached head
+won.
+
+    python -m benchmarks.instance_head --work /tmp/s15/base --seeds 0 1 2 --rounds 0 2 \
+        --aggregators dsmil abmil --out benchmarks/results/instance_head.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from benchmarks.ablation import emit, stats
+from benchmarks.mil_seed_spread import finished_run
+from hnm_ray.models.inference import evaluate_split
+from hnm_ray.training.mil import fit_mil
+
+KEYS = ("test_auc", "test_instance_auc")
+MODES = ("shared", "detached")
+
+
+def retrain(run: Path, rounds: list[int], aggregators: list[str], draws: int, work: Path) -> list[dict]:
+    """Every (round, aggregator, draw, instance head) retraining of one finished run's aggregator."""
+    config, records, store_of = finished_run(run)
+    rows = []
+    for r in rounds:
+        store = store_of(r)
+        for aggregator in aggregators:
+            for draw in range(draws):
+                for mode in MODES:
+                    single = replace(config.mil, ensemble=1, aggregator=aggregator, instance_head=mode)
+                    seed = config.run.seed + 100 * draw
+                    fitted = fit_mil(single, store, records, work / f"{run.name}_r{r}_{aggregator}_{draw}_{mode}",
+                                     seed=seed)
+                    test = evaluate_split(fitted.model_path, store, records, "test", fitted.threshold, aggregator)
+                    row = {"run": run.name, "seed": config.run.seed, "round": r, "aggregator": aggregator,
+                           "embed": single.embed, "mil_seed": seed, "instance_head": mode,
+                           "val_auc": fitted.metrics.get("val_auc"), **{k: test.get(k) for k in KEYS}}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict[str, dict]:
+    """Per aggregator and round: each instance head's mean ± sd over runs x draws, the paired difference detached -
+    shared and the number of pairs detached won."""
+    pairs: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        pairs.setdefault((row["aggregator"], row["round"], row["run"], row["mil_seed"]), {})[row["instance_head"]] = row
+    table = {}
+    for aggregator, r in sorted({key[:2] for key in pairs}):
+        both = [p for key, p in pairs.items() if key[:2] == (aggregator, r) and set(p) == set(MODES)]
+        entry: dict = {"pairs": len(both)}
+        for k in KEYS:
+            entry.update({f"{k}_{mode}": stats([p[mode][k] for p in both]) for mode in MODES})
+            diffs = [p["detached"][k] - p["shared"][k] for p in both]
+            entry[f"{k}_detached_minus_shared"] = stats(diffs)
+            entry[f"{k}_detached_wins"] = sum(d > 0 for d in diffs)
+        table[f"{aggregator}_round{r}"] = entry
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", required=True, help="an ablation's --work folder holding VARIANT_seed{S} runs")
+    parser.add_argument("--variant", default="default")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--rounds", type=int, nargs="+", default=[0])
+    parser.add_argument("--aggregators", nargs="+", default=["dsmil", "abmil"])
+    parser.add_argument("--draws", type=int, default=1, help="MIL seeds per run: run.seed + 100 d")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    logging.getLogger("hnm_ray").setLevel(logging.WARNING)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="instance_head_") as work:
+        rows = [row for seed in args.seeds for row in retrain(Path(args.work) / f"{args.variant}_seed{seed}",
+                                                              args.rounds, args.aggregators, args.draws, Path(work))]
+    line = {"benchmark": "instance_head", "work": args.work, "variant": args.variant, "seeds": args.seeds,
+            "rounds": args.rounds, "aggregators": args.aggregators, "draws": args.draws, "table": summarise(rows),
+            "runs": rows, "seconds": time.perf_counter() - started}
+    emit(line, args.out)
+
+
+if __name__ == "__main__":
+    main()
