@@ -13,16 +13,13 @@ won.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.ablation import emit, stats
-from benchmarks.mil_seed_spread import finished_run
+from benchmarks.mil_seed_spread import finished_run, finished_runs_parser, over_finished_runs
 from hnm_ray.models.inference import evaluate_split
 from hnm_ray.training.mil import fit_mil
 
@@ -72,20 +69,12 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", required=True, help="an ablation's --work folder holding VARIANT_seed{S} runs")
-    parser.add_argument("--variant", default="default")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--rounds", type=int, nargs="+", default=[0])
+    parser = finished_runs_parser(__doc__, [0])
     parser.add_argument("--aggregators", nargs="+", default=["dsmil", "abmil"])
     parser.add_argument("--draws", type=int, default=1, help="MIL seeds per run: run.seed + 100 d")
-    parser.add_argument("--out", default="")
     args = parser.parse_args()
-    logging.getLogger("hnm_ray").setLevel(logging.WARNING)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="instance_head_") as work:
-        rows = [row for seed in args.seeds for row in retrain(Path(args.work) / f"{args.variant}_seed{seed}",
-                                                              args.rounds, args.aggregators, args.draws, Path(work))]
+    rows = over_finished_runs(args, lambda run, work: retrain(run, args.rounds, args.aggregators, args.draws, work))
     line = {"benchmark": "instance_head", "work": args.work, "variant": args.variant, "seeds": args.seeds,
             "rounds": args.rounds, "aggregators": args.aggregators, "draws": args.draws, "table": summarise(rows),
             "runs": rows, "seconds": time.perf_counter() - started}

@@ -113,20 +113,32 @@ def summarise(rows: list[dict], rounds: list[int]) -> dict[str, dict]:
     return table
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def finished_runs_parser(doc: str, rounds: list[int]) -> argparse.ArgumentParser:
+    """The arguments of a benchmark over an ablation's finished runs: --work, --variant, --seeds, --rounds, --out."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, help="an ablation's --work folder holding VARIANT_seed{S} runs")
     parser.add_argument("--variant", default="default")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--rounds", type=int, nargs="+", default=[0, 2])
-    parser.add_argument("--mil-seeds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, nargs="+", default=rounds)
     parser.add_argument("--out", default="")
-    args = parser.parse_args()
+    return parser
+
+
+def over_finished_runs(args: argparse.Namespace, retrain: Callable[[Path, Path], list[dict]]) -> list[dict]:
+    """The rows of `retrain(run folder, scratch folder)` over each seed's finished run (--work/VARIANT_seed{S}), the
+    scratch folder a temporary one, the product's info logs off."""
     logging.getLogger("hnm_ray").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="retrain_") as work:
+        runs = [Path(args.work) / f"{args.variant}_seed{seed}" for seed in args.seeds]
+        return [row for run in runs for row in retrain(run, Path(work))]
+
+
+def main() -> None:
+    parser = finished_runs_parser(__doc__, [0, 2])
+    parser.add_argument("--mil-seeds", type=int, default=4)
+    args = parser.parse_args()
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="mil_seed_spread_") as work:
-        rows = [row for seed in args.seeds for row in run_rounds(Path(args.work) / f"{args.variant}_seed{seed}",
-                                                                 args.rounds, args.mil_seeds, Path(work))]
+    rows = over_finished_runs(args, lambda run, work: run_rounds(run, args.rounds, args.mil_seeds, work))
     line = {"benchmark": "mil_seed_spread", "work": args.work, "variant": args.variant, "seeds": args.seeds,
             "rounds": args.rounds, "mil_seeds": args.mil_seeds, "table": summarise(rows, args.rounds), "runs": rows,
             "seconds": time.perf_counter() - started}
