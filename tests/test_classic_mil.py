@@ -43,25 +43,52 @@ def test_the_published_protocol_tests_every_bag_once_a_repeat() -> None:
         assert sorted(tested.tolist()) == list(range(50))
 
 
-def heads_test_folds(monkeypatch, package: Path, work: Path, **run) -> dict[int, list[int]]:
-    """`run_dataset` (MUSK1's name, one published repeat, dsmil; `run` overrides) with its fits replaced by stand-ins:
-    {each head's seed: the test bag positions of its fold}."""
+def stand_in_fits(monkeypatch) -> tuple[dict[int, list[int]], list[int]]:
+    """Replace run_dataset's fits by stand-ins that record {each head's seed: its fold's test bag positions} and the
+    number of training bags of each SVC fitted."""
     import benchmarks.classic_mil as classic
 
     seen: dict[int, list[int]] = {}
+    svc_training_bags: list[int] = []
 
     def fake_head(store, labels, split, aggregator, overrides, seed, run_dir):
         seen[seed] = split[2].tolist()
         return {"accuracy": 1.0, "auc": 1.0}, set()
 
-    def fake_baselines(train, y_train, test, y_test, predicted):
-        predicted["stats_svm"] = y_test
+    def fake_baselines(train, y_train, test, y_test, predicted=None):
+        svc_training_bags.append(len(train))
+        if predicted is not None:
+            predicted["stats_svm"] = y_test
         return {"stats_svm": {"accuracy": 1.0, "auc": 1.0}}
 
     monkeypatch.setattr(classic, "head_metrics", fake_head)
     monkeypatch.setattr(classic, "baselines", fake_baselines)
+    return seen, svc_training_bags
+
+
+def heads_test_folds(monkeypatch, package: Path, work: Path, **run) -> dict[int, list[int]]:
+    """`run_dataset` (MUSK1's name, one published repeat, dsmil; `run` overrides) with its fits replaced by stand-ins:
+    {each head's seed: the test bag positions of its fold}."""
+    import benchmarks.classic_mil as classic
+
+    seen, _ = stand_in_fits(monkeypatch)
     classic.run_dataset(package, "musk1", run.pop("protocols", {"published": 1}), ["dsmil"], {}, work, **run)
     return seen
+
+
+def test_our_protocol_also_fits_the_svc_on_the_heads_training_bags_alone(tmp_path: Path, monkeypatch) -> None:
+    """With a validation split (ours), a second SVC trains on the bags the heads train on (the validation bags left
+    out) and is reported beside the one on the whole training fold; the published protocol has no such second SVC."""
+    import benchmarks.classic_mil as classic
+
+    package = package_with(tmp_path, "musk1", [[i % 2, i, float(i), 1.0] for i in range(20)])
+    _, sizes = stand_in_fits(monkeypatch)
+    out = classic.run_dataset(package, "musk1", {"ours": 1, "published": 1}, ["dsmil"], {}, tmp_path / "w")
+    ours = classic.folds(np.array([i % 2 for i in range(20)]), "ours", 1)
+    assert sizes[:10] == [n for train, val, _ in ours for n in (len(train) + len(val), len(train))]
+    assert all(len(val) for _, val, _ in ours) and sizes[10:] == [18] * 10
+    assert out["ours"]["stats_svm_heads_bags"]["n"] == 5 and "stats_svm_heads_bags" not in out["published"]
+    assert out["ours"]["dsmil"]["accuracy_minus_svm_heads_bags"] == 0.0
 
 
 def test_init_seed_moves_every_heads_seed_and_keeps_the_folds(tmp_path: Path, monkeypatch) -> None:
