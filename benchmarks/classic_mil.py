@@ -186,6 +186,10 @@ def error_overlap(wrong: dict[str, list[set[int]]], repeats: int, n_bags: int) -
     return out
 
 
+# each SVC baseline and the key of a head's accuracy minus that SVC's
+SVC_GAPS = {"stats_svm": "accuracy_minus_svm", "stats_svm_heads_bags": "accuracy_minus_svm_heads_bags"}
+
+
 def run_dataset(package: Path, name: str, protocols: dict[str, int], aggregators: list[str], overrides: dict,
                 work: Path, init_seed: int = 0, first_repeat: int = 0) -> dict:
     """Every protocol's folds (repeats first_repeat onwards): the SVC baseline and each of our heads on the same folds
@@ -202,12 +206,11 @@ def run_dataset(package: Path, name: str, protocols: dict[str, int], aggregators
         for k, split in enumerate(folds(labels, protocol, repeats, first_repeat), start=first_fold):
             train = np.concatenate(split[:2])
             predicted: dict[str, np.ndarray] = {}
-            svc = baselines([bags[i] for i in train], labels[train], [bags[i] for i in split[2]], labels[split[2]],
-                            predicted)
+            test_bags, test_labels = [bags[i] for i in split[2]], labels[split[2]]
+            svc = baselines([bags[i] for i in train], labels[train], test_bags, test_labels, predicted)
             per_method.setdefault("stats_svm", []).append(svc["stats_svm"])
             if len(split[1]):  # ours: the SVC also on the bags the heads train on (the validation bags left out)
-                alone = baselines([bags[i] for i in split[0]], labels[split[0]], [bags[i] for i in split[2]],
-                                  labels[split[2]])
+                alone = baselines([bags[i] for i in split[0]], labels[split[0]], test_bags, test_labels)
                 per_method.setdefault("stats_svm_heads_bags", []).append(alone["stats_svm"])
             wrong.setdefault("stats_svm", []).append({int(b) for b, y in zip(split[2], predicted["stats_svm"])
                                                       if y != labels[b]})
@@ -221,9 +224,9 @@ def run_dataset(package: Path, name: str, protocols: dict[str, int], aggregators
         out[protocol]["errors"] = error_overlap(wrong, repeats, len(bags))
         out[protocol]["seconds"] = round(time.perf_counter() - started, 1)
         for aggregator in aggregators:
-            for svc_name in ("stats_svm", "stats_svm_heads_bags"):
+            for svc_name, gap in SVC_GAPS.items():
                 if svc_name in out[protocol]:
-                    out[protocol][aggregator][svc_name.replace("stats_svm", "accuracy_minus_svm")] = round(
+                    out[protocol][aggregator][gap] = round(
                         out[protocol][aggregator]["accuracy_mean"] - out[protocol][svc_name]["accuracy_mean"], 4)
     return out
 
