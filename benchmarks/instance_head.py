@@ -6,7 +6,8 @@ stored features with the run's own MIL config (config.yaml: its resolved `mil.em
 (`mil.ensemble 1`), for each aggregator named and MIL seeds S + 100 d, d < --draws, once with the instance head
 sharing the embedding (`shared`, the default) and once detached from it; then, per aggregator and round, the mean ±
 sd over runs x draws of each and of the paired difference (detached - shared), with how many pairs the detached head
-won.
+won; with more than one aggregator, also each one against the first, per round and instance head, paired by run and
+MIL seed (e.g. `--aggregators dsmil dsmil_its2clr --modes shared`: the official variant against stock DSMIL).
 
     python -m benchmarks.instance_head --work /tmp/s15/base --seeds 0 1 2 --rounds 0 2 \
         --aggregators dsmil abmil --out benchmarks/results/instance_head.json
@@ -27,7 +28,8 @@ KEYS = ("test_auc", "test_instance_auc")
 MODES = ("shared", "detached")
 
 
-def retrain(run: Path, rounds: list[int], aggregators: list[str], draws: int, work: Path) -> list[dict]:
+def retrain(run: Path, rounds: list[int], aggregators: list[str], draws: int, work: Path,
+            modes: tuple[str, ...] = MODES) -> list[dict]:
     """Every (round, aggregator, draw, instance head) retraining of one finished run's aggregator."""
     config, records, store_of = finished_run(run)
     rows = []
@@ -35,7 +37,7 @@ def retrain(run: Path, rounds: list[int], aggregators: list[str], draws: int, wo
         store = store_of(r)
         for aggregator in aggregators:
             for draw in range(draws):
-                for mode in MODES:
+                for mode in modes:
                     single = replace(config.mil, ensemble=1, aggregator=aggregator, instance_head=mode)
                     seed = config.run.seed + 100 * draw
                     fitted = fit_mil(single, store, records, work / f"{run.name}_r{r}_{aggregator}_{draw}_{mode}",
@@ -68,15 +70,37 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
     return table
 
 
+def compare_aggregators(rows: list[dict], aggregators: list[str]) -> dict[str, dict]:
+    """Each aggregator after the first against the first, per round and instance head: the paired difference of
+    test slide / instance AUC over runs x MIL seeds, and the pairs the later one won."""
+    by_key = {(row["aggregator"], row["round"], row["instance_head"], row["run"], row["mil_seed"]): row for row in rows}
+    table = {}
+    for other in aggregators[1:]:
+        for r, mode in sorted({(row["round"], row["instance_head"]) for row in rows}):
+            pairs = [(by_key[(aggregators[0],) + key[1:]], row) for key, row in by_key.items()
+                     if key[:3] == (other, r, mode) and (aggregators[0],) + key[1:] in by_key]
+            entry: dict = {"pairs": len(pairs)}
+            for k in KEYS:
+                diffs = [row[k] - base[k] for base, row in pairs]
+                entry[f"{k}_minus_{aggregators[0]}"] = stats(diffs)
+                entry[f"{k}_wins"] = sum(d > 0 for d in diffs)
+            table[f"{other}_minus_{aggregators[0]}_round{r}_{mode}"] = entry
+    return table
+
+
 def main() -> None:
     parser = finished_runs_parser(__doc__, [0])
     parser.add_argument("--aggregators", nargs="+", default=["dsmil", "abmil"])
     parser.add_argument("--draws", type=int, default=1, help="MIL seeds per run: run.seed + 100 d")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                        help="instance heads to train (both: their paired difference)")
     args = parser.parse_args()
     started = time.perf_counter()
-    rows = over_finished_runs(args, lambda run, work: retrain(run, args.rounds, args.aggregators, args.draws, work))
+    rows = over_finished_runs(args, lambda run, work: retrain(run, args.rounds, args.aggregators, args.draws, work,
+                                                              tuple(args.modes)))
     line = {"benchmark": "instance_head", "work": args.work, "variant": args.variant, "seeds": args.seeds,
-            "rounds": args.rounds, "aggregators": args.aggregators, "draws": args.draws, "table": summarise(rows),
+            "rounds": args.rounds, "aggregators": args.aggregators, "modes": args.modes, "draws": args.draws,
+            "table": summarise(rows), "aggregators_against_first": compare_aggregators(rows, args.aggregators),
             "runs": rows, "seconds": time.perf_counter() - started}
     emit(line, args.out)
 

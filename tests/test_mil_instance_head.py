@@ -101,3 +101,24 @@ def test_the_benchmark_pairs_the_two_heads_of_one_fit_and_counts_the_detached_wi
     assert entry["test_auc_detached_minus_shared"]["mean"] == pytest.approx(0.015)
     assert entry["test_auc_shared"]["mean"] == pytest.approx(0.75)
     assert (entry["test_auc_detached_wins"], entry["test_instance_auc_detached_wins"]) == (1, 1)
+
+
+def test_the_benchmark_pairs_each_aggregator_with_the_first_on_the_same_run_seed_and_head():
+    """benchmarks/instance_head.py's aggregator comparison: the later aggregator minus the first on the same run, round,
+    MIL seed and instance head; a fit without its pair is left out."""
+    from benchmarks.instance_head import compare_aggregators
+
+    def row(aggregator, run, mode, auc, inst):
+        return {"run": run, "round": 0, "aggregator": aggregator, "mil_seed": 0, "instance_head": mode,
+                "test_auc": auc, "test_instance_auc": inst}
+
+    rows = [row("dsmil", "a", "shared", 0.70, 0.80), row("dsmil_its2clr", "a", "shared", 0.76, 0.70),
+            row("dsmil", "b", "shared", 0.80, 0.90), row("dsmil_its2clr", "b", "shared", 0.78, 0.96),
+            row("dsmil", "a", "detached", 0.1, 0.1), row("dsmil_its2clr", "c", "shared", 0.9, 0.9)]
+    table = compare_aggregators(rows, ["dsmil", "dsmil_its2clr"])
+    entry = table["dsmil_its2clr_minus_dsmil_round0_shared"]
+    assert entry["pairs"] == 2
+    assert entry["test_auc_minus_dsmil"]["mean"] == pytest.approx(0.02)
+    assert entry["test_instance_auc_minus_dsmil"]["mean"] == pytest.approx(-0.02)
+    assert (entry["test_auc_wins"], entry["test_instance_auc_wins"]) == (1, 1)
+    assert table["dsmil_its2clr_minus_dsmil_round0_detached"]["pairs"] == 0
