@@ -53,14 +53,19 @@ def retrain(run: Path, rounds: list[int], aggregators: list[str], draws: int, wo
 
 def summarise(rows: list[dict]) -> dict[str, dict]:
     """Per aggregator and round: each instance head's mean ± sd over runs x draws, the paired difference detached -
-    shared and the number of pairs detached won."""
+    shared and the number of pairs detached won (one head trained, `--modes`: that head's mean ± sd alone)."""
     pairs: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         pairs.setdefault((row["aggregator"], row["round"], row["run"], row["mil_seed"]), {})[row["instance_head"]] = row
     table = {}
     for aggregator, r in sorted({key[:2] for key in pairs}):
-        both = [p for key, p in pairs.items() if key[:2] == (aggregator, r) and set(p) == set(MODES)]
+        fits = [p for key, p in pairs.items() if key[:2] == (aggregator, r)]
+        both = [p for p in fits if set(p) == set(MODES)]
         entry: dict = {"pairs": len(both)}
+        if not any(len(p) > 1 for p in pairs.values()):  # one head only: its fits, unpaired
+            table[f"{aggregator}_round{r}"] = {f"{k}_{mode}": stats([p[mode][k] for p in fits if mode in p])
+                                               for k in KEYS for mode in MODES if any(mode in p for p in fits)}
+            continue
         for k in KEYS:
             entry.update({f"{k}_{mode}": stats([p[mode][k] for p in both]) for mode in MODES})
             diffs = [p["detached"][k] - p["shared"][k] for p in both]

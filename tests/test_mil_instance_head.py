@@ -122,3 +122,14 @@ def test_the_benchmark_pairs_each_aggregator_with_the_first_on_the_same_run_seed
     assert entry["test_instance_auc_minus_dsmil"]["mean"] == pytest.approx(-0.02)
     assert (entry["test_auc_wins"], entry["test_instance_auc_wins"]) == (1, 1)
     assert table["dsmil_its2clr_minus_dsmil_round0_detached"]["pairs"] == 0
+
+
+def test_the_benchmark_summarises_one_instance_head_without_pairs():
+    """`--modes shared` alone: the table gives that head's mean over the fits instead of empty pairs (nan)."""
+    from benchmarks.instance_head import summarise
+
+    rows = [{"run": run, "round": 0, "aggregator": "dsmil", "mil_seed": 0, "instance_head": "shared",
+             "test_auc": auc, "test_instance_auc": 0.9} for run, auc in (("a", 0.7), ("b", 0.8))]
+    entry = summarise(rows)["dsmil_round0"]
+    assert entry["test_auc_shared"]["mean"] == pytest.approx(0.75)
+    assert "test_auc_detached" not in entry
