@@ -61,11 +61,11 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
     for aggregator, r in sorted({key[:2] for key in pairs}):
         fits = [p for key, p in pairs.items() if key[:2] == (aggregator, r)]
         both = [p for p in fits if set(p) == set(MODES)]
-        entry: dict = {"pairs": len(both)}
-        if not any(len(p) > 1 for p in pairs.values()):  # one head only: its fits, unpaired
+        if not both:  # one instance head trained (--modes): its fits alone
             table[f"{aggregator}_round{r}"] = {f"{k}_{mode}": stats([p[mode][k] for p in fits if mode in p])
                                                for k in KEYS for mode in MODES if any(mode in p for p in fits)}
             continue
+        entry: dict = {"pairs": len(both)}
         for k in KEYS:
             entry.update({f"{k}_{mode}": stats([p[mode][k] for p in both]) for mode in MODES})
             diffs = [p["detached"][k] - p["shared"][k] for p in both]
