@@ -51,26 +51,41 @@ def retrain(run: Path, rounds: list[int], aggregators: list[str], draws: int, wo
     return rows
 
 
+IDENTITY = ("aggregator", "round", "instance_head", "run", "mil_seed")  # what one fit's row is a fit of
+
+
+def pairs_differing_in(rows: list[dict], field: str, base: str, other: str) -> list[tuple[dict, dict]]:
+    """(base row, other row): the fits identical in everything but `field`, which is `base` in one, `other` in the
+    other; a fit without its twin is left out."""
+    index = {tuple(row[f] for f in IDENTITY): row for row in rows}
+    twins = ((index.get(tuple(base if f == field else row[f] for f in IDENTITY)), row)
+             for row in index.values() if row[field] == other)
+    return [(twin, row) for twin, row in twins if twin is not None]
+
+
+def differences(pairs: list[tuple[dict, dict]], key: str) -> tuple[dict, int]:
+    """The paired difference other - base of `key` (mean ± sd, n) and the pairs the other won."""
+    diffs = [row[key] - base[key] for base, row in pairs]
+    return stats(diffs), sum(d > 0 for d in diffs)
+
+
 def summarise(rows: list[dict]) -> dict[str, dict]:
     """Per aggregator and round: each instance head's mean ± sd over runs x draws, the paired difference detached -
     shared and the number of pairs detached won (one head trained, `--modes`: that head's mean ± sd alone)."""
-    pairs: dict[tuple, dict[str, dict]] = {}
-    for row in rows:
-        pairs.setdefault((row["aggregator"], row["round"], row["run"], row["mil_seed"]), {})[row["instance_head"]] = row
     table = {}
-    for aggregator, r in sorted({key[:2] for key in pairs}):
-        fits = [p for key, p in pairs.items() if key[:2] == (aggregator, r)]
-        both = [p for p in fits if set(p) == set(MODES)]
+    for aggregator, r in sorted({(row["aggregator"], row["round"]) for row in rows}):
+        fits = [row for row in rows if (row["aggregator"], row["round"]) == (aggregator, r)]
+        both = pairs_differing_in(fits, "instance_head", "shared", "detached")
         if not both:  # one instance head trained (--modes): its fits alone
-            table[f"{aggregator}_round{r}"] = {f"{k}_{mode}": stats([p[mode][k] for p in fits if mode in p])
-                                               for k in KEYS for mode in MODES if any(mode in p for p in fits)}
+            trained = [mode for mode in MODES if any(row["instance_head"] == mode for row in fits)]
+            table[f"{aggregator}_round{r}"] = {
+                f"{k}_{mode}": stats([row[k] for row in fits if row["instance_head"] == mode])
+                for k in KEYS for mode in trained}
             continue
         entry: dict = {"pairs": len(both)}
         for k in KEYS:
-            entry.update({f"{k}_{mode}": stats([p[mode][k] for p in both]) for mode in MODES})
-            diffs = [p["detached"][k] - p["shared"][k] for p in both]
-            entry[f"{k}_detached_minus_shared"] = stats(diffs)
-            entry[f"{k}_detached_wins"] = sum(d > 0 for d in diffs)
+            entry.update({f"{k}_{mode}": stats([pair[i][k] for pair in both]) for i, mode in enumerate(MODES)})
+            entry[f"{k}_detached_minus_shared"], entry[f"{k}_detached_wins"] = differences(both, k)
         table[f"{aggregator}_round{r}"] = entry
     return table
 
@@ -78,17 +93,14 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
 def compare_aggregators(rows: list[dict], aggregators: list[str]) -> dict[str, dict]:
     """Each aggregator after the first against the first, per round and instance head: the paired difference of
     test slide / instance AUC over runs x MIL seeds, and the pairs the later one won."""
-    by_key = {(row["aggregator"], row["round"], row["instance_head"], row["run"], row["mil_seed"]): row for row in rows}
     table = {}
     for other in aggregators[1:]:
         for r, mode in sorted({(row["round"], row["instance_head"]) for row in rows}):
-            pairs = [(by_key[(aggregators[0],) + key[1:]], row) for key, row in by_key.items()
-                     if key[:3] == (other, r, mode) and (aggregators[0],) + key[1:] in by_key]
+            fits = [row for row in rows if (row["round"], row["instance_head"]) == (r, mode)]
+            pairs = pairs_differing_in(fits, "aggregator", aggregators[0], other)
             entry: dict = {"pairs": len(pairs)}
             for k in KEYS:
-                diffs = [row[k] - base[k] for base, row in pairs]
-                entry[f"{k}_minus_{aggregators[0]}"] = stats(diffs)
-                entry[f"{k}_wins"] = sum(d > 0 for d in diffs)
+                entry[f"{k}_minus_{aggregators[0]}"], entry[f"{k}_wins"] = differences(pairs, k)
             table[f"{other}_minus_{aggregators[0]}_round{r}_{mode}"] = entry
     return table
 
